@@ -1,0 +1,1 @@
+"""Sans-I/O roles: MobileNode, VpnGateway, HomeAgent, Correspondent (docs/design.md)."""

@@ -1,0 +1,81 @@
+"""What a role asks its runtime to do, and what it tells the world happened.
+
+Roles never perform I/O.  Every entry point (``receive_from_net``, ``receive_from_tun``,
+``handle_event``, ``handle_timer``) returns a list of *actions* in the order they must be carried
+out: the GW's ``RebindSa`` precedes the ``SendToNet`` with the Registration Reply, and the runtime
+(in-memory network or daemon) must preserve that order.
+
+Actions are imperative (``SendToNet``), events past tense (``CareOfAddressChanged``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SendToNet:
+    """Put a complete IPv4 packet (outer header included) on the network side.
+
+    ``interface`` names the local interface / address it must leave from when the role cares
+    (the MN with two care-of addresses); ``None`` lets routing decide.
+    """
+    packet: bytes
+    interface: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteToTun:
+    """Hand a complete inner IPv4 packet to the local IP stack (the TUN device)."""
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RebindSa:
+    """An SA's outer address changed in place (informational: the role already did it).
+
+    The runtime uses it to log, to update capture key files and to move sockets if needed.
+    """
+    spi: int
+    local: str | None
+    remote: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A line for the daemon's log (level is a ``logging`` level name)."""
+    level: str
+    message: str
+
+
+# --- events from the outside world into a role -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CareOfAddressChanged:
+    """The MN has a new care-of address (``None`` when it lost every address)."""
+    care_of_address: str | None
+    interface: str | None = None
+    make_before_break: bool = False   # the old address still works while registering
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnedHome:
+    """The MN is attached to its home network again: deregister (RFC 5944 §3.6.1.1)."""
+    interface: str | None = None
+
+
+# --- events a role reports (handover timeline, docs/design.md) --------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """One step of a handover, stamped with the role's ``now``."""
+    time: float
+    node: str
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+Action = SendToNet | WriteToTun | RebindSa | Log

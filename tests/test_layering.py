@@ -1,0 +1,38 @@
+"""The dependency direction of docs/design.md: no I/O below mipsec.io."""
+
+import ast
+import pathlib
+
+import mipsec
+
+ROOT = pathlib.Path(mipsec.__file__).parent
+IO_MODULES = {"socket", "fcntl", "select", "time", "asyncio", "threading", "subprocess", "signal"}
+ALLOWED = {"io", "lab", "cli.py", "__main__.py"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_io_below_the_io_layer():
+    offenders = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ALLOWED:
+            continue
+        bad = _imports(path) & IO_MODULES
+        if bad:
+            offenders[str(rel)] = sorted(bad)
+    assert not offenders, f"I/O imports below mipsec.io: {offenders}"
+
+
+def test_the_check_sees_io_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import socket\nfrom time import monotonic\n")
+    assert {"socket", "time"} <= _imports(probe)

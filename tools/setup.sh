@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up everything mipsec needs on a fresh Debian machine, as root: Debian packages (iproute2,
+# tshark, strongSwan with kernel-libipsec) and a virtual environment .venv with mipsec installed
+# in editable mode plus its test extra.  Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(python3 python3-venv python3-dev iproute2 iputils-ping procps tshark strongswan
+      libcharon-extra-plugins)
+missing=()
+for p in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need root to install Debian packages: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts the strongSwan service on install; mipsec's tests run their own charon.
+systemctl disable --now strongswan-starter >/dev/null 2>&1 || true
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: ready (.venv/bin/mipsec)" >&2
