@@ -45,6 +45,17 @@ class RebindSa:
 
 
 @dataclass(frozen=True, slots=True)
+class BindingChanged:
+    """HA: a home address is now bound to ``care_of_address`` (``None``: deregistered or expired).
+
+    The daemon uses it to steer the home address's host route into its TUN device while the MN is
+    away and back to the home link when it is at home.
+    """
+    home_address: str
+    care_of_address: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """A line for the daemon's log (level is a ``logging`` level name)."""
     level: str
@@ -78,4 +89,4 @@ class TimelineEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Action = SendToNet | WriteToTun | RebindSa | Log
+Action = SendToNet | WriteToTun | RebindSa | BindingChanged | Log
