@@ -1,0 +1,365 @@
+"""Role configurations: frozen dataclasses the daemons build from TOML and the tests build in code.
+
+Three configs, one per role, that must agree with each other (SPIs, keys, addresses):
+
+* ``MobileNodeConfig``: the MN's home address, its HA, the GW's outside address, the home prefix,
+  its mobility security association with the HA (RFC 5944 §3.5.1), its ESP SA pair with the GW
+  and the registration tunables (lifetime, RFC 5944 §3.6.3 retransmission, renewal).
+* ``GatewayConfig``: the GW's outside/inside addresses, one ``GatewayMobile`` per MN (SPIs,
+  transforms, keys, the inner destinations its tunnel may reach) and the HAs allowed to send it
+  Security Information Updates, with their keys.
+* ``HomeAgentConfig``: the HA's address and home prefix, the GWs it sends SIUs to (with keys) and
+  one ``HomeAgentMobile`` per MN (home address, MSA, which GW and which GW outbound SPI).
+
+``make_lab_configs(n)`` returns a consistent set for tests, the simulator, ``mipsec keys`` and the
+benchmarks, on the addressing plan of docs/design.md.
+
+Construction validates what can be validated locally and raises ``ConfigError`` naming the field.
+The ESP key lengths are checked against the transform names of docs/design.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mipsec.errors import ConfigError
+
+# --- specification constants -------------------------------------------------------------------
+
+MIP_PORT = 434                      # RFC 5944 §3.1: registration messages, UDP port 434
+MIP_SPI_MIN = 256                   # RFC 5944 §1.8: SPI values 0-255 are reserved
+MSA_ALGORITHMS = ("hmac-md5", "hmac-sha256")   # RFC 5944 §3.5.1 default, and the stronger option
+
+# Key bytes per transform name (docs/design.md "ESP"; GCM/ChaCha keys include the 4-byte salt:
+# RFC 4106 §8.1, RFC 7634 §2).
+ENCRYPTION_KEY_BYTES: dict[str, tuple[int, ...]] = {
+    "ENCR_AES_CBC": (16, 24, 32),           # RFC 3602
+    "ENCR_AES_GCM_16": (20, 36),            # RFC 4106: 16 or 32 + salt
+    "ENCR_CHACHA20_POLY1305": (36,),        # RFC 7634: 32 + salt
+    "ENCR_NULL": (0,),                      # RFC 2410
+}
+AEAD_TRANSFORMS = frozenset({"ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305"})
+INTEGRITY_KEY_BYTES: dict[str, int] = {
+    "AUTH_HMAC_SHA1_96": 20,                # RFC 2404
+    "AUTH_HMAC_SHA2_256_128": 32,           # RFC 4868
+    "AUTH_HMAC_SHA2_384_192": 48,
+    "AUTH_HMAC_SHA2_512_256": 64,
+}
+
+# --- tunables ----------------------------------------------------------------------------------
+
+REG_LIFETIME_S = 600                # requested registration lifetime (RFC 5944 §3.3: <= 65534)
+HA_MAX_LIFETIME_S = 1800            # the HA grants min(requested, this)
+RETRANSMIT_INITIAL_S = 1.0          # RFC 5944 §3.6.3: first timeout, then doubled
+RETRANSMIT_MAX_S = 16.0             # cap of the back-off
+RETRANSMIT_MAX_ATTEMPTS = 5         # transmissions before asking for re-establishment
+RENEW_FRACTION = 0.8                # re-register at this fraction of the granted lifetime
+SIU_KEY_BYTES = 32                  # HMAC-SHA-256 key of an HA-GW pair
+
+
+def _check_address(where: str, value: str) -> str:
+    try:
+        ipaddress.IPv4Address(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: not an IPv4 address: {value!r}") from exc
+    return value
+
+
+def _check_prefix(where: str, value: str) -> str:
+    try:
+        ipaddress.IPv4Network(value, strict=True)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: not an IPv4 prefix (a.b.c.d/n, host bits zero): {value!r}") from exc
+    return value
+
+
+def _check_bytes(where: str, value: Any) -> None:
+    if not isinstance(value, (bytes, bytearray)):
+        raise ConfigError(f"{where}: must be bytes, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class MobilitySecurityAssociationConfig:
+    """The MN-HA mobility security association (RFC 5944 §3.5.1, §5.1)."""
+    spi: int
+    key: bytes
+    algorithm: str = "hmac-md5"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spi, int) or not MIP_SPI_MIN <= self.spi <= 0xFFFFFFFF:
+            raise ConfigError(f"msa.spi: must be an integer in [{MIP_SPI_MIN}, 2^32-1] "
+                              f"(RFC 5944 §1.8 reserves 0-255), got {self.spi!r}")
+        _check_bytes("msa.key", self.key)
+        if len(self.key) < 16:
+            raise ConfigError(f"msa.key: at least 16 bytes (RFC 5944 §5.1), got {len(self.key)}")
+        if self.algorithm not in MSA_ALGORITHMS:
+            raise ConfigError(f"msa.algorithm: one of {MSA_ALGORITHMS}, got {self.algorithm!r}")
+
+
+@dataclass(frozen=True)
+class EspSaConfig:
+    """One direction of an ESP SA: SPI, IANA transform names and keys, UDP encapsulation."""
+    spi: int
+    encryption: str
+    encryption_key: bytes
+    integrity: str | None = None
+    integrity_key: bytes = b""
+    udp_encap: bool = False          # RFC 3948 UDP/4500 encapsulation
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spi, int) or not 256 <= self.spi <= 0xFFFFFFFF:
+            raise ConfigError(f"esp.spi: must be in [256, 2^32-1] (RFC 4303 §2.1), got {self.spi!r}")
+        if self.encryption not in ENCRYPTION_KEY_BYTES:
+            raise ConfigError(f"esp.encryption: unknown transform {self.encryption!r}; "
+                              f"known: {sorted(ENCRYPTION_KEY_BYTES)}")
+        _check_bytes("esp.encryption_key", self.encryption_key)
+        if len(self.encryption_key) not in ENCRYPTION_KEY_BYTES[self.encryption]:
+            raise ConfigError(f"esp.encryption_key: {self.encryption} needs "
+                              f"{ENCRYPTION_KEY_BYTES[self.encryption]} bytes, got {len(self.encryption_key)}")
+        if self.encryption in AEAD_TRANSFORMS:
+            if self.integrity is not None:
+                raise ConfigError(f"esp.integrity: {self.encryption} is AEAD, integrity must be None")
+        else:
+            if self.integrity not in INTEGRITY_KEY_BYTES:
+                raise ConfigError(f"esp.integrity: {self.encryption} needs one of "
+                                  f"{sorted(INTEGRITY_KEY_BYTES)}, got {self.integrity!r}")
+            _check_bytes("esp.integrity_key", self.integrity_key)
+            if len(self.integrity_key) != INTEGRITY_KEY_BYTES[self.integrity]:
+                raise ConfigError(f"esp.integrity_key: {self.integrity} needs "
+                                  f"{INTEGRITY_KEY_BYTES[self.integrity]} bytes, got {len(self.integrity_key)}")
+
+
+@dataclass(frozen=True)
+class MobileNodeConfig:
+    name: str
+    home_address: str
+    home_agent: str
+    gateway: str                     # the GW's outside address (outer destination of our ESP)
+    home_prefix: str                 # e.g. "10.1.0.0/24"
+    msa: MobilitySecurityAssociationConfig
+    esp_in: EspSaConfig              # GW -> MN
+    esp_out: EspSaConfig             # MN -> GW
+    lifetime_s: int = REG_LIFETIME_S
+    retransmit_initial_s: float = RETRANSMIT_INITIAL_S
+    retransmit_max_s: float = RETRANSMIT_MAX_S
+    max_attempts: int = RETRANSMIT_MAX_ATTEMPTS
+    renew_fraction: float = RENEW_FRACTION
+
+    def __post_init__(self) -> None:
+        _check_address("home_address", self.home_address)
+        _check_address("home_agent", self.home_agent)
+        _check_address("gateway", self.gateway)
+        _check_prefix("home_prefix", self.home_prefix)
+        net = ipaddress.IPv4Network(self.home_prefix)
+        if ipaddress.IPv4Address(self.home_address) not in net:
+            raise ConfigError(f"home_address: {self.home_address} is not in home_prefix {self.home_prefix}")
+        if not 1 <= self.lifetime_s <= 65534:
+            raise ConfigError(f"lifetime_s: in [1, 65534] (RFC 5944 §3.3), got {self.lifetime_s}")
+        if not self.retransmit_initial_s > 0 or self.retransmit_max_s < self.retransmit_initial_s:
+            raise ConfigError("retransmit_initial_s must be > 0 and <= retransmit_max_s")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts: at least 1, got {self.max_attempts}")
+        if not 0.1 <= self.renew_fraction < 1.0:
+            raise ConfigError(f"renew_fraction: in [0.1, 1.0), got {self.renew_fraction}")
+        if self.esp_in.spi == self.esp_out.spi:
+            raise ConfigError("esp_in.spi and esp_out.spi must differ")
+
+
+@dataclass(frozen=True)
+class GatewayMobile:
+    """One MN as the GW knows it: its SAs and where its tunnel may go."""
+    home_address: str
+    home_agent: str
+    esp_in: EspSaConfig              # MN -> GW (wildcard source)
+    esp_out: EspSaConfig             # GW -> MN (re-pointed by SIUs)
+    allowed_destinations: tuple[str, ...]   # prefixes, e.g. ("10.1.0.2/32", "10.1.0.0/24")
+
+    def __post_init__(self) -> None:
+        _check_address("mobile.home_address", self.home_address)
+        _check_address("mobile.home_agent", self.home_agent)
+        for p in self.allowed_destinations:
+            _check_prefix(f"mobile {self.home_address}: allowed_destinations", p)
+
+
+@dataclass(frozen=True)
+class GatewayHomeAgent:
+    """An HA allowed to send SIUs to this GW, with the HA-GW key (docs/protocol.md)."""
+    address: str
+    key_id: int
+    key: bytes
+
+    def __post_init__(self) -> None:
+        _check_address("home_agent.address", self.address)
+        _check_bytes("home_agent.key", self.key)
+        if len(self.key) < 16:
+            raise ConfigError(f"home_agent {self.address}: key at least 16 bytes")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    name: str
+    outside_address: str
+    inside_address: str
+    mobiles: tuple[GatewayMobile, ...] = ()
+    home_agents: tuple[GatewayHomeAgent, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_address("outside_address", self.outside_address)
+        _check_address("inside_address", self.inside_address)
+        seen: set[Any] = set()
+        for m in self.mobiles:
+            for key in (("home", m.home_address), ("spi", m.esp_in.spi), ("spi", m.esp_out.spi)):
+                if key in seen:
+                    raise ConfigError(f"gateway mobiles: duplicate {key[0]} {key[1]!r}")
+                seen.add(key)
+        has = {h.address for h in self.home_agents}
+        for m in self.mobiles:
+            if m.home_agent not in has:
+                raise ConfigError(f"mobile {m.home_address}: home_agent {m.home_agent} is not a configured HA")
+
+
+@dataclass(frozen=True)
+class HomeAgentGateway:
+    """A GW this HA sends SIUs to (its inside address) with the HA-GW key."""
+    address: str
+    key_id: int
+    key: bytes
+
+    def __post_init__(self) -> None:
+        _check_address("gateway.address", self.address)
+        _check_bytes("gateway.key", self.key)
+        if len(self.key) < 16:
+            raise ConfigError(f"gateway {self.address}: key at least 16 bytes")
+
+
+@dataclass(frozen=True)
+class HomeAgentMobile:
+    home_address: str
+    msa: MobilitySecurityAssociationConfig
+    gateway: str                     # the GW's inside address (where SIUs go)
+    gateway_spi: int                 # the GW's outbound SPI for this MN (names the SA in the SIU)
+
+    def __post_init__(self) -> None:
+        _check_address("mobile.home_address", self.home_address)
+        _check_address("mobile.gateway", self.gateway)
+
+
+@dataclass(frozen=True)
+class HomeAgentConfig:
+    name: str
+    address: str
+    home_prefix: str
+    gateways: tuple[HomeAgentGateway, ...] = ()
+    mobiles: tuple[HomeAgentMobile, ...] = ()
+    max_lifetime_s: int = HA_MAX_LIFETIME_S
+
+    def __post_init__(self) -> None:
+        _check_address("address", self.address)
+        _check_prefix("home_prefix", self.home_prefix)
+        net = ipaddress.IPv4Network(self.home_prefix)
+        gws = {g.address for g in self.gateways}
+        homes: set[str] = set()
+        spis: set[int] = set()
+        for m in self.mobiles:
+            if ipaddress.IPv4Address(m.home_address) not in net:
+                raise ConfigError(f"mobile {m.home_address}: not in home_prefix {self.home_prefix}")
+            if m.gateway not in gws:
+                raise ConfigError(f"mobile {m.home_address}: gateway {m.gateway} is not configured")
+            if m.home_address in homes:
+                raise ConfigError(f"mobiles: duplicate home address {m.home_address}")
+            if m.msa.spi in spis:
+                raise ConfigError(f"mobiles: duplicate MSA SPI {m.msa.spi} ({m.home_address})")
+            homes.add(m.home_address)
+            spis.add(m.msa.spi)
+
+
+# --- a consistent lab set ------------------------------------------------------------------------
+
+# docs/design.md "The lab / sim addressing plan"
+LAB_HOME_PREFIX = "10.1.0.0/24"
+LAB_HOME_PREFIX_LARGE = "10.1.0.0/16"   # used when more MNs than a /24 holds
+LAB_CN = "10.1.0.10"
+LAB_HA = "10.1.0.2"
+LAB_GW_INSIDE = "10.1.0.1"
+LAB_GW_OUTSIDE = "172.16.0.1"
+LAB_FIRST_HOME_ADDRESS = "10.1.0.100"
+LAB_SPI_MN_TO_GW = 0x10000000
+LAB_SPI_GW_TO_MN = 0x20000000
+LAB_MSA_SPI = 0x1000
+
+
+@dataclass(frozen=True)
+class LabConfigs:
+    home_agent: HomeAgentConfig
+    gateway: GatewayConfig
+    mobiles: tuple[MobileNodeConfig, ...] = field(default_factory=tuple)
+
+
+def lab_home_address(index: int, n_mobiles: int = 1) -> str:
+    """Home address of MN ``index`` (0-based): 10.1.0.100, .101, ... continuing past .254 in a /16."""
+    base = int(ipaddress.IPv4Address(LAB_FIRST_HOME_ADDRESS))
+    return str(ipaddress.IPv4Address(base + index))
+
+
+def _key_source(keys_from: Any) -> Callable[[int], bytes]:
+    if keys_from is None:
+        return os.urandom
+    if hasattr(keys_from, "randbytes"):           # random.Random (reproducible tests)
+        return keys_from.randbytes
+    if callable(keys_from):
+        return keys_from
+    raise ConfigError(f"keys_from: a random.Random, a callable(n) -> bytes or None, got {keys_from!r}")
+
+
+def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
+                     encryption: str = "ENCR_AES_GCM_16", integrity: str | None = None,
+                     encryption_key_bytes: int | None = None,
+                     msa_algorithm: str = "hmac-md5", udp_encap: bool = False,
+                     lifetime_s: int = REG_LIFETIME_S,
+                     retransmit_initial_s: float = RETRANSMIT_INITIAL_S,
+                     max_attempts: int = RETRANSMIT_MAX_ATTEMPTS) -> LabConfigs:
+    """A matching HA / GW / MN config set on the docs/design.md addressing plan.
+
+    ``keys_from`` is where key bytes come from: ``None`` (os.urandom), a ``random.Random``
+    (reproducible) or a callable ``n -> bytes``.  MN ``i`` gets home address 10.1.0.100 + i; with
+    more than 150 MNs the home prefix becomes 10.1.0.0/16.
+    """
+    if not isinstance(n_mobiles, int) or not 1 <= n_mobiles <= 60000:
+        raise ConfigError(f"n_mobiles: in [1, 60000], got {n_mobiles!r}")
+    rnd = _key_source(keys_from)
+    prefix = LAB_HOME_PREFIX if n_mobiles <= 150 else LAB_HOME_PREFIX_LARGE
+    enc_len = encryption_key_bytes or ENCRYPTION_KEY_BYTES.get(encryption, (16,))[0]
+    if integrity is None and encryption not in AEAD_TRANSFORMS:
+        integrity = "AUTH_HMAC_SHA2_256_128"
+    int_len = INTEGRITY_KEY_BYTES.get(integrity, 0) if integrity else 0
+
+    def esp(spi: int) -> EspSaConfig:
+        return EspSaConfig(spi=spi, encryption=encryption, encryption_key=rnd(enc_len),
+                           integrity=integrity, integrity_key=rnd(int_len) if int_len else b"",
+                           udp_encap=udp_encap)
+
+    siu_key = rnd(SIU_KEY_BYTES)
+    mns, gw_mobiles, ha_mobiles = [], [], []
+    for i in range(n_mobiles):
+        home = lab_home_address(i, n_mobiles)
+        msa = MobilitySecurityAssociationConfig(spi=LAB_MSA_SPI + i, key=rnd(16), algorithm=msa_algorithm)
+        to_gw, to_mn = esp(LAB_SPI_MN_TO_GW + i), esp(LAB_SPI_GW_TO_MN + i)
+        mns.append(MobileNodeConfig(
+            name=f"mn{i + 1}" if n_mobiles > 1 else "mn", home_address=home, home_agent=LAB_HA,
+            gateway=LAB_GW_OUTSIDE, home_prefix=prefix, msa=msa, esp_in=to_mn, esp_out=to_gw,
+            lifetime_s=lifetime_s, retransmit_initial_s=retransmit_initial_s,
+            retransmit_max_s=max(RETRANSMIT_MAX_S, retransmit_initial_s), max_attempts=max_attempts))
+        gw_mobiles.append(GatewayMobile(home_address=home, home_agent=LAB_HA, esp_in=to_gw, esp_out=to_mn,
+                                        allowed_destinations=(f"{LAB_HA}/32", prefix)))
+        ha_mobiles.append(HomeAgentMobile(home_address=home, msa=msa, gateway=LAB_GW_INSIDE,
+                                          gateway_spi=to_mn.spi))
+    gw = GatewayConfig(name="gw", outside_address=LAB_GW_OUTSIDE, inside_address=LAB_GW_INSIDE,
+                       mobiles=tuple(gw_mobiles),
+                       home_agents=(GatewayHomeAgent(address=LAB_HA, key_id=1, key=siu_key),))
+    ha = HomeAgentConfig(name="ha", address=LAB_HA, home_prefix=prefix,
+                         gateways=(HomeAgentGateway(address=LAB_GW_INSIDE, key_id=1, key=siu_key),),
+                         mobiles=tuple(ha_mobiles))
+    return LabConfigs(home_agent=ha, gateway=gw, mobiles=tuple(mns))
