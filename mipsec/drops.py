@@ -60,6 +60,7 @@ class DropReason(str, enum.Enum):
     IPIP_UNKNOWN_TUNNEL = "ipip-unknown-tunnel"  # RFC 2003: outer source is no bound CoA
     IPIP_NO_BINDING = "ipip-no-binding"          # HA: packet for a home address with no binding
     REVERSE_TUNNEL_SOURCE_MISMATCH = "reverse-tunnel-source-mismatch"  # RFC 3024 §4
+    IPIP_BAD_INNER = "ipip-bad-inner"            # RFC 2003 §3: the encapsulated datagram is no IPv4
 
     # --- Security Information Update (docs/protocol.md) ----------------------------------------
     SIU_UNKNOWN_SENDER = "siu-unknown-sender"    # not from a configured HA
