@@ -1,0 +1,116 @@
+"""SIU authentication and replay protection (docs/protocol.md, "Processing rules").
+
+``SiuSigner`` (at the HA) numbers and signs SIUs; ``SiuVerifier`` (at the GW) accepts an SIU only
+from a configured HA, only with that HA's key, and only with a sequence number greater than the
+last one it accepted from that HA.  The order of checks at the verifier is fixed:
+
+1. framing (``parse_siu``): TRUNCATED / MALFORMED;
+2. the source address is a configured HA and the message's sender field names that same HA:
+   SIU_UNKNOWN_SENDER;
+3. key id and HMAC-SHA-256 over everything before the authenticator, compared in constant
+   time: SIU_AUTH_FAILED;
+4. sequence strictly greater than the last accepted one from this HA: SIU_REPLAYED;
+5. only now the replay state moves forward.
+
+What the verifier does NOT decide: whether the SIU may move an SA.  That is the GW role's
+compare-and-swap (the SIU's old care-of address must be the SA's current outer destination, else
+SIU_STALE_CARE_OF), see docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+from mipsec.drops import DropReason
+from mipsec.errors import ConfigError, ParseError
+from mipsec.mip.security import ntp_from_unix
+from mipsec.wire.siu import (
+    SIU_AUTHENTICATOR_BYTES, Siu, SiuFlags, SiuType, build_siu_body, parse_siu, siu_sender,
+)
+
+MIN_KEY_BYTES = 16       # RFC 2104 §3: a key shorter than the hash output weakens HMAC; 16+ B
+ZERO_ADDRESS = "0.0.0.0"
+
+
+def _mac(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+class SiuSigner:
+    """The HA's side: ``build`` returns the signed bytes of the next SIU.
+
+    ``ha_id`` is the HA's address on the private side (the source address of its SIUs).
+    ``first_sequence``: start from ``ntp_from_unix(wallclock)`` at start-up so that a restarted
+    HA keeps sending numbers the GW has not seen (docs/protocol.md, "Sequence numbers").
+    """
+
+    def __init__(self, ha_id: str, key: bytes, key_id: int = 1, first_sequence: int = 1):
+        if len(key) < MIN_KEY_BYTES:
+            raise ConfigError(f"SIU key for {ha_id} is {len(key)} bytes; use at least "
+                              f"{MIN_KEY_BYTES}")
+        if not 0 <= key_id <= 255:
+            raise ConfigError(f"SIU key id {key_id} does not fit 8 bits")
+        if not 1 <= first_sequence < (1 << 64):
+            raise ConfigError(f"SIU first sequence {first_sequence} out of range")
+        self.ha_id = ha_id
+        self.key_id = key_id
+        self.next_sequence = first_sequence
+        self._mac = _mac(key)
+
+    def build(self, type: SiuType = SiuType.UPDATE, *, home_address: str, old_care_of: str,
+              new_care_of: str, gateway_spi: int, lifetime: int, rrp: bytes = b"",
+              wallclock: float, forward_rrp: bool = True) -> bytes:
+        """Sign and number one SIU.  For DEREGISTER pass ``new_care_of="0.0.0.0"`` and
+        ``lifetime=0``; ``forward_rrp=False`` when the RRP went to the MN directly (MN at home).
+        """
+        if type == SiuType.DEREGISTER and (new_care_of != ZERO_ADDRESS or lifetime != 0):
+            raise ValueError("a DEREGISTER SIU carries new care-of 0.0.0.0 and lifetime 0")
+        siu = Siu(type=type, sender=self.ha_id, sequence=self.next_sequence,
+                  timestamp=ntp_from_unix(wallclock), home_address=home_address,
+                  old_care_of=old_care_of, new_care_of=new_care_of, gateway_spi=gateway_spi,
+                  lifetime=lifetime, rrp=rrp,
+                  flags=SiuFlags.FORWARD_RRP if forward_rrp and rrp else SiuFlags(0),
+                  key_id=self.key_id)
+        body = build_siu_body(siu)
+        mac = self._mac.copy()
+        mac.update(body)
+        self.next_sequence += 1
+        return body + mac.digest()
+
+
+class SiuVerifier:
+    """The GW's side.  ``keys_by_ha_address``: {HA address: (key id, key)}."""
+
+    def __init__(self, keys_by_ha_address: Mapping[str, tuple[int, bytes]]):
+        self._keys: dict[str, tuple[int, hmac.HMAC]] = {}
+        for address, (key_id, key) in keys_by_ha_address.items():
+            if len(key) < MIN_KEY_BYTES:
+                raise ConfigError(f"SIU key for {address} is {len(key)} bytes; use at least "
+                                  f"{MIN_KEY_BYTES}")
+            if not 0 <= key_id <= 255:
+                raise ConfigError(f"SIU key id {key_id} for {address} does not fit 8 bits")
+            self._keys[address] = (key_id, _mac(key))
+        self.last_sequence: dict[str, int] = {}
+
+    def verify(self, src_address: str, data: bytes) -> Siu:
+        """Return the authenticated, fresh SIU or raise ParseError(reason); see module doc."""
+        siu = parse_siu(data)
+        entry = self._keys.get(src_address)
+        if entry is None or siu_sender(data) != src_address:
+            raise ParseError(f"SIU from {src_address} (sender {siu.sender}) is from no "
+                             "configured home agent", DropReason.SIU_UNKNOWN_SENDER)
+        key_id, base = entry
+        mac = base.copy()
+        mac.update(data[:-SIU_AUTHENTICATOR_BYTES])
+        good = hmac.compare_digest(mac.digest(), siu.authenticator)
+        if not good or siu.key_id != key_id:
+            raise ParseError(f"SIU from {src_address} does not authenticate",
+                             DropReason.SIU_AUTH_FAILED)
+        last = self.last_sequence.get(src_address)
+        if last is not None and siu.sequence <= last:
+            raise ParseError(f"SIU sequence {siu.sequence} from {src_address} not after {last}",
+                             DropReason.SIU_REPLAYED)
+        self.last_sequence[src_address] = siu.sequence
+        return siu
