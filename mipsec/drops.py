@@ -22,6 +22,7 @@ class DropReason(str, enum.Enum):
     IP_FRAGMENT = "ip-fragment"                  # we do not reassemble (RFC 4303 §3.4.1)
     WRONG_PROTOCOL = "wrong-protocol"            # not the IP protocol this path expects
     BAD_UDP_LENGTH = "bad-udp-length"
+    WRONG_UDP_PORT = "wrong-udp-port"            # UDP-encapsulated ESP not to the SA's port
     NAT_KEEPALIVE = "nat-keepalive"              # RFC 3948 §2.3: consumed, not an error
 
     # --- ESP inbound (RFC 4303 §3.4, in the order of checks) ----------------------------------
