@@ -1,1 +1,1 @@
-
+"""ESP transforms keyed by IANA name (``mipsec.crypto.transforms``)."""

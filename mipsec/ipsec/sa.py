@@ -1,0 +1,515 @@
+"""One ESP security association in tunnel mode (RFC 4303, RFC 4301), sans-I/O.
+
+``SecurityAssociation.encapsulate(inner)`` returns the whole outer IPv4 packet (raw ESP, protocol
+50, or ESP-in-UDP per RFC 3948); ``decapsulate(outer)`` returns the inner IPv4 packet or raises
+``Dropped(reason)`` after counting ``reason`` in ``sa.counters.drops``.  Nothing else changes on
+a drop, except where RFC 4301 §5.2 orders otherwise (the inner selector check comes after the
+replay window update, as in the fixed order below).
+
+Inbound order (docs/design.md, style.md item 8), each step cheaper than the next and none of
+them revealing anything about the keys:
+
+1. outer IPv4 framing: version, IHL, total length, header checksum, fragment, protocol
+   (and for UDP encapsulation: UDP length, port, NAT-keepalive, non-ESP marker);
+2. ESP length (header + IV + ICV + one block) and, for CBC, ciphertext a multiple of 16;
+3. SPI match; outer source (only if ``remote`` is set) and destination (if ``local`` is set);
+4. lifetime (hard expiry refuses everything);
+5. replay pre-check (no change);  6. ICV in constant time (AEAD: tag);  7. decrypt;
+8. padding 1, 2, 3 ... (RFC 4303 §2.4) and next header (4; 59 = dummy);
+9. replay window update, only now;  10. inner selector check;  11. counters.
+
+A CBC padding error can only be seen after the ICV verified, so to a sender without the key it
+is indistinguishable from an ICV error (both look like "dropped").
+
+Outer header choices for encapsulation: TTL 64 (``OUTER_TTL``); TOS byte (DSCP and ECN) copied
+from the inner header (RFC 4301 §5.1.2.1 copies DSCP; RFC 6040 normal mode copies ECN); DF copied
+from the inner header (RFC 4301 §8.1, the "copy" default) so path MTU discovery keeps working;
+identification from a per-SA 16-bit counter; UDP checksum 0 (RFC 3948 §2.1).  Decapsulation
+does not propagate outer ECN CE into the inner header (a documented limitation).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY, CbcHmac, make_transform
+from mipsec.drops import DropReason
+from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
+from mipsec.ipsec.constants import (
+    ESP_HEADER_BYTES, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, NEXT_HEADER_NO_NEXT,
+    NON_ESP_MARKER, OUTER_TTL, REPLAY_WINDOW_BITS, SEQ_MAX_32, SEQ_MAX_64,
+)
+from mipsec.ipsec.replay import ReplayWindow
+from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr, checksum
+
+_II = struct.Struct("!II")
+_I = struct.Struct("!I")
+_H = struct.Struct("!H")
+_PREFIX = struct.Struct("!BBHHHBBH")
+_OUTER = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_pack_ii = _II.pack
+_pack_i = _I.pack
+_unpack_ii = _II.unpack_from
+_unpack_h = _H.unpack_from
+_unpack_prefix = _PREFIX.unpack_from
+_pack_outer = _OUTER.pack
+_pack_udp = _UDP.pack
+_unpack_udp = _UDP.unpack_from
+_PADDING = bytes(range(1, 256))   # RFC 4303 §2.4: the default padding is 1, 2, 3, ...
+_INF = math.inf
+_KEEP: Any = object()
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+@dataclass(frozen=True)
+class UdpEncap:
+    """ESP-in-UDP (RFC 3948).  Outbound: source local_port, destination remote_port.  Inbound:
+    the destination port must be local_port; the source port is not checked (a NAT rewrites it).
+    """
+    local_port: int = NAT_T_PORT
+    remote_port: int = NAT_T_PORT
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """SA lifetimes (RFC 4301 §4.4.2.1).  None = no limit.  Bytes count inner packet bytes.
+
+    Soft: ``sa.needs_rekey`` becomes True.  Hard: ``sa.expired`` becomes True and the SA refuses
+    every packet both ways (``SA_EXPIRED``).
+    """
+    soft_seconds: float | None = None
+    hard_seconds: float | None = None
+    soft_bytes: int | None = None
+    hard_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for kind in ("seconds", "bytes"):
+            soft, hard = getattr(self, "soft_" + kind), getattr(self, "hard_" + kind)
+            for name, value in (("soft_" + kind, soft), ("hard_" + kind, hard)):
+                if value is not None and value <= 0:
+                    raise ConfigError(f"lifetime: {name} = {value!r} must be positive")
+            if soft is not None and hard is not None and soft > hard:
+                raise ConfigError(f"lifetime: soft_{kind} {soft} exceeds hard_{kind} {hard}")
+
+
+class SelectorLike(Protocol):
+    def matches_inbound(self, packet: bytes) -> bool: ...
+    def matches_outbound(self, packet: bytes) -> bool: ...
+
+
+class SaCounters:
+    """Per-SA counters.  ``octets`` counts inner packet bytes; ``drops`` counts by reason."""
+
+    __slots__ = ("packets", "octets", "drops", "last_authenticated_time", "_last_source")
+
+    def __init__(self) -> None:
+        self.packets = 0
+        self.octets = 0
+        self.drops: Counter[DropReason] = Counter()
+        self.last_authenticated_time: float | None = None
+        self._last_source: bytes | None = None
+
+    @property
+    def last_authenticated_source(self) -> str | None:
+        """Outer source address of the last authenticated inbound packet."""
+        raw = self._last_source
+        return None if raw is None else bytes_to_addr(raw)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "packets": self.packets,
+            "octets": self.octets,
+            "drops": {str(reason): n for reason, n in sorted(self.drops.items()) if n},
+            "last_authenticated_time": self.last_authenticated_time,
+            "last_authenticated_source": self.last_authenticated_source,
+        }
+
+
+def _addr(field: str, value: str | None) -> bytes | None:
+    if value is None or value == "*":
+        return None
+    try:
+        return addr_to_bytes(value)
+    except (ValueError, AttributeError):
+        raise ConfigError(f"SA {field}: {value!r} is not an IPv4 address") from None
+
+
+class SecurityAssociation:
+    """An ESP tunnel-mode SA, one direction.  See the module docstring and docs/design.md."""
+
+    __slots__ = (
+        "spi", "direction", "esn", "udp_encap", "selector", "lifetime", "counters", "replay",
+        "sequence", "needs_rekey", "expired", "created", "transform",
+        "encryption", "integrity", "_encryption_key", "_integrity_key",
+        "_local", "_remote", "_seal", "_open", "_seq_max", "_align_mask", "_trailers",
+        "_min_esp", "_cbc", "_icv", "_csum_base", "_ident", "_deadline", "_byte_limit",
+        "_selector_in", "_selector_out", "_check", "_update", "_infer", "_udp_local_port",
+        "_udp_header_ports", "_inbound",
+    )
+
+    def __init__(
+        self, *, spi: int, direction: Direction,
+        encryption: str, encryption_key: bytes,
+        integrity: str | None = None, integrity_key: bytes = b"",
+        local: str | None, remote: str | None,
+        esn: bool = False, replay_window: int = REPLAY_WINDOW_BITS,
+        udp_encap: UdpEncap | None = None,
+        selector: SelectorLike | None = None,
+        lifetime: Lifetime | None = None, now: float = 0.0,
+        random: Callable[[int], bytes] = os.urandom,
+    ):
+        if not isinstance(spi, int) or not 0 < spi <= SEQ_MAX_32:
+            # RFC 4303 §2.1: SPI 0 is reserved and never sent
+            raise ConfigError(f"SA spi {spi!r}: must be an integer in 1 .. 2**32-1")
+        if not isinstance(direction, Direction):
+            raise ConfigError(f"SA direction {direction!r}: must be a Direction")
+        self.spi = spi
+        self.direction = direction
+        self._inbound = direction is Direction.INBOUND
+        self.transform = make_transform(encryption, encryption_key, integrity, integrity_key,
+                                        random)
+        self.encryption = encryption
+        self.integrity = integrity
+        self._encryption_key = bytes(encryption_key)
+        self._integrity_key = bytes(integrity_key)
+        self._seal = self.transform.seal
+        self._open = self.transform.open
+        t = self.transform
+        self._icv = t.icv_size
+        self._cbc = isinstance(t, CbcHmac)
+        self._align_mask = t.align - 1
+        self._trailers = [_PADDING[:n] + bytes((n, IPPROTO_IPIP)) for n in range(t.align)]
+        # RFC 4303 §2: header, IV, at least the 2-byte trailer (one block for CBC), ICV
+        self._min_esp = ESP_HEADER_BYTES + t.iv_size + max(2, t.block_size) + t.icv_size
+        self.esn = bool(esn)
+        self._seq_max = SEQ_MAX_64 if esn else SEQ_MAX_32
+        self.sequence = 0              # last sequence number sent (outbound)
+        self.replay = ReplayWindow(replay_window)
+        self._check = self.replay.check
+        self._update = self.replay.update
+        self._infer = self.replay.infer
+        if udp_encap is not None and not isinstance(udp_encap, UdpEncap):
+            raise ConfigError(f"SA udp_encap {udp_encap!r}: must be a UdpEncap")
+        self.udp_encap = udp_encap
+        self.selector = selector
+        self._selector_in = selector.matches_inbound if selector is not None else None
+        self._selector_out = selector.matches_outbound if selector is not None else None
+        self.counters = SaCounters()
+        self.needs_rekey = False
+        self.expired = False
+        if lifetime is not None and not isinstance(lifetime, Lifetime):
+            raise ConfigError(f"SA lifetime {lifetime!r}: must be a Lifetime")
+        self.lifetime = lifetime
+        self.created = now
+        self._ident = 0
+        self._local: bytes | None = None
+        self._remote: bytes | None = None
+        self._set_addresses(local, remote)
+        self._next_lifetime_limits()
+
+    # --- configuration ------------------------------------------------------------------------
+    def _set_addresses(self, local: str | None, remote: str | None) -> None:
+        local_b = _addr("local", local)
+        remote_b = _addr("remote", remote)
+        if not self._inbound and (local_b is None or remote_b is None):
+            raise ConfigError("outbound SA: both local (outer source) and remote (outer "
+                              "destination) addresses are required")
+        self._local, self._remote = local_b, remote_b
+        if not self._inbound:
+            # The constant words of the outer header, summed once (RFC 1071 incremental use).
+            proto = IPPROTO_UDP if self.udp_encap is not None else IPPROTO_ESP
+            fixed = (_pack_outer(0x45, 0, 0, 0, 0, OUTER_TTL, proto, 0, local_b, remote_b))
+            self._csum_base = sum(struct.unpack("!10H", fixed))
+        else:
+            self._csum_base = 0
+        if self.udp_encap is not None:
+            self._udp_local_port = self.udp_encap.local_port
+            self._udp_header_ports = (self.udp_encap.local_port, self.udp_encap.remote_port)
+
+    def rebind(self, local: str | None = _KEEP, remote: str | None = _KEEP,
+               udp_encap: UdpEncap | None = _KEEP) -> None:
+        """Re-point the outer addresses (and optionally the UDP ports) in place.
+
+        Keys, the sequence counter, the replay window and with them all nonce state are kept,
+        so an AEAD nonce is never reused across a handover.
+        """
+        new_local = bytes_to_addr(self._local) if self._local else None
+        new_remote = bytes_to_addr(self._remote) if self._remote else None
+        if local is not _KEEP:
+            new_local = local
+        if remote is not _KEEP:
+            new_remote = remote
+        if udp_encap is not _KEEP:
+            if udp_encap is not None and not isinstance(udp_encap, UdpEncap):
+                raise ConfigError(f"SA udp_encap {udp_encap!r}: must be a UdpEncap")
+            if (udp_encap is None) != (self.udp_encap is None):
+                raise UsageError("rebind cannot switch between raw ESP and UDP encapsulation")
+            self.udp_encap = udp_encap
+        self._set_addresses(new_local, new_remote)
+
+    @property
+    def local(self) -> str | None:
+        return bytes_to_addr(self._local) if self._local else None
+
+    @property
+    def remote(self) -> str | None:
+        return bytes_to_addr(self._remote) if self._remote else None
+
+    # --- lifetimes --------------------------------------------------------------------------
+    def _next_lifetime_limits(self) -> None:
+        """The next time / byte count at which the lifetime state changes."""
+        lt = self.lifetime
+        if self.expired:
+            self._deadline, self._byte_limit = -_INF, -1
+            return
+        if lt is None:
+            self._deadline, self._byte_limit = _INF, _INF
+            return
+        times = [lt.hard_seconds] + ([] if self.needs_rekey else [lt.soft_seconds])
+        sizes = [lt.hard_bytes] + ([] if self.needs_rekey else [lt.soft_bytes])
+        times = [self.created + t for t in times if t is not None]
+        sizes = [b for b in sizes if b is not None]
+        self._deadline = min(times, default=_INF)
+        self._byte_limit = min(sizes, default=_INF)
+
+    def _update_lifetime(self, now: float) -> None:
+        """Set ``needs_rekey`` / ``expired`` for ``now`` and the octets so far."""
+        lt = self.lifetime
+        octets = self.counters.octets
+        if lt is not None and not self.expired:
+            if ((lt.soft_seconds is not None and now >= self.created + lt.soft_seconds)
+                    or (lt.soft_bytes is not None and octets >= lt.soft_bytes)):
+                self.needs_rekey = True
+            if ((lt.hard_seconds is not None and now >= self.created + lt.hard_seconds)
+                    or (lt.hard_bytes is not None and octets >= lt.hard_bytes)):
+                self.needs_rekey = True
+                self.expired = True
+        self._next_lifetime_limits()
+
+    def _lifetime_reached(self, now: float) -> None:
+        self._update_lifetime(now)
+        if self.expired:
+            # RFC 4301 §4.4.2.1: past the hard lifetime the SA must not be used
+            raise self._drop(DropReason.SA_EXPIRED)
+
+    def poll(self, now: float) -> None:
+        """Update ``needs_rekey`` / ``expired`` for the time ``now`` without a packet."""
+        if now >= self._deadline or self.counters.octets >= self._byte_limit:
+            self._update_lifetime(now)
+
+    # --- data path --------------------------------------------------------------------------
+    def _drop(self, reason: DropReason) -> Dropped:
+        self.counters.drops[reason] += 1
+        return Dropped(reason)
+
+    def encapsulate(self, inner_ipv4: bytes, now: float = 0.0) -> bytes:
+        """ESP tunnel mode (RFC 4303 §3.1.2): the whole outer IPv4 packet for ``inner_ipv4``."""
+        if self._inbound:
+            raise UsageError(f"SA 0x{self.spi:08x} is inbound: it cannot encapsulate")
+        counters = self.counters
+        if now >= self._deadline or counters.octets >= self._byte_limit:
+            self._lifetime_reached(now)
+        n = len(inner_ipv4)
+        if n < 20 or inner_ipv4[0] >> 4 != 4:
+            raise self._drop(DropReason.MALFORMED)
+        if self._selector_out is not None and not self._selector_out(inner_ipv4):
+            # RFC 4301 §5.1: the packet must match the SA's selectors before protection
+            raise self._drop(DropReason.SELECTOR_MISMATCH)
+        seq = self.sequence + 1
+        if seq > self._seq_max:
+            # RFC 4303 §3.3.3: the counter must not cycle; a new SA is needed
+            self.needs_rekey = True
+            counters.drops[DropReason.SA_EXHAUSTED] += 1
+            raise SaExhausted(f"SA 0x{self.spi:08x}: sequence numbers exhausted")
+        self.sequence = seq
+        # RFC 4303 §2.4: pad payload + 2-byte trailer to the alignment; §2.6 next header 4
+        plaintext = inner_ipv4 + self._trailers[-(n + 2) & self._align_mask]
+        esp = self._seal(_pack_ii(self.spi, seq & 0xFFFFFFFF), seq,
+                         _pack_i(seq >> 32) if self.esn else b"", plaintext)
+        tos = inner_ipv4[1]
+        df = inner_ipv4[6] & 0x40
+        ident = self._ident = (self._ident + 1) & 0xFFFF
+        if self.udp_encap is None:
+            total = 20 + len(esp)
+            s = self._csum_base + tos + total + ident + (df << 8)
+            s = (s & 0xFFFF) + (s >> 16)
+            s = (s & 0xFFFF) + (s >> 16)
+            out = _pack_outer(0x45, tos, total, ident, df << 8, OUTER_TTL, IPPROTO_ESP,
+                              ~s & 0xFFFF, self._local, self._remote) + esp
+        else:
+            udp_len = 8 + len(esp)
+            total = 20 + udp_len
+            s = self._csum_base + tos + total + ident + (df << 8)
+            s = (s & 0xFFFF) + (s >> 16)
+            s = (s & 0xFFFF) + (s >> 16)
+            sport, dport = self._udp_header_ports
+            out = (_pack_outer(0x45, tos, total, ident, df << 8, OUTER_TTL, IPPROTO_UDP,
+                               ~s & 0xFFFF, self._local, self._remote)
+                   + _pack_udp(sport, dport, udp_len, 0) + esp)
+        counters.packets += 1
+        counters.octets += n
+        return out
+
+    def decapsulate(self, outer_ipv4: bytes, now: float = 0.0) -> bytes:
+        """The inner IPv4 packet of an ESP tunnel-mode packet, or raises ``Dropped``."""
+        if not self._inbound:
+            raise UsageError(f"SA 0x{self.spi:08x} is outbound: it cannot decapsulate")
+        pkt = outer_ipv4
+        n = len(pkt)
+        # 1. outer IPv4 header (RFC 791)
+        if n < 20:
+            raise self._drop(DropReason.TRUNCATED)
+        vihl, _tos, total, _ident, frag, _ttl, proto, _csum = _unpack_prefix(pkt)
+        if vihl == 0x45:
+            ihl = 20
+        else:
+            if vihl >> 4 != 4:
+                raise self._drop(DropReason.BAD_IP_VERSION)
+            ihl = (vihl & 0x0F) << 2
+            if ihl < 20 or ihl > n:
+                raise self._drop(DropReason.BAD_IP_HEADER_LENGTH)
+        if total != n:
+            raise self._drop(DropReason.BAD_IP_TOTAL_LENGTH)
+        if checksum(pkt[:ihl]):
+            raise self._drop(DropReason.BAD_IP_CHECKSUM)
+        if frag & 0x3FFF:
+            # RFC 4303 §3.4.1: reassembly is not ours; the outer packets must arrive whole
+            raise self._drop(DropReason.IP_FRAGMENT)
+        if self.udp_encap is None:
+            if proto != IPPROTO_ESP:
+                raise self._drop(DropReason.WRONG_PROTOCOL)
+            off = ihl
+        else:
+            if proto != IPPROTO_UDP:
+                raise self._drop(DropReason.WRONG_PROTOCOL)
+            off = ihl + 8
+            if n < off:
+                raise self._drop(DropReason.TRUNCATED)
+            _sport, dport, ulen, _ucsum = _unpack_udp(pkt, ihl)
+            if ulen != n - ihl:
+                raise self._drop(DropReason.BAD_UDP_LENGTH)
+            if dport != self._udp_local_port:
+                raise self._drop(DropReason.WRONG_UDP_PORT)
+            if n - off == 1 and pkt[off] == 0xFF:
+                raise self._drop(DropReason.NAT_KEEPALIVE)      # RFC 3948 §2.3
+            if pkt[off:off + 4] == NON_ESP_MARKER:
+                raise self._drop(DropReason.WRONG_PROTOCOL)     # RFC 3948 §2.2: IKE, not ESP
+        # 2. ESP lengths (RFC 4303 §2)
+        esp = pkt[off:]
+        esp_len = n - off
+        if esp_len < self._min_esp:
+            raise self._drop(DropReason.TRUNCATED)
+        if self._cbc and (esp_len - 24 - self._icv) & 15:
+            raise self._drop(DropReason.BAD_CIPHERTEXT_LENGTH)  # RFC 3602 §3
+        # 3. SPI and outer addresses
+        spi, seq_low = _unpack_ii(esp)
+        if spi != self.spi:
+            raise self._drop(DropReason.UNKNOWN_SPI)
+        if self._remote is not None and pkt[12:16] != self._remote:
+            raise self._drop(DropReason.OUTER_SOURCE_MISMATCH)
+        if self._local is not None and pkt[16:20] != self._local:
+            raise self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        # 4. lifetime
+        counters = self.counters
+        if now >= self._deadline or counters.octets >= self._byte_limit:
+            self._lifetime_reached(now)
+        # 5. replay pre-check (RFC 4303 §3.4.3)
+        if self.esn:
+            seq = self._infer(seq_low)
+            seq_hi = _pack_i(seq >> 32)
+        else:
+            seq = seq_low
+            seq_hi = b""
+        reason = self._check(seq)
+        if reason is not None:
+            raise self._drop(reason)
+        # 6-7. ICV (constant time) and decryption (RFC 4303 §3.4.4)
+        plaintext = self._open(esp, seq_hi)
+        if plaintext is None:
+            raise self._drop(DropReason.ICV_MISMATCH)
+        # 8. trailer (RFC 4303 §2.4, §2.6)
+        padlen = plaintext[-2]
+        next_header = plaintext[-1]
+        end = len(plaintext) - 2 - padlen
+        if end < 0 or plaintext[end:-2] != _PADDING[:padlen]:
+            raise self._drop(DropReason.BAD_PADDING)
+        if next_header != IPPROTO_IPIP:
+            if next_header == NEXT_HEADER_NO_NEXT:
+                raise self._drop(DropReason.DUMMY_PACKET)
+            raise self._drop(DropReason.BAD_NEXT_HEADER)
+        inner = plaintext[:end]
+        if end < 20 or inner[0] >> 4 != 4:
+            raise self._drop(DropReason.MALFORMED)
+        inner_total = (inner[2] << 8) | inner[3]
+        if inner_total != end:
+            if inner_total < 20 or inner_total > end:
+                raise self._drop(DropReason.MALFORMED)
+            inner = inner[:inner_total]   # RFC 4303 §2.4: TFC padding after the inner packet
+        # 9. the window moves only now
+        self._update(seq)
+        counters.last_authenticated_time = now
+        counters._last_source = pkt[12:16]
+        # 10. inner selector (RFC 4301 §5.2 step 4)
+        if self._selector_in is not None and not self._selector_in(inner):
+            raise self._drop(DropReason.SELECTOR_MISMATCH)
+        counters.packets += 1
+        counters.octets += len(inner)
+        return inner
+
+    # --- status ---------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """JSON-able status (``mipsec status``): no key material."""
+        return {
+            "spi": f"0x{self.spi:08x}",
+            "direction": self.direction.value,
+            "local": self.local,
+            "remote": self.remote if self._remote is not None else "*",
+            "encryption": self.encryption,
+            "integrity": self.integrity,
+            "esn": self.esn,
+            "udp_encap": (None if self.udp_encap is None else
+                          {"local_port": self.udp_encap.local_port,
+                           "remote_port": self.udp_encap.remote_port}),
+            "sequence": self.sequence,
+            "replay_window": {"size": self.replay.size, "top": self.replay.top},
+            "needs_rekey": self.needs_rekey,
+            "expired": self.expired,
+            "counters": self.counters.as_dict(),
+        }
+
+    def tshark_esp_sa_entry(self) -> list[str]:
+        """One line of Wireshark's ``esp_sa`` UAT for this SA, as a list of fields.
+
+        See ``tshark_esp_sa_line`` for the file format and the algorithm strings.
+        """
+        return tshark_esp_sa_fields(self)
+
+    def __repr__(self) -> str:
+        return (f"<SecurityAssociation spi=0x{self.spi:08x} {self.direction.value} "
+                f"{self.encryption}/{self.integrity} {self.local}->{self.remote}>")
+
+
+def tshark_esp_sa_fields(sa: SecurityAssociation) -> list[str]:
+    """Fields of Wireshark's esp_sa UAT: protocol, src, dst, spi, encryption algorithm, key,
+    authentication algorithm, key (filled in by the Wireshark section below)."""
+    espec = ENCRYPTION[sa.encryption]
+    if not espec.tshark_names:
+        raise UsageError(f"Wireshark cannot decrypt {sa.encryption}")
+    if sa._inbound:
+        src, dst = sa.remote or "*", sa.local or "*"
+    else:
+        src, dst = sa.local, sa.remote
+    auth = INTEGRITY[sa.integrity].tshark_name if sa.integrity else "NULL"
+    return ["IPv4", src, dst, f"0x{sa.spi:08x}", espec.tshark_names[0],
+            "0x" + sa._encryption_key.hex(), auth, "0x" + sa._integrity_key.hex()]
