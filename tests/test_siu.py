@@ -180,3 +180,24 @@ def test_keys_are_checked_at_configuration():
         SiuVerifier({"10.1.0.9": (1, b"short")})
     with pytest.raises(ConfigError):
         SiuVerifier({"10.1.0.9": (300, KEY)})
+
+
+def test_ack_round_trip_at_the_ha():
+    ha_signer, gw_signer = signer(), SiuSigner("10.1.0.1", KEY, key_id=7)
+    applied = verifier().verify(HA, update(ha_signer))
+    ack = gw_signer.build_ack(applied, sa_remote="172.16.2.10", wallclock=T0)
+    ha_side = SiuVerifier({"10.1.0.1": (7, KEY)})
+    got = ha_side.verify("10.1.0.1", ack)
+    assert (got.type, got.sequence, got.new_care_of, got.rrp) == (
+        SiuType.ACK, applied.sequence, "172.16.2.10", b"")
+    assert gw_signer.next_sequence == 1
+    with pytest.raises(ParseError) as info:
+        ha_side.verify("10.1.0.1", ack)
+    assert info.value.reason is DropReason.SIU_REPLAYED
+
+
+def test_reject_type_frames():
+    data = signer().build(SiuType.REJECT, home_address="10.1.0.100", old_care_of="172.16.1.10",
+                          new_care_of="172.16.2.10", gateway_spi=1, lifetime=0, rrp=RRP,
+                          wallclock=T0)
+    assert verifier().verify(HA, data).type is SiuType.REJECT

@@ -41,7 +41,8 @@ def _mac(key: bytes) -> hmac.HMAC:
 class SiuSigner:
     """The HA's side: ``build`` returns the signed bytes of the next SIU.
 
-    ``ha_id`` is the HA's address on the private side (the source address of its SIUs).
+    ``ha_id`` is the HA's address on the private side (the source address of its SIUs).  The GW
+    uses the same class with its own inside address and key to sign ACKs (``build_ack``).
     ``first_sequence``: start from ``ntp_from_unix(wallclock)`` at start-up so that a restarted
     HA keeps sending numbers the GW has not seen (docs/protocol.md, "Sequence numbers").
     """
@@ -77,6 +78,24 @@ class SiuSigner:
         mac = self._mac.copy()
         mac.update(body)
         self.next_sequence += 1
+        return body + mac.digest()
+
+
+    def build_ack(self, acked: Siu, *, sa_remote: str | None, wallclock: float) -> bytes:
+        """GW -> HA: acknowledge an applied SIU (docs/protocol.md, "ACK").
+
+        The ACK echoes the acknowledged sequence number (so the HA's verifier, keyed by the
+        GW's address, sees strictly increasing numbers) and reports where the GW's outbound SA
+        now points (``sa_remote``, ``None`` -> 0.0.0.0).  It does not consume a sequence number
+        of this signer.
+        """
+        siu = Siu(type=SiuType.ACK, sender=self.ha_id, sequence=acked.sequence,
+                  timestamp=ntp_from_unix(wallclock), home_address=acked.home_address,
+                  old_care_of=acked.old_care_of, new_care_of=sa_remote or ZERO_ADDRESS,
+                  gateway_spi=acked.gateway_spi, lifetime=acked.lifetime, key_id=self.key_id)
+        body = build_siu_body(siu)
+        mac = self._mac.copy()
+        mac.update(body)
         return body + mac.digest()
 
 

@@ -29,7 +29,8 @@ SIU_MIN_BYTES = SIU_FIXED_BYTES + SIU_AUTHENTICATOR_BYTES
 class SiuType(enum.IntEnum):
     UPDATE = 1        # the MN registered a (new) care-of address
     DEREGISTER = 2    # the binding ended: retire the SA's outer binding (new CoA = 0.0.0.0)
-    ACK = 3           # GW -> HA: the SIU with this sequence number was applied
+    ACK = 3           # GW -> HA: the SIU with this sequence number was applied (echoed)
+    REJECT = 4        # forward a rejecting RRP (e.g. code 133) once to new_care_of; move nothing
 
 
 class SiuFlags(enum.IntFlag):
