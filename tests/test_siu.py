@@ -201,3 +201,22 @@ def test_reject_type_frames():
                           new_care_of="172.16.2.10", gateway_spi=1, lifetime=0, rrp=RRP,
                           wallclock=T0)
     assert verifier().verify(HA, data).type is SiuType.REJECT
+
+
+def test_diagram_in_docs_matches_the_construct_offsets():
+    import pathlib
+    import re
+
+    from mipsec.wire.siu import SIU_HEADER
+
+    offsets, pos = {}, 0
+    for sub in SIU_HEADER.subcons:
+        offsets[sub.name] = pos
+        if sub.name != "rrp":
+            pos += sub.sizeof()
+    row_starts = sorted({offsets[n] for n in offsets if offsets[n] % 4 == 0})
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    diagram = doc.split("```")[1]
+    numbers = [int(m) for m in re.findall(r"\|\s+(\d+)\s*$", diagram, re.M)]
+    assert numbers == row_starts == [0, 4, 8, 16, 24, 28, 32, 36, 40, 44]
+    assert offsets["rrp_length"] == 42 and offsets["rrp"] == SIU_FIXED_BYTES
