@@ -115,3 +115,10 @@ def test_reverse_tunnel_check():
     assert check_reverse_tunnel(COA, "10.1.0.101", b) is DropReason.REVERSE_TUNNEL_SOURCE_MISMATCH
     assert check_reverse_tunnel(COA, HOME, None) is DropReason.IPIP_UNKNOWN_TUNNEL
     assert check_reverse_tunnel(COA, HOME, Binding(HOME, None)) is DropReason.IPIP_UNKNOWN_TUNNEL
+
+
+def test_accepts_bytearray_and_memoryview():
+    outer = encapsulate(inner(), HA, COA)
+    for buf in (bytearray(outer), memoryview(outer)):
+        src, dst, pkt = decapsulate(buf)
+        assert (src, dst, pkt) == (HA, COA, inner()) and type(pkt) is bytes

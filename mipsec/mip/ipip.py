@@ -16,6 +16,7 @@ the payload exactly; each failure has its own ``DropReason``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Protocol
 
 from mipsec.drops import DropReason
@@ -23,11 +24,15 @@ from mipsec.errors import ParseError
 from mipsec.mip.constants import IPIP_OUTER_TTL, IPPROTO_IPIP
 from mipsec.wire.ipv4 import (
     FLAG_DF, FRAGMENT_MASK, IPV4_MIN_HEADER_BYTES, OFF_DESTINATION, OFF_FLAGS_FRAGMENT, OFF_SOURCE,
-    OFF_TOS, OFF_TOTAL_LENGTH, VERSION_IHL_20, addr_to_bytes, checksum, pack_ipv4,
+    OFF_TOS, OFF_TOTAL_LENGTH, VERSION_IHL_20, addr_to_bytes, bytes_to_addr, checksum, pack_ipv4,
     unpack_ipv4_prefix,
 )
 
 _MAX_TOTAL = 0xFFFF
+
+# Tunnel endpoints are few (one HA, a CoA per MN): parse each dotted quad once.
+_packed = lru_cache(maxsize=65536)(addr_to_bytes)
+_dotted = lru_cache(maxsize=65536)(bytes_to_addr)
 
 
 def encapsulate(inner: bytes, src: str, dst: str, identification: int = 0,
@@ -41,8 +46,8 @@ def encapsulate(inner: bytes, src: str, dst: str, identification: int = 0,
         raise ValueError(f"inner datagram of {len(inner)} bytes does not fit an IPv4 packet")
     tos = inner[OFF_TOS] if len(inner) > OFF_TOS else 0
     df = FLAG_DF if len(inner) > OFF_FLAGS_FRAGMENT and inner[OFF_FLAGS_FRAGMENT] & 0x40 else 0
-    src_b = addr_to_bytes(src)
-    dst_b = addr_to_bytes(dst)
+    src_b = _packed(src)
+    dst_b = _packed(dst)
     header = pack_ipv4(VERSION_IHL_20, tos, total, identification & 0xFFFF, df, ttl,
                        IPPROTO_IPIP, 0, src_b, dst_b)
     csum = checksum(header)
@@ -83,14 +88,13 @@ def decapsulate(outer: bytes) -> tuple[str, str, bytes]:
     if int.from_bytes(inner[OFF_TOTAL_LENGTH:OFF_TOTAL_LENGTH + 2], "big") != m:
         raise ParseError("inner total length does not fill the payload",
                          DropReason.IPIP_BAD_INNER)
-    src = outer[OFF_SOURCE:OFF_SOURCE + 4]
-    dst = outer[OFF_DESTINATION:OFF_DESTINATION + 4]
-    return ("%d.%d.%d.%d" % tuple(src), "%d.%d.%d.%d" % tuple(dst), bytes(inner))
+    return (_dotted(bytes(outer[OFF_SOURCE:OFF_SOURCE + 4])),
+            _dotted(bytes(outer[OFF_DESTINATION:OFF_DESTINATION + 4])), bytes(inner))
 
 
 def inner_source(inner: bytes) -> str:
     """The source address of an (already checked) inner datagram."""
-    return "%d.%d.%d.%d" % tuple(inner[OFF_SOURCE:OFF_SOURCE + 4])
+    return _dotted(bytes(inner[OFF_SOURCE:OFF_SOURCE + 4]))
 
 
 class BindingLike(Protocol):
