@@ -10,7 +10,10 @@ Per packet the SA calls
 * ``open(esp, seq_hi) -> plaintext | None``  (None: ICV / tag does not verify)
 
 where ``plaintext`` is payload + padding + pad length + next header (the SA pads to
-``align``), ``seq_hi`` is the 4-byte implicit high half of an extended sequence number or b"".
+``align``) and ``seq_hi`` is the 4-byte implicit high half of an extended sequence number or
+b"".  The SA inlines the same steps on its hot path, using the public keyed primitives
+(``Aead.encrypt/decrypt/salt``, ``CbcHmac.encrypt_update/decrypt_update/random/hmac``,
+``HmacTruncated.inner_state/outer_state``) to save a call per packet.
 
 CBC with persistent contexts (one per SA and direction).  Encryption feeds one fresh random
 block R first: its output C0 = E(K, R xor state) is unpredictable, and the output that follows
@@ -94,7 +97,7 @@ INTEGRITY: dict[str, IntegritySpec] = {
 class HmacTruncated:
     """HMAC (RFC 2104) with precomputed keyed states, truncated to ``icv_size`` bytes."""
 
-    __slots__ = ("spec", "icv_size", "_inner", "_outer")
+    __slots__ = ("spec", "icv_size", "inner_state", "outer_state")
 
     def __init__(self, spec: IntegritySpec, key: bytes):
         if len(key) != spec.key_size:
@@ -110,24 +113,24 @@ class HmacTruncated:
         key = key.ljust(block, b"\x00")
         inner.update(bytes(b ^ 0x36 for b in key))
         outer.update(bytes(b ^ 0x5C for b in key))
-        self._inner = inner
-        self._outer = outer
+        self.inner_state = inner   # keyed states: copy, never update in place
+        self.outer_state = outer
 
     def mac(self, data: bytes, extra: bytes = b"") -> bytes:
         """Truncated HMAC of data || extra (extra: the ESN high half, RFC 4303 §2.2.1)."""
-        inner = self._inner.copy()
+        inner = self.inner_state.copy()
         inner.update(data)
         if extra:
             inner.update(extra)
-        outer = self._outer.copy()
+        outer = self.outer_state.copy()
         outer.update(inner.digest())
         return outer.digest()[: self.icv_size]
 
     def full_mac(self, data: bytes) -> bytes:
         """The untruncated HMAC, for RFC 2202 / RFC 4231 vector tests."""
-        inner = self._inner.copy()
+        inner = self.inner_state.copy()
         inner.update(data)
-        outer = self._outer.copy()
+        outer = self.outer_state.copy()
         outer.update(inner.digest())
         return outer.digest()
 
@@ -148,7 +151,7 @@ class Transform:
 class CbcHmac(Transform):
     """ENCR_AES_CBC (RFC 3602) with an AUTH_HMAC_* (RFC 2404 / RFC 4868), encrypt-then-MAC."""
 
-    __slots__ = ("_enc", "_dec", "_mac", "_random", "_key")
+    __slots__ = ("encrypt_update", "decrypt_update", "hmac", "random", "_mac", "_key")
 
     def __init__(self, spec: EncryptionSpec, key: bytes, mac: HmacTruncated,
                  random: Callable[[int], bytes]):
@@ -159,15 +162,17 @@ class CbcHmac(Transform):
         self.align = 16
         self.icv_size = mac.icv_size
         self._key = key
-        self._random = random
+        self.random = random
         # The IVs given here are never used on the wire: see the module docstring.
-        self._enc = Cipher(algorithms.AES(key), modes.CBC(random(16))).encryptor().update
-        self._dec = Cipher(algorithms.AES(key), modes.CBC(bytes(16))).decryptor().update
+        aes = algorithms.AES(key)
+        self.encrypt_update = Cipher(aes, modes.CBC(random(16))).encryptor().update
+        self.decrypt_update = Cipher(aes, modes.CBC(bytes(16))).decryptor().update
+        self.hmac = mac
         self._mac = mac.mac
 
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
         # RFC 3602 §3: header || IV || CBC ciphertext; RFC 4303 §3.3.4: ICV over all of it
-        data = header + self._enc(self._random(16) + plaintext)
+        data = header + self.encrypt_update(self.random(16) + plaintext)
         return data + self._mac(data, seq_hi)
 
     def seal_with_iv(self, header: bytes, iv: bytes, seq_hi: bytes, plaintext: bytes) -> bytes:
@@ -181,13 +186,13 @@ class CbcHmac(Transform):
         data = esp[:-n]
         if not _compare(self._mac(data, seq_hi), esp[-n:]):
             return None
-        return self._dec(data[8:])[16:]
+        return self.decrypt_update(data[8:])[16:]
 
 
 class NullHmac(Transform):
     """ENCR_NULL (RFC 2410) with an AUTH_HMAC_*: integrity only, for debugging."""
 
-    __slots__ = ("_mac",)
+    __slots__ = ("hmac", "_mac")
 
     def __init__(self, spec: EncryptionSpec, mac: HmacTruncated):
         self.encryption, self.integrity = spec, mac.spec
@@ -196,6 +201,7 @@ class NullHmac(Transform):
         self.block_size = 1
         self.align = 4
         self.icv_size = mac.icv_size
+        self.hmac = mac
         self._mac = mac.mac
 
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
@@ -218,7 +224,7 @@ class Aead(Transform):
     sequence number, or SPI || ESN high || ESN low (RFC 4106 §5, RFC 7634 §2.1).
     """
 
-    __slots__ = ("_encrypt", "_decrypt", "_salt")
+    __slots__ = ("encrypt", "decrypt", "salt")
 
     def __init__(self, spec: EncryptionSpec, key: bytes):
         self.encryption, self.integrity = spec, None
@@ -229,24 +235,24 @@ class Aead(Transform):
         self.icv_size = spec.icv_size
         cls = AESGCM if spec.name == "ENCR_AES_GCM_16" else ChaCha20Poly1305
         aead = cls(key[:-4])
-        self._salt = key[-4:]
-        self._encrypt = aead.encrypt
-        self._decrypt = aead.decrypt
+        self.salt = key[-4:]
+        self.encrypt = aead.encrypt
+        self.decrypt = aead.decrypt
 
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
         iv = _Q.pack(seq)
         aad = header[:4] + seq_hi + header[4:] if seq_hi else header
-        return header + iv + self._encrypt(self._salt + iv, plaintext, aad)
+        return header + iv + self.encrypt(self.salt + iv, plaintext, aad)
 
     def seal_with_iv(self, header: bytes, iv: bytes, seq_hi: bytes, plaintext: bytes) -> bytes:
         """Reference path with a given explicit IV (vectors only: never reuse an IV)."""
         aad = header[:4] + seq_hi + header[4:] if seq_hi else header
-        return header + iv + self._encrypt(self._salt + iv, plaintext, aad)
+        return header + iv + self.encrypt(self.salt + iv, plaintext, aad)
 
     def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
         aad = esp[:4] + seq_hi + esp[4:8] if seq_hi else esp[:8]
         try:
-            return self._decrypt(self._salt + esp[8:16], esp[16:], aad)
+            return self.decrypt(self.salt + esp[8:16], esp[16:], aad)
         except InvalidTag:
             return None
 

@@ -65,7 +65,7 @@ class ReplayWindow:
         return None
 
     def update(self, seq: int) -> None:
-        """Record an authenticated ``seq`` (call only after ``check`` passed and the ICV verified)."""
+        """Record an authenticated ``seq`` (only after ``check`` passed and the ICV verified)."""
         top = self.top
         if seq > top:
             shift = seq - top

@@ -31,6 +31,7 @@ does not propagate outer ECN CE into the inner header (a documented limitation).
 from __future__ import annotations
 
 import enum
+import hmac
 import math
 import os
 import struct
@@ -38,7 +39,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY, CbcHmac, make_transform
+from cryptography.exceptions import InvalidTag
+
+from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY, Aead, CbcHmac, make_transform
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
 from mipsec.ipsec.constants import (
@@ -46,7 +49,7 @@ from mipsec.ipsec.constants import (
     NON_ESP_MARKER, OUTER_TTL, REPLAY_WINDOW_BITS, SEQ_MAX_32, SEQ_MAX_64,
 )
 from mipsec.ipsec.replay import ReplayWindow
-from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr, checksum
+from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
 
 _II = struct.Struct("!II")
 _I = struct.Struct("!I")
@@ -56,12 +59,16 @@ _OUTER = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _pack_ii = _II.pack
 _pack_i = _I.pack
+_pack_iii = struct.Struct("!III").pack
 _unpack_ii = _II.unpack_from
 _unpack_h = _H.unpack_from
 _unpack_prefix = _PREFIX.unpack_from
 _pack_outer = _OUTER.pack
 _pack_udp = _UDP.pack
 _unpack_udp = _UDP.unpack_from
+_from_bytes = int.from_bytes
+_compare_digest = hmac.compare_digest
+_AEAD, _CBC, _NULL = 0, 1, 2                 # transform kinds, inlined on the hot path
 _PADDING = bytes(range(1, 256))   # RFC 4303 §2.4: the default padding is 1, 2, 3, ...
 _INF = math.inf
 _KEEP: Any = object()
@@ -152,10 +159,12 @@ class SecurityAssociation:
         "spi", "direction", "esn", "udp_encap", "selector", "lifetime", "counters", "replay",
         "sequence", "needs_rekey", "expired", "created", "transform",
         "encryption", "integrity", "_encryption_key", "_integrity_key",
-        "_local", "_remote", "_seal", "_open", "_seq_max", "_align_mask", "_trailers",
-        "_min_esp", "_cbc", "_icv", "_csum_base", "_ident", "_deadline", "_byte_limit",
-        "_selector_in", "_selector_out", "_check", "_update", "_infer", "_udp_local_port",
-        "_udp_header_ports", "_inbound",
+        "_local", "_remote", "_seq_max", "_align_mask", "_trailers", "_min_esp", "_icv",
+        "_csum_base", "_ident", "_deadline", "_byte_limit", "_selector_in", "_selector_out",
+        "_check", "_update", "_infer", "_udp_local_port", "_inbound", "_kind",
+        "_aead_encrypt", "_aead_decrypt", "_salt", "_cbc_encrypt", "_cbc_decrypt", "_random",
+        "_inner_state", "_outer_state", "_pack_prefix", "_overhead", "_udp_ports",
+        "_esp_start",
     )
 
     def __init__(
@@ -183,11 +192,21 @@ class SecurityAssociation:
         self.integrity = integrity
         self._encryption_key = bytes(encryption_key)
         self._integrity_key = bytes(integrity_key)
-        self._seal = self.transform.seal
-        self._open = self.transform.open
         t = self.transform
         self._icv = t.icv_size
-        self._cbc = isinstance(t, CbcHmac)
+        # The hot path inlines the transform's steps on its keyed primitives (one call less).
+        self._aead_encrypt = self._aead_decrypt = self._salt = None
+        self._cbc_encrypt = self._cbc_decrypt = self._random = None
+        self._inner_state = self._outer_state = None
+        if isinstance(t, Aead):
+            self._kind = _AEAD
+            self._aead_encrypt, self._aead_decrypt, self._salt = t.encrypt, t.decrypt, t.salt
+        else:
+            self._kind = _CBC if isinstance(t, CbcHmac) else _NULL
+            self._inner_state, self._outer_state = t.hmac.inner_state, t.hmac.outer_state
+            if isinstance(t, CbcHmac):
+                self._cbc_encrypt, self._cbc_decrypt = t.encrypt_update, t.decrypt_update
+                self._random = t.random
         self._align_mask = t.align - 1
         self._trailers = [_PADDING[:n] + bytes((n, IPPROTO_IPIP)) for n in range(t.align)]
         # RFC 4303 §2: header, IV, at least the 2-byte trailer (one block for CBC), ICV
@@ -226,16 +245,26 @@ class SecurityAssociation:
             raise ConfigError("outbound SA: both local (outer source) and remote (outer "
                               "destination) addresses are required")
         self._local, self._remote = local_b, remote_b
-        if not self._inbound:
-            # The constant words of the outer header, summed once (RFC 1071 incremental use).
-            proto = IPPROTO_UDP if self.udp_encap is not None else IPPROTO_ESP
-            fixed = (_pack_outer(0x45, 0, 0, 0, 0, OUTER_TTL, proto, 0, local_b, remote_b))
-            self._csum_base = sum(struct.unpack("!10H", fixed))
-        else:
+        udp = self.udp_encap
+        if udp is not None:
+            self._udp_local_port = udp.local_port
+        if self._inbound:
             self._csum_base = 0
-        if self.udp_encap is not None:
-            self._udp_local_port = self.udp_encap.local_port
-            self._udp_header_ports = (self.udp_encap.local_port, self.udp_encap.remote_port)
+            return
+        # Outbound: one struct packs outer IPv4 header [+ UDP header] + ESP header [+ AEAD IV].
+        proto = IPPROTO_UDP if udp is not None else IPPROTO_ESP
+        fixed = _pack_outer(0x45, 0, 0, 0, 0, OUTER_TTL, proto, 0, local_b, remote_b)
+        self._csum_base = sum(struct.unpack("!10H", fixed))  # constant words, RFC 1071 sum
+        t = self.transform
+        fmt = "!BBHHHBBH4s4s" + ("HHHH" if udp is not None else "") + "II"
+        if self._kind == _AEAD:
+            fmt += "Q"
+        packer = struct.Struct(fmt).pack
+        self._esp_start = 20 + (8 if udp is not None else 0)
+        # total length = overhead + len(padded plaintext)
+        self._overhead = self._esp_start + ESP_HEADER_BYTES + t.iv_size + t.icv_size
+        self._pack_prefix = packer
+        self._udp_ports = (udp.local_port, udp.remote_port) if udp is not None else None
 
     def rebind(self, local: str | None = _KEEP, remote: str | None = _KEEP,
                udp_encap: UdpEncap | None = _KEEP) -> None:
@@ -335,28 +364,68 @@ class SecurityAssociation:
         self.sequence = seq
         # RFC 4303 §2.4: pad payload + 2-byte trailer to the alignment; §2.6 next header 4
         plaintext = inner_ipv4 + self._trailers[-(n + 2) & self._align_mask]
-        esp = self._seal(_pack_ii(self.spi, seq & 0xFFFFFFFF), seq,
-                         _pack_i(seq >> 32) if self.esn else b"", plaintext)
+        # The outer header (RFC 791), UDP header (RFC 3948 §2.1, checksum 0), ESP header and,
+        # for AEAD, the explicit IV are all known before encryption: one struct call each.
         tos = inner_ipv4[1]
-        df = inner_ipv4[6] & 0x40
+        df = (inner_ipv4[6] & 0x40) << 8
         ident = self._ident = (self._ident + 1) & 0xFFFF
-        if self.udp_encap is None:
-            total = 20 + len(esp)
-            s = self._csum_base + tos + total + ident + (df << 8)
-            s = (s & 0xFFFF) + (s >> 16)
-            s = (s & 0xFFFF) + (s >> 16)
-            out = _pack_outer(0x45, tos, total, ident, df << 8, OUTER_TTL, IPPROTO_ESP,
-                              ~s & 0xFFFF, self._local, self._remote) + esp
+        total = self._overhead + len(plaintext)
+        c = self._csum_base + tos + total + ident + df
+        c = (c & 0xFFFF) + (c >> 16)
+        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+        kind = self._kind
+        if kind == _AEAD:
+            # RFC 4106 §3.1 / RFC 7634 §2: IV = the 64-bit sequence number; §5: AAD
+            if self._udp_ports is None:
+                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_ESP,
+                                           c, self._local, self._remote, self.spi,
+                                           seq & 0xFFFFFFFF, seq)
+            else:
+                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
+                                           c, self._local, self._remote, *self._udp_ports,
+                                           total - 20, 0, self.spi, seq & 0xFFFFFFFF, seq)
+            if self.esn:
+                aad = _pack_iii(self.spi, seq >> 32, seq & 0xFFFFFFFF)
+            else:
+                aad = _pack_ii(self.spi, seq)
+            out = prefix + self._aead_encrypt(self._salt + prefix[-8:], plaintext, aad)
+        elif kind == _CBC:
+            # RFC 3602 §3; the IV is C0, see mipsec.crypto.transforms
+            if self._udp_ports is None:
+                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_ESP,
+                                           c, self._local, self._remote, self.spi,
+                                           seq & 0xFFFFFFFF)
+            else:
+                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
+                                           c, self._local, self._remote, *self._udp_ports,
+                                           total - 20, 0, self.spi, seq & 0xFFFFFFFF)
+            ct = self._cbc_encrypt(self._random(16) + plaintext)
+            mac = self._inner_state.copy()
+            mac.update(prefix[self._esp_start:])
+            mac.update(ct)
+            if self.esn:
+                mac.update(_pack_i(seq >> 32))      # RFC 4303 §2.2.1: high half, not sent
+            outer = self._outer_state.copy()
+            outer.update(mac.digest())
+            out = prefix + ct + outer.digest()[:self._icv]
         else:
-            udp_len = 8 + len(esp)
-            total = 20 + udp_len
-            s = self._csum_base + tos + total + ident + (df << 8)
-            s = (s & 0xFFFF) + (s >> 16)
-            s = (s & 0xFFFF) + (s >> 16)
-            sport, dport = self._udp_header_ports
-            out = (_pack_outer(0x45, tos, total, ident, df << 8, OUTER_TTL, IPPROTO_UDP,
-                               ~s & 0xFFFF, self._local, self._remote)
-                   + _pack_udp(sport, dport, udp_len, 0) + esp)
+            # RFC 2410: NULL encryption, RFC 4303 §3.3.4 ICV over header and payload
+            if self._udp_ports is None:
+                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_ESP,
+                                           c, self._local, self._remote, self.spi,
+                                           seq & 0xFFFFFFFF)
+            else:
+                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
+                                           c, self._local, self._remote, *self._udp_ports,
+                                           total - 20, 0, self.spi, seq & 0xFFFFFFFF)
+            mac = self._inner_state.copy()
+            mac.update(prefix[self._esp_start:])
+            mac.update(plaintext)
+            if self.esn:
+                mac.update(_pack_i(seq >> 32))
+            outer = self._outer_state.copy()
+            outer.update(mac.digest())
+            out = prefix + plaintext + outer.digest()[:self._icv]
         counters.packets += 1
         counters.octets += n
         return out
@@ -381,7 +450,8 @@ class SecurityAssociation:
                 raise self._drop(DropReason.BAD_IP_HEADER_LENGTH)
         if total != n:
             raise self._drop(DropReason.BAD_IP_TOTAL_LENGTH)
-        if checksum(pkt[:ihl]):
+        if _from_bytes(pkt[:ihl], "big") % 0xFFFF:
+            # RFC 1071: the one's complement sum of a correct header is 0xFFFF (== 0 mod 0xFFFF)
             raise self._drop(DropReason.BAD_IP_CHECKSUM)
         if frag & 0x3FFF:
             # RFC 4303 §3.4.1: reassembly is not ours; the outer packets must arrive whole
@@ -406,14 +476,14 @@ class SecurityAssociation:
             if pkt[off:off + 4] == NON_ESP_MARKER:
                 raise self._drop(DropReason.WRONG_PROTOCOL)     # RFC 3948 §2.2: IKE, not ESP
         # 2. ESP lengths (RFC 4303 §2)
-        esp = pkt[off:]
         esp_len = n - off
         if esp_len < self._min_esp:
             raise self._drop(DropReason.TRUNCATED)
-        if self._cbc and (esp_len - 24 - self._icv) & 15:
+        kind = self._kind
+        if kind == _CBC and (esp_len - 24 - self._icv) & 15:
             raise self._drop(DropReason.BAD_CIPHERTEXT_LENGTH)  # RFC 3602 §3
         # 3. SPI and outer addresses
-        spi, seq_low = _unpack_ii(esp)
+        spi, seq_low = _unpack_ii(pkt, off)
         if spi != self.spi:
             raise self._drop(DropReason.UNKNOWN_SPI)
         if self._remote is not None and pkt[12:16] != self._remote:
@@ -431,31 +501,55 @@ class SecurityAssociation:
         else:
             seq = seq_low
             seq_hi = b""
-        reason = self._check(seq)
-        if reason is not None:
-            raise self._drop(reason)
-        # 6-7. ICV (constant time) and decryption (RFC 4303 §3.4.4)
-        plaintext = self._open(esp, seq_hi)
-        if plaintext is None:
-            raise self._drop(DropReason.ICV_MISMATCH)
+        if seq <= self.replay.top:      # new highest numbers need no look at the bitmap
+            reason = self._check(seq)
+            if reason is not None:
+                raise self._drop(reason)
+        # 6-7. ICV in constant time, then decryption (RFC 4303 §3.4.4)
+        if kind == _AEAD:
+            if seq_hi:
+                aad = pkt[off:off + 4] + seq_hi + pkt[off + 4:off + 8]
+            else:
+                aad = pkt[off:off + 8]
+            try:
+                plaintext = self._aead_decrypt(self._salt + pkt[off + 8:off + 16],
+                                               pkt[off + 16:], aad)
+            except InvalidTag:
+                raise self._drop(DropReason.ICV_MISMATCH) from None
+        else:
+            icv_at = n - self._icv
+            mac = self._inner_state.copy()
+            mac.update(pkt[off:icv_at])
+            if seq_hi:
+                mac.update(seq_hi)                 # RFC 4303 §2.2.1
+            outer = self._outer_state.copy()
+            outer.update(mac.digest())
+            if not _compare_digest(outer.digest()[:self._icv], pkt[icv_at:]):
+                raise self._drop(DropReason.ICV_MISMATCH)
+            if kind == _CBC:
+                # IV || ciphertext through the persistent decryptor; block 0 is discarded
+                plaintext = self._cbc_decrypt(pkt[off + 8:icv_at])[16:]
+            else:
+                plaintext = pkt[off + 8:icv_at]
         # 8. trailer (RFC 4303 §2.4, §2.6)
         padlen = plaintext[-2]
-        next_header = plaintext[-1]
         end = len(plaintext) - 2 - padlen
         if end < 0 or plaintext[end:-2] != _PADDING[:padlen]:
             raise self._drop(DropReason.BAD_PADDING)
+        next_header = plaintext[-1]
         if next_header != IPPROTO_IPIP:
             if next_header == NEXT_HEADER_NO_NEXT:
                 raise self._drop(DropReason.DUMMY_PACKET)
             raise self._drop(DropReason.BAD_NEXT_HEADER)
-        inner = plaintext[:end]
-        if end < 20 or inner[0] >> 4 != 4:
+        if end < 20 or plaintext[0] >> 4 != 4:
             raise self._drop(DropReason.MALFORMED)
-        inner_total = (inner[2] << 8) | inner[3]
-        if inner_total != end:
-            if inner_total < 20 or inner_total > end:
-                raise self._drop(DropReason.MALFORMED)
-            inner = inner[:inner_total]   # RFC 4303 §2.4: TFC padding after the inner packet
+        inner_total = (plaintext[2] << 8) | plaintext[3]
+        if inner_total == end:
+            inner = plaintext[:end]
+        elif 20 <= inner_total < end:
+            inner = plaintext[:inner_total]   # RFC 4303 §2.4: TFC padding after the packet
+        else:
+            raise self._drop(DropReason.MALFORMED)
         # 9. the window moves only now
         self._update(seq)
         counters.last_authenticated_time = now
