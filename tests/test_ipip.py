@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 
 from mipsec.drops import DropReason
@@ -122,3 +124,15 @@ def test_accepts_bytearray_and_memoryview():
     for buf in (bytearray(outer), memoryview(outer)):
         src, dst, pkt = decapsulate(buf)
         assert (src, dst, pkt) == (HA, COA, inner()) and type(pkt) is bytes
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.integers(0, 60), st.binary(min_size=1, max_size=3))
+def test_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
+    base = encapsulate(inner(), HA, COA)
+    for data in (noise, base[:cut] + patch + base[cut + len(patch):]):
+        try:
+            decapsulate(data)
+        except ParseError:
+            pass

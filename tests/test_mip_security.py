@@ -5,6 +5,8 @@ import hmac
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
@@ -248,3 +250,16 @@ def test_nonce_mode_first_request_gets_133_then_succeeds():
 def test_parse_request_identification_is_64_bits():
     ident = ntp_from_unix(T0)
     assert parse_registration_request(rrq_bytes(ident)).identification == ident
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.integers(0, 60), st.binary(min_size=1, max_size=3))
+def test_verify_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
+    base = msa().sign(rrq_bytes(ntp_from_unix(T0), [nai_extension("mn1@example.net")]))
+    for data in (noise, b"\x01" + noise, b"\x03" + noise,
+                 base[:cut] + patch + base[cut + len(patch):]):
+        try:
+            msa().verify(data)
+        except ParseError:
+            pass

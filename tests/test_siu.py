@@ -4,6 +4,8 @@ import hashlib
 import hmac
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
@@ -220,3 +222,17 @@ def test_diagram_in_docs_matches_the_construct_offsets():
     numbers = [int(m) for m in re.findall(r"\|\s+(\d+)\s*$", diagram, re.M)]
     assert numbers == row_starts == [0, 4, 8, 16, 24, 28, 32, 36, 40, 44]
     assert offsets["rrp_length"] == 42 and offsets["rrp"] == SIU_FIXED_BYTES
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 200), st.binary(max_size=4))
+def test_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
+    base = update(signer())
+    spliced = base[:cut] + patch + base[cut + len(patch):]
+    v = verifier()
+    for data in (noise, spliced, base[:8] + noise):
+        try:
+            v.verify(HA, data)
+        except ParseError:
+            pass
