@@ -1,0 +1,210 @@
+"""The IKE endpoint: every IKE SA of one node behind one pair of UDP ports (500, 4500).
+
+``IkeEndpoint`` is what a runtime drives (the ``mipsec.io.ike_udp`` adapter, the daemons, the
+in-memory tests, the benchmark)::
+
+    ep = IkeEndpoint(config)
+    out = ep.initiate(local=("172.16.1.10", 500), remote=("172.16.0.1", 500), now=now)
+    out = ep.receive_datagram(udp_payload, local=(ip, port), remote=(ip, port), now=now)
+    out = ep.handle_timer(now);  ep.get_timer() -> float | None
+    ep.ike_sas, ep.drops, ep.status()
+
+Each call returns ``SendDatagram`` outputs and events (``mipsec.ike.config``) in order.
+``receive_datagram`` takes the UDP payload exactly as received: on port 4500 that is the
+RFC 3948 non-ESP marker and the IKE message, or a NAT keepalive; ESP in UDP is the runtime's
+business (``classify_udp`` tells the three apart).
+
+Demultiplexing (§2.1, §3.1): a message belongs to the IKE SA whose SPI *we* chose (the
+responder's SPI when the message has the I flag, the initiator's otherwise).  An IKE_SA_INIT
+request (responder SPI zero) either is a retransmission for a half-open SA (same initiator SPI and
+address) or starts a new responder SA.
+
+Cookies (§2.6): above ``config.cookie_threshold`` half-open SAs (0 = always) an IKE_SA_INIT
+request without a valid COOKIE is answered with one and no state is kept.  The cookie is
+``version | SHA-256(Ni | IPi | SPIi | secret[version])``; the secret is derived from a random
+master key and the time slot (``COOKIE_SECRET_LIFETIME_S``), and the previous slot is still
+accepted, so secrets rotate without a timer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections import Counter
+from typing import Any, Callable
+
+from mipsec.drops import DropReason
+from mipsec.errors import ParseError
+from mipsec.ike import codec
+from mipsec.ike.config import (
+    Address, IkeConfig, IkeSaDeleted, IkeSaFailed, IkeSaRekeyed, SendDatagram,
+)
+from mipsec.ike.constants import (
+    COOKIE_SECRET_LIFETIME_S, NAT_KEEPALIVE, NON_ESP_MARKER, ExchangeType, Flag, NotifyType,
+)
+from mipsec.ike.sa import IkeSa, State
+
+Random = Callable[[int], bytes]
+
+
+def classify_udp(payload: bytes) -> str:
+    """What arrived on UDP port 4500 (RFC 3948 §2.2): "ike", "keepalive" or "esp"."""
+    if payload == NAT_KEEPALIVE:
+        return "keepalive"
+    if payload[:4] == NON_ESP_MARKER:
+        return "ike"
+    return "esp"
+
+
+class IkeEndpoint:
+    def __init__(self, config: IkeConfig, *, random: Random = os.urandom):
+        self.config = config
+        self._random = random
+        self._by_spi: dict[bytes, IkeSa] = {}          # our SPI -> SA
+        self._half_open: dict[tuple[bytes, Address], IkeSa] = {}
+        self._esp_spis: set[int] = set()
+        self._cookie_master = random(32)
+        self.drops: Counter[DropReason] = Counter()
+        self.events: list = []                         # kept for status(): last few events
+
+    # --- public API -------------------------------------------------------------------------
+
+    @property
+    def ike_sas(self) -> list[IkeSa]:
+        seen, out = set(), []
+        for sa in self._by_spi.values():
+            if id(sa) not in seen:
+                seen.add(id(sa))
+                out.append(sa)
+        return out
+
+    def initiate(self, local: Address, remote: Address, now: float) -> list:
+        sa = IkeSa.new_initiator(self.config, local, remote, now=now, random=self._random,
+                                 alloc_esp_spi=self._alloc_esp_spi, drops=self.drops)
+        while sa.spi_i in self._by_spi:
+            sa.spi_i = self._random(8)
+        self._by_spi[sa.spi_i] = sa
+        return self._track(sa, sa.start(now))
+
+    def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> list:
+        if local[1] != 500 or remote[1] != 500:
+            kind = classify_udp(data)
+            if kind == "keepalive":
+                self.drops[DropReason.NAT_KEEPALIVE] += 1
+                return []
+            if kind == "esp":
+                self.drops[DropReason.WRONG_PROTOCOL] += 1
+                return []
+            data = data[4:]
+        try:
+            m = codec.parse_message(data)
+        except ParseError as e:
+            self.drops[e.reason] += 1
+            return []
+        h = m.header
+        if h.exchange == ExchangeType.IKE_SA_INIT and not h.is_response:
+            return self._init_request(m, local, remote, now)
+        ours = h.spi_r if h.from_initiator else h.spi_i
+        sa = self._by_spi.get(ours)
+        if sa is None:
+            self.drops[DropReason.IKE_UNKNOWN_SA] += 1
+            return []
+        return self._track(sa, sa.receive(m, local, remote, now))
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (sa.get_timer() for sa in self.ike_sas) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list:
+        out = []
+        for sa in self.ike_sas:
+            t = sa.get_timer()
+            if t is not None and now >= t:
+                out += self._track(sa, sa.handle_timer(now))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {"ike_sas": [sa.status() for sa in self.ike_sas],
+                "drops": {str(k): v for k, v in self.drops.items() if v}}
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _alloc_esp_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self._random(4), "big")
+            if spi >= 256 and spi not in self._esp_spis:     # RFC 4303 §2.1
+                self._esp_spis.add(spi)
+                return spi
+
+    def _track(self, sa: IkeSa, out: list) -> list:
+        """Keep the SPI table in step with the events an SA reports."""
+        for ev in out:
+            if isinstance(ev, IkeSaRekeyed) and ev.new is not None:
+                new = ev.new
+                self._by_spi[new.spi_i if new.initiator else new.spi_r] = new
+            elif isinstance(ev, (IkeSaDeleted, IkeSaFailed)):
+                self._forget(ev.ike_sa)
+        if sa.state != State.INIT_ANSWERED:
+            for key, s in list(self._half_open.items()):
+                if s is sa:
+                    del self._half_open[key]
+        return out
+
+    def _forget(self, sa: IkeSa) -> None:
+        for key in (sa.spi_i, sa.spi_r):
+            if self._by_spi.get(key) is sa:
+                del self._by_spi[key]
+        for key, s in list(self._half_open.items()):
+            if s is sa:
+                del self._half_open[key]
+        for ch in sa.children.values():
+            self._esp_spis.discard(ch.spi_in)
+
+    def _cookie(self, m: codec.Message, remote: Address, version: int) -> bytes:
+        secret = hmac.new(self._cookie_master, version.to_bytes(8, "big"), hashlib.sha256).digest()
+        nonce = m.find(codec.NoncePayload)
+        ni = nonce.data if nonce else b""
+        digest = hashlib.sha256(ni + ipaddress.IPv4Address(remote[0]).packed + m.header.spi_i
+                                + secret).digest()
+        return (version & 0xFFFF).to_bytes(2, "big") + digest
+
+    def _init_request(self, m: codec.Message, local: Address, remote: Address, now: float) -> list:
+        h = m.header
+        if any(h.spi_r) or h.message_id != 0 or not h.from_initiator:
+            self.drops[DropReason.MALFORMED] += 1
+            return []
+        if m.encrypted is not None:
+            self.drops[DropReason.IKE_UNEXPECTED_EXCHANGE] += 1
+            return []
+        old = self._half_open.get((h.spi_i, remote))
+        if old is not None:
+            return self._track(old, old.receive(m, local, remote, now))
+        threshold = self.config.cookie_threshold
+        if threshold is not None and len(self._half_open) >= threshold:
+            slot = int(now // COOKIE_SECRET_LIFETIME_S)
+            got = m.notifies(NotifyType.COOKIE)
+            first_is_cookie = bool(m.payloads) and isinstance(m.payloads[0], codec.NotifyPayload) \
+                and m.payloads[0].type == NotifyType.COOKIE
+            valid = first_is_cookie and any(
+                hmac.compare_digest(got[0].data, self._cookie(m, remote, v))
+                for v in (slot, slot - 1))
+            if not valid:
+                if got:
+                    self.drops[DropReason.IKE_INVALID_COOKIE] += 1
+                resp = codec.build_message(
+                    codec.Header(h.spi_i, bytes(8), h.exchange, Flag.RESPONSE, 0),
+                    [codec.NotifyPayload(NotifyType.COOKIE, self._cookie(m, remote, slot))])
+                marker = NON_ESP_MARKER if local[1] != 500 or remote[1] != 500 else b""
+                return [SendDatagram(marker + resp, local, remote)]
+        spi_r = b""
+        while not any(spi_r) or spi_r in self._by_spi:
+            spi_r = self._random(8)
+        sa, out = IkeSa.respond_init(self.config, m, local, remote, now, spi_r=spi_r,
+                                     random=self._random, drops=self.drops,
+                                     alloc_esp_spi=self._alloc_esp_spi)
+        if sa is not None:
+            self._by_spi[spi_r] = sa
+            self._half_open[(h.spi_i, remote)] = sa
+        return out
