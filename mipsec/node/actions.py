@@ -81,6 +81,19 @@ class ReturnedHome:
 # --- events a role reports (handover timeline, docs/design.md) --------------------------------
 
 @dataclass(frozen=True, slots=True)
+class ReestablishRequested:
+    """MN: registration failed ``attempts`` times in a row; the tunnel must be re-established.
+
+    Returned among the actions, in order.  The runtime hands it to whoever can make new SAs
+    (IKEv2, or an operator) and then calls ``MobileNode.install_sas``; carrying it out needs no
+    I/O and ignoring it is safe (the MN stays in its FAILED state until then).
+    """
+    home_address: str
+    care_of_address: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class TimelineEvent:
     """One step of a handover, stamped with the role's ``now``."""
     time: float
@@ -89,4 +102,4 @@ class TimelineEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Action = SendToNet | WriteToTun | RebindSa | BindingChanged | Log
+Action = SendToNet | WriteToTun | RebindSa | BindingChanged | Log | ReestablishRequested

@@ -1,0 +1,329 @@
+"""The VPN gateway (GW) role, sans-I/O.
+
+Theory of operation
+-------------------
+The GW sits at the edge of the home network: an outside address on the Internet, an inside
+address on the home network.  Each mobile node (MN) has one ESP SA pair with it:
+
+* the inbound SA (MN -> GW) has a wildcard source (``remote=None``): the MN may send from any
+  care-of address (CoA) and the SA still authenticates it.  After decapsulation the inner packet
+  must go to one of the MN's allowed destinations (its HA, its home prefix), else it is dropped
+  as FORBIDDEN_DESTINATION.  Allowed packets go on into the home network (``WriteToTun``).  A
+  Registration Request seen inside is recorded (``rrq-forwarded``) and forwarded unchanged: the
+  GW never acts on it.
+* the outbound SA (GW -> MN) carries the MN's downlink (the HA's IP-in-IP to the CoA).  Its
+  outer destination, the *binding*, moves only when an authenticated, fresh Security Information
+  Update (SIU, docs/protocol.md) from a configured HA says so.  Packets from the home side are
+  matched to an MN by their destination, the bound CoA (an exact /32 policy index: the SPD of
+  this role; no policy -> NO_POLICY).
+
+SIU processing, in this order: UDP to our inside address and SIU port; ``SiuVerifier`` (source is
+a configured HA, HMAC, sequence newer: SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED / SIU_REPLAYED); the
+MN is known and served by that HA (SIU_UNKNOWN_MOBILE, SIU_UNKNOWN_SENDER); the SIU names this
+MN's outbound SPI (SIU_UNKNOWN_SA); then the compare-and-swap on the binding (state machine
+below): the SIU's old CoA must be the current binding, or its new CoA must already be it
+(an idempotent repeat), else SIU_STALE_CARE_OF.  So a delayed, duplicated or reordered SIU can
+never move an SA back to an older address.  A move calls ``sa.rebind(remote=new CoA)`` and
+returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sent to the new
+CoA: the reply can only go out through the re-pointed SA.  A DEREGISTER SIU sends its RRP (if
+any) to the current CoA and then retires the binding: downlink packets for that CoA find no
+policy until the next SIU.
+
+Binding state machine per MN (``Binding``):
+
+    UNBOUND --UPDATE(old=0.0.0.0 or new=current)--> BOUND(new)
+    BOUND(c) --UPDATE(old=c)--> BOUND(new)          (a move: rebind, then RRP)
+    BOUND(c) --UPDATE(new=c)--> BOUND(c)            (repeat: RRP only)
+    BOUND(c) --DEREGISTER(old=c)--> UNBOUND          (RRP to c, then retire)
+    anything else                 --> unchanged, SIU_STALE_CARE_OF
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+from mipsec.drops import DropReason
+from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
+from mipsec.ipsec.sa import Direction, SecurityAssociation
+from mipsec.ipsec.sad import Sad
+from mipsec.mip.constants import SIU_PORT
+from mipsec.mip.siu import SiuVerifier
+from mipsec.node import timeline as tl
+from mipsec.node.actions import Action, RebindSa, SendToNet, TimelineEvent, WriteToTun
+from mipsec.node.config import MIP_PORT, GatewayConfig
+from mipsec.node.mobile_node import make_sa
+from mipsec.node.packet import (
+    IPPROTO_ESP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_prefix,
+    parse_udp_packet, peek_ipv4, udp_ports,
+)
+from mipsec.wire.siu import SiuFlags, SiuType
+
+UNBOUND_ADDRESS = "0.0.0.0"
+
+
+class Binding(enum.Enum):
+    UNBOUND = "unbound"
+    BOUND = "bound"
+
+
+class Mobile:
+    """What the GW keeps per MN."""
+
+    __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
+                 "allowed_text", "packets_up", "packets_down")
+
+    def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
+                 outbound: SecurityAssociation, allowed: Iterable[str]):
+        self.home_address = home_address
+        self.home_agent = home_agent
+        self.inbound = inbound
+        self.outbound = outbound
+        self.allowed_text = tuple(allowed)
+        self.allowed = tuple(parse_prefix(p) for p in self.allowed_text)
+        self.care_of: str | None = None
+        self.packets_up = 0
+        self.packets_down = 0
+
+    @property
+    def binding(self) -> Binding:
+        return Binding.UNBOUND if self.care_of is None else Binding.BOUND
+
+    def allows(self, dst: bytes) -> bool:
+        value = int.from_bytes(dst, "big")
+        for net, mask in self.allowed:
+            if value & mask == net:
+                return True
+        return False
+
+
+class VpnGateway:
+    """The GW role: see the module docstring; API in docs/design.md "Roles"."""
+
+    def __init__(self, config: GatewayConfig, *, now: float = 0.0,
+                 random: Callable[[int], bytes] | None = None):
+        self.config = config
+        self.name = config.name
+        self.outside = config.outside_address
+        self.inside = config.inside_address
+        self._outside_b = a2b(self.outside)
+        self._inside_b = a2b(self.inside)
+        self.verifier = SiuVerifier({h.address: (h.key_id, h.key) for h in config.home_agents})
+        self._home_agents = frozenset(h.address for h in config.home_agents)
+        self.sad = Sad()
+        self.mobiles: dict[str, Mobile] = {}
+        self._by_spi: dict[int, Mobile] = {}
+        self._by_care_of: dict[bytes, Mobile] = {}
+        self.drops: Counter[DropReason] = Counter()
+        self.timeline: list[TimelineEvent] = []
+        self.record_data_path = False      # timeline is for the control plane only
+        self._random = random
+        for m in config.mobiles:
+            inbound = make_sa(m.esp_in, Direction.INBOUND, local=self.outside, remote=None,
+                              now=now, random=random)
+            outbound = make_sa(m.esp_out, Direction.OUTBOUND, local=self.outside,
+                               remote=UNBOUND_ADDRESS, now=now, random=random)
+            self.install_mobile(m.home_address, inbound, outbound, home_agent=m.home_agent,
+                                allowed_destinations=m.allowed_destinations, now=now)
+
+    # --- configuration / IKE hook ---------------------------------------------------------------
+    def install_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
+                       outbound_sa: SecurityAssociation, *, home_agent: str,
+                       allowed_destinations: Iterable[str], now: float = 0.0) -> list[Action]:
+        """Install (or replace) an MN's SA pair.  The outbound SA starts unbound: the next SIU
+        binds it (the MN re-registers after new SAs)."""
+        if inbound_sa.direction is not Direction.INBOUND or outbound_sa.direction is not Direction.OUTBOUND:
+            raise UsageError("install_mobile: inbound/outbound SA directions swapped")
+        if inbound_sa.remote is not None:
+            raise UsageError("install_mobile: the inbound SA must have a wildcard source (remote=None)")
+        if home_agent not in self._home_agents:
+            raise UsageError(f"install_mobile: {home_agent} is not a configured home agent")
+        old = self.mobiles.get(home_address)
+        if old is not None:
+            self.remove_mobile(home_address)
+        mobile = Mobile(home_address, home_agent, inbound_sa, outbound_sa, allowed_destinations)
+        self.sad.add(inbound_sa)
+        self.mobiles[home_address] = mobile
+        self._by_spi[inbound_sa.spi] = mobile
+        if old is not None:
+            tl.record(self.timeline, now, self.name, "mobile-installed", home_address=home_address,
+                      inbound_spi=inbound_sa.spi, outbound_spi=outbound_sa.spi)
+        return []
+
+    def remove_mobile(self, home_address: str) -> None:
+        mobile = self.mobiles.pop(home_address)
+        self.sad.remove(mobile.inbound.spi)
+        self._by_spi.pop(mobile.inbound.spi, None)
+        self._unbind(mobile)
+
+    def _unbind(self, mobile: Mobile) -> None:
+        if mobile.care_of is not None:
+            key = a2b(mobile.care_of)
+            if self._by_care_of.get(key) is mobile:
+                del self._by_care_of[key]
+        mobile.care_of = None
+
+    def _bind(self, mobile: Mobile, care_of: str) -> None:
+        self._unbind(mobile)
+        mobile.care_of = care_of
+        self._by_care_of[a2b(care_of)] = mobile
+
+    def _drop(self, reason: DropReason) -> list[Action]:
+        self.drops[reason] += 1
+        return []
+
+    # --- from the outside: ESP; from the inside: SIUs --------------------------------------------
+    def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
+        try:
+            proto, src, dst, ihl = peek_ipv4(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        if dst == self._inside_b:
+            if proto != IPPROTO_UDP:
+                return self._drop(DropReason.WRONG_PROTOCOL)
+            ports = udp_ports(packet, ihl)
+            if ports is None:
+                return self._drop(DropReason.TRUNCATED)
+            if ports[1] != SIU_PORT:
+                return self._drop(DropReason.MIP_NOT_FOR_US)
+            return self._siu(packet, now)
+        if dst != self._outside_b:
+            return self._drop(DropReason.MIP_NOT_FOR_US)
+        if proto != IPPROTO_ESP and proto != IPPROTO_UDP:
+            return self._drop(DropReason.WRONG_PROTOCOL)
+        sa = self.sad.lookup(packet)
+        if sa.__class__ is DropReason:
+            return self._drop(sa)   # type: ignore[arg-type]
+        try:
+            inner = sa.decapsulate(packet, now)
+            iproto, _isrc, idst, iihl = peek_ipv4(inner)
+        except Dropped as exc:
+            return self._drop(exc.reason)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        mobile = self._by_spi[sa.spi]
+        if not mobile.allows(idst):
+            return self._drop(DropReason.FORBIDDEN_DESTINATION)
+        mobile.packets_up += 1
+        if iproto == IPPROTO_UDP:
+            ports = udp_ports(inner, iihl)
+            if ports is not None and ports[1] == MIP_PORT:
+                tl.record(self.timeline, now, self.name, "rrq-forwarded",
+                          home_address=mobile.home_address, source=b2a(inner[12:16]),
+                          spi=sa.spi)
+        return [WriteToTun(inner)]
+
+    def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
+        """A packet from the home side routed towards a CoA: protect it with that MN's SA."""
+        try:
+            peek_ipv4(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        mobile = self._by_care_of.get(packet[16:20])
+        if mobile is None:
+            return self._drop(DropReason.NO_POLICY)
+        try:
+            outer = mobile.outbound.encapsulate(packet, now)
+        except Dropped as exc:
+            return self._drop(exc.reason)
+        except SaExhausted:
+            return self._drop(DropReason.SA_EXHAUSTED)
+        mobile.packets_down += 1
+        return [SendToNet(outer)]
+
+    # --- the Security Information Update ----------------------------------------------------
+    def _refuse(self, now: float, reason: DropReason, **detail: Any) -> list[Action]:
+        tl.record(self.timeline, now, self.name, "siu-refused", reason=str(reason), **detail)
+        return self._drop(reason)
+
+    def _siu(self, packet: bytes, now: float) -> list[Action]:
+        try:
+            src, _dst, _sport, _dport, payload = parse_udp_packet(packet)
+            siu = self.verifier.verify(b2a(src), payload)
+        except ParseError as exc:
+            return self._refuse(now, exc.reason, source=b2a(packet[12:16]))
+        mobile = self.mobiles.get(siu.home_address)
+        if mobile is None:
+            return self._refuse(now, DropReason.SIU_UNKNOWN_MOBILE, home_address=siu.home_address)
+        if mobile.home_agent != siu.sender:
+            return self._refuse(now, DropReason.SIU_UNKNOWN_SENDER, home_address=siu.home_address,
+                                sender=siu.sender)
+        if siu.gateway_spi != mobile.outbound.spi:
+            return self._refuse(now, DropReason.SIU_UNKNOWN_SA, home_address=siu.home_address,
+                                spi=siu.gateway_spi)
+        old = None if siu.old_care_of == UNBOUND_ADDRESS else siu.old_care_of
+        new = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
+        current = mobile.care_of
+        actions: list[Action] = []
+        if siu.type == SiuType.UPDATE and new is not None:
+            if current == new:
+                pass                                   # a repeat (retransmitted RRQ): RRP only
+            elif current == old:
+                self._bind(mobile, new)
+                mobile.outbound.rebind(remote=new)
+                actions.append(RebindSa(mobile.outbound.spi, mobile.outbound.local, new))
+                tl.record(self.timeline, now, self.name, "gw-sa-repointed",
+                          home_address=mobile.home_address, old=current, new=new,
+                          spi=mobile.outbound.spi, sequence=siu.sequence)
+            else:
+                return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
+                                    home_address=mobile.home_address, current=current, old=old,
+                                    new=new)
+            if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
+                actions += self._forward_rrp(mobile, siu.rrp, now)
+            return actions
+        if siu.type == SiuType.DEREGISTER:
+            if current is not None and current != old:
+                return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
+                                    home_address=mobile.home_address, current=current, old=old,
+                                    new=None)
+            if current is not None and siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
+                actions += self._forward_rrp(mobile, siu.rrp, now)
+            if current is not None:
+                self._unbind(mobile)
+                tl.record(self.timeline, now, self.name, "gw-binding-retired",
+                          home_address=mobile.home_address, old=current, spi=mobile.outbound.spi)
+            return actions
+        return self._refuse(now, DropReason.MALFORMED, home_address=mobile.home_address,
+                            type=int(siu.type))
+
+    def _forward_rrp(self, mobile: Mobile, rrp: bytes, now: float) -> list[Action]:
+        """Encrypt the HA's Registration Reply to the bound CoA (UDP HA:434 -> CoA:434)."""
+        care_of = mobile.care_of
+        inner = build_udp_packet(a2b(mobile.home_agent), a2b(care_of), MIP_PORT, MIP_PORT, rrp)
+        try:
+            outer = mobile.outbound.encapsulate(inner, now)
+        except Dropped as exc:
+            return self._drop(exc.reason)
+        except SaExhausted:
+            return self._drop(DropReason.SA_EXHAUSTED)
+        tl.record(self.timeline, now, self.name, "rrp-forwarded", home_address=mobile.home_address,
+                  care_of=care_of)
+        return [SendToNet(outer)]
+
+    # --- timers (none: bindings live as long as the HA says) and status ------------------------
+    def handle_event(self, event: object, now: float) -> list[Action]:
+        raise UsageError(f"GW {self.name}: unknown event {event!r}")
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        return []
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "gw", "name": self.name, "outside": self.outside, "inside": self.inside,
+            "mobiles": {
+                m.home_address: {
+                    "binding": m.binding.value, "care_of": m.care_of, "home_agent": m.home_agent,
+                    "allowed": list(m.allowed_text), "packets_up": m.packets_up,
+                    "packets_down": m.packets_down,
+                    "sas": {"inbound": m.inbound.describe(), "outbound": m.outbound.describe()},
+                } for m in self.mobiles.values()},
+            "siu_last_sequence": dict(self.verifier.last_sequence),
+            "drops": {str(k): v for k, v in self.drops.items()},
+            "sad_drops": {str(k): v for k, v in self.sad.drops.items()},
+            "timeline": tl.as_dicts(self.timeline[-32:]),
+        }

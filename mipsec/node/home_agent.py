@@ -1,0 +1,363 @@
+"""The home agent (HA) role, sans-I/O.
+
+Theory of operation
+-------------------
+The HA owns the bindings home address -> care-of address (CoA) of its mobile nodes (MNs).
+
+Registration (the patent's Figure 4, RFC 5944 §3.8).  A Registration Request (UDP to port 434 on
+our address) is checked in this order; any failure means NO reply, NO state change, and a counted
+reason:
+
+1. it parses (RFC 5944 §1.9 extension rules): the parser's reason;
+2. it carries an MN-HA authentication extension (MIP_NO_AUTH) whose SPI names a mobility
+   security association we have (MIP_UNKNOWN_SPI) and whose authenticator verifies
+   (MIP_AUTH_FAILED);
+3. it is addressed to us as home agent (MIP_UNKNOWN_HOME_AGENT);
+4. the home address is one of ours (MIP_UNKNOWN_HOME_ADDRESS) and belongs to the MN of that MSA
+   (MIP_HOME_ADDRESS_NOT_OWNED: an MN may not register another MN's address).
+
+Identification (RFC 5944 §5.7) is checked only after authentication.  A request that fails it
+(replayed: MIP_REPLAYED; clock skew: MIP_IDENTIFICATION_MISMATCH) changes no binding, but —
+unlike the failures above, and as RFC 5944 §3.8.3.1 requires for an authenticated request — is
+answered with code 133 carrying our time, so an MN with a wrong clock can resynchronise.  That
+reply goes as a plain UDP datagram to the request's source (the direct path at home; through
+the GW otherwise), never inside an SIU: it must not move the GW's SA.  The GW protects it only
+if that source is the MN's currently bound CoA, so a replayed request from elsewhere gets no
+answer at all.  This is our reading of the issue's "invalid RRQ, no reply": it applies to
+requests that do not authenticate or do not belong to their sender.
+
+A valid request updates the binding (lifetime = min(requested, ``max_lifetime_s``)); lifetime 0
+or CoA = home address deregisters (RFC 5944 §3.8.2).  Then:
+
+* "came through the GW": decided from configuration, not from the packet's path: the request's
+  IP source is NOT on the home prefix.  The only way into the home network from outside is the
+  GW's ESP tunnel (the GW drops everything else), so a source outside the home prefix arrived
+  through it.  We send the Registration Reply inside a signed SIU to that MN's GW, naming the
+  GW's outbound SA (its SPI), the old CoA the GW should have (compare-and-swap) and the new one.
+* a source on the home prefix is the MN at home: the reply goes directly to it, and for a
+  deregistration an SIU DEREGISTER (without the reply) tells the GW to retire the binding.
+
+The "old CoA" of an SIU is the CoA the binding had before its latest change (``Binding.gw_old``),
+also for a refresh from the same CoA: so a retransmitted request after a lost SIU repeats the
+same move (the GW applies it then), and after a lost reply the GW sees a repeat (new = current)
+and only forwards the reply.  Binding expiry (a timer) removes the binding and sends an SIU
+DEREGISTER.
+
+Data: packets for a bound home address (intercepted, ``receive_from_tun``) are tunnelled IP-in-IP
+(RFC 2003) to the CoA; reverse-tunnelled packets (``receive_from_net``, IP-in-IP to us) are
+accepted only from the bound CoA of their inner source (RFC 3024 §4.2; for
+``REVERSE_TUNNEL_GRACE_S`` after a move also from the previous CoA, so packets already in
+flight on the old path are not lost) and forwarded into the home network (``WriteToTun``).
+
+Binding state machine per home address: NONE --accept(lifetime>0)--> BOUND --accept--> BOUND;
+BOUND --deregister / expire--> NONE; any refusal --> unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import Counter
+from typing import Any, Callable
+
+from mipsec.drops import DropReason
+from mipsec.errors import ParseError, UsageError
+from mipsec.mip import ipip
+from mipsec.mip.constants import SIU_PORT
+from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
+from mipsec.mip.siu import SiuSigner
+from mipsec.node import timeline as tl
+from mipsec.node.actions import Action, BindingChanged, SendToNet, TimelineEvent, WriteToTun
+from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
+from mipsec.node.packet import (
+    IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, in_prefix, parse_prefix,
+    parse_udp_packet, peek_ipv4,
+)
+from mipsec.wire.mip import (
+    MSG_REGISTRATION_REQUEST, RegistrationReply, RegistrationRequest, ReplyCode,
+    build_registration_reply, parse_registration_request,
+)
+from mipsec.wire.siu import SiuType
+
+REVERSE_TUNNEL_GRACE_S = 1.0
+UNBOUND_ADDRESS = "0.0.0.0"
+
+
+class BindingState(enum.Enum):
+    NONE = "none"
+    BOUND = "bound"
+
+
+class BindingEvent(enum.Enum):
+    ACCEPT = "accept"
+    DEREGISTER = "deregister"
+    EXPIRE = "expire"
+
+
+BINDING_TRANSITIONS = {
+    (BindingState.NONE, BindingEvent.ACCEPT): BindingState.BOUND,
+    (BindingState.BOUND, BindingEvent.ACCEPT): BindingState.BOUND,
+    (BindingState.BOUND, BindingEvent.DEREGISTER): BindingState.NONE,
+    (BindingState.NONE, BindingEvent.DEREGISTER): BindingState.NONE,
+    (BindingState.BOUND, BindingEvent.EXPIRE): BindingState.NONE,
+}
+
+
+class Binding:
+    __slots__ = ("home_address", "care_of_address", "gw_old", "changed_at", "expires",
+                 "lifetime", "identification", "via_gateway")
+
+    def __init__(self, home_address: str):
+        self.home_address = home_address
+        self.care_of_address: str | None = None
+        self.gw_old: str | None = None        # the CoA before the latest change
+        self.changed_at = 0.0
+        self.expires = 0.0
+        self.lifetime = 0
+        self.identification = 0
+        self.via_gateway = True
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        return {"care_of": self.care_of_address, "lifetime": self.lifetime,
+                "expires": self.expires, "previous_care_of": self.gw_old,
+                "via_gateway": self.via_gateway,
+                **({"remaining_s": max(0.0, self.expires - now)} if now is not None else {})}
+
+
+class HomeAgent:
+    """The HA role: see the module docstring; API in docs/design.md "Roles"."""
+
+    def __init__(self, config: HomeAgentConfig, *, wallclock: Callable[[], float]):
+        self.config = config
+        self.name = config.name
+        self.address = config.address
+        self._address_b = a2b(config.address)
+        self._home_net = parse_prefix(config.home_prefix)
+        self.wallclock = wallclock
+        self._mobiles: dict[str, HomeAgentMobile] = {}
+        self._msa_by_spi: dict[int, tuple[MobilitySecurityAssociation, str]] = {}
+        for m in config.mobiles:
+            self._mobiles[m.home_address] = m
+            self._msa_by_spi[m.msa.spi] = (
+                MobilitySecurityAssociation(m.msa.spi, m.msa.key, m.msa.algorithm), m.home_address)
+        first = max(1, ntp_from_unix(wallclock()))
+        self._signers = {g.address: SiuSigner(config.address, g.key, g.key_id, first_sequence=first)
+                         for g in config.gateways}
+        self.bindings: dict[str, Binding] = {}
+        self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
+        self._expiry: list[tuple[float, str]] = []
+        self.drops: Counter[DropReason] = Counter()
+        self.timeline: list[TimelineEvent] = []
+        self.counters: Counter[str] = Counter()
+
+    def _drop(self, reason: DropReason) -> list[Action]:
+        self.drops[reason] += 1
+        return []
+
+    def _record(self, now: float, kind: str, **detail: Any) -> None:
+        tl.record(self.timeline, now, self.name, kind, **detail)
+
+    def binding_state(self, home_address: str) -> BindingState:
+        return BindingState.BOUND if home_address in self.bindings else BindingState.NONE
+
+    def _transition(self, home_address: str, event: BindingEvent) -> BindingState:
+        new = BINDING_TRANSITIONS.get((self.binding_state(home_address), event))
+        if new is None:
+            raise UsageError(f"HA: {event.value} not allowed for {home_address}")
+        return new
+
+    # --- from the network: registrations and reverse-tunnelled packets ---------------------------
+    def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
+        try:
+            proto, src, dst, ihl = peek_ipv4(packet, verify_checksum=True)
+            if dst != self._address_b:
+                return self._drop(DropReason.MIP_NOT_FOR_US)
+            if proto == IPPROTO_UDP:
+                src, _dst, sport, dport, payload = parse_udp_packet(packet)
+                if dport != MIP_PORT:
+                    return self._drop(DropReason.MIP_NOT_FOR_US)
+                return self._registration(src, sport, payload, now)
+            if proto == IPPROTO_IPIP:
+                return self._reverse_tunnel(packet, now)
+            return self._drop(DropReason.WRONG_PROTOCOL)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+
+    def _reverse_tunnel(self, packet: bytes, now: float) -> list[Action]:
+        outer_src, _outer_dst, inner = ipip.decapsulate(packet)
+        inner_src = ipip.inner_source(inner)
+        binding = self.bindings.get(inner_src)
+        reason = ipip.check_reverse_tunnel(outer_src, inner_src, binding)
+        if reason is DropReason.REVERSE_TUNNEL_SOURCE_MISMATCH and binding is not None:
+            if (outer_src == binding.gw_old and inner_src == binding.home_address
+                    and now - binding.changed_at <= REVERSE_TUNNEL_GRACE_S):
+                reason = None
+        elif reason is DropReason.IPIP_UNKNOWN_TUNNEL and binding is None:
+            retired = self._retired.get(inner_src)
+            if retired is not None and retired[0] == outer_src and now - retired[1] <= REVERSE_TUNNEL_GRACE_S:
+                reason = None
+        if reason is not None:
+            return self._drop(reason)
+        self.counters["reverse-tunnelled"] += 1
+        return [WriteToTun(inner)]
+
+    def _registration(self, src: bytes, sport: int, data: bytes, now: float) -> list[Action]:
+        if data[:1] != bytes((MSG_REGISTRATION_REQUEST,)):
+            return self._drop(DropReason.MALFORMED)
+        rrq = parse_registration_request(data)
+        auth = rrq.mn_ha_auth
+        if auth is None:
+            return self._reject(now, rrq, DropReason.MIP_NO_AUTH)
+        entry = self._msa_by_spi.get(auth.spi)
+        if entry is None:
+            return self._reject(now, rrq, DropReason.MIP_UNKNOWN_SPI)
+        msa, owner = entry
+        try:
+            msa.verify(data)
+        except ParseError as exc:
+            return self._reject(now, rrq, exc.reason)
+        if rrq.home_agent != self.address:
+            return self._reject(now, rrq, DropReason.MIP_UNKNOWN_HOME_AGENT)
+        mobile = self._mobiles.get(rrq.home_address)
+        if mobile is None:
+            return self._reject(now, rrq, DropReason.MIP_UNKNOWN_HOME_ADDRESS)
+        if owner != rrq.home_address:
+            return self._reject(now, rrq, DropReason.MIP_HOME_ADDRESS_NOT_OWNED, owner=owner)
+        via_gateway = not in_prefix(src, *self._home_net)
+        try:
+            msa.check_identification(rrq.identification, self.wallclock())
+        except ParseError as exc:
+            # RFC 5944 §3.8.3.1: authenticated but stale: code 133 with our time, no state change
+            self._reject(now, rrq, exc.reason, code=int(ReplyCode.HA_IDENTIFICATION_MISMATCH))
+            reply = RegistrationReply(
+                code=ReplyCode.HA_IDENTIFICATION_MISMATCH, home_address=rrq.home_address,
+                home_agent=self.address, lifetime=0,
+                identification=msa.reply_identification(rrq.identification, self.wallclock(),
+                                                        accepted=False))
+            data_out = msa.sign(build_registration_reply(reply))
+            return [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
+        msa.accept_identification(rrq.identification)
+        return self._accept(rrq, msa, mobile, src, sport, via_gateway, now)
+
+    def _reject(self, now: float, rrq: RegistrationRequest, reason: DropReason,
+                **detail: Any) -> list[Action]:
+        self._record(now, "rrq-rejected", home_address=rrq.home_address, reason=str(reason),
+                     care_of=rrq.care_of_address, **detail)
+        return self._drop(reason)
+
+    def _accept(self, rrq: RegistrationRequest, msa: MobilitySecurityAssociation,
+                mobile: HomeAgentMobile, src: bytes, sport: int, via_gateway: bool,
+                now: float) -> list[Action]:
+        home = rrq.home_address
+        deregister = rrq.lifetime == 0 or rrq.care_of_address == home
+        lifetime = 0 if deregister else min(rrq.lifetime, self.config.max_lifetime_s)
+        reply = RegistrationReply(
+            code=ReplyCode.ACCEPTED, home_address=home, home_agent=self.address,
+            lifetime=lifetime,
+            identification=msa.reply_identification(rrq.identification, self.wallclock(),
+                                                    accepted=True))
+        rrp = msa.sign(build_registration_reply(reply))
+        actions: list[Action] = []
+        binding = self.bindings.get(home)
+        if deregister:
+            self._transition(home, BindingEvent.DEREGISTER)
+            old = binding.care_of_address if binding is not None else None
+            if binding is not None:
+                del self.bindings[home]
+                self._retired[home] = (old, now)
+                actions.append(BindingChanged(home, None))
+            self._record(now, "rrq-accepted", home_address=home, care_of=None, lifetime=0,
+                         deregistration=True, via_gateway=via_gateway)
+            self._record(now, "binding-deregistered", home_address=home, old=old)
+            if via_gateway:
+                actions.append(self._siu(now, SiuType.DEREGISTER, mobile, old, None, 0, rrp))
+            else:
+                actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
+                if old is not None:
+                    actions.append(self._siu(now, SiuType.DEREGISTER, mobile, old, None, 0, b""))
+            return actions
+        self._transition(home, BindingEvent.ACCEPT)
+        coa = rrq.care_of_address
+        if binding is None:
+            binding = self.bindings[home] = Binding(home)
+            self._retired.pop(home, None)
+        if binding.care_of_address != coa:
+            binding.gw_old = binding.care_of_address
+            binding.care_of_address = coa
+            binding.changed_at = now
+            actions.append(BindingChanged(home, coa))
+        binding.lifetime = lifetime
+        binding.expires = now + lifetime
+        binding.identification = rrq.identification
+        binding.via_gateway = via_gateway
+        heapq.heappush(self._expiry, (binding.expires, home))
+        self._record(now, "rrq-accepted", home_address=home, care_of=coa, lifetime=lifetime,
+                     via_gateway=via_gateway)
+        if via_gateway:
+            actions.append(self._siu(now, SiuType.UPDATE, mobile, binding.gw_old, coa, lifetime, rrp))
+        else:
+            actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
+        return actions
+
+    def _siu(self, now: float, type: SiuType, mobile: HomeAgentMobile, old: str | None,
+             new: str | None, lifetime: int, rrp: bytes) -> SendToNet:
+        signer = self._signers[mobile.gateway]
+        sequence = signer.next_sequence
+        data = signer.build(type, home_address=mobile.home_address,
+                            old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
+                            gateway_spi=mobile.gateway_spi, lifetime=lifetime, rrp=rrp,
+                            wallclock=self.wallclock(), forward_rrp=bool(rrp))
+        self._record(now, "siu-sent", home_address=mobile.home_address, type=type.name.lower(),
+                     old=old, new=new, gateway=mobile.gateway, sequence=sequence)
+        return SendToNet(build_udp_packet(self._address_b, a2b(mobile.gateway), SIU_PORT, SIU_PORT,
+                                          data))
+
+    # --- intercepted packets for home addresses ---------------------------------------------
+    def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
+        try:
+            peek_ipv4(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        binding = self.bindings.get(b2a(packet[16:20]))
+        if binding is None or binding.care_of_address is None:
+            return self._drop(DropReason.IPIP_NO_BINDING)
+        try:
+            outer = ipip.encapsulate(packet, self.address, binding.care_of_address)
+        except ValueError:
+            return self._drop(DropReason.MALFORMED)
+        self.counters["tunnelled"] += 1
+        return [SendToNet(outer)]
+
+    # --- timers: binding expiry ------------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        return self._expiry[0][0] if self._expiry else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expires, home = heapq.heappop(self._expiry)
+            binding = self.bindings.get(home)
+            if binding is None or binding.expires != expires:
+                continue                     # superseded by a later registration
+            self._transition(home, BindingEvent.EXPIRE)
+            del self.bindings[home]
+            self._retired[home] = (binding.care_of_address, now)
+            self._record(now, "binding-expired", home_address=home, care_of=binding.care_of_address)
+            actions.append(BindingChanged(home, None))
+            if binding.via_gateway:
+                actions.append(self._siu(now, SiuType.DEREGISTER, self._mobiles[home],
+                                         binding.care_of_address, None, 0, b""))
+        return actions
+
+    def handle_event(self, event: object, now: float) -> list[Action]:
+        raise UsageError(f"HA {self.name}: unknown event {event!r}")
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        return {
+            "role": "ha", "name": self.name, "address": self.address,
+            "home_prefix": self.config.home_prefix,
+            "bindings": {h: b.as_dict(now) for h, b in self.bindings.items()},
+            "siu_next_sequence": {g: s.next_sequence for g, s in self._signers.items()},
+            "drops": {str(k): v for k, v in self.drops.items()},
+            "timeline": tl.as_dicts(self.timeline[-32:]),
+        }

@@ -1,0 +1,446 @@
+"""The mobile node (MN) role, sans-I/O.
+
+Theory of operation
+-------------------
+The MN has a permanent home address on its home network and, while away, a co-located care-of
+address (CoA, RFC 5944 §1.5 "D bit") on a visited network.  Its traffic to and from the home
+network runs through one ESP SA pair with the VPN gateway (GW):
+
+* uplink (``receive_from_tun``): an application packet (home address -> CN) is reverse-tunnelled
+  (RFC 3024): IP-in-IP from the CoA to the home agent (HA), then ESP from the CoA to the GW's
+  outside address.  At home it leaves directly on the home link.
+* downlink (``receive_from_net``): ESP for the CoA -> IP-in-IP from the HA -> the application
+  packet, written to the TUN device.  A Registration Reply arrives inside the ESP as a plain UDP
+  datagram HA:434 -> CoA:434 (the GW forwards the RRP it got in the HA's SIU); at home it arrives
+  directly.
+
+Registration (RFC 5944 §3.6) is the state machine below.  On a new CoA the MN re-points both
+SAs in place (outbound source, inbound destination: keys, sequence numbers and replay windows
+stay), then sends a Registration Request inside the ESP tunnel (not inside IP-in-IP: the GW must
+see it and the HA answers through the GW).  Without a reply it retransmits after
+``retransmit_initial_s``, doubling up to ``retransmit_max_s`` (RFC 5944 §3.6.3), each time with a
+new identification (RFC 5944 §5.7: a timestamp must increase).  After ``max_attempts``
+transmissions without an accepting reply it records ``reestablish-requested`` and returns a
+``ReestablishRequested`` action: the SAs may be dead, someone (IKEv2) has to make new ones and
+call ``install_sas``.  An accepted registration is renewed at ``renew_fraction`` of the granted
+lifetime.  A 133 reply (identification mismatch) that authenticates resynchronises the
+identification clock and the request is re-sent at once.  Returning home deregisters directly
+with the HA (lifetime 0, care-of address = home address, RFC 5944 §3.6.1.1), outside the tunnel.
+
+Make-before-break: when the event says the old address still works, the inbound SA accepts any
+outer destination while the registration is pending and the MN itself admits only the old and
+the new CoA; once the RRP is accepted the inbound SA is pinned to the new CoA.  So packets the GW
+still sends to the old CoA are not lost.  Break-before-make pins the inbound SA to the new CoA at
+once (nothing can arrive at the old one anyway).
+
+Remote input never raises: every refusal is a ``DropReason`` counted in ``drops`` and changes no
+state.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from typing import Any, Callable
+
+from mipsec.drops import DropReason
+from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
+from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
+from mipsec.mip import ipip
+from mipsec.mip.security import MobilitySecurityAssociation
+from mipsec.node import timeline as tl
+from mipsec.node.actions import (
+    Action, CareOfAddressChanged, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
+    TimelineEvent, WriteToTun,
+)
+from mipsec.node.config import MIP_PORT, EspSaConfig, MobileNodeConfig
+from mipsec.node.packet import (
+    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, in_prefix,
+    parse_prefix, parse_udp_packet, peek_ipv4, udp_ports,
+)
+from mipsec.wire.mip import (
+    RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags, build_registration_request,
+)
+
+UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
+
+
+class RegState(enum.Enum):
+    IDLE = "idle"                      # no care-of address, not known to be at home
+    REGISTERING = "registering"        # an RRQ is outstanding (new CoA or renewal)
+    REGISTERED = "registered"          # the HA accepted our current CoA
+    DEREGISTERING = "deregistering"    # at home, deregistration outstanding
+    AT_HOME = "at-home"                # deregistered, on the home link
+    FAILED = "failed"                  # gave up; waiting for new SAs or a new address
+
+
+class RegEvent(enum.Enum):
+    MOVED = "moved"                    # CareOfAddressChanged with an address
+    LOST_ADDRESS = "lost-address"      # CareOfAddressChanged(None)
+    RETURNED_HOME = "returned-home"
+    ACCEPTED = "accepted"              # an authenticated accepting RRP for the pending RRQ
+    RETRANSMIT = "retransmit"          # timeout, 133 resync: send again
+    GAVE_UP = "gave-up"                # max_attempts without acceptance
+    RENEW_DUE = "renew-due"
+    SAS_INSTALLED = "sas-installed"    # new SAs (IKEv2): register again
+
+
+S, E = RegState, RegEvent
+TRANSITIONS: dict[tuple[RegState, RegEvent], RegState] = {
+    (S.IDLE, E.MOVED): S.REGISTERING,
+    (S.IDLE, E.RETURNED_HOME): S.DEREGISTERING,
+    (S.IDLE, E.LOST_ADDRESS): S.IDLE,
+    (S.REGISTERING, E.MOVED): S.REGISTERING,
+    (S.REGISTERING, E.ACCEPTED): S.REGISTERED,
+    (S.REGISTERING, E.RETRANSMIT): S.REGISTERING,
+    (S.REGISTERING, E.GAVE_UP): S.FAILED,
+    (S.REGISTERING, E.RETURNED_HOME): S.DEREGISTERING,
+    (S.REGISTERING, E.LOST_ADDRESS): S.IDLE,
+    (S.REGISTERING, E.SAS_INSTALLED): S.REGISTERING,
+    (S.REGISTERED, E.MOVED): S.REGISTERING,
+    (S.REGISTERED, E.RENEW_DUE): S.REGISTERING,
+    (S.REGISTERED, E.RETURNED_HOME): S.DEREGISTERING,
+    (S.REGISTERED, E.LOST_ADDRESS): S.IDLE,
+    (S.REGISTERED, E.SAS_INSTALLED): S.REGISTERING,
+    (S.DEREGISTERING, E.ACCEPTED): S.AT_HOME,
+    (S.DEREGISTERING, E.RETRANSMIT): S.DEREGISTERING,
+    (S.DEREGISTERING, E.GAVE_UP): S.AT_HOME,      # the HA's binding will simply expire
+    (S.DEREGISTERING, E.MOVED): S.REGISTERING,
+    (S.DEREGISTERING, E.RETURNED_HOME): S.DEREGISTERING,
+    (S.AT_HOME, E.MOVED): S.REGISTERING,
+    (S.AT_HOME, E.RETURNED_HOME): S.AT_HOME,
+    (S.AT_HOME, E.LOST_ADDRESS): S.AT_HOME,
+    (S.FAILED, E.MOVED): S.REGISTERING,
+    (S.FAILED, E.SAS_INSTALLED): S.REGISTERING,
+    (S.FAILED, E.RETURNED_HOME): S.DEREGISTERING,
+    (S.FAILED, E.LOST_ADDRESS): S.IDLE,
+}
+AWAY = frozenset({S.REGISTERING, S.REGISTERED, S.FAILED})
+
+
+def make_sa(cfg: EspSaConfig, direction: Direction, *, local: str | None, remote: str | None,
+            now: float = 0.0, random: Callable[[int], bytes] | None = None) -> SecurityAssociation:
+    """An SA from its configuration (shared by MN and GW)."""
+    kwargs: dict[str, Any] = {}
+    if random is not None:
+        kwargs["random"] = random
+    return SecurityAssociation(
+        spi=cfg.spi, direction=direction, encryption=cfg.encryption,
+        encryption_key=cfg.encryption_key, integrity=cfg.integrity,
+        integrity_key=cfg.integrity_key, local=local, remote=remote,
+        udp_encap=UdpEncap(NAT_T_PORT, NAT_T_PORT) if cfg.udp_encap else None, now=now, **kwargs)
+
+
+class MobileNode:
+    """The MN role: see the module docstring; API in docs/design.md "Roles"."""
+
+    def __init__(self, config: MobileNodeConfig, *, wallclock: Callable[[], float],
+                 now: float = 0.0, random: Callable[[int], bytes] | None = None):
+        self.config = config
+        self.name = config.name
+        self.wallclock = wallclock
+        self.home_address = config.home_address
+        self._home_b = a2b(config.home_address)
+        self._ha = config.home_agent
+        self._ha_b = a2b(config.home_agent)
+        self._home_net = parse_prefix(config.home_prefix)
+        self.msa = MobilitySecurityAssociation(config.msa.spi, config.msa.key, config.msa.algorithm)
+        self.inbound = make_sa(config.esp_in, Direction.INBOUND, local=None,
+                               remote=config.gateway, now=now, random=random)
+        self.outbound = make_sa(config.esp_out, Direction.OUTBOUND, local=UNSPECIFIED,
+                                remote=config.gateway, now=now, random=random)
+        self.state = RegState.IDLE
+        self.care_of: str | None = None
+        self._care_of_b: bytes | None = None
+        self.interface: str | None = None
+        self._old_care_of_b: bytes | None = None      # make-before-break: still accepted
+        self._awaiting_first_downlink = False
+        # the outstanding request
+        self._pending_id: int | None = None
+        self._pending_dereg = False
+        self._attempts = 0
+        self._deadline: float | None = None
+        # the accepted registration
+        self.lifetime_granted: int | None = None
+        self.registered_until: float | None = None
+        self._renew_at: float | None = None
+        self.drops: Counter[DropReason] = Counter()
+        self.timeline: list[TimelineEvent] = []
+        self.counters: Counter[str] = Counter()
+
+    # --- state machine ---------------------------------------------------------------------
+    def _transition(self, event: RegEvent) -> RegState:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise UsageError(f"MN {self.name}: {event.value} is not allowed in state {self.state.value}")
+        self.state = new
+        return new
+
+    def _record(self, now: float, kind: str, **detail: Any) -> None:
+        tl.record(self.timeline, now, self.name, kind, home_address=self.home_address, **detail)
+
+    def _drop(self, reason: DropReason) -> list[Action]:
+        self.drops[reason] += 1
+        return []
+
+    # --- the data path ---------------------------------------------------------------------
+    def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
+        """An application packet from the home address: reverse-tunnel it (or send it at home)."""
+        try:
+            peek_ipv4(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        if self.state in (S.AT_HOME, S.DEREGISTERING):
+            return [SendToNet(packet, self.interface)]
+        if self.care_of is None:
+            return self._drop(DropReason.NO_SA)
+        try:
+            tunnelled = ipip.encapsulate(packet, self.care_of, self._ha)
+            return [SendToNet(self.outbound.encapsulate(tunnelled, now), self.interface)]
+        except Dropped as exc:
+            return self._drop(exc.reason)
+        except SaExhausted:
+            return self._drop(DropReason.SA_EXHAUSTED)
+        except ValueError:                               # too large to tunnel
+            return self._drop(DropReason.MALFORMED)
+
+    def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
+        """ESP for our CoA, or (at home) the HA's direct Registration Reply."""
+        try:
+            proto, src, dst, ihl = peek_ipv4(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        if proto == IPPROTO_UDP:
+            ports = udp_ports(packet, ihl)
+            if ports is None:
+                return self._drop(DropReason.TRUNCATED)
+            if ports[1] != NAT_T_PORT:
+                return self._direct(packet, src, now)
+        elif proto != IPPROTO_ESP:
+            return self._drop(DropReason.WRONG_PROTOCOL)
+        if self._old_care_of_b is not None and dst != self._care_of_b and dst != self._old_care_of_b:
+            # make-before-break: the SA takes any destination, we only the old and the new CoA
+            return self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        try:
+            inner = self.inbound.decapsulate(packet, now)
+            iproto, isrc, idst, iihl = peek_ipv4(inner)
+            if iproto == IPPROTO_IPIP:
+                outer_src, _outer_dst, innermost = ipip.decapsulate(inner)
+                if isrc != self._ha_b:
+                    return self._drop(DropReason.IPIP_UNKNOWN_TUNNEL)
+                peek_ipv4(innermost)
+                if self._awaiting_first_downlink and dst == self._care_of_b:
+                    self._awaiting_first_downlink = False
+                    self._record(now, "first-downlink-at-new-coa", care_of=self.care_of)
+                self.counters["downlink"] += 1
+                return [WriteToTun(innermost)]
+            if iproto == IPPROTO_UDP:
+                _s, _d, sport, dport, payload = parse_udp_packet(inner)
+                if isrc == self._ha_b and sport == MIP_PORT and dport == MIP_PORT:
+                    return self._handle_reply(payload, now, via="tunnel")
+                return self._drop(DropReason.MIP_NOT_FOR_US)
+            return self._drop(DropReason.WRONG_PROTOCOL)
+        except Dropped as exc:
+            return self._drop(exc.reason)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+
+    def _direct(self, packet: bytes, src: bytes, now: float) -> list[Action]:
+        try:
+            _s, _d, sport, dport, payload = parse_udp_packet(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        if src != self._ha_b or sport != MIP_PORT or dport != MIP_PORT:
+            return self._drop(DropReason.MIP_NOT_FOR_US)
+        return self._handle_reply(payload, now, via="direct")
+
+    # --- registration ------------------------------------------------------------------------
+    def _handle_reply(self, data: bytes, now: float, via: str) -> list[Action]:
+        if self._pending_id is None:
+            return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
+        try:
+            reply = self.msa.verify(data)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        if not isinstance(reply, RegistrationReply):
+            return self._drop(DropReason.MALFORMED)
+        if (not self.msa.reply_matches(self._pending_id, reply)
+                or reply.home_address != self.home_address or reply.home_agent != self._ha):
+            return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
+        code = reply.code
+        self._record(now, "rrp-received", code=int(code), lifetime=reply.lifetime, via=via)
+        if code in (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS_BINDINGS):
+            return self._accepted(reply, now)
+        if code == ReplyCode.HA_IDENTIFICATION_MISMATCH:
+            # RFC 5944 §5.7: adopt the HA's clock from the authenticated reply and try again now
+            self.msa.adopt_reply(self._pending_id, reply, self.wallclock())
+            self._record(now, "registration-failed", code=int(code), action="resynchronised")
+            return self._attempt(now, RegEvent.RETRANSMIT)
+        # any other denial: keep the back-off schedule; give up after max_attempts
+        self._record(now, "registration-failed", code=int(code))
+        return []
+
+    def _accepted(self, reply: RegistrationReply, now: float) -> list[Action]:
+        actions: list[Action] = []
+        self._pending_id = None
+        self._deadline = None
+        self._attempts = 0
+        if self._pending_dereg:
+            self._transition(RegEvent.ACCEPTED)
+            self.lifetime_granted = self.registered_until = self._renew_at = None
+            self._record(now, "deregistered")
+            return actions
+        self._transition(RegEvent.ACCEPTED)
+        self.lifetime_granted = reply.lifetime
+        self.registered_until = now + reply.lifetime
+        self._renew_at = now + reply.lifetime * self.config.renew_fraction
+        if self._old_care_of_b is not None:
+            # make-before-break done: from now on only the new CoA
+            self._old_care_of_b = None
+            self.inbound.rebind(local=self.care_of)
+            actions.append(RebindSa(self.inbound.spi, self.care_of, self.inbound.remote))
+        return actions
+
+    def _attempt(self, now: float, event: RegEvent) -> list[Action]:
+        """Send (or re-send) the pending RRQ, or give up after ``max_attempts``."""
+        cfg = self.config
+        if self._attempts >= cfg.max_attempts:
+            self._transition(RegEvent.GAVE_UP)
+            attempts, self._attempts = self._attempts, 0
+            self._pending_id = None
+            self._deadline = None
+            self._record(now, "registration-failed", attempts=attempts, reason="no accepting reply")
+            if self.state is S.AT_HOME:
+                return []
+            self._record(now, "reestablish-requested", attempts=attempts)
+            return [ReestablishRequested(self.home_address, self.care_of, attempts)]
+        self._transition(event)
+        self._attempts += 1
+        timeout = min(cfg.retransmit_initial_s * (2 ** (self._attempts - 1)), cfg.retransmit_max_s)
+        self._deadline = now + timeout
+        return [self._send_rrq(now)]
+
+    def _send_rrq(self, now: float) -> SendToNet:
+        ident = self.msa.new_identification(self.wallclock())
+        self._pending_id = ident
+        if self._pending_dereg:
+            # RFC 5944 §3.6.1.1: at home, lifetime 0 and care-of address = home address
+            rrq = RegistrationRequest(home_address=self.home_address, home_agent=self._ha,
+                                      care_of_address=self.home_address, identification=ident,
+                                      lifetime=0)
+        else:
+            rrq = RegistrationRequest(home_address=self.home_address, home_agent=self._ha,
+                                      care_of_address=self.care_of, identification=ident,
+                                      lifetime=self.config.lifetime_s,
+                                      flags=RequestFlags.D | RequestFlags.T)
+        data = self.msa.sign(build_registration_request(rrq))
+        self._record(now, "rrq-sent", attempt=self._attempts, care_of=rrq.care_of_address,
+                     lifetime=rrq.lifetime, identification=ident)
+        if self._pending_dereg:
+            return SendToNet(build_udp_packet(self._home_b, self._ha_b, MIP_PORT, MIP_PORT, data),
+                             self.interface)
+        inner = build_udp_packet(self._care_of_b, self._ha_b, MIP_PORT, MIP_PORT, data)
+        return SendToNet(self.outbound.encapsulate(inner, now), self.interface)
+
+    # --- events and timers ---------------------------------------------------------------------
+    def handle_event(self, event: object, now: float) -> list[Action]:
+        if isinstance(event, CareOfAddressChanged):
+            return self._care_of_changed(event, now)
+        if isinstance(event, ReturnedHome):
+            return self._returned_home(event, now)
+        raise UsageError(f"MN {self.name}: unknown event {event!r}")
+
+    def _care_of_changed(self, event: CareOfAddressChanged, now: float) -> list[Action]:
+        coa = event.care_of_address
+        if coa is None:
+            self._record(now, "coa-changed", old=self.care_of, new=None)
+            self._transition(RegEvent.LOST_ADDRESS)
+            self.care_of = self._care_of_b = self._old_care_of_b = None
+            self._pending_id = self._deadline = self._renew_at = None
+            self._attempts = 0
+            return []
+        coa_b = a2b(coa)
+        if in_prefix(coa_b, *self._home_net):
+            return self._returned_home(ReturnedHome(event.interface), now)
+        if coa == self.care_of and self.state in AWAY:
+            return []            # the same address reported again
+        old = self.care_of if self.state in AWAY or self.state is S.IDLE else None
+        self.care_of, self._care_of_b, self.interface = coa, coa_b, event.interface
+        self._record(now, "coa-changed", old=old, new=coa, make_before_break=event.make_before_break)
+        keep_old = event.make_before_break and old is not None and old != coa
+        self._old_care_of_b = a2b(old) if keep_old else None
+        self.outbound.rebind(local=coa)
+        self.inbound.rebind(local=None if keep_old else coa)
+        actions: list[Action] = [RebindSa(self.outbound.spi, coa, self.outbound.remote),
+                                 RebindSa(self.inbound.spi, self.inbound.local, self.inbound.remote)]
+        self._record(now, "sa-repointed", care_of=coa, inbound_spi=self.inbound.spi,
+                     outbound_spi=self.outbound.spi, inbound_local=self.inbound.local or "*")
+        self._awaiting_first_downlink = True
+        self._pending_dereg = False
+        self._attempts = 0
+        self._renew_at = None
+        actions += self._attempt(now, RegEvent.MOVED)
+        return actions
+
+    def _returned_home(self, event: ReturnedHome, now: float) -> list[Action]:
+        if self.state is S.AT_HOME:
+            return []
+        self._record(now, "returned-home", old=self.care_of)
+        self.care_of = self._care_of_b = self._old_care_of_b = None
+        self.interface = event.interface
+        self._awaiting_first_downlink = False
+        self._pending_dereg = True
+        self._attempts = 0
+        self._renew_at = None
+        return self._attempt(now, RegEvent.RETURNED_HOME)
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (self._deadline, self._renew_at) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            if self._attempts < self.config.max_attempts:
+                self._record(now, "rrq-retransmitted", attempt=self._attempts + 1)
+            actions += self._attempt(now, RegEvent.RETRANSMIT)
+        if self._renew_at is not None and now >= self._renew_at and self.state is S.REGISTERED:
+            self._renew_at = None
+            self._attempts = 0
+            actions += self._attempt(now, RegEvent.RENEW_DUE)
+        return actions
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def install_sas(self, inbound: SecurityAssociation, outbound: SecurityAssociation,
+                    now: float = 0.0) -> list[Action]:
+        """Replace the ESP SA pair (from IKEv2) and, when away, register again through it."""
+        if inbound.direction is not Direction.INBOUND or outbound.direction is not Direction.OUTBOUND:
+            raise UsageError("install_sas(inbound, outbound): directions swapped")
+        self.inbound, self.outbound = inbound, outbound
+        actions: list[Action] = []
+        if self.care_of is not None:
+            self._old_care_of_b = None
+            inbound.rebind(local=self.care_of)
+            outbound.rebind(local=self.care_of)
+            actions += [RebindSa(outbound.spi, self.care_of, outbound.remote),
+                        RebindSa(inbound.spi, self.care_of, inbound.remote)]
+        self._record(now, "sas-installed", inbound_spi=inbound.spi, outbound_spi=outbound.spi)
+        if self.state in AWAY and self.care_of is not None:
+            self._attempts = 0
+            self._pending_dereg = False
+            actions += self._attempt(now, RegEvent.SAS_INSTALLED)
+        return actions
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "mn", "name": self.name, "state": self.state.value,
+            "home_address": self.home_address, "home_agent": self._ha,
+            "gateway": self.config.gateway, "care_of": self.care_of,
+            "registration": {"lifetime_granted": self.lifetime_granted,
+                             "registered_until": self.registered_until,
+                             "attempts": self._attempts, "pending": self._pending_id is not None},
+            "sas": {"inbound": self.inbound.describe(), "outbound": self.outbound.describe()},
+            "drops": {str(k): v for k, v in self.drops.items()},
+            "timeline": tl.as_dicts(self.timeline[-32:]),
+        }

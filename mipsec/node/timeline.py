@@ -1,0 +1,112 @@
+"""The handover timeline: what each role records, and how the pieces are put together.
+
+Every role appends ``TimelineEvent(time, node, kind, detail)`` to its ``timeline`` list, stamped
+with the ``now`` it was given.  The kinds, in the order a handover produces them
+(docs/design.md "Timeline kinds"):
+
+    coa-changed -> sa-repointed (MN) -> rrq-sent -> rrq-forwarded (GW) -> rrq-accepted (HA)
+    -> siu-sent (HA) -> gw-sa-repointed -> rrp-forwarded (GW) -> rrp-received (MN)
+    -> first-downlink-at-new-coa (MN)
+
+plus ``rrq-rejected``, ``registration-failed``, ``reestablish-requested``, ``deregistered``,
+``binding-expired``, ``siu-refused``.  This module merges the timelines of several roles,
+splits them per handover and prints them; it never reads a clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from mipsec.node.actions import TimelineEvent
+
+HANDOVER_ORDER = (
+    "coa-changed", "sa-repointed", "rrq-sent", "rrq-forwarded", "rrq-accepted", "siu-sent",
+    "gw-sa-repointed", "rrp-forwarded", "rrp-received", "first-downlink-at-new-coa",
+)
+OTHER_KINDS = (
+    "rrq-rejected", "registration-failed", "reestablish-requested", "deregistered",
+    "binding-expired", "siu-refused", "rrq-retransmitted", "sas-installed", "mobile-installed",
+    "binding-deregistered", "gw-binding-retired", "returned-home",
+)
+KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS)
+
+
+def record(timeline: list[TimelineEvent], now: float, node: str, kind: str,
+           **detail: Any) -> TimelineEvent:
+    """Append one event (``kind`` must be a known kind: typos would hide a missing step)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown timeline kind {kind!r}")
+    event = TimelineEvent(now, node, kind, detail)
+    timeline.append(event)
+    return event
+
+
+def merge(*timelines: Iterable[TimelineEvent]) -> list[TimelineEvent]:
+    """All events by time; events at the same instant keep the order of the arguments."""
+    events: list[TimelineEvent] = []
+    for t in timelines:
+        events.extend(t)
+    return sorted(events, key=lambda e: e.time)
+
+
+def for_mobile(events: Iterable[TimelineEvent], home_address: str) -> list[TimelineEvent]:
+    """The events that concern one MN (those with ``home_address`` in their detail, or none)."""
+    return [e for e in events if e.detail.get("home_address", home_address) == home_address]
+
+
+def split_handovers(events: Sequence[TimelineEvent]) -> list[list[TimelineEvent]]:
+    """Cut a merged timeline at each ``coa-changed`` / ``returned-home`` (one list per move)."""
+    out: list[list[TimelineEvent]] = []
+    for e in events:
+        if e.kind in ("coa-changed", "returned-home") or not out:
+            out.append([])
+        out[-1].append(e)
+    return out
+
+
+def first(events: Iterable[TimelineEvent], kind: str, **match: Any) -> TimelineEvent | None:
+    for e in events:
+        if e.kind == kind and all(e.detail.get(k) == v for k, v in match.items()):
+            return e
+    return None
+
+
+def in_order(events: Sequence[TimelineEvent], kinds: Sequence[str]) -> bool:
+    """True when the first occurrences of ``kinds`` appear in this order (each strictly after)."""
+    position = -1
+    for kind in kinds:
+        found = next((i for i, e in enumerate(events) if e.kind == kind and i > position), None)
+        if found is None:
+            return False
+        position = found
+    return True
+
+
+def _fmt_detail(detail: dict[str, Any]) -> str:
+    parts = []
+    for k, v in detail.items():
+        if k == "home_address":
+            continue
+        if isinstance(v, int) and k.endswith("spi"):
+            v = f"0x{v:08x}"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def format_table(events: Sequence[TimelineEvent], t0: float | None = None) -> str:
+    """A fixed-width table: time since ``t0`` (ms), node, kind, details."""
+    if not events:
+        return "(no events)"
+    base = events[0].time if t0 is None else t0
+    lines = [f"{'t+ms':>10}  {'node':<5} {'event':<26} detail"]
+    for e in events:
+        lines.append(f"{(e.time - base) * 1000:10.3f}  {e.node:<5} {e.kind:<26} {_fmt_detail(e.detail)}")
+    return "\n".join(lines)
+
+
+def as_dicts(events: Iterable[TimelineEvent]) -> list[dict[str, Any]]:
+    """JSON-able form for ``status()`` and ``mipsec status --json``."""
+    return [{"time": e.time, "node": e.node, "kind": e.kind,
+             "detail": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                        for k, v in e.detail.items()}}
+            for e in events]
