@@ -263,3 +263,18 @@ def test_verify_random_and_spliced_input_only_raises_parse_error(noise, cut, pat
             msa().verify(data)
         except ParseError:
             pass
+
+
+def test_replay_and_skew_checks_survive_the_2036_ntp_rollover():
+    rollover = 2_085_978_496.0          # 2036-02-07 06:28:16 UTC: NTP seconds wrap to 0
+    ha, mn = msa(), msa()
+    before = mn.new_identification(rollover - 1)
+    after = mn.new_identification(rollover + 1)
+    assert after < before                               # the raw value wrapped ...
+    ha.check_identification(before, rollover)
+    ha.accept_identification(before)
+    ha.check_identification(after, rollover)            # ... but it is newer and within skew
+    ha.accept_identification(after)
+    with pytest.raises(ParseError) as info:
+        ha.check_identification(before, rollover)
+    assert info.value.reason is DropReason.MIP_REPLAYED

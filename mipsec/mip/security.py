@@ -64,8 +64,21 @@ def ntp_from_unix(wallclock: float) -> int:
 
 
 def unix_from_ntp(ntp: int) -> float:
-    """The inverse of ``ntp_from_unix`` (era 0)."""
+    """The inverse of ``ntp_from_unix`` (era 0, i.e. until 2036-02-07)."""
     return (ntp >> 32) - NTP_UNIX_OFFSET_S + (ntp & LOW32) / NTP_FRACTION
+
+
+_HALF64 = 1 << 63
+_MOD64 = 1 << 64
+
+
+def ntp_difference_s(a: int, b: int) -> float:
+    """a - b in seconds for two 64-bit NTP timestamps less than 68 years apart.
+
+    Serial-number arithmetic (RFC 1982 §3.2 applied to 64 bits), so the comparison stays right
+    across the NTP era rollover of 2036 (RFC 5905 §6).
+    """
+    return (((a - b) + _HALF64) % _MOD64 - _HALF64) / NTP_FRACTION
 
 
 # --- the mobility security association -------------------------------------------------------------
@@ -152,8 +165,9 @@ class MobilitySecurityAssociation:
         """The Identification for the next request; strictly increasing on this MSA."""
         if self.replay == "timestamps":
             ident = ntp_from_unix(wallclock + self.clock_offset_s)
-            if self._last_sent_id is not None and ident <= self._last_sent_id:
-                ident = self._last_sent_id + 1
+            if (self._last_sent_id is not None
+                    and ntp_difference_s(ident, self._last_sent_id) <= 0):
+                ident = (self._last_sent_id + 1) % _MOD64
         else:
             # §5.7: high 32 bits the HA's nonce (0 before we know one), low 32 bits our nonce
             ident = ((self.peer_nonce or 0) << 32) | int.from_bytes(self._random(4), "big")
@@ -178,8 +192,9 @@ class MobilitySecurityAssociation:
             self.peer_nonce = reply.identification >> 32
             return True
         if reply.code == ReplyCode.HA_IDENTIFICATION_MISMATCH:
-            ha_seconds = (reply.identification >> 32) - NTP_UNIX_OFFSET_S
-            self.clock_offset_s = ha_seconds - math.floor(wallclock)
+            ours = ntp_from_unix(math.floor(wallclock)) & ~LOW32
+            theirs = reply.identification & ~LOW32
+            self.clock_offset_s = ntp_difference_s(theirs, ours)
             self._last_sent_id = None
             return True
         return False
@@ -194,10 +209,11 @@ class MobilitySecurityAssociation:
                 raise ParseError("identification does not carry our nonce",
                                  DropReason.MIP_IDENTIFICATION_MISMATCH)
             return
-        if self.last_accepted_id is not None and identification <= self.last_accepted_id:
+        if (self.last_accepted_id is not None
+                and ntp_difference_s(identification, self.last_accepted_id) <= 0):
             raise ParseError("identification not newer than the last accepted one",
                              DropReason.MIP_REPLAYED)
-        if abs(unix_from_ntp(identification) - wallclock) > self.skew_s:
+        if abs(ntp_difference_s(identification, ntp_from_unix(wallclock))) > self.skew_s:
             raise ParseError(f"identification more than {self.skew_s} s from our clock",
                              DropReason.MIP_IDENTIFICATION_MISMATCH)
 
