@@ -236,3 +236,16 @@ def test_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
             v.verify(HA, data)
         except ParseError:
             pass
+
+
+def test_key_change_with_two_keys_per_ha():
+    new_key = b"the-next-ha-gw-key-0123456789abc"
+    v = SiuVerifier({HA: [(7, KEY), (8, new_key)]})
+    assert v.verify(HA, update(signer())).key_id == 7
+    assert v.verify(HA, update(SiuSigner(HA, new_key, key_id=8, first_sequence=2))).key_id == 8
+    # the key id selects the key: the right id with the other key's tag does not verify
+    with pytest.raises(ParseError) as info:
+        v.verify(HA, update(SiuSigner(HA, KEY, key_id=8, first_sequence=3)))
+    assert info.value.reason is DropReason.SIU_AUTH_FAILED
+    with pytest.raises(ConfigError, match="twice"):
+        SiuVerifier({HA: [(7, KEY), (7, new_key)]})

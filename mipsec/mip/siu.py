@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
@@ -100,17 +100,27 @@ class SiuSigner:
 
 
 class SiuVerifier:
-    """The GW's side.  ``keys_by_ha_address``: {HA address: (key id, key)}."""
+    """The GW's side.  ``keys_by_ha_address``: {HA address: (key id, key)}, or a list of such
+    pairs per HA while a key change is under way (docs/protocol.md, "Key ID")."""
 
-    def __init__(self, keys_by_ha_address: Mapping[str, tuple[int, bytes]]):
-        self._keys: dict[str, tuple[int, hmac.HMAC]] = {}
-        for address, (key_id, key) in keys_by_ha_address.items():
-            if len(key) < MIN_KEY_BYTES:
-                raise ConfigError(f"SIU key for {address} is {len(key)} bytes; use at least "
-                                  f"{MIN_KEY_BYTES}")
-            if not 0 <= key_id <= 255:
-                raise ConfigError(f"SIU key id {key_id} for {address} does not fit 8 bits")
-            self._keys[address] = (key_id, _mac(key))
+    def __init__(self, keys_by_ha_address: Mapping[str, tuple[int, bytes]
+                                                    | Sequence[tuple[int, bytes]]]):
+        self._keys: dict[str, dict[int, hmac.HMAC]] = {}
+        for address, entry in keys_by_ha_address.items():
+            pairs = [entry] if isinstance(entry, tuple) and isinstance(entry[0], int) else entry
+            keys: dict[int, hmac.HMAC] = {}
+            for key_id, key in pairs:
+                if len(key) < MIN_KEY_BYTES:
+                    raise ConfigError(f"SIU key {key_id} for {address} is {len(key)} bytes; use "
+                                      f"at least {MIN_KEY_BYTES}")
+                if not 0 <= key_id <= 255:
+                    raise ConfigError(f"SIU key id {key_id} for {address} does not fit 8 bits")
+                if key_id in keys:
+                    raise ConfigError(f"SIU key id {key_id} configured twice for {address}")
+                keys[key_id] = _mac(key)
+            if not keys:
+                raise ConfigError(f"no SIU key configured for {address}")
+            self._keys[address] = keys
         self.last_sequence: dict[str, int] = {}
 
     def verify(self, src_address: str, data: bytes) -> Siu:
@@ -120,11 +130,13 @@ class SiuVerifier:
         if entry is None or siu_sender(data) != src_address:
             raise ParseError(f"SIU from {src_address} (sender {siu.sender}) is from no "
                              "configured home agent", DropReason.SIU_UNKNOWN_SENDER)
-        key_id, base = entry
+        base = entry.get(siu.key_id)
+        if base is None:
+            raise ParseError(f"SIU from {src_address} uses unknown key id {siu.key_id}",
+                             DropReason.SIU_AUTH_FAILED)
         mac = base.copy()
         mac.update(data[:-SIU_AUTHENTICATOR_BYTES])
-        good = hmac.compare_digest(mac.digest(), siu.authenticator)
-        if not good or siu.key_id != key_id:
+        if not hmac.compare_digest(mac.digest(), siu.authenticator):
             raise ParseError(f"SIU from {src_address} does not authenticate",
                              DropReason.SIU_AUTH_FAILED)
         last = self.last_sequence.get(src_address)
