@@ -1,0 +1,55 @@
+"""Helpers shared by the tests, the demo and the benchmarks: streams, waits, GW send records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mipsec.node import timeline as tl
+from mipsec.node.actions import RebindSa, SendToNet, TimelineEvent
+from mipsec.node.correspondent import StreamReport
+from mipsec.node.mobile_node import RegState
+from mipsec.sim.network import b2a
+from mipsec.sim.topology import Topology
+
+
+def start_streams(topo: Topology, *, interval_s: float, start: float, stop: float,
+                  index: int = 0, size: int = 64) -> None:
+    """CN -> MN (downlink) and MN -> CN (uplink) streams, one datagram per ``interval_s`` each."""
+    mn = topo.mobiles[index]
+    topo.cn.app.start_stream(mn.role.home_address, interval_s=interval_s, start=start, stop=stop,
+                             size=size)
+    mn.app.start_stream(topo.cn.app.address, interval_s=interval_s, start=start, stop=stop,
+                        size=size)
+    topo.cn.driver.rearm()
+    mn.app_driver.rearm()
+
+
+def stream_reports(topo: Topology, index: int = 0, **window: Any) -> dict[str, StreamReport]:
+    mn = topo.mobiles[index]
+    return {"downlink": mn.app.report(topo.cn.app.sent, **window),
+            "uplink": topo.cn.app.report(mn.app.sent, **window)}
+
+
+def wait_registered(topo: Topology, timeout_s: float = 5.0, index: int | None = None) -> bool:
+    """Run until the MN(s) are REGISTERED (or AT_HOME); False on timeout."""
+    hosts = topo.mobiles if index is None else [topo.mobiles[index]]
+    done = (RegState.REGISTERED, RegState.AT_HOME)
+    return topo.sim.run_until(lambda: all(h.role.state in done for h in hosts), timeout_s)
+
+
+def merged_timeline(topo: Topology, index: int = 0) -> list[TimelineEvent]:
+    home = topo.mobiles[index].role.home_address
+    return tl.for_mobile(tl.merge(topo.mobiles[index].role.timeline, topo.gw.role.timeline,
+                                  topo.ha.role.timeline), home)
+
+
+def gw_log(topo: Topology) -> list[tuple[int, float, str, Any]]:
+    """The GW's actions in order: (position, time, kind, detail): SendToNet -> destination,
+    RebindSa -> new remote."""
+    out = []
+    for pos, (time, action) in enumerate(topo.gw.driver.log or ()):
+        if isinstance(action, SendToNet):
+            out.append((pos, time, "send", b2a(action.packet[16:20])))
+        elif isinstance(action, RebindSa):
+            out.append((pos, time, "rebind", action.remote))
+    return out
