@@ -1,0 +1,426 @@
+"""The ``mipsec`` command line (docs/operations.md is the user guide)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from mipsec import __version__
+
+DESCRIPTION = """\
+mipsec: a userspace IPsec ESP + Mobile IPv4 stack over Linux TUN devices.
+
+It runs the three roles of a roaming VPN as daemons: the mobile node (mn), the VPN gateway (gw)
+and the home agent (ha).  When the MN's care-of address changes, its Registration Request crosses
+the GW's wildcard-source SA and the HA's Security Information Update re-points the GW's SA before
+the Registration Reply goes back: one signalling round trip, no key exchange."""
+
+EPILOG = """\
+examples:
+  mipsec demo                       live handovers in network namespaces (root), else simulated
+  mipsec keys --out /etc/mipsec --mobiles 2
+  mipsec gw --config /etc/mipsec/gw.toml
+  mipsec status --role gw --json
+  mipsec lab up --prefix t1- --delay-ms 20 && mipsec lab handover b --prefix t1-
+
+User guide: docs/operations.md."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_daemon(sub: Any, role: str, title: str, detail: str) -> None:
+    p = sub.add_parser(role, help=f"run the {title} daemon (foreground)", formatter_class=_Formatter,
+                       description=f"Run the {title} in the foreground.\n\n{detail}\n\n"
+                       "Logs go to stderr.  SIGTERM or SIGINT stop it cleanly: it removes the TUN\n"
+                       "device, the routes, rules and proxy-ARP entries it added, its sockets and\n"
+                       "its control socket.  A bad configuration stops it at start-up with one\n"
+                       "message naming the file, the key and the problem (exit status 2).")
+    p.add_argument("--config", "-c", required=True, metavar="FILE.toml",
+                   help=f"TOML configuration with role = \"{role}\" (see `mipsec keys`)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="override [daemon] log_level")
+    p.set_defaults(func=_cmd_daemon, role=role)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mipsec", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"mipsec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_daemon(sub, "mn", "mobile node",
+                "Watches the [daemon] interfaces through netlink: a new IPv4 address there is a new\n"
+                "care-of address and starts a handover (re-point the SAs, register through the\n"
+                "tunnel); an address in the home prefix means it is home (deregister).  While away\n"
+                "the home address lives on the TUN device and the home network is routed into it.")
+    _add_daemon(sub, "gw", "VPN gateway",
+                "Terminates each MN's ESP tunnel (wildcard-source inbound SA), forwards the inner\n"
+                "packets into the home network, protects home-side traffic for care-of addresses\n"
+                "(policy routing from the inside interface into its TUN) and re-points an MN's\n"
+                "outbound SA only on an authenticated Security Information Update from its HA.")
+    _add_daemon(sub, "ha", "home agent",
+                "Accepts Registration Requests (UDP 434), keeps the binding cache, sends the\n"
+                "Security Information Update with the Registration Reply to the GW, intercepts\n"
+                "packets for home addresses of MNs away (proxy ARP) and tunnels them (IP-in-IP).")
+
+    p = sub.add_parser("status", help="show a running daemon's SAs, bindings, drops and timeline",
+                       formatter_class=_Formatter,
+                       description="Ask a running daemon over its control socket and print its state:\n"
+                       "SAs (addresses, SPIs, counters, drops by reason, time and source of the last\n"
+                       "authenticated packet), bindings with lifetimes, the last handover's timeline.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
+    where.add_argument("--role", choices=("mn", "gw", "ha"),
+                       help="use the default socket /run/mipsec/<role>.sock")
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("handover", help="tell a running MN daemon it has a new care-of address",
+                       formatter_class=_Formatter,
+                       description="Trigger a handover by hand (the MN daemon normally sees the new\n"
+                       "address through netlink by itself).  `home` instead of an address: the MN is\n"
+                       "back on its home link and deregisters.")
+    p.add_argument("care_of", metavar="COA|home", help="the new care-of address, or 'home'")
+    p.add_argument("--interface", "-i", help="the interface that address is on")
+    p.add_argument("--socket", "-s", metavar="PATH", help="control socket (default: MN's default)")
+    p.set_defaults(func=_cmd_handover)
+
+    p = sub.add_parser("keys", help="write a matching set of config files with fresh keys",
+                       formatter_class=_Formatter,
+                       description="Write ha.toml, gw.toml and one file per MN (mn.toml, or mn1.toml ...\n"
+                       "with --mobiles > 1) on the docs/design.md addressing plan, with fresh random\n"
+                       "ESP, MN-HA and HA-GW keys that match each other.  Files are mode 0600.  Edit\n"
+                       "addresses and interface names for your machines (docs/operations.md).")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--mobiles", "-n", type=int, default=1, metavar="N", help="number of MNs (1)")
+    p.add_argument("--encryption", default="ENCR_AES_GCM_16",
+                   choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC", "ENCR_NULL"),
+                   help="ESP encryption transform (IANA name; default ENCR_AES_GCM_16)")
+    p.add_argument("--integrity", default=None,
+                   choices=("AUTH_HMAC_SHA1_96", "AUTH_HMAC_SHA2_256_128", "AUTH_HMAC_SHA2_384_192",
+                            "AUTH_HMAC_SHA2_512_256"),
+                   help="ESP integrity for non-AEAD encryption (default AUTH_HMAC_SHA2_256_128)")
+    p.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP (RFC 3948)")
+    p.add_argument("--msa-algorithm", default="hmac-md5", choices=("hmac-md5", "hmac-sha256"),
+                   help="MN-HA authenticator (RFC 5944 default hmac-md5)")
+    p.add_argument("--run-dir", default="/run/mipsec", help="where control sockets go")
+    p.set_defaults(func=_cmd_keys)
+
+    p = sub.add_parser("demo", help="run the handover demo (lab as root, else the simulator)",
+                       formatter_class=_Formatter,
+                       description="As root with network namespaces: `mipsec lab demo` (real daemons,\n"
+                       "TUN devices, a UDP stream across two handovers and a return home).  Otherwise\n"
+                       "it says so and runs the same scenario in mipsec's in-memory network.")
+    p.add_argument("--sim", action="store_true", help="always use the in-memory simulator")
+    p.add_argument("--delay-ms", type=float, default=10.0,
+                   help="one-way Internet delay for the lab (default 10)")
+    p.set_defaults(func=_cmd_demo)
+
+    lab = sub.add_parser("lab", help="the network-namespace lab (root)", formatter_class=_Formatter,
+                         description="Build the whole topology in network namespaces (home switch with CN,\n"
+                         "HA and GW inside; GW outside; an Internet router; visited networks a and b;\n"
+                         "the MN with one interface in each and one at home), start the three daemons\n"
+                         "from generated configs, move the MN, and remove it all again.")
+    labsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND", required=True)
+
+    def lab_parser(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        lp = labsub.add_parser(name, help=help_text, description=description,
+                               formatter_class=_Formatter)
+        lp.add_argument("--prefix", default="mipsec-",
+                        help="namespace name prefix (default 'mipsec-'; tests use a unique one)")
+        return lp
+
+    lp = lab_parser("up", "build the lab, start the daemons, attach the MN to network a",
+                    "Build the namespaces and links, write configs with fresh keys into\n"
+                    "/run/mipsec-lab/<prefix>/, start ha, gw and mn, attach the MN to visited\n"
+                    "network a and wait for its registration.  The GW writes gw.pcap and the key\n"
+                    "file gw.pcap.esp_sa there.")
+    lp.add_argument("--delay-ms", type=float, default=0.0,
+                    help="one-way Internet delay, emulated by a forwarder in the router namespace")
+    lp.add_argument("--at", default="a", choices=("a", "b", "home"), help="where the MN starts")
+    lp.add_argument("--encryption", default="ENCR_AES_GCM_16",
+                    choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"))
+    lp.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP")
+    lp.set_defaults(func=_cmd_lab_up)
+    lp = lab_parser("handover", "move the MN to visited network a or b",
+                    "Move the MN (break-before-make): remove its other addresses, attach it to\n"
+                    "the visited network and wait for the registration; prints the timeline.")
+    lp.add_argument("where", nargs="?", default=None, choices=("a", "b"),
+                    help="target network (default: the other one)")
+    lp.set_defaults(func=_cmd_lab_move)
+    lp = lab_parser("home", "bring the MN back to its home link",
+                    "Remove the care-of addresses and put the home address on the MN's home link;\n"
+                    "the MN deregisters directly with the HA.")
+    lp.set_defaults(func=_cmd_lab_move, where="home")
+    lp = lab_parser("down", "remove every namespace, TUN device and process of the lab",
+                    "Kill the daemons named by the pid files, then every process left in a\n"
+                    "namespace with the prefix, delete those namespaces and the state directory.\n"
+                    "Works after a crash and when nothing is there.")
+    lp.set_defaults(func=_cmd_lab_down)
+    lp = lab_parser("status", "show the three daemons' state",
+                    "Print `mipsec status` of the HA, GW and MN of this lab.")
+    lp.add_argument("--json", action="store_true", help="raw JSON")
+    lp.set_defaults(func=_cmd_lab_status)
+    lp = lab_parser("demo", "up, a stream across two handovers and a return home, down",
+                    "Build the lab, run a UDP stream CN <-> MN home address (both directions),\n"
+                    "move the MN a -> b -> a -> home, print each handover's timeline with the\n"
+                    "interruption and loss per direction, keep the GW capture, tear down.")
+    lp.add_argument("--delay-ms", type=float, default=10.0, help="one-way Internet delay (10)")
+    lp.add_argument("--rate", type=float, default=200.0, help="stream packets/s per direction")
+    lp.add_argument("--dwell", type=float, default=2.0, help="seconds between moves")
+    lp.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    lp.set_defaults(func=_cmd_lab_demo)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from mipsec.io.daemon import run_daemon
+    return run_daemon(args.config, args.role, args.log_level)
+
+
+def _socket_for(args: argparse.Namespace, role: str | None = None) -> str:
+    from mipsec.config import default_socket
+    if getattr(args, "socket", None):
+        return args.socket
+    return default_socket(getattr(args, "role", None) or role or "mn")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from mipsec.io import control
+    path = _socket_for(args)
+    try:
+        reply = control.request(path, "status")
+    except (OSError, ValueError) as exc:
+        print(f"mipsec status: cannot reach {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2, default=str))
+    else:
+        print(render_status(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def _cmd_handover(args: argparse.Namespace) -> int:
+    from mipsec.io import control
+    path = _socket_for(args, "mn")
+    command = "home" if args.care_of == "home" else f"handover {args.care_of}"
+    if args.interface:
+        command += f" {args.interface}"
+    try:
+        reply = control.request(path, command)
+    except (OSError, ValueError) as exc:
+        print(f"mipsec handover: cannot reach {path}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"mipsec handover: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from mipsec.config import KeySetLayout, write_key_set
+    from mipsec.errors import ConfigError
+    try:
+        paths = write_key_set(args.out, args.mobiles, KeySetLayout(run_dir=args.run_dir),
+                              encryption=args.encryption, integrity=args.integrity,
+                              udp_encap=args.udp_encap, msa_algorithm=args.msa_algorithm)
+    except ConfigError as exc:
+        print(f"mipsec keys: {exc}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mipsec.lab.lab import requirements_problem
+    if not args.sim:
+        problem = requirements_problem()
+        if problem is None:
+            from mipsec.lab.demo import run_lab_demo
+            return run_lab_demo(prefix=f"mipsec-demo{os.getpid()}-", delay_ms=args.delay_ms)
+        print(f"mipsec demo: {problem}; running the same scenario in the in-memory simulator "
+              f"instead (`mipsec demo --sim`).\n", flush=True)
+    from mipsec.sim.demo import run_demo
+    return run_demo(sys.stdout)
+
+
+def _lab(args: argparse.Namespace):
+    from mipsec.lab.lab import Lab
+    return Lab(prefix=args.prefix)
+
+
+def _lab_guard() -> str | None:
+    from mipsec.lab.lab import requirements_problem
+    return requirements_problem()
+
+
+def _cmd_lab_up(args: argparse.Namespace) -> int:
+    problem = _lab_guard()
+    if problem:
+        print(f"mipsec lab up: {problem}", file=sys.stderr)
+        return 1
+    lab = _lab(args)
+    lab.up(delay_ms=args.delay_ms, place=args.at, encryption=args.encryption,
+           udp_encap=args.udp_encap)
+    print(f"lab {args.prefix} up: state in {lab.state_dir}; MN at {args.at}; "
+          f"capture {lab.pcap} (keys {lab.keyfile})")
+    return 0
+
+
+def _cmd_lab_move(args: argparse.Namespace) -> int:
+    from mipsec.lab.demo import print_timeline
+    lab = _lab(args)
+    where = args.where
+    if where is None:
+        where = "b" if lab.load_state().get("place") == "a" else "a"
+    result = lab.move(where)
+    print(f"MN moved to {where}; registration done after "
+          f"{(result['registered'] - result['time']) * 1000:.1f} ms")
+    print_timeline(lab.timelines(result["time"] - 0.001), result["time"], sys.stdout)
+    return 0
+
+
+def _cmd_lab_down(args: argparse.Namespace) -> int:
+    from mipsec.lab.lab import Lab
+    removed = Lab(prefix=args.prefix).down()
+    print(f"lab {args.prefix} down" + (f": removed {', '.join(removed)}" if removed else
+                                       ": nothing was left"))
+    return 0
+
+
+def _cmd_lab_status(args: argparse.Namespace) -> int:
+    lab = _lab(args)
+    replies = {}
+    for role in ("ha", "gw", "mn"):
+        try:
+            replies[role] = lab.status(role)
+        except (OSError, ValueError) as exc:
+            replies[role] = {"ok": False, "error": f"not reachable: {exc}"}
+    if args.json:
+        print(json.dumps(replies, indent=2, default=str))
+    else:
+        for role, reply in replies.items():
+            print(render_status(reply) if reply.get("ok") else f"{role}: {reply.get('error')}")
+            print()
+    return 0 if all(r.get("ok") for r in replies.values()) else 1
+
+
+def _cmd_lab_demo(args: argparse.Namespace) -> int:
+    problem = _lab_guard()
+    if problem:
+        print(f"mipsec lab demo: {problem}", file=sys.stderr)
+        return 1
+    from mipsec.lab.demo import run_lab_demo
+    return run_lab_demo(prefix=args.prefix, delay_ms=args.delay_ms, rate=args.rate,
+                        dwell_s=args.dwell, keep=args.keep)
+
+
+# --- status rendering ------------------------------------------------------------------------------
+
+def render_status(reply: dict[str, Any]) -> str:
+    """Human-readable form of a daemon's status reply."""
+    if not reply.get("ok"):
+        return f"error: {reply.get('error')}"
+    lines = [f"{reply.get('role')} {reply.get('name')}  pid {reply.get('pid')}  "
+             f"tun {reply.get('tun')}  config {reply.get('config')}"]
+    now = reply.get("clock", {}).get("monotonic")
+    io = reply.get("io", {})
+    lines.append("  io: " + ", ".join(f"{k} {v}" for k, v in io.items()))
+    if reply.get("pcap"):
+        lines.append(f"  capture: {reply['pcap']}  keys: {reply.get('keyfile')}")
+    if reply.get("drops"):
+        lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reply["drops"].items())))
+    lines += _render_tree(reply.get("node", {}), indent=2, now=now)
+    timeline = reply.get("timeline") or []
+    if timeline:
+        lines.append("  last handover timeline:")
+        lines += ["    " + line for line in format_timeline(last_handover(timeline))]
+    return "\n".join(lines)
+
+
+def last_handover(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events from the last ``coa-changed`` (or the last ten) on."""
+    starts = [i for i, ev in enumerate(timeline) if ev.get("kind") in ("coa-changed",
+                                                                         "rrq-accepted")]
+    return timeline[starts[-1]:] if starts else timeline[-10:]
+
+
+def format_timeline(events: list[dict[str, Any]], t0: float | None = None) -> list[str]:
+    if not events:
+        return ["(no events)"]
+    base = events[0].get("time", 0.0) if t0 is None else t0
+    out = []
+    for ev in events:
+        detail = ev.get("detail") or {}
+        extra = " ".join(f"{k}={v}" for k, v in detail.items())
+        out.append(f"{(ev.get('time', 0.0) - base) * 1000:9.2f} ms  {ev.get('node', ''):<6} "
+                   f"{ev.get('kind', ''):<26} {extra}")
+    return out
+
+
+def _render_tree(value: Any, indent: int, now: float | None) -> list[str]:
+    pad = " " * indent
+    out = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                out.append(f"{pad}{key}:")
+                out += _render_tree(item, indent + 2, now)
+            else:
+                out.append(f"{pad}{key}: {_fmt(key, item, now)}")
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict):
+                flat = all(not isinstance(v, (dict, list)) for v in item.values())
+                if flat:
+                    out.append(pad + "- " + ", ".join(f"{k}={_fmt(k, v, now)}"
+                                                      for k, v in item.items()))
+                else:
+                    sub = _render_tree(item, indent + 2, now)
+                    if sub:
+                        sub[0] = pad + "- " + sub[0].lstrip()
+                    out += sub
+            else:
+                out.append(f"{pad}- {item}")
+    else:
+        out.append(f"{pad}{value}")
+    return out
+
+
+def _fmt(key: str, value: Any, now: float | None) -> str:
+    if isinstance(value, int) and "spi" in str(key).lower():
+        return f"0x{value:08x}"
+    if isinstance(value, float) and now is not None and "time" in str(key).lower() and value > 0:
+        return f"{value:.3f} ({now - value:.1f} s ago)"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from mipsec.lab.topology import LabError
+        if isinstance(exc, LabError):
+            print(f"mipsec: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

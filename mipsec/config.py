@@ -1,0 +1,367 @@
+"""TOML configuration of the daemons: loading, validation, writing.
+
+A daemon's file has three parts (docs/operations.md has the full reference)::
+
+    role = "mn"                    # "mn" | "gw" | "ha"
+
+    [daemon]                       # how this process runs: TUN, interfaces, sockets, captures
+    tun = "mipsec0"
+    interfaces = ["eth1", "wlan0"] # MN: the visited interfaces whose new addresses are care-of
+    ...
+
+    [mobile_node]                  # the role itself: the fields of mipsec.node.config's dataclass
+    home_address = "10.1.0.100"    # (MobileNodeConfig / GatewayConfig / HomeAgentConfig), nested
+    [mobile_node.msa]              # dataclasses as sub-tables, tuples of them as arrays of tables,
+    key = "00112233..."            # byte strings as hex
+
+The role part is mapped onto H4's frozen dataclasses by their type hints, so the TOML keys are
+exactly the dataclass field names, and the dataclasses' own checks (key length for the transform,
+known transform, address syntax ...) run at load time.  Every error raises ``ConfigError`` whose
+message names the file, the key (``[mobile_node.esp_in] encryption_key``) and the problem; one
+bad file gives exactly one message.
+
+Things that can only be checked on the machine (the interfaces exist) are checked by
+``check_runtime()``, which a daemon calls at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mipsec.errors import ConfigError
+from mipsec.node import config as node_config
+
+ROLES = ("mn", "gw", "ha")
+ROLE_SECTION = {"mn": "mobile_node", "gw": "gateway", "ha": "home_agent"}
+ROLE_CLASS = {"mn": node_config.MobileNodeConfig, "gw": node_config.GatewayConfig,
+              "ha": node_config.HomeAgentConfig}
+SA_SOURCES = ("manual", "ikev2")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_RUN_DIR = "/run/mipsec"
+IFNAMSIZ = 15
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The ``[daemon]`` table: how one daemon process runs (not what the role does)."""
+    tun: str = "mipsec0"              # TUN device name (created at start, removed at exit)
+    mtu: int = 1400                   # TUN MTU: leaves room for ESP (+ IP-in-IP) in 1500
+    control_socket: str = ""          # default /run/mipsec/<role>.sock
+    log_level: str = "info"
+    pcap: str = ""                    # capture of the net side ("" = none)
+    keyfile: str = ""                 # esp_sa key file for Wireshark (default <pcap>.esp_sa)
+    sa_source: str = "manual"         # "manual" (this file's keys) | "ikev2" (mipsec.ike)
+    interfaces: tuple[str, ...] = ()  # MN: visited interfaces watched for care-of addresses
+    home_interface: str = ""          # MN: its home-link interface; HA: its home-link interface
+    inside_interface: str = ""        # GW: the interface towards the home network
+    route_table: int = 100            # GW: policy-routing table steering inside traffic to TUN
+    rule_priority: int = 1000         # GW: priority of "iif <inside> lookup <route_table>"
+    gratuitous_arp: bool = True       # HA / MN: RFC 5944 §4.6 announcements on the home link
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    role: str
+    daemon: DaemonSettings
+    node: Any                         # MobileNodeConfig | GatewayConfig | HomeAgentConfig
+    path: str = "<memory>"
+
+    @property
+    def control_socket(self) -> str:
+        return self.daemon.control_socket or default_socket(self.role)
+
+    @property
+    def keyfile(self) -> str:
+        if self.daemon.keyfile:
+            return self.daemon.keyfile
+        return self.daemon.pcap + ".esp_sa" if self.daemon.pcap else ""
+
+
+def default_socket(role: str) -> str:
+    return os.path.join(DEFAULT_RUN_DIR, f"{role}.sock")
+
+
+# --- TOML -> dataclasses -------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data, path)
+
+
+def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
+    role = data.get("role")
+    if role is None:
+        raise ConfigError(f"{path}: missing key 'role' (one of {', '.join(ROLES)})")
+    if role not in ROLES:
+        raise ConfigError(f"{path}: role: unknown role {role!r} (one of {', '.join(ROLES)})")
+    section = ROLE_SECTION[role]
+    allowed = {"role", "daemon", section}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown key {key!r} at top level "
+                              f"(a {role} file has: {', '.join(sorted(allowed))})")
+    if section not in data:
+        raise ConfigError(f"{path}: missing table [{section}]")
+    daemon = _build(DaemonSettings, data.get("daemon", {}), path, "daemon")
+    _check_daemon(daemon, role, path)
+    node = _build(ROLE_CLASS[role], data[section], path, section)
+    return DaemonConfig(role=role, daemon=daemon, node=node, path=path)
+
+
+def _where(path: str, table: str, key: str | None = None) -> str:
+    return f"{path}: [{table}]" + (f" {key}" if key else "")
+
+
+def _build(cls: type, table: Any, path: str, name: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {name} must be a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{_where(path, name, key)}: unknown key (known: "
+                              f"{', '.join(sorted(fields))})")
+    kwargs = {}
+    for fname, f in fields.items():
+        if fname not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{_where(path, name, fname)}: missing key")
+            continue
+        kwargs[fname] = _convert(hints[fname], table[fname], path, name, fname)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{_where(path, name)} {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{_where(path, name)}: {exc}") from None
+
+
+def _convert(hint: Any, value: Any, path: str, table: str, key: str) -> Any:
+    where = _where(path, table, key)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and value is None:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            return _convert(others[0], value, path, table, key)
+        raise ConfigError(f"{where}: unsupported type {hint}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, f"{table}.{key}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be an array, got {_tname(value)}")
+        item = args[0]
+        if dataclasses.is_dataclass(item):
+            return tuple(_build(item, v, path, f"{table}.{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_convert(item, v, path, table, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bytes:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a hex string, got {_tname(value)}")
+        text = value.strip().removeprefix("0x").replace(":", "").replace(" ", "")
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise ConfigError(f"{where}: not a hex string: {value!r}") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {_tname(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {_tname(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: must be a number, got {_tname(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string, got {_tname(value)}")
+        return value
+    if hint is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _tname(value: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
+    def bad(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{_where(path, 'daemon', key)}: {problem}")
+
+    if d.sa_source not in SA_SOURCES:
+        raise bad("sa_source", f"unknown SA source {d.sa_source!r} (one of {', '.join(SA_SOURCES)})")
+    if d.log_level not in LOG_LEVELS:
+        raise bad("log_level", f"unknown level {d.log_level!r} (one of {', '.join(LOG_LEVELS)})")
+    if not 576 <= d.mtu <= 65535:
+        raise bad("mtu", f"must be in [576, 65535], got {d.mtu}")
+    for key in ("tun", "home_interface", "inside_interface"):
+        name = getattr(d, key)
+        if len(name.encode()) > IFNAMSIZ or "/" in name or " " in name:
+            raise bad(key, f"not a valid interface name: {name!r}")
+    if not d.tun:
+        raise bad("tun", "must not be empty")
+    if role == "mn" and not d.interfaces:
+        raise bad("interfaces", "missing key: a mobile node needs the visited interfaces to watch")
+    if role == "gw" and not d.inside_interface:
+        raise bad("inside_interface", "missing key: a gateway needs its home-side interface")
+    if role == "ha" and not d.home_interface:
+        raise bad("home_interface", "missing key: a home agent needs its home-link interface")
+    if not 1 <= d.route_table <= 0xFFFFFFFF or d.route_table in (253, 254, 255):
+        raise bad("route_table", f"must be a free routing table id (not 253-255), got {d.route_table}")
+    if d.sa_source == "ikev2":
+        raise bad("sa_source", "'ikev2' is not available in the daemons yet; use 'manual'")
+
+
+def check_runtime(cfg: DaemonConfig) -> None:
+    """Checks that need the machine: every named interface exists (in this namespace)."""
+    d = cfg.daemon
+    names = [("interfaces", n) for n in d.interfaces]
+    for key in ("home_interface", "inside_interface"):
+        if getattr(d, key):
+            names.append((key, getattr(d, key)))
+    for key, name in names:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise ConfigError(f"{_where(cfg.path, 'daemon', key)}: interface {name!r} does not "
+                              f"exist") from None
+
+
+# --- dataclasses -> TOML -------------------------------------------------------------------------
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (bytes, bytearray)):
+        return json.dumps(bytes(value).hex())
+    if isinstance(value, str):
+        return json.dumps(value)          # a JSON string is a valid TOML basic string
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _is_table(value: Any) -> bool:
+    return dataclasses.is_dataclass(value)
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and bool(value) and all(map(_is_table, value))
+
+
+def _emit(obj: Any, name: str, out: list[str], array: bool = False) -> None:
+    out.append(f"\n[[{name}]]" if array else f"\n[{name}]")
+    later = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if _is_table(value) or _is_table_array(value):
+            later.append((f.name, value))
+        else:
+            out.append(f"{f.name} = {_scalar(value)}")
+    for key, value in later:
+        if _is_table(value):
+            _emit(value, f"{name}.{key}", out)
+        else:
+            for item in value:
+                _emit(item, f"{name}.{key}", out, array=True)
+
+
+def dump_config(cfg: DaemonConfig, comment: str = "") -> str:
+    out = []
+    if comment:
+        out += [f"# {line}" if line else "#" for line in comment.splitlines()]
+    out.append(f"role = {_scalar(cfg.role)}")
+    _emit(cfg.daemon, "daemon", out)
+    _emit(cfg.node, ROLE_SECTION[cfg.role], out)
+    return "\n".join(out) + "\n"
+
+
+def write_config(cfg: DaemonConfig, path: str | os.PathLike[str], comment: str = "") -> None:
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # keys: owner only
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_config(cfg, comment))
+    os.replace(tmp, path)
+
+
+# --- matching sets (mipsec keys, the lab) --------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeySetLayout:
+    """Interface names and paths written into a generated set (defaults: the lab's names)."""
+    mn_interfaces: tuple[str, ...] = ("va0", "vb0")
+    mn_home_interface: str = "home0"
+    gw_inside_interface: str = "in0"
+    ha_home_interface: str = "eth0"
+    run_dir: str = DEFAULT_RUN_DIR
+    pcap_dir: str = ""                # "" = no captures
+    tun_names: dict[str, str] = field(default_factory=lambda: {"mn": "mtun0", "gw": "gtun0",
+                                                                "ha": "htun0"})
+
+
+def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_from: Any = None,
+                 **lab_kwargs: Any) -> dict[str, DaemonConfig]:
+    """Fresh keys for an HA, a GW and ``n_mobiles`` MNs that match each other.
+
+    Returns {"ha": ..., "gw": ..., "mn" (or "mn1", "mn2" ...): ...}; built on
+    ``mipsec.node.config.make_lab_configs`` so the sim, the lab and generated files agree.
+    """
+    lay = layout or KeySetLayout()
+    lab = node_config.make_lab_configs(n_mobiles, keys_from, **lab_kwargs)
+
+    def settings(role: str, name: str, **kw: Any) -> DaemonSettings:
+        pcap = os.path.join(lay.pcap_dir, f"{name}.pcap") if lay.pcap_dir else ""
+        return DaemonSettings(tun=lay.tun_names[role],
+                              control_socket=os.path.join(lay.run_dir, f"{name}.sock"),
+                              pcap=pcap, **kw)
+
+    out = {
+        "ha": DaemonConfig("ha", settings("ha", "ha", home_interface=lay.ha_home_interface),
+                           lab.home_agent),
+        "gw": DaemonConfig("gw", settings("gw", "gw", inside_interface=lay.gw_inside_interface),
+                           lab.gateway),
+    }
+    for mn in lab.mobiles:
+        out[mn.name] = DaemonConfig("mn", settings("mn", mn.name, interfaces=lay.mn_interfaces,
+                                                   home_interface=lay.mn_home_interface), mn)
+    return out
+
+
+def write_key_set(out_dir: str | os.PathLike[str], n_mobiles: int = 1,
+                  layout: KeySetLayout | None = None, **kw: Any) -> dict[str, str]:
+    """``mipsec keys``: write ha.toml, gw.toml and one file per MN; returns name -> path."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, cfg in make_key_set(n_mobiles, layout, **kw).items():
+        path = os.path.join(out_dir, f"{name}.toml")
+        write_config(cfg, path, comment=f"mipsec {cfg.role} configuration for {name!r}, generated "
+                     f"by `mipsec keys`.\nSecret keys inside: keep this file private (mode 0600).")
+        paths[name] = path
+    return paths

@@ -1,0 +1,343 @@
+"""``mipsec mn|gw|ha``: a role on a TUN device and sockets, driven by one event loop.
+
+The daemon does not fork the role's logic: it builds the same sans-I/O object the simulator
+drives (``mipsec.node``) from the TOML file and wires it to the machine (docs/design.md,
+"What net and tun mean"):
+
+| role | TUN device | receives on the net side | reacts to |
+|------|------------|--------------------------|-----------|
+| MN | home address on the TUN while away, home prefix routed into it | raw ESP (50), UDP 4500 if UDP-encapsulated, UDP 434 (direct RRP at home) | netlink: a new address on a visited interface -> ``CareOfAddressChanged``; an address in the home prefix -> ``ReturnedHome`` (TUN address and routes removed, gratuitous ARP) |
+| GW | ``ip rule iif <inside> lookup <table>``, table: default dev TUN (home-side traffic for care-of addresses goes to the role) | raw ESP (50), UDP 4500 if any MN uses it, UDP SIU port on the inside address | ``RebindSa`` is logged (the key file uses ``*`` addresses and stays valid) |
+| HA | home addresses of MNs away are routed into it | UDP 434, raw IP-in-IP (4) | ``BindingChanged``: host route into the TUN + proxy ARP + gratuitous ARP while away; removed at home |
+
+Start-up validates everything first (file, keys, interfaces) and stops with one message on the
+first problem.  SIGTERM / SIGINT stop the loop; shutdown removes the routes, rules, proxy-ARP
+entries and addresses the daemon added, closes the TUN device (the kernel deletes it), the
+sockets and the control socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import time
+from typing import Any
+
+from mipsec.config import DaemonConfig, check_runtime, load_config
+from mipsec.errors import ConfigError
+from mipsec.io import arp, control, netlink, pcap as pcapmod, transports, tun as tunmod
+from mipsec.io.loop import EventLoop
+from mipsec.node.actions import BindingChanged, CareOfAddressChanged, ReturnedHome
+
+log = logging.getLogger("mipsec.daemon")
+
+MIP_PORT = 434                 # RFC 5944 §3.1
+NAT_T_PORT = 4500              # RFC 3948
+
+
+def siu_port() -> int:
+    from mipsec.mip.constants import SIU_PORT
+    return SIU_PORT
+
+
+def make_role(cfg: DaemonConfig, wallclock=time.time) -> Any:
+    """The sans-I/O role object for a configuration (the same classes the simulator uses)."""
+    if cfg.role == "mn":
+        from mipsec.node.mobile_node import MobileNode as cls
+    elif cfg.role == "gw":
+        from mipsec.node.gateway import VpnGateway as cls
+    else:
+        from mipsec.node.home_agent import HomeAgent as cls
+    return cls(cfg.node, wallclock=wallclock)
+
+
+def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
+    """The esp_sa key-file entries for this daemon's SAs, from its configuration."""
+    sas = []
+    if cfg.role == "mn":
+        sas = [cfg.node.esp_in, cfg.node.esp_out]
+    elif cfg.role == "gw":
+        for m in cfg.node.mobiles:
+            sas += [m.esp_in, m.esp_out]
+    out = []
+    for sa in sas:
+        if sa.encryption in pcapmod.TSHARK_ENCRYPTION:
+            out.append(pcapmod.EspSaEntry(spi=sa.spi, encryption=sa.encryption,
+                                          encryption_key=sa.encryption_key,
+                                          integrity=sa.integrity, integrity_key=sa.integrity_key))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class Daemon:
+    """One role process.  ``start()`` then ``run()``; ``close()`` always (it is idempotent)."""
+
+    def __init__(self, cfg: DaemonConfig, *, role: Any = None, tun: Any = None,
+                 sender: Any = None, receivers: list[Any] | None = None,
+                 manage_kernel: bool = True):
+        self.cfg = cfg
+        self.role = role
+        self.tun = tun
+        self.sender = sender
+        self.receivers = receivers
+        self.manage_kernel = manage_kernel   # False in tests with fakes: no routes, no netlink
+        self.nl: netlink.Netlink | None = None
+        self.watcher: netlink.AddressWatcher | None = None
+        self.control: control.ControlServer | None = None
+        self.pcap: pcapmod.PcapWriter | None = None
+        self.loop: EventLoop | None = None
+        self.started_wall = time.time()
+        self._tun_home_configured = False
+        self._closed = False
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg, d = self.cfg, self.cfg.daemon
+        if self.manage_kernel:
+            check_runtime(cfg)
+        if self.role is None:
+            self.role = make_role(cfg)
+        try:
+            self._start_io()
+        except Exception:
+            self.close()
+            raise
+
+    def _start_io(self) -> None:
+        cfg, d = self.cfg, self.cfg.daemon
+        if self.tun is None:
+            self.tun = tunmod.LinuxTun(d.tun, d.mtu)
+        if self.sender is None:
+            self.sender = transports.RawSender()
+        if self.receivers is None:
+            self.receivers = self._open_receivers()
+        if d.pcap:
+            self.pcap = pcapmod.PcapWriter(d.pcap)
+        if cfg.keyfile:
+            pcapmod.write_esp_sa_file(cfg.keyfile, esp_entries(cfg))
+        self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
+                              receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
+                              pcap=self.pcap)
+        if self.manage_kernel:
+            self.nl = netlink.Netlink()
+            getattr(self, f"_setup_{cfg.role}")()
+        self.control = control.ControlServer(cfg.control_socket, self.handle_command)
+        self.loop.add_reader(self.control, lambda srv: srv.serve_one())
+        if self.watcher is not None:
+            self.loop.add_reader(self.watcher, self._on_netlink)
+            for event in self.watcher.initial_events():
+                self.loop.feed_event(event)
+
+    def _name(self) -> str:
+        return getattr(self.cfg.node, "name", self.cfg.role)
+
+    def _open_receivers(self) -> list[Any]:
+        cfg = self.cfg
+        out: list[Any] = []
+        if cfg.role in ("mn", "gw"):
+            out.append(transports.RawReceiver(transports.IPPROTO_ESP, "esp"))
+            if self._uses_udp_encap():
+                out.append(transports.UdpReceiver(NAT_T_PORT, name="esp-udp"))
+        if cfg.role == "mn":
+            out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
+        if cfg.role == "gw":
+            out.append(transports.UdpReceiver(siu_port(), cfg.node.inside_address, name="siu"))
+        if cfg.role == "ha":
+            out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
+            out.append(transports.RawReceiver(transports.IPPROTO_IPIP, "ipip"))
+        return out
+
+    def _uses_udp_encap(self) -> bool:
+        node = self.cfg.node
+        if self.cfg.role == "mn":
+            return node.esp_in.udp_encap or node.esp_out.udp_encap
+        return any(m.esp_in.udp_encap or m.esp_out.udp_encap for m in node.mobiles)
+
+    # --- per-role kernel wiring ----------------------------------------------------------------
+
+    def _setup_mn(self) -> None:
+        d, node = self.cfg.daemon, self.cfg.node
+        homes = [d.home_interface] if d.home_interface else []
+        self.watcher = netlink.AddressWatcher(d.interfaces, node.home_prefix, homes)
+        self.loop.on_event.append(self._mn_before_event)
+
+    def _mn_before_event(self, event: Any) -> None:
+        """Kernel side of an MN move, done before the role sees the event."""
+        node, d = self.cfg.node, self.cfg.daemon
+        prefixlen = ipaddress.IPv4Network(node.home_prefix).prefixlen
+        if isinstance(event, CareOfAddressChanged) and event.care_of_address:
+            if not self._tun_home_configured:
+                # Away: the home address lives on the TUN, the home network is reached through it.
+                self.nl.add_address(self.tun.name, node.home_address, 32)
+                self.nl.replace_route(node.home_prefix, self.tun.name, src=node.home_address)
+                self._tun_home_configured = True
+        elif isinstance(event, ReturnedHome):
+            if self._tun_home_configured:
+                self.nl.del_route(node.home_prefix, self.tun.name)
+                self.nl.del_address(self.tun.name, node.home_address, 32)
+                self._tun_home_configured = False
+            ifname = event.interface or d.home_interface
+            if d.gratuitous_arp and ifname:
+                try:   # RFC 5944 §4.6: the MN announces itself on the home link
+                    arp.send_gratuitous_arp(ifname, node.home_address)
+                except OSError as exc:
+                    log.warning("gratuitous ARP on %s failed: %s", ifname, exc)
+        del prefixlen
+
+    def _setup_gw(self) -> None:
+        d = self.cfg.daemon
+        for scope in ("all", "default", d.inside_interface, self.tun.name):
+            netlink.set_sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
+        netlink.set_sysctl("net.ipv4.ip_forward", 1)
+        self.nl.replace_route("0.0.0.0/0", self.tun.name, table=d.route_table)
+        self.nl.add_rule(d.inside_interface, d.route_table, d.rule_priority)
+
+    def _setup_ha(self) -> None:
+        d = self.cfg.daemon
+        for scope in ("all", "default", d.home_interface, self.tun.name):
+            netlink.set_sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
+        netlink.set_sysctl("net.ipv4.ip_forward", 1)
+        self.loop.on_action[BindingChanged] = self._ha_binding_changed
+
+    def _ha_binding_changed(self, action: BindingChanged) -> None:
+        d = self.cfg.daemon
+        home = action.home_address
+        if action.care_of_address:
+            # Away: intercept the home address (RFC 5944 §4.6 proxy + gratuitous ARP).
+            self.nl.replace_route(f"{home}/32", self.tun.name)
+            self.nl.add_proxy_arp(home, d.home_interface)
+            if d.gratuitous_arp:
+                try:
+                    arp.send_gratuitous_arp(d.home_interface, home)
+                except OSError as exc:
+                    log.warning("gratuitous ARP for %s failed: %s", home, exc)
+        else:
+            self.nl.del_proxy_arp(home, d.home_interface)
+            self.nl.del_route(f"{home}/32", self.tun.name)
+
+    def _on_netlink(self, watcher: netlink.AddressWatcher) -> None:
+        for event in watcher.receive():
+            log.info("netlink: %s", event)
+            self.loop.feed_event(event)
+
+    # --- control commands ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        try:
+            node = self.role.status()
+        except Exception as exc:
+            log.exception("BUG: role.status() raised")
+            node = {"error": f"status failed: {exc}"}
+        return {
+            "ok": True, "role": self.cfg.role, "name": self._name(), "pid": os.getpid(),
+            "config": self.cfg.path, "tun": getattr(self.tun, "name", None),
+            "control_socket": self.cfg.control_socket,
+            "pcap": self.cfg.daemon.pcap or None, "keyfile": self.cfg.keyfile or None,
+            "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()},
+            "started": self.started_wall,
+            "io": dict(self.loop.stats),
+            "drops": {str(k): v for k, v in getattr(self.role, "drops", {}).items()},
+            "node": _jsonable(node),
+            "timeline": self.timeline(),
+        }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        return [_jsonable(ev) for ev in getattr(self.role, "timeline", [])]
+
+    def handle_command(self, command: str, args: list[str]) -> dict[str, Any]:
+        if command == "status":
+            return self.status()
+        if command == "timeline":
+            return {"ok": True, "timeline": self.timeline(),
+                    "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()}}
+        if command == "handover":
+            if self.cfg.role != "mn":
+                return {"ok": False, "error": "handover: only a mobile node moves"}
+            if not args:
+                return {"ok": False, "error": "usage: handover <care-of address> [interface]"}
+            try:
+                ipaddress.IPv4Address(args[0])
+            except ValueError:
+                return {"ok": False, "error": f"handover: not an IPv4 address: {args[0]!r}"}
+            self.loop.feed_event(CareOfAddressChanged(args[0], args[1] if len(args) > 1 else None))
+            return {"ok": True, "handover": args[0]}
+        if command == "home":
+            if self.cfg.role != "mn":
+                return {"ok": False, "error": "home: only a mobile node returns home"}
+            self.loop.feed_event(ReturnedHome(args[0] if args else self.cfg.daemon.home_interface
+                                              or None))
+            return {"ok": True}
+        if command == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown command {command!r} "
+                                      f"(status, timeline, handover, home, ping)"}
+
+    # --- run / close ---------------------------------------------------------------------------
+
+    def run(self) -> str:
+        self.loop.install_signal_handlers()
+        log.info("%s %s running (pid %d, tun %s, control %s)", self.cfg.role, self._name(),
+                 os.getpid(), self.tun.name, self.cfg.control_socket)
+        reason = self.loop.run()
+        log.info("%s %s stopping: %s", self.cfg.role, self._name(), reason)
+        return reason
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for closer in (lambda: self.nl and self.nl.undo_all(),
+                       lambda: self.nl and self.nl.close(),
+                       lambda: self.watcher and self.watcher.close(),
+                       lambda: self.control and self.control.close(),
+                       lambda: self.loop and self.loop.close(),
+                       lambda: [r.close() for r in self.receivers or ()],
+                       lambda: self.sender and self.sender.close(),
+                       lambda: self.tun and self.tun.close(),
+                       lambda: self.pcap and self.pcap.close()):
+            try:
+                closer()
+            except Exception as exc:
+                log.warning("shutdown step failed: %s", exc)
+
+
+def run_daemon(config_path: str, expected_role: str, log_level: str | None = None) -> int:
+    """Entry point of ``mipsec mn|gw|ha``: exit status 0 on a clean stop, 2 on bad config."""
+    try:
+        cfg = load_config(config_path)
+        if cfg.role != expected_role:
+            raise ConfigError(f"{config_path}: role: the file is for {cfg.role!r}, "
+                              f"not {expected_role!r}")
+    except ConfigError as exc:
+        logging.getLogger("mipsec").error("%s", exc)
+        return 2
+    level = (log_level or cfg.daemon.log_level).upper()
+    logging.getLogger("mipsec").setLevel(level)
+    daemon = Daemon(cfg)
+    try:
+        daemon.start()
+    except ConfigError as exc:
+        logging.getLogger("mipsec").error("%s", exc)
+        daemon.close()
+        return 2
+    try:
+        daemon.run()
+    finally:
+        daemon.close()
+    return 0

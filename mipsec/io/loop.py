@@ -1,0 +1,236 @@
+"""One selectors-based event loop per daemon: the only place that reads the clock.
+
+Theory of operation.  A role (``MobileNode``, ``VpnGateway``, ``HomeAgent``) is a sans-I/O
+object; the loop is its whole runtime:
+
+* it waits on every readable source (the TUN device, the net receivers, the netlink watcher, the
+  control socket, a signal wake-up socket) and on ONE timer, the role's ``get_timer()`` deadline;
+* it reads ``time.monotonic()`` once per wake-up and passes it as ``now`` (the same clock in every
+  namespace of the machine, so timelines of MN, GW and HA can be merged); the wall clock the
+  roles need for MIPv4 identification is ``time.time``, injected at role construction;
+* it feeds packets to ``receive_from_tun`` / ``receive_from_net``, events to ``handle_event``,
+  an expired deadline to ``handle_timer``, and carries out the returned actions IN ORDER
+  (docs/design.md: the GW's ``RebindSa`` precedes the ``SendToNet`` of the reply);
+* an exception escaping a role is a bug in mipsec, never the peer's doing: it is logged with its
+  traceback, counted in ``bugs`` and the loop goes on with the next packet.
+
+Daemon-specific reactions (the HA steering a home address into its TUN on ``BindingChanged``,
+the key file rewritten on ``RebindSa`` ...) are hooks: ``on_action[ActionType] = callable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+from typing import Any, Callable
+
+from mipsec.node.actions import BindingChanged, Log, RebindSa, SendToNet, WriteToTun
+
+log = logging.getLogger("mipsec.io.loop")
+
+MAX_IDLE_WAIT_S = 1.0          # wake up at least this often (cheap; keeps shutdown responsive)
+
+
+class EventLoop:
+    def __init__(self, role: Any, *, tun: Any, sender: Any, receivers: list[Any] = (),
+                 name: str = "daemon", pcap: Any = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wallclock: Callable[[], float] = time.time):
+        self.role = role
+        self.tun = tun
+        self.sender = sender
+        self.name = name
+        self.pcap = pcap
+        self.clock = clock
+        self.wallclock = wallclock
+        self.on_action: dict[type, Callable[[Any], None]] = {}
+        self.on_event: list[Callable[[Any], None]] = []   # observers of events fed to the role
+        self.stats = {"from_tun": 0, "to_tun": 0, "from_net": 0, "to_net": 0,
+                      "send_errors": 0, "timers": 0, "bugs": 0}
+        self.max_wait = MAX_IDLE_WAIT_S
+        self._selector = selectors.DefaultSelector()
+        self._running = False
+        self._stop_reason: str | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        if tun is not None:
+            self.add_reader(tun, self._on_tun)
+        for receiver in receivers:
+            self.add_reader(receiver, self._on_net)
+
+    # --- sources --------------------------------------------------------------------------------
+
+    def add_reader(self, source: Any, callback: Callable[[Any], None]) -> None:
+        self._selector.register(source.fileno(), selectors.EVENT_READ, (source, callback))
+
+    def remove_reader(self, source: Any) -> None:
+        try:
+            self._selector.unregister(source.fileno())
+        except (KeyError, ValueError):
+            pass
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT stop the loop cleanly (the wake-up fd makes select return at once)."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno())
+        self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, (None, self._on_wake))
+
+        def handler(signum, _frame):
+            self.stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _on_wake(self, _source: Any) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # --- role calls -----------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable, *args: Any) -> None:
+        try:
+            actions = fn(*args)
+        except Exception:
+            self.stats["bugs"] += 1
+            log.exception("BUG: %s.%s raised (the packet/event is dropped, the daemon goes on)",
+                          type(self.role).__name__, what)
+            return
+        if actions:
+            self.dispatch(actions)
+
+    def _on_tun(self, tun: Any) -> None:
+        for _ in range(64):
+            packet = tun.read()
+            if packet is None:
+                break
+            self.stats["from_tun"] += 1
+            self._call("receive_from_tun", self.role.receive_from_tun, packet, self.clock())
+
+    def _on_net(self, receiver: Any) -> None:
+        packets = receiver.receive()
+        if not packets:
+            return
+        now = self.clock()
+        for packet in packets:
+            self.stats["from_net"] += 1
+            if self.pcap is not None:
+                self.pcap.write(packet, self.wallclock())
+            self._call("receive_from_net", self.role.receive_from_net, packet, now)
+
+    def feed_event(self, event: Any) -> None:
+        """Hand an event (CareOfAddressChanged, ReturnedHome ...) to the role."""
+        for observer in self.on_event:
+            try:
+                observer(event)
+            except Exception:
+                self.stats["bugs"] += 1
+                log.exception("BUG: event observer failed on %r", event)
+        self._call("handle_event", self.role.handle_event, event, self.clock())
+
+    def feed_net(self, packet: bytes) -> None:
+        """Hand one net-side packet to the role as if received (tests, tools)."""
+        self._on_net(_OnePacket(packet))
+
+    # --- actions --------------------------------------------------------------------------------
+
+    def dispatch(self, actions: list[Any]) -> None:
+        for action in actions:
+            try:
+                self._carry_out(action)
+            except Exception:
+                self.stats["bugs"] += 1
+                log.exception("BUG: carrying out %s failed", type(action).__name__)
+
+    def _carry_out(self, action: Any) -> None:
+        kind = type(action)
+        if kind is SendToNet:
+            if self.pcap is not None:
+                self.pcap.write(action.packet, self.wallclock())
+            if self.sender.send(action.packet, action.interface):
+                self.stats["to_net"] += 1
+            else:
+                self.stats["send_errors"] += 1
+        elif kind is WriteToTun:
+            self.stats["to_tun"] += 1
+            self.tun.write(action.packet)
+        elif kind is Log:
+            level = logging.getLevelName(str(action.level).upper())
+            log.log(level if isinstance(level, int) else logging.INFO, "%s: %s",
+                    self.name, action.message)
+        elif kind is RebindSa:
+            log.info("%s: SA 0x%08x re-pointed: local=%s remote=%s", self.name, action.spi,
+                     action.local, action.remote)
+        elif kind is BindingChanged:
+            log.info("%s: binding %s -> %s", self.name, action.home_address,
+                     action.care_of_address or "home")
+        else:
+            log.debug("%s: action %r", self.name, action)
+        hook = self.on_action.get(kind)
+        if hook is not None:
+            hook(action)
+
+    # --- running --------------------------------------------------------------------------------
+
+    def stop(self, reason: str = "stop") -> None:
+        self._stop_reason = reason
+        self._running = False
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        if max_wait is None:
+            max_wait = self.max_wait
+        now = self.clock()
+        deadline = self._deadline()
+        wait = max_wait if deadline is None else min(max_wait, max(0.0, deadline - now))
+        for key, _mask in self._selector.select(wait):
+            source, callback = key.data
+            callback(source)
+        deadline = self._deadline()
+        now = self.clock()
+        if deadline is not None and now >= deadline:
+            self.stats["timers"] += 1
+            self._call("handle_timer", self.role.handle_timer, now)
+
+    def _deadline(self) -> float | None:
+        try:
+            return self.role.get_timer()
+        except Exception:
+            self.stats["bugs"] += 1
+            log.exception("BUG: %s.get_timer raised", type(self.role).__name__)
+            return None
+
+    def run(self, until: Callable[[], bool] | None = None) -> str:
+        """Run until ``stop()`` (a signal) or until ``until()`` is true; returns the reason."""
+        self._running = True
+        while self._running:
+            self.run_once()
+            if until is not None and until():
+                self._stop_reason = self._stop_reason or "done"
+                break
+        return self._stop_reason or "stopped"
+
+    def close(self) -> None:
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            self._wake_w.close()
+        self._selector.close()
+
+
+class _OnePacket:
+    def __init__(self, packet: bytes):
+        self._packet = packet
+
+    def receive(self) -> list[bytes]:
+        return [self._packet]

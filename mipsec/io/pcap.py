@@ -1,0 +1,189 @@
+"""Packet captures of a daemon's net side, and the ESP key file Wireshark / tshark read.
+
+**pcap.** Classic libpcap format (https://wiki.wireshark.org/Development/LibpcapFileFormat):
+a 24-byte global header (magic 0xa1b2c3d4 written in host order, version 2.4, snaplen 65535,
+link type 101 = LINKTYPE_RAW: each record starts with an IPv4 header, no link layer), then per
+packet a 16-byte record header (seconds, microseconds, captured length, original length).  Each
+record is flushed at once so a capture can be read while the daemon runs.  The timestamp is given
+by the caller (the event loop is the only code that reads the clock).
+
+**ESP key file.** Wireshark's ESP dissector takes its SAs from the ``esp_sa`` UAT (Preferences >
+Protocols > ESP > ESP SAs).  As a file (``esp_sa`` in a profile directory, e.g.
+``~/.config/wireshark/esp_sa``) or on tshark's command line (``-o 'uat:esp_sa:<line>'``, once per
+SA) every SA is one line of eight double-quoted, comma-separated fields, checked with tshark 4.0:
+
+    "IPv4","<src or *>","<dst or *>","0x<SPI 8 hex digits>","<encryption>","0x<key hex>","<auth>","0x<key hex>"
+
+The algorithm fields take Wireshark's own names (packet-ipsec.c ``esp_encryption_type_vals``
+and ``esp_authentication_type_vals``); ``TSHARK_ENCRYPTION`` / ``TSHARK_INTEGRITY`` map our IANA
+names onto them.  For AES-GCM the key field is the key with its 4-byte salt appended, as in
+RFC 4106 §8.1 keying, and the integrity algorithm is "NULL".  Addresses are written as ``*``:
+SPIs are unique in a lab, and a care-of address changes during a handover while the SA stays.
+
+To decode, pass ``-o esp.enable_encryption_decode:TRUE -o esp.enable_authentication_check:TRUE``
+(tshark then sets ``esp.icv_good`` / ``esp.icv_bad`` per packet).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterable
+
+PCAP_MAGIC = 0xA1B2C3D4
+PCAP_VERSION = (2, 4)
+PCAP_SNAPLEN = 65535
+LINKTYPE_RAW = 101             # raw IPv4/IPv6, no link-layer header (tcpdump.org link types)
+_GLOBAL = struct.Struct("=IHHiIII")
+_RECORD = struct.Struct("=IIII")
+
+# IANA transform names (RFC 8221 / IKEv2 registries) -> Wireshark 4.0 esp_sa UAT strings.
+TSHARK_ENCRYPTION = {
+    "ENCR_NULL": "NULL",
+    "ENCR_AES_CBC": "AES-CBC [RFC3602]",
+    "ENCR_AES_GCM_16": "AES-GCM with 16 octet ICV [RFC4106]",
+    "ENCR_CHACHA20_POLY1305": "ChaCha20 with Poly1305 [RFC7634]",
+}
+TSHARK_INTEGRITY = {
+    None: "NULL",
+    "": "NULL",
+    "AUTH_HMAC_SHA1_96": "HMAC-SHA-1-96 [RFC2404]",
+    "AUTH_HMAC_SHA2_256_128": "HMAC-SHA-256-128 [RFC4868]",
+    "AUTH_HMAC_SHA2_384_192": "HMAC-SHA-384-192 [RFC4868]",
+    "AUTH_HMAC_SHA2_512_256": "HMAC-SHA-512-256 [RFC4868]",
+}
+
+
+class PcapWriter:
+    """Appends IPv4 packets to a LINKTYPE_RAW pcap file."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._file: BinaryIO = open(self.path, "wb")
+        self._file.write(_GLOBAL.pack(PCAP_MAGIC, *PCAP_VERSION, 0, 0, PCAP_SNAPLEN, LINKTYPE_RAW))
+        self._file.flush()
+        self.records = 0
+
+    def write(self, packet: bytes, timestamp: float) -> None:
+        seconds = int(timestamp)
+        micros = int((timestamp - seconds) * 1_000_000)
+        captured = packet[:PCAP_SNAPLEN]
+        self._file.write(_RECORD.pack(seconds, micros, len(captured), len(packet)))
+        self._file.write(captured)
+        self._file.flush()
+        self.records += 1
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def read_pcap(path: str | os.PathLike[str]) -> list[tuple[float, bytes]]:
+    """The records of a pcap written by ``PcapWriter`` (for tests and ``mipsec`` tools)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, _maj, _min, _tz, _sig, _snap, linktype = _GLOBAL.unpack_from(data)
+    if magic != PCAP_MAGIC or linktype != LINKTYPE_RAW:
+        raise ValueError(f"{path}: not a LINKTYPE_RAW pcap written in host byte order")
+    out, off = [], _GLOBAL.size
+    while off + _RECORD.size <= len(data):
+        sec, usec, caplen, _orig = _RECORD.unpack_from(data, off)
+        off += _RECORD.size
+        out.append((sec + usec / 1e6, data[off:off + caplen]))
+        off += caplen
+    return out
+
+
+@dataclass(frozen=True)
+class EspSaEntry:
+    """One line of Wireshark's esp_sa table."""
+    spi: int
+    encryption: str            # IANA name
+    encryption_key: bytes      # including the salt for AEAD transforms
+    integrity: str | None = None
+    integrity_key: bytes = b""
+    source: str = "*"
+    destination: str = "*"
+
+    def uat_line(self) -> str:
+        try:
+            enc = TSHARK_ENCRYPTION[self.encryption]
+        except KeyError:
+            raise ValueError(f"no Wireshark name for encryption {self.encryption!r}") from None
+        try:
+            auth = TSHARK_INTEGRITY[self.integrity]
+        except KeyError:
+            raise ValueError(f"no Wireshark name for integrity {self.integrity!r}") from None
+        fields = ["IPv4", self.source, self.destination, f"0x{self.spi:08x}", enc,
+                  "0x" + self.encryption_key.hex(), auth,
+                  "0x" + self.integrity_key.hex() if self.integrity_key else ""]
+        return ",".join(f'"{field}"' for field in fields)
+
+
+def entry_from_sa(sa: Any) -> EspSaEntry:
+    """The esp_sa entry of a ``SecurityAssociation``.
+
+    Uses ``sa.tshark_esp_sa_entry()`` when the SA offers it (a dict with ``spi``, ``encryption``,
+    ``encryption_key`` ...), otherwise the SA's public attributes.  Addresses stay ``*``.
+    """
+    hook = getattr(sa, "tshark_esp_sa_entry", None)
+    if callable(hook):
+        entry = hook()
+        if isinstance(entry, EspSaEntry):
+            return entry
+        if isinstance(entry, str):
+            return _RawLine(entry)  # type: ignore[return-value]
+        if isinstance(entry, (list, tuple)):   # the eight UAT fields, in order
+            return _RawLine(",".join(f'"{field}"' for field in entry))  # type: ignore[return-value]
+    spi = sa.spi
+    enc = _attr(sa, "encryption", "encryption_name")
+    integ = _attr(sa, "integrity", "integrity_name", default=None)
+    return EspSaEntry(spi=spi, encryption=enc, encryption_key=bytes(sa.encryption_key),
+                      integrity=integ or None,
+                      integrity_key=bytes(getattr(sa, "integrity_key", b"") or b""))
+
+
+class _RawLine(str):
+    """An already formatted UAT line handed over by the SA itself."""
+
+    def uat_line(self) -> str:
+        return str(self)
+
+
+def _attr(obj: Any, *names: str, **kw: Any) -> Any:
+    for name in names:
+        if hasattr(obj, name):
+            value = getattr(obj, name)
+            return getattr(value, "name", value) if not isinstance(value, str) else value
+    if "default" in kw:
+        return kw["default"]
+    raise AttributeError(f"{type(obj).__name__} has none of {names}")
+
+
+def write_esp_sa_file(path: str | os.PathLike[str], entries: Iterable[Any]) -> None:
+    """(Re)write the esp_sa key file atomically; entries are EspSaEntry or formatted lines."""
+    lines = []
+    seen = set()
+    for entry in entries:
+        line = entry.uat_line() if hasattr(entry, "uat_line") else str(entry)
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        f.write("# mipsec ESP SAs for Wireshark/tshark (esp_sa UAT): keys, keep private\n")
+        f.write("".join(line + "\n" for line in lines))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def tshark_options(path: str | os.PathLike[str]) -> list[str]:
+    """The tshark command-line options that load an esp_sa key file and check every ICV."""
+    opts = ["-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                opts += ["-o", f"uat:esp_sa:{line}"]
+    return opts

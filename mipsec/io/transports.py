@@ -1,0 +1,219 @@
+"""The net side of a daemon: sending and receiving whole IPv4 packets.
+
+Roles take and return complete IPv4 packets (docs/design.md, "What net and tun mean"), so:
+
+* **sending** is one raw ``IPPROTO_RAW`` socket (``IP_HDRINCL`` is implied, Linux raw(7)): the
+  role's packet goes out exactly as built, routed by its destination; a ``SendToNet`` that names
+  an interface goes through a socket bound to it (``SO_BINDTODEVICE``), so the MN's RRQ leaves
+  from the care-of interface it names;
+* **receiving ESP** (protocol 50) and **IP-in-IP** (protocol 4) uses raw sockets of that protocol:
+  Linux hands them the whole datagram, IPv4 header included (raw(7));
+* **receiving UDP** (4500 for UDP-encapsulated ESP, RFC 3948; 434 for Mobile IP registration,
+  RFC 5944 §3.1; the SIU port) uses ordinary UDP sockets, whose datagrams are rebuilt into
+  IPv4 + UDP packets: the source comes from ``recvfrom``, the local (destination) address from
+  ``IP_PKTINFO`` (ip(7)), TTL 64, checksums valid.
+
+Every receiver has ``fileno()`` and ``receive() -> list[bytes]`` (everything queued, non-blocking),
+which is all the event loop needs; ``FakeNet`` implements the same for tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import struct
+
+from mipsec.errors import ConfigError
+
+IPPROTO_ESP = 50               # RFC 4303
+IPPROTO_IPIP = 4               # RFC 2003
+IPPROTO_UDP = 17
+RECV_SIZE = 65535
+MAX_BATCH = 64                 # packets taken from one socket per wake-up (fairness between fds)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)   # ip(7); Python < 3.12 lacks the constant
+REBUILT_TTL = 64               # TTL of a rebuilt IPv4 header (the real one is not available)
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")   # RFC 791 header without options
+_UDP = struct.Struct("!HHHH")             # RFC 768
+_PKTINFO = struct.Struct("=I4s4s")        # struct in_pktinfo: ifindex, spec_dst, addr
+
+
+def _checksum(data: bytes) -> int:
+    """RFC 1071 one's complement sum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes,
+                     ident: int = 0) -> bytes:
+    """An IPv4 + UDP packet around ``payload`` with valid header and UDP checksums."""
+    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    udp_len = 8 + len(payload)
+    pseudo = s + d + struct.pack("!BBH", 0, IPPROTO_UDP, udp_len)
+    csum = _checksum(pseudo + _UDP.pack(sport, dport, udp_len, 0) + payload) or 0xFFFF
+    udp = _UDP.pack(sport, dport, udp_len, csum)
+    header = _IPV4.pack(0x45, 0, 20 + udp_len, ident & 0xFFFF, 0, REBUILT_TTL, IPPROTO_UDP, 0, s, d)
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + udp + payload
+
+
+class RawSender:
+    """Sends complete IPv4 packets (header included) through raw sockets."""
+
+    def __init__(self) -> None:
+        self._default = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self._by_interface: dict[str, socket.socket] = {}
+        self.sent = 0
+        self.errors = 0
+
+    def _socket_for(self, interface: str | None) -> socket.socket:
+        if interface is None:
+            return self._default
+        sock = self._by_interface.get(interface)
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            except OSError:
+                sock.close()
+                return self._default     # not an interface name (an address, or gone): route
+            self._by_interface[interface] = sock
+        return sock
+
+    def send(self, packet: bytes, interface: str | None = None) -> bool:
+        """Send one packet; False (counted in ``errors``) if the kernel refused it."""
+        if len(packet) < 20:
+            self.errors += 1
+            return False
+        dst = socket.inet_ntoa(packet[16:20])
+        try:
+            self._socket_for(interface).sendto(packet, (dst, 0))
+        except OSError:
+            # No route, link down during a handover, queue full: the packet is lost, as on a wire.
+            self.errors += 1
+            return False
+        self.sent += 1
+        return True
+
+    def forget_interface(self, interface: str) -> None:
+        sock = self._by_interface.pop(interface, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        self._default.close()
+        for sock in self._by_interface.values():
+            sock.close()
+        self._by_interface.clear()
+
+
+class RawReceiver:
+    """Receives whole IPv4 packets of one IP protocol (ESP 50, IP-in-IP 4) addressed to us."""
+
+    def __init__(self, protocol: int, name: str | None = None):
+        try:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, protocol)
+        except PermissionError as exc:
+            raise ConfigError(f"raw socket for IP protocol {protocol} needs root or "
+                              f"CAP_NET_RAW: {exc}") from exc
+        self._sock.setblocking(False)
+        self.name = name or f"raw-{protocol}"
+        self.protocol = protocol
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def receive(self) -> list[bytes]:
+        out = []
+        for _ in range(MAX_BATCH):
+            try:
+                out.append(self._sock.recv(RECV_SIZE))
+            except (BlockingIOError, InterruptedError):
+                break
+        return out
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class UdpReceiver:
+    """A UDP socket whose datagrams come out rebuilt as IPv4 + UDP packets (see module doc)."""
+
+    def __init__(self, port: int, address: str = "0.0.0.0", name: str | None = None):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        try:
+            self._sock.bind((address, port))
+        except OSError as exc:
+            self._sock.close()
+            raise ConfigError(f"cannot bind UDP {address}:{port}: {exc}") from exc
+        self._sock.setblocking(False)
+        self.port = self._sock.getsockname()[1]    # the real one when asked for port 0
+        self.address = address
+        self.name = name or f"udp-{port}"
+        self._ident = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def receive(self) -> list[bytes]:
+        out = []
+        for _ in range(MAX_BATCH):
+            try:
+                data, anc, _flags, src = self._sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue   # e.g. ICMP error queued on the socket: nothing to hand on
+            local = self.address
+            for level, kind, value in anc:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
+                    _ifindex, _spec_dst, header_dst = _PKTINFO.unpack_from(value)
+                    local = socket.inet_ntoa(header_dst)
+            self._ident = (self._ident + 1) & 0xFFFF
+            out.append(build_udp_packet(src[0], src[1], local, self.port, data, self._ident))
+        return out
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class FakeNet:
+    """In-memory net side for tests: ``inject()`` packets to be received, ``sent`` collects."""
+
+    def __init__(self, name: str = "fakenet"):
+        self.name = name
+        self.sent: list[tuple[bytes, str | None]] = []
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+
+    def inject(self, packet: bytes) -> None:
+        self._queue.append(bytes(packet))
+        self._w.send(b"\0")
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def receive(self) -> list[bytes]:
+        out = []
+        while self._queue:
+            out.append(self._queue.popleft())
+        try:
+            self._r.recv(4096)
+        except BlockingIOError:
+            pass
+        return out
+
+    def send(self, packet: bytes, interface: str | None = None) -> bool:
+        self.sent.append((bytes(packet), interface))
+        return True
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()

@@ -1,0 +1,128 @@
+"""TUN devices: the Linux one (python-pytun) and an in-memory fake with the same protocol.
+
+A role's "tun" side (docs/design.md, "What net and tun mean") is a layer-3 TUN device opened with
+``IFF_TUN | IFF_NO_PI``: every ``read()`` returns one whole IPv4 packet the local IP stack routed
+into the device, every ``write()`` hands one whole IPv4 packet to the local IP stack.  Both
+implementations are non-blocking and expose ``fileno()`` so the event loop can select on them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+from typing import Protocol
+
+from mipsec.errors import ConfigError
+
+TUN_READ_SIZE = 65535          # one read returns at most one packet; IPv4 total length <= 65535
+DEFAULT_MTU = 1400             # leaves room for ESP + outer IPv4 (+ IP-in-IP) inside a 1500 link
+
+
+class TunDevice(Protocol):
+    """What the event loop needs from a TUN device."""
+
+    name: str
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> bytes | None:
+        """One packet, or None when nothing is queued (non-blocking)."""
+
+    def write(self, packet: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LinuxTun:
+    """A Linux TUN device (``/dev/net/tun``) through python-pytun.
+
+    The device is created (non-persistent: it disappears when the file descriptor is closed,
+    which is how a daemon's shutdown, or its death, removes it), given ``mtu`` and set up.
+    Addresses and routes are the caller's business (``mipsec.io.netlink``).
+    """
+
+    def __init__(self, name: str, mtu: int = DEFAULT_MTU):
+        import pytun  # imported here so the fake works where python-pytun is missing
+
+        if len(name.encode()) > 15:
+            raise ConfigError(f"TUN device name {name!r} is longer than 15 bytes (IFNAMSIZ)")
+        try:
+            self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except pytun.Error as exc:
+            raise ConfigError(f"cannot create TUN device {name!r}: {exc} (needs root or "
+                              f"CAP_NET_ADMIN and /dev/net/tun)") from exc
+        self.name = self._dev.name
+        self._dev.mtu = mtu
+        self._dev.up()
+        self._fd = self._dev.fileno()
+        os.set_blocking(self._fd, False)
+        self._closed = False
+
+    @property
+    def mtu(self) -> int:
+        return self._dev.mtu
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> bytes | None:
+        try:
+            return os.read(self._fd, TUN_READ_SIZE)
+        except BlockingIOError:
+            return None
+
+    def write(self, packet: bytes) -> None:
+        try:
+            os.write(self._fd, packet)
+        except BlockingIOError:
+            # The kernel's queue is full: drop, as a router would (the inner protocol recovers).
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._dev.close()
+
+
+class FakeTun:
+    """An in-memory TUN device for tests.
+
+    ``inject(packet)`` queues a packet as if the local stack had routed it into the device (the
+    loop then reads it); ``written`` collects what the daemon wrote to the local stack.  A
+    socketpair makes ``fileno()`` readable exactly while packets are queued.
+    """
+
+    def __init__(self, name: str = "faketun0", mtu: int = DEFAULT_MTU):
+        self.name = name
+        self.mtu = mtu
+        self.written: list[bytes] = []
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self.closed = False
+
+    def inject(self, packet: bytes) -> None:
+        self._queue.append(bytes(packet))
+        self._w.send(b"\0")
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def read(self) -> bytes | None:
+        if not self._queue:
+            return None
+        try:
+            self._r.recv(1)
+        except BlockingIOError:
+            pass
+        return self._queue.popleft()
+
+    def write(self, packet: bytes) -> None:
+        self.written.append(bytes(packet))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._r.close()
+            self._w.close()

@@ -1,0 +1,289 @@
+"""``mipsec lab``: the whole topology in network namespaces, with the three daemons running.
+
+State lives in ``/run/mipsec-lab/<prefix>/``: generated TOML configs, pid files, control sockets,
+daemon logs, the GW's capture ``gw.pcap`` and its key file ``gw.pcap.esp_sa``, ``lab.json``.
+``down`` needs none of it to clean up: it kills what the pid files name, then every process still
+inside a namespace whose name starts with the prefix, and deletes those namespaces (the TUN
+devices and veth links go with them).
+
+CN <-> MN: the CN is an ordinary host on the home link.  While the MN is away its HA proxies ARP
+for the home address (RFC 5944 §4.6, ``ip neigh add proxy``) and announces it with a gratuitous
+ARP, so the CN's packets reach the HA, which tunnels them; at home the MN announces itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mipsec import config as mconfig
+from mipsec.io import control
+from mipsec.lab import topology as topo
+from mipsec.lab.topology import LabError, Names
+
+STATE_ROOT = "/run/mipsec-lab"
+DEFAULT_PREFIX = "mipsec-"
+ROLES = ("ha", "gw", "mn")
+NS_OF = {"ha": "ha", "gw": "gw", "mn": "mn"}
+READY_TIMEOUT_S = 10.0
+REGISTER_TIMEOUT_S = 10.0
+
+
+def requirements_problem() -> str | None:
+    """Why the lab cannot run here (None when it can)."""
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, TUN devices, raw sockets)"
+    if shutil.which(topo.IP) is None:
+        return "the lab needs iproute2's `ip` command"
+    if not os.path.exists("/dev/net/tun"):
+        return "the lab needs /dev/net/tun"
+    probe = f"mipsec-probe-{os.getpid()}"
+    proc = subprocess.run([topo.IP, "netns", "add", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"cannot create network namespaces: {proc.stderr.strip()}"
+    subprocess.run([topo.IP, "netns", "del", probe], capture_output=True)
+    return None
+
+
+@dataclass
+class Lab:
+    prefix: str = DEFAULT_PREFIX
+    state_root: str = STATE_ROOT
+    python: str = sys.executable
+    names: Names = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.prefix or "/" in self.prefix or len(self.prefix) > 24:
+            raise LabError(f"bad lab prefix {self.prefix!r} (1-24 characters, no '/')")
+        self.names = Names(self.prefix)
+
+    # --- paths -----------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.state_root, self.prefix.rstrip("-") or "lab")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    def socket(self, role: str) -> str:
+        return self.path(f"{role}.sock")
+
+    @property
+    def pcap(self) -> str:
+        return self.path("gw.pcap")
+
+    @property
+    def keyfile(self) -> str:
+        return self.pcap + ".esp_sa"
+
+    def load_state(self) -> dict[str, Any]:
+        try:
+            with open(self.path("lab.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def save_state(self, **updates: Any) -> None:
+        state = self.load_state()
+        state.update(updates)
+        with open(self.path("lab.json.tmp"), "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(self.path("lab.json.tmp"), self.path("lab.json"))
+
+    # --- up / down ---------------------------------------------------------------------------
+
+    def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str = "ENCR_AES_GCM_16",
+           udp_encap: bool = False, wait: bool = True) -> None:
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        try:
+            topo.build(self.names, delay_ms)
+            self.save_state(prefix=self.prefix, delay_ms=delay_ms, place=None, moves=[])
+            if delay_ms > 0:
+                self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
+                                           "--delay-ms", str(delay_ms)])
+            self.write_configs(encryption=encryption, udp_encap=udp_encap)
+            for role in ROLES:
+                self.start_daemon(role)
+            for role in ROLES:
+                self.wait_ready(role)
+            if place:
+                self.move(place, wait=wait)
+        except BaseException:
+            self.down()
+            raise
+
+    def write_configs(self, **kw: Any) -> dict[str, str]:
+        layout = mconfig.KeySetLayout(run_dir=self.state_dir)
+        sets = mconfig.make_key_set(1, layout, **kw)
+        paths = {}
+        for name, cfg in sets.items():
+            settings = cfg.daemon
+            if name == "gw":
+                import dataclasses
+                settings = dataclasses.replace(settings, pcap=self.pcap)
+                cfg = dataclasses.replace(cfg, daemon=settings)
+            path = self.path(f"{name}.toml")
+            mconfig.write_config(cfg, path, comment=f"mipsec lab {self.prefix}: {name}")
+            paths[name] = path
+        return paths
+
+    def _spawn(self, name: str, node: str, args: list[str]) -> int:
+        log = open(self.path(f"{name}.log"), "ab")
+        proc = subprocess.Popen([topo.IP, "netns", "exec", self.names.ns(node), self.python, *args],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, cwd="/",
+                                env={**os.environ, "PYTHONPATH": _package_root()})
+        log.close()
+        with open(self.path(f"{name}.pid"), "w") as f:
+            f.write(f"{proc.pid}\n")
+        return proc.pid
+
+    def start_daemon(self, role: str) -> int:
+        return self._spawn(role, NS_OF[role], ["-m", "mipsec", role, "--config",
+                                               self.path(f"{role}.toml")])
+
+    def pid(self, name: str) -> int | None:
+        try:
+            with open(self.path(f"{name}.pid")) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        pid = self.pid(name)
+        if pid is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait_ready(self, role: str, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if control.request(self.socket(role), "ping", timeout=1.0).get("ok"):
+                    return
+            except (OSError, ValueError):
+                pass
+            pid = self.pid(role)
+            if pid is not None and not _alive(pid):
+                raise LabError(f"{role} daemon exited at start-up:\n{self.log_tail(role)}")
+            time.sleep(0.05)
+        raise LabError(f"{role} daemon not ready after {timeout} s:\n{self.log_tail(role)}")
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            with open(self.path(f"{name}.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def down(self) -> list[str]:
+        """Remove everything of this prefix, whatever state it is in; returns what was removed."""
+        removed = []
+        for name in (*ROLES, "delay"):
+            pid = self.pid(name)
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                removed.append(f"{name} (pid {pid})")
+        deadline = time.monotonic() + 3.0
+        for name in (*ROLES, "delay"):
+            pid = self.pid(name)
+            while pid is not None and _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid is not None and _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        removed += topo.destroy(self.prefix)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return removed
+
+    # --- moving the MN --------------------------------------------------------------------------
+
+    def move(self, where: str, wait: bool = True, timeout: float = REGISTER_TIMEOUT_S
+             ) -> dict[str, Any]:
+        """Move the MN (``a``, ``b`` or ``home``); with ``wait``, until its registration is done."""
+        t0 = time.monotonic()
+        topo.move_mn(self.names, where)
+        state = self.load_state()
+        moves = state.get("moves", []) + [{"to": where, "time": t0}]
+        self.save_state(place=where, moves=moves)
+        result: dict[str, Any] = {"to": where, "time": t0}
+        if wait:
+            result["registered"] = self.wait_registration(t0, timeout)
+        return result
+
+    def wait_registration(self, since: float, timeout: float = REGISTER_TIMEOUT_S) -> float:
+        """Wait until the MN's timeline shows the registration started at ``since`` complete."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                events = control.request(self.socket("mn"), "timeline", 2.0).get("timeline", [])
+            except (OSError, ValueError):
+                events = []
+            for ev in events:
+                if ev.get("time", 0) >= since and ev.get("kind") in ("rrp-received",
+                                                                      "deregistered"):
+                    return ev["time"]
+            time.sleep(0.02)
+        raise LabError(f"the MN did not complete its registration within {timeout} s; "
+                       f"MN log:\n{self.log_tail('mn')}")
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self, role: str) -> dict[str, Any]:
+        return control.request(self.socket(role), "status")
+
+    def timelines(self, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
+        """Every daemon's timeline events in [since, until), merged and sorted by time."""
+        out = []
+        for role in ROLES:
+            try:
+                events = control.request(self.socket(role), "timeline", 2.0).get("timeline", [])
+            except (OSError, ValueError):
+                continue
+            for ev in events:
+                t = ev.get("time", 0.0)
+                if t >= since and (until is None or t < until):
+                    out.append(ev)
+        out.sort(key=lambda e: e.get("time", 0.0))
+        return out
+
+    def exec(self, node: str, *cmd: str, **kw: Any) -> subprocess.CompletedProcess:
+        return subprocess.run([topo.IP, "netns", "exec", self.names.ns(node), *cmd],
+                              capture_output=True, text=True, **kw)
+
+    def popen(self, node: str, *cmd: str, **kw: Any) -> subprocess.Popen:
+        return subprocess.Popen([topo.IP, "netns", "exec", self.names.ns(node), *cmd],
+                                env={**os.environ, "PYTHONPATH": _package_root()}, **kw)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie child of ours is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _package_root() -> str:
+    import mipsec
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mipsec.__file__)))
+    extra = os.environ.get("PYTHONPATH")
+    return f"{root}:{extra}" if extra else root

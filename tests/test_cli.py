@@ -1,0 +1,132 @@
+"""The command line: complete --help for every (sub)command, `mipsec keys`, `mipsec status`
+against a control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from mipsec import cli
+from mipsec.config import load_config
+from mipsec.io import control
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMMANDS = [
+    ([], ["mn", "gw", "ha", "status", "handover", "keys", "demo", "lab"]),
+    (["mn"], ["--config", "netlink", "SIGTERM"]),
+    (["gw"], ["--config", "Security Information Update", "policy routing"]),
+    (["ha"], ["--config", "proxy ARP", "434"]),
+    (["status"], ["--socket", "--role", "--json", "last\nauthenticated"]),
+    (["handover"], ["COA|home", "--interface"]),
+    (["keys"], ["--out", "--mobiles", "--encryption", "0600"]),
+    (["demo"], ["--sim", "simulator"]),
+    (["lab"], ["up", "handover", "home", "down", "demo", "status"]),
+    (["lab", "up"], ["--prefix", "--delay-ms", "gw.pcap"]),
+    (["lab", "handover"], ["--prefix", "{a,b}"]),
+    (["lab", "home"], ["--prefix", "deregisters"]),
+    (["lab", "down"], ["--prefix", "after a crash"]),
+    (["lab", "status"], ["--prefix", "--json"]),
+    (["lab", "demo"], ["--prefix", "--delay-ms", "--rate", "interruption"]),
+]
+
+
+@pytest.mark.parametrize("words, expected", COMMANDS, ids=lambda x: " ".join(x) if x and
+                         isinstance(x[0], str) and not x[0].startswith("-") else None)
+def test_help_is_complete(words, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([*words, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in expected:
+        assert word in text, (words, word)
+    assert "usage: mipsec" in text
+
+
+def test_help_through_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "mipsec", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and "mobile node" in proc.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert "mipsec 0.1.0" in capsys.readouterr().out
+
+
+def test_keys_writes_a_loadable_set(tmp_path, capsys):
+    assert cli.main(["keys", "--out", str(tmp_path), "--mobiles", "3",
+                     "--encryption", "ENCR_AES_CBC", "--integrity", "AUTH_HMAC_SHA1_96"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gw.toml", "ha.toml", "mn1.toml", "mn2.toml", "mn3.toml"]
+    mn = load_config(tmp_path / "mn2.toml")
+    assert mn.node.esp_in.encryption == "ENCR_AES_CBC"
+    assert mn.node.esp_in.integrity == "AUTH_HMAC_SHA1_96"
+    assert "mn3:" in capsys.readouterr().out
+
+
+def test_keys_refuses_a_bad_count(tmp_path, capsys):
+    assert cli.main(["keys", "--out", str(tmp_path), "--mobiles", "0"]) == 2
+    assert "n_mobiles" in capsys.readouterr().err
+
+
+STATUS = {
+    "ok": True, "role": "gw", "name": "gw", "pid": 42, "tun": "gtun0", "config": "/etc/gw.toml",
+    "clock": {"monotonic": 1000.0, "wall": 1.7e9}, "io": {"from_net": 3, "to_net": 2},
+    "drops": {"unknown-spi": 1},
+    "node": {"sas": [{"spi": 0x20000000, "local": "172.16.0.1", "remote": "172.16.1.10",
+                      "counters": {"packets": 5, "last_authenticated_time": 998.5}}]},
+    "timeline": [{"time": 999.0, "node": "gw", "kind": "rrq-forwarded", "detail": {}},
+                 {"time": 999.002, "node": "gw", "kind": "gw-sa-repointed",
+                  "detail": {"remote": "172.16.1.10"}}],
+}
+
+
+@pytest.fixture
+def fake_daemon(tmp_path):
+    path = str(tmp_path / "gw.sock")
+    server = control.ControlServer(path, lambda cmd, args: STATUS if cmd == "status" else
+                                   {"ok": False, "error": f"unknown command {cmd!r}"})
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            if select.select([server], [], [], 0.05)[0]:
+                server.serve_one()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path
+    done.set()
+    thread.join()
+    server.close()
+
+
+def test_status_json(fake_daemon, capsys):
+    assert cli.main(["status", "--socket", fake_daemon, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == STATUS
+
+
+def test_status_human(fake_daemon, capsys):
+    assert cli.main(["status", "--socket", fake_daemon]) == 0
+    out = capsys.readouterr().out
+    assert "gw gw  pid 42" in out and "0x20000000" in out and "172.16.1.10" in out
+    assert "unknown-spi 1" in out and "1.5 s ago" in out
+    assert "gw-sa-repointed" in out and "2.00 ms" in out
+
+
+def test_status_unreachable(tmp_path, capsys):
+    assert cli.main(["status", "--socket", str(tmp_path / "none.sock")]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_handover_reports_the_daemons_error(fake_daemon, capsys):
+    assert cli.main(["handover", "172.16.2.10", "--socket", fake_daemon]) == 1
+    assert "unknown command 'handover'" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""TOML configuration: a generated set round-trips; each bad case gives one clear message that
+names the file, the key and the problem (issue 4 acceptance)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from mipsec import config as mconfig
+from mipsec.config import (DaemonConfig, check_runtime, config_from_dict, dump_config, load_config,
+                           make_key_set, write_key_set)
+from mipsec.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def key_set(tmp_path):
+    return write_key_set(tmp_path, 2, keys_from=random.Random(7))
+
+
+def _data(path):
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _write(tmp_path, data_text, name="bad.toml"):
+    path = tmp_path / name
+    path.write_text(data_text)
+    return str(path)
+
+
+def test_generated_set_loads_back_to_the_same_dataclasses(tmp_path):
+    sets = make_key_set(2, keys_from=random.Random(1))
+    for name, cfg in sets.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(dump_config(cfg))
+        loaded = load_config(path)
+        assert loaded.role == cfg.role
+        assert loaded.node == cfg.node
+        assert loaded.daemon == cfg.daemon
+
+
+def test_generated_files_match_each_other(key_set):
+    ha, gw = load_config(key_set["ha"]), load_config(key_set["gw"])
+    mn1, mn2 = load_config(key_set["mn1"]), load_config(key_set["mn2"])
+    assert {m.home_address for m in gw.node.mobiles} == {mn1.node.home_address, mn2.node.home_address}
+    gm = {m.home_address: m for m in gw.node.mobiles}[mn1.node.home_address]
+    assert gm.esp_in == mn1.node.esp_out and gm.esp_out == mn1.node.esp_in
+    hm = {m.home_address: m for m in ha.node.mobiles}[mn2.node.home_address]
+    assert hm.msa == mn2.node.msa
+    assert ha.node.gateways[0].key == gw.node.home_agents[0].key
+    assert mn1.node.esp_in.encryption_key != mn2.node.esp_in.encryption_key
+    assert oct(os.stat(key_set["gw"]).st_mode & 0o777) == "0o600"
+
+
+def _mutate(src_path, tmp_path, fn, name="bad.toml"):
+    text = open(src_path).read()
+    return _write(tmp_path, fn(text), name)
+
+
+def _message(path) -> str:
+    with pytest.raises(ConfigError) as info:
+        cfg = load_config(path)
+        check_runtime(cfg)
+    return str(info.value)
+
+
+def test_missing_key_names_file_table_and_key(key_set, tmp_path):
+    path = _mutate(key_set["mn1"], tmp_path,
+                   lambda t: "\n".join(l for l in t.splitlines() if not l.startswith("home_agent =")))
+    msg = _message(path)
+    assert path in msg and "[mobile_node] home_agent" in msg and "missing key" in msg
+
+
+def test_wrong_key_length_for_the_transform(key_set, tmp_path):
+    data = open(key_set["mn1"]).read()
+    old = [l for l in data.splitlines() if l.startswith("encryption_key")][0]
+    path = _write(tmp_path, data.replace(old, 'encryption_key = "00112233445566778899aabbccddeeff"', 1))
+    msg = _message(path)
+    assert path in msg and "[mobile_node.esp_in]" in msg and "encryption_key" in msg
+    assert "ENCR_AES_GCM_16" in msg and "got 16" in msg
+
+
+def test_unknown_transform(key_set, tmp_path):
+    path = _mutate(key_set["gw"], tmp_path,
+                   lambda t: t.replace('encryption = "ENCR_AES_GCM_16"', 'encryption = "ENCR_3DES"', 1))
+    msg = _message(path)
+    assert path in msg and "[gateway.mobiles[0].esp_in]" in msg
+    assert "unknown transform 'ENCR_3DES'" in msg
+
+
+def test_interface_that_does_not_exist(key_set, tmp_path):
+    path = _mutate(key_set["mn1"], tmp_path,
+                   lambda t: t.replace('interfaces = ["va0", "vb0"]', 'interfaces = ["nosuch9"]'))
+    msg = _message(path)
+    assert path in msg and "[daemon] interfaces" in msg and "'nosuch9' does not exist" in msg
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda t: t.replace('role = "mn"', 'role = "router"'), "unknown role 'router'"),
+    (lambda t: t.replace('role = "mn"\n', ''), "missing key 'role'"),
+    (lambda t: "colour = 1\n" + t, "unknown key 'colour' at top level"),
+    (lambda t: t + "\ncolour = 1\n", "[mobile_node.esp_out] colour: unknown key"),
+    (lambda t: t.replace("[mobile_node]\n", "[mobile_node]\nhomeaddress = \"1.2.3.4\"\n"),
+     "[mobile_node] homeaddress: unknown key"),
+    (lambda t: t.replace("lifetime_s = 600", 'lifetime_s = "long"'),
+     "[mobile_node] lifetime_s: must be an integer, got a string"),
+    (lambda t: t.replace('algorithm = "hmac-md5"', 'algorithm = "hmac-md4"'),
+     "[mobile_node.msa] msa.algorithm"),
+    (lambda t: t.replace('home_address = "10.1.0.100"', 'home_address = "10.1.0.999"'),
+     "not an IPv4 address"),
+    (lambda t: t.replace('sa_source = "manual"', 'sa_source = "psk"'), "unknown SA source 'psk'"),
+    (lambda t: t.replace("mtu = 1400", "mtu = 100"), "[daemon] mtu"),
+    (lambda t: t.replace("[mobile_node]", "[mobile_node"), "not valid TOML"),
+])
+def test_each_bad_case_gives_one_named_message(key_set, tmp_path, edit, expect):
+    path = _mutate(key_set["mn1"], tmp_path, edit)
+    msg = _message(path)
+    assert expect in msg and path in msg
+    assert "\n" not in msg
+
+
+def test_bad_hex_key(key_set, tmp_path):
+    data = open(key_set["ha"]).read()
+    old = [l for l in data.splitlines() if l.startswith("key = ")][0]
+    path = _write(tmp_path, data.replace(old, 'key = "not-hex"', 1))
+    msg = _message(path)
+    assert "not a hex string" in msg and "[home_agent.gateways[0]] key" in msg
+
+
+def test_role_specific_daemon_keys(key_set, tmp_path):
+    path = _mutate(key_set["gw"], tmp_path, lambda t: t.replace('inside_interface = "in0"',
+                                                                'inside_interface = ""'))
+    assert "[daemon] inside_interface: missing key" in _message(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/mipsec.toml")
+
+
+def test_config_from_dict_needs_role_table():
+    with pytest.raises(ConfigError, match=r"missing table \[gateway\]"):
+        config_from_dict({"role": "gw"}, "x.toml")
+
+
+def test_daemon_stops_at_start_up_with_one_message(key_set, tmp_path):
+    """`mipsec mn --config bad.toml`: exit status 2, exactly one error line naming file and key."""
+    data = open(key_set["mn1"]).read()
+    old = [l for l in data.splitlines() if l.startswith("encryption_key")][0]
+    path = _write(tmp_path, data.replace(old, 'encryption_key = "0011"', 1))
+    proc = subprocess.run([sys.executable, "-m", "mipsec", "mn", "--config", path],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert path in lines[0] and "[mobile_node.esp_in] esp.encryption_key" in lines[0]
+
+
+def test_daemon_refuses_a_file_for_another_role(key_set):
+    proc = subprocess.run([sys.executable, "-m", "mipsec", "gw", "--config", key_set["ha"]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and "for 'ha', not 'gw'" in proc.stderr
+
+
+def test_keyfile_defaults_next_to_the_capture():
+    cfg = make_key_set(1, mconfig.KeySetLayout(pcap_dir="/tmp/x"))["gw"]
+    assert isinstance(cfg, DaemonConfig)
+    assert cfg.keyfile == "/tmp/x/gw.pcap.esp_sa"
+    assert cfg.control_socket == "/run/mipsec/gw.sock"
