@@ -89,7 +89,7 @@ class IkeEndpoint:
         return self._track(sa, sa.start(now))
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> list:
-        if local[1] != 500 or remote[1] != 500:
+        if local[1] != 500:                           # our NAT-T socket (RFC 3948 §2.2)
             kind = classify_udp(data)
             if kind == "keepalive":
                 self.drops[DropReason.NAT_KEEPALIVE] += 1
@@ -163,12 +163,13 @@ class IkeEndpoint:
             self._esp_spis.discard(ch.spi_in)
 
     def _cookie(self, m: codec.Message, remote: Address, version: int) -> bytes:
-        secret = hmac.new(self._cookie_master, version.to_bytes(8, "big"), hashlib.sha256).digest()
+        version %= 1 << 16
+        secret = hmac.new(self._cookie_master, version.to_bytes(2, "big"), hashlib.sha256).digest()
         nonce = m.find(codec.NoncePayload)
         ni = nonce.data if nonce else b""
         digest = hashlib.sha256(ni + ipaddress.IPv4Address(remote[0]).packed + m.header.spi_i
                                 + secret).digest()
-        return (version & 0xFFFF).to_bytes(2, "big") + digest
+        return version.to_bytes(2, "big") + digest
 
     def _init_request(self, m: codec.Message, local: Address, remote: Address, now: float) -> list:
         h = m.header
@@ -180,7 +181,7 @@ class IkeEndpoint:
             return []
         old = self._half_open.get((h.spi_i, remote))
         if old is not None:
-            return self._track(old, old.receive(m, local, remote, now))
+            return self._track(old, old.retransmitted_init(m, local, remote, now))
         threshold = self.config.cookie_threshold
         if threshold is not None and len(self._half_open) >= threshold:
             slot = int(now // COOKIE_SECRET_LIFETIME_S)
@@ -196,7 +197,7 @@ class IkeEndpoint:
                 resp = codec.build_message(
                     codec.Header(h.spi_i, bytes(8), h.exchange, Flag.RESPONSE, 0),
                     [codec.NotifyPayload(NotifyType.COOKIE, self._cookie(m, remote, slot))])
-                marker = NON_ESP_MARKER if local[1] != 500 or remote[1] != 500 else b""
+                marker = b"" if local[1] == 500 else NON_ESP_MARKER
                 return [SendDatagram(marker + resp, local, remote)]
         spi_r = b""
         while not any(spi_r) or spi_r in self._by_spi:

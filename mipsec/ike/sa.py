@@ -226,7 +226,7 @@ class IkeSa:
         return out
 
     def _emit_datagram(self, msg: bytes, local: Address, remote: Address, now: float) -> None:
-        data = NON_ESP_MARKER + msg if local[1] != 500 or remote[1] != 500 else msg
+        data = _marker(local) + msg
         self._out.append(SendDatagram(data, local, remote))
         self._last_sent = now
 
@@ -383,17 +383,16 @@ class IkeSa:
                 return self._drop(DropReason.IKE_INVALID_COOKIE)
             n = req.ctx["cookies"] + 1
             self._pending = None
-            self.start(now, cookie=cookie[0].data, group=self._dh.group)
+            out = self.start(now, cookie=cookie[0].data, group=self._dh.group)
             self._pending.ctx["cookies"] = n
-            return self._flush()
+            return out
         if errors:
             e = errors[0]
             if e.type == NotifyType.INVALID_KE_PAYLOAD and len(e.data) == 2:
                 group = int.from_bytes(e.data, "big")
                 if group != self._dh.group and any(s.dh == group for s in self.config.ike_suites):
                     self._pending = None
-                    self.start(now, group=group)                       # §1.2: retry
-                    return self._flush()
+                    return self.start(now, group=group)                # §1.2: retry
             self.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN
                        if e.type == NotifyType.NO_PROPOSAL_CHOSEN else DropReason.MALFORMED] += 1
             self._close(IkeSaFailed(self, f"IKE_SA_INIT refused: {_notify_name(e.type)}"))
@@ -567,7 +566,7 @@ class IkeSa:
             drops[reason] += 1
             resp = codec.build_message(Header(h.spi_i, bytes(8), h.exchange, Flag.RESPONSE, 0),
                                        [NotifyPayload(ntype, data)])
-            return None, [SendDatagram(_marker(local, remote) + resp, local, remote)]
+            return None, [SendDatagram(_marker(local) + resp, local, remote)]
 
         if sa_p is None or ke is None or nonce is None \
                 or not MIN_NONCE_LEN <= len(nonce.data) <= MAX_NONCE_LEN or h.message_id != 0:
@@ -608,6 +607,16 @@ class IkeSa:
         self._cached = (0, m.raw, raw, remote)
         self._emit_datagram(raw, local, remote, now)
         return self, self._flush()
+
+    def retransmitted_init(self, m: Message, local: Address, remote: Address, now: float) -> list:
+        """An IKE_SA_INIT request for this half-open SA again: the same octets get the same
+        answer (§2.1), anything else is dropped."""
+        if self.state == State.INIT_ANSWERED and self._cached and self._cached[0] == 0 \
+                and m.raw == self._cached[1]:
+            self.drops[DropReason.IKE_RETRANSMISSION] += 1
+            self._emit_datagram(self._cached[2], local, remote, now)
+            return self._flush()
+        return self._drop(DropReason.IKE_BAD_MESSAGE_ID)
 
     def _on_auth_request(self, m: Message, local, remote, now) -> list:
         c = self.config
@@ -1120,8 +1129,9 @@ class IkeSa:
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def _marker(local: Address, remote: Address) -> bytes:
-    return NON_ESP_MARKER if local[1] != 500 or remote[1] != 500 else b""
+def _marker(local: Address) -> bytes:
+    """RFC 3948 §2.2: IKE from our NAT-T socket (anything but port 500) carries the marker."""
+    return b"" if local[1] == 500 else NON_ESP_MARKER
 
 
 def _narrow(offered: tuple[TrafficSelector, ...], ours: tuple[TrafficSelector, ...]

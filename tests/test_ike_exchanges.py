@@ -1,0 +1,448 @@
+"""IKEv2 between two mipsec endpoints in memory: INIT + AUTH, ESP SAs that work, cookies,
+retransmission, message-ID window, tampering, re-keys, delete, liveness, NAT, MOBIKE."""
+
+import struct
+
+import pytest
+
+from mipsec.drops import DropReason
+from mipsec.ike import codec
+from mipsec.ike.codec import TrafficSelector as TS
+from mipsec.ike.config import (
+    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
+    IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
+)
+from mipsec.ike.constants import ExchangeType, NON_ESP_MARKER, NotifyType, PayloadType, DhGroup
+from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
+from mipsec.ike.sa import State
+from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
+
+from test_ike_harness import GW_ADDR, MN_ADDR, configs, establish
+
+INNER_UP = build_ipv4(Ipv4Header("10.1.0.100", "10.1.0.10", 17), b"\x12\x34\x56\x78\x00\x0c\x00\x00up!!")
+INNER_DOWN = build_ipv4(Ipv4Header("10.1.0.10", "10.1.0.100", 17), b"\x56\x78\x12\x34\x00\x0c\x00\x00down")
+
+
+def inject(ep, raw, local, remote):
+    """Hand ``raw`` to ``ep`` as received on ``local`` (with the non-ESP marker on 4500)."""
+    return ep.receive_datagram((b"" if local[1] == 500 else NON_ESP_MARKER) + raw, local, remote, 0.0)
+
+
+def only_sa(ep):
+    (sa,) = [s for s in ep.ike_sas if s.state != State.CLOSED]
+    return sa
+
+
+def only_child(ep):
+    (child,) = only_sa(ep).children.values()
+    return child
+
+
+def assert_esp_works(I, R):
+    ci, cr = only_child(I), only_child(R)
+    assert ci.spi_in == cr.spi_out and ci.spi_out == cr.spi_in
+    i_in, i_out = ci.make_sas()
+    r_in, r_out = cr.make_sas()
+    assert r_in.decapsulate(i_out.encapsulate(INNER_UP)) == INNER_UP
+    assert i_in.decapsulate(r_out.encapsulate(INNER_DOWN)) == INNER_DOWN
+
+
+SUITES = [
+    ("aes256-sha256-prfsha256-ecp256", "aes128-sha256"),
+    ("aes128gcm16-prfsha256-x25519", "aes256gcm16"),
+    ("aes128-sha256-prfsha256-modp2048", "aes128gcm16"),
+    ("aes256gcm16-prfsha256-ecp256", "aes256-sha256"),
+]
+
+
+@pytest.mark.parametrize("ike,esp", SUITES)
+def test_init_and_auth_give_two_working_esp_sa_pairs(ike, esp):
+    net, I, R = establish(ike_suites=(parse_ike_suite(ike),), esp_suites=(parse_esp_suite(esp),))
+    assert [type(e) for w, e in net.events if w == MN_ADDR] == [IkeSaEstablished, ChildSaEstablished]
+    assert [type(e) for w, e in net.events if w == GW_ADDR] == [IkeSaEstablished, ChildSaEstablished]
+    si, sr = only_sa(I), only_sa(R)
+    assert si.keys == sr.keys and si.suite == sr.suite == parse_ike_suite(ike)
+    assert si.peer_id == "gw.example" and sr.peer_id == "mn@example"
+    assert only_child(I).suite == parse_esp_suite(esp)
+    # the responder narrowed 10.1.0.0/24 x 0/0 against the initiator's 10.1.0.100/32
+    assert only_child(R).remote_ts == (TS.from_network("10.1.0.100/32"),)
+    assert_esp_works(I, R)
+    assert not I.drops and not R.drops
+
+
+def test_child_keys_follow_rfc7296_2_17_order():
+    net, I, R = establish(esp_suites=(parse_esp_suite("aes128-sha256"),))
+    from mipsec.ike.crypto import child_keymat
+    sa = only_sa(I)
+    km = child_keymat(sa.suite.prf, sa.keys.sk_d, sa.ni, sa.nr, 2 * (16 + 32))
+    ci = only_child(I)
+    # initiator -> responder encryption, integrity, then responder -> initiator
+    assert (ci.keys.encr_out, ci.keys.integ_out, ci.keys.encr_in, ci.keys.integ_in) == \
+        (km[:16], km[16:48], km[48:64], km[64:96])
+
+
+def test_gcm_child_key_includes_salt():
+    net, I, R = establish(esp_suites=(parse_esp_suite("aes128gcm16"),))
+    assert len(only_child(I).keys.encr_out) == 20 and only_child(I).keys.integ_out == b""
+
+
+def test_wrong_ke_group_is_corrected_by_invalid_ke_payload():
+    net, I, R = establish(
+        i_ike_suites=(parse_ike_suite("aes128-sha256-x25519"), parse_ike_suite("aes128-sha256-modp2048")),
+        r_ike_suites=(parse_ike_suite("aes128-sha256-modp2048"),))
+    assert only_sa(I).suite.dh == DhGroup.MODP_2048
+    assert R.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] == 1       # the first, refused KE
+    assert_esp_works(I, R)
+
+
+def test_no_proposal_chosen_fails_the_initiator():
+    net, I, R = establish(i_ike_suites=(parse_ike_suite("aes128-sha256-x25519"),),
+                          r_ike_suites=(parse_ike_suite("aes256gcm16-modp2048"),))
+    assert len(net.of(IkeSaFailed, MN_ADDR)) == 1 and not R.ike_sas and not I.ike_sas
+    assert R.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] == 1
+
+
+def test_wrong_psk_fails_both_sides():
+    ci, cr = configs()
+    from dataclasses import replace
+    cr = replace(cr, psks={"mn@example": b"another secret!"})
+    net, I, R = establish(ci, cr)
+    assert net.of(IkeSaFailed, GW_ADDR) and net.of(IkeSaFailed, MN_ADDR)
+    assert R.drops[DropReason.IKE_AUTH_FAILED] == 1 and I.drops[DropReason.IKE_AUTH_FAILED] == 1
+    assert not net.of(ChildSaEstablished)
+
+
+def test_unknown_peer_identity_is_refused():
+    ci, cr = configs()
+    from dataclasses import replace
+    ci = replace(ci, local_id="intruder@example")
+    net, I, R = establish(ci, cr)
+    assert R.drops[DropReason.IKE_AUTH_FAILED] == 1 and net.of(IkeSaFailed, MN_ADDR)
+
+
+def test_responder_identity_is_checked():
+    ci, cr = configs(r_psks={"mn@example": b"correct horse battery staple"})
+    from dataclasses import replace
+    cr = replace(cr, local_id="evil.example")
+    net, I, R = establish(ci, cr)
+    assert I.drops[DropReason.IKE_AUTH_FAILED] == 1 and net.of(IkeSaFailed, MN_ADDR)
+
+
+def test_cookie_flow():
+    net, I, R = establish(r_cookie_threshold=0)
+    assert only_sa(I).is_established and only_sa(R).is_established
+    init_requests = [d for d in net.sent if d.remote == (GW_ADDR, 500)]
+    assert len(init_requests) == 2                       # without, then with the cookie
+    m = codec.parse_message(init_requests[1].data)
+    assert isinstance(m.payloads[0], codec.NotifyPayload) and m.payloads[0].type == NotifyType.COOKIE
+    assert_esp_works(I, R)
+
+
+def test_forged_cookie_is_refused():
+    net, I, R = establish(r_cookie_threshold=0, tap=None)
+    first = [d for d in net.sent if d.remote == (GW_ADDR, 500)][1]
+    m = codec.parse_message(first.data)
+    bad = bytearray(first.data)
+    off = 28 + 8                                         # inside the cookie data
+    bad[off] ^= 0xFF
+    out = R.receive_datagram(bytes(bad), (GW_ADDR, 500), ("172.16.9.9", 500), 0.0)
+    assert R.drops[DropReason.IKE_INVALID_COOKIE] == 1
+    assert len(out) == 1 and codec.parse_message(out[0].data).notifies(NotifyType.COOKIE)
+    assert len(R.ike_sas) == 1                           # no state for it
+
+
+def test_cookie_from_another_address_is_refused():
+    net, I, R = establish(r_cookie_threshold=0)
+    with_cookie = [d for d in net.sent if d.remote == (GW_ADDR, 500)][1]
+    R.receive_datagram(with_cookie.data, (GW_ADDR, 500), ("172.16.9.9", 500), 0.0)
+    assert R.drops[DropReason.IKE_INVALID_COOKIE] == 1 and len(R.ike_sas) == 1
+
+
+def test_lost_init_response_is_retransmitted_and_answered_from_cache():
+    lost = []
+
+    def tap(d):
+        if d.local == (GW_ADDR, 500) and not lost:
+            lost.append(d)
+            return None
+        return d
+    net, I, R = establish(tap=tap)
+    assert only_sa(I).state == State.INIT_SENT
+    net.run_timers(1.0)
+    assert only_sa(I).is_established and only_sa(R).is_established
+    assert R.drops[DropReason.IKE_RETRANSMISSION] == 1
+    # the cached answer is byte for byte the lost one
+    assert [d.data for d in net.sent if d.local == (GW_ADDR, 500)] == [lost[0].data] * 2
+
+
+def test_lost_auth_response_is_retransmitted_and_answered_from_cache():
+    lost = []
+
+    def tap(d):
+        if d.local == (GW_ADDR, 4500) and not lost:
+            lost.append(d)
+            return None
+        return d
+    net, I, R = establish(tap=tap)
+    assert only_sa(I).state == State.AUTH_SENT and only_sa(R).is_established
+    net.run_timers(1.0)
+    assert only_sa(I).is_established
+    assert R.drops[DropReason.IKE_RETRANSMISSION] == 1
+    assert len(net.of(ChildSaEstablished, GW_ADDR)) == 1     # no second child
+    assert_esp_works(I, R)
+
+
+def test_unanswered_init_gives_up_after_retries():
+    net, I, R = establish(tap=lambda d: None)
+    net.run_timers(60.0, step=0.5)
+    assert net.of(IkeSaFailed, MN_ADDR) and not I.ike_sas
+    tries = [d for d in net.sent if d.local[0] == MN_ADDR]
+    assert len(tries) == 6                                   # RETRANSMIT_TRIES
+    assert I.get_timer() is None
+
+
+def _auth_request(net):
+    return next(d for d in net.sent if d.local[0] == MN_ADDR and d.remote[1] == 4500)
+
+
+def test_every_tampered_auth_octet_is_refused_without_state_change():
+    held = []
+
+    def tap(d):
+        if d.local[0] == MN_ADDR and d.remote[1] == 4500 and not held:
+            held.append(d)
+            return None
+        return d
+    net, I, R = establish(tap=tap)
+    sa = only_sa(R)
+    before = (sa.state, sa._mid_in, sa.local, sa.remote)
+    good = held[0]
+    for i in range(len(NON_ESP_MARKER), len(good.data)):
+        bad = bytearray(good.data)
+        bad[i] ^= 0x5A
+        out = R.receive_datagram(bytes(bad), good.remote, good.local, 0.0)
+        assert out == [] or all(isinstance(o, SendDatagram) for o in out)
+        assert (sa.state, sa._mid_in, sa.local, sa.remote) == before, i
+    assert sum(R.drops.values()) == len(good.data) - 4
+    assert R.drops[DropReason.IKE_INTEGRITY_FAILED] > 0
+    net.tap = None
+    net.deliver(R.receive_datagram(good.data, good.remote, good.local, 0.0), GW_ADDR)
+    assert only_sa(I).is_established and only_sa(R).is_established
+
+
+def test_request_outside_the_window_and_wrong_response_id_are_dropped():
+    net, I, R = establish()
+    si, sr = only_sa(I), only_sa(R)
+    # a request with message ID 7 (we expect 2)
+    raw = si._sk_out.protect(si._header(ExchangeType.INFORMATIONAL, 7, False), [])
+    inject(R, raw, sr.local, si.local)
+    assert R.drops[DropReason.IKE_BAD_MESSAGE_ID] == 1
+    # a response nobody asked for
+    raw = sr._sk_out.protect(sr._header(ExchangeType.INFORMATIONAL, 2, True), [])
+    inject(I, raw, si.local, sr.local)
+    assert I.drops[DropReason.IKE_BAD_MESSAGE_ID] == 1
+    # an old request (ID 1) that is not the one we answered
+    raw = si._sk_out.protect(si._header(ExchangeType.INFORMATIONAL, 1, False), [])
+    inject(R, raw, sr.local, si.local)
+    assert R.drops[DropReason.IKE_BAD_MESSAGE_ID] == 2
+    assert si.is_established and sr.is_established and sr._mid_in == 2
+
+
+def test_unexpected_exchange_and_unknown_spi():
+    held = []
+
+    def tap(d):
+        if d.local[0] == MN_ADDR and d.remote[1] == 4500 and not held:
+            held.append(d)
+            return None
+        return d
+    net, I, R = establish(tap=tap)
+    si, sr = only_sa(I), only_sa(R)
+    # CREATE_CHILD_SA before IKE_AUTH
+    raw = si._sk_out.protect(si._header(ExchangeType.CREATE_CHILD_SA, 1, False), [])
+    inject(R, raw, sr.local, si.local)
+    assert R.drops[DropReason.IKE_UNEXPECTED_EXCHANGE] == 1 and sr.state == State.INIT_ANSWERED
+    bad = bytearray(held[0].data)
+    bad[4 + 8:4 + 16] = b"\x99" * 8                     # responder SPI nobody has
+    R.receive_datagram(bytes(bad), held[0].remote, held[0].local, 0.0)
+    assert R.drops[DropReason.IKE_UNKNOWN_SA] == 1
+
+
+def test_unknown_critical_payload_inside_sk_is_answered():
+    net, I, R = establish()
+    si, sr = only_sa(I), only_sa(R)
+    raw = si._sk_out.protect(si._header(ExchangeType.INFORMATIONAL, 2, False),
+                             [codec.Unknown(222, b"what", critical=True)])
+    out = inject(R, raw, sr.local, si.local)
+    assert R.drops[DropReason.IKE_UNKNOWN_CRITICAL_PAYLOAD] == 1
+    m = codec.parse_message(out[0].data[4:])
+    inner = si._sk_in.open(m)
+    assert inner[0].type == NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD and inner[0].data == bytes([222])
+
+
+def test_garbage_never_raises():
+    net, I, R = establish()
+    import random
+    rnd = random.Random(5)
+    good = _auth_request(net).data
+    for n in range(500):
+        data = bytearray(good[:rnd.randrange(len(good))])
+        for _ in range(3):
+            if data:
+                data[rnd.randrange(len(data))] = rnd.randrange(256)
+        for port in (500, 4500):
+            R.receive_datagram(bytes(data), (GW_ADDR, port), (MN_ADDR, port), 0.0)
+            I.receive_datagram(bytes(data), (MN_ADDR, port), (GW_ADDR, port), 0.0)
+    assert only_sa(I).is_established and only_sa(R).is_established
+
+
+@pytest.mark.parametrize("pfs", [0, DhGroup.CURVE25519, DhGroup.MODP_2048])
+@pytest.mark.parametrize("who", ["initiator", "responder"])
+def test_child_rekey(pfs, who):
+    net, I, R = establish(pfs_group=pfs)
+    old_i, old_r = only_child(I), only_child(R)
+    ep, name = (I, MN_ADDR) if who == "initiator" else (R, GW_ADDR)
+    net.deliver(only_sa(ep).rekey_child(only_child(ep).spi_in, net.now), name)
+    assert len(net.of(ChildSaRekeyed, MN_ADDR)) == 1 and len(net.of(ChildSaRekeyed, GW_ADDR)) == 1
+    assert [e.child for e in net.of(ChildSaDeleted, MN_ADDR)] == [old_i]
+    assert [e.child for e in net.of(ChildSaDeleted, GW_ADDR)] == [old_r]
+    assert only_child(I).spi_in != old_i.spi_in
+    assert only_child(I).keys != old_i.keys
+    assert_esp_works(I, R)
+    assert not I.drops and not R.drops
+
+
+def test_pfs_rekey_uses_a_new_dh_value():
+    net, I, R = establish(pfs_group=DhGroup.ECP_256)
+    net.deliver(only_sa(I).rekey_child(only_child(I).spi_in, 0.0), MN_ADDR)
+    req = [d for d in net.sent if d.local[0] == MN_ADDR][-2]    # CREATE_CHILD_SA (then DELETE)
+    m = codec.parse_message(req.data[4:])
+    inner = only_sa(R)._sk_in.open(m)
+    assert any(isinstance(p, codec.KePayload) and p.group == DhGroup.ECP_256 for p in inner)
+
+
+@pytest.mark.parametrize("who", ["initiator", "responder"])
+def test_ike_rekey_moves_children_and_deletes_old(who):
+    net, I, R = establish()
+    child_i = only_child(I)
+    old_i, old_r = only_sa(I), only_sa(R)
+    ep, name = (I, MN_ADDR) if who == "initiator" else (R, GW_ADDR)
+    net.deliver(only_sa(ep).rekey(net.now), name)
+    assert old_i.state == State.CLOSED and old_r.state == State.CLOSED
+    new_i, new_r = only_sa(I), only_sa(R)
+    assert new_i is not old_i and new_i.keys == new_r.keys and new_i.keys != old_i.keys
+    assert new_i.spi_i == new_r.spi_i and new_i.spi_r == new_r.spi_r
+    assert new_i.initiator == (who == "initiator")
+    assert only_child(I) == child_i
+    assert len(net.of(IkeSaRekeyed)) == 2 and not net.of(ChildSaDeleted)
+    # the new IKE SA works: a child re-key and a liveness check over it
+    net.deliver(new_i.rekey_child(child_i.spi_in, net.now), MN_ADDR)
+    net.deliver(new_r.check_liveness(net.now), GW_ADDR)
+    assert_esp_works(I, R)
+    assert not I.drops and not R.drops
+
+
+def test_delete_ike_sa():
+    net, I, R = establish()
+    net.deliver(only_sa(R).delete(0.0), GW_ADDR)
+    assert net.of(IkeSaDeleted, MN_ADDR) and net.of(IkeSaDeleted, GW_ADDR)
+    assert len(net.of(ChildSaDeleted)) == 2
+    assert not I.ike_sas and not R.ike_sas
+
+
+def test_delete_child_sa():
+    net, I, R = establish()
+    net.deliver(only_sa(I).delete_child(only_child(I).spi_in, 0.0), MN_ADDR)
+    assert len(net.of(ChildSaDeleted)) == 2
+    assert not only_sa(I).children and not only_sa(R).children
+
+
+def test_liveness_check_and_dead_peer():
+    net, I, R = establish(dpd_interval_s=10.0, ike_lifetime_s=None, child_lifetime_s=None)
+    net.run_timers(25.0)
+    assert only_sa(I).is_established and not net.of(IkeSaFailed)
+    dpd = [d for d in net.sent if d.local[0] == MN_ADDR and d.remote[1] == 4500]
+    assert len(dpd) >= 2                                   # AUTH + at least one check
+    # now the peer disappears
+    net.tap = lambda d: None
+    net.run_timers(90.0, step=0.5)
+    assert net.of(IkeSaFailed, MN_ADDR) or net.of(IkeSaFailed, GW_ADDR)
+
+
+def test_timers_rekey_children_and_ike_sa():
+    net, I, R = establish(child_lifetime_s=100.0, ike_lifetime_s=250.0, dpd_interval_s=None)
+    net.run_timers(300.0, step=1.0)
+    assert len(net.of(ChildSaRekeyed, MN_ADDR)) >= 2 and len(net.of(IkeSaRekeyed, MN_ADDR)) == 1
+    assert_esp_works(I, R)
+    assert not I.drops and not R.drops
+
+
+def test_nat_detected_switches_to_4500_and_sends_keepalives():
+    nat = {(MN_ADDR, 500): ("172.16.2.254", 40000), (MN_ADDR, 4500): ("172.16.2.254", 40001)}
+    net, I, R = establish(nat=nat, nat_keepalive_s=20.0, dpd_interval_s=None)
+    si, sr = only_sa(I), only_sa(R)
+    assert si.nat_local and not si.nat_remote and sr.nat_remote and not sr.nat_local
+    assert sr.remote == ("172.16.2.254", 40001)
+    ci, cr = only_child(I), only_child(R)
+    assert ci.udp_encap and cr.udp_encap and cr.remote_port == 40001
+    net.run_timers(45.0)
+    keepalives = [d for d in net.sent if d.keepalive]
+    assert len(keepalives) == 2 and all(d.local[0] == MN_ADDR for d in keepalives)
+    assert R.drops[DropReason.NAT_KEEPALIVE] == 2
+
+
+def test_forced_encapsulation():
+    net, I, R = establish(i_force_encap=True)
+    assert only_sa(R).nat_remote and only_child(R).udp_encap and only_child(I).udp_encap
+    i_in, i_out = only_child(I).make_sas()
+    r_in, r_out = only_child(R).make_sas()
+    pkt = i_out.encapsulate(INNER_UP)
+    assert pkt[9] == 17                                    # ESP in UDP
+    assert r_in.decapsulate(pkt) == INNER_UP
+
+
+def test_mobike_update_sa_addresses():
+    net, I, R = establish()
+    new_coa = "172.16.2.10"
+    net.endpoints[new_coa] = I
+    del net.endpoints[MN_ADDR]
+    net.deliver(only_sa(I).update_addresses((new_coa, 4500), 0.0), new_coa)
+    assert net.of(PeerAddressChanged, GW_ADDR) and net.of(PeerAddressChanged, new_coa)
+    assert only_sa(R).remote == (new_coa, 4500)
+    assert only_child(R).remote_address == new_coa and only_child(I).local_address == new_coa
+    i_in, i_out = only_child(I).make_sas()
+    r_in, r_out = only_child(R).make_sas()
+    up = i_out.encapsulate(INNER_UP)
+    assert up[12:16] == bytes([172, 16, 2, 10])
+    assert r_in.decapsulate(up) == INNER_UP
+
+
+def test_mobike_refused_when_not_negotiated():
+    net, I, R = establish(r_mobike=False)
+    from mipsec.errors import UsageError
+    with pytest.raises(UsageError):
+        only_sa(I).update_addresses(("172.16.2.10", 4500), 0.0)
+
+
+def test_gateway_serves_many_initiators_with_one_endpoint():
+    from mipsec.ike.endpoint import IkeEndpoint
+    from test_ike_harness import Net
+    ci, cr = configs()
+    R = IkeEndpoint(cr)
+    eps = {GW_ADDR: R}
+    for n in range(5):
+        eps[f"172.16.1.{20 + n}"] = IkeEndpoint(ci)
+    net = Net(eps)
+    for n in range(5):
+        addr = f"172.16.1.{20 + n}"
+        net.deliver(eps[addr].initiate((addr, 500), (GW_ADDR, 500), 0.0), addr)
+    assert len([s for s in R.ike_sas if s.is_established]) == 5
+    spis = {c.spi_in for s in R.ike_sas for c in s.children.values()}
+    assert len(spis) == 5
+
+
+def test_inbound_sa_with_wildcard_source_for_the_gateway():
+    net, I, R = establish()
+    r_in, _ = only_child(R).make_sas(inbound_any_source=True)
+    _, i_out = only_child(I).make_sas(local="172.16.2.10")
+    assert r_in.decapsulate(i_out.encapsulate(INNER_UP)) == INNER_UP
