@@ -99,8 +99,10 @@ class HmacTruncated:
 
     __slots__ = ("spec", "icv_size", "inner_state", "outer_state")
 
-    def __init__(self, spec: IntegritySpec, key: bytes):
-        if len(key) != spec.key_size:
+    def __init__(self, spec: IntegritySpec, key: bytes, *, any_key_length: bool = False):
+        # any_key_length: only for the RFC 2202 / RFC 4231 vectors, whose keys are not the
+        # ESP key size that RFC 2404 §3 and RFC 4868 §2.1.1 require.
+        if len(key) != spec.key_size and not (any_key_length and key):
             raise ConfigError(f"{spec.name}: integrity key is {len(key)} bytes, "
                               f"needs {spec.key_size} ({spec.rfc})")
         self.spec = spec
