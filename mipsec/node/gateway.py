@@ -31,7 +31,9 @@ policy until the next SIU.
 
 Binding state machine per MN (``Binding``):
 
-    UNBOUND --UPDATE(old=0.0.0.0 or new=current)--> BOUND(new)
+    UNBOUND --UPDATE(old=0.0.0.0)--> BOUND(new)
+    FRESH   --UPDATE(any old)--> BOUND(new)      (new SAs from IKE/config, never bound yet:
+                                                  the HA may still name the CoA it last knew)
     BOUND(c) --UPDATE(old=c)--> BOUND(new)          (a move: rebind, then RRP)
     BOUND(c) --UPDATE(new=c)--> BOUND(c)            (repeat: RRP only)
     BOUND(c) --DEREGISTER(old=c)--> UNBOUND          (RRP to c, then retire)
@@ -72,7 +74,7 @@ class Mobile:
     """What the GW keeps per MN."""
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
-                 "allowed_text", "packets_up", "packets_down")
+                 "allowed_text", "packets_up", "packets_down", "fresh")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
@@ -83,6 +85,7 @@ class Mobile:
         self.allowed_text = tuple(allowed)
         self.allowed = tuple(parse_prefix(p) for p in self.allowed_text)
         self.care_of: str | None = None
+        self.fresh = True               # never bound since its SAs were installed
         self.packets_up = 0
         self.packets_down = 0
 
@@ -166,6 +169,7 @@ class VpnGateway:
 
     def _bind(self, mobile: Mobile, care_of: str) -> None:
         self._unbind(mobile)
+        mobile.fresh = False
         mobile.care_of = care_of
         self._by_care_of[a2b(care_of)] = mobile
 
@@ -259,7 +263,7 @@ class VpnGateway:
         if siu.type == SiuType.UPDATE and new is not None:
             if current == new:
                 pass                                   # a repeat (retransmitted RRQ): RRP only
-            elif current == old:
+            elif current == old or mobile.fresh:
                 self._bind(mobile, new)
                 mobile.outbound.rebind(remote=new)
                 actions.append(RebindSa(mobile.outbound.spi, mobile.outbound.local, new))

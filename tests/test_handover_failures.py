@@ -1,0 +1,269 @@
+"""Issue 3 acceptance, failure paths and attacks, in the in-memory network.
+
+Lost RRQ, lost SIU and lost RRP each recover by retransmission; an HA that never accepts leads
+to the re-establishment event.  Every attack is refused with its specific reason and changes no
+SA and no binding.
+"""
+
+import dataclasses
+import random
+
+import pytest
+
+from mipsec.drops import DropReason
+from mipsec.ipsec.sa import Direction
+from mipsec.mip.constants import SIU_PORT
+from mipsec.mip.security import MobilitySecurityAssociation
+from mipsec.mip.siu import SiuSigner
+from mipsec.node import timeline as tl
+from mipsec.node.actions import ReestablishRequested
+from mipsec.node.mobile_node import RegState, make_sa
+from mipsec.node.packet import a2b, build_udp_packet
+from mipsec.sim.network import Host
+from mipsec.sim.scenario import merged_timeline, wait_registered
+from mipsec.sim.topology import build_topology
+from mipsec.wire.mip import RegistrationRequest, RequestFlags, build_registration_request
+from mipsec.wire.siu import SiuType
+
+
+def _udp_dport(packet):
+    ihl = (packet[0] & 0x0F) * 4
+    return packet[9] == 17 and int.from_bytes(packet[ihl + 2:ihl + 4], "big")
+
+
+def _registered_at_a(n=1, **kw):
+    topo = build_topology(n, internet_delay_s=0.005, seed=3, **kw)
+    for i in range(n):
+        topo.move("a", i)
+    assert wait_registered(topo, 2.0)
+    return topo
+
+
+def _snapshot(topo, counters=True):
+    """What an attack must not change: SA outer addresses (and, for attacks that do not travel
+    inside an MN's own tunnel, sequence numbers, replay windows, packet counters), bindings."""
+    def sa(s):
+        if not counters:
+            return (s.local, s.remote)
+        return (s.local, s.remote, s.sequence, s.replay.top, s.counters.packets)
+    gw = {h: (m.care_of, sa(m.inbound), sa(m.outbound)) for h, m in topo.gw.role.mobiles.items()}
+    ha = {h: (b.care_of_address, b.expires, b.gw_old) for h, b in topo.ha.role.bindings.items()}
+    mns = [(m.role.state, m.role.care_of, sa(m.role.inbound), sa(m.role.outbound)) for m in topo.mobiles]
+    return gw, ha, mns
+
+
+def _rogue(topo, address="10.1.0.66"):
+    host = Host(topo.sim, "rogue")
+    host.add_interface("home", address, topo.home)
+    return host.interfaces["home"]
+
+
+def _inject(topo, iface, packet):
+    iface.segment.transmit(packet, packet[16:20], iface)
+
+
+# --- lost messages recover by retransmission -------------------------------------------------
+
+@pytest.mark.parametrize("lost", ["rrq", "siu", "rrp"])
+def test_lost_message_recovers_by_retransmission(lost):
+    topo = _registered_at_a()
+    a, b = topo.care_of["a"][0], topo.care_of["b"][0]
+    b_bytes = a2b(b)
+    if lost == "rrq":
+        topo.visited["b"].drop_next(lambda p: p[12:16] == b_bytes)
+    elif lost == "siu":
+        topo.home.drop_next(lambda p: _udp_dport(p) == SIU_PORT)
+    else:
+        topo.outside.drop_next(lambda p: p[16:20] == b_bytes)
+    topo.move("b")
+    topo.sim.run_for(0.5)
+    assert topo.mn.role.state is RegState.REGISTERING
+    assert wait_registered(topo, 3.0)
+    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    assert gw.mobiles[mn.home_address].care_of == b
+    assert gw.mobiles[mn.home_address].outbound.remote == b
+    assert ha.bindings[mn.home_address].care_of_address == b
+    move = tl.split_handovers(merged_timeline(topo))[-1]
+    assert [e.kind for e in move].count("rrq-sent") == 2
+    assert tl.in_order(move, ["rrq-sent", "rrq-retransmitted", "rrq-sent", "rrp-received"])
+    if lost == "rrp":
+        # the HA's second SIU repeats the move: the GW forwards the RRP and moves nothing
+        assert [e.kind for e in move].count("gw-sa-repointed") == 1
+        assert [e.kind for e in move].count("rrp-forwarded") == 2
+    assert not gw.drops and not mn.drops
+
+
+def test_home_agent_that_never_accepts_leads_to_reestablishment():
+    topo = _registered_at_a()
+    a, b = topo.care_of["a"][0], topo.care_of["b"][0]
+    ha_b = a2b(topo.ha.role.address)
+    topo.home.drop_next(lambda p: p[16:20] == ha_b and _udp_dport(p) == 434, count=1000)
+    before = _snapshot(topo, counters=False)
+    topo.move("b")
+    topo.sim.run_for(60.0)
+    mn = topo.mn.role
+    assert mn.state is RegState.FAILED
+    assert [type(a) for _t, a in topo.mn.driver.reestablish] == [ReestablishRequested]
+    req = topo.mn.driver.reestablish[0][1]
+    assert req.home_address == mn.home_address and req.attempts == mn.config.max_attempts
+    move = tl.split_handovers(merged_timeline(topo))[-1]
+    assert [e.kind for e in move].count("rrq-sent") == mn.config.max_attempts
+    sent = [e.time for e in move if e.kind == "rrq-sent"]
+    gaps = [round(y - x, 6) for x, y in zip(sent, sent[1:])]
+    assert gaps == [1.0, 2.0, 4.0, 8.0]                  # RFC 5944 §3.6.3 exponential back-off
+    assert move[-1].kind == "reestablish-requested"
+    # the GW and the HA still hold the old binding
+    assert _snapshot(topo, False)[:2] == before[:2]
+    assert topo.gw.role.mobiles[mn.home_address].care_of == a
+
+    # the IKE hook: fresh SAs on both ends and the MN registers again through them
+    topo.home._drop_rules.clear()
+    cfg = mn.config
+    rnd = random.Random(9)
+    esp_in = dataclasses.replace(cfg.esp_in, spi=0x30000001, encryption_key=rnd.randbytes(20))
+    esp_out = dataclasses.replace(cfg.esp_out, spi=0x30000002, encryption_key=rnd.randbytes(20))
+    gw = topo.gw.role
+    gw_in = make_sa(esp_out, Direction.INBOUND, local=gw.outside, remote=None)
+    gw_out = make_sa(esp_in, Direction.OUTBOUND, local=gw.outside, remote="0.0.0.0")
+    gw.install_mobile(mn.home_address, gw_in, gw_out, home_agent=cfg.home_agent,
+                      allowed_destinations=(f"{cfg.home_agent}/32", cfg.home_prefix))
+    topo.ha.role._mobiles[mn.home_address] = dataclasses.replace(
+        topo.ha.role._mobiles[mn.home_address], gateway_spi=esp_in.spi)
+    topo.mn.driver.perform(mn.install_sas(
+        make_sa(esp_in, Direction.INBOUND, local=None, remote=cfg.gateway),
+        make_sa(esp_out, Direction.OUTBOUND, local="0.0.0.0", remote=cfg.gateway), topo.sim.now))
+    assert wait_registered(topo, 2.0)
+    assert gw.mobiles[mn.home_address].care_of == b
+
+
+# --- attacks: each refused with its reason, nothing changes ------------------------------------
+
+def _send_in_tunnel(topo, index, inner):
+    """Put ``inner`` into MN ``index``'s own ESP tunnel (what a malicious MN can do)."""
+    host = topo.mobiles[index]
+    host.send(host.role.outbound.encapsulate(inner, topo.sim.now), "a")
+
+
+def _rrq(mn, *, home_address=None, msa=None, identification=None):
+    msa = msa or mn.msa
+    rrq = RegistrationRequest(
+        home_address=home_address or mn.home_address, home_agent=mn.config.home_agent,
+        care_of_address=mn.care_of, identification=identification or msa.new_identification(mn.wallclock()),
+        lifetime=600, flags=RequestFlags.D | RequestFlags.T)
+    data = msa.sign(build_registration_request(rrq))
+    return build_udp_packet(a2b(mn.care_of), a2b(mn.config.home_agent), 434, 434, data)
+
+
+def _assert_refused(topo, role, reason, before, *, no_siu=True, counters=True):
+    siu_before = sum(e.kind == "siu-sent" for e in topo.ha.role.timeline)
+    topo.sim.run_for(0.5)
+    assert role.drops == {reason: 1}, role.drops
+    assert _snapshot(topo, counters) == before
+    if no_siu:
+        assert sum(e.kind == "siu-sent" for e in topo.ha.role.timeline) == siu_before
+
+
+def test_mn_ha_authentication_failure():
+    topo = _registered_at_a()
+    mn = topo.mn.role
+    forged = MobilitySecurityAssociation(mn.msa.spi, b"not the key....!")
+    before = _snapshot(topo, counters=False)
+    _send_in_tunnel(topo, 0, _rrq(mn, msa=forged))
+    _assert_refused(topo, topo.ha.role, DropReason.MIP_AUTH_FAILED, before, counters=False)
+    assert tl.first(topo.ha.role.timeline, "rrq-rejected").detail["reason"] == "mip-authentication-failed"
+
+
+def test_replayed_rrq():
+    topo = _registered_at_a()
+    captured = topo.home.start_capture()
+    topo.move("b")
+    assert wait_registered(topo, 2.0)
+    rrq = next(p for _t, who, p in captured if who == "gw" and _udp_dport(p) == 434)
+    topo.home.capture = None
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    before = _snapshot(topo)
+    _inject(topo, _rogue(topo), rrq)            # replayed on the home network to the HA
+    _assert_refused(topo, topo.ha.role, DropReason.MIP_REPLAYED, before)
+    # the 133 answer went to the replayed source (B), where the GW has no binding: dropped there
+    assert topo.gw.role.drops == {DropReason.NO_POLICY: 1}
+
+
+def test_forged_siu():
+    topo = _registered_at_a()
+    mn, ha = topo.mn.role, topo.ha.role
+    signer = SiuSigner(ha.address, b"attacker-guessed-key-0123456789")
+    data = signer.build(SiuType.UPDATE, home_address=mn.home_address, old_care_of=mn.care_of,
+                        new_care_of="172.16.1.66", gateway_spi=mn.inbound.spi, lifetime=600,
+                        wallclock=ha.wallclock())
+    before = _snapshot(topo)
+    _inject(topo, _rogue(topo), build_udp_packet(a2b(ha.address), a2b(topo.gw.role.inside),
+                                                 SIU_PORT, SIU_PORT, data))
+    _assert_refused(topo, topo.gw.role, DropReason.SIU_AUTH_FAILED, before)
+
+
+def test_replayed_siu():
+    topo = _registered_at_a()
+    captured = topo.home.start_capture()
+    topo.move("b")
+    assert wait_registered(topo, 2.0)
+    siu = next(p for _t, who, p in captured if _udp_dport(p) == SIU_PORT)
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    before = _snapshot(topo)
+    _inject(topo, _rogue(topo), siu)          # would move the SA back to B
+    _assert_refused(topo, topo.gw.role, DropReason.SIU_REPLAYED, before)
+
+
+def test_fresh_siu_with_stale_old_care_of_cannot_move_the_sa():
+    topo = _registered_at_a()
+    mn, ha = topo.mn.role, topo.ha.role
+    signer = ha._signers[topo.gw.role.inside]           # the real key, a fresh sequence
+    data = signer.build(SiuType.UPDATE, home_address=mn.home_address, old_care_of="172.16.2.10",
+                        new_care_of="172.16.2.10", gateway_spi=mn.inbound.spi, lifetime=600,
+                        wallclock=ha.wallclock())
+    data = data  # delayed SIU from an older handover that was never delivered
+    before = _snapshot(topo)
+    _inject(topo, _rogue(topo), build_udp_packet(a2b(ha.address), a2b(topo.gw.role.inside),
+                                                 SIU_PORT, SIU_PORT, data))
+    _assert_refused(topo, topo.gw.role, DropReason.SIU_STALE_CARE_OF, before)
+
+
+def test_siu_from_a_host_that_is_not_a_configured_ha():
+    topo = _registered_at_a()
+    mn = topo.mn.role
+    key = topo.configs.gateway.home_agents[0].key        # even with the right key
+    signer = SiuSigner("10.1.0.10", key)
+    data = signer.build(SiuType.UPDATE, home_address=mn.home_address, old_care_of=mn.care_of,
+                        new_care_of="172.16.1.66", gateway_spi=mn.inbound.spi, lifetime=600,
+                        wallclock=topo.ha.role.wallclock())
+    before = _snapshot(topo)
+    _inject(topo, topo.cn.interfaces["home"], build_udp_packet(
+        a2b("10.1.0.10"), a2b(topo.gw.role.inside), SIU_PORT, SIU_PORT, data))
+    _assert_refused(topo, topo.gw.role, DropReason.SIU_UNKNOWN_SENDER, before)
+
+
+def test_mn_registering_another_mns_home_address():
+    topo = _registered_at_a(2)
+    victim, attacker = topo.mobiles[0].role, topo.mobiles[1].role
+    before = _snapshot(topo, counters=False)
+    _send_in_tunnel(topo, 1, _rrq(attacker, home_address=victim.home_address))
+    _assert_refused(topo, topo.ha.role, DropReason.MIP_HOME_ADDRESS_NOT_OWNED, before,
+                    counters=False)
+    assert topo.ha.role.bindings[victim.home_address].care_of_address == victim.care_of
+
+
+def test_mn_sending_to_a_forbidden_destination():
+    topo = _registered_at_a()
+    mn = topo.mn.role
+    received = []
+    outsider = Host(topo.sim, "outsider")
+    outsider.add_interface("home", "10.1.0.77", topo.home)   # would be reachable inside...
+    outsider.received = received
+    inner = build_udp_packet(a2b(mn.home_address), a2b("192.168.7.7"), 5000, 53, b"exfiltrate")
+    before = _snapshot(topo, counters=False)
+    _send_in_tunnel(topo, 0, inner)
+    topo.sim.run_for(0.5)
+    assert topo.gw.role.drops == {DropReason.FORBIDDEN_DESTINATION: 1}
+    assert _snapshot(topo, counters=False) == before
+    assert not received and topo.home.counters["undeliverable"] == 0
