@@ -187,3 +187,34 @@ def test_mutated_packets_never_raise_and_never_pass(data):
     result = sad.process_inbound(bytes(esp[:cut]))
     assert isinstance(result, DropReason)
     assert inb.counters.packets == 0 and inb.replay.top == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(udp=st.booleans(), known=st.booleans(), ihl=st.sampled_from([5, 5, 6]),
+       frag=st.sampled_from([0, 0, 0x2000, 0x4000]), cut=st.integers(0, 60))
+def test_fast_spi_path_agrees_with_find_spi(udp, known, ihl, frag, cut):
+    """process_inbound's fixed-offset fast path finds the same SA as find_spi()."""
+    class Probe:
+        def __init__(self, spi):
+            self.spi, self.seen = spi, []
+
+        def decapsulate(self, packet, now=0.0):
+            self.seen.append(packet)
+            return b"inner"
+    spi = 0x4242 if known else 0x4343
+    probe = Probe(0x4242)
+    esp = struct.pack("!II", spi, 1) + bytes(24)
+    if udp:
+        esp = struct.pack("!HHHH", 4500, 4500, 8 + len(esp), 0) + esp
+    options = bytes(4 * (ihl - 5))
+    pkt = (struct.pack("!BBHHHBBHII", 0x40 | ihl, 0, 0, 0, frag, 64, 17 if udp else 50, 0,
+                       ip(GW), ip(COA)) + options + esp)[:cut]
+    sad = Sad([probe])
+    found = find_spi(pkt)
+    result = sad.process_inbound(pkt)
+    if found == 0x4242:
+        assert result == b"inner" and probe.seen == [pkt]
+    else:
+        assert probe.seen == []
+        assert result is (DropReason.UNKNOWN_SPI if isinstance(found, int) and
+                          not isinstance(found, DropReason) else found)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, UsageError
 from mipsec.ipsec import spd as spd_module
-from mipsec.ipsec.selector import Selector
+from mipsec.ipsec.selector import Selector, five_tuple
 from mipsec.ipsec.spd import Action, Policy, Spd
 
 
@@ -235,3 +235,31 @@ def test_sa_attached_later_is_used_without_invalidation():
 def test_protect_outbound_never_raises_for_any_bytes(data):
     result = make_spd(RecordingSa()).protect_outbound(data)
     assert isinstance(result, (bytes, DropReason))
+
+
+@settings(max_examples=300, deadline=None)
+@given(proto=st.sampled_from([1, 6, 17, 50]), frag=st.sampled_from([0, 0x2000, 0x0001, 0x4000]),
+       ihl=st.sampled_from([5, 5, 5, 6, 4]), src=st.sampled_from(ADDRS), dst=st.sampled_from(ADDRS),
+       sport=st.sampled_from([1, 53, 434]), dport=st.sampled_from([1, 53, 434]),
+       cut=st.integers(0, 40), version=st.sampled_from([4, 4, 4, 6]))
+def test_protect_outbound_fast_path_agrees_with_linear_lookup(proto, frag, ihl, src, dst, sport,
+                                                             dport, cut, version):
+    header = struct.pack("!BBHHHBBHII", (version << 4) | ihl, 0, 0, 0, frag, 64, proto, 0,
+                         ip(src), ip(dst)) + bytes(max(0, ihl * 4 - 20))
+    pkt = (header + struct.pack("!HH", sport, dport) + b"datadata")[:cut]
+    spd = Spd([Policy("dns", Selector.parse("* -> *:53, udp"), Action.BYPASS),
+               Policy("tcp", Selector(protocol="tcp", local_ports=(1, 1)), Action.DISCARD),
+               Policy("home", Selector("10.1.0.0/24"), Action.BYPASS),
+               Policy("nosa", Selector(None, "172.16.0.0/12"), Action.PROTECT)])
+    t = five_tuple(pkt)
+    policy = None if t is None else spd.linear_lookup(*t)
+    result = spd.protect_outbound(pkt)
+    if t is None:
+        assert isinstance(result, DropReason) and result not in (
+            DropReason.NO_POLICY, DropReason.NO_SA, DropReason.POLICY_DISCARD)
+    elif policy is None:
+        assert result is DropReason.NO_POLICY
+    else:
+        expected = {Action.BYPASS: pkt, Action.DISCARD: DropReason.POLICY_DISCARD,
+                    Action.PROTECT: DropReason.NO_SA}[policy.action]
+        assert result is expected
