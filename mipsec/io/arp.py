@@ -10,6 +10,7 @@ repeating because ARP is unreliable).
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -33,10 +34,39 @@ def build_gratuitous_arp(mac: bytes, address: str) -> bytes:
     return eth + arp
 
 
-def send_gratuitous_arp(ifname: str, address: str, mac: bytes | None = None,
-                        repeat: int = GRATUITOUS_ARP_REPEAT) -> None:
-    frame = build_gratuitous_arp(mac or mac_of(ifname), address)
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
-        sock.bind((ifname, ETH_P_ARP))
+class Announcer:
+    """A packet socket on one interface, opened once: binding an AF_PACKET socket costs tens of
+    milliseconds (the kernel waits for an RCU grace period), too slow for the handover path."""
+
+    def __init__(self, ifname: str):
+        self.ifname = ifname
+        self.mac = mac_of(ifname)
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        self._sock.bind((ifname, ETH_P_ARP))
+        self._sock.setblocking(False)
+
+    def announce(self, address: str, repeat: int = GRATUITOUS_ARP_REPEAT) -> None:
+        frame = build_gratuitous_arp(self.mac, address)
         for _ in range(repeat):
-            sock.send(frame)
+            try:
+                self._sock.send(frame)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # Bound while the link was down, the socket holds a pending ENETDOWN that the
+                # first send reports even though the link is up now: send again once.
+                if exc.errno != errno.ENETDOWN:
+                    raise
+                self._sock.send(frame)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def send_gratuitous_arp(ifname: str, address: str, repeat: int = GRATUITOUS_ARP_REPEAT) -> None:
+    """One-off announcement (opens and closes a socket: slow, see ``Announcer``)."""
+    announcer = Announcer(ifname)
+    try:
+        announcer.announce(address, repeat)
+    finally:
+        announcer.close()

@@ -42,15 +42,27 @@ def siu_port() -> int:
     return SIU_PORT
 
 
-def make_role(cfg: DaemonConfig, wallclock=time.time) -> Any:
-    """The sans-I/O role object for a configuration (the same classes the simulator uses)."""
+def make_role(cfg: DaemonConfig, wallclock=time.time, now: float | None = None) -> Any:
+    """The sans-I/O role object for a configuration (the same classes the simulator uses).
+
+    Roles that take them get the injected wall clock (MIPv4 identification) and ``now`` (the
+    loop's monotonic clock: SA lifetimes start there).
+    """
+    import inspect
+
     if cfg.role == "mn":
         from mipsec.node.mobile_node import MobileNode as cls
     elif cfg.role == "gw":
         from mipsec.node.gateway import VpnGateway as cls
     else:
         from mipsec.node.home_agent import HomeAgent as cls
-    return cls(cfg.node, wallclock=wallclock)
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "wallclock" in params:
+        kwargs["wallclock"] = wallclock
+    if "now" in params:
+        kwargs["now"] = time.monotonic() if now is None else now
+    return cls(cfg.node, **kwargs)
 
 
 def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
@@ -103,6 +115,8 @@ class Daemon:
         self.loop: EventLoop | None = None
         self.started_wall = time.time()
         self._tun_home_configured = False
+        self._away: set[str] = set()          # HA: home addresses currently steered into the TUN
+        self.announcer: arp.Announcer | None = None
         self._closed = False
 
     # --- start ---------------------------------------------------------------------------------
@@ -175,6 +189,8 @@ class Daemon:
         d, node = self.cfg.daemon, self.cfg.node
         homes = [d.home_interface] if d.home_interface else []
         self.watcher = netlink.AddressWatcher(d.interfaces, node.home_prefix, homes)
+        if d.home_interface and d.gratuitous_arp:
+            self.announcer = arp.Announcer(d.home_interface)
         self.loop.on_event.append(self._mn_before_event)
 
     def _mn_before_event(self, event: Any) -> None:
@@ -192,12 +208,11 @@ class Daemon:
                 self.nl.del_route(node.home_prefix, self.tun.name)
                 self.nl.del_address(self.tun.name, node.home_address, 32)
                 self._tun_home_configured = False
-            ifname = event.interface or d.home_interface
-            if d.gratuitous_arp and ifname:
+            if self.announcer is not None:
                 try:   # RFC 5944 §4.6: the MN announces itself on the home link
-                    arp.send_gratuitous_arp(ifname, node.home_address)
+                    self.announcer.announce(node.home_address)
                 except OSError as exc:
-                    log.warning("gratuitous ARP on %s failed: %s", ifname, exc)
+                    log.warning("gratuitous ARP on %s failed: %s", d.home_interface, exc)
         del prefixlen
 
     def _setup_gw(self) -> None:
@@ -213,21 +228,28 @@ class Daemon:
         for scope in ("all", "default", d.home_interface, self.tun.name):
             netlink.set_sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
         netlink.set_sysctl("net.ipv4.ip_forward", 1)
+        # Answer proxied ARP requests at once (the default waits up to 0.8 s, neigh(7)).
+        netlink.set_sysctl(f"net.ipv4.neigh.{d.home_interface}.proxy_delay", 0)
+        if d.gratuitous_arp:
+            self.announcer = arp.Announcer(d.home_interface)
         self.loop.on_action[BindingChanged] = self._ha_binding_changed
 
     def _ha_binding_changed(self, action: BindingChanged) -> None:
         d = self.cfg.daemon
         home = action.home_address
-        if action.care_of_address:
-            # Away: intercept the home address (RFC 5944 §4.6 proxy + gratuitous ARP).
+        if action.care_of_address and home not in self._away:
+            # Leaving home: intercept the home address (RFC 5944 §4.6 proxy + gratuitous ARP).
+            # A move between two care-of addresses changes nothing here.
+            self._away.add(home)
             self.nl.replace_route(f"{home}/32", self.tun.name)
             self.nl.add_proxy_arp(home, d.home_interface)
-            if d.gratuitous_arp:
+            if self.announcer is not None:
                 try:
-                    arp.send_gratuitous_arp(d.home_interface, home)
+                    self.announcer.announce(home)
                 except OSError as exc:
                     log.warning("gratuitous ARP for %s failed: %s", home, exc)
-        else:
+        elif not action.care_of_address and home in self._away:
+            self._away.discard(home)
             self.nl.del_proxy_arp(home, d.home_interface)
             self.nl.del_route(f"{home}/32", self.tun.name)
 
@@ -305,6 +327,7 @@ class Daemon:
         for closer in (lambda: self.nl and self.nl.undo_all(),
                        lambda: self.nl and self.nl.close(),
                        lambda: self.watcher and self.watcher.close(),
+                       lambda: self.announcer and self.announcer.close(),
                        lambda: self.control and self.control.close(),
                        lambda: self.loop and self.loop.close(),
                        lambda: [r.close() for r in self.receivers or ()],

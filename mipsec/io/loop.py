@@ -47,6 +47,12 @@ class EventLoop:
         self.clock = clock
         self.wallclock = wallclock
         self.on_action: dict[type, Callable[[Any], None]] = {}
+        # Hooks for which this predicate is true run after the whole batch: kernel bookkeeping
+        # (routes, proxy ARP) must not delay the packets the same batch sends (the HA's SIU when
+        # an MN leaves home).  Default: a BindingChanged to a care-of address.  A BindingChanged
+        # to "home" runs in order: the HA's direct reply must not be routed into its TUN.
+        self.defer_hook: Callable[[Any], bool] = (
+            lambda a: type(a) is BindingChanged and a.care_of_address is not None)
         self.on_event: list[Callable[[Any], None]] = []   # observers of events fed to the role
         self.stats = {"from_tun": 0, "to_tun": 0, "from_net": 0, "to_net": 0,
                       "send_errors": 0, "timers": 0, "bugs": 0}
@@ -142,14 +148,23 @@ class EventLoop:
     # --- actions --------------------------------------------------------------------------------
 
     def dispatch(self, actions: list[Any]) -> None:
+        later = []
         for action in actions:
             try:
-                self._carry_out(action)
+                if self._carry_out(action):
+                    later.append(action)
             except Exception:
                 self.stats["bugs"] += 1
                 log.exception("BUG: carrying out %s failed", type(action).__name__)
+        for action in later:
+            try:
+                self.on_action[type(action)](action)
+            except Exception:
+                self.stats["bugs"] += 1
+                log.exception("BUG: hook for %s failed", type(action).__name__)
 
-    def _carry_out(self, action: Any) -> None:
+    def _carry_out(self, action: Any) -> bool:
+        """Carry out one action; True when its hook is deferred to the end of the batch."""
         kind = type(action)
         if kind is SendToNet:
             if self.pcap is not None:
@@ -175,7 +190,10 @@ class EventLoop:
             log.debug("%s: action %r", self.name, action)
         hook = self.on_action.get(kind)
         if hook is not None:
+            if self.defer_hook(action):
+                return True
             hook(action)
+        return False
 
     # --- running --------------------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""``mipsec lab demo``: live handovers with a UDP stream, timelines, interruption and loss.
+
+Scenario: the lab comes up with the MN registered in visited network a; a UDP stream runs both
+ways between the CN (10.1.0.10) and the MN's home address (10.1.0.100); the MN moves a -> b,
+b -> a, then home (two handovers and a return home), ``dwell`` seconds apart.  For each move we
+print the merged MN / GW / HA timeline (milliseconds after the move) and, per direction, the
+longest interruption (largest gap between two arrivals) and the packets lost in that phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, TextIO
+
+from mipsec.lab.lab import Lab
+from mipsec.lab.stream import analyse
+
+STREAM_PORT = 5001
+MOVES = ("b", "a", "home")
+
+
+def print_timeline(events: list[dict[str, Any]], t0: float, out: TextIO) -> None:
+    from mipsec.cli import format_timeline
+    for line in format_timeline(events, t0):
+        print("    " + line, file=out)
+
+
+class Streams:
+    """The CN <-> MN stream pair, each a `python -m mipsec.lab.stream` in its namespace."""
+
+    def __init__(self, lab: Lab, rate: float, duration: float, size: int = 64):
+        self.lab = lab
+        self.reports = {"cn": lab.path("stream-cn.json"), "mn": lab.path("stream-mn.json")}
+        self.procs = {}
+        peers = {"cn": "10.1.0.100", "mn": "10.1.0.10"}
+        for node in ("cn", "mn"):
+            self.procs[node] = lab.popen(
+                node, lab.python, "-m", "mipsec.lab.stream", "--port", str(STREAM_PORT),
+                "--peer", peers[node], "--rate", str(rate), "--duration", str(duration),
+                "--size", str(size), "--out", self.reports[node])
+
+    def wait(self, timeout: float) -> dict[str, dict[str, Any]]:
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=timeout)
+            except Exception:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=5)
+        out = {}
+        for node, path in self.reports.items():
+            with open(path) as f:
+                out[node] = json.load(f)
+        return out
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def phase_figures(sender: dict[str, Any], receiver: dict[str, Any], start: float, end: float,
+                  rate: float) -> dict[str, Any]:
+    """Loss and longest gap of one direction for packets sent in [start, end)."""
+    t0 = sender["start"]
+    first = max(0, int((start - t0) * rate))
+    last = min(sender["sent"], int((end - t0) * rate))
+    arrivals = [(s, t) for s, t in receiver["received"] if first <= s < last]
+    seqs = {s for s, _ in arrivals}
+    times = sorted(t for _, t in arrivals)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"sent": max(0, last - first), "received": len(seqs),
+            "lost": max(0, last - first - len(seqs)),
+            "interruption_ms": (max(gaps) - 1.0 / rate) * 1000 if gaps else None}
+
+
+def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: float = 200.0,
+                 dwell_s: float = 2.0, keep: bool = False, out: TextIO = sys.stdout) -> int:
+    lab = Lab(prefix=prefix)
+    print(f"mipsec lab demo: building the lab (prefix {prefix!r}, one-way Internet delay "
+          f"{delay_ms:g} ms) ...", file=out, flush=True)
+    streams = None
+    try:
+        lab.up(delay_ms=delay_ms, place="a")
+        print("  MN registered in visited network a (CoA 172.16.1.10)", file=out, flush=True)
+        duration = dwell_s * (len(MOVES) + 1)
+        streams = Streams(lab, rate, duration)
+        time.sleep(dwell_s)
+        moves = []
+        for where in MOVES:
+            result = lab.move(where, wait=True)
+            moves.append(result)
+            time.sleep(max(0.0, dwell_s - (time.monotonic() - result["time"])))
+        reports = streams.wait(timeout=duration + 10)
+        streams = None
+        bounds = [m["time"] for m in moves] + [time.monotonic()]
+        worst = 0
+        for i, move in enumerate(moves):
+            label = {"a": "to visited network a (CoA 172.16.1.10)",
+                     "b": "to visited network b (CoA 172.16.2.10)",
+                     "home": "back home (home address on the home link)"}[move["to"]]
+            print(f"\nMove {i + 1}: {label}; registration complete after "
+                  f"{(move['registered'] - move['time']) * 1000:.1f} ms", file=out)
+            print_timeline(lab.timelines(move["time"] - 0.001, bounds[i + 1]), move["time"], out)
+            for name, snd, rcv in (("downlink CN->MN", "cn", "mn"), ("uplink   MN->CN", "mn", "cn")):
+                fig = phase_figures(reports[snd], reports[rcv], move["time"] - 0.5,
+                                    bounds[i + 1] - 0.5, rate)
+                inter = ("n/a" if fig["interruption_ms"] is None
+                         else f"{max(0.0, fig['interruption_ms']):.1f} ms")
+                print(f"    {name}: interruption {inter}, lost {fig['lost']} of {fig['sent']}",
+                      file=out)
+                worst = max(worst, fig["lost"])
+        for name, snd, rcv in (("CN->MN", "cn", "mn"), ("MN->CN", "mn", "cn")):
+            total = analyse(reports[snd]["sent"], reports[rcv]["received"])
+            print(f"\nwhole run {name}: {total['received']} of {reports[snd]['sent']} received, "
+                  f"{total['lost']} lost, longest gap {total['longest_gap_s'] * 1000:.1f} ms",
+                  file=out)
+        print(f"\ncapture of the GW's outside: {lab.pcap}\n"
+              f"  open it with: tshark -r {lab.pcap} -o esp.enable_encryption_decode:TRUE "
+              f"-o esp.enable_authentication_check:TRUE (keys: see {lab.keyfile})", file=out)
+        if not keep:
+            keep_dir = f"/tmp/mipsec-demo-capture-{os.getpid()}"
+            os.makedirs(keep_dir, exist_ok=True)
+            for name in ("gw.pcap", "gw.pcap.esp_sa"):
+                os.replace(lab.path(name), os.path.join(keep_dir, name))
+            print(f"  (the lab is removed; the capture and key file were kept in {keep_dir})",
+                  file=out)
+        return 0
+    finally:
+        if streams is not None:
+            streams.kill()
+        if not keep:
+            lab.down()
