@@ -85,8 +85,8 @@ def in_order(events: Sequence[TimelineEvent], kinds: Sequence[str]) -> bool:
 def _fmt_detail(detail: dict[str, Any]) -> str:
     parts = []
     for k, v in detail.items():
-        if k == "home_address":
-            continue
+        if k in ("home_address", "identification", "sequence"):
+            continue                     # long numbers: in the data, not in the table
         if isinstance(v, int) and k.endswith("spi"):
             v = f"0x{v:08x}"
         parts.append(f"{k}={v}")
