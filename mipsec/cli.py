@@ -340,7 +340,8 @@ def render_status(reply: dict[str, Any]) -> str:
         lines.append(f"  capture: {reply['pcap']}  keys: {reply.get('keyfile')}")
     if reply.get("drops"):
         lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reply["drops"].items())))
-    lines += _render_tree(reply.get("node", {}), indent=2, now=now)
+    node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline",)}
+    lines += _render_tree(node, indent=2, now=now)
     timeline = reply.get("timeline") or []
     if timeline:
         lines.append("  last handover timeline:")
@@ -400,12 +401,18 @@ def _render_tree(value: Any, indent: int, now: float | None) -> list[str]:
 def _fmt(key: str, value: Any, now: float | None) -> str:
     if isinstance(value, int) and "spi" in str(key).lower():
         return f"0x{value:08x}"
-    if isinstance(value, float) and now is not None and "time" in str(key).lower() and value > 0:
-        return f"{value:.3f} ({now - value:.1f} s ago)"
+    name = str(key).lower()
+    if isinstance(value, float) and now is not None and value > 0:
+        if "expires" in name or "until" in name:
+            return f"{value:.3f} (in {value - now:.1f} s)"
+        if "time" in name:
+            return f"{value:.3f} ({now - value:.1f} s ago)"
     return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # `mipsec status | head` ends quietly
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()

@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -148,6 +149,11 @@ class Daemon:
         self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
                               pcap=self.pcap)
+        if cfg.role == "gw":
+            # The GW's capture is its outside: packets from or to its outside address (ESP and
+            # UDP-encapsulated ESP), not the SIUs on the inside.
+            outside = socket.inet_aton(cfg.node.outside_address)
+            self.loop.pcap_filter = lambda p: p[12:16] == outside or p[16:20] == outside
         if self.manage_kernel:
             self.nl = netlink.Netlink()
             getattr(self, f"_setup_{cfg.role}")()

@@ -44,6 +44,7 @@ class EventLoop:
         self.sender = sender
         self.name = name
         self.pcap = pcap
+        self.pcap_filter: Callable[[bytes], bool] | None = None   # which packets to capture
         self.clock = clock
         self.wallclock = wallclock
         self.on_action: dict[type, Callable[[Any], None]] = {}
@@ -127,7 +128,7 @@ class EventLoop:
         now = self.clock()
         for packet in packets:
             self.stats["from_net"] += 1
-            if self.pcap is not None:
+            if self.pcap is not None and (self.pcap_filter is None or self.pcap_filter(packet)):
                 self.pcap.write(packet, self.wallclock())
             self._call("receive_from_net", self.role.receive_from_net, packet, now)
 
@@ -167,7 +168,8 @@ class EventLoop:
         """Carry out one action; True when its hook is deferred to the end of the batch."""
         kind = type(action)
         if kind is SendToNet:
-            if self.pcap is not None:
+            if self.pcap is not None and (self.pcap_filter is None
+                                          or self.pcap_filter(action.packet)):
                 self.pcap.write(action.packet, self.wallclock())
             if self.sender.send(action.packet, action.interface):
                 self.stats["to_net"] += 1

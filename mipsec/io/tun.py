@@ -54,6 +54,13 @@ class LinuxTun:
                               f"CAP_NET_ADMIN and /dev/net/tun)") from exc
         self.name = self._dev.name
         self._dev.mtu = mtu
+        # An IPv4-only device: without this the kernel writes IPv6 router solicitations and MLD
+        # reports into it, which the role would only count as drops.
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
+                f.write("1\n")
+        except OSError:
+            pass
         self._dev.up()
         self._fd = self._dev.fileno()
         os.set_blocking(self._fd, False)

@@ -269,6 +269,11 @@ class Lab:
 
 
 def _alive(pid: int) -> bool:
+    try:   # reap it if it is our child (the lab started it from this process)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -171,8 +171,23 @@ def move_mn(names: Names, where: str) -> None:
 
 
 def namespace_pids(ns: str) -> list[int]:
+    """Live processes in a namespace (zombies, already dead, are reaped if ours and skipped)."""
     proc = subprocess.run([IP, "netns", "pids", ns], capture_output=True, text=True)
-    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+    out = []
+    for pid in (int(p) for p in proc.stdout.split() if p.isdigit()):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                continue
+        except ChildProcessError:
+            pass
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        out.append(pid)
+    return out
 
 
 def destroy(prefix: str) -> list[str]:
