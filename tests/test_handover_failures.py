@@ -182,11 +182,20 @@ def test_replayed_rrq():
     topo.home.capture = None
     topo.move("a")
     assert wait_registered(topo, 2.0)
-    before = _snapshot(topo)
+    before = _snapshot(topo, counters=False)
     _inject(topo, _rogue(topo), rrq)            # replayed on the home network to the HA
-    _assert_refused(topo, topo.ha.role, DropReason.MIP_REPLAYED, before)
-    # the 133 answer went to the replayed source (B), where the GW has no binding: dropped there
-    assert topo.gw.role.drops == {DropReason.NO_POLICY: 1}
+    _assert_refused(topo, topo.ha.role, DropReason.MIP_REPLAYED, before, no_siu=False,
+                    counters=False)
+    # RFC 5944 §3.8.3.1: the request authenticated, so the HA answers 133 (in a REJECT SIU); the
+    # GW sends that reply once to the replayed CoA B and moves nothing; nobody is at B any more
+    last = topo.ha.role.timeline[-1]
+    assert last.kind == "siu-sent" and last.detail["type"] == "reject"
+    assert last.detail["new"] == topo.care_of["b"][0]
+    fwd = topo.gw.role.timeline[-1]
+    assert fwd.kind == "rrp-forwarded" and fwd.detail == {
+        "home_address": topo.mn.role.home_address, "care_of": topo.care_of["b"][0], "rejected": True}
+    assert topo.gw.role.mobiles[topo.mn.role.home_address].outbound.remote == topo.care_of["a"][0]
+    assert not topo.gw.role.drops
 
 
 def test_forged_siu():
@@ -267,3 +276,21 @@ def test_mn_sending_to_a_forbidden_destination():
     assert topo.gw.role.drops == {DropReason.FORBIDDEN_DESTINATION: 1}
     assert _snapshot(topo, counters=False) == before
     assert not received and topo.home.counters["undeliverable"] == 0
+
+
+def test_mn_with_a_wrong_clock_resynchronises_from_the_133_reply():
+    """RFC 5944 §5.7: the HA answers 133 with its time; the MN adopts it and registers."""
+    topo = _registered_at_a()
+    mn = topo.mn.role
+    mn.wallclock = lambda: topo.ha.role.wallclock() + 3600.0     # an hour ahead
+    mn.msa._last_sent_id = None
+    topo.move("b")
+    assert wait_registered(topo, 2.0)
+    move = tl.split_handovers(merged_timeline(topo))[-1]
+    assert tl.in_order(move, ["rrq-sent", "rrq-rejected", "siu-sent", "rrp-received",
+                              "registration-failed", "rrq-sent", "rrq-accepted", "siu-sent",
+                              "gw-sa-repointed", "rrp-received"]), tl.format_table(move)
+    assert tl.first(move, "rrq-rejected").detail["code"] == 133
+    assert tl.first(move, "registration-failed").detail["action"] == "resynchronised"
+    assert topo.ha.role.drops == {DropReason.MIP_IDENTIFICATION_MISMATCH: 1}
+    assert topo.gw.role.mobiles[mn.home_address].care_of == topo.care_of["b"][0]

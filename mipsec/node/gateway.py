@@ -27,7 +27,8 @@ never move an SA back to an older address.  A move calls ``sa.rebind(remote=new 
 returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sent to the new
 CoA: the reply can only go out through the re-pointed SA.  A DEREGISTER SIU sends its RRP (if
 any) to the current CoA and then retires the binding: downlink packets for that CoA find no
-policy until the next SIU.
+policy until the next SIU.  A REJECT SIU (the HA refused an authenticated request, e.g. code
+133) makes the GW send its reply once to the SIU's new CoA and changes nothing.
 
 Binding state machine per MN (``Binding``):
 
@@ -289,21 +290,38 @@ class VpnGateway:
                 tl.record(self.timeline, now, self.name, "gw-binding-retired",
                           home_address=mobile.home_address, old=current, spi=mobile.outbound.spi)
             return actions
+        if siu.type == SiuType.REJECT and new is not None:
+            # docs/protocol.md: no compare, no change: the (rejecting) RRP once to New CoA
+            if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
+                actions += self._forward_rrp(mobile, siu.rrp, now, to=new)
+            return actions
         return self._refuse(now, DropReason.MALFORMED, home_address=mobile.home_address,
                             type=int(siu.type))
 
-    def _forward_rrp(self, mobile: Mobile, rrp: bytes, now: float) -> list[Action]:
-        """Encrypt the HA's Registration Reply to the bound CoA (UDP HA:434 -> CoA:434)."""
-        care_of = mobile.care_of
+    def _forward_rrp(self, mobile: Mobile, rrp: bytes, now: float,
+                     to: str | None = None) -> list[Action]:
+        """Encrypt the HA's Registration Reply to the bound CoA (UDP HA:434 -> CoA:434).
+
+        ``to`` (a REJECT SIU): send this one packet to that address with the SA's keys and
+        sequence numbers, leaving the SA's outer binding where it was.
+        """
+        care_of = to or mobile.care_of
         inner = build_udp_packet(a2b(mobile.home_agent), a2b(care_of), MIP_PORT, MIP_PORT, rrp)
+        sa = mobile.outbound
+        previous = sa.remote
         try:
-            outer = mobile.outbound.encapsulate(inner, now)
+            if to is not None and to != previous:
+                sa.rebind(remote=to)
+            outer = sa.encapsulate(inner, now)
         except Dropped as exc:
             return self._drop(exc.reason)
         except SaExhausted:
             return self._drop(DropReason.SA_EXHAUSTED)
+        finally:
+            if to is not None and to != previous:
+                sa.rebind(remote=previous)
         tl.record(self.timeline, now, self.name, "rrp-forwarded", home_address=mobile.home_address,
-                  care_of=care_of)
+                  care_of=care_of, **({"rejected": True} if to is not None else {}))
         return [SendToNet(outer)]
 
     # --- timers (none: bindings live as long as the HA says) and status ------------------------

@@ -19,12 +19,12 @@ reason:
 Identification (RFC 5944 §5.7) is checked only after authentication.  A request that fails it
 (replayed: MIP_REPLAYED; clock skew: MIP_IDENTIFICATION_MISMATCH) changes no binding, but —
 unlike the failures above, and as RFC 5944 §3.8.3.1 requires for an authenticated request — is
-answered with code 133 carrying our time, so an MN with a wrong clock can resynchronise.  That
-reply goes as a plain UDP datagram to the request's source (the direct path at home; through
-the GW otherwise), never inside an SIU: it must not move the GW's SA.  The GW protects it only
-if that source is the MN's currently bound CoA, so a replayed request from elsewhere gets no
-answer at all.  This is our reading of the issue's "invalid RRQ, no reply": it applies to
-requests that do not authenticate or do not belong to their sender.
+answered with code 133 carrying our time, so an MN with a wrong clock can resynchronise.  At
+home that reply goes directly; through the GW it travels in a REJECT SIU (docs/protocol.md): the
+GW sends the reply once to the request's CoA and moves nothing.  This is our reading of the
+issue's "invalid RRQ, no reply": it applies to requests that do not authenticate or do not
+belong to their sender; a replayed request costs the GW one encrypted 133 reply to an address
+the MN once used, which the MN discards (it matches no pending request).
 
 A valid request updates the binding (lifetime = min(requested, ``max_lifetime_s``)); lifetime 0
 or CoA = home address deregisters (RFC 5944 §3.8.2).  Then:
@@ -235,6 +235,12 @@ class HomeAgent:
                 identification=msa.reply_identification(rrq.identification, self.wallclock(),
                                                         accepted=False))
             data_out = msa.sign(build_registration_reply(reply))
+            if via_gateway:
+                # docs/protocol.md: a REJECT SIU, the GW sends the RRP once to that CoA, moves nothing
+                binding = self.bindings.get(rrq.home_address)
+                return [self._siu(now, SiuType.REJECT, mobile,
+                                  binding.care_of_address if binding is not None else None,
+                                  rrq.care_of_address, 0, data_out)]
             return [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
         msa.accept_identification(rrq.identification)
         return self._accept(rrq, msa, mobile, src, sport, via_gateway, now)
