@@ -1,0 +1,179 @@
+"""Role behaviour in detail: the MN's transition table, renewal, HA binding expiry, the refusal
+reasons of each check, ESP-in-UDP / CBC / HMAC-SHA-256 variants, and JSON-able status."""
+
+import json
+
+import pytest
+
+from mipsec.drops import DropReason
+from mipsec.errors import UsageError
+from mipsec.mip.constants import SIU_PORT
+from mipsec.mip.security import MobilitySecurityAssociation
+from mipsec.node import timeline as tl
+from mipsec.node.actions import BindingChanged, CareOfAddressChanged, SendToNet
+from mipsec.node.mobile_node import TRANSITIONS, RegEvent, RegState
+from mipsec.node.packet import a2b, build_udp_packet
+from mipsec.sim.scenario import merged_timeline, start_streams, stream_reports, wait_registered
+from mipsec.sim.topology import build_topology
+from mipsec.wire.mip import RegistrationRequest, RequestFlags, build_registration_request
+from mipsec.wire.siu import SiuType
+
+
+def _lab(n=1, **kw):
+    kw.setdefault("internet_delay_s", 0.005)
+    topo = build_topology(n, seed=7, **kw)
+    for i in range(n):
+        topo.move("a", i)
+    assert wait_registered(topo, 2.0)
+    return topo
+
+
+def test_transition_table_is_complete_for_what_the_mn_does_and_refuses_the_rest():
+    topo = build_topology(1)
+    mn = topo.mn.role
+    assert mn.state is RegState.IDLE
+    with pytest.raises(UsageError, match="accepted is not allowed in state idle"):
+        mn._transition(RegEvent.ACCEPTED)
+    assert mn.state is RegState.IDLE
+    # every state can be left by a move, and every away state by returning home
+    for state in RegState:
+        assert (state, RegEvent.MOVED) in TRANSITIONS
+        assert (state, RegEvent.RETURNED_HOME) in TRANSITIONS
+    with pytest.raises(UsageError):
+        mn.handle_event(object(), 0.0)
+
+
+def test_renewal_before_the_lifetime_ends():
+    topo = _lab(lifetime_s=10)
+    topo.sim.run(until=35.0)
+    mn, ha = topo.mn.role, topo.ha.role
+    sent = [e.time for e in mn.timeline if e.kind == "rrq-sent"]
+    accepted = [e.time for e in mn.timeline if e.kind == "rrp-received"]
+    assert len(sent) == 5 and len(accepted) == 5
+    for reply, renewal in zip(accepted, sent[1:]):
+        assert abs(renewal - reply - 8.0) < 1e-9          # 0.8 x the granted 10 s
+    assert mn.state is RegState.REGISTERED
+    assert not any(e.kind == "binding-expired" for e in ha.timeline)
+    # a renewal from the same CoA moves nothing at the GW: a repeat, reply forwarded
+    gw_kinds = [e.kind for e in topo.gw.role.timeline]
+    assert gw_kinds.count("gw-sa-repointed") == 1 and gw_kinds.count("rrp-forwarded") == len(sent)
+
+
+def test_ha_binding_expiry_retires_the_gw_binding_and_stops_interception():
+    topo = _lab(lifetime_s=10)
+    ha_b = a2b(topo.ha.role.address)
+    topo.home.drop_next(lambda p: p[16:20] == ha_b and p[9] == 17, count=100)   # renewals lost
+    topo.sim.run(until=10.5)
+    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    assert ha.bindings == {}
+    exp = tl.first(ha.timeline, "binding-expired")
+    assert exp is not None and abs(exp.time - 10.01) < 0.01
+    assert tl.first(gw.timeline, "gw-binding-retired").time > exp.time
+    assert gw.mobiles[mn.home_address].care_of is None
+    # the CN's packets for the home address reach the MN's home link now, nobody is there
+    acts = ha.receive_from_tun(build_udp_packet(a2b("10.1.0.10"), a2b(mn.home_address), 1, 2, b"x"), 11.0)
+    assert acts == [] and ha.drops[DropReason.IPIP_NO_BINDING] == 1
+    # and a downlink packet the GW still gets for the old CoA finds no policy
+    assert gw.receive_from_tun(build_udp_packet(a2b("10.1.0.2"), a2b(mn.care_of), 1, 2, b"x"), 11.0) == []
+    assert gw.drops[DropReason.NO_POLICY] == 1
+
+
+def _rrq_packet(mn, *, src=None, spi=None, key=None, home_agent=None, home=None, sign=True):
+    msa = MobilitySecurityAssociation(spi or mn.msa.spi, key or mn.config.msa.key)
+    rrq = RegistrationRequest(home_address=home or mn.home_address,
+                              home_agent=home_agent or mn.config.home_agent,
+                              care_of_address="172.16.1.10",
+                              identification=msa.new_identification(mn.wallclock()),
+                              lifetime=600, flags=RequestFlags.D | RequestFlags.T)
+    data = build_registration_request(rrq)
+    if sign:
+        data = msa.sign(data)
+    return build_udp_packet(a2b(src or "172.16.1.10"), a2b(mn.config.home_agent), 434, 434, data)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(sign=False), DropReason.MIP_NO_AUTH),
+    (dict(spi=0x9999), DropReason.MIP_UNKNOWN_SPI),
+    (dict(key=b"k" * 16), DropReason.MIP_AUTH_FAILED),
+    (dict(home_agent="10.1.0.3"), DropReason.MIP_UNKNOWN_HOME_AGENT),
+    (dict(home="10.1.0.99"), DropReason.MIP_UNKNOWN_HOME_ADDRESS),
+])
+def test_ha_refusals_have_their_reason_and_no_reply(kwargs, reason):
+    topo = build_topology(1)
+    mn, ha = topo.mn.role, topo.ha.role
+    acts = ha.receive_from_net(_rrq_packet(mn, **kwargs), 0.0)
+    assert acts == [] and ha.drops == {reason: 1} and ha.bindings == {}
+    assert tl.first(ha.timeline, "rrq-rejected").detail["reason"] == str(reason)
+
+
+def test_ha_direct_registration_at_home_and_via_the_gateway_rule():
+    topo = build_topology(1)
+    mn, ha = topo.mn.role, topo.ha.role
+    # from an address on the home prefix: the MN is at home: direct reply, no SIU
+    acts = ha.receive_from_net(_rrq_packet(mn, src="10.1.0.100"), 0.0)
+    assert [type(a) for a in acts] == [BindingChanged, SendToNet]
+    assert acts[1].packet[16:20] == a2b("10.1.0.100")
+    # from outside the home prefix: it came through the GW: the reply travels in an SIU
+    acts = ha.receive_from_net(_rrq_packet(mn, src="172.16.2.10"), 1.0)
+    assert [type(a) for a in acts] == [SendToNet]
+    assert acts[0].packet[16:20] == a2b(topo.gw.role.inside)
+    assert int.from_bytes(acts[0].packet[22:24], "big") == SIU_PORT
+
+
+def test_gw_siu_for_an_unknown_mobile_or_sa():
+    topo = _lab()
+    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    signer = ha._signers[gw.inside]
+    for kwargs, reason in [(dict(home_address="10.1.0.99", gateway_spi=mn.inbound.spi),
+                            DropReason.SIU_UNKNOWN_MOBILE),
+                           (dict(home_address=mn.home_address, gateway_spi=0x7777),
+                            DropReason.SIU_UNKNOWN_SA)]:
+        data = signer.build(SiuType.UPDATE, old_care_of=mn.care_of, new_care_of="172.16.1.66",
+                            lifetime=600, wallclock=ha.wallclock(), **kwargs)
+        pkt = build_udp_packet(a2b(ha.address), a2b(gw.inside), SIU_PORT, SIU_PORT, data)
+        assert gw.receive_from_net(pkt, topo.sim.now) == []
+        assert gw.drops[reason] == 1
+    assert gw.mobiles[mn.home_address].care_of == mn.care_of
+
+
+def test_lost_address_then_new_one():
+    topo = _lab()
+    mn = topo.mn.role
+    topo.mn.driver.event(CareOfAddressChanged(None))
+    assert mn.state is RegState.IDLE and mn.care_of is None
+    pkt = build_udp_packet(a2b(mn.home_address), a2b("10.1.0.10"), 1, 2, b"x")
+    assert mn.receive_from_tun(pkt, topo.sim.now) == []
+    assert mn.drops == {DropReason.NO_SA: 1}
+    topo.move("b")
+    assert wait_registered(topo, 1.0) and mn.care_of == topo.care_of["b"][0]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(udp_encap=True),
+    dict(encryption="ENCR_AES_CBC", integrity="AUTH_HMAC_SHA1_96"),
+    dict(encryption="ENCR_CHACHA20_POLY1305", msa_algorithm="hmac-sha256"),
+])
+def test_handover_with_other_transforms_and_encapsulations(variant):
+    topo = _lab(**variant)
+    start_streams(topo, interval_s=0.002, start=topo.sim.now, stop=topo.sim.now + 0.6)
+    topo.sim.run_for(0.2)
+    topo.move("b")
+    topo.sim.run_for(0.8)
+    assert topo.mn.role.state is RegState.REGISTERED
+    reports = stream_reports(topo)
+    assert reports["uplink"].lost == 0 and reports["downlink"].received > 0.9 * reports["downlink"].sent
+    if variant.get("udp_encap"):
+        assert topo.gw.role.mobiles[topo.mn.role.home_address].outbound.udp_encap is not None
+    assert tl.in_order(tl.split_handovers(merged_timeline(topo))[-1],
+                       ["rrq-sent", "gw-sa-repointed", "rrp-received"])
+
+
+def test_status_is_json():
+    topo = _lab(2)
+    for role in topo.roles() + [topo.cn.app]:
+        text = json.dumps(role.status())
+        assert json.loads(text)["name"] == role.name
+    st = topo.gw.role.status()
+    assert st["mobiles"][topo.mn.role.home_address]["care_of"] == topo.care_of["a"][0]
+    assert topo.ha.role.status(topo.sim.now)["bindings"][topo.mn.role.home_address]["remaining_s"] > 500
+    assert topo.mn.role.status()["state"] == "registered"
