@@ -13,6 +13,7 @@ ARP, so the CN's packets reach the HA, which tunnels them; at home the MN announ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -125,11 +126,10 @@ class Lab:
         sets = mconfig.make_key_set(1, layout, **kw)
         paths = {}
         for name, cfg in sets.items():
-            settings = cfg.daemon
+            settings = dataclasses.replace(cfg.daemon, mtu=topo.LAB_TUN_MTU)
             if name == "gw":
-                import dataclasses
                 settings = dataclasses.replace(settings, pcap=self.pcap)
-                cfg = dataclasses.replace(cfg, daemon=settings)
+            cfg = dataclasses.replace(cfg, daemon=settings)
             path = self.path(f"{name}.toml")
             mconfig.write_config(cfg, path, comment=f"mipsec lab {self.prefix}: {name}")
             paths[name] = path

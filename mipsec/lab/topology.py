@@ -40,6 +40,10 @@ MN_IFACE = {"a": "va0", "b": "vb0"}
 MN_HOME_ADDRESS = "10.1.0.100"
 MN_HOME_INTERFACE = "home0"
 NODES = ("sw", "cn", "ha", "gw", "rt", "mn")
+# Lab links carry 1600-byte frames and the lab's TUN devices have MTU 1500, so a 1400-byte UDP
+# payload crosses the tunnels (inner 1428 + IP-in-IP 20 + ESP ~40 + outer 20) unfragmented.
+LINK_MTU = 1600
+LAB_TUN_MTU = 1500
 IP = "ip"
 
 
@@ -86,7 +90,8 @@ def existing_namespaces(prefix: str) -> list[str]:
 
 
 def _veth(a_ns: str, a: str, b_ns: str, b: str) -> None:
-    run("link", "add", a, "type", "veth", "peer", "name", b, "netns", b_ns, ns=a_ns)
+    run("link", "add", a, "mtu", str(LINK_MTU), "type", "veth", "peer", "name", b,
+        "mtu", str(LINK_MTU), "netns", b_ns, ns=a_ns)
     run("link", "set", a, "up", ns=a_ns)
     run("link", "set", b, "up", ns=b_ns)
 
