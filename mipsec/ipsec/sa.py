@@ -53,19 +53,15 @@ from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
 
 _II = struct.Struct("!II")
 _I = struct.Struct("!I")
-_H = struct.Struct("!H")
 _PREFIX = struct.Struct("!BBHHHBBH")
 _OUTER = struct.Struct("!BBHHHBBH4s4s")
-_UDP = struct.Struct("!HHHH")
 _pack_ii = _II.pack
 _pack_i = _I.pack
 _pack_iii = struct.Struct("!III").pack
 _unpack_ii = _II.unpack_from
-_unpack_h = _H.unpack_from
 _unpack_prefix = _PREFIX.unpack_from
 _pack_outer = _OUTER.pack
-_pack_udp = _UDP.pack
-_unpack_udp = _UDP.unpack_from
+_unpack_udp = struct.Struct("!HHHH").unpack_from
 _from_bytes = int.from_bytes
 _compare_digest = hmac.compare_digest
 _AEAD, _CBC, _NULL = 0, 1, 2                 # transform kinds, inlined on the hot path
@@ -164,7 +160,7 @@ class SecurityAssociation:
         "_check", "_update", "_infer", "_udp_local_port", "_inbound", "_kind",
         "_aead_encrypt", "_aead_decrypt", "_salt", "_cbc_encrypt", "_cbc_decrypt", "_random",
         "_inner_state", "_outer_state", "_pack_prefix", "_overhead", "_udp_ports",
-        "_esp_start",
+        "_esp_start", "_addresses",
     )
 
     def __init__(
@@ -245,6 +241,8 @@ class SecurityAssociation:
             raise ConfigError("outbound SA: both local (outer source) and remote (outer "
                               "destination) addresses are required")
         self._local, self._remote = local_b, remote_b
+        # inbound packets carry remote (source) then local (destination) at offset 12
+        self._addresses = remote_b + local_b if remote_b and local_b else None
         udp = self.udp_encap
         if udp is not None:
             self._udp_local_port = udp.local_port
@@ -370,9 +368,9 @@ class SecurityAssociation:
         df = (inner_ipv4[6] & 0x40) << 8
         ident = self._ident = (self._ident + 1) & 0xFFFF
         total = self._overhead + len(plaintext)
-        c = self._csum_base + tos + total + ident + df
-        c = (c & 0xFFFF) + (c >> 16)
-        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+        # RFC 1071: the one's complement sum is the plain sum modulo 0xFFFF (as 0xFFFF, not 0,
+        # for a non-zero header); the checksum is its complement.
+        c = 0xFFFF - ((self._csum_base + tos + total + ident + df) % 0xFFFF or 0xFFFF)
         kind = self._kind
         if kind == _AEAD:
             # RFC 4106 §3.1 / RFC 7634 §2: IV = the 64-bit sequence number; §5: AAD
@@ -486,10 +484,16 @@ class SecurityAssociation:
         spi, seq_low = _unpack_ii(pkt, off)
         if spi != self.spi:
             raise self._drop(DropReason.UNKNOWN_SPI)
-        if self._remote is not None and pkt[12:16] != self._remote:
-            raise self._drop(DropReason.OUTER_SOURCE_MISMATCH)
-        if self._local is not None and pkt[16:20] != self._local:
-            raise self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        if self._addresses is not None:             # both fixed: one comparison
+            if pkt[12:20] != self._addresses:
+                if pkt[12:16] != self._remote:
+                    raise self._drop(DropReason.OUTER_SOURCE_MISMATCH)
+                raise self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        else:
+            if self._remote is not None and pkt[12:16] != self._remote:
+                raise self._drop(DropReason.OUTER_SOURCE_MISMATCH)
+            if self._local is not None and pkt[16:20] != self._local:
+                raise self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
         # 4. lifetime
         counters = self.counters
         if now >= self._deadline or counters.octets >= self._byte_limit:
