@@ -16,7 +16,7 @@ from scapy.utils import wrpcap
 
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped
-from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
+from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap, esp_sa_uat_record
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
 
 MN, GW = "172.16.1.10", "172.16.0.1"
@@ -117,7 +117,7 @@ def test_tshark_decrypts_with_our_esp_sa_entries(tmp_path):
                                  integrity=integ, integrity_key=ikey,
                                  udp_encap=UdpEncap() if udp else None)
         packets.append(sa.encapsulate(_inner(100 + index)))
-        record = ",".join(f'"{field}"' for field in sa.tshark_esp_sa_entry())
+        record = esp_sa_uat_record(sa.tshark_esp_sa_entry())
         options += ["-o", f"uat:esp_sa:{record}"]
     pcap = tmp_path / "esp.pcap"
     wrpcap(str(pcap), [IP(p) for p in packets])

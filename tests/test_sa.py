@@ -11,7 +11,8 @@ import pytest
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
 from mipsec.ipsec.constants import SEQ_MAX_32
-from mipsec.ipsec.sa import Direction, Lifetime, SecurityAssociation, UdpEncap
+from mipsec.ipsec.sa import (Direction, Lifetime, SecurityAssociation, UdpEncap,
+                             esp_sa_uat_record)
 from mipsec.ipsec.selector import Selector
 from mipsec.wire.esp import build_trailer
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4, checksum, parse_ipv4, parse_udp
@@ -405,6 +406,9 @@ def test_tshark_esp_sa_entry():
     c, _ = pair("chacha")
     with pytest.raises(UsageError):          # Wireshark 4.0 has no ChaCha20 for ESP
         c.tshark_esp_sa_entry()
+    assert esp_sa_uat_record(e) == ",".join(f'"{f}"' for f in e)
+    with pytest.raises(UsageError):
+        esp_sa_uat_record(['a"b'])
 
 
 def test_checksum_of_built_outer_headers_is_valid():

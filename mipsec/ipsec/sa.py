@@ -587,10 +587,7 @@ class SecurityAssociation:
         }
 
     def tshark_esp_sa_entry(self) -> list[str]:
-        """One line of Wireshark's ``esp_sa`` UAT for this SA, as a list of fields.
-
-        See ``tshark_esp_sa_line`` for the file format and the algorithm strings.
-        """
+        """This SA as one record of Wireshark's ``esp_sa`` table (see ``esp_sa_uat_record``)."""
         return tshark_esp_sa_fields(self)
 
     def __repr__(self) -> str:
@@ -598,12 +595,24 @@ class SecurityAssociation:
                 f"{self.encryption}/{self.integrity} {self.local}->{self.remote}>")
 
 
+# --- Wireshark / tshark -------------------------------------------------------------------------
+# Wireshark 4.0 (epan/dissectors/packet-ipsec.c) keeps ESP SAs in the "esp_sa" UAT, a file in the
+# profile directory (~/.config/wireshark/esp_sa) or given per run as ``-o uat:esp_sa:<record>``.
+# A record is eight double-quoted, comma-separated fields:
+#   "IPv4","<src>","<dst>","0x<spi, 8 hex digits>","<encryption>","0x<key>","<auth>","0x<key>"
+# src/dst are the outer addresses of the packets this SA protects ("*" = any).  Encryption
+# strings: "NULL", "AES-CBC [RFC3602]", "AES-GCM with 16 octet ICV [RFC4106]" (key includes the
+# 4-byte salt); 4.0 has no ChaCha20-Poly1305 for ESP.  Authentication strings: "NULL",
+# "HMAC-SHA-1-96 [RFC2404]", "HMAC-SHA-256-128 [RFC4868]", "HMAC-SHA-384-192 [RFC4868]",
+# "HMAC-SHA-512-256 [RFC4868]".  Decryption also needs ``-o esp.enable_encryption_decode:TRUE``
+# (and ``esp.enable_authentication_check:TRUE`` to verify ICVs).
+
+
 def tshark_esp_sa_fields(sa: SecurityAssociation) -> list[str]:
-    """Fields of Wireshark's esp_sa UAT: protocol, src, dst, spi, encryption algorithm, key,
-    authentication algorithm, key (filled in by the Wireshark section below)."""
+    """The eight fields of ``sa``'s esp_sa record; UsageError for a cipher Wireshark lacks."""
     espec = ENCRYPTION[sa.encryption]
     if not espec.tshark_names:
-        raise UsageError(f"Wireshark cannot decrypt {sa.encryption}")
+        raise UsageError(f"Wireshark 4.0 cannot decrypt {sa.encryption} in ESP")
     if sa._inbound:
         src, dst = sa.remote or "*", sa.local or "*"
     else:
@@ -611,3 +620,11 @@ def tshark_esp_sa_fields(sa: SecurityAssociation) -> list[str]:
     auth = INTEGRITY[sa.integrity].tshark_name if sa.integrity else "NULL"
     return ["IPv4", src, dst, f"0x{sa.spi:08x}", espec.tshark_names[0],
             "0x" + sa._encryption_key.hex(), auth, "0x" + sa._integrity_key.hex()]
+
+
+def esp_sa_uat_record(fields: list[str]) -> str:
+    """One line of the esp_sa file / the value of ``-o uat:esp_sa:...``."""
+    for f in fields:
+        if '"' in f or "\\" in f or "\n" in f:
+            raise UsageError(f"esp_sa field {f!r} would need UAT escaping")
+    return ",".join(f'"{f}"' for f in fields)
