@@ -45,6 +45,7 @@ class DropReason(str, enum.Enum):
     NO_POLICY = "no-policy"                      # no policy matched (default deny)
     NO_SA = "no-sa"                              # PROTECT policy with no SA installed
     FORBIDDEN_DESTINATION = "forbidden-destination"  # GW: MN sent to an address its policy forbids
+    FORBIDDEN_SOURCE = "forbidden-source"        # GW: MN's inner packet claims another home-side address
 
     # --- Mobile IPv4 (RFC 5944) -----------------------------------------------------------------
     MIP_BAD_EXTENSION = "mip-bad-extension"      # §1.9: unknown non-skippable extension
