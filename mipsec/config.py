@@ -272,12 +272,21 @@ def _is_table_array(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and bool(value) and all(map(_is_table, value))
 
 
-def _emit(obj: Any, name: str, out: list[str], array: bool = False) -> None:
+# [daemon] keys that mean nothing for a role are left out of the files we write.
+_NOT_FOR_ROLE = {
+    "mn": {"inside_interface", "route_table", "rule_priority"},
+    "gw": {"interfaces", "home_interface", "gratuitous_arp"},
+    "ha": {"interfaces", "inside_interface", "route_table", "rule_priority"},
+}
+
+
+def _emit(obj: Any, name: str, out: list[str], array: bool = False,
+          skip: set[str] = frozenset()) -> None:
     out.append(f"\n[[{name}]]" if array else f"\n[{name}]")
     later = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if value is None:
+        if value is None or f.name in skip:
             continue
         if _is_table(value) or _is_table_array(value):
             later.append((f.name, value))
@@ -296,7 +305,7 @@ def dump_config(cfg: DaemonConfig, comment: str = "") -> str:
     if comment:
         out += [f"# {line}" if line else "#" for line in comment.splitlines()]
     out.append(f"role = {_scalar(cfg.role)}")
-    _emit(cfg.daemon, "daemon", out)
+    _emit(cfg.daemon, "daemon", out, skip=_NOT_FOR_ROLE[cfg.role])
     _emit(cfg.node, ROLE_SECTION[cfg.role], out)
     return "\n".join(out) + "\n"
 

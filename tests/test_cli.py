@@ -130,3 +130,19 @@ def test_status_unreachable(tmp_path, capsys):
 def test_handover_reports_the_daemons_error(fake_daemon, capsys):
     assert cli.main(["handover", "172.16.2.10", "--socket", fake_daemon]) == 1
     assert "unknown command 'handover'" in capsys.readouterr().err
+
+
+def test_demo_sim_runs_the_simulator(capsys):
+    assert cli.main(["demo", "--sim"]) == 0
+    out = capsys.readouterr().out
+    assert "interruption" in out and "lost" in out
+
+
+def test_demo_without_lab_requirements_says_so_and_simulates(monkeypatch, capsys):
+    import mipsec.lab.lab as lab_module
+    monkeypatch.setattr(lab_module, "requirements_problem", lambda: "the lab needs root")
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mipsec demo: the lab needs root; running the same scenario in the "
+                          "in-memory simulator")
+    assert "interruption" in out
