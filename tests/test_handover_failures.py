@@ -294,3 +294,24 @@ def test_mn_with_a_wrong_clock_resynchronises_from_the_133_reply():
     assert tl.first(move, "registration-failed").detail["action"] == "resynchronised"
     assert topo.ha.role.drops == {DropReason.MIP_IDENTIFICATION_MISMATCH: 1}
     assert topo.gw.role.mobiles[mn.home_address].care_of == topo.care_of["b"][0]
+
+
+@pytest.mark.parametrize("spoof", ["other-mn-via-reverse-tunnel", "home-host-directly"])
+def test_mn_claiming_another_home_side_address(spoof):
+    from mipsec.mip import ipip
+    topo = _registered_at_a(2)
+    victim, attacker = topo.mobiles[0].role, topo.mobiles[1].role
+    cn_got = []
+    topo.cn.app.arrivals = cn_got
+    payload = build_udp_packet(a2b(victim.home_address), a2b("10.1.0.10"), 9000, 9000, b"as victim")
+    if spoof == "other-mn-via-reverse-tunnel":
+        # the victim's CoA as outer source: the HA's RFC 3024 check alone would accept it
+        inner = ipip.encapsulate(payload, victim.care_of, attacker.config.home_agent)
+    else:
+        inner = build_udp_packet(a2b("10.1.0.10"), a2b(attacker.config.home_agent), 1, 2, b"as CN")
+    before = _snapshot(topo, counters=False)
+    _send_in_tunnel(topo, 1, inner)
+    topo.sim.run_for(0.5)
+    assert topo.gw.role.drops == {DropReason.FORBIDDEN_SOURCE: 1}
+    assert _snapshot(topo, counters=False) == before
+    assert not topo.ha.role.drops and not cn_got

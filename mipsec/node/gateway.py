@@ -8,7 +8,8 @@ address on the home network.  Each mobile node (MN) has one ESP SA pair with it:
 * the inbound SA (MN -> GW) has a wildcard source (``remote=None``): the MN may send from any
   care-of address (CoA) and the SA still authenticates it.  After decapsulation the inner packet
   must go to one of the MN's allowed destinations (its HA, its home prefix), else it is dropped
-  as FORBIDDEN_DESTINATION.  Allowed packets go on into the home network (``WriteToTun``).  A
+  as FORBIDDEN_DESTINATION, and must not claim to come from another home-side address
+  (FORBIDDEN_SOURCE, ``Mobile.may_send_from``).  Allowed packets go on into the home network (``WriteToTun``).  A
   Registration Request seen inside is recorded (``rrq-forwarded``) and forwarded unchanged: the
   GW never acts on it.
 * the outbound SA (GW -> MN) carries the MN's downlink (the HA's IP-in-IP to the CoA).  Its
@@ -58,7 +59,7 @@ from mipsec.node.actions import Action, RebindSa, SendToNet, TimelineEvent, Writ
 from mipsec.node.config import MIP_PORT, GatewayConfig
 from mipsec.node.mobile_node import make_sa
 from mipsec.node.packet import (
-    IPPROTO_ESP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_prefix,
+    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_prefix,
     parse_udp_packet, peek_ipv4, udp_ports,
 )
 from mipsec.wire.siu import SiuFlags, SiuType
@@ -75,11 +76,12 @@ class Mobile:
     """What the GW keeps per MN."""
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
-                 "allowed_text", "packets_up", "packets_down", "fresh")
+                 "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
         self.home_address = home_address
+        self.home_bytes = a2b(home_address)
         self.home_agent = home_agent
         self.inbound = inbound
         self.outbound = outbound
@@ -93,6 +95,23 @@ class Mobile:
     @property
     def binding(self) -> Binding:
         return Binding.UNBOUND if self.care_of is None else Binding.BOUND
+
+    def may_send_from(self, inner: bytes, proto: int, ihl: int) -> bool:
+        """Anti-spoofing: an MN speaks only for itself on the home side.
+
+        The source of the packet it tunnels (its CoA, or its home address) must not be another
+        address inside its allowed destinations; for IP-in-IP (the reverse tunnel, RFC 3024) the
+        innermost source must be its own home address.  Without this an MN could put another
+        MN's home address and CoA into its tunnel and the HA's RFC 3024 check would pass.
+        """
+        src = inner[12:16]
+        home = self.home_bytes
+        if src != home and self.allows(src):
+            return False
+        if proto == IPPROTO_IPIP:
+            if len(inner) < ihl + 20 or inner[ihl + 12:ihl + 16] != home:
+                return False
+        return True
 
     def allows(self, dst: bytes) -> bool:
         value = int.from_bytes(dst, "big")
@@ -210,6 +229,8 @@ class VpnGateway:
         mobile = self._by_spi[sa.spi]
         if not mobile.allows(idst):
             return self._drop(DropReason.FORBIDDEN_DESTINATION)
+        if not mobile.may_send_from(inner, iproto, iihl):
+            return self._drop(DropReason.FORBIDDEN_SOURCE)
         mobile.packets_up += 1
         if iproto == IPPROTO_UDP:
             ports = udp_ports(inner, iihl)
