@@ -65,7 +65,21 @@ def mipsec_status(lab: Lab, role: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def check_location(lab: Lab, where: str) -> None:
+def check_location(lab: Lab, where: str, timeout: float = 3.0) -> None:
+    """The three daemons agree with the MN's location (the GW may get the SIU a moment after
+    the MN got its reply, so retry briefly before failing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _check_location(lab, where)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _check_location(lab: Lab, where: str) -> None:
     gw = mipsec_status(lab, "gw")["node"]["mobiles"]["10.1.0.100"]
     ha = mipsec_status(lab, "ha")["node"]["bindings"]
     mn = mipsec_status(lab, "mn")["node"]

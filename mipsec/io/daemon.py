@@ -76,7 +76,10 @@ def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
             sas += [m.esp_in, m.esp_out]
     out = []
     for sa in sas:
-        if sa.encryption in pcapmod.TSHARK_ENCRYPTION:
+        if sa.encryption not in pcapmod.TSHARK_ENCRYPTION:
+            log.warning("key file: Wireshark 4.0 cannot decrypt %s; SA 0x%08x left out",
+                        sa.encryption, sa.spi)
+        else:
             out.append(pcapmod.EspSaEntry(spi=sa.spi, encryption=sa.encryption,
                                           encryption_key=sa.encryption_key,
                                           integrity=sa.integrity, integrity_key=sa.integrity_key))

@@ -1,0 +1,152 @@
+"""The daemon glue without root: three Daemon objects around H4's real roles, on in-memory TUN
+and net fakes, wired by destination address.  A handover triggered over the MN's control command
+goes MN -> GW -> HA -> SIU -> GW -> MN exactly as in the lab; the GW's capture holds only its
+outside traffic; the key file lists the configured SAs; the netlink rules map addresses to
+events."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+
+import pytest
+
+from mipsec.config import KeySetLayout, make_key_set
+from mipsec.io import control
+from mipsec.io.daemon import Daemon
+from mipsec.io.netlink import RTM_DELADDR, RTM_NEWADDR, AddressWatcher
+from mipsec.io.pcap import read_pcap
+from mipsec.io.transports import FakeNet
+from mipsec.io.tun import FakeTun
+from mipsec.node.actions import CareOfAddressChanged, ReturnedHome
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    import dataclasses
+    sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path), pcap_dir=str(tmp_path)),
+                        keys_from=random.Random(3))
+    out = {}
+    for name in ("ha", "gw", "mn"):
+        cfg = sets[name]
+        if name != "gw":
+            cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, pcap=""))
+        net = FakeNet(name)
+        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net],
+                   manage_kernel=False)
+        d.start()
+        out[name] = d
+    yield out
+    for d in out.values():
+        d.close()
+        d.sender.close()
+
+
+def pump(daemons, rounds=20):
+    """Run every loop and carry packets between them by destination address."""
+    gw_cfg = daemons["gw"].cfg.node
+    where = {gw_cfg.outside_address: "gw", gw_cfg.inside_address: "gw",
+             daemons["ha"].cfg.node.address: "ha"}
+    for _ in range(rounds):
+        moved = False
+        for name, d in daemons.items():
+            d.loop.run_once(max_wait=0.0)
+            packets = [p for p, _ in d.sender.sent]
+            d.sender.sent.clear()
+            if name == "gw":                       # the GW's tun side is the home network
+                packets += d.tun.written
+                d.tun.written.clear()
+            for packet in packets:
+                dst = socket.inet_ntoa(packet[16:20])
+                daemons[where.get(dst, "mn")].sender.inject(packet)
+                moved = True
+        if not moved:
+            break
+
+
+def test_handover_command_runs_the_whole_registration(daemons, tmp_path):
+    reply = daemons["mn"].handle_command("handover", ["172.16.2.10", "vb0"])
+    assert reply == {"ok": True, "handover": "172.16.2.10"}
+    pump(daemons)
+    mn = daemons["mn"].status()
+    gw = daemons["gw"].status()
+    ha = daemons["ha"].status()
+    json.dumps([mn, gw, ha])                                  # JSON-able for `mipsec status`
+    assert mn["node"]["state"] == "registered" and mn["node"]["care_of"] == "172.16.2.10"
+    mobile = gw["node"]["mobiles"]["10.1.0.100"]
+    assert mobile["care_of"] == "172.16.2.10"
+    assert mobile["sas"]["outbound"]["remote"] == "172.16.2.10"
+    assert ha["node"]["bindings"]["10.1.0.100"]["care_of"] == "172.16.2.10"
+    kinds = [e["kind"] for e in sorted(mn["timeline"] + gw["timeline"] + ha["timeline"],
+                                       key=lambda e: e["time"])]
+    for step in ("coa-changed", "rrq-sent", "rrq-forwarded", "rrq-accepted", "siu-sent",
+                 "gw-sa-repointed", "rrp-forwarded", "rrp-received"):
+        assert step in kinds, (step, kinds)
+    assert all(d.loop.stats["bugs"] == 0 for d in daemons.values())
+    # The GW's capture: only packets from or to its outside address (no SIU from the inside).
+    outside = socket.inet_aton("172.16.0.1")
+    records = read_pcap(tmp_path / "gw.pcap")
+    assert len(records) >= 2
+    assert all(p[12:16] == outside or p[16:20] == outside for _, p in records)
+    # ... and the key file names the two SAs of the MN.
+    lines = [l for l in open(tmp_path / "gw.pcap.esp_sa") if not l.startswith("#")]
+    assert sorted(l.split(",")[3] for l in lines) == ['"0x10000000"', '"0x20000000"']
+    # Home again: the MN deregisters directly with the HA.
+    assert daemons["mn"].handle_command("home", [])["ok"]
+    pump(daemons)
+    assert "10.1.0.100" not in daemons["ha"].status()["node"]["bindings"]
+
+
+def test_control_commands_and_errors(daemons):
+    gw = daemons["gw"]
+    assert gw.handle_command("handover", ["1.2.3.4"])["error"].startswith("handover: only")
+    mn = daemons["mn"]
+    assert "not an IPv4 address" in mn.handle_command("handover", ["nowhere"])["error"]
+    assert "usage" in mn.handle_command("handover", [])["error"]
+    assert "unknown command" in mn.handle_command("reboot", [])["error"]
+    assert mn.handle_command("timeline", [])["timeline"] == []
+
+
+def test_status_over_the_control_socket(daemons):
+    gw = daemons["gw"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        control.request(gw.cfg.control_socket, "status", timeout=5)))
+    thread.start()
+    for _ in range(50):
+        gw.loop.run_once(max_wait=0.05)
+        if not thread.is_alive():
+            break
+    thread.join()
+    assert result["ok"] and result["role"] == "gw" and result["node"]["outside"] == "172.16.0.1"
+
+
+def test_closing_removes_the_control_socket(daemons):
+    import os
+    path = daemons["ha"].cfg.control_socket
+    assert os.path.exists(path)
+    daemons["ha"].close()
+    assert not os.path.exists(path) and daemons["ha"].tun.closed
+
+
+@pytest.fixture
+def watcher():
+    w = AddressWatcher(["va0", "vb0"], "10.1.0.0/24", ["home0"])
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("kind, ifname, address, expected", [
+    (RTM_NEWADDR, "va0", "172.16.1.10", CareOfAddressChanged("172.16.1.10", "va0")),
+    (RTM_NEWADDR, "vb0", "192.0.2.7", CareOfAddressChanged("192.0.2.7", "vb0")),
+    (RTM_NEWADDR, "home0", "10.1.0.100", ReturnedHome("home0")),
+    (RTM_NEWADDR, "va0", "10.1.0.100", ReturnedHome("va0")),        # home prefix wins
+    (RTM_NEWADDR, "home0", "192.0.2.9", None),                       # not a visited interface
+    (RTM_NEWADDR, "mtun0", "10.1.0.100", None),                      # our own TUN: ignored
+    (RTM_NEWADDR, "eth9", "172.16.1.10", None),
+    (RTM_DELADDR, "va0", "172.16.1.10", None),                       # removal starts nothing
+])
+def test_address_events(watcher, kind, ifname, address, expected):
+    assert watcher.classify(kind, ifname, address) == expected
