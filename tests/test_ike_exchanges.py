@@ -1,7 +1,6 @@
 """IKEv2 between two mipsec endpoints in memory: INIT + AUTH, ESP SAs that work, cookies,
 retransmission, message-ID window, tampering, re-keys, delete, liveness, NAT, MOBIKE."""
 
-import struct
 
 import pytest
 
@@ -12,7 +11,7 @@ from mipsec.ike.config import (
     ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
     IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
 )
-from mipsec.ike.constants import ExchangeType, NON_ESP_MARKER, NotifyType, PayloadType, DhGroup
+from mipsec.ike.constants import DhGroup, ExchangeType, NON_ESP_MARKER, NotifyType
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
 from mipsec.ike.sa import State
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
@@ -446,3 +445,18 @@ def test_inbound_sa_with_wildcard_source_for_the_gateway():
     r_in, _ = only_child(R).make_sas(inbound_any_source=True)
     _, i_out = only_child(I).make_sas(local="172.16.2.10")
     assert r_in.decapsulate(i_out.encapsulate(INNER_UP)) == INNER_UP
+
+
+def test_rekeyed_ike_sa_that_the_peer_never_deletes_goes_away():
+    net, I, R = establish(ike_lifetime_s=None, child_lifetime_s=None, dpd_interval_s=None)
+    old_r = only_sa(R)
+    # the initiator re-keys but every DELETE of the old SA is lost
+    net.tap = lambda d: None if (d.local[0] == MN_ADDR and len(net.of(IkeSaRekeyed)) == 2
+                                 and d.data[4:12] == old_r.spi_i) else d
+    net.deliver(only_sa(I).rekey(0.0), MN_ADDR)
+    assert old_r.state == State.REKEYED
+    net.run_timers(40.0)
+    assert old_r.state == State.CLOSED
+    assert [e.reason for e in net.of(IkeSaDeleted, GW_ADDR)] == ["superseded by its re-key"]
+    assert only_sa(R).children and only_sa(I).children
+    assert_esp_works(I, R)

@@ -173,10 +173,10 @@ class Lab:
     def ping_from_charon(self, count: int = 3) -> str:
         """charon's side pings an address behind mipsec: out through strongSwan's ESP, answered
         through mipsec's."""
+        before = self.cmd("status")["echo_answered"]
         ping = subprocess.Popen(
             ["ip", "netns", "exec", self.ns_s, "ping", "-c", str(count), "-i", "0.2", "-W", "3",
              "-I", CHARON_INNER, MIPSEC_INNER], stdout=subprocess.PIPE, text=True)
-        before = self.cmd("status")["echo_answered"]
         served = self.cmd("serve", answered=before + count, timeout=20)
         out = ping.communicate(timeout=20)[0]
         assert ping.returncode == 0 and served["ok"], (out, served, self.charon_log()[-3000:])
@@ -295,6 +295,9 @@ def test_mipsec_initiates(lab_factory, suite):
 
     lab.expect("rekey_child")                                  # CREATE_CHILD_SA (PFS for gcm)
     lab.expect("wait", event="ChildSaDeleted", timeout=10)
+    ke = " KE" if pfs else ""
+    assert re.search(rf"parsed CREATE_CHILD_SA request \d+ \[ N\(REKEY_SA\) SA No{ke} TSi TSr \]",
+                     lab.charon_log()), lab.charon_log()[-3000:]
     lab.assert_keys_match_charon()
     lab.traffic_both_ways()
 
@@ -303,13 +306,18 @@ def test_mipsec_initiates(lab_factory, suite):
     lab.expect("wait", event="IkeSaDeleted", timeout=10)
     after = lab.ike_spis()
     assert after and after != before and after[0] in lab.charon_sas(), (before, after)
+    assert re.search(r"parsed CREATE_CHILD_SA request \d+ \[ SA No KE \]", lab.charon_log())
     lab.traffic_both_ways()
 
     lab.expect("dpd")                                          # liveness check answered
     if suite == "cbc":
         # MOBIKE: mipsec moves to another address, charon follows the UPDATE_SA_ADDRESSES
+        deleted = lab.expect("status")["counts"].get("ChildSaDeleted", 0)
         lab.expect("move", address=MIPSEC_MOVED, dev=lab.veth_m)
         lab.expect("wait", event="PeerAddressChanged", timeout=10)
+        # kernel-libipsec cannot move an SA, so charon re-keys the child onto the new path
+        # (ike_mobike.c); traffic is only expected once that is done
+        lab.cmd("wait", event="ChildSaDeleted", count=deleted + 1, timeout=10)
         assert MIPSEC_MOVED in lab.charon_sas()
         lab.traffic_both_ways()
 
@@ -335,6 +343,9 @@ def test_strongswan_initiates(lab_factory, suite):
 
     lab.ipsec("stroke", "rekey", "'mip{*}'")                  # charon re-keys the child
     lab.expect("wait", event="ChildSaDeleted", timeout=10)
+    ke = " KE" if pfs else ""
+    assert re.search(rf"parsed CREATE_CHILD_SA response \d+ \[ SA No{ke} TSi TSr \]",
+                     lab.charon_log()), lab.charon_log()[-3000:]
     lab.assert_keys_match_charon()
     lab.traffic_both_ways()
 

@@ -322,6 +322,11 @@ class IkeSa:
                                    State.INIT_ANSWERED):
             self._close(IkeSaFailed(self, "half-open IKE SA timed out"))
             return self._flush()
+        if self._closing_at is not None and now >= self._closing_at \
+                and self.state == State.REKEYED and self._pending is None:
+            # §2.18: the peer re-keyed but never deleted this one; it carries nothing any more
+            self._close(IkeSaDeleted(self, "superseded by its re-key"))
+            return self._flush()
         if self.state == State.ESTABLISHED:
             c = self.config
             if self._rekey_at is not None and now >= self._rekey_at:
@@ -987,6 +992,7 @@ class IkeSa:
         new.last_heard = now
         self.successor = new
         self._rekey_at = None
+        self._closing_at = now + HALF_OPEN_TIMEOUT_S
         self._goto(State.REKEYED)
         return new
 

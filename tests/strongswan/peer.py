@@ -24,7 +24,6 @@ sys.path.insert(0, os.environ.get("MIPSEC_ROOT", "."))
 
 from mipsec.errors import Dropped  # noqa: E402
 from mipsec.ike import config as C  # noqa: E402
-from mipsec.ike.codec import TrafficSelector  # noqa: E402
 from mipsec.ike.config import IkeConfig  # noqa: E402
 from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
 from mipsec.io.ike_udp import IkeUdpAdapter  # noqa: E402
