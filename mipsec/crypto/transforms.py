@@ -13,20 +13,22 @@ where ``plaintext`` is payload + padding + pad length + next header (the SA pads
 ``align``) and ``seq_hi`` is the 4-byte implicit high half of an extended sequence number or
 b"".  The SA inlines the same steps on its hot path, using the public keyed primitives
 (``Aead.encrypt/decrypt/salt``, ``CbcHmac.encrypt_update/decrypt_update/random/hmac``,
-``HmacTruncated.inner_state/outer_state``) to save a call per packet.
+``HmacTruncated.keyed``) to save a call per packet.
 
 CBC with persistent contexts (one per SA and direction).  Encryption feeds one fresh random
 block R first: its output C0 = E(K, R xor state) is unpredictable, and the output that follows
 is exactly CBC under IV = C0 (CBC chains only on the previous ciphertext block), so C0 is sent
 as the explicit IV (RFC 3602 §2.1 asks for an unpredictable IV).  Decryption feeds IV || C and
 drops the first 16 output bytes: CBC decryption of block i depends only on C(i-1) and C(i).
-HMAC (RFC 2104): the keyed inner and outer SHA states are computed once and copied per packet;
-measured here 0.95 us against 2.0 us for ``hmac.digest`` at 100 bytes.
+The random blocks are cut from a pool of ``RANDOM_POOL_BYTES`` from ``random`` (os.urandom),
+refilled when used up: 16 fresh random bytes per packet without a system call per packet.
+HMAC (RFC 2104): a keyed ``cryptography`` HMAC context made once and copied per packet.
+Measured here at 100 bytes, HMAC-SHA1: copied ``cryptography`` context 0.78 us, copied
+precomputed ``hashlib`` inner/outer states 0.88 us, ``hmac.digest`` one-shot 2.0 us.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct
@@ -34,12 +36,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from mipsec.errors import ConfigError
 
 _Q = struct.Struct("!Q")
+_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
+           "sha512": hashes.SHA512}
+RANDOM_POOL_BYTES = 4096   # CBC: random blocks are cut from a pool refilled every 256 packets
 _compare = hmac.compare_digest
 
 
@@ -95,9 +102,13 @@ INTEGRITY: dict[str, IntegritySpec] = {
 
 
 class HmacTruncated:
-    """HMAC (RFC 2104) with precomputed keyed states, truncated to ``icv_size`` bytes."""
+    """HMAC (RFC 2104) truncated to ``icv_size`` bytes (RFC 2404 §2, RFC 4868 §2.3).
 
-    __slots__ = ("spec", "icv_size", "inner_state", "outer_state")
+    The keyed HMAC context is made once; each packet works on a copy of it, so the key
+    schedule (inner and outer padded-key hashes) is never recomputed.
+    """
+
+    __slots__ = ("spec", "icv_size", "keyed")
 
     def __init__(self, spec: IntegritySpec, key: bytes, *, any_key_length: bool = False):
         # any_key_length: only for the RFC 2202 / RFC 4231 vectors, whose keys are not the
@@ -107,34 +118,21 @@ class HmacTruncated:
                               f"needs {spec.key_size} ({spec.rfc})")
         self.spec = spec
         self.icv_size = spec.icv_size
-        inner = hashlib.new(spec.hash_name)
-        outer = hashlib.new(spec.hash_name)
-        block = inner.block_size
-        if len(key) > block:  # RFC 2104 §2: longer keys are hashed first
-            key = hashlib.new(spec.hash_name, key).digest()
-        key = key.ljust(block, b"\x00")
-        inner.update(bytes(b ^ 0x36 for b in key))
-        outer.update(bytes(b ^ 0x5C for b in key))
-        self.inner_state = inner   # keyed states: copy, never update in place
-        self.outer_state = outer
+        self.keyed = crypto_hmac.HMAC(key, _HASHES[spec.hash_name]())  # copy, never update
 
     def mac(self, data: bytes, extra: bytes = b"") -> bytes:
         """Truncated HMAC of data || extra (extra: the ESN high half, RFC 4303 §2.2.1)."""
-        inner = self.inner_state.copy()
-        inner.update(data)
+        h = self.keyed.copy()
+        h.update(data)
         if extra:
-            inner.update(extra)
-        outer = self.outer_state.copy()
-        outer.update(inner.digest())
-        return outer.digest()[: self.icv_size]
+            h.update(extra)
+        return h.finalize()[: self.icv_size]
 
     def full_mac(self, data: bytes) -> bytes:
         """The untruncated HMAC, for RFC 2202 / RFC 4231 vector tests."""
-        inner = self.inner_state.copy()
-        inner.update(data)
-        outer = self.outer_state.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        h = self.keyed.copy()
+        h.update(data)
+        return h.finalize()
 
 
 class Transform:
@@ -153,7 +151,8 @@ class Transform:
 class CbcHmac(Transform):
     """ENCR_AES_CBC (RFC 3602) with an AUTH_HMAC_* (RFC 2404 / RFC 4868), encrypt-then-MAC."""
 
-    __slots__ = ("encrypt_update", "decrypt_update", "hmac", "random", "_mac", "_key")
+    __slots__ = ("encrypt_update", "decrypt_update", "hmac", "random", "_mac", "_key",
+                 "_pool", "_pos")
 
     def __init__(self, spec: EncryptionSpec, key: bytes, mac: HmacTruncated,
                  random: Callable[[int], bytes]):
@@ -165,6 +164,8 @@ class CbcHmac(Transform):
         self.icv_size = mac.icv_size
         self._key = key
         self.random = random
+        self._pool = b""
+        self._pos = RANDOM_POOL_BYTES
         # The IVs given here are never used on the wire: see the module docstring.
         aes = algorithms.AES(key)
         self.encrypt_update = Cipher(aes, modes.CBC(random(16))).encryptor().update
@@ -174,8 +175,17 @@ class CbcHmac(Transform):
 
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
         # RFC 3602 §3: header || IV || CBC ciphertext; RFC 4303 §3.3.4: ICV over all of it
-        data = header + self.encrypt_update(self.random(16) + plaintext)
+        data = header + self.encrypt_update(self.random_block() + plaintext)
         return data + self._mac(data, seq_hi)
+
+    def random_block(self) -> bytes:
+        """16 fresh random bytes, cut from the pool."""
+        pos = self._pos
+        if pos >= RANDOM_POOL_BYTES:
+            self._pool = self.random(RANDOM_POOL_BYTES)
+            pos = 0
+        self._pos = pos + 16
+        return self._pool[pos:pos + 16]
 
     def seal_with_iv(self, header: bytes, iv: bytes, seq_hi: bytes, plaintext: bytes) -> bytes:
         """Reference path with a given IV and a fresh context (vectors, RFC 3602 §4)."""

@@ -41,7 +41,9 @@ from typing import Any, Callable, Protocol
 
 from cryptography.exceptions import InvalidTag
 
-from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY, Aead, CbcHmac, make_transform
+from mipsec.crypto.transforms import (
+    ENCRYPTION, INTEGRITY, RANDOM_POOL_BYTES, Aead, CbcHmac, make_transform,
+)
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
 from mipsec.ipsec.constants import (
@@ -159,7 +161,7 @@ class SecurityAssociation:
         "_csum_base", "_ident", "_deadline", "_byte_limit", "_selector_in", "_selector_out",
         "_check", "_update", "_infer", "_udp_local_port", "_inbound", "_kind",
         "_aead_encrypt", "_aead_decrypt", "_salt", "_cbc_encrypt", "_cbc_decrypt", "_random",
-        "_inner_state", "_outer_state", "_pack_prefix", "_overhead", "_udp_ports",
+        "_hmac_copy", "_pool", "_pool_pos", "_pack_prefix", "_overhead", "_udp_ports",
         "_esp_start", "_addresses",
     )
 
@@ -193,13 +195,14 @@ class SecurityAssociation:
         # The hot path inlines the transform's steps on its keyed primitives (one call less).
         self._aead_encrypt = self._aead_decrypt = self._salt = None
         self._cbc_encrypt = self._cbc_decrypt = self._random = None
-        self._inner_state = self._outer_state = None
+        self._hmac_copy = None
+        self._pool, self._pool_pos = b"", RANDOM_POOL_BYTES   # CBC random blocks, see transforms
         if isinstance(t, Aead):
             self._kind = _AEAD
             self._aead_encrypt, self._aead_decrypt, self._salt = t.encrypt, t.decrypt, t.salt
         else:
             self._kind = _CBC if isinstance(t, CbcHmac) else _NULL
-            self._inner_state, self._outer_state = t.hmac.inner_state, t.hmac.outer_state
+            self._hmac_copy = t.hmac.keyed.copy
             if isinstance(t, CbcHmac):
                 self._cbc_encrypt, self._cbc_decrypt = t.encrypt_update, t.decrypt_update
                 self._random = t.random
@@ -397,15 +400,18 @@ class SecurityAssociation:
                 prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
                                            c, self._local, self._remote, *self._udp_ports,
                                            total - 20, 0, self.spi, seq & 0xFFFFFFFF)
-            ct = self._cbc_encrypt(self._random(16) + plaintext)
-            mac = self._inner_state.copy()
+            pos = self._pool_pos
+            if pos >= RANDOM_POOL_BYTES:
+                self._pool = self._random(RANDOM_POOL_BYTES)
+                pos = 0
+            self._pool_pos = pos + 16
+            ct = self._cbc_encrypt(self._pool[pos:pos + 16] + plaintext)
+            mac = self._hmac_copy()
             mac.update(prefix[self._esp_start:])
             mac.update(ct)
             if self.esn:
                 mac.update(_pack_i(seq >> 32))      # RFC 4303 §2.2.1: high half, not sent
-            outer = self._outer_state.copy()
-            outer.update(mac.digest())
-            out = prefix + ct + outer.digest()[:self._icv]
+            out = prefix + ct + mac.finalize()[:self._icv]
         else:
             # RFC 2410: NULL encryption, RFC 4303 §3.3.4 ICV over header and payload
             if self._udp_ports is None:
@@ -416,14 +422,12 @@ class SecurityAssociation:
                 prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
                                            c, self._local, self._remote, *self._udp_ports,
                                            total - 20, 0, self.spi, seq & 0xFFFFFFFF)
-            mac = self._inner_state.copy()
+            mac = self._hmac_copy()
             mac.update(prefix[self._esp_start:])
             mac.update(plaintext)
             if self.esn:
                 mac.update(_pack_i(seq >> 32))
-            outer = self._outer_state.copy()
-            outer.update(mac.digest())
-            out = prefix + plaintext + outer.digest()[:self._icv]
+            out = prefix + plaintext + mac.finalize()[:self._icv]
         counters.packets += 1
         counters.octets += n
         return out
@@ -522,13 +526,11 @@ class SecurityAssociation:
                 raise self._drop(DropReason.ICV_MISMATCH) from None
         else:
             icv_at = n - self._icv
-            mac = self._inner_state.copy()
+            mac = self._hmac_copy()
             mac.update(pkt[off:icv_at])
             if seq_hi:
                 mac.update(seq_hi)                 # RFC 4303 §2.2.1
-            outer = self._outer_state.copy()
-            outer.update(mac.digest())
-            if not _compare_digest(outer.digest()[:self._icv], pkt[icv_at:]):
+            if not _compare_digest(mac.finalize()[:self._icv], pkt[icv_at:]):
                 raise self._drop(DropReason.ICV_MISMATCH)
             if kind == _CBC:
                 # IV || ciphertext through the persistent decryptor; block 0 is discarded
