@@ -177,3 +177,65 @@ def test_status_is_json():
     assert st["mobiles"][topo.mn.role.home_address]["care_of"] == topo.care_of["a"][0]
     assert topo.ha.role.status(topo.sim.now)["bindings"][topo.mn.role.home_address]["remaining_s"] > 500
     assert topo.mn.role.status()["state"] == "registered"
+
+
+def _ha_gw_pair():
+    """An HA and a GW wired by hand (no simulator): deliver SIUs and ACKs explicitly."""
+    import random
+    from mipsec.node.config import make_lab_configs
+    from mipsec.node.gateway import VpnGateway
+    from mipsec.node.home_agent import HomeAgent
+    lab = make_lab_configs(1, keys_from=random.Random(3))
+    clock = [1_767_225_600.0]
+    ha = HomeAgent(lab.home_agent, wallclock=lambda: clock[0])
+    gw = VpnGateway(lab.gateway, wallclock=lambda: clock[0])
+    mn_cfg = lab.mobiles[0]
+    msa = MobilitySecurityAssociation(mn_cfg.msa.spi, mn_cfg.msa.key)
+
+    def register(coa):
+        clock[0] += 1
+        rrq = RegistrationRequest(home_address=mn_cfg.home_address, home_agent=mn_cfg.home_agent,
+                                  care_of_address=coa, identification=msa.new_identification(clock[0]),
+                                  lifetime=600, flags=RequestFlags.D | RequestFlags.T)
+        pkt = build_udp_packet(a2b(coa), a2b(mn_cfg.home_agent), 434, 434,
+                               msa.sign(build_registration_request(rrq)))
+        return [a.packet for a in ha.receive_from_net(pkt, clock[0]) if isinstance(a, SendToNet)]
+
+    def to_gw(packets):
+        out = []
+        for p in packets:
+            out += [a.packet for a in gw.receive_from_net(p, clock[0]) if isinstance(a, SendToNet)]
+        return [p for p in out if p[16:20] == a2b(ha.address)], [p for p in out if p[16:20] != a2b(ha.address)]
+
+    def to_ha(acks):
+        out = []
+        for p in acks:
+            out += [a.packet for a in ha.receive_from_net(p, clock[0]) if isinstance(a, SendToNet)]
+        return out
+
+    return ha, gw, mn_cfg, register, to_gw, to_ha
+
+
+def test_ack_lets_the_ha_recover_a_lost_siu_followed_by_a_second_move():
+    ha, gw, mn, register, to_gw, to_ha = _ha_gw_pair()
+    acks, rrps = to_gw(register("172.16.1.10"))
+    assert len(rrps) == 1 and to_ha(acks) == []                    # GW at A, HA knows it
+    register("172.16.2.10")                                        # this SIU is lost
+    acks, rrps = to_gw(register("172.16.3.10"))                    # names A (acked), not B
+    assert gw.mobiles[mn.home_address].care_of == "172.16.3.10" and len(rrps) == 1
+    assert to_ha(acks) == [] and not gw.drops and not ha.drops
+
+
+def test_ack_of_a_stale_siu_makes_the_ha_correct_the_gw():
+    ha, gw, mn, register, to_gw, to_ha = _ha_gw_pair()
+    to_ha(to_gw(register("172.16.1.10"))[0])
+    to_gw(register("172.16.2.10"))                                 # applied, its ACK is lost
+    acks, rrps = to_gw(register("172.16.3.10"))                    # names A: stale at the GW
+    assert rrps == [] and gw.drops == {DropReason.SIU_STALE_CARE_OF: 1}
+    correction = to_ha(acks)                                       # the ACK reports B
+    assert len(correction) == 1
+    assert tl.first(ha.timeline, "siu-sent", correction=True).detail["old"] == "172.16.2.10"
+    acks, rrps = to_gw(correction)
+    assert gw.mobiles[mn.home_address].care_of == "172.16.3.10"
+    assert len(rrps) == 1                                          # the reply the MN waits for
+    assert to_ha(acks) == [] and not ha.drops

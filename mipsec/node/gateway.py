@@ -29,7 +29,10 @@ returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sen
 CoA: the reply can only go out through the re-pointed SA.  A DEREGISTER SIU sends its RRP (if
 any) to the current CoA and then retires the binding: downlink packets for that CoA find no
 policy until the next SIU.  A REJECT SIU (the HA refused an authenticated request, e.g. code
-133) makes the GW send its reply once to the SIU's new CoA and changes nothing.
+133) makes the GW send its reply once to the SIU's new CoA and changes nothing.  Every
+authenticated UPDATE / DEREGISTER / REJECT is answered with an ACK to its HA (signed with the
+HA-GW key, echoing the sequence, reporting where the SA points now), also when it was refused as
+stale: that tells the HA the GW's real binding so it can send a correcting SIU.
 
 Binding state machine per MN (``Binding``):
 
@@ -53,7 +56,7 @@ from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.ipsec.sad import Sad
 from mipsec.mip.constants import SIU_PORT
-from mipsec.mip.siu import SiuVerifier
+from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
 from mipsec.node.actions import Action, RebindSa, SendToNet, TimelineEvent, WriteToTun
 from mipsec.node.config import MIP_PORT, GatewayConfig
@@ -62,7 +65,7 @@ from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_prefix,
     parse_udp_packet, peek_ipv4, udp_ports,
 )
-from mipsec.wire.siu import SiuFlags, SiuType
+from mipsec.wire.siu import Siu, SiuFlags, SiuType
 
 UNBOUND_ADDRESS = "0.0.0.0"
 
@@ -125,7 +128,8 @@ class VpnGateway:
     """The GW role: see the module docstring; API in docs/design.md "Roles"."""
 
     def __init__(self, config: GatewayConfig, *, now: float = 0.0,
-                 random: Callable[[int], bytes] | None = None):
+                 random: Callable[[int], bytes] | None = None,
+                 wallclock: Callable[[], float] | None = None):
         self.config = config
         self.name = config.name
         self.outside = config.outside_address
@@ -134,6 +138,11 @@ class VpnGateway:
         self._inside_b = a2b(self.inside)
         self.verifier = SiuVerifier({h.address: (h.key_id, h.key) for h in config.home_agents})
         self._home_agents = frozenset(h.address for h in config.home_agents)
+        # ACKs (docs/protocol.md §2.2 step 5) are signed with the HA-GW key, sender = our inside
+        # address; their timestamp is informational (0 without an injected wall clock)
+        self.wallclock = wallclock or (lambda: 0.0)
+        self._ack_signers = {h.address: SiuSigner(self.inside, h.key, h.key_id)
+                             for h in config.home_agents}
         self.sad = Sad()
         self.mobiles: dict[str, Mobile] = {}
         self._by_spi: dict[int, Mobile] = {}
@@ -269,6 +278,18 @@ class VpnGateway:
             siu = self.verifier.verify(b2a(src), payload)
         except ParseError as exc:
             return self._refuse(now, exc.reason, source=b2a(packet[12:16]))
+        actions = self._apply_siu(siu, now)
+        mobile = self.mobiles.get(siu.home_address)
+        if (mobile is not None and mobile.home_agent == siu.sender
+                and siu.gateway_spi == mobile.outbound.spi and siu.type != SiuType.ACK):
+            # ACK what we did with it (also a refusal as stale: R tells the HA where we are)
+            ack = self._ack_signers[siu.sender].build_ack(siu, sa_remote=mobile.care_of,
+                                                          wallclock=self.wallclock())
+            actions.append(SendToNet(build_udp_packet(self._inside_b, a2b(siu.sender), SIU_PORT,
+                                                      SIU_PORT, ack)))
+        return actions
+
+    def _apply_siu(self, siu: Siu, now: float) -> list[Action]:
         mobile = self.mobiles.get(siu.home_address)
         if mobile is None:
             return self._refuse(now, DropReason.SIU_UNKNOWN_MOBILE, home_address=siu.home_address)

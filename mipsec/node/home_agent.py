@@ -37,11 +37,15 @@ or CoA = home address deregisters (RFC 5944 §3.8.2).  Then:
 * a source on the home prefix is the MN at home: the reply goes directly to it, and for a
   deregistration an SIU DEREGISTER (without the reply) tells the GW to retire the binding.
 
-The "old CoA" of an SIU is the CoA the binding had before its latest change (``Binding.gw_old``),
-also for a refresh from the same CoA: so a retransmitted request after a lost SIU repeats the
-same move (the GW applies it then), and after a lost reply the GW sees a repeat (new = current)
-and only forwards the reply.  Binding expiry (a timer) removes the binding and sends an SIU
-DEREGISTER.
+The "old CoA" of an SIU is where the GW's SA points as far as we know: what the GW's last ACK
+reported (docs/protocol.md §2.1 step 5), else the CoA the binding had before its latest change
+(``Binding.gw_old``, also for a refresh from the same CoA).  So a retransmitted request after a
+lost SIU repeats the same move (the GW applies it then), and after a lost reply the GW sees a
+repeat (new = current) and only forwards the reply.  The GW ACKs every SIU it authenticated,
+also one it refused as stale, reporting its SA's destination; when the ACK of our latest SIU
+reports something other than our binding (a lost SIU before a second move, a lost ACK), we send
+a correcting SIU from what the GW has to what we have, with the reply the refused SIU carried.
+Binding expiry (a timer) removes the binding and sends an SIU DEREGISTER.
 
 Data: packets for a bound home address (intercepted, ``receive_from_tun``) are tunnelled IP-in-IP
 (RFC 2003) to the CoA; reverse-tunnelled packets (``receive_from_net``, IP-in-IP to us) are
@@ -65,7 +69,7 @@ from mipsec.errors import ParseError, UsageError
 from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
-from mipsec.mip.siu import SiuSigner
+from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
 from mipsec.node.actions import Action, BindingChanged, SendToNet, TimelineEvent, WriteToTun
 from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
@@ -144,6 +148,10 @@ class HomeAgent:
         self._signers = {g.address: SiuSigner(config.address, g.key, g.key_id, first_sequence=first)
                          for g in config.gateways}
         self.bindings: dict[str, Binding] = {}
+        # SIU ACKs from the GWs (docs/protocol.md §2.1 step 5): where each GW's SA points
+        self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways})
+        self._gw_care_of: dict[str, str | None] = {}
+        self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes]] = {}
         self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
         self._expiry: list[tuple[float, str]] = []
         self.drops: Counter[DropReason] = Counter()
@@ -174,6 +182,8 @@ class HomeAgent:
                 return self._drop(DropReason.MIP_NOT_FOR_US)
             if proto == IPPROTO_UDP:
                 src, _dst, sport, dport, payload = parse_udp_packet(packet)
+                if dport == SIU_PORT:
+                    return self._siu_ack(src, payload, now)
                 if dport != MIP_PORT:
                     return self._drop(DropReason.MIP_NOT_FOR_US)
                 return self._registration(src, sport, payload, now)
@@ -275,12 +285,13 @@ class HomeAgent:
             self._record(now, "rrq-accepted", home_address=home, care_of=None, lifetime=0,
                          deregistration=True, via_gateway=via_gateway)
             self._record(now, "binding-deregistered", home_address=home, old=old)
+            gw_has = self._gw_has(home, old)
             if via_gateway:
-                actions.append(self._siu(now, SiuType.DEREGISTER, mobile, old, None, 0, rrp))
+                actions.append(self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, rrp))
             else:
                 actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
-                if old is not None:
-                    actions.append(self._siu(now, SiuType.DEREGISTER, mobile, old, None, 0, b""))
+                if gw_has is not None:
+                    actions.append(self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, b""))
             return actions
         self._transition(home, BindingEvent.ACCEPT)
         coa = rrq.care_of_address
@@ -300,21 +311,55 @@ class HomeAgent:
         self._record(now, "rrq-accepted", home_address=home, care_of=coa, lifetime=lifetime,
                      via_gateway=via_gateway)
         if via_gateway:
-            actions.append(self._siu(now, SiuType.UPDATE, mobile, binding.gw_old, coa, lifetime, rrp))
+            actions.append(self._siu(now, SiuType.UPDATE, mobile,
+                                     self._gw_has(home, binding.gw_old), coa, lifetime, rrp))
         else:
             actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
         return actions
 
+    def _gw_has(self, home: str, fallback: str | None) -> str | None:
+        """Where we believe the GW's SA for ``home`` points: its last ACK, else ``fallback``
+        (the binding's previous CoA: right unless an SIU was lost before a second move)."""
+        return self._gw_care_of[home] if home in self._gw_care_of else fallback
+
+    def _siu_ack(self, src: bytes, data: bytes, now: float) -> list[Action]:
+        """An ACK from a GW: remember its binding; if it is not ours, send a correcting SIU."""
+        siu = self._ack_verifier.verify(b2a(src), data)
+        if siu.type != SiuType.ACK:
+            return self._drop(DropReason.MALFORMED)
+        home = siu.home_address
+        mobile = self._mobiles.get(home)
+        if mobile is None or mobile.gateway != siu.sender:
+            return self._drop(DropReason.SIU_UNKNOWN_MOBILE)
+        reported = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
+        self._gw_care_of[home] = reported
+        last = self._last_siu.get(home)
+        if last is None or last[0] != siu.sequence:
+            return []                    # an older SIU's ACK: the latest one's will follow
+        binding = self.bindings.get(home)
+        want = binding.care_of_address if binding is not None else None
+        if reported == want:
+            return []
+        if want is None:
+            return [self._siu(now, SiuType.DEREGISTER, mobile, reported, None, 0, b"",
+                              correction=True)]
+        _seq, last_type, last_new, last_rrp = last
+        rrp = last_rrp if last_type == SiuType.UPDATE and last_new == want else b""
+        return [self._siu(now, SiuType.UPDATE, mobile, reported, want, binding.lifetime, rrp,
+                          correction=True)]
+
     def _siu(self, now: float, type: SiuType, mobile: HomeAgentMobile, old: str | None,
-             new: str | None, lifetime: int, rrp: bytes) -> SendToNet:
+             new: str | None, lifetime: int, rrp: bytes, correction: bool = False) -> SendToNet:
         signer = self._signers[mobile.gateway]
         sequence = signer.next_sequence
+        self._last_siu[mobile.home_address] = (sequence, type, new, rrp)
         data = signer.build(type, home_address=mobile.home_address,
                             old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
                             gateway_spi=mobile.gateway_spi, lifetime=lifetime, rrp=rrp,
                             wallclock=self.wallclock(), forward_rrp=bool(rrp))
         self._record(now, "siu-sent", home_address=mobile.home_address, type=type.name.lower(),
-                     old=old, new=new, gateway=mobile.gateway, sequence=sequence)
+                     old=old, new=new, gateway=mobile.gateway, sequence=sequence,
+                     **({"correction": True} if correction else {}))
         return SendToNet(build_udp_packet(self._address_b, a2b(mobile.gateway), SIU_PORT, SIU_PORT,
                                           data))
 
@@ -350,9 +395,10 @@ class HomeAgent:
             self._retired[home] = (binding.care_of_address, now)
             self._record(now, "binding-expired", home_address=home, care_of=binding.care_of_address)
             actions.append(BindingChanged(home, None))
-            if binding.via_gateway:
+            gw_has = self._gw_has(home, binding.care_of_address)
+            if binding.via_gateway and gw_has is not None:
                 actions.append(self._siu(now, SiuType.DEREGISTER, self._mobiles[home],
-                                         binding.care_of_address, None, 0, b""))
+                                         gw_has, None, 0, b""))
         return actions
 
     def handle_event(self, event: object, now: float) -> list[Action]:

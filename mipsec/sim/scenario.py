@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mipsec.mip.constants import SIU_PORT
 from mipsec.node import timeline as tl
 from mipsec.node.actions import RebindSa, SendToNet, TimelineEvent
 from mipsec.node.correspondent import StreamReport
@@ -63,12 +64,15 @@ def merged_timeline(topo: Topology, index: int = 0) -> list[TimelineEvent]:
 
 
 def gw_log(topo: Topology) -> list[tuple[int, float, str, Any]]:
-    """The GW's actions in order: (position, time, kind, detail): SendToNet -> destination,
-    RebindSa -> new remote."""
+    """The GW's actions in order: (position, time, kind, detail): "send" (ESP to a CoA) and
+    "ack" (SIU ACK to the HA) -> destination, "rebind" -> new remote."""
     out = []
     for pos, (time, action) in enumerate(topo.gw.driver.log or ()):
         if isinstance(action, SendToNet):
-            out.append((pos, time, "send", b2a(action.packet[16:20])))
+            packet = action.packet
+            ihl = (packet[0] & 0x0F) * 4
+            is_ack = packet[9] == 17 and int.from_bytes(packet[ihl + 2:ihl + 4], "big") == SIU_PORT
+            out.append((pos, time, "ack" if is_ack else "send", b2a(packet[16:20])))
         elif isinstance(action, RebindSa):
             out.append((pos, time, "rebind", action.remote))
     return out
