@@ -416,3 +416,21 @@ def test_checksum_of_built_outer_headers_is_valid():
     for size in (0, 1, 15, 16, 17, 1400):
         p = out.encapsulate(inner(b"z" * size, tos=size & 0xFF, df=bool(size & 1)))
         assert checksum(p[:20]) == 0
+
+
+def test_inlined_window_update_matches_the_replay_window():
+    """decapsulate updates the window inline; it must agree with ReplayWindow.update."""
+    from mipsec.ipsec.replay import ReplayWindow
+    out, inb = pair("gcm128")
+    model = ReplayWindow(inb.replay.size)
+    packets = {}
+    for seq in range(1, 3001):
+        packets[seq] = out.encapsulate(inner())
+    for seq in (1, 2, 3000, 1980, 1976, 2999, 1977, 1500, 3):
+        expected = model.check(seq)
+        if expected is None:
+            assert inb.decapsulate(packets[seq]) == inner()
+            model.update(seq)
+        else:
+            assert drop_reason(inb, packets[seq]) is expected
+        assert inb.replay.snapshot() == model.snapshot()

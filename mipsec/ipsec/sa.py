@@ -68,8 +68,18 @@ _from_bytes = int.from_bytes
 _compare_digest = hmac.compare_digest
 _AEAD, _CBC, _NULL = 0, 1, 2                 # transform kinds, inlined on the hot path
 _PADDING = bytes(range(1, 256))   # RFC 4303 §2.4: the default padding is 1, 2, 3, ...
+_TAILS = [_PADDING[:n] + bytes((n, IPPROTO_IPIP)) for n in range(256)]  # padding + trailer
 _INF = math.inf
 _KEEP: Any = object()
+
+
+def _trailer_reason(plaintext: bytes, end: int, padlen: int) -> DropReason:
+    """Why an authenticated trailer is not padding 1, 2, 3 ... + pad length + 4."""
+    if end < 0 or plaintext[end:-2] != _PADDING[:padlen]:
+        return DropReason.BAD_PADDING
+    if plaintext[-1] == NEXT_HEADER_NO_NEXT:
+        return DropReason.DUMMY_PACKET
+    return DropReason.BAD_NEXT_HEADER
 
 
 class Direction(enum.Enum):
@@ -159,7 +169,7 @@ class SecurityAssociation:
         "encryption", "integrity", "_encryption_key", "_integrity_key",
         "_local", "_remote", "_seq_max", "_align_mask", "_trailers", "_min_esp", "_icv",
         "_csum_base", "_ident", "_deadline", "_byte_limit", "_selector_in", "_selector_out",
-        "_check", "_update", "_infer", "_udp_local_port", "_inbound", "_kind",
+        "_check", "_replay_bits", "_replay_mask", "_infer", "_udp_local_port", "_inbound", "_kind",
         "_aead_encrypt", "_aead_decrypt", "_salt", "_cbc_encrypt", "_cbc_decrypt", "_random",
         "_hmac_copy", "_pool", "_pool_pos", "_pack_prefix", "_overhead", "_udp_ports",
         "_esp_start", "_addresses",
@@ -207,7 +217,7 @@ class SecurityAssociation:
                 self._cbc_encrypt, self._cbc_decrypt = t.encrypt_update, t.decrypt_update
                 self._random = t.random
         self._align_mask = t.align - 1
-        self._trailers = [_PADDING[:n] + bytes((n, IPPROTO_IPIP)) for n in range(t.align)]
+        self._trailers = _TAILS[:t.align]
         # RFC 4303 §2: header, IV, at least the 2-byte trailer (one block for CBC), ICV
         self._min_esp = ESP_HEADER_BYTES + t.iv_size + max(2, t.block_size) + t.icv_size
         self.esn = bool(esn)
@@ -215,7 +225,8 @@ class SecurityAssociation:
         self.sequence = 0              # last sequence number sent (outbound)
         self.replay = ReplayWindow(replay_window)
         self._check = self.replay.check
-        self._update = self.replay.update
+        self._replay_bits = self.replay.size
+        self._replay_mask = (1 << self.replay.size) - 1
         self._infer = self.replay.infer
         if udp_encap is not None and not isinstance(udp_encap, UdpEncap):
             raise ConfigError(f"SA udp_encap {udp_encap!r}: must be a UdpEncap")
@@ -509,7 +520,9 @@ class SecurityAssociation:
         else:
             seq = seq_low
             seq_hi = b""
-        if seq <= self.replay.top:      # new highest numbers need no look at the bitmap
+        replay = self.replay
+        top = replay.top
+        if seq <= top:                  # new highest numbers need no look at the bitmap
             reason = self._check(seq)
             if reason is not None:
                 raise self._drop(reason)
@@ -537,27 +550,28 @@ class SecurityAssociation:
                 plaintext = self._cbc_decrypt(pkt[off + 8:icv_at])[16:]
             else:
                 plaintext = pkt[off + 8:icv_at]
-        # 8. trailer (RFC 4303 §2.4, §2.6)
+        # 8. trailer (RFC 4303 §2.4, §2.6): padding 1, 2, 3 ..., pad length, next header 4, all
+        #    compared at once with the expected tail; the cold path names what is wrong
         padlen = plaintext[-2]
         end = len(plaintext) - 2 - padlen
-        if end < 0 or plaintext[end:-2] != _PADDING[:padlen]:
-            raise self._drop(DropReason.BAD_PADDING)
-        next_header = plaintext[-1]
-        if next_header != IPPROTO_IPIP:
-            if next_header == NEXT_HEADER_NO_NEXT:
-                raise self._drop(DropReason.DUMMY_PACKET)
-            raise self._drop(DropReason.BAD_NEXT_HEADER)
-        if end < 20 or plaintext[0] >> 4 != 4:
-            raise self._drop(DropReason.MALFORMED)
-        inner_total = (plaintext[2] << 8) | plaintext[3]
-        if inner_total == end:
+        if end < 0 or plaintext[end:] != _TAILS[padlen]:
+            raise self._drop(_trailer_reason(plaintext, end, padlen))
+        if (end >= 20 and (plaintext[0] & 0xF0) == 0x40
+                and (plaintext[2] << 8 | plaintext[3]) == end):
             inner = plaintext[:end]
-        elif 20 <= inner_total < end:
-            inner = plaintext[:inner_total]   # RFC 4303 §2.4: TFC padding after the packet
         else:
-            raise self._drop(DropReason.MALFORMED)
-        # 9. the window moves only now
-        self._update(seq)
+            inner_total = (plaintext[2] << 8 | plaintext[3]) if end >= 20 else 0
+            if (plaintext[0] & 0xF0) != 0x40 or not 20 <= inner_total < end:
+                raise self._drop(DropReason.MALFORMED)
+            inner = plaintext[:inner_total]   # RFC 4303 §2.4: TFC padding after the packet
+        # 9. the window moves only now (ReplayWindow.update, inlined)
+        if seq > top:
+            shift = seq - top
+            replay.bitmap = ((replay.bitmap << shift) | 1) & self._replay_mask \
+                if shift < self._replay_bits else 1
+            replay.top = seq
+        else:
+            replay.bitmap |= 1 << (top - seq)
         counters.last_authenticated_time = now
         counters._last_source = pkt[12:16]
         # 10. inner selector (RFC 4301 §5.2 step 4)
