@@ -58,7 +58,7 @@ from mipsec.ipsec.sad import Sad
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
-from mipsec.node.actions import Action, RebindSa, SendToNet, TimelineEvent, WriteToTun
+from mipsec.node.actions import Action, Log, RebindSa, SendToNet, TimelineEvent, WriteToTun
 from mipsec.node.config import MIP_PORT, GatewayConfig
 from mipsec.node.mobile_node import make_sa
 from mipsec.node.packet import (
@@ -147,6 +147,7 @@ class VpnGateway:
         self.mobiles: dict[str, Mobile] = {}
         self._by_spi: dict[int, Mobile] = {}
         self._by_care_of: dict[bytes, Mobile] = {}
+        self._retired: dict[bytes, Mobile] = {}    # deregistered CoAs: downlink gets NO_SA
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.record_data_path = False      # timeline is for the control plane only
@@ -185,22 +186,28 @@ class VpnGateway:
 
     def remove_mobile(self, home_address: str) -> None:
         mobile = self.mobiles.pop(home_address)
+        for key in [k for k, m in self._retired.items() if m is mobile]:
+            del self._retired[key]
         self.sad.remove(mobile.inbound.spi)
         self._by_spi.pop(mobile.inbound.spi, None)
         self._unbind(mobile)
 
-    def _unbind(self, mobile: Mobile) -> None:
+    def _unbind(self, mobile: Mobile, retire: bool = False) -> None:
         if mobile.care_of is not None:
             key = a2b(mobile.care_of)
             if self._by_care_of.get(key) is mobile:
                 del self._by_care_of[key]
+                if retire:
+                    self._retired[key] = mobile
         mobile.care_of = None
 
     def _bind(self, mobile: Mobile, care_of: str) -> None:
         self._unbind(mobile)
         mobile.fresh = False
         mobile.care_of = care_of
-        self._by_care_of[a2b(care_of)] = mobile
+        key = a2b(care_of)
+        self._by_care_of[key] = mobile
+        self._retired.pop(key, None)
 
     def _drop(self, reason: DropReason) -> list[Action]:
         self.drops[reason] += 1
@@ -257,7 +264,9 @@ class VpnGateway:
             return self._drop(exc.reason)
         mobile = self._by_care_of.get(packet[16:20])
         if mobile is None:
-            return self._drop(DropReason.NO_POLICY)
+            # a retired binding (deregistration / expiry): the SA has no outer binding, NO_SA
+            return self._drop(DropReason.NO_SA if packet[16:20] in self._retired
+                              else DropReason.NO_POLICY)
         try:
             outer = mobile.outbound.encapsulate(packet, now)
         except Dropped as exc:
@@ -270,7 +279,8 @@ class VpnGateway:
     # --- the Security Information Update ----------------------------------------------------
     def _refuse(self, now: float, reason: DropReason, **detail: Any) -> list[Action]:
         tl.record(self.timeline, now, self.name, "siu-refused", reason=str(reason), **detail)
-        return self._drop(reason)
+        self.drops[reason] += 1
+        return [Log("debug", f"SIU refused: {reason} {detail}")]
 
     def _siu(self, packet: bytes, now: float) -> list[Action]:
         try:
@@ -328,7 +338,7 @@ class VpnGateway:
             if current is not None and siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
                 actions += self._forward_rrp(mobile, siu.rrp, now)
             if current is not None:
-                self._unbind(mobile)
+                self._unbind(mobile, retire=True)
                 tl.record(self.timeline, now, self.name, "gw-binding-retired",
                           home_address=mobile.home_address, old=current, spi=mobile.outbound.spi)
             return actions

@@ -71,7 +71,7 @@ from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
-from mipsec.node.actions import Action, BindingChanged, SendToNet, TimelineEvent, WriteToTun
+from mipsec.node.actions import Action, BindingChanged, Log, SendToNet, TimelineEvent, WriteToTun
 from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
 from mipsec.node.packet import (
     IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, in_prefix, parse_prefix,
@@ -238,7 +238,7 @@ class HomeAgent:
             msa.check_identification(rrq.identification, self.wallclock())
         except ParseError as exc:
             # RFC 5944 §3.8.3.1: authenticated but stale: code 133 with our time, no state change
-            self._reject(now, rrq, exc.reason, code=int(ReplyCode.HA_IDENTIFICATION_MISMATCH))
+            logs = self._reject(now, rrq, exc.reason, code=int(ReplyCode.HA_IDENTIFICATION_MISMATCH))
             reply = RegistrationReply(
                 code=ReplyCode.HA_IDENTIFICATION_MISMATCH, home_address=rrq.home_address,
                 home_agent=self.address, lifetime=0,
@@ -248,10 +248,10 @@ class HomeAgent:
             if via_gateway:
                 # docs/protocol.md: a REJECT SIU, the GW sends the RRP once to that CoA, moves nothing
                 binding = self.bindings.get(rrq.home_address)
-                return [self._siu(now, SiuType.REJECT, mobile,
-                                  binding.care_of_address if binding is not None else None,
-                                  rrq.care_of_address, 0, data_out)]
-            return [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
+                return logs + [self._siu(now, SiuType.REJECT, mobile,
+                                         binding.care_of_address if binding is not None else None,
+                                         rrq.care_of_address, 0, data_out)]
+            return logs + [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
         msa.accept_identification(rrq.identification)
         return self._accept(rrq, msa, mobile, src, sport, via_gateway, now)
 
@@ -259,7 +259,8 @@ class HomeAgent:
                 **detail: Any) -> list[Action]:
         self._record(now, "rrq-rejected", home_address=rrq.home_address, reason=str(reason),
                      care_of=rrq.care_of_address, **detail)
-        return self._drop(reason)
+        self.drops[reason] += 1
+        return [Log("debug", f"registration of {rrq.home_address} refused: {reason}")]
 
     def _accept(self, rrq: RegistrationRequest, msa: MobilitySecurityAssociation,
                 mobile: HomeAgentMobile, src: bytes, sport: int, via_gateway: bool,

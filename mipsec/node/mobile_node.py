@@ -50,7 +50,7 @@ from mipsec.mip import ipip
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
-    Action, CareOfAddressChanged, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
+    Action, CareOfAddressChanged, Log, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
     TimelineEvent, WriteToTun,
 )
 from mipsec.node.config import MIP_PORT, EspSaConfig, MobileNodeConfig
@@ -313,7 +313,9 @@ class MobileNode:
             if self.state is S.AT_HOME:
                 return []
             self._record(now, "reestablish-requested", attempts=attempts)
-            return [ReestablishRequested(self.home_address, self.care_of, attempts)]
+            return [Log("warning", f"registration of {self.home_address} via {self.care_of} failed "
+                                   f"{attempts} times: the tunnel must be re-established"),
+                    ReestablishRequested(self.home_address, self.care_of, attempts)]
         self._transition(event)
         self._attempts += 1
         timeout = min(cfg.retransmit_initial_s * (2 ** (self._attempts - 1)), cfg.retransmit_max_s)
