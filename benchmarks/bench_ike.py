@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -63,7 +64,7 @@ def run_tunnels(ike: str, esp: str, n: int, cookies: bool) -> dict:
     try:
         for k in range(n):
             addr = (f"172.17.{k // 250}.{k % 250 + 1}", 500)
-            ini = IkeEndpoint(ci)
+            ini = IkeEndpoint(replace(ci, local_id=f"mn{k}@example"))   # one identity per MN
             queue = list(ini.initiate(addr, GW, 0.0))
             while queue:
                 o = queue.pop(0)

@@ -426,16 +426,18 @@ def test_mobike_refused_when_not_negotiated():
 def test_gateway_serves_many_initiators_with_one_endpoint():
     from mipsec.ike.endpoint import IkeEndpoint
     from test_ike_harness import Net
-    ci, cr = configs()
+    from dataclasses import replace
+    ci, cr = configs(r_psks={"*": b"correct horse battery staple"})
     R = IkeEndpoint(cr)
     eps = {GW_ADDR: R}
-    for n in range(5):
-        eps[f"172.16.1.{20 + n}"] = IkeEndpoint(ci)
+    for n in range(5):                                   # five MNs, each its own identity
+        eps[f"172.16.1.{20 + n}"] = IkeEndpoint(replace(ci, local_id=f"mn{n}@example"))
     net = Net(eps)
     for n in range(5):
         addr = f"172.16.1.{20 + n}"
         net.deliver(eps[addr].initiate((addr, 500), (GW_ADDR, 500), 0.0), addr)
-    assert len([s for s in R.ike_sas if s.is_established]) == 5
+    assert sorted(s.peer_id for s in R.ike_sas if s.is_established) == \
+        [f"mn{n}@example" for n in range(5)]
     spis = {c.spi_in for s in R.ike_sas for c in s.children.values()}
     assert len(spis) == 5
 
@@ -460,3 +462,25 @@ def test_rekeyed_ike_sa_that_the_peer_never_deletes_goes_away():
     assert [e.reason for e in net.of(IkeSaDeleted, GW_ADDR)] == ["superseded by its re-key"]
     assert only_sa(R).children and only_sa(I).children
     assert_esp_works(I, R)
+
+
+def test_reestablish_from_a_new_address_replaces_the_old_sas_on_both_sides():
+    net, I, R = establish()
+    old_i, old_r = only_sa(I), only_sa(R)
+    old_child_r = only_child(R)
+    new_coa = "172.16.2.10"
+    net.endpoints[new_coa] = I
+    del net.endpoints[MN_ADDR]
+    net.deliver(I.reestablish((new_coa, 500), (GW_ADDR, 500), 1.0), new_coa)
+    assert old_i.state == State.CLOSED and old_r.state == State.CLOSED
+    assert [e.reason for e in net.of(IkeSaDeleted, GW_ADDR)] == ["INITIAL_CONTACT from the peer"]
+    assert [e.child for e in net.of(ChildSaDeleted, GW_ADDR)] == [old_child_r]
+    assert len(R.ike_sas) == 1 and only_sa(R).remote[0] == new_coa
+    assert only_child(R).remote_address == new_coa
+    assert_esp_works(I, R)
+
+
+def test_without_initial_contact_old_sas_stay():
+    net, I, R = establish(i_initial_contact=False)
+    net.deliver(I.initiate((MN_ADDR, 500), (GW_ADDR, 500), 1.0), MN_ADDR)
+    assert len([s for s in R.ike_sas if s.is_established]) == 2

@@ -39,7 +39,7 @@ from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
 from mipsec.ike.config import (
-    Address, IkeConfig, IkeSaDeleted, IkeSaFailed, IkeSaRekeyed, SendDatagram,
+    Address, IkeConfig, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed, SendDatagram,
 )
 from mipsec.ike.constants import (
     COOKIE_SECRET_LIFETIME_S, NAT_KEEPALIVE, NON_ESP_MARKER, ExchangeType, Flag, NotifyType,
@@ -87,6 +87,16 @@ class IkeEndpoint:
             sa.spi_i = self._random(8)
         self._by_spi[sa.spi_i] = sa
         return self._track(sa, sa.start(now))
+
+    def reestablish(self, local: Address, remote: Address, now: float) -> list:
+        """Start a fresh IKE SA to ``remote`` from ``local`` (e.g. the MN's new care-of address
+        after its registrations failed) and forget every IKE SA we have with that peer: they
+        cannot be reached any more, and our INITIAL_CONTACT makes the peer drop them too."""
+        out = []
+        for sa in self.ike_sas:
+            if sa.remote[0] == remote[0] and sa.state != State.CLOSED:
+                out += self._track(sa, sa.abandon("replaced by a new IKE SA"))
+        return out + self.initiate(local, remote, now)
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> list:
         if local[1] != 500:                           # our NAT-T socket (RFC 3948 §2.2)
@@ -140,7 +150,16 @@ class IkeEndpoint:
 
     def _track(self, sa: IkeSa, out: list) -> list:
         """Keep the SPI table in step with the events an SA reports."""
+        extra: list = []
         for ev in out:
+            if isinstance(ev, IkeSaEstablished) and ev.ike_sa.initial_contact:
+                # §2.4: the peer has no other IKE SA with us: drop the ones it forgot
+                for other in self.ike_sas:
+                    if other is not ev.ike_sa and other.peer_id == ev.ike_sa.peer_id \
+                            and other.state != State.CLOSED:
+                        gone = other.abandon("INITIAL_CONTACT from the peer")
+                        self._forget(other)
+                        extra += gone
             if isinstance(ev, IkeSaRekeyed) and ev.new is not None:
                 new = ev.new
                 self._by_spi[new.spi_i if new.initiator else new.spi_r] = new
@@ -150,7 +169,7 @@ class IkeEndpoint:
             for key, s in list(self._half_open.items()):
                 if s is sa:
                     del self._half_open[key]
-        return out
+        return out + extra
 
     def _forget(self, sa: IkeSa) -> None:
         for key in (sa.spi_i, sa.spi_r):

@@ -179,6 +179,7 @@ class IkeSa:
         self._rekey_at: float | None = None
         self._closing_at: float | None = now + HALF_OPEN_TIMEOUT_S
         self.successor: "IkeSa | None" = None
+        self.initial_contact = False      # the peer said it has no other IKE SA with us (§2.4)
 
     # --- construction ----------------------------------------------------------------------
 
@@ -640,6 +641,7 @@ class IkeSa:
         idr = self._id_payload(PayloadType.IDr)
         out: list = [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, self._auth_data(psk, True, idr.body()))]
         self.peer_mobike = bool(m.notifies(NotifyType.MOBIKE_SUPPORTED))
+        self.initial_contact = bool(m.notifies(NotifyType.INITIAL_CONTACT))
         if self.peer_mobike and c.mobike:
             out.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
         child = None
@@ -1046,6 +1048,14 @@ class IkeSa:
     def _on_delete_ike_response(self, m, req, now) -> None:
         self._delete_all_children()
         self._close(IkeSaDeleted(self, "deleted by us"))
+
+    def abandon(self, reason: str) -> list:
+        """Forget this SA and its children without telling the peer (it told us they are gone:
+        INITIAL_CONTACT, §2.4; or the path is gone and a new IKE SA replaces it)."""
+        if self.state != State.CLOSED:
+            self._delete_all_children()
+            self._close(IkeSaDeleted(self, reason))
+        return self._flush()
 
     def _delete_all_children(self) -> None:
         for child in list(self.children.values()):
