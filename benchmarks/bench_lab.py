@@ -6,7 +6,8 @@ Measures, in one run:
   same run with the same tool and sizes between two plain namespaces without mipsec
   (CN <-> GW inside address, over the home bridge);
 * the handover interruption (longest gap between two arrivals, minus the sending interval) and
-  the packets lost per direction for a 1,000 packets/s stream during moves a -> b -> a.
+  the packets lost per direction for a 1,000 packets/s stream during moves a -> b
+  (break-before-make) and b -> a (make-before-break: the old address stays until registered).
 
 Usage:  sudo python3 benchmarks/bench_lab.py [--seconds 2] [--delay-ms 0] [--json]
 The sender is one Python process sending as fast as its socket accepts (`mipsec.lab.stream
@@ -57,8 +58,8 @@ def handover_figures(lab: Lab, rate: float = 1000.0, dwell: float = 1.5) -> list
     try:
         time.sleep(dwell)
         moves = []
-        for where in ("b", "a"):
-            move = lab.move(where, wait=True)
+        for where, mbb in (("b", False), ("a", True)):
+            move = lab.move(where, wait=True, make_before_break=mbb)
             moves.append(move)
             time.sleep(max(0.0, dwell - (time.monotonic() - move["time"])))
         reports = streams.wait(timeout=dwell * 3 + 20)
@@ -67,7 +68,8 @@ def handover_figures(lab: Lab, rate: float = 1000.0, dwell: float = 1.5) -> list
     out = []
     ends = [moves[1]["time"], reports["cn"]["start"] + dwell * 3]
     for move, end in zip(moves, ends):
-        row = {"to": move["to"], "registration_ms": (move["registered"] - move["time"]) * 1000}
+        row = {"to": move["to"], "make_before_break": move["make_before_break"],
+               "registration_ms": (move["registered"] - move["time"]) * 1000}
         for name, snd, rcv in (("downlink", "cn", "mn"), ("uplink", "mn", "cn")):
             fig = phase_figures(reports[snd], reports[rcv], move["time"] - 0.2, end - 0.2, rate)
             row[name] = {"interruption_ms": fig["interruption_ms"], "lost": fig["lost"],
@@ -116,10 +118,11 @@ def main() -> int:
         ratio = row["pps"] / ref if ref else float("nan")
         print(f"{row['path']:<26} {row['size']:>7} {row['pps']:>10.0f} {row['mbit_s']:>8.1f} "
               f"{ratio:>6.2f}x")
-    print("\nHandover at 1,000 packets/s per direction (break-before-make):")
+    print("\nHandover at 1,000 packets/s per direction:")
     for row in results["handover"]:
         d, u = row["downlink"], row["uplink"]
-        print(f"  to {row['to']}: registration {row['registration_ms']:.1f} ms; downlink "
+        mode = "make-before-break" if row["make_before_break"] else "break-before-make"
+        print(f"  to {row['to']} ({mode}): registration {row['registration_ms']:.1f} ms; downlink "
               f"interruption {d['interruption_ms']:.1f} ms, lost {d['lost']}/{d['sent']}; uplink "
               f"interruption {u['interruption_ms']:.1f} ms, lost {u['lost']}/{u['sent']}")
     return 0

@@ -149,10 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP")
     lp.set_defaults(func=_cmd_lab_up)
     lp = lab_parser("handover", "move the MN to visited network a or b",
-                    "Move the MN (break-before-make): remove its other addresses, attach it to\n"
-                    "the visited network and wait for the registration; prints the timeline.")
+                    "Move the MN: remove its other addresses (break-before-make; with\n"
+                    "--make-before-break only after the registration), attach it to the visited\n"
+                    "network and wait for the registration; prints the timeline.")
     lp.add_argument("where", nargs="?", default=None, choices=("a", "b"),
                     help="target network (default: the other one)")
+    lp.add_argument("--make-before-break", action="store_true",
+                    help="keep the old care-of address until the registration is done")
     lp.set_defaults(func=_cmd_lab_move)
     lp = lab_parser("home", "bring the MN back to its home link",
                     "Remove the care-of addresses and put the home address on the MN's home link;\n"
@@ -283,7 +286,7 @@ def _cmd_lab_move(args: argparse.Namespace) -> int:
     where = args.where
     if where is None:
         where = "b" if lab.load_state().get("place") == "a" else "a"
-    result = lab.move(where)
+    result = lab.move(where, make_before_break=getattr(args, "make_before_break", False))
     print(f"MN moved to {where}; registration done after "
           f"{(result['registered'] - result['time']) * 1000:.1f} ms")
     print_timeline(lab.timelines(result["time"] - 0.001), result["time"], sys.stdout)

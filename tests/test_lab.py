@@ -1,7 +1,8 @@
 """The lab acceptance (issue 4): real daemons on TUN devices in network namespaces.
 
 One lab (unique namespace prefix) serves the module, in order:
-1. traffic CN <-> MN home address through two handovers (a -> b -> a) and a return home; after
+1. traffic CN <-> MN home address through two handovers (a -> b break-before-make, b -> a
+   make-before-break) and a return home; after
    each move packets flow, and `mipsec status --json` shows the GW's outbound SA and the HA's
    binding at the MN's location;
 2. tshark with the key file the GW wrote decodes every captured ESP packet with a good ICV and
@@ -112,8 +113,8 @@ def test_stream_through_two_handovers_and_home(lab):
     try:
         time.sleep(DWELL_S)
         moves = []
-        for where in ("b", "a", "home"):
-            move = lab.move(where, wait=True)
+        for where, mbb in (("b", False), ("a", True), ("home", False)):
+            move = lab.move(where, wait=True, make_before_break=mbb)
             moves.append(move)
             check_location(lab, where)
             time.sleep(max(0.0, DWELL_S - (time.monotonic() - move["time"])))
@@ -128,6 +129,10 @@ def test_stream_through_two_handovers_and_home(lab):
             assert tail["received"] >= 0.8 * tail["sent"] > 0, (move, snd, tail)
             whole = phase_figures(reports[snd], reports[rcv], move["time"], end, RATE)
             assert whole["lost"] <= 0.25 * whole["sent"], (move, snd, whole)
+    # The second handover was make-before-break: the MN's watcher saw the old address still up.
+    events = lab.timelines(moves[1]["time"], moves[2]["time"])
+    coa = [e for e in events if e["kind"] == "coa-changed"]
+    assert coa and coa[0]["detail"]["make_before_break"] is True, coa
     # and after the return home the CN reaches the MN directly on the home link
     assert ping_cn_to_mn(lab) >= 1
     neigh = lab.exec("ha", "ip", "neigh", "show", "proxy").stdout

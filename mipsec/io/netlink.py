@@ -12,7 +12,10 @@ selector loop: we own the socket and use pyroute2 for the decoding.)  Rules:
 * removal of the address currently used as care-of address, with no other one left ->
   ``CareOfAddressChanged(None, ifname)`` is *not* sent: the MN keeps its registration until a new
   address appears (a break-before-make move removes the old address first), and the removal is
-  only logged.
+  only logged;
+* a new care-of address while another visited interface still has one is a make-before-break
+  move (``make_before_break=True``): the old address keeps working while the MN registers, so the
+  MN keeps accepting packets sent to it (the lab's ``handover --make-before-break``).
 
 Addresses on other interfaces (the MN's own TUN device carries the home address) are ignored.
 """
@@ -48,6 +51,7 @@ class AddressWatcher:
                                    socket.NETLINK_ROUTE)
         self._sock.bind((0, RTMGRP_IPV4_IFADDR))
         self.name = "netlink"
+        self._present: dict[str, set[str]] = {}    # visited interface -> its IPv4 addresses
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -59,12 +63,17 @@ class AddressWatcher:
         watched = ifname in self.visited or ifname in self.home_interfaces
         if not watched:
             return None
+        at_home = ipaddress.IPv4Address(address) in self.home_prefix
         if kind == RTM_NEWADDR:
-            if ipaddress.IPv4Address(address) in self.home_prefix:
+            if at_home:
                 return ReturnedHome(interface=ifname)
             if ifname in self.visited:
-                return CareOfAddressChanged(care_of_address=address, interface=ifname)
+                others = any(addrs for name, addrs in self._present.items() if name != ifname)
+                self._present.setdefault(ifname, set()).add(address)
+                return CareOfAddressChanged(care_of_address=address, interface=ifname,
+                                            make_before_break=others)
         elif kind == RTM_DELADDR:
+            self._present.get(ifname, set()).discard(address)
             log.info("address %s removed from %s", address, ifname)
         return None
 

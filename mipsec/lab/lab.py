@@ -210,17 +210,28 @@ class Lab:
 
     # --- moving the MN --------------------------------------------------------------------------
 
-    def move(self, where: str, wait: bool = True, timeout: float = REGISTER_TIMEOUT_S
-             ) -> dict[str, Any]:
-        """Move the MN (``a``, ``b`` or ``home``); with ``wait``, until its registration is done."""
+    def move(self, where: str, wait: bool = True, timeout: float = REGISTER_TIMEOUT_S,
+             make_before_break: bool = False) -> dict[str, Any]:
+        """Move the MN (``a``, ``b`` or ``home``); with ``wait``, until its registration is done.
+
+        ``make_before_break``: the old care-of address stays until the registration is done
+        (then it is removed), so packets still sent to it arrive.
+        """
+        if make_before_break and (where not in topo.MN_IFACE or not wait):
+            raise LabError("make-before-break needs a visited network and waiting")
         t0 = time.monotonic()
-        topo.move_mn(self.names, where)
+        topo.move_mn(self.names, where, make_before_break)
         state = self.load_state()
         moves = state.get("moves", []) + [{"to": where, "time": t0}]
         self.save_state(place=where, moves=moves)
-        result: dict[str, Any] = {"to": where, "time": t0}
+        result: dict[str, Any] = {"to": where, "time": t0, "make_before_break": make_before_break}
         if wait:
             result["registered"] = self.wait_registration(t0, timeout)
+        if make_before_break:
+            # Downlink packets the GW sent to the old address before its SIU are still in flight
+            # for up to one Internet delay: keep the old address that long, then drop it.
+            time.sleep(max(0.05, 2 * self.load_state().get("delay_ms", 0.0) / 1000.0))
+            topo.drop_old_coas(self.names, where)
         return result
 
     def wait_registration(self, since: float, timeout: float = REGISTER_TIMEOUT_S) -> float:

@@ -147,17 +147,18 @@ def build(names: Names, delay_ms: float = 0.0) -> None:
     run("link", "set", MN_HOME_INTERFACE, "down", ns=mn)
 
 
-def move_mn(names: Names, where: str) -> None:
-    """Attach the MN to visited network ``a``/``b`` or to ``home`` (break-before-make).
+def move_mn(names: Names, where: str, make_before_break: bool = False) -> None:
+    """Attach the MN to visited network ``a``/``b`` or to ``home``.
 
-    Visited: remove the other addresses, point the default route at the visited router
-    (``onlink``, so it exists before the address appears: the MN's netlink watcher reacts to the
-    address, and its Registration Request must find a route at once), then add the care-of
-    address.  Home: remove the care-of addresses and bring up the home link with the home address.
+    Visited: remove the other addresses (break-before-make; with ``make_before_break`` they stay
+    until ``drop_old_coas``), point the default route at the visited router (``onlink``, so it
+    exists before the address appears: the MN's netlink watcher reacts to the address, and its
+    Registration Request must find a route at once), then add the care-of address.  Home: remove
+    the care-of addresses and bring up the home link with the home address.
     """
     mn = names.ns("mn")
     for key, ifname in MN_IFACE.items():
-        if key != where:
+        if key != where and not (make_before_break and where in MN_IFACE):
             run("addr", "flush", "dev", ifname, ns=mn)
     if where in MN_IFACE:
         run("addr", "flush", "dev", MN_HOME_INTERFACE, ns=mn)
@@ -173,6 +174,13 @@ def move_mn(names: Names, where: str) -> None:
         run("route", "replace", "default", "via", GW_INSIDE, "dev", MN_HOME_INTERFACE, ns=mn)
     else:
         raise LabError(f"unknown place {where!r}: a, b or home")
+
+
+def drop_old_coas(names: Names, where: str) -> None:
+    """End of a make-before-break move: remove the care-of addresses other than ``where``'s."""
+    for key, ifname in MN_IFACE.items():
+        if key != where:
+            run("addr", "flush", "dev", ifname, ns=names.ns("mn"))
 
 
 def namespace_pids(ns: str) -> list[int]:
