@@ -74,6 +74,7 @@ ESN_TABLE = [
     (HI + 10, HI - W + 11, HI - W + 11),            # lowest number in the window
     (HI + 10, HI - W + 10, 2 * HI - W + 10),        # not in the window: read as far ahead
     (3 * HI + 2, HI - 1, 3 * HI - 1),
+    (2**64 - 1, 5, 2**64 - HI + 5),                 # no subspace after the last one
 ]
 
 

@@ -434,3 +434,19 @@ def test_inlined_window_update_matches_the_replay_window():
         else:
             assert drop_reason(inb, packets[seq]) is expected
         assert inb.replay.snapshot() == model.snapshot()
+
+
+def test_esn_at_the_very_end_of_the_number_space_only_drops():
+    out, inb = pair("gcm128", esn=True)
+    out.sequence = 2**64 - 3
+    last = [out.encapsulate(inner()) for _ in range(2)]        # 2**64 - 2 and 2**64 - 1
+    inb.replay.update(2**64 - 3)
+    assert [inb.decapsulate(p) for p in last] == [inner(), inner()]
+    assert drop_reason(inb, last[1]) is DropReason.REPLAYED
+    # a low half far below the window: there is no next subspace to guess
+    stale = out.transform.seal(out.spi.to_bytes(4, "big") + (7).to_bytes(4, "big"), 7,
+                               b"", b"x" * 30)
+    assert drop_reason(inb, build_ipv4(Ipv4Header(COA_A, GW, 50), stale)) \
+        is DropReason.TOO_OLD
+    with pytest.raises(SaExhausted):
+        out.encapsulate(inner())

@@ -40,7 +40,8 @@ class ReplayWindow:
         w = self.size
         if tl >= w - 1:
             # Case A: the window lies within one sequence number subspace.
-            if seq_low >= tl - w + 1:
+            if seq_low >= tl - w + 1 or th == 0xFFFFFFFF:
+                # (there is no subspace after the last: numbers never cycle, RFC 4303 §3.3.3)
                 return (th << 32) | seq_low
             return ((th + 1) << 32) | seq_low
         # Case B: the window spans two subspaces.
