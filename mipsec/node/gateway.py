@@ -62,7 +62,7 @@ from mipsec.node.actions import Action, Log, RebindSa, SendToNet, TimelineEvent,
 from mipsec.node.config import MIP_PORT, GatewayConfig
 from mipsec.node.mobile_node import make_sa
 from mipsec.node.packet import (
-    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_prefix,
+    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, parse_prefix,
     parse_udp_packet, peek_ipv4, udp_ports,
 )
 from mipsec.wire.siu import Siu, SiuFlags, SiuType

@@ -55,7 +55,7 @@ from mipsec.node.actions import (
 )
 from mipsec.node.config import MIP_PORT, EspSaConfig, MobileNodeConfig
 from mipsec.node.packet import (
-    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, in_prefix,
+    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, build_udp_packet, in_prefix,
     parse_prefix, parse_udp_packet, peek_ipv4, udp_ports,
 )
 from mipsec.wire.mip import (
