@@ -79,7 +79,7 @@ class Mobile:
     """What the GW keeps per MN."""
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
-                 "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes")
+                 "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes", "retired")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
@@ -92,6 +92,7 @@ class Mobile:
         self.allowed = tuple(parse_prefix(p) for p in self.allowed_text)
         self.care_of: str | None = None
         self.fresh = True               # never bound since its SAs were installed
+        self.retired: bytes | None = None   # its last deregistered CoA (downlink -> NO_SA)
         self.packets_up = 0
         self.packets_down = 0
 
@@ -186,8 +187,8 @@ class VpnGateway:
 
     def remove_mobile(self, home_address: str) -> None:
         mobile = self.mobiles.pop(home_address)
-        for key in [k for k, m in self._retired.items() if m is mobile]:
-            del self._retired[key]
+        if mobile.retired is not None and self._retired.get(mobile.retired) is mobile:
+            del self._retired[mobile.retired]
         self.sad.remove(mobile.inbound.spi)
         self._by_spi.pop(mobile.inbound.spi, None)
         self._unbind(mobile)
@@ -198,7 +199,11 @@ class VpnGateway:
             if self._by_care_of.get(key) is mobile:
                 del self._by_care_of[key]
                 if retire:
+                    # remember only this MN's latest retired CoA (bounded by the number of MNs)
+                    if mobile.retired is not None and self._retired.get(mobile.retired) is mobile:
+                        del self._retired[mobile.retired]
                     self._retired[key] = mobile
+                    mobile.retired = key
         mobile.care_of = None
 
     def _bind(self, mobile: Mobile, care_of: str) -> None:

@@ -29,6 +29,7 @@ OTHER_KINDS = (
     "binding-deregistered", "gw-binding-retired", "returned-home",
 )
 KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS)
+TIMELINE_MAX_EVENTS = 200_000       # a long-running daemon forgets the oldest half beyond this
 
 
 def record(timeline: list[TimelineEvent], now: float, node: str, kind: str,
@@ -37,6 +38,8 @@ def record(timeline: list[TimelineEvent], now: float, node: str, kind: str,
     if kind not in KINDS:
         raise ValueError(f"unknown timeline kind {kind!r}")
     event = TimelineEvent(now, node, kind, detail)
+    if len(timeline) >= TIMELINE_MAX_EVENTS:
+        del timeline[:TIMELINE_MAX_EVENTS // 2]
     timeline.append(event)
     return event
 
