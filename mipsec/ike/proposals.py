@@ -184,8 +184,11 @@ def choose_esp(offered: tuple[Proposal, ...], suites, dh_required: int | None
                     and (s.aead or _has(p, TransformType.INTEG, s.integ))):
                 continue
             esn_ids = {t.id for t in p.transforms if t.type == TransformType.ESN}
-            if esn_ids and (Esn.ESN if s.esn else Esn.NO_ESN) not in esn_ids:
-                if s.esn or Esn.ESN not in esn_ids:
+            esn = s.esn
+            if esn_ids and (Esn.ESN if esn else Esn.NO_ESN) not in esn_ids:
+                if Esn.ESN in esn_ids:
+                    esn = True              # the peer insists on ESN; our ESP supports it
+                else:
                     continue
             dh = DhGroup.NONE
             if dh_required:
@@ -196,7 +199,7 @@ def choose_esp(offered: tuple[Proposal, ...], suites, dh_required: int | None
                 dh_ids = {t.id for t in p.transforms if t.type == TransformType.DH}
                 if dh_ids and DhGroup.NONE not in dh_ids:
                     continue
-            return p, EspSuite(s.encr, s.key_bits, s.integ, dh, s.esn)
+            return p, EspSuite(s.encr, s.key_bits, s.integ, dh, esn)
     return None
 
 
