@@ -216,6 +216,8 @@ class EventLoop:
         for key, _mask in self._selector.select(wait):
             source, callback = key.data
             callback(source)
+        if self.pcap is not None:
+            self.pcap.flush()
         deadline = self._deadline()
         now = self.clock()
         if deadline is not None and now >= deadline:

@@ -3,8 +3,9 @@
 **pcap.** Classic libpcap format (https://wiki.wireshark.org/Development/LibpcapFileFormat):
 a 24-byte global header (magic 0xa1b2c3d4 written in host order, version 2.4, snaplen 65535,
 link type 101 = LINKTYPE_RAW: each record starts with an IPv4 header, no link layer), then per
-packet a 16-byte record header (seconds, microseconds, captured length, original length).  Each
-record is flushed at once so a capture can be read while the daemon runs.  The timestamp is given
+packet a 16-byte record header (seconds, microseconds, captured length, original length).  The
+event loop calls ``flush()`` after every batch of packets, so a capture can be read while the
+daemon runs without a system call per packet.  The timestamp is given
 by the caller (the event loop is the only code that reads the clock).
 
 **ESP key file.** Wireshark's ESP dissector takes its SAs from the ``esp_sa`` UAT (Preferences >
@@ -72,8 +73,11 @@ class PcapWriter:
         captured = packet[:PCAP_SNAPLEN]
         self._file.write(_RECORD.pack(seconds, micros, len(captured), len(packet)))
         self._file.write(captured)
-        self._file.flush()
         self.records += 1
+
+    def flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:

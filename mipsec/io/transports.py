@@ -67,6 +67,7 @@ class RawSender:
     def __init__(self) -> None:
         self._default = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self._by_interface: dict[str, socket.socket] = {}
+        self._dst: dict[bytes, tuple[str, int]] = {}    # outer destination -> sendto address
         self.sent = 0
         self.errors = 0
 
@@ -89,9 +90,15 @@ class RawSender:
         if len(packet) < 20:
             self.errors += 1
             return False
-        dst = socket.inet_ntoa(packet[16:20])
+        raw_dst = packet[16:20]
+        dst = self._dst.get(raw_dst)
+        if dst is None:
+            if len(self._dst) > 4096:
+                self._dst.clear()
+            dst = self._dst[raw_dst] = (socket.inet_ntoa(raw_dst), 0)
         try:
-            self._socket_for(interface).sendto(packet, (dst, 0))
+            sock = self._default if interface is None else self._socket_for(interface)
+            sock.sendto(packet, dst)
         except OSError:
             # No route, link down during a handover, queue full: the packet is lost, as on a wire.
             self.errors += 1
