@@ -293,7 +293,8 @@ class MobileNode:
         self._transition(RegEvent.ACCEPTED)
         self.lifetime_granted = reply.lifetime
         self.registered_until = now + reply.lifetime
-        self._renew_at = now + reply.lifetime * self.config.renew_fraction
+        # a zero lifetime (never granted by our HA to a request with one) must not spin renewals
+        self._renew_at = (now + reply.lifetime * self.config.renew_fraction) if reply.lifetime else None
         if self._old_care_of_b is not None:
             # make-before-break done: from now on only the new CoA
             self._old_care_of_b = None
