@@ -39,6 +39,7 @@ class DropReason(str, enum.Enum):
     SELECTOR_MISMATCH = "selector-mismatch"      # RFC 4301 §5.2 step 4: inner packet vs SA policy
     SA_EXPIRED = "sa-expired"                    # hard lifetime reached (RFC 4301 §4.4.2.1)
     SA_EXHAUSTED = "sa-exhausted"                # sequence number would wrap (RFC 4303 §3.3.3)
+    INNER_TOO_BIG = "inner-too-big"              # ESP would push the outer packet past 65535 bytes
 
     # --- SPD (RFC 4301 §4.4.1) -----------------------------------------------------------------
     POLICY_DISCARD = "policy-discard"            # matched a DISCARD policy
