@@ -8,7 +8,7 @@ drives (``mipsec.node``) from the TOML file and wires it to the machine (docs/de
 |------|------------|--------------------------|-----------|
 | MN | home address on the TUN while away, home prefix routed into it | raw ESP (50), UDP 4500 if UDP-encapsulated, UDP 434 (direct RRP at home) | netlink: a new address on a visited interface -> ``CareOfAddressChanged``; an address in the home prefix -> ``ReturnedHome`` (TUN address and routes removed, gratuitous ARP) |
 | GW | ``ip rule iif <inside> lookup <table>``, table: default dev TUN (home-side traffic for care-of addresses goes to the role) | raw ESP (50), UDP 4500 if any MN uses it, UDP SIU port on the inside address | ``RebindSa`` is logged (the key file uses ``*`` addresses and stays valid) |
-| HA | home addresses of MNs away are routed into it | UDP 434, raw IP-in-IP (4) | ``BindingChanged``: host route into the TUN + proxy ARP + gratuitous ARP while away; removed at home |
+| HA | home addresses of MNs away are routed into it | UDP 434, raw IP-in-IP (4), UDP SIU port (the GWs' ACKs) | ``BindingChanged``: host route into the TUN + proxy ARP + gratuitous ARP while away; removed at home |
 
 Start-up validates everything first (file, keys, interfaces) and stops with one message on the
 first problem.  SIGTERM / SIGINT stop the loop; shutdown removes the routes, rules, proxy-ARP
@@ -184,6 +184,8 @@ class Daemon:
         if cfg.role == "ha":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
             out.append(transports.RawReceiver(transports.IPPROTO_IPIP, "ipip"))
+            # the GWs' SIU ACKs (docs/protocol.md) come to the HA's address, SIU port
+            out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack"))
         return out
 
     def _uses_udp_encap(self) -> bool:
