@@ -450,3 +450,18 @@ def test_esn_at_the_very_end_of_the_number_space_only_drops():
         is DropReason.TOO_OLD
     with pytest.raises(SaExhausted):
         out.encapsulate(inner())
+
+
+@pytest.mark.parametrize("name", ["cbc-sha1", "gcm128", "null-sha256"])
+@pytest.mark.parametrize("udp", [None, UdpEncap()])
+def test_largest_inner_packet_and_one_too_big(name, udp):
+    out, inb = pair(name, udp=udp)
+    biggest = out._max_inner
+    packet = build_ipv4(Ipv4Header(HOME, CN, 17), bytes(biggest - 20))
+    outer = out.encapsulate(packet)
+    assert len(outer) <= 0xFFFF and inb.decapsulate(outer) == packet
+    too_big = build_ipv4(Ipv4Header(HOME, CN, 17), bytes(biggest - 19))
+    with pytest.raises(Dropped) as info:
+        out.encapsulate(too_big)
+    assert info.value.reason is DropReason.INNER_TOO_BIG
+    assert out.sequence == 1

@@ -172,7 +172,7 @@ class SecurityAssociation:
         "_check", "_replay_bits", "_replay_mask", "_infer", "_udp_local_port", "_inbound", "_kind",
         "_aead_encrypt", "_aead_decrypt", "_salt", "_cbc_encrypt", "_cbc_decrypt", "_random",
         "_hmac_copy", "_pool", "_pool_pos", "_pack_prefix", "_overhead", "_udp_ports",
-        "_esp_start", "_addresses",
+        "_esp_start", "_addresses", "_max_inner",
     )
 
     def __init__(
@@ -275,6 +275,7 @@ class SecurityAssociation:
         self._esp_start = 20 + (8 if udp is not None else 0)
         # total length = overhead + len(padded plaintext)
         self._overhead = self._esp_start + ESP_HEADER_BYTES + t.iv_size + t.icv_size
+        self._max_inner = 0xFFFF - self._overhead - 2 - (t.align - 1)
         self._pack_prefix = packer
         self._udp_ports = (udp.local_port, udp.remote_port) if udp is not None else None
 
@@ -362,8 +363,10 @@ class SecurityAssociation:
         if now >= self._deadline or counters.octets >= self._byte_limit:
             self._lifetime_reached(now)
         n = len(inner_ipv4)
-        if n < 20 or inner_ipv4[0] >> 4 != 4:
-            raise self._drop(DropReason.MALFORMED)
+        if n < 20 or n > self._max_inner or inner_ipv4[0] >> 4 != 4:
+            # no fragmentation here: the outer packet must fit in 65535 bytes (RFC 791)
+            raise self._drop(DropReason.INNER_TOO_BIG if n > self._max_inner
+                             else DropReason.MALFORMED)
         if self._selector_out is not None and not self._selector_out(inner_ipv4):
             # RFC 4301 §5.1: the packet must match the SA's selectors before protection
             raise self._drop(DropReason.SELECTOR_MISMATCH)
