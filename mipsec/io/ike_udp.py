@@ -32,19 +32,21 @@ Address = tuple[str, int]
 
 
 class IkeUdpAdapter:
-    def __init__(self, endpoint: IkeEndpoint, address: str, *, port: int = IKE_PORT,
-                 nat_t_port: int = NAT_T_PORT,
+    def __init__(self, endpoint: IkeEndpoint, address: str, *,
                  on_event: Callable[[object], None] | None = None,
                  on_esp: Callable[[bytes], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.endpoint = endpoint
         self.address = address
-        self.ports = (port, nat_t_port)
+        self.ports = (IKE_PORT, NAT_T_PORT)    # the core's marker rule assumes these two
         self.on_event = on_event or (lambda event: None)
         self.on_esp = on_esp or (lambda packet: None)
         self.clock = clock
         self.events: list = []
         self._socks: dict[int, socket.socket] = {}
+        self._bind(address)
+
+    def _bind(self, address: str) -> None:
         try:
             for p in self.ports:
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -71,21 +73,9 @@ class IkeUdpAdapter:
 
     def rebind(self, address: str) -> None:
         """Move both sockets to a new local address (the MN got a new care-of address)."""
-        old = self._socks
-        self._socks = {}
-        self.close_list(old.values())
+        self.close()
         self.address = address
-        for p in self.ports:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((address, p))
-            s.setblocking(False)
-            self._socks[p] = s
-
-    @staticmethod
-    def close_list(socks: Iterable[socket.socket]) -> None:
-        for s in socks:
-            s.close()
+        self._bind(address)
 
     # --- driving -----------------------------------------------------------------------------------
 
