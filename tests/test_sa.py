@@ -465,3 +465,9 @@ def test_largest_inner_packet_and_one_too_big(name, udp):
         out.encapsulate(too_big)
     assert info.value.reason is DropReason.INNER_TOO_BIG
     assert out.sequence == 1
+
+
+@pytest.mark.parametrize("ports", [(0, 4500), (4500, 65536), ("4500", 4500)])
+def test_udp_encap_ports_are_validated(ports):
+    with pytest.raises(ConfigError):
+        UdpEncap(*ports)

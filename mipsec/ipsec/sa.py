@@ -95,6 +95,12 @@ class UdpEncap:
     local_port: int = NAT_T_PORT
     remote_port: int = NAT_T_PORT
 
+    def __post_init__(self) -> None:
+        for name in ("local_port", "remote_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or not 0 < port <= 0xFFFF:
+                raise ConfigError(f"UdpEncap {name} {port!r}: must be a port in 1 .. 65535")
+
 
 @dataclass(frozen=True)
 class Lifetime:
