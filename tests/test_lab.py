@@ -198,3 +198,30 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):
+    """`mipsec lab demo` (the README's first command as root): three moves with timelines,
+    interruption and loss per direction, a kept capture, no namespace left."""
+    _require()
+    prefix = f"md{os.getpid()}-"
+    proc = subprocess.run([sys.executable, "-m", "mipsec", "lab", "demo", "--prefix", prefix,
+                           "--delay-ms", "5", "--dwell", "0.8", "--rate", "200"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    try:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = proc.stdout
+        for needle in ("Move 1: to visited network b", "Move 2: to visited network a",
+                       "Move 3: back home", "gw-sa-repointed", "rrp-received", "deregistered",
+                       "downlink CN->MN: interruption", "uplink   MN->CN: interruption",
+                       "whole run CN->MN"):
+            assert needle in out, (needle, out)
+        kept = [w for line in out.splitlines() for w in line.split()
+                if w.endswith("/gw.pcap")]
+        assert kept and os.path.exists(kept[0])
+        assert existing_namespaces(prefix) == []
+    finally:
+        Lab(prefix=prefix).down()
+        for word in proc.stdout.split():
+            if word.startswith("/tmp/mipsec-demo-capture-") and word.endswith("/gw.pcap"):
+                shutil.rmtree(os.path.dirname(word), ignore_errors=True)

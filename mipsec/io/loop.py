@@ -188,6 +188,11 @@ class EventLoop:
         elif kind is BindingChanged:
             log.info("%s: binding %s -> %s", self.name, action.home_address,
                      action.care_of_address or "home")
+        elif kind.__name__ == "ReestablishRequested":
+            # The MN gave up registering (RFC 5944 §3.6.3 retransmissions exhausted): with
+            # manually keyed SAs there is nothing to re-establish, so say it loudly.
+            log.warning("%s: registration keeps failing (%r): the tunnel needs re-establishing",
+                        self.name, action)
         else:
             log.debug("%s: action %r", self.name, action)
         hook = self.on_action.get(kind)

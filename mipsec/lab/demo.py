@@ -114,21 +114,23 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
                 print(f"    {name}: interruption {inter}, lost {fig['lost']} of {fig['sent']}",
                       file=out)
                 worst = max(worst, fig["lost"])
+        print(file=out)
         for name, snd, rcv in (("CN->MN", "cn", "mn"), ("MN->CN", "mn", "cn")):
             total = analyse(reports[snd]["sent"], reports[rcv]["received"])
-            print(f"\nwhole run {name}: {total['received']} of {reports[snd]['sent']} received, "
+            print(f"whole run {name}: {total['received']} of {reports[snd]['sent']} received, "
                   f"{total['lost']} lost, longest gap {total['longest_gap_s'] * 1000:.1f} ms",
                   file=out)
-        print(f"\ncapture of the GW's outside: {lab.pcap}\n"
-              f"  open it with: tshark -r {lab.pcap} -o esp.enable_encryption_decode:TRUE "
-              f"-o esp.enable_authentication_check:TRUE (keys: see {lab.keyfile})", file=out)
+        where = lab.state_dir
         if not keep:
-            keep_dir = f"/tmp/mipsec-demo-capture-{os.getpid()}"
-            os.makedirs(keep_dir, exist_ok=True)
+            where = f"/tmp/mipsec-demo-capture-{os.getpid()}"
+            os.makedirs(where, exist_ok=True)
             for name in ("gw.pcap", "gw.pcap.esp_sa"):
-                os.replace(lab.path(name), os.path.join(keep_dir, name))
-            print(f"  (the lab is removed; the capture and key file were kept in {keep_dir})",
-                  file=out)
+                os.replace(lab.path(name), os.path.join(where, name))
+        pcap, keys = os.path.join(where, "gw.pcap"), os.path.join(where, "gw.pcap.esp_sa")
+        print(f"\ncapture of the GW's outside: {pcap} (ESP keys for Wireshark: {keys})\n"
+              f"  mkdir -p ~/.config/wireshark && cp {keys} ~/.config/wireshark/esp_sa\n"
+              f"  tshark -r {pcap} -o esp.enable_encryption_decode:TRUE "
+              f"-o esp.enable_authentication_check:TRUE -Y mip", file=out)
         return 0
     finally:
         if streams is not None:
