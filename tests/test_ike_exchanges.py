@@ -11,7 +11,7 @@ from mipsec.ike.config import (
     ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
     IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
 )
-from mipsec.ike.constants import DhGroup, ExchangeType, NON_ESP_MARKER, NotifyType
+from mipsec.ike.constants import DhGroup, ExchangeType, NON_ESP_MARKER, NotifyType, PayloadType
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
 from mipsec.ike.sa import State
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
@@ -282,7 +282,7 @@ def test_unknown_critical_payload_inside_sk_is_answered():
 def test_garbage_never_raises():
     net, I, R = establish()
     import random
-    rnd = random.Random(5)
+    rnd = random.Random(7)
     good = _auth_request(net).data
     for n in range(500):
         data = bytearray(good[:rnd.randrange(len(good))])
@@ -484,3 +484,49 @@ def test_without_initial_contact_old_sas_stay():
     net, I, R = establish(i_initial_contact=False)
     net.deliver(I.initiate((MN_ADDR, 500), (GW_ADDR, 500), 1.0), MN_ADDR)
     assert len([s for s in R.ike_sas if s.is_established]) == 2
+
+
+def test_authenticated_nonsense_never_raises_and_keeps_the_sa():
+    """A peer that holds the keys but sends odd CREATE_CHILD_SA / INFORMATIONAL contents: every
+    request is answered (an error notify at worst), nothing raises, the SA stays up."""
+    import random
+    rnd = random.Random(7)
+    net, I, R = establish()
+    si, sr = only_sa(I), only_sa(R)
+    spi4 = lambda: rnd.randbytes(4)                                        # noqa: E731
+    pool = [
+        codec.SaPayload((codec.Proposal(1, 3, spi4(), (codec.Transform(1, 20, 256),)),)),
+        codec.SaPayload((codec.Proposal(1, 1, rnd.randbytes(8), (codec.Transform(1, 99),)),)),
+        codec.SaPayload((codec.Proposal(1, 3, b"", ()),)),
+        codec.SaPayload((codec.Proposal(1, 1, b"", (codec.Transform(1, 12, 128), codec.Transform(2, 5),
+                                                     codec.Transform(3, 12), codec.Transform(4, 19))),)),
+        codec.NoncePayload(rnd.randbytes(rnd.choice([0, 8, 32, 300]))),
+        codec.KePayload(rnd.choice([14, 19, 31, 2, 0]), rnd.randbytes(rnd.choice([0, 32, 64, 256]))),
+        codec.TsPayload(PayloadType.TSi, (TS("10.9.0.0", "10.9.0.255"),)),
+        codec.TsPayload(PayloadType.TSr, (TS("0.0.0.0", "255.255.255.255"),)),
+        codec.NotifyPayload(NotifyType.REKEY_SA, b"", 3, spi4()),
+        codec.NotifyPayload(NotifyType.REKEY_SA, b"", 3, b""),
+        codec.NotifyPayload(NotifyType.UPDATE_SA_ADDRESSES),
+        codec.NotifyPayload(NotifyType.COOKIE2, rnd.randbytes(16)),
+        codec.NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP, rnd.randbytes(20)),
+        codec.DeletePayload(3, (spi4(), spi4())),
+        codec.DeletePayload(3, ()),
+        codec.DeletePayload(2, (spi4(),)),
+        codec.IdPayload(PayloadType.IDi, 2, b"x"),
+        codec.AuthPayload(2, b"y" * 32),
+        codec.Unknown(47, b"cp-payload"),
+    ]
+    for i in range(300):
+        exchange = rnd.choice([ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL,
+                               ExchangeType.IKE_AUTH])
+        payloads = rnd.sample(pool, rnd.randrange(0, 6))
+        mid = sr._mid_in
+        raw = si._sk_out.protect(si._header(exchange, mid, False), payloads)
+        out = inject(R, raw, sr.local, si.local)
+        if exchange == ExchangeType.IKE_AUTH:
+            assert sr._mid_in == mid
+        else:
+            assert sr._mid_in == mid + 1, (i, exchange, payloads)
+            assert any(isinstance(o, SendDatagram) for o in out)
+        assert sr.state == State.ESTABLISHED, (i, payloads)
+    assert only_sa(R) is sr and only_child(R)              # the original child is still there
