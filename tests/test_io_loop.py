@@ -205,3 +205,28 @@ def test_fake_tun_protocol():
     assert tun.written == [b"c"]
     tun.close()
     assert json.dumps({"ok": True})
+
+
+def test_a_failing_source_is_a_counted_bug_not_the_end(parts):
+    role, tun, net, loop, clock = parts
+
+    class Broken:
+        name = "broken"
+
+        def __init__(self):
+            self._r, self._w = __import__("socket").socketpair()
+            self._w.send(b"x")
+
+        def fileno(self):
+            return self._r.fileno()
+
+    broken = Broken()
+    loop.add_reader(broken, lambda src: 1 / 0)
+    tun.inject(PKT)
+    loop.run_once(max_wait=0.1)
+    loop.remove_reader(broken)
+    loop.run_once(max_wait=0.1)
+    assert loop.stats["bugs"] == 1
+    assert role.calls and role.calls[0][0] == "tun"
+    broken._r.close()
+    broken._w.close()

@@ -284,7 +284,7 @@ class Daemon:
             "pcap": self.cfg.daemon.pcap or None, "keyfile": self.cfg.keyfile or None,
             "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()},
             "started": self.started_wall,
-            "io": dict(self.loop.stats),
+            "io": {**self.loop.stats, "tun_write_errors": getattr(self.tun, "write_errors", 0)},
             "drops": {str(k): v for k, v in getattr(self.role, "drops", {}).items()},
             "node": _jsonable(node),
             "timeline": self.timeline(),

@@ -220,7 +220,12 @@ class EventLoop:
         wait = max_wait if deadline is None else min(max_wait, max(0.0, deadline - now))
         for key, _mask in self._selector.select(wait):
             source, callback = key.data
-            callback(source)
+            try:
+                callback(source)
+            except Exception:
+                # An I/O glitch (a socket error, a netlink overflow) must not end the daemon.
+                self.stats["bugs"] += 1
+                log.exception("BUG: reading %s failed", getattr(source, "name", source))
         if self.pcap is not None:
             self.pcap.flush()
         deadline = self._deadline()

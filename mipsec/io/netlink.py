@@ -22,6 +22,7 @@ Addresses on other interfaces (the MN's own TUN device carries the home address)
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -86,6 +87,14 @@ class AddressWatcher:
                 data = self._sock.recv(65536)
             except (BlockingIOError, InterruptedError):
                 break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                # The kernel dropped notifications (socket buffer overrun): rescan what is there.
+                log.warning("netlink overrun: rescanning the addresses")
+                self._present.clear()
+                events += self.initial_events()
+                continue
             off = 0
             while off + _NLMSGHDR.size <= len(data):
                 length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)

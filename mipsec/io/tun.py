@@ -65,6 +65,7 @@ class LinuxTun:
         self._fd = self._dev.fileno()
         os.set_blocking(self._fd, False)
         self._closed = False
+        self.write_errors = 0
 
     @property
     def mtu(self) -> int:
@@ -82,9 +83,10 @@ class LinuxTun:
     def write(self, packet: bytes) -> None:
         try:
             os.write(self._fd, packet)
-        except BlockingIOError:
-            # The kernel's queue is full: drop, as a router would (the inner protocol recovers).
-            pass
+        except OSError:
+            # Queue full (EAGAIN), device going down (EIO), a packet the kernel refuses (EINVAL):
+            # the packet is lost, as on a router; counted, never fatal.
+            self.write_errors += 1
 
     def close(self) -> None:
         if not self._closed:
