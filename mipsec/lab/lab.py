@@ -103,6 +103,10 @@ class Lab:
 
     def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str = "ENCR_AES_GCM_16",
            udp_encap: bool = False, wait: bool = True) -> None:
+        left = topo.existing_namespaces(self.prefix)
+        if left:   # refuse before touching anything: a second `up` must not break the first lab
+            raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
+                           f"run `mipsec lab down --prefix {self.prefix}` first")
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         try:
             topo.build(self.names, delay_ms)
