@@ -189,6 +189,34 @@ class Lab:
         self.ping_from_charon()
         self.ping_from_mipsec()
 
+    def capture_start(self) -> None:
+        """tshark on mipsec's veth (in its namespace) until ``capture_check``."""
+        self.pcap = self.tmp / "esp.pcap"
+        self.tshark = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns_m, "tshark", "-q", "-i", self.veth_m, "-f", "udp",
+             "-w", str(self.pcap)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        line = ""
+        end = time.monotonic() + 15
+        while "Capturing on" not in line and time.monotonic() < end:
+            r, _, _ = select.select([self.tshark.stderr], [], [], 1)
+            line = self.tshark.stderr.readline() if r else line
+
+    def capture_check(self) -> list[tuple[str, str, str]]:
+        """Stop the capture and decrypt it with the keys of mipsec's SAs (which must equal
+        charon's): the ICMP packets Wireshark finds inside the ESP-in-UDP datagrams."""
+        time.sleep(0.3)
+        os.killpg(self.tshark.pid, signal.SIGINT)
+        self.tshark.communicate(timeout=10)
+        cmd = ["tshark", "-r", str(self.pcap), "-o", "esp.enable_encryption_decode:TRUE",
+               "-o", "esp.enable_authentication_check:TRUE"]
+        for rec in self.expect("status")["uat"]:
+            cmd += ["-o", f"uat:esp_sa:{rec}"]
+        cmd += ["-Y", "icmp", "-T", "fields", "-E", "separator=|", "-e", "ip.src", "-e", "ip.dst",
+                "-e", "icmp.type"]
+        out = _run(*cmd, timeout=30).stdout
+        return [tuple(line.split("|")) for line in out.splitlines() if line]
+
     def charon_child_keys(self) -> set[str]:
         """Every ESP key charon logged (chd 4 hex dumps), as lower-case hex."""
         keys, current = set(), None
@@ -291,7 +319,15 @@ def test_mipsec_initiates(lab_factory, suite):
     lab.expect("wait", event="ChildSaEstablished", timeout=10)
     assert "ESTABLISHED" in lab.charon_sas()
     lab.assert_keys_match_charon()
+    lab.capture_start()
     lab.traffic_both_ways()
+    # Wireshark decrypts what went over the wire: echo requests and replies, both ways, inner
+    # addresses (outer 10.99.0.x, ESP in UDP 4500), so both ESP implementations agree with it
+    icmp = lab.capture_check()
+    for want in ((CHARON_INNER, MIPSEC_INNER, "8"), (MIPSEC_INNER, CHARON_INNER, "0"),
+                 (MIPSEC_INNER, CHARON_INNER, "8"), (CHARON_INNER, MIPSEC_INNER, "0")):
+        assert any(p[0].split(",")[-1] == want[0] and p[1].split(",")[-1] == want[1]
+                   and p[2].split(",")[-1] == want[2] for p in icmp), (want, icmp)
 
     lab.expect("rekey_child")                                  # CREATE_CHILD_SA (PFS for gcm)
     lab.expect("wait", event="ChildSaDeleted", timeout=10)

@@ -27,6 +27,7 @@ from mipsec.ike import config as C  # noqa: E402
 from mipsec.ike.config import IkeConfig  # noqa: E402
 from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
 from mipsec.io.ike_udp import IkeUdpAdapter  # noqa: E402
+from mipsec.ipsec.sa import esp_sa_uat_record, tshark_esp_sa_fields  # noqa: E402
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4, checksum, parse_ipv4  # noqa: E402
 
 
@@ -51,6 +52,7 @@ class Peer:
         self.esp_in = self.esp_out = self.echo_answered = 0
         self.esp_drops = {}
         self.log = []
+        self.uat = []              # Wireshark esp_sa records of every SA we ever installed
 
     # --- events ----------------------------------------------------------------------------
     def on_event(self, ev):
@@ -75,6 +77,7 @@ class Peer:
 
     def install(self, child, now):
         sin, sout = child.make_sas(now=now)
+        self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa)) for sa in (sin, sout)]
         self.children[child.spi_in] = (child, sin, sout)
         self.inbound[child.spi_in] = sin
         self.outbound = sout
@@ -150,7 +153,7 @@ class Peer:
         if op == "status":
             return {"ok": True, "counts": self.counts, "esp_in": self.esp_in,
                     "esp_out": self.esp_out, "echo_answered": self.echo_answered,
-                    "esp_drops": self.esp_drops, "ike": self.endpoint.status(),
+                    "esp_drops": self.esp_drops, "ike": self.endpoint.status(), "uat": self.uat,
                     "children": [c.describe() for c, _, _ in self.children.values()],
                     "keys": [{"spi_in": f"{c.spi_in:08x}", "spi_out": f"{c.spi_out:08x}",
                               "encr_in": c.keys.encr_in.hex(), "encr_out": c.keys.encr_out.hex(),
