@@ -69,7 +69,7 @@ def handover_figures(lab: Lab, rate: float = 1000.0, dwell: float = 1.5) -> list
     ends = [moves[1]["time"], reports["cn"]["start"] + dwell * 3]
     for move, end in zip(moves, ends):
         row = {"to": move["to"], "make_before_break": move["make_before_break"],
-               "registration_ms": (move["registered"] - move["time"]) * 1000}
+               "registration_ms": (move["registered"] - move["noticed"]) * 1000}
         for name, snd, rcv in (("downlink", "cn", "mn"), ("uplink", "mn", "cn")):
             fig = phase_figures(reports[snd], reports[rcv], move["time"] - 0.2, end - 0.2, rate)
             row[name] = {"interruption_ms": fig["interruption_ms"], "lost": fig["lost"],
@@ -122,7 +122,8 @@ def main() -> int:
     for row in results["handover"]:
         d, u = row["downlink"], row["uplink"]
         mode = "make-before-break" if row["make_before_break"] else "break-before-make"
-        print(f"  to {row['to']} ({mode}): registration {row['registration_ms']:.1f} ms; downlink "
+        print(f"  to {row['to']} ({mode}): registration {row['registration_ms']:.1f} ms after the "
+              f"MN noticed the new address; downlink "
               f"interruption {d['interruption_ms']:.1f} ms, lost {d['lost']}/{d['sent']}; uplink "
               f"interruption {u['interruption_ms']:.1f} ms, lost {u['lost']}/{u['sent']}")
     return 0

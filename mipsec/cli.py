@@ -287,8 +287,10 @@ def _cmd_lab_move(args: argparse.Namespace) -> int:
     if where is None:
         where = "b" if lab.load_state().get("place") == "a" else "a"
     result = lab.move(where, make_before_break=getattr(args, "make_before_break", False))
-    print(f"MN moved to {where}; registration done after "
-          f"{(result['registered'] - result['time']) * 1000:.1f} ms")
+    print(f"MN moved to {where}; it noticed after "
+          f"{(result['noticed'] - result['time']) * 1000:.1f} ms, registration done "
+          f"{(result['registered'] - result['noticed']) * 1000:.1f} ms later "
+          f"(times below: ms after the move started)")
     print_timeline(lab.timelines(result["time"] - 0.001), result["time"], sys.stdout)
     return 0
 

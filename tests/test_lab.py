@@ -225,3 +225,31 @@ def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):
         for word in proc.stdout.split():
             if word.startswith("/tmp/mipsec-demo-capture-") and word.endswith("/gw.pcap"):
                 shutil.rmtree(os.path.dirname(word), ignore_errors=True)
+
+
+def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
+    """The same path with ESP in UDP 4500 (RFC 3948) and AES-CBC + HMAC-SHA2-256."""
+    _require()
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("tshark is required in CI")
+        pytest.skip("tshark not installed")
+    lab = Lab(prefix=f"mu{os.getpid()}-")
+    lab.down()
+    try:
+        lab.up(place="a", encryption="ENCR_AES_CBC", udp_encap=True)
+        lab.move("b")
+        check_location(lab, "b")
+        assert ping_cn_to_mn(lab) >= 1
+        proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T",
+                               "fields", "-E", "separator=;", "-e", "udp.port", "-e",
+                               "esp.icv_good", "-e", "mip.type"],
+                              capture_output=True, text=True, timeout=120)
+        rows = [line.split(";") for line in proc.stdout.splitlines()]
+        assert rows and all(r[0].startswith("4500,4500") for r in rows), rows[:5]
+        assert all(r[1] == "1" for r in rows), rows[:5]
+        assert {"1", "3"} <= {t for r in rows for t in r[2].split(",") if t}
+    finally:
+        lab.down()
+    assert existing_namespaces(lab.prefix) == []

@@ -103,8 +103,9 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
             label = {"a": "to visited network a (CoA 172.16.1.10)",
                      "b": "to visited network b (CoA 172.16.2.10)",
                      "home": "back home (home address on the home link)"}[move["to"]]
-            print(f"\nMove {i + 1}: {label}; registration complete after "
-                  f"{(move['registered'] - move['time']) * 1000:.1f} ms", file=out)
+            print(f"\nMove {i + 1}: {label}; the MN noticed it after "
+                  f"{(move['noticed'] - move['time']) * 1000:.1f} ms, registration complete "
+                  f"{(move['registered'] - move['noticed']) * 1000:.1f} ms later", file=out)
             print_timeline(lab.timelines(move["time"] - 0.001, bounds[i + 1]), move["time"], out)
             for name, snd, rcv in (("downlink CN->MN", "cn", "mn"), ("uplink   MN->CN", "mn", "cn")):
                 fig = phase_figures(reports[snd], reports[rcv], move["time"] - 0.5,

@@ -230,7 +230,11 @@ class Lab:
         self.save_state(place=where, moves=moves)
         result: dict[str, Any] = {"to": where, "time": t0, "make_before_break": make_before_break}
         if wait:
-            result["registered"] = self.wait_registration(t0, timeout)
+            # "noticed": the MN's watcher saw the address change (the `ip` commands that make
+            # the move take a few milliseconds); "registered": its reply arrived.
+            noticed, done = self.wait_mn_event(t0, ("rrp-received", "deregistered"), timeout)
+            result["noticed"] = noticed if noticed is not None else t0
+            result["registered"] = done
         if make_before_break:
             # Downlink packets the GW sent to the old address before its SIU are still in flight
             # for up to one Internet delay: keep the old address that long, then drop it.
@@ -240,16 +244,22 @@ class Lab:
 
     def wait_registration(self, since: float, timeout: float = REGISTER_TIMEOUT_S) -> float:
         """Wait until the MN's timeline shows the registration started at ``since`` complete."""
+        return self.wait_mn_event(since, ("rrp-received", "deregistered"), timeout)[1]
+
+    def wait_mn_event(self, since: float, kinds: tuple[str, ...],
+                      timeout: float = REGISTER_TIMEOUT_S) -> tuple[float | None, float]:
+        """(time the MN noticed the move, time of the first ``kinds`` event) after ``since``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 events = control.request(self.socket("mn"), "timeline", 2.0).get("timeline", [])
             except (OSError, ValueError):
                 events = []
+            noticed = next((ev["time"] for ev in events if ev.get("time", 0) >= since
+                            and ev.get("kind") in ("coa-changed", "returned-home")), None)
             for ev in events:
-                if ev.get("time", 0) >= since and ev.get("kind") in ("rrp-received",
-                                                                      "deregistered"):
-                    return ev["time"]
+                if ev.get("time", 0) >= since and ev.get("kind") in kinds:
+                    return noticed, ev["time"]
             time.sleep(0.02)
         raise LabError(f"the MN did not complete its registration within {timeout} s; "
                        f"MN log:\n{self.log_tail('mn')}")
