@@ -212,3 +212,16 @@ def test_mutated_vector_parses_or_gives_parse_error(i, x):
         codec.parse_message(bytes(bad))
     except ParseError:
         pass
+
+
+def test_reversed_traffic_selector_ranges_are_refused():
+    for start, end, ports in (("10.0.0.9", "10.0.0.1", (0, 65535)), ("10.0.0.1", "10.0.0.9", (80, 79))):
+        body = codec.TS_HEADER.build({"count": 1}) + codec.TS_IPV4.build({
+            "ts_type": 7, "ip_protocol": 0, "length": 16, "start_port": ports[0],
+            "end_port": ports[1], "start_address": bytes(map(int, start.split("."))),
+            "end_address": bytes(map(int, end.split(".")))})
+        chain = struct.pack("!BBH", 0, 0, 4 + len(body)) + body
+        with pytest.raises(ParseError) as e:
+            codec.parse_payload_chain(PayloadType.TSi, chain)
+        assert e.value.reason == DropReason.MALFORMED
+    assert TrafficSelector("10.0.0.9", "10.0.0.1").as_network() is None

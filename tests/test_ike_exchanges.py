@@ -530,3 +530,12 @@ def test_authenticated_nonsense_never_raises_and_keeps_the_sa():
             assert any(isinstance(o, SendDatagram) for o in out)
         assert sr.state == State.ESTABLISHED, (i, payloads)
     assert only_sa(R) is sr and only_child(R)              # the original child is still there
+
+
+def test_keepalives_do_not_stop_liveness_checks():
+    # we send keepalives every 5 s, but a peer that never answers is still found dead
+    net, I, R = establish(i_force_encap=True, nat_keepalive_s=5.0, dpd_interval_s=10.0,
+                          ike_lifetime_s=None, child_lifetime_s=None)
+    net.tap = lambda d: None
+    net.run_timers(80.0, step=0.5)
+    assert net.of(IkeSaFailed, MN_ADDR)

@@ -197,8 +197,11 @@ class TrafficSelector:
 
     def as_network(self) -> str | None:
         """``a.b.c.d/n`` when the range is exactly one prefix, else None."""
-        nets = list(ipaddress.summarize_address_range(
-            ipaddress.IPv4Address(self.start_address), ipaddress.IPv4Address(self.end_address)))
+        try:
+            nets = list(ipaddress.summarize_address_range(
+                ipaddress.IPv4Address(self.start_address), ipaddress.IPv4Address(self.end_address)))
+        except ValueError:                                  # an empty (reversed) range
+            return None
         return str(nets[0]) if len(nets) == 1 else None
 
 
@@ -453,6 +456,8 @@ def _parse_selectors(body: bytes) -> tuple[TrafficSelector, ...]:
             if length != 16:
                 raise _bad_length(f"IPv4 traffic selector length {length}")
             t = TS_IPV4.parse(body[off:off + 16])
+            if t.start_address > t.end_address or t.start_port > t.end_port:
+                raise ParseError("traffic selector range ends before it starts", DropReason.MALFORMED)
             out.append(TrafficSelector(str(ipaddress.IPv4Address(t.start_address)),
                                        str(ipaddress.IPv4Address(t.end_address)),
                                        t.ip_protocol, t.start_port, t.end_port))

@@ -297,9 +297,8 @@ class IkeSa:
             times.append(self._closing_at)
         if self.state == State.ESTABLISHED:
             c = self.config
-            if c.dpd_interval_s:
-                times.append(max(self.last_heard, self._last_sent) + c.dpd_interval_s
-                             if self._pending is None else self._pending.next_at)
+            if c.dpd_interval_s and self._pending is None:
+                times.append(self.last_heard + c.dpd_interval_s)     # §2.4: silence from the peer
             if self.encap and (self.nat_local or c.force_encap):
                 times.append(self._last_sent + c.nat_keepalive_s)
             if self._rekey_at is not None:
@@ -338,7 +337,7 @@ class IkeSa:
                     del self._child_rekey_at[spi]
                     self.rekey_child(spi, now)
             if (c.dpd_interval_s and self._pending is None and not self._queue
-                    and now >= max(self.last_heard, self._last_sent) + c.dpd_interval_s):
+                    and now >= self.last_heard + c.dpd_interval_s):
                 self.check_liveness(now)
             if self.encap and (self.nat_local or c.force_encap) \
                     and now >= self._last_sent + c.nat_keepalive_s:
