@@ -539,3 +539,34 @@ def test_keepalives_do_not_stop_liveness_checks():
     net.tap = lambda d: None
     net.run_timers(80.0, step=0.5)
     assert net.of(IkeSaFailed, MN_ADDR)
+
+
+def test_nat_mapping_change_is_followed():
+    nat = {(MN_ADDR, 500): ("172.16.2.254", 40000), (MN_ADDR, 4500): ("172.16.2.254", 40001)}
+    net, I, R = establish(nat=nat, dpd_interval_s=None)
+    net.nat[(MN_ADDR, 4500)] = ("172.16.2.254", 40777)       # the NAT forgot and re-mapped us
+    net.deliver(only_sa(I).check_liveness(1.0), MN_ADDR)
+    assert only_sa(R).remote == ("172.16.2.254", 40777)
+    assert only_child(R).remote_port == 40777
+    assert [e.remote for e in net.of(PeerAddressChanged, GW_ADDR)] == [("172.16.2.254", 40777)]
+
+
+def test_config_from_dict_and_identities():
+    from mipsec.errors import ConfigError
+    from mipsec.ike.config import IkeConfig, identity, identity_text
+    c = IkeConfig.from_dict({"local_id": "mn@example", "psks": {"*": "a long enough key"},
+                             "ike_proposals": ["aes256-sha256-x25519"], "esp_proposals": ["aes128gcm16"],
+                             "local_ts": ["10.1.0.100/32"], "pfs_group": "ecp256", "mobike": False})
+    assert c.pfs_group == DhGroup.ECP_256 and c.psk_for("anyone") == b"a long enough key"
+    assert c.local_ts == (TS("10.1.0.100", "10.1.0.100"),) and not c.mobike
+    for bad in ({"local_id": "x"}, {"local_id": "x", "psks": {"*": "short"}},
+                {"local_id": "x", "psks": {"*": "a long enough key"}, "nonsense": 1},
+                {"local_id": "x", "psks": {"*": "a long enough key"}, "local_ts": ["10.1/99"]},
+                {"local_id": "x", "psks": {"*": "a long enough key"}, "ike_proposals": ["des"]}):
+        with pytest.raises(ConfigError):
+            IkeConfig.from_dict(bad)
+    assert identity("172.16.0.1") == (1, bytes([172, 16, 0, 1]))
+    assert identity("@gw.example") == (2, b"gw.example")
+    assert identity("mn@example") == (3, b"mn@example")
+    assert identity_text(1, bytes([10, 0, 0, 1])) == "10.0.0.1"
+    assert identity_text(2, b"\xff\xfe") == "\ufffd\ufffd"

@@ -756,10 +756,12 @@ class IkeSa:
         self.last_heard = now
         if h.exchange == ExchangeType.IKE_AUTH:
             return self._on_auth_request(m, local, remote, now)
-        if self.encap and (local, remote) != (self.local, self.remote) \
+        if self.nat_remote and remote != self.remote \
                 and not m.notifies(NotifyType.UPDATE_SA_ADDRESSES):
-            # §2.23: behind a NAT, follow the address of the last authenticated request
+            # §2.23: the peer is behind a NAT whose mapping changed: follow the address of the
+            # latest authenticated request, and move the children's ESP with it
             self.local, self.remote = local, remote
+            self._rebind_children(now)
         if h.exchange == ExchangeType.CREATE_CHILD_SA:
             self._on_create_child_request(m, local, remote, now)
         else:
