@@ -127,8 +127,7 @@ def test_home_agent_that_never_accepts_leads_to_reestablishment():
     gw_out = make_sa(esp_in, Direction.OUTBOUND, local=gw.outside, remote="0.0.0.0")
     gw.install_mobile(mn.home_address, gw_in, gw_out, home_agent=cfg.home_agent,
                       allowed_destinations=(f"{cfg.home_agent}/32", cfg.home_prefix))
-    topo.ha.role._mobiles[mn.home_address] = dataclasses.replace(
-        topo.ha.role._mobiles[mn.home_address], gateway_spi=esp_in.spi)
+    topo.ha.role.set_gateway_spi(mn.home_address, esp_in.spi)
     topo.mn.driver.perform(mn.install_sas(
         make_sa(esp_in, Direction.INBOUND, local=None, remote=cfg.gateway),
         make_sa(esp_out, Direction.OUTBOUND, local="0.0.0.0", remote=cfg.gateway), topo.sim.now))

@@ -59,6 +59,7 @@ BOUND --deregister / expire--> NONE; any refusal --> unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 from collections import Counter
@@ -379,6 +380,14 @@ class HomeAgent:
             return self._drop(DropReason.MALFORMED)
         self.counters["tunnelled"] += 1
         return [SendToNet(outer)]
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def set_gateway_spi(self, home_address: str, gateway_spi: int) -> None:
+        """The GW's outbound SA for this MN changed (new SAs from IKEv2): name it in SIUs."""
+        mobile = self._mobiles.get(home_address)
+        if mobile is None:
+            raise UsageError(f"HA {self.name}: {home_address} is not one of our mobile nodes")
+        self._mobiles[home_address] = dataclasses.replace(mobile, gateway_spi=gateway_spi)
 
     # --- timers: binding expiry ------------------------------------------------------------------
     def get_timer(self) -> float | None:
