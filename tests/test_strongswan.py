@@ -308,6 +308,10 @@ SUITES = {
             ["aes256-sha256-prfsha256-ecp256"], ["aes128-sha256"], None),
     "gcm-pfs": ("aes128gcm16-prfsha256-curve25519", "aes256gcm16-ecp256",
                 ["aes128gcm16-prfsha256-x25519"], ["aes256gcm16"], "ecp256"),
+    # MODP-2048; mipsec's first KE (X25519) is refused with INVALID_KE_PAYLOAD and retried
+    "modp-pfs": ("aes256-sha256-modp2048", "aes256-sha256-modp2048",
+                 ["aes256-sha256-prfsha256-x25519", "aes256-sha256-prfsha256-modp2048"],
+                 ["aes256-sha256"], "modp2048"),
 }
 
 
@@ -318,6 +322,8 @@ def test_mipsec_initiates(lab_factory, suite):
     lab.expect("initiate")
     lab.expect("wait", event="ChildSaEstablished", timeout=10)
     assert "ESTABLISHED" in lab.charon_sas()
+    if suite == "modp-pfs":
+        assert "N(INVAL_KE)" in lab.charon_log()              # charon asked for MODP-2048
     lab.assert_keys_match_charon()
     lab.capture_start()
     lab.traffic_both_ways()
