@@ -66,7 +66,7 @@ class Lab:
     _n = 0
 
     def __init__(self, tmp: Path, *, ike: str, esp: str, mipsec_ike: list[str],
-                 mipsec_esp: list[str], pfs: str | None = None):
+                 mipsec_esp: list[str], pfs: str | None = None, cookies: bool = False):
         Lab._n += 1
         tag = f"{os.getpid() % 100000}{Lab._n}"
         self.ns_s, self.ns_m = f"mipsec-ss{tag}", f"mipsec-mp{tag}"
@@ -79,13 +79,15 @@ class Lab:
         self.peer: subprocess.Popen | None = None
         self._netns_made: list[str] = []
         self.ike, self.esp = ike, esp
+        self.cookies = cookies         # mipsec demands a cookie (§2.6) before keeping state
         self.peer_cfg = {
             "address": MIPSEC_ADDR, "peer": CHARON_ADDR, "inner": MIPSEC_NET,
             "ike": {"local_id": "mn@example", "remote_id": "gw.example",
                     "psks": {"gw.example": PSK}, "ike_proposals": mipsec_ike,
                     "esp_proposals": mipsec_esp, "local_ts": [MIPSEC_NET],
                     "remote_ts": [CHARON_NET], "force_encap": True, "pfs_group": pfs or 0,
-                    "dpd_interval_s": None, "ike_lifetime_s": None, "child_lifetime_s": None}}
+                    "dpd_interval_s": None, "ike_lifetime_s": None, "child_lifetime_s": None,
+                    "cookie_threshold": 0 if cookies else None}}
 
     # --- set-up -----------------------------------------------------------------------------
     def start(self) -> "Lab":
@@ -373,13 +375,19 @@ def test_mipsec_initiates(lab_factory, suite):
 @pytest.mark.parametrize("suite", SUITES)
 def test_strongswan_initiates(lab_factory, suite):
     ike, esp, m_ike, m_esp, pfs = SUITES[suite]
-    lab = lab_factory(ike=ike, esp=esp, mipsec_ike=m_ike, mipsec_esp=m_esp, pfs=pfs)
+    cookies = suite == "gcm-pfs"
+    lab = lab_factory(ike=ike, esp=esp, mipsec_ike=m_ike, mipsec_esp=m_esp, pfs=pfs,
+                      cookies=cookies)
     up = subprocess.Popen(["ip", "netns", "exec", lab.ns_s, "unshare", "-m", "sh", "-c",
                            lab._mounts() + " && ipsec up mip"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lab.expect("wait", event="ChildSaEstablished", timeout=15)
     out = up.communicate(timeout=20)[0]
     assert "established successfully" in out, out
+    if cookies:                          # charon got our cookie and sent its request again
+        assert re.search(r"parsed IKE_SA_INIT response 0 \[ N\(COOKIE\) \]", lab.charon_log())
+        assert re.search(r"generating IKE_SA_INIT request 0 \[ N\(COOKIE\) SA KE No",
+                         lab.charon_log())
     lab.assert_keys_match_charon()
     lab.traffic_both_ways()
 
