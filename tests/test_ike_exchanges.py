@@ -570,3 +570,21 @@ def test_config_from_dict_and_identities():
     assert identity("mn@example") == (3, b"mn@example")
     assert identity_text(1, bytes([10, 0, 0, 1])) == "10.0.0.1"
     assert identity_text(2, b"\xff\xfe") == "\ufffd\ufffd"
+
+
+def test_cookies_start_above_the_half_open_threshold():
+    from mipsec.ike.endpoint import IkeEndpoint
+    ci, cr = configs(r_cookie_threshold=2)
+    R = IkeEndpoint(cr)
+    answers = []
+    for n in range(4):                     # initiators that never send IKE_AUTH
+        I = IkeEndpoint(ci)
+        (req,) = I.initiate((f"172.16.3.{n + 1}", 500), (GW_ADDR, 500), 0.0)
+        (resp,) = R.receive_datagram(req.data, (GW_ADDR, 500), (f"172.16.3.{n + 1}", 500), 0.0)
+        answers.append(codec.parse_message(resp.data))
+    assert [bool(m.find(codec.SaPayload)) for m in answers] == [True, True, False, False]
+    assert all(m.notifies(NotifyType.COOKIE) for m in answers[2:])
+    assert len(R.ike_sas) == 2
+    # half-open SAs time out, and then no cookie is needed any more
+    R.handle_timer(31.0)
+    assert not R.ike_sas

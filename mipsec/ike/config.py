@@ -19,7 +19,7 @@ from typing import Any
 from mipsec.errors import ConfigError
 from mipsec.ike.codec import TrafficSelector
 from mipsec.ike.constants import (
-    DPD_INTERVAL_S, NAT_KEEPALIVE_INTERVAL_S, IdType,
+    COOKIE_THRESHOLD_HALF_OPEN, DPD_INTERVAL_S, NAT_KEEPALIVE_INTERVAL_S, IdType,
 )
 from mipsec.ike.crypto import IkeSuite
 from mipsec.ike.proposals import EspSuite, parse_esp_suite, parse_ike_suite
@@ -62,7 +62,8 @@ class IkeConfig:
     nat_keepalive_s: float = NAT_KEEPALIVE_INTERVAL_S
     force_encap: bool = False                    # pretend to be behind a NAT (RFC 3948 always)
     mobike: bool = True                          # RFC 4555: offer / accept MOBIKE
-    cookie_threshold: int | None = None          # responder: half-open SAs before cookies
+    cookie_threshold: int | None = COOKIE_THRESHOLD_HALF_OPEN  # responder: half-open SAs
+                                                 #   before cookies (0 always, None never)
     initial_contact: bool = True
 
     def __post_init__(self) -> None:
