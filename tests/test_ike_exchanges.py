@@ -94,11 +94,35 @@ def test_wrong_ke_group_is_corrected_by_invalid_ke_payload():
     assert_esp_works(I, R)
 
 
-def test_no_proposal_chosen_fails_the_initiator():
+def test_no_proposal_chosen_fails_the_initiator_once_retransmissions_are_over():
     net, I, R = establish(i_ike_suites=(parse_ike_suite("aes128-sha256-x25519"),),
                           r_ike_suites=(parse_ike_suite("aes256gcm16-modp2048"),))
-    assert len(net.of(IkeSaFailed, MN_ADDR)) == 1 and not R.ike_sas and not I.ike_sas
-    assert R.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] == 1
+    # §2.21.1: the unprotected refusal could be forged, so the initiator keeps trying
+    assert only_sa(I).state == State.INIT_SENT and not R.ike_sas
+    net.run_timers(40.0)
+    assert [e.reason for e in net.of(IkeSaFailed, MN_ADDR)] == ["IKE_SA_INIT refused: NO_PROPOSAL_CHOSEN"]
+    assert not I.ike_sas and R.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] == 6
+
+
+def test_forged_init_error_does_not_stop_a_good_answer():
+    from mipsec.ike.codec import Header
+    from mipsec.ike.constants import Flag
+    held = []
+
+    def tap(d):
+        if d.local[0] == GW_ADDR and not held:
+            held.append(d)
+            return None
+        return d
+    net, I, R = establish(tap=tap)
+    sa = only_sa(I)
+    forged = codec.build_message(Header(sa.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, Flag.RESPONSE, 0),
+                                 [codec.NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN)])
+    I.receive_datagram(forged, (MN_ADDR, 500), (GW_ADDR, 500), 0.0)
+    assert sa.state == State.INIT_SENT
+    net.tap = None
+    net.deliver(I.receive_datagram(held[0].data, held[0].remote, held[0].local, 0.0), MN_ADDR)
+    assert only_sa(I).is_established and only_sa(R).is_established
 
 
 def test_wrong_psk_fails_both_sides():

@@ -177,7 +177,7 @@ class IkeSa:
         self.last_heard = now
         self._last_sent = now
         self._rekey_at: float | None = None
-        self._closing_at: float | None = now + HALF_OPEN_TIMEOUT_S
+        self._closing_at: float | None = None if initiator else now + HALF_OPEN_TIMEOUT_S
         self.successor: "IkeSa | None" = None
         self.initial_contact = False      # the peer said it has no other IKE SA with us (§2.4)
 
@@ -312,14 +312,15 @@ class IkeSa:
         p = self._pending
         if p is not None and now >= p.next_at:
             if p.tries + 1 >= RETRANSMIT_TRIES:
-                self._close(IkeSaFailed(self, f"no response to {p.kind} after {p.tries + 1} tries"))
+                why = (f"IKE_SA_INIT refused: {p.ctx['refused']}" if p.ctx.get("refused")
+                       else f"no response to {p.kind} after {p.tries + 1} tries")
+                self._close(IkeSaFailed(self, why))
                 return self._flush()
             p.tries += 1
             p.next_at = now + RETRANSMIT_INITIAL_S * (2 ** p.tries)      # §2.1: back off
             self._emit_datagram(p.raw, p.local, p.remote, now)
         if self._closing_at is not None and now >= self._closing_at \
-                and self.state in (State.IDLE, State.INIT_SENT, State.AUTH_SENT,
-                                   State.INIT_ANSWERED):
+                and self.state == State.INIT_ANSWERED:     # (an initiator's retries end it)
             self._close(IkeSaFailed(self, "half-open IKE SA timed out"))
             return self._flush()
         if self._closing_at is not None and now >= self._closing_at \
@@ -398,10 +399,11 @@ class IkeSa:
                 if group != self._dh.group and any(s.dh == group for s in self.config.ike_suites):
                     self._pending = None
                     return self.start(now, group=group)                # §1.2: retry
-            self.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN
-                       if e.type == NotifyType.NO_PROPOSAL_CHOSEN else DropReason.MALFORMED] += 1
-            self._close(IkeSaFailed(self, f"IKE_SA_INIT refused: {_notify_name(e.type)}"))
-            return self._flush()
+            # §2.21.1: an unprotected error may be forged; note it and keep waiting for a valid
+            # answer to our retransmissions, which give up with this reason
+            req.ctx["refused"] = _notify_name(e.type)
+            return self._drop(DropReason.IKE_NO_PROPOSAL_CHOSEN
+                              if e.type == NotifyType.NO_PROPOSAL_CHOSEN else DropReason.MALFORMED)
         sa, ke, nonce = m.find(SaPayload), m.find(KePayload), m.find(NoncePayload)
         if sa is None or ke is None or nonce is None or not any(m.header.spi_r):
             return self._drop(DropReason.MALFORMED)
@@ -423,10 +425,8 @@ class IkeSa:
         self._nat_detect(m, local, remote, request=False)
         self._set_keys(suite, skeyseed(suite.prf, self.ni, self.nr, shared))
         self._mid_out = 1
-        if self.encap or (self.config.mobike and self.config.force_encap):
+        if self.encap or self.config.mobike:          # §2.23; RFC 4555 §3.4 (MOBIKE)
             self._float_to_4500()
-        elif self.config.mobike:
-            self._float_to_4500()                    # RFC 4555 §3.4: MOBIKE moves to 4500
         self._goto(State.AUTH_SENT)
         self._send_auth(now)
         return self._flush()
