@@ -612,3 +612,21 @@ def test_cookies_start_above_the_half_open_threshold():
     # half-open SAs time out, and then no cookie is needed any more
     R.handle_timer(31.0)
     assert not R.ike_sas
+
+
+def test_requests_queued_before_establishment_go_out_after_it():
+    held = []
+
+    def tap(d):
+        if d.local[0] == GW_ADDR and d.local[1] == 4500 and not held:
+            held.append(d)
+            return None
+        return d
+    net, I, R = establish(tap=tap)
+    sa = only_sa(I)
+    assert sa.state == State.AUTH_SENT
+    assert sa.check_liveness(0.0) == []                   # queued: IKE_AUTH is in flight
+    net.tap = None
+    before = len(net.sent)
+    net.deliver(I.receive_datagram(held[0].data, held[0].remote, held[0].local, 0.0), MN_ADDR)
+    assert sa.is_established and len(net.sent) == before + 2   # the check and its answer

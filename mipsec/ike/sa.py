@@ -532,6 +532,7 @@ class IkeSa:
         if child is not None:
             self._add_child(child, now)
             self._out.append(ChildSaEstablished(self, child))
+        self._pump(now)                       # requests the runtime queued meanwhile
         return self._flush()
 
     def _established(self, now: float) -> None:
@@ -657,6 +658,7 @@ class IkeSa:
         if child is not None:
             self._add_child(child, now)
             self._out.append(ChildSaEstablished(self, child))
+        self._pump(now)                       # requests the runtime queued meanwhile
         return self._flush()
 
     def _negotiate_child(self, m: Message, dh_group: int | None, ni: bytes, nr: bytes,
