@@ -374,12 +374,44 @@ def format_timeline(events: list[dict[str, Any]], t0: float | None = None) -> li
     return out
 
 
+def _is_sa(value: Any) -> bool:
+    return isinstance(value, dict) and {"spi", "direction", "counters"} <= set(value)
+
+
+def render_sa(sa: dict[str, Any], now: float | None) -> list[str]:
+    """Two lines per SA: addressing and transform, then counters, drops, last authenticated."""
+    c = sa.get("counters") or {}
+    src, dst = ((sa.get("remote"), sa.get("local")) if sa.get("direction") == "inbound"
+                else (sa.get("local"), sa.get("remote")))
+    transform = sa.get("encryption") or "?"
+    if sa.get("integrity"):
+        transform += "+" + sa["integrity"]
+    if sa.get("udp_encap"):
+        transform += " in UDP 4500"
+    flags = [f for f in ("needs_rekey", "expired") if sa.get(f)]
+    first = (f"SA {sa['spi']} {sa.get('direction', ''):<8} {src} -> {dst}  {transform}  "
+             f"seq {sa.get('sequence')}" + (f"  [{', '.join(flags)}]" if flags else ""))
+    drops = c.get("drops") or {}
+    last = c.get("last_authenticated_time")
+    when = (f"{now - last:.1f} s ago" if isinstance(last, (int, float)) and now is not None
+            else "never")
+    second = (f"  packets {c.get('packets', 0)}, octets {c.get('octets', 0)}, drops "
+              + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none")
+              + (f"; last authenticated {when} from {c.get('last_authenticated_source')}"
+                 if sa.get("direction") == "inbound" else ""))
+    return [first, second]
+
+
 def _render_tree(value: Any, indent: int, now: float | None) -> list[str]:
     pad = " " * indent
     out = []
+    if _is_sa(value):
+        return [pad + line for line in render_sa(value, now)]
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(item, (dict, list)) and item:
+            if _is_sa(item):
+                out += [pad + line for line in render_sa(item, now)]
+            elif isinstance(item, (dict, list)) and item:
                 out.append(f"{pad}{key}:")
                 out += _render_tree(item, indent + 2, now)
             else:

@@ -81,8 +81,18 @@ STATUS = {
     "ok": True, "role": "gw", "name": "gw", "pid": 42, "tun": "gtun0", "config": "/etc/gw.toml",
     "clock": {"monotonic": 1000.0, "wall": 1.7e9}, "io": {"from_net": 3, "to_net": 2},
     "drops": {"unknown-spi": 1},
-    "node": {"sas": [{"spi": 0x20000000, "local": "172.16.0.1", "remote": "172.16.1.10",
-                      "counters": {"packets": 5, "last_authenticated_time": 998.5}}]},
+    "node": {"mobiles": {"10.1.0.100": {"care_of": "172.16.1.10", "sas": {
+        "inbound": {"spi": "0x10000000", "direction": "inbound", "local": "172.16.0.1",
+                    "remote": "*", "encryption": "ENCR_AES_CBC",
+                    "integrity": "AUTH_HMAC_SHA1_96", "sequence": 0,
+                    "counters": {"packets": 5, "octets": 500, "drops": {"replayed": 2},
+                                 "last_authenticated_time": 998.5,
+                                 "last_authenticated_source": "172.16.1.10"}},
+        "outbound": {"spi": "0x20000000", "direction": "outbound", "local": "172.16.0.1",
+                     "remote": "172.16.1.10", "encryption": "ENCR_AES_GCM_16",
+                     "integrity": None, "sequence": 7, "udp_encap": {"local_port": 4500},
+                     "counters": {"packets": 7, "octets": 700, "drops": {}}}}}},
+             "bindings": {"10.1.0.100": {"care_of": "172.16.1.10", "expires": 1600.0}}},
     "timeline": [{"time": 999.0, "node": "gw", "kind": "rrq-forwarded", "detail": {}},
                  {"time": 999.002, "node": "gw", "kind": "gw-sa-repointed",
                   "detail": {"remote": "172.16.1.10"}}],
@@ -117,8 +127,14 @@ def test_status_json(fake_daemon, capsys):
 def test_status_human(fake_daemon, capsys):
     assert cli.main(["status", "--socket", fake_daemon]) == 0
     out = capsys.readouterr().out
-    assert "gw gw  pid 42" in out and "0x20000000" in out and "172.16.1.10" in out
-    assert "unknown-spi 1" in out and "1.5 s ago" in out
+    assert "gw gw  pid 42" in out
+    assert ("SA 0x10000000 inbound  * -> 172.16.0.1  ENCR_AES_CBC+AUTH_HMAC_SHA1_96  seq 0"
+            in out)
+    assert ("packets 5, octets 500, drops replayed 2; last authenticated 1.5 s ago from "
+            "172.16.1.10") in out
+    assert "SA 0x20000000 outbound 172.16.0.1 -> 172.16.1.10  ENCR_AES_GCM_16 in UDP 4500" in out
+    assert "expires: 1600.000 (in 600.0 s)" in out
+    assert "unknown-spi 1" in out
     assert "gw-sa-repointed" in out and "2.00 ms" in out
 
 
