@@ -150,3 +150,33 @@ def watcher():
 ])
 def test_address_events(watcher, kind, ifname, address, expected):
     assert watcher.classify(kind, ifname, address) == expected
+
+
+def test_run_daemon_without_privileges_says_so_in_one_line(tmp_path, monkeypatch, caplog):
+    """No root: one error line naming the file and what is missing, exit status 1, nothing left."""
+    import dataclasses
+    from mipsec.config import write_config
+    from mipsec.io import daemon as daemon_module
+
+    cfg = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(5))["gw"]
+    cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, inside_interface="lo"))
+    path = tmp_path / "gw.toml"
+    write_config(cfg, path)
+
+    def no_tun(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(daemon_module.tunmod, "LinuxTun", no_tun)
+    assert daemon_module.run_daemon(str(path), "gw") == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and str(path) in errors[0] and "needs root" in errors[0]
+    assert not (tmp_path / "gw.sock").exists()
+
+
+def test_unreadable_config_is_a_config_error(tmp_path):
+    from mipsec.config import load_config
+    from mipsec.errors import ConfigError
+    path = tmp_path / "dir.toml"
+    path.mkdir()
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(path)

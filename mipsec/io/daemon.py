@@ -370,6 +370,12 @@ def run_daemon(config_path: str, expected_role: str, log_level: str | None = Non
         logging.getLogger("mipsec").error("%s", exc)
         daemon.close()
         return 2
+    except OSError as exc:     # not root, a port in use, /dev/net/tun missing ...
+        logging.getLogger("mipsec").error("%s: cannot start the %s daemon: %s (it needs root, or "
+                                          "CAP_NET_ADMIN and CAP_NET_RAW)", config_path,
+                                          cfg.role, exc)
+        daemon.close()
+        return 1
     try:
         daemon.run()
     finally:
