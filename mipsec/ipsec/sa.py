@@ -51,6 +51,7 @@ from mipsec.ipsec.constants import (
     NON_ESP_MARKER, OUTER_TTL, REPLAY_WINDOW_BITS, SEQ_MAX_32, SEQ_MAX_64,
 )
 from mipsec.ipsec.replay import ReplayWindow
+from mipsec.ipsec.selector import Selector
 from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
 
 _II = struct.Struct("!II")
@@ -170,15 +171,11 @@ class SecurityAssociation:
     """An ESP tunnel-mode SA, one direction.  See the module docstring and docs/design.md."""
 
     __slots__ = (
-        "spi", "direction", "esn", "udp_encap", "selector", "lifetime", "counters", "replay",
+        "spi", "direction", "esn", "udp_encap", "_selector", "lifetime", "counters", "replay",
         "sequence", "needs_rekey", "expired", "created", "transform",
         "encryption", "integrity", "_encryption_key", "_integrity_key",
-        "_local", "_remote", "_seq_max", "_align_mask", "_trailers", "_min_esp", "_icv",
-        "_csum_base", "_ident", "_deadline", "_byte_limit", "_selector_in", "_selector_out",
-        "_check", "_replay_bits", "_replay_mask", "_infer", "_udp_local_port", "_inbound", "_kind",
-        "_aead_encrypt", "_aead_decrypt", "_salt", "_cbc_encrypt", "_cbc_decrypt", "_random",
-        "_hmac_copy", "_pool", "_pool_pos", "_pack_prefix", "_overhead", "_udp_ports",
-        "_esp_start", "_addresses", "_max_inner",
+        "_local", "_remote", "_seq_max", "_min_esp", "_ident", "_deadline", "_byte_limit",
+        "_inbound", "_kind", "_max_inner", "encapsulate", "decapsulate", "_configure",
     )
 
     def __init__(
@@ -207,39 +204,20 @@ class SecurityAssociation:
         self._encryption_key = bytes(encryption_key)
         self._integrity_key = bytes(integrity_key)
         t = self.transform
-        self._icv = t.icv_size
-        # The hot path inlines the transform's steps on its keyed primitives (one call less).
-        self._aead_encrypt = self._aead_decrypt = self._salt = None
-        self._cbc_encrypt = self._cbc_decrypt = self._random = None
-        self._hmac_copy = None
-        self._pool, self._pool_pos = b"", RANDOM_POOL_BYTES   # CBC random blocks, see transforms
         if isinstance(t, Aead):
             self._kind = _AEAD
-            self._aead_encrypt, self._aead_decrypt, self._salt = t.encrypt, t.decrypt, t.salt
         else:
             self._kind = _CBC if isinstance(t, CbcHmac) else _NULL
-            self._hmac_copy = t.hmac.keyed.copy
-            if isinstance(t, CbcHmac):
-                self._cbc_encrypt, self._cbc_decrypt = t.encrypt_update, t.decrypt_update
-                self._random = t.random
-        self._align_mask = t.align - 1
-        self._trailers = _TAILS[:t.align]
         # RFC 4303 §2: header, IV, at least the 2-byte trailer (one block for CBC), ICV
         self._min_esp = ESP_HEADER_BYTES + t.iv_size + max(2, t.block_size) + t.icv_size
         self.esn = bool(esn)
         self._seq_max = SEQ_MAX_64 if esn else SEQ_MAX_32
         self.sequence = 0              # last sequence number sent (outbound)
         self.replay = ReplayWindow(replay_window)
-        self._check = self.replay.check
-        self._replay_bits = self.replay.size
-        self._replay_mask = (1 << self.replay.size) - 1
-        self._infer = self.replay.infer
         if udp_encap is not None and not isinstance(udp_encap, UdpEncap):
             raise ConfigError(f"SA udp_encap {udp_encap!r}: must be a UdpEncap")
         self.udp_encap = udp_encap
-        self.selector = selector
-        self._selector_in = selector.matches_inbound if selector is not None else None
-        self._selector_out = selector.matches_outbound if selector is not None else None
+        self._selector = selector
         self.counters = SaCounters()
         self.needs_rekey = False
         self.expired = False
@@ -248,10 +226,12 @@ class SecurityAssociation:
         self.lifetime = lifetime
         self.created = now
         self._ident = 0
+        self._max_inner = 0            # outbound: the largest inner packet (set with the data path)
         self._local: bytes | None = None
         self._remote: bytes | None = None
         self._set_addresses(local, remote)
         self._next_lifetime_limits()
+        self._build_data_path()
 
     # --- configuration ------------------------------------------------------------------------
     def _set_addresses(self, local: str | None, remote: str | None) -> None:
@@ -261,29 +241,6 @@ class SecurityAssociation:
             raise ConfigError("outbound SA: both local (outer source) and remote (outer "
                               "destination) addresses are required")
         self._local, self._remote = local_b, remote_b
-        # inbound packets carry remote (source) then local (destination) at offset 12
-        self._addresses = remote_b + local_b if remote_b and local_b else None
-        udp = self.udp_encap
-        if udp is not None:
-            self._udp_local_port = udp.local_port
-        if self._inbound:
-            self._csum_base = 0
-            return
-        # Outbound: one struct packs outer IPv4 header [+ UDP header] + ESP header [+ AEAD IV].
-        proto = IPPROTO_UDP if udp is not None else IPPROTO_ESP
-        fixed = _pack_outer(0x45, 0, 0, 0, 0, OUTER_TTL, proto, 0, local_b, remote_b)
-        self._csum_base = sum(struct.unpack("!10H", fixed))  # constant words, RFC 1071 sum
-        t = self.transform
-        fmt = "!BBHHHBBH4s4s" + ("HHHH" if udp is not None else "") + "II"
-        if self._kind == _AEAD:
-            fmt += "Q"
-        packer = struct.Struct(fmt).pack
-        self._esp_start = 20 + (8 if udp is not None else 0)
-        # total length = overhead + len(padded plaintext)
-        self._overhead = self._esp_start + ESP_HEADER_BYTES + t.iv_size + t.icv_size
-        self._max_inner = 0xFFFF - self._overhead - 2 - (t.align - 1)
-        self._pack_prefix = packer
-        self._udp_ports = (udp.local_port, udp.remote_port) if udp is not None else None
 
     def rebind(self, local: str | None = _KEEP, remote: str | None = _KEEP,
                udp_encap: UdpEncap | None = _KEEP) -> None:
@@ -305,6 +262,17 @@ class SecurityAssociation:
                 raise UsageError("rebind cannot switch between raw ESP and UDP encapsulation")
             self.udp_encap = udp_encap
         self._set_addresses(new_local, new_remote)
+        self._configure()
+
+    @property
+    def selector(self) -> SelectorLike | None:
+        """The inner-packet selector checked per packet (None: no check)."""
+        return self._selector
+
+    @selector.setter
+    def selector(self, selector: SelectorLike | None) -> None:
+        self._selector = selector
+        self._configure()
 
     @property
     def local(self) -> str | None:
@@ -357,238 +325,25 @@ class SecurityAssociation:
             self._update_lifetime(now)
 
     # --- data path --------------------------------------------------------------------------
+    # ``encapsulate`` and ``decapsulate`` are not methods: they are per-SA closures stored in
+    # slots of the same name (``_build_data_path``), specialised at construction to the SA's
+    # transform family, so that per packet every constant is a closure variable (LOAD_DEREF)
+    # rather than an attribute of ``self``.  ``rebind`` and a new ``selector`` update those
+    # variables in place (``_configure``), so a reference to ``sa.encapsulate`` taken before a
+    # rebind stays valid.  See ``_outbound_path`` / ``_inbound_path`` below the class.
+
     def _drop(self, reason: DropReason) -> Dropped:
         self.counters.drops[reason] += 1
         return Dropped(reason)
 
-    def encapsulate(self, inner_ipv4: bytes, now: float = 0.0) -> bytes:
-        """ESP tunnel mode (RFC 4303 §3.1.2): the whole outer IPv4 packet for ``inner_ipv4``."""
+    def _build_data_path(self) -> None:
         if self._inbound:
-            raise UsageError(f"SA 0x{self.spi:08x} is inbound: it cannot encapsulate")
-        counters = self.counters
-        if now >= self._deadline or counters.octets >= self._byte_limit:
-            self._lifetime_reached(now)
-        n = len(inner_ipv4)
-        if n < 20 or n > self._max_inner or inner_ipv4[0] >> 4 != 4:
-            # no fragmentation here: the outer packet must fit in 65535 bytes (RFC 791)
-            raise self._drop(DropReason.INNER_TOO_BIG if n > self._max_inner
-                             else DropReason.MALFORMED)
-        if self._selector_out is not None and not self._selector_out(inner_ipv4):
-            # RFC 4301 §5.1: the packet must match the SA's selectors before protection
-            raise self._drop(DropReason.SELECTOR_MISMATCH)
-        seq = self.sequence + 1
-        if seq > self._seq_max:
-            # RFC 4303 §3.3.3: the counter must not cycle; a new SA is needed
-            self.needs_rekey = True
-            counters.drops[DropReason.SA_EXHAUSTED] += 1
-            raise SaExhausted(f"SA 0x{self.spi:08x}: sequence numbers exhausted")
-        self.sequence = seq
-        # RFC 4303 §2.4: pad payload + 2-byte trailer to the alignment; §2.6 next header 4
-        plaintext = inner_ipv4 + self._trailers[-(n + 2) & self._align_mask]
-        # The outer header (RFC 791), UDP header (RFC 3948 §2.1, checksum 0), ESP header and,
-        # for AEAD, the explicit IV are all known before encryption: one struct call each.
-        tos = inner_ipv4[1]
-        df = (inner_ipv4[6] & 0x40) << 8
-        ident = self._ident = (self._ident + 1) & 0xFFFF
-        total = self._overhead + len(plaintext)
-        # RFC 1071: the one's complement sum is the plain sum modulo 0xFFFF (as 0xFFFF, not 0,
-        # for a non-zero header); the checksum is its complement.
-        c = 0xFFFF - ((self._csum_base + tos + total + ident + df) % 0xFFFF or 0xFFFF)
-        kind = self._kind
-        if kind == _AEAD:
-            # RFC 4106 §3.1 / RFC 7634 §2: IV = the 64-bit sequence number; §5: AAD
-            if self._udp_ports is None:
-                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_ESP,
-                                           c, self._local, self._remote, self.spi,
-                                           seq & 0xFFFFFFFF, seq)
-            else:
-                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
-                                           c, self._local, self._remote, *self._udp_ports,
-                                           total - 20, 0, self.spi, seq & 0xFFFFFFFF, seq)
-            if self.esn:
-                aad = _pack_iii(self.spi, seq >> 32, seq & 0xFFFFFFFF)
-            else:
-                aad = _pack_ii(self.spi, seq)
-            out = prefix + self._aead_encrypt(self._salt + prefix[-8:], plaintext, aad)
-        elif kind == _CBC:
-            # RFC 3602 §3; the IV is C0, see mipsec.crypto.transforms
-            if self._udp_ports is None:
-                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_ESP,
-                                           c, self._local, self._remote, self.spi,
-                                           seq & 0xFFFFFFFF)
-            else:
-                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
-                                           c, self._local, self._remote, *self._udp_ports,
-                                           total - 20, 0, self.spi, seq & 0xFFFFFFFF)
-            pos = self._pool_pos
-            if pos >= RANDOM_POOL_BYTES:
-                self._pool = self._random(RANDOM_POOL_BYTES)
-                pos = 0
-            self._pool_pos = pos + 16
-            ct = self._cbc_encrypt(self._pool[pos:pos + 16] + plaintext)
-            mac = self._hmac_copy()
-            mac.update(prefix[self._esp_start:])
-            mac.update(ct)
-            if self.esn:
-                mac.update(_pack_i(seq >> 32))      # RFC 4303 §2.2.1: high half, not sent
-            out = prefix + ct + mac.finalize()[:self._icv]
+            self.decapsulate, self._configure = _inbound_path(self)
+            self.encapsulate = _wrong_direction(self, "inbound", "encapsulate")
         else:
-            # RFC 2410: NULL encryption, RFC 4303 §3.3.4 ICV over header and payload
-            if self._udp_ports is None:
-                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_ESP,
-                                           c, self._local, self._remote, self.spi,
-                                           seq & 0xFFFFFFFF)
-            else:
-                prefix = self._pack_prefix(0x45, tos, total, ident, df, OUTER_TTL, IPPROTO_UDP,
-                                           c, self._local, self._remote, *self._udp_ports,
-                                           total - 20, 0, self.spi, seq & 0xFFFFFFFF)
-            mac = self._hmac_copy()
-            mac.update(prefix[self._esp_start:])
-            mac.update(plaintext)
-            if self.esn:
-                mac.update(_pack_i(seq >> 32))
-            out = prefix + plaintext + mac.finalize()[:self._icv]
-        counters.packets += 1
-        counters.octets += n
-        return out
-
-    def decapsulate(self, outer_ipv4: bytes, now: float = 0.0) -> bytes:
-        """The inner IPv4 packet of an ESP tunnel-mode packet, or raises ``Dropped``."""
-        if not self._inbound:
-            raise UsageError(f"SA 0x{self.spi:08x} is outbound: it cannot decapsulate")
-        pkt = outer_ipv4
-        n = len(pkt)
-        # 1. outer IPv4 header (RFC 791)
-        if n < 20:
-            raise self._drop(DropReason.TRUNCATED)
-        vihl, _tos, total, _ident, frag, _ttl, proto, _csum = _unpack_prefix(pkt)
-        if vihl == 0x45:
-            ihl = 20
-        else:
-            if vihl >> 4 != 4:
-                raise self._drop(DropReason.BAD_IP_VERSION)
-            ihl = (vihl & 0x0F) << 2
-            if ihl < 20 or ihl > n:
-                raise self._drop(DropReason.BAD_IP_HEADER_LENGTH)
-        if total != n:
-            raise self._drop(DropReason.BAD_IP_TOTAL_LENGTH)
-        if _from_bytes(pkt[:ihl], "big") % 0xFFFF:
-            # RFC 1071: the one's complement sum of a correct header is 0xFFFF (== 0 mod 0xFFFF)
-            raise self._drop(DropReason.BAD_IP_CHECKSUM)
-        if frag & 0x3FFF:
-            # RFC 4303 §3.4.1: reassembly is not ours; the outer packets must arrive whole
-            raise self._drop(DropReason.IP_FRAGMENT)
-        if self.udp_encap is None:
-            if proto != IPPROTO_ESP:
-                raise self._drop(DropReason.WRONG_PROTOCOL)
-            off = ihl
-        else:
-            if proto != IPPROTO_UDP:
-                raise self._drop(DropReason.WRONG_PROTOCOL)
-            off = ihl + 8
-            if n < off:
-                raise self._drop(DropReason.TRUNCATED)
-            _sport, dport, ulen, _ucsum = _unpack_udp(pkt, ihl)
-            if ulen != n - ihl:
-                raise self._drop(DropReason.BAD_UDP_LENGTH)
-            if dport != self._udp_local_port:
-                raise self._drop(DropReason.WRONG_UDP_PORT)
-            if n - off == 1 and pkt[off] == 0xFF:
-                raise self._drop(DropReason.NAT_KEEPALIVE)      # RFC 3948 §2.3
-            if pkt[off:off + 4] == NON_ESP_MARKER:
-                raise self._drop(DropReason.WRONG_PROTOCOL)     # RFC 3948 §2.2: IKE, not ESP
-        # 2. ESP lengths (RFC 4303 §2)
-        esp_len = n - off
-        if esp_len < self._min_esp:
-            raise self._drop(DropReason.TRUNCATED)
-        kind = self._kind
-        if kind == _CBC and (esp_len - 24 - self._icv) & 15:
-            raise self._drop(DropReason.BAD_CIPHERTEXT_LENGTH)  # RFC 3602 §3
-        # 3. SPI and outer addresses
-        spi, seq_low = _unpack_ii(pkt, off)
-        if spi != self.spi:
-            raise self._drop(DropReason.UNKNOWN_SPI)
-        if self._addresses is not None:             # both fixed: one comparison
-            if pkt[12:20] != self._addresses:
-                if pkt[12:16] != self._remote:
-                    raise self._drop(DropReason.OUTER_SOURCE_MISMATCH)
-                raise self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
-        else:
-            if self._remote is not None and pkt[12:16] != self._remote:
-                raise self._drop(DropReason.OUTER_SOURCE_MISMATCH)
-            if self._local is not None and pkt[16:20] != self._local:
-                raise self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
-        # 4. lifetime
-        counters = self.counters
-        if now >= self._deadline or counters.octets >= self._byte_limit:
-            self._lifetime_reached(now)
-        # 5. replay pre-check (RFC 4303 §3.4.3)
-        if self.esn:
-            seq = self._infer(seq_low)
-            seq_hi = _pack_i(seq >> 32)
-        else:
-            seq = seq_low
-            seq_hi = b""
-        replay = self.replay
-        top = replay.top
-        if seq <= top:                  # new highest numbers need no look at the bitmap
-            reason = self._check(seq)
-            if reason is not None:
-                raise self._drop(reason)
-        # 6-7. ICV in constant time, then decryption (RFC 4303 §3.4.4)
-        if kind == _AEAD:
-            if seq_hi:
-                aad = pkt[off:off + 4] + seq_hi + pkt[off + 4:off + 8]
-            else:
-                aad = pkt[off:off + 8]
-            try:
-                plaintext = self._aead_decrypt(self._salt + pkt[off + 8:off + 16],
-                                               pkt[off + 16:], aad)
-            except InvalidTag:
-                raise self._drop(DropReason.ICV_MISMATCH) from None
-        else:
-            icv_at = n - self._icv
-            mac = self._hmac_copy()
-            mac.update(pkt[off:icv_at])
-            if seq_hi:
-                mac.update(seq_hi)                 # RFC 4303 §2.2.1
-            if not _compare_digest(mac.finalize()[:self._icv], pkt[icv_at:]):
-                raise self._drop(DropReason.ICV_MISMATCH)
-            if kind == _CBC:
-                # IV || ciphertext through the persistent decryptor; block 0 is discarded
-                plaintext = self._cbc_decrypt(pkt[off + 8:icv_at])[16:]
-            else:
-                plaintext = pkt[off + 8:icv_at]
-        # 8. trailer (RFC 4303 §2.4, §2.6): padding 1, 2, 3 ..., pad length, next header 4, all
-        #    compared at once with the expected tail; the cold path names what is wrong
-        padlen = plaintext[-2]
-        end = len(plaintext) - 2 - padlen
-        if end < 0 or plaintext[end:] != _TAILS[padlen]:
-            raise self._drop(_trailer_reason(plaintext, end, padlen))
-        if (end >= 20 and (plaintext[0] & 0xF0) == 0x40
-                and (plaintext[2] << 8 | plaintext[3]) == end):
-            inner = plaintext[:end]
-        else:
-            inner_total = (plaintext[2] << 8 | plaintext[3]) if end >= 20 else 0
-            if (plaintext[0] & 0xF0) != 0x40 or not 20 <= inner_total < end:
-                raise self._drop(DropReason.MALFORMED)
-            inner = plaintext[:inner_total]   # RFC 4303 §2.4: TFC padding after the packet
-        # 9. the window moves only now (ReplayWindow.update, inlined)
-        if seq > top:
-            shift = seq - top
-            replay.bitmap = ((replay.bitmap << shift) | 1) & self._replay_mask \
-                if shift < self._replay_bits else 1
-            replay.top = seq
-        else:
-            replay.bitmap |= 1 << (top - seq)
-        counters.last_authenticated_time = now
-        counters._last_source = pkt[12:16]
-        # 10. inner selector (RFC 4301 §5.2 step 4)
-        if self._selector_in is not None and not self._selector_in(inner):
-            raise self._drop(DropReason.SELECTOR_MISMATCH)
-        counters.packets += 1
-        counters.octets += len(inner)
-        return inner
+            self.encapsulate, self._configure = _outbound_path(self)
+            self.decapsulate = _wrong_direction(self, "outbound", "decapsulate")
+        self._configure()
 
     # --- status ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -618,6 +373,368 @@ class SecurityAssociation:
     def __repr__(self) -> str:
         return (f"<SecurityAssociation spi=0x{self.spi:08x} {self.direction.value} "
                 f"{self.encryption}/{self.integrity} {self.local}->{self.remote}>")
+
+
+# --- the per-SA data path -------------------------------------------------------------------------
+# Measured on CPython 3.11 (benchmarks/README.md): at 64 bytes the crypto call itself is 0.6 us
+# (GCM) to 1.5 us (CBC + HMAC); everything else per packet is interpreter work, so these
+# closures keep it to the steps the RFCs require, on closure variables, with no call that can be
+# avoided.  Both closures follow exactly the order of the module docstring.
+
+_SEL_NONE, _SEL_ANY, _SEL_ADDRESSES, _SEL_GENERAL = range(4)
+
+
+def _selector_plan(selector: Any) -> tuple[int, int, int, int, int]:
+    """How the data path checks ``selector``: (kind, mask/net of both ends).
+
+    A ``Selector`` without protocol and ports, on a packet whose first byte is 0x45 and that is
+    at least 24 bytes long, matches exactly when its address prefixes do (that is what
+    ``matches_inbound`` / ``matches_outbound`` compute for such a packet: no options, ports
+    present if any), so the data path compares the prefixes itself; every other case (a packet
+    with options, a short one, a selector with protocol or ports, any other selector object)
+    goes through the selector's method.  The wildcard ANY needs no comparison at all.
+    """
+    if selector is None:
+        return _SEL_NONE, 0, 0, 0, 0
+    if type(selector) is not Selector or selector.protocol is not None \
+            or selector.local_ports is not None or selector.remote_ports is not None:
+        return _SEL_GENERAL, 0, 0, 0, 0
+    kind = _SEL_ANY if selector.is_any else _SEL_ADDRESSES
+    return (kind, selector.local_mask, selector.local_net, selector.remote_mask,
+            selector.remote_net)
+
+
+def _wrong_direction(sa: SecurityAssociation, direction: str, operation: str):
+    def refuse(packet: bytes, now: float = 0.0) -> bytes:
+        raise UsageError(f"SA 0x{sa.spi:08x} is {direction}: it cannot {operation}")
+    refuse.__doc__ = f"Refuses: an {direction} SA cannot {operation}."
+    return refuse
+
+
+def _outbound_path(sa: SecurityAssociation):
+    """(encapsulate, configure) for an outbound SA."""
+    t = sa.transform
+    counters = sa.counters
+    drops = counters.drops
+    spi = sa.spi
+    esn = sa.esn
+    seq_max = sa._seq_max
+    align_mask = t.align - 1
+    trailers = _TAILS[:t.align]
+    icv = t.icv_size
+    aead = sa._kind == _AEAD
+    cbc = sa._kind == _CBC
+    udp = sa.udp_encap is not None
+    esp_start = 28 if udp else 20
+    # total length = overhead + len(padded plaintext)
+    overhead = esp_start + ESP_HEADER_BYTES + t.iv_size + icv
+    max_inner = sa._max_inner = 0xFFFF - overhead - 2 - align_mask
+    ttl_proto = OUTER_TTL << 8 | (IPPROTO_UDP if udp else IPPROTO_ESP)
+    # One struct packs outer IPv4 header [+ UDP header] + ESP header [+ AEAD IV]: the version
+    # and TOS, TTL and protocol go in as 16-bit words, both addresses as one 8-byte field, and
+    # SPI + sequence number as one 64-bit field (the sequence number is 32 bits without ESN).
+    fmt = "!HHHHHH8s" + ("HHHH" if udp else "") + ("II" if esn else "Q") + ("Q" if aead else "")
+    pack = struct.Struct(fmt).pack
+    spi_high = spi << 32
+    if aead:
+        aead_encrypt, salt = t.encrypt, t.salt
+    else:
+        hmac_copy = t.hmac.keyed.copy
+        cbc_encrypt, random = (t.encrypt_update, t.random) if cbc else (None, None)
+    pool, pool_pos = b"", RANDOM_POOL_BYTES     # CBC random blocks, see mipsec.crypto.transforms
+    # set by configure(): addresses, UDP ports, checksum base, selector plan
+    addresses = b""
+    sport = dport = csum_base = 0
+    sel_kind = lmask = lnet = rmask = rnet = 0
+    sel_out: Callable[[bytes], bool] | None = None
+
+    def configure() -> None:
+        nonlocal addresses, sport, dport, csum_base, sel_kind, lmask, lnet, rmask, rnet, sel_out
+        addresses = sa._local + sa._remote
+        if udp:
+            sport, dport = sa.udp_encap.local_port, sa.udp_encap.remote_port
+        # RFC 1071 sum of the constant words (version/IHL, TTL/protocol, addresses) plus the
+        # constant part of the total length; per packet: + TOS + padded length + ident + DF
+        csum_base = sum(struct.unpack("!4H", addresses)) + 0x4500 + ttl_proto + overhead
+        sel_kind, lmask, lnet, rmask, rnet = _selector_plan(sa.selector)
+        sel_out = sa.selector.matches_outbound if sa.selector is not None else None
+
+    def encapsulate(inner_ipv4: bytes, now: float = 0.0) -> bytes:
+        """ESP tunnel mode (RFC 4303 §3.1.2): the whole outer IPv4 packet for ``inner_ipv4``."""
+        nonlocal pool, pool_pos
+        if now >= sa._deadline or counters.octets >= sa._byte_limit:
+            sa._lifetime_reached(now)
+        n = len(inner_ipv4)
+        if n < 20 or n > max_inner or inner_ipv4[0] >> 4 != 4:
+            # no fragmentation here: the outer packet must fit in 65535 bytes (RFC 791)
+            raise sa._drop(DropReason.INNER_TOO_BIG if n > max_inner else DropReason.MALFORMED)
+        if sel_kind:
+            # RFC 4301 §5.1: the packet must match the SA's selectors before protection
+            if sel_kind == _SEL_GENERAL or inner_ipv4[0] != 0x45 or n < 24:
+                if not sel_out(inner_ipv4):
+                    raise sa._drop(DropReason.SELECTOR_MISMATCH)
+            elif sel_kind == _SEL_ADDRESSES:
+                src, dst = _unpack_ii(inner_ipv4, 12)
+                if (src & lmask) != lnet or (dst & rmask) != rnet:
+                    raise sa._drop(DropReason.SELECTOR_MISMATCH)
+        seq = sa.sequence + 1
+        if seq > seq_max:
+            # RFC 4303 §3.3.3: the counter must not cycle; a new SA is needed
+            sa.needs_rekey = True
+            drops[DropReason.SA_EXHAUSTED] += 1
+            raise SaExhausted(f"SA 0x{spi:08x}: sequence numbers exhausted")
+        sa.sequence = seq
+        # RFC 4303 §2.4: pad payload + 2-byte trailer to the alignment; §2.6 next header 4
+        plaintext = inner_ipv4 + trailers[-(n + 2) & align_mask]
+        length = len(plaintext)
+        # Outer header (RFC 791): TOS byte (DSCP + ECN) and DF copied from the inner header
+        tos = inner_ipv4[1]
+        df = (inner_ipv4[6] & 0x40) << 8
+        ident = sa._ident = (sa._ident + 1) & 0xFFFF
+        # RFC 1071: the one's complement sum is the plain sum modulo 0xFFFF (as 0xFFFF, not 0,
+        # for a non-zero header); the checksum is its complement.
+        c = 0xFFFF - ((csum_base + tos + length + ident + df) % 0xFFFF or 0xFFFF)
+        if aead:
+            # RFC 4106 §3.1 / RFC 7634 §2: IV = the 64-bit sequence number; §5: AAD
+            if esn:
+                if udp:
+                    prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                                  addresses, sport, dport, overhead + length - 20, 0, spi,
+                                  seq & 0xFFFFFFFF, seq)
+                else:
+                    prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                                  addresses, spi, seq & 0xFFFFFFFF, seq)
+                aad = _pack_iii(spi, seq >> 32, seq & 0xFFFFFFFF)
+            else:
+                if udp:
+                    prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                                  addresses, sport, dport, overhead + length - 20, 0,
+                                  spi_high | seq, seq)
+                else:
+                    prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                                  addresses, spi_high | seq, seq)
+                aad = prefix[esp_start:esp_start + 8]
+            out = prefix + aead_encrypt(salt + prefix[-8:], plaintext, aad)
+        else:
+            if udp:
+                if esn:
+                    prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                                  addresses, sport, dport, overhead + length - 20, 0, spi,
+                                  seq & 0xFFFFFFFF)
+                else:
+                    prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                                  addresses, sport, dport, overhead + length - 20, 0,
+                                  spi_high | seq)
+            elif esn:
+                prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                              addresses, spi, seq & 0xFFFFFFFF)
+            else:
+                prefix = pack(0x4500 | tos, overhead + length, ident, df, ttl_proto, c,
+                              addresses, spi_high | seq)
+            if cbc:
+                # RFC 3602 §3; the IV is C0, see mipsec.crypto.transforms
+                pos = pool_pos
+                if pos >= RANDOM_POOL_BYTES:
+                    pool = random(RANDOM_POOL_BYTES)
+                    pos = 0
+                pool_pos = pos + 16
+                body = cbc_encrypt(pool[pos:pos + 16] + plaintext)
+            else:
+                body = plaintext                      # RFC 2410: NULL encryption
+            # RFC 4303 §3.3.4: ICV over ESP header, IV and ciphertext
+            mac = hmac_copy()
+            mac.update(prefix[esp_start:])
+            mac.update(body)
+            if esn:
+                mac.update(_pack_i(seq >> 32))      # RFC 4303 §2.2.1: high half, not sent
+            out = prefix + body + mac.finalize()[:icv]
+        counters.packets += 1
+        counters.octets += n
+        return out
+
+    return encapsulate, configure
+
+
+def _inbound_path(sa: SecurityAssociation):
+    """(decapsulate, configure) for an inbound SA."""
+    t = sa.transform
+    counters = sa.counters
+    drops = counters.drops
+    replay = sa.replay
+    replay_bits = replay.size
+    replay_mask = (1 << replay.size) - 1
+    infer = replay.infer
+    spi = sa.spi
+    esn = sa.esn
+    icv = t.icv_size
+    min_esp = sa._min_esp
+    aead = sa._kind == _AEAD
+    cbc = sa._kind == _CBC
+    udp = sa.udp_encap is not None
+    want_proto = IPPROTO_UDP if udp else IPPROTO_ESP
+    if aead:
+        aead_decrypt, salt = t.decrypt, t.salt
+    else:
+        hmac_copy = t.hmac.keyed.copy
+        cbc_decrypt = t.decrypt_update if cbc else None
+    # set by configure()
+    udp_port = 0
+    local = remote = both = None
+    sel_kind = lmask = lnet = rmask = rnet = 0
+    sel_in: Callable[[bytes], bool] | None = None
+
+    def drop(reason: DropReason) -> Dropped:
+        drops[reason] += 1
+        return Dropped(reason)
+
+    def configure() -> None:
+        nonlocal udp_port, local, remote, both, sel_kind, lmask, lnet, rmask, rnet, sel_in
+        if udp:
+            udp_port = sa.udp_encap.local_port
+        local, remote = sa._local, sa._remote
+        # inbound packets carry remote (source) then local (destination) at offset 12
+        both = remote + local if remote and local else None
+        sel_kind, lmask, lnet, rmask, rnet = _selector_plan(sa.selector)
+        sel_in = sa.selector.matches_inbound if sa.selector is not None else None
+
+    def decapsulate(outer_ipv4: bytes, now: float = 0.0) -> bytes:
+        """The inner IPv4 packet of an ESP tunnel-mode packet, or raises ``Dropped``."""
+        pkt = outer_ipv4
+        n = len(pkt)
+        # 1. outer IPv4 header (RFC 791)
+        if n < 20:
+            raise drop(DropReason.TRUNCATED)
+        vihl, _tos, total, _ident, frag, _ttl, proto, _csum = _unpack_prefix(pkt)
+        if vihl == 0x45:
+            ihl = 20
+        else:
+            if vihl >> 4 != 4:
+                raise drop(DropReason.BAD_IP_VERSION)
+            ihl = (vihl & 0x0F) << 2
+            if ihl < 20 or ihl > n:
+                raise drop(DropReason.BAD_IP_HEADER_LENGTH)
+        if total != n:
+            raise drop(DropReason.BAD_IP_TOTAL_LENGTH)
+        if _from_bytes(pkt[:ihl], "big") % 0xFFFF:
+            # RFC 1071: the one's complement sum of a correct header is 0xFFFF (== 0 mod 0xFFFF)
+            raise drop(DropReason.BAD_IP_CHECKSUM)
+        if frag & 0x3FFF:
+            # RFC 4303 §3.4.1: reassembly is not ours; the outer packets must arrive whole
+            raise drop(DropReason.IP_FRAGMENT)
+        if proto != want_proto:
+            raise drop(DropReason.WRONG_PROTOCOL)
+        if udp:
+            off = ihl + 8
+            if n < off:
+                raise drop(DropReason.TRUNCATED)
+            _sport, dport, ulen, _ucsum = _unpack_udp(pkt, ihl)
+            if ulen != n - ihl:
+                raise drop(DropReason.BAD_UDP_LENGTH)
+            if dport != udp_port:
+                raise drop(DropReason.WRONG_UDP_PORT)
+            if n - off == 1 and pkt[off] == 0xFF:
+                raise drop(DropReason.NAT_KEEPALIVE)      # RFC 3948 §2.3
+            if pkt[off:off + 4] == NON_ESP_MARKER:
+                raise drop(DropReason.WRONG_PROTOCOL)     # RFC 3948 §2.2: IKE, not ESP
+        else:
+            off = ihl
+        # 2. ESP lengths (RFC 4303 §2)
+        esp_len = n - off
+        if esp_len < min_esp:
+            raise drop(DropReason.TRUNCATED)
+        if cbc and (esp_len - 24 - icv) & 15:
+            raise drop(DropReason.BAD_CIPHERTEXT_LENGTH)  # RFC 3602 §3
+        # 3. SPI and outer addresses
+        spi_got, seq_low = _unpack_ii(pkt, off)
+        if spi_got != spi:
+            raise drop(DropReason.UNKNOWN_SPI)
+        if both is not None:                     # both fixed: one comparison
+            if pkt[12:20] != both:
+                if pkt[12:16] != remote:
+                    raise drop(DropReason.OUTER_SOURCE_MISMATCH)
+                raise drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        else:
+            if remote is not None and pkt[12:16] != remote:
+                raise drop(DropReason.OUTER_SOURCE_MISMATCH)
+            if local is not None and pkt[16:20] != local:
+                raise drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        # 4. lifetime
+        if now >= sa._deadline or counters.octets >= sa._byte_limit:
+            sa._lifetime_reached(now)
+        # 5. replay pre-check (RFC 4303 §3.4.3; ReplayWindow.check, inlined)
+        if esn:
+            seq = infer(seq_low)
+            seq_hi = _pack_i(seq >> 32)
+        else:
+            seq = seq_low
+        top = replay.top
+        if seq <= top:                  # new highest numbers need no look at the bitmap
+            diff = top - seq
+            if seq == 0 or diff >= replay_bits:
+                raise drop(DropReason.TOO_OLD)   # §3.3.3: the first packet has number 1
+            if (replay.bitmap >> diff) & 1:
+                raise drop(DropReason.REPLAYED)
+        # 6-7. ICV in constant time, then decryption (RFC 4303 §3.4.4)
+        if aead:
+            if esn:
+                aad = pkt[off:off + 4] + seq_hi + pkt[off + 4:off + 8]
+            else:
+                aad = pkt[off:off + 8]
+            try:
+                plaintext = aead_decrypt(salt + pkt[off + 8:off + 16], pkt[off + 16:], aad)
+            except InvalidTag:
+                raise drop(DropReason.ICV_MISMATCH) from None
+        else:
+            icv_at = n - icv
+            mac = hmac_copy()
+            mac.update(pkt[off:icv_at])
+            if esn:
+                mac.update(seq_hi)                 # RFC 4303 §2.2.1
+            if not _compare_digest(mac.finalize()[:icv], pkt[icv_at:]):
+                raise drop(DropReason.ICV_MISMATCH)
+            if cbc:
+                # IV || ciphertext through the persistent decryptor; block 0 is discarded
+                plaintext = cbc_decrypt(pkt[off + 8:icv_at])[16:]
+            else:
+                plaintext = pkt[off + 8:icv_at]
+        # 8. trailer (RFC 4303 §2.4, §2.6): padding 1, 2, 3 ..., pad length, next header 4, all
+        #    compared at once with the expected tail; the cold path names what is wrong
+        padlen = plaintext[-2]
+        end = len(plaintext) - 2 - padlen
+        if end < 0 or plaintext[end:] != _TAILS[padlen]:
+            raise drop(_trailer_reason(plaintext, end, padlen))
+        first = plaintext[0]
+        if end >= 20 and (first & 0xF0) == 0x40 and (plaintext[2] << 8 | plaintext[3]) == end:
+            inner = plaintext[:end]
+        else:
+            inner_total = (plaintext[2] << 8 | plaintext[3]) if end >= 20 else 0
+            if (first & 0xF0) != 0x40 or not 20 <= inner_total < end:
+                raise drop(DropReason.MALFORMED)
+            inner = plaintext[:inner_total]   # RFC 4303 §2.4: TFC padding after the packet
+        # 9. the window moves only now (ReplayWindow.update, inlined)
+        if seq > top:
+            shift = seq - top
+            replay.bitmap = ((replay.bitmap << shift) | 1) & replay_mask \
+                if shift < replay_bits else 1
+            replay.top = seq
+        else:
+            replay.bitmap |= 1 << (top - seq)
+        counters.last_authenticated_time = now
+        counters._last_source = pkt[12:16]
+        # 10. inner selector (RFC 4301 §5.2 step 4): remote is the source, local the destination
+        if sel_kind:
+            if sel_kind == _SEL_GENERAL or first != 0x45 or len(inner) < 24:
+                if not sel_in(inner):
+                    raise drop(DropReason.SELECTOR_MISMATCH)
+            elif sel_kind == _SEL_ADDRESSES:
+                src, dst = _unpack_ii(inner, 12)
+                if (dst & lmask) != lnet or (src & rmask) != rnet:
+                    raise drop(DropReason.SELECTOR_MISMATCH)
+        counters.packets += 1
+        counters.octets += len(inner)
+        return inner
+
+    return decapsulate, configure
 
 
 # --- Wireshark / tshark -------------------------------------------------------------------------
