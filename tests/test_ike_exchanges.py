@@ -630,3 +630,16 @@ def test_requests_queued_before_establishment_go_out_after_it():
     before = len(net.sent)
     net.deliver(I.receive_datagram(held[0].data, held[0].remote, held[0].local, 0.0), MN_ADDR)
     assert sa.is_established and len(net.sent) == before + 2   # the check and its answer
+
+
+def test_simultaneous_ike_rekeys_resolve():
+    net, I, R = establish(ike_lifetime_s=1000.0, child_lifetime_s=None, dpd_interval_s=None)
+    si, sr = only_sa(I), only_sa(R)
+    # both ends start a re-key before either request arrives
+    out_i, out_r = si.rekey(1.0), sr.rekey(1.0)
+    net.deliver(out_i + out_r, MN_ADDR)                    # (origin only labels events)
+    assert si.is_established and sr.is_established        # both refused (TEMPORARY_FAILURE)
+    net.run_timers(300.0, step=1.0)
+    assert len(net.of(IkeSaRekeyed, MN_ADDR)) == 1 and len(net.of(IkeSaRekeyed, GW_ADDR)) == 1
+    assert only_sa(I).keys == only_sa(R).keys
+    assert_esp_works(I, R)

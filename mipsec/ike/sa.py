@@ -544,6 +544,11 @@ class IkeSa:
             self._rekey_at = now + self.config.ike_lifetime_s * (1.0 if self.initiator else 1.1)
         self._out.append(IkeSaEstablished(self, self.peer_id or "", self.remote))
 
+    def _retry_delay(self, lifetime: float) -> float:
+        """When to try a refused re-key again: the original responder waits half as long
+        again, so that two ends that collided (§2.25, TEMPORARY_FAILURE) do not collide again."""
+        return min(60.0, lifetime / 10) * (1.0 if self.initiator else 1.5)
+
     def _make_child(self, spi_in: int, spi_out: bytes, suite, keys, local_ts, remote_ts,
                     now: float) -> ChildSa:
         return ChildSa(spi_in=spi_in, spi_out=int.from_bytes(spi_out, "big"), suite=suite,
@@ -835,7 +840,7 @@ class IkeSa:
             self.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] += 1
             old = req.ctx["old"]
             if old in self.children and c.child_lifetime_s:
-                self._child_rekey_at[old] = now + min(60.0, c.child_lifetime_s / 10)  # retry
+                self._child_rekey_at[old] = now + self._retry_delay(c.child_lifetime_s)
             return
         keymat = child_keymat(self.suite.prf, self.keys.sk_d, req.ctx["ni"], nonce.data,
                               2 * sum(suite.keymat_lengths()), shared)
@@ -937,7 +942,7 @@ class IkeSa:
         if suite is None:
             self.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] += 1
             if self.config.ike_lifetime_s:
-                self._rekey_at = now + min(60.0, self.config.ike_lifetime_s / 10)
+                self._rekey_at = now + self._retry_delay(self.config.ike_lifetime_s)
             return
         new = self._successor(initiator=True, spi_i=req.ctx["spi"], spi_r=sa.proposals[0].spi,
                               ni=req.ctx["ni"], nr=nonce.data, suite=suite, shared=shared, now=now)
