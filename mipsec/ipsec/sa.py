@@ -56,14 +56,10 @@ from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
 
 _II = struct.Struct("!II")
 _I = struct.Struct("!I")
-_PREFIX = struct.Struct("!BBHHHBBH")
-_OUTER = struct.Struct("!BBHHHBBH4s4s")
-_pack_ii = _II.pack
 _pack_i = _I.pack
 _pack_iii = struct.Struct("!III").pack
 _unpack_ii = _II.unpack_from
-_unpack_prefix = _PREFIX.unpack_from
-_pack_outer = _OUTER.pack
+_unpack_header = struct.Struct("!HHHHHHQ").unpack_from
 _unpack_udp = struct.Struct("!HHHH").unpack_from
 _from_bytes = int.from_bytes
 _compare_digest = hmac.compare_digest
@@ -140,13 +136,13 @@ class SaCounters:
         self.octets = 0
         self.drops: Counter[DropReason] = Counter()
         self.last_authenticated_time: float | None = None
-        self._last_source: bytes | None = None
+        self._last_source: int | None = None     # as an integer (the data path's form)
 
     @property
     def last_authenticated_source(self) -> str | None:
         """Outer source address of the last authenticated inbound packet."""
         raw = self._last_source
-        return None if raw is None else bytes_to_addr(raw)
+        return None if raw is None else bytes_to_addr(raw.to_bytes(4, "big"))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -591,9 +587,10 @@ def _inbound_path(sa: SecurityAssociation):
         nonlocal udp_port, local, remote, both, sel_kind, lmask, lnet, rmask, rnet, sel_in
         if udp:
             udp_port = sa.udp_encap.local_port
-        local, remote = sa._local, sa._remote
-        # inbound packets carry remote (source) then local (destination) at offset 12
-        both = remote + local if remote and local else None
+        # as integers; inbound packets carry remote (source) then local (destination)
+        local = None if sa._local is None else _from_bytes(sa._local, "big")
+        remote = None if sa._remote is None else _from_bytes(sa._remote, "big")
+        both = remote << 32 | local if remote is not None and local is not None else None
         sel_kind, lmask, lnet, rmask, rnet = _selector_plan(sa.selector)
         sel_in = sa.selector.matches_inbound if sa.selector is not None else None
 
@@ -604,24 +601,31 @@ def _inbound_path(sa: SecurityAssociation):
         # 1. outer IPv4 header (RFC 791)
         if n < 20:
             raise drop(DropReason.TRUNCATED)
-        vihl, _tos, total, _ident, frag, _ttl, proto, _csum = _unpack_prefix(pkt)
-        if vihl == 0x45:
+        # the 20-byte header as 16-bit words with both addresses as one 64-bit field: RFC 1071
+        # sums 16-bit words modulo 0xFFFF, and 2**16 == 1 modulo 0xFFFF, so the 64-bit field
+        # counts as the sum of its four words
+        word0, total, ident, frag, word4, csum, addrs = _unpack_header(pkt)
+        if word0 >> 8 == 0x45:
             ihl = 20
+            if total != n:
+                raise drop(DropReason.BAD_IP_TOTAL_LENGTH)
+            if (word0 + total + ident + frag + word4 + csum + addrs) % 0xFFFF:
+                # the sum of a correct header is 0xFFFF (== 0 modulo 0xFFFF)
+                raise drop(DropReason.BAD_IP_CHECKSUM)
         else:
-            if vihl >> 4 != 4:
+            if word0 >> 12 != 4:
                 raise drop(DropReason.BAD_IP_VERSION)
-            ihl = (vihl & 0x0F) << 2
+            ihl = (word0 >> 6) & 0x3C
             if ihl < 20 or ihl > n:
                 raise drop(DropReason.BAD_IP_HEADER_LENGTH)
-        if total != n:
-            raise drop(DropReason.BAD_IP_TOTAL_LENGTH)
-        if _from_bytes(pkt[:ihl], "big") % 0xFFFF:
-            # RFC 1071: the one's complement sum of a correct header is 0xFFFF (== 0 mod 0xFFFF)
-            raise drop(DropReason.BAD_IP_CHECKSUM)
+            if total != n:
+                raise drop(DropReason.BAD_IP_TOTAL_LENGTH)
+            if _from_bytes(pkt[:ihl], "big") % 0xFFFF:     # with options: the same sum
+                raise drop(DropReason.BAD_IP_CHECKSUM)
         if frag & 0x3FFF:
             # RFC 4303 §3.4.1: reassembly is not ours; the outer packets must arrive whole
             raise drop(DropReason.IP_FRAGMENT)
-        if proto != want_proto:
+        if word4 & 0xFF != want_proto:
             raise drop(DropReason.WRONG_PROTOCOL)
         if udp:
             off = ihl + 8
@@ -649,14 +653,14 @@ def _inbound_path(sa: SecurityAssociation):
         if spi_got != spi:
             raise drop(DropReason.UNKNOWN_SPI)
         if both is not None:                     # both fixed: one comparison
-            if pkt[12:20] != both:
-                if pkt[12:16] != remote:
+            if addrs != both:
+                if addrs >> 32 != remote:
                     raise drop(DropReason.OUTER_SOURCE_MISMATCH)
                 raise drop(DropReason.OUTER_DESTINATION_MISMATCH)
         else:
-            if remote is not None and pkt[12:16] != remote:
+            if remote is not None and addrs >> 32 != remote:
                 raise drop(DropReason.OUTER_SOURCE_MISMATCH)
-            if local is not None and pkt[16:20] != local:
+            if local is not None and addrs & 0xFFFFFFFF != local:
                 raise drop(DropReason.OUTER_DESTINATION_MISMATCH)
         # 4. lifetime
         if now >= sa._deadline or counters.octets >= sa._byte_limit:
@@ -720,7 +724,7 @@ def _inbound_path(sa: SecurityAssociation):
         else:
             replay.bitmap |= 1 << (top - seq)
         counters.last_authenticated_time = now
-        counters._last_source = pkt[12:16]
+        counters._last_source = addrs >> 32
         # 10. inner selector (RFC 4301 §5.2 step 4): remote is the source, local the destination
         if sel_kind:
             if sel_kind == _SEL_GENERAL or first != 0x45 or len(inner) < 24:
