@@ -643,3 +643,22 @@ def test_simultaneous_ike_rekeys_resolve():
     assert len(net.of(IkeSaRekeyed, MN_ADDR)) == 1 and len(net.of(IkeSaRekeyed, GW_ADDR)) == 1
     assert only_sa(I).keys == only_sa(R).keys
     assert_esp_works(I, R)
+
+
+@pytest.mark.parametrize("order", ["crossing", "responder-late"])
+def test_simultaneous_child_rekeys_leave_one_child(order):
+    net, I, R = establish(ike_lifetime_s=None, child_lifetime_s=None, dpd_interval_s=None)
+    si, sr = only_sa(I), only_sa(R)
+    old_i, old_r = only_child(I), only_child(R)
+    out_i = si.rekey_child(old_i.spi_in, 1.0)
+    out_r = sr.rekey_child(old_r.spi_in, 1.0)
+    if order == "crossing":              # both requests are on the wire before any answer
+        net.deliver(out_i + out_r, MN_ADDR)
+    else:                                # the GW's request arrives after the MN's exchange
+        held = out_r
+        net.deliver(out_i, MN_ADDR)
+        net.deliver(held, GW_ADDR)
+    ci, cr = only_child(I), only_child(R)                  # exactly one child on each end
+    assert ci.spi_in == cr.spi_out and ci.spi_out == cr.spi_in
+    assert ci.spi_in != old_i.spi_in
+    assert_esp_works(I, R)

@@ -166,6 +166,8 @@ class IkeSa:
         self.nat_remote = False           # the peer is behind a NAT
         self.children: dict[int, ChildSa] = {}     # by our inbound SPI
         self._child_rekey_at: dict[int, float] = {}
+        # §2.8.1 collisions: old child SPI -> {"ours"/"theirs": (Ni, Nr, new child SPI)}
+        self._collisions: dict[int, dict] = {}
         self._mid_out = 0
         self._mid_in = 0
         self._pending: _Request | None = None
@@ -857,6 +859,21 @@ class IkeSa:
         # §2.8: the initiator of the re-key deletes the old SA
         self._queue.appendleft(_Request("delete_child", ExchangeType.INFORMATIONAL,
                                         {"spis": [old.spi_in]}))
+        self._collision(old.spi_in, "ours", (req.ctx["ni"], nonce.data, child.spi_in))
+
+    def _collision(self, old_spi: int, side: str, nonces: tuple[bytes, bytes, int]) -> None:
+        """§2.8.1: both ends re-keyed the same child.  Of the two new SAs, the one whose
+        exchange used the lowest of the four nonces (octet by octet) is closed by whoever
+        created it, so exactly one survives on both ends."""
+        rec = self._collisions.setdefault(old_spi, {})
+        rec[side] = nonces
+        if "ours" in rec and "theirs" in rec:
+            ours, theirs = rec["ours"], rec["theirs"]
+            del self._collisions[old_spi]
+            if min(ours[0], ours[1], theirs[0], theirs[1]) in (ours[0], ours[1]):
+                self._child_rekey_at.pop(ours[2], None)
+                self._queue.append(_Request("delete_child", ExchangeType.INFORMATIONAL,
+                                            {"spis": [ours[2]]}))
 
     def _on_create_child_request(self, m: Message, local, remote, now) -> None:
         c = self.config
@@ -901,6 +918,10 @@ class IkeSa:
         if old is not None:
             self._child_rekey_at.pop(old.spi_in, None)    # the peer will delete it
             self._out.append(ChildSaRekeyed(self, old, child))
+            p = self._pending
+            if (p is not None and p.kind == "rekey_child" and p.ctx.get("old") == old.spi_in) \
+                    or old.spi_in in self._collisions:
+                self._collision(old.spi_in, "theirs", (nonce.data, nr, child.spi_in))
         else:
             self._out.append(ChildSaEstablished(self, child))
 
@@ -1036,6 +1057,7 @@ class IkeSa:
         for spi in req.ctx["spis"]:
             child = self.children.pop(spi, None)
             self._child_rekey_at.pop(spi, None)
+            self._collisions.pop(spi, None)
             if child is not None:
                 self._out.append(ChildSaDeleted(self, child))
 
@@ -1146,6 +1168,7 @@ class IkeSa:
         for child in ours:
             del self.children[child.spi_in]
             self._child_rekey_at.pop(child.spi_in, None)
+            self._collisions.pop(child.spi_in, None)
             self._out.append(ChildSaDeleted(self, child))
         if moved:
             self._rebind_children(now)
