@@ -406,6 +406,15 @@ def test_strongswan_initiates(lab_factory, suite):
     assert after and after != before and after[0] in lab.charon_sas(), (before, after)
     lab.traffic_both_ways()
 
+    deleted = lab.expect("status")["counts"].get("ChildSaDeleted", 0)
+    answers = len(re.findall(r"parsed INFORMATIONAL response \d+ \[ D \]", lab.charon_log()))
+    lab.ipsec("down", "'mip{*}'")                              # charon deletes the child only
+    lab.expect("wait", event="ChildSaDeleted", count=deleted + 1, timeout=10)
+    assert lab.expect("status")["children"] == []
+    # we answered with the Delete of our inbound half (§1.4.1)
+    assert len(re.findall(r"parsed INFORMATIONAL response \d+ \[ D \]",
+                          lab.charon_log())) == answers + 1
+
     lab.ipsec("down", "mip")                                   # charon deletes: we honour it
     lab.expect("wait", event="IkeSaDeleted", count=2, timeout=10)
     st = lab.expect("status")
