@@ -196,8 +196,15 @@ def _socket_for(args: argparse.Namespace, role: str | None = None) -> str:
     return default_socket(getattr(args, "role", None) or role or "mn")
 
 
+def _quiet_pipe() -> None:
+    """`mipsec status | head` ends quietly (only for commands that own nothing to clean up)."""
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from mipsec.io import control
+    _quiet_pipe()
     path = _socket_for(args)
     try:
         reply = control.request(path, "status")
@@ -304,6 +311,7 @@ def _cmd_lab_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab_status(args: argparse.Namespace) -> int:
+    _quiet_pipe()
     lab = _lab(args)
     replies = {}
     for role in ("ha", "gw", "mn"):
@@ -448,8 +456,6 @@ def _fmt(key: str, value: Any, now: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # `mipsec status | head` ends quietly
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()

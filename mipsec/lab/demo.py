@@ -82,6 +82,12 @@ def phase_figures(sender: dict[str, Any], receiver: dict[str, Any], start: float
 def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: float = 200.0,
                  dwell_s: float = 2.0, keep: bool = False, out: TextIO = sys.stdout) -> int:
     lab = Lab(prefix=prefix)
+    # SIGTERM / SIGHUP (a closed terminal) unwind like Ctrl-C, so the `finally` removes the lab.
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     print(f"mipsec lab demo: building the lab (prefix {prefix!r}, one-way Internet delay "
           f"{delay_ms:g} ms) ...", file=out, flush=True)
     streams = None
