@@ -1,1 +1,8 @@
+"""The only code with sockets, TUN devices, netlink, the clock and signals (docs/design.md).
 
+``tun`` (Linux TUN + fake), ``transports`` (raw / UDP net side + fake), ``loop`` (the event loop
+that drives a sans-I/O role), ``netlink`` (address watcher, routes), ``arp`` (gratuitous ARP),
+``control`` (the control socket), ``pcap`` (captures and Wireshark key files), ``daemon``
+(``mipsec mn|gw|ha``), ``ike_udp`` (the IKE endpoint on UDP 500/4500).  User guide:
+docs/operations.md.
+"""
