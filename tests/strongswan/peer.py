@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.environ.get("MIPSEC_ROOT", "."))
 
 from mipsec.errors import Dropped  # noqa: E402
-from mipsec.ike import config as C  # noqa: E402
+from mipsec.ike.book import ChildSaBook  # noqa: E402
 from mipsec.ike.config import IkeConfig  # noqa: E402
 from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
 from mipsec.io.ike_udp import IkeUdpAdapter  # noqa: E402
@@ -44,9 +44,7 @@ class Peer:
         self.endpoint = IkeEndpoint(ike)
         self.adapter = IkeUdpAdapter(self.endpoint, cfg["address"], on_event=self.on_event,
                                      on_esp=self.on_esp)
-        self.inbound = {}          # spi -> SA
-        self.outbound = None       # current outbound SA
-        self.children = {}         # spi_in -> (child, inbound, outbound)
+        self.book = ChildSaBook()  # the ESP SA pairs the IKE events call for
         self.counts = {}
         self.echo_replies = set()
         self.esp_in = self.esp_out = self.echo_answered = 0
@@ -59,34 +57,15 @@ class Peer:
         name = type(ev).__name__
         self.counts[name] = self.counts.get(name, 0) + 1
         self.log.append({"event": name, "detail": getattr(ev, "reason", "")})
-        now = self.adapter.now()
-        if isinstance(ev, C.ChildSaEstablished):
-            self.install(ev.child, now)
-        elif isinstance(ev, C.ChildSaRekeyed):
-            self.install(ev.new, now)
-        elif isinstance(ev, C.ChildSaDeleted):
-            entry = self.children.pop(ev.child.spi_in, None)
-            if entry:
-                self.inbound.pop(ev.child.spi_in, None)
-                if self.outbound is entry[2]:
-                    self.outbound = next((e[2] for e in self.children.values()), None)
-        elif isinstance(ev, C.PeerAddressChanged):
-            for child, sin, sout in self.children.values():
-                sin.rebind(local=ev.local[0], remote=ev.remote[0])
-                sout.rebind(local=ev.local[0], remote=ev.remote[0])
-
-    def install(self, child, now):
-        sin, sout = child.make_sas(now=now)
-        self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa)) for sa in (sin, sout)]
-        self.children[child.spi_in] = (child, sin, sout)
-        self.inbound[child.spi_in] = sin
-        self.outbound = sout
+        for change, child, sin, sout in self.book.apply(ev, self.adapter.now()):
+            if change == "installed":
+                self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa)) for sa in (sin, sout)]
 
     # --- ESP ---------------------------------------------------------------------------------
     def on_esp(self, outer):
         ihl = (outer[0] & 0x0F) * 4
         spi = int.from_bytes(outer[ihl + 8:ihl + 12], "big")
-        sa = self.inbound.get(spi)
+        sa = self.book.inbound.get(spi)
         if sa is None:
             self.esp_drops["unknown-spi"] = self.esp_drops.get("unknown-spi", 0) + 1
             return
@@ -108,9 +87,9 @@ class Peer:
             self.echo_replies.add((h.source, ident, seq))
 
     def send_inner(self, packet):
-        if self.outbound is None:
+        if self.book.outbound is None:
             return False
-        self.adapter.send_esp(self.outbound.encapsulate(packet, self.adapter.now()))
+        self.adapter.send_esp(self.book.outbound.encapsulate(packet, self.adapter.now()))
         self.esp_out += 1
         return True
 
@@ -154,11 +133,11 @@ class Peer:
             return {"ok": True, "counts": self.counts, "esp_in": self.esp_in,
                     "esp_out": self.esp_out, "echo_answered": self.echo_answered,
                     "esp_drops": self.esp_drops, "ike": self.endpoint.status(), "uat": self.uat,
-                    "children": [c.describe() for c, _, _ in self.children.values()],
+                    "children": [c.describe() for c, _, _ in self.book.pairs.values()],
                     "keys": [{"spi_in": f"{c.spi_in:08x}", "spi_out": f"{c.spi_out:08x}",
                               "encr_in": c.keys.encr_in.hex(), "encr_out": c.keys.encr_out.hex(),
                               "integ_in": c.keys.integ_in.hex(), "integ_out": c.keys.integ_out.hex()}
-                             for c, _, _ in self.children.values()]}
+                             for c, _, _ in self.book.pairs.values()]}
         sa = self.ike_sa()
         now = a.now()
         if op == "rekey_child":

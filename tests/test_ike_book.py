@@ -1,0 +1,68 @@
+"""ChildSaBook: IKE events in, the right ESP SA pairs installed, moved and removed."""
+
+from mipsec.ike.book import ChildSaBook
+from mipsec.ike.sa import State
+
+from test_ike_exchanges import INNER_DOWN, INNER_UP
+from test_ike_harness import GW_ADDR, MN_ADDR, establish
+
+
+def books(net, **kw):
+    out = {MN_ADDR: ChildSaBook(), GW_ADDR: ChildSaBook(**kw)}
+    for who, ev in net.events:
+        out[who].apply(ev)
+    return out
+
+
+def replay(net, b, start):
+    for who, ev in net.events[start:]:
+        b[who].apply(ev)
+    return len(net.events)
+
+
+def works(b):
+    mn, gw = b[MN_ADDR], b[GW_ADDR]
+    up = mn.outbound.encapsulate(INNER_UP)
+    spi = int.from_bytes(up[20:24], "big") if up[9] == 50 else int.from_bytes(up[28:32], "big")
+    assert gw.inbound[spi].decapsulate(up) == INNER_UP
+    down = gw.outbound.encapsulate(INNER_DOWN)
+    spi = int.from_bytes(down[20:24], "big") if down[9] == 50 else int.from_bytes(down[28:32], "big")
+    assert mn.inbound[spi].decapsulate(down) == INNER_DOWN
+
+
+def test_book_follows_rekeys_moves_and_deletes():
+    net, I, R = establish(ike_lifetime_s=None, child_lifetime_s=None, dpd_interval_s=None)
+    b = books(net, inbound_any_source=True)
+    seen = len(net.events)
+    assert len(b[MN_ADDR].pairs) == 1 and b[GW_ADDR].pairs
+    assert next(iter(b[GW_ADDR].inbound.values())).remote is None      # wildcard source
+    works(b)
+
+    sa_i = next(s for s in I.ike_sas if s.is_established)
+    net.deliver(sa_i.rekey_child(next(iter(sa_i.children)), 1.0), MN_ADDR)
+    seen = replay(net, b, seen)
+    assert len(b[MN_ADDR].pairs) == 1 and len(b[GW_ADDR].pairs) == 1
+    works(b)
+
+    net.deliver(sa_i.rekey(2.0), MN_ADDR)                   # IKE re-key: children stay
+    seen = replay(net, b, seen)
+    assert sa_i.state == State.CLOSED and len(b[MN_ADDR].pairs) == 1
+    works(b)
+
+    new_i = next(s for s in I.ike_sas if s.is_established)
+    net.endpoints["172.16.2.10"] = I
+    del net.endpoints[MN_ADDR]
+    net.deliver(new_i.update_addresses(("172.16.2.10", 4500), 3.0), "172.16.2.10")
+    for who, ev in net.events[seen:]:
+        b[MN_ADDR if who == "172.16.2.10" else who].apply(ev)
+    seen = len(net.events)
+    assert b[MN_ADDR].outbound.local == "172.16.2.10"
+    assert b[GW_ADDR].outbound.remote == "172.16.2.10"
+    works(b)
+
+    new_r = next(s for s in R.ike_sas if s.is_established)
+    net.deliver(new_r.delete(4.0), GW_ADDR)
+    for who, ev in net.events[seen:]:
+        b[MN_ADDR if who == "172.16.2.10" else who].apply(ev)
+    assert not b[MN_ADDR].pairs and not b[GW_ADDR].pairs
+    assert b[MN_ADDR].outbound is None and not b[GW_ADDR].inbound
