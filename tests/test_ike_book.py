@@ -66,3 +66,41 @@ def test_book_follows_rekeys_moves_and_deletes():
         b[MN_ADDR if who == "172.16.2.10" else who].apply(ev)
     assert not b[MN_ADDR].pairs and not b[GW_ADDR].pairs
     assert b[MN_ADDR].outbound is None and not b[GW_ADDR].inbound
+
+
+def test_nat_remapping_moves_the_udp_ports_of_the_book_sas():
+    nat = {(MN_ADDR, 500): ("172.16.2.254", 40000), (MN_ADDR, 4500): ("172.16.2.254", 40001)}
+    net, I, R = establish(nat=nat, dpd_interval_s=None)
+    b = books(net)
+    seen = len(net.events)
+    net.nat[(MN_ADDR, 4500)] = ("172.16.2.254", 40777)
+    net.deliver(next(s for s in I.ike_sas if s.is_established).check_liveness(1.0), MN_ADDR)
+    replay(net, b, seen)
+    assert b[GW_ADDR].outbound.udp_encap.remote_port == 40777
+
+
+def test_mobike_onto_a_nat_rekeys_the_child_instead_of_moving_it():
+    net, I, R = establish(dpd_interval_s=None)
+    b = books(net)
+    seen = len(net.events)
+    old = next(iter(b[MN_ADDR].pairs.values()))[0]
+    assert not old.udp_encap
+    # the MN moves behind a NAT
+    new_coa = "192.168.7.10"
+    net.endpoints[new_coa] = I
+    del net.endpoints[MN_ADDR]
+    net.nat = {(new_coa, 4500): ("172.16.2.254", 41000)}
+    sa_i = next(s for s in I.ike_sas if s.is_established)
+    net.deliver(sa_i.update_addresses((new_coa, 4500), 1.0), new_coa)
+    for who, ev in net.events[seen:]:
+        b[MN_ADDR if who == new_coa else who].apply(ev)
+    (child_i, sin_i, sout_i), = b[MN_ADDR].pairs.values()
+    (child_r, sin_r, sout_r), = b[GW_ADDR].pairs.values()
+    assert child_i.udp_encap and child_r.udp_encap and child_i.spi_in != old.spi_in
+    assert child_r.remote_port == 41000
+    up = sout_i.encapsulate(INNER_UP)
+    # the NAT rewrites the outer source address and port
+    from mipsec.wire.ipv4 import Ipv4Header, UdpHeader, build_ipv4, build_udp
+    natted = build_ipv4(Ipv4Header("172.16.2.254", GW_ADDR, 17),
+                        build_udp(UdpHeader(41000, 4500), up[28:]))
+    assert sin_r.decapsulate(natted) == INNER_UP

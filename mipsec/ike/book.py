@@ -59,8 +59,14 @@ class ChildSaBook:
                 if self._owner[spi] is not event.ike_sa:
                     continue
                 local, remote = event.local[0], event.remote[0]
-                sin.rebind(local=local, remote=None if self.inbound_any_source else remote)
-                sout.rebind(local=local, remote=remote)
+                kw = {}
+                if sout.udp_encap is not None and child.udp_encap:
+                    # a NAT may have moved the ports too (RFC 3948)
+                    from mipsec.ipsec.sa import UdpEncap
+                    kw["udp_encap"] = UdpEncap(local_port=event.local[1],
+                                               remote_port=event.remote[1])
+                sin.rebind(local=local, remote=None if self.inbound_any_source else remote, **kw)
+                sout.rebind(local=local, remote=remote, **kw)
                 out.append(("rebound", child, sin, sout))
             return out
         return []

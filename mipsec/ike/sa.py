@@ -1122,9 +1122,19 @@ class IkeSa:
         self._rebind_children(now)
 
     def _rebind_children(self, now: float) -> None:
+        """The outer addresses moved (MOBIKE, a NAT re-mapping): children follow in place.  A
+        child whose encapsulation must change (a NAT appeared or went away) cannot be moved
+        (its ESP SAs keep their sequence and nonce state), so it is re-keyed instead, as
+        strongSwan's kernel-libipsec does."""
         for spi, ch in list(self.children.items()):
+            if ch.udp_encap != self.encap:
+                self.children[spi] = replace(ch, local_address=self.local[0],
+                                             remote_address=self.remote[0])
+                self._queue.append(_Request("rekey_child", ExchangeType.CREATE_CHILD_SA,
+                                            {"old": spi}))
+                continue
             self.children[spi] = replace(ch, local_address=self.local[0],
-                                         remote_address=self.remote[0], udp_encap=self.encap,
+                                         remote_address=self.remote[0],
                                          local_port=self.local[1] if self.encap else 4500,
                                          remote_port=self.remote[1] if self.encap else 4500)
         self._out.append(PeerAddressChanged(self, self.local, self.remote))
