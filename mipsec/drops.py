@@ -59,6 +59,7 @@ class DropReason(str, enum.Enum):
     MIP_HOME_ADDRESS_NOT_OWNED = "mip-home-address-not-owned"  # MN registers another MN's address
     MIP_UNEXPECTED_REPLY = "mip-unexpected-reply"  # reply matches no pending request
     MIP_UNKNOWN_HOME_AGENT = "mip-unknown-home-agent"
+    MIP_BAD_CARE_OF = "mip-bad-care-of"          # CoA 0.0.0.0, broadcast, multicast, loopback, ours
     MIP_NOT_FOR_US = "mip-not-for-us"
     IPIP_UNKNOWN_TUNNEL = "ipip-unknown-tunnel"  # RFC 2003: outer source is no bound CoA
     IPIP_NO_BINDING = "ipip-no-binding"          # HA: packet for a home address with no binding
@@ -72,6 +73,7 @@ class DropReason(str, enum.Enum):
     SIU_STALE_CARE_OF = "siu-stale-care-of"      # compare-and-swap: old CoA is not the current one
     SIU_UNKNOWN_SA = "siu-unknown-sa"
     SIU_UNKNOWN_MOBILE = "siu-unknown-mobile"
+    SIU_RRP_MISMATCH = "siu-rrp-mismatch"        # embedded RRP is not a reply for the SIU's MN
 
     # --- IKEv2 (RFC 7296) -------------------------------------------------------------------------
     IKE_BAD_LENGTH = "ike-bad-length"
