@@ -708,13 +708,15 @@ def _inbound_path(sa: SecurityAssociation):
         if end < 0 or plaintext[end:] != _TAILS[padlen]:
             raise drop(_trailer_reason(plaintext, end, padlen))
         first = plaintext[0]
-        if end >= 20 and (first & 0xF0) == 0x40 and (plaintext[2] << 8 | plaintext[3]) == end:
+        if first == 0x45 and end >= 20 and (plaintext[2] << 8 | plaintext[3]) == end:
             inner = plaintext[:end]
         else:
+            # an IPv4 header (RFC 791) whose IHL is at least 5 and inside its total length,
+            # which ends at the trailer or before it (RFC 4303 §2.4: TFC padding after it)
             inner_total = (plaintext[2] << 8 | plaintext[3]) if end >= 20 else 0
-            if (first & 0xF0) != 0x40 or not 20 <= inner_total < end:
+            if (first & 0xF0) != 0x40 or not 20 <= (first & 0x0F) << 2 <= inner_total <= end:
                 raise drop(DropReason.MALFORMED)
-            inner = plaintext[:inner_total]   # RFC 4303 §2.4: TFC padding after the packet
+            inner = plaintext[:inner_total]
         # 9. the window moves only now (ReplayWindow.update, inlined)
         if seq > top:
             shift = seq - top
