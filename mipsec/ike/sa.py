@@ -1108,6 +1108,22 @@ class IkeSa:
         self._queue_request("mobike", ExchangeType.INFORMATIONAL, now)
         return self._flush()
 
+    def follow_addresses(self, local: Address | None = None, remote: Address | None = None) -> None:
+        """The outer addresses moved by other means than MOBIKE (mipsec's SIU handover: the MN
+        knows its new care-of address, the GW learns it from an authenticated SIU): send what
+        comes next (requests in flight, re-keys, liveness checks) from / to there, and create
+        children with these addresses.  No exchange and no event: the runtime already moved
+        its ESP SAs."""
+        if local is not None:
+            self.local = local
+        if remote is not None:
+            self.remote = remote
+        if self._pending is not None:
+            self._pending.local, self._pending.remote = self.local, self.remote
+        for spi, ch in list(self.children.items()):
+            self.children[spi] = replace(ch, local_address=self.local[0],
+                                         remote_address=self.remote[0])
+
     def _build_mobike(self, req, now):
         req.ctx["local"], req.ctx["remote"] = self.local, self.remote
         return [NotifyPayload(NotifyType.UPDATE_SA_ADDRESSES),

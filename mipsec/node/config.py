@@ -132,6 +132,74 @@ class EspSaConfig:
                                   f"{INTEGRITY_KEY_BYTES[self.integrity]} bytes, got {len(self.integrity_key)}")
 
 
+HANDOVER_MODES = ("siu", "mobike")
+
+
+@dataclass(frozen=True)
+class IkeSettings:
+    """IKEv2 (mipsec.ike) for the MN-GW SA pair, in config-file form (docs/operations.md).
+
+    MN: ``local_id`` (its identity), ``remote_id`` (the GW's), ``psk`` shared with the GW.
+    GW: ``local_id``; the PSK of each MN is in its ``GatewayMobile`` (``ike_id``, ``psk``).
+    Proposals use the text form of mipsec.ike.proposals (``aes256gcm16``, ``aes128-sha256``).
+    """
+    local_id: str
+    remote_id: str = ""
+    psk: bytes = field(default=b"", repr=False)
+    ike_proposals: tuple[str, ...] = ()
+    esp_proposals: tuple[str, ...] = ()
+    pfs_group: str = ""                  # "", "ecp256", "x25519", "modp2048"
+    ike_lifetime_s: float = 14400.0
+    child_lifetime_s: float = 3600.0
+    dpd_interval_s: float = 30.0         # 0: no liveness checks
+    force_encap: bool = False            # always ESP in UDP 4500 (RFC 3948)
+
+    def __post_init__(self) -> None:
+        if not self.local_id:
+            raise ConfigError("ike.local_id: must be set")
+        _check_bytes("ike.psk", self.psk)
+        if self.psk and len(self.psk) < 8:
+            raise ConfigError("ike.psk: at least 8 bytes")
+        from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
+        for p in self.ike_proposals:
+            parse_ike_suite(p)
+        for p in self.esp_proposals:
+            parse_esp_suite(p)
+        if self.pfs_group not in ("", "ecp256", "x25519", "modp2048"):
+            raise ConfigError(f"ike.pfs_group: one of ecp256, x25519, modp2048 or empty, "
+                              f"got {self.pfs_group!r}")
+        for name in ("ike_lifetime_s", "child_lifetime_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ike.{name}: must be > 0")
+        if self.dpd_interval_s < 0:
+            raise ConfigError("ike.dpd_interval_s: must be >= 0")
+
+    def ike_config(self, *, psks: dict[str, bytes], mobike: bool, local_ts: tuple[str, ...],
+                   remote_ts: tuple[str, ...], initiator_of: str | None = None) -> Any:
+        """The mipsec.ike IkeConfig for these settings."""
+        from mipsec.ike.config import IkeConfig
+        d: dict[str, Any] = {
+            "local_id": self.local_id, "psks": psks, "mobike": mobike,
+            "local_ts": list(local_ts), "remote_ts": list(remote_ts),
+            "ike_lifetime_s": self.ike_lifetime_s, "child_lifetime_s": self.child_lifetime_s,
+            "dpd_interval_s": self.dpd_interval_s or None, "force_encap": self.force_encap,
+        }
+        if initiator_of:
+            d["remote_id"] = initiator_of
+        if self.ike_proposals:
+            d["ike_proposals"] = list(self.ike_proposals)
+        if self.esp_proposals:
+            d["esp_proposals"] = list(self.esp_proposals)
+        if self.pfs_group:
+            d["pfs_group"] = self.pfs_group
+        return IkeConfig.from_dict(d)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in HANDOVER_MODES:
+        raise ConfigError(f"handover_mode: one of {', '.join(HANDOVER_MODES)}, got {mode!r}")
+
+
 @dataclass(frozen=True)
 class MobileNodeConfig:
     name: str
@@ -140,13 +208,15 @@ class MobileNodeConfig:
     gateway: str                     # the GW's outside address (outer destination of our ESP)
     home_prefix: str                 # e.g. "10.1.0.0/24"
     msa: MobilitySecurityAssociationConfig
-    esp_in: EspSaConfig              # GW -> MN
-    esp_out: EspSaConfig             # MN -> GW
+    esp_in: EspSaConfig | None = None     # GW -> MN (manual keys; None with IKEv2)
+    esp_out: EspSaConfig | None = None    # MN -> GW
     lifetime_s: int = REG_LIFETIME_S
     retransmit_initial_s: float = RETRANSMIT_INITIAL_S
     retransmit_max_s: float = RETRANSMIT_MAX_S
     max_attempts: int = RETRANSMIT_MAX_ATTEMPTS
     renew_fraction: float = RENEW_FRACTION
+    ike: IkeSettings | None = None        # IKEv2 negotiates the SA pair with the GW
+    handover_mode: str = "siu"            # "siu" | "mobike" (needs ike)
 
     def __post_init__(self) -> None:
         _check_address("home_address", self.home_address)
@@ -164,8 +234,19 @@ class MobileNodeConfig:
             raise ConfigError(f"max_attempts: at least 1, got {self.max_attempts}")
         if not 0.1 <= self.renew_fraction < 1.0:
             raise ConfigError(f"renew_fraction: in [0.1, 1.0), got {self.renew_fraction}")
-        if self.esp_in.spi == self.esp_out.spi:
-            raise ConfigError("esp_in.spi and esp_out.spi must differ")
+        _check_mode(self.handover_mode)
+        if self.ike is None:
+            if self.esp_in is None or self.esp_out is None:
+                raise ConfigError("esp_in and esp_out: needed without [ike] (manual keys)")
+            if self.esp_in.spi == self.esp_out.spi:
+                raise ConfigError("esp_in.spi and esp_out.spi must differ")
+            if self.handover_mode != "siu":
+                raise ConfigError("handover_mode 'mobike' needs IKEv2 ([ike])")
+        else:
+            if not self.ike.remote_id:
+                raise ConfigError("ike.remote_id: the GW's IKE identity must be set on an MN")
+            if not self.ike.psk:
+                raise ConfigError("ike.psk: the MN's pre-shared key with the GW must be set")
 
 
 @dataclass(frozen=True)
@@ -173,13 +254,23 @@ class GatewayMobile:
     """One MN as the GW knows it: its SAs and where its tunnel may go."""
     home_address: str
     home_agent: str
-    esp_in: EspSaConfig              # MN -> GW (wildcard source)
-    esp_out: EspSaConfig             # GW -> MN (re-pointed by SIUs)
+    esp_in: EspSaConfig | None       # MN -> GW (wildcard source); None with IKEv2
+    esp_out: EspSaConfig | None      # GW -> MN (re-pointed by SIUs)
     allowed_destinations: tuple[str, ...]   # prefixes, e.g. ("10.1.0.2/32", "10.1.0.0/24")
+    ike_id: str = ""                 # IKEv2: the MN's identity (IDi) ...
+    psk: bytes = field(default=b"", repr=False)   # ... and its pre-shared key
 
     def __post_init__(self) -> None:
         _check_address("mobile.home_address", self.home_address)
         _check_address("mobile.home_agent", self.home_agent)
+        _check_bytes("mobile.psk", self.psk)
+        if (self.esp_in is None) != (self.esp_out is None):
+            raise ConfigError(f"mobile {self.home_address}: esp_in and esp_out go together")
+        if self.esp_in is None and not (self.ike_id and self.psk):
+            raise ConfigError(f"mobile {self.home_address}: needs esp_in/esp_out (manual keys) "
+                              f"or ike_id and psk (IKEv2)")
+        if self.psk and len(self.psk) < 8:
+            raise ConfigError(f"mobile {self.home_address}: psk at least 8 bytes")
         for p in self.allowed_destinations:
             _check_prefix(f"mobile {self.home_address}: allowed_destinations", p)
 
@@ -205,13 +296,23 @@ class GatewayConfig:
     inside_address: str
     mobiles: tuple[GatewayMobile, ...] = ()
     home_agents: tuple[GatewayHomeAgent, ...] = ()
+    ike: IkeSettings | None = None   # IKEv2 responder for the MNs with ike_id / psk
+    handover_mode: str = "siu"       # "mobike": also accept MOBIKE address updates
 
     def __post_init__(self) -> None:
         _check_address("outside_address", self.outside_address)
         _check_address("inside_address", self.inside_address)
+        _check_mode(self.handover_mode)
         seen: set[Any] = set()
         for m in self.mobiles:
-            for key in (("home", m.home_address), ("spi", m.esp_in.spi), ("spi", m.esp_out.spi)):
+            if m.esp_in is None and self.ike is None:
+                raise ConfigError(f"mobile {m.home_address}: no esp_in/esp_out and no [ike]")
+            keys = [("home", m.home_address)]
+            if m.esp_in is not None:
+                keys += [("spi", m.esp_in.spi), ("spi", m.esp_out.spi)]
+            if m.ike_id:
+                keys.append(("ike_id", m.ike_id))
+            for key in keys:
                 if key in seen:
                     raise ConfigError(f"gateway mobiles: duplicate {key[0]} {key[1]!r}")
                 seen.add(key)
@@ -240,7 +341,8 @@ class HomeAgentMobile:
     home_address: str
     msa: MobilitySecurityAssociationConfig
     gateway: str                     # the GW's inside address (where SIUs go)
-    gateway_spi: int                 # the GW's outbound SPI for this MN (names the SA in the SIU)
+    gateway_spi: int = 0             # the GW's outbound SPI for this MN (names the SA in the SIU);
+                                     #   0 = not known (IKEv2): the GW's SIU ACKs teach it
 
     def __post_init__(self) -> None:
         _check_address("mobile.home_address", self.home_address)
@@ -289,6 +391,8 @@ LAB_FIRST_HOME_ADDRESS = "10.1.0.100"
 LAB_SPI_MN_TO_GW = 0x10000000
 LAB_SPI_GW_TO_MN = 0x20000000
 LAB_MSA_SPI = 0x1000
+LAB_GW_IKE_ID = "gw.mipsec.lab"
+LAB_IKE_DOMAIN = "mipsec.lab"
 
 
 @dataclass(frozen=True)
@@ -320,13 +424,23 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
                      msa_algorithm: str = "hmac-md5", udp_encap: bool = False,
                      lifetime_s: int = REG_LIFETIME_S,
                      retransmit_initial_s: float = RETRANSMIT_INITIAL_S,
-                     max_attempts: int = RETRANSMIT_MAX_ATTEMPTS) -> LabConfigs:
+                     max_attempts: int = RETRANSMIT_MAX_ATTEMPTS, sa_source: str = "manual",
+                     handover_mode: str = "siu",
+                     ike: dict[str, Any] | None = None) -> LabConfigs:
     """A matching HA / GW / MN config set on the docs/design.md addressing plan.
 
     ``keys_from`` is where key bytes come from: ``None`` (os.urandom), a ``random.Random``
     (reproducible) or a callable ``n -> bytes``.  MN ``i`` gets home address 10.1.0.100 + i; with
     more than 150 MNs the home prefix becomes 10.1.0.0/16.
+
+    ``sa_source="ikev2"``: no ESP keys; the MN and the GW get ``IkeSettings`` (identities
+    ``mn<i>@mipsec.lab`` and ``gw.mipsec.lab``, one random PSK per MN; ``ike`` overrides
+    ``IkeSettings`` fields, e.g. ``{"child_lifetime_s": 60}``), the HA ``gateway_spi=0``.
     """
+    if sa_source not in ("manual", "ikev2"):
+        raise ConfigError(f"sa_source: 'manual' or 'ikev2', got {sa_source!r}")
+    use_ike = sa_source == "ikev2"
+    ike_extra = dict(ike or {})
     if not isinstance(n_mobiles, int) or not 1 <= n_mobiles <= 60000:
         raise ConfigError(f"n_mobiles: in [1, 60000], got {n_mobiles!r}")
     rnd = _key_source(keys_from)
@@ -346,19 +460,32 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
     for i in range(n_mobiles):
         home = lab_home_address(i, n_mobiles)
         msa = MobilitySecurityAssociationConfig(spi=LAB_MSA_SPI + i, key=rnd(16), algorithm=msa_algorithm)
-        to_gw, to_mn = esp(LAB_SPI_MN_TO_GW + i), esp(LAB_SPI_GW_TO_MN + i)
+        name = f"mn{i + 1}" if n_mobiles > 1 else "mn"
+        if use_ike:
+            to_gw = to_mn = None
+            ike_id, psk = f"{name}@{LAB_IKE_DOMAIN}", rnd(32)
+            mn_ike = IkeSettings(local_id=ike_id, remote_id=LAB_GW_IKE_ID, psk=psk, **ike_extra)
+        else:
+            to_gw, to_mn = esp(LAB_SPI_MN_TO_GW + i), esp(LAB_SPI_GW_TO_MN + i)
+            ike_id, psk, mn_ike = "", b"", None
         mns.append(MobileNodeConfig(
-            name=f"mn{i + 1}" if n_mobiles > 1 else "mn", home_address=home, home_agent=LAB_HA,
+            name=name, home_address=home, home_agent=LAB_HA,
             gateway=LAB_GW_OUTSIDE, home_prefix=prefix, msa=msa, esp_in=to_mn, esp_out=to_gw,
             lifetime_s=lifetime_s, retransmit_initial_s=retransmit_initial_s,
-            retransmit_max_s=max(RETRANSMIT_MAX_S, retransmit_initial_s), max_attempts=max_attempts))
+            retransmit_max_s=max(RETRANSMIT_MAX_S, retransmit_initial_s), max_attempts=max_attempts,
+            ike=mn_ike, handover_mode=handover_mode))
         gw_mobiles.append(GatewayMobile(home_address=home, home_agent=LAB_HA, esp_in=to_gw, esp_out=to_mn,
-                                        allowed_destinations=(f"{LAB_HA}/32", prefix)))
+                                        allowed_destinations=(f"{LAB_HA}/32", prefix),
+                                        ike_id=ike_id, psk=psk))
         ha_mobiles.append(HomeAgentMobile(home_address=home, msa=msa, gateway=LAB_GW_INSIDE,
-                                          gateway_spi=to_mn.spi))
+                                          gateway_spi=to_mn.spi if to_mn else 0))
     gw = GatewayConfig(name="gw", outside_address=LAB_GW_OUTSIDE, inside_address=LAB_GW_INSIDE,
                        mobiles=tuple(gw_mobiles),
-                       home_agents=(GatewayHomeAgent(address=LAB_HA, key_id=1, key=siu_key),))
+                       home_agents=(GatewayHomeAgent(address=LAB_HA, key_id=1, key=siu_key),),
+                       ike=(IkeSettings(local_id=LAB_GW_IKE_ID,
+                                        **{k: v for k, v in ike_extra.items() if k != "psk"})
+                            if use_ike else None),
+                       handover_mode=handover_mode)
     ha = HomeAgentConfig(name="ha", address=LAB_HA, home_prefix=prefix,
                          gateways=(HomeAgentGateway(address=LAB_GW_INSIDE, key_id=1, key=siu_key),),
                          mobiles=tuple(ha_mobiles))

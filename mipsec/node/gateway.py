@@ -47,6 +47,7 @@ Binding state machine per MN (``Binding``):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import Counter
 from typing import Any, Callable, Iterable
@@ -59,7 +60,12 @@ from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
 from mipsec.node.actions import Action, Log, RebindSa, SendToNet, TimelineEvent, WriteToTun
-from mipsec.node.config import MIP_PORT, GatewayConfig
+from mipsec.ike.config import (
+    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
+    IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
+)
+from mipsec.node.config import MIP_PORT, GatewayConfig, GatewayMobile
+from mipsec.node.ike import RoleIke
 from mipsec.node.mobile_node import make_sa
 from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, parse_prefix,
@@ -68,6 +74,7 @@ from mipsec.node.packet import (
 from mipsec.wire.siu import Siu, SiuFlags, SiuType
 
 UNBOUND_ADDRESS = "0.0.0.0"
+LINEAGE_SPIS = 16          # earlier outbound SPIs per MN an SIU may still name (re-keys)
 
 
 class Binding(enum.Enum):
@@ -79,7 +86,8 @@ class Mobile:
     """What the GW keeps per MN."""
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
-                 "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes", "retired")
+                 "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes", "retired",
+                 "old_inbound", "lineage", "aliases", "ike_sa", "installed_at")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
@@ -95,6 +103,17 @@ class Mobile:
         self.retired: bytes | None = None   # its last deregistered CoA (downlink -> NO_SA)
         self.packets_up = 0
         self.packets_down = 0
+        self.old_inbound: dict[int, SecurityAssociation] = {}  # re-keyed, kept until deleted
+        self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
+        self.aliases: list[bytes] = []    # MOBIKE: CoAs the HA may still tunnel to (docs §2.4)
+        self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
+        self.installed_at = 0.0
+
+    def names_spi(self, spi: int) -> bool:
+        """docs/protocol.md §2.2 step 2: the SIU's Gateway SA Identifier names this MN's SA pair
+        when it is the current outbound SPI, 0 ("the SA that currently serves this home
+        address"), or an earlier outbound SPI of this MN that a re-key replaced."""
+        return spi == self.outbound.spi or spi == 0 or spi in self.lineage
 
     @property
     def binding(self) -> Binding:
@@ -153,7 +172,18 @@ class VpnGateway:
         self.timeline: list[TimelineEvent] = []
         self.record_data_path = False      # timeline is for the control plane only
         self._random = random
+        # IKEv2 responder (docs/ikev2.md "Integration"): MNs known by identity, PSK per MN
+        self.ike: RoleIke | None = None
+        self._by_ike_id: dict[str, GatewayMobile] = {m.ike_id: m for m in config.mobiles
+                                                     if m.ike_id}
+        if config.ike is not None and self._by_ike_id:
+            self.ike = RoleIke(config.ike.ike_config(
+                psks={m.ike_id: m.psk for m in self._by_ike_id.values()},
+                mobike=config.handover_mode == "mobike", local_ts=("0.0.0.0/0",),
+                remote_ts=("0.0.0.0/0",)), random=random)
         for m in config.mobiles:
+            if m.esp_in is None:
+                continue                     # its SAs come from IKEv2
             inbound = make_sa(m.esp_in, Direction.INBOUND, local=self.outside, remote=None,
                               now=now, random=random)
             outbound = make_sa(m.esp_out, Direction.OUTBOUND, local=self.outside,
@@ -177,6 +207,9 @@ class VpnGateway:
         if old is not None:
             self.remove_mobile(home_address)
         mobile = Mobile(home_address, home_agent, inbound_sa, outbound_sa, allowed_destinations)
+        mobile.installed_at = now
+        if old is not None:
+            mobile.lineage = (old.lineage + [old.outbound.spi])[-LINEAGE_SPIS:]
         self.sad.add(inbound_sa)
         self.mobiles[home_address] = mobile
         self._by_spi[inbound_sa.spi] = mobile
@@ -191,9 +224,14 @@ class VpnGateway:
             del self._retired[mobile.retired]
         self.sad.remove(mobile.inbound.spi)
         self._by_spi.pop(mobile.inbound.spi, None)
+        for spi in mobile.old_inbound:
+            self.sad.remove(spi)
+            self._by_spi.pop(spi, None)
+        mobile.old_inbound.clear()
         self._unbind(mobile)
 
     def _unbind(self, mobile: Mobile, retire: bool = False) -> None:
+        self._drop_aliases(mobile)
         if mobile.care_of is not None:
             key = a2b(mobile.care_of)
             if self._by_care_of.get(key) is mobile:
@@ -235,6 +273,11 @@ class VpnGateway:
             return self._siu(packet, now)
         if dst != self._outside_b:
             return self._drop(DropReason.MIP_NOT_FOR_US)
+        if self.ike is not None and RoleIke.is_ike(packet, proto, ihl):
+            outputs, reason = self.ike.receive(packet, now)
+            if reason is not None:
+                return self._drop(reason)
+            return self._ike_outputs(outputs, now)
         if proto != IPPROTO_ESP and proto != IPPROTO_UDP:
             return self._drop(DropReason.WRONG_PROTOCOL)
         sa = self.sad.lookup(packet)
@@ -293,13 +336,19 @@ class VpnGateway:
             siu = self.verifier.verify(b2a(src), payload)
         except ParseError as exc:
             return self._refuse(now, exc.reason, source=b2a(packet[12:16]))
+        before = self.mobiles.get(siu.home_address)
+        mobile_was_fresh = before is not None and before.fresh
         actions = self._apply_siu(siu, now)
         mobile = self.mobiles.get(siu.home_address)
         if (mobile is not None and mobile.home_agent == siu.sender
-                and siu.gateway_spi == mobile.outbound.spi and siu.type != SiuType.ACK):
-            # ACK what we did with it (also a refusal as stale: R tells the HA where we are)
-            ack = self._ack_signers[siu.sender].build_ack(siu, sa_remote=mobile.care_of,
-                                                          wallclock=self.wallclock())
+                and (mobile.names_spi(siu.gateway_spi) or mobile_was_fresh)
+                and siu.type != SiuType.ACK):
+            # ACK what we did with it (also a refusal as stale: R tells the HA where we are),
+            # naming the SPI of the SA that serves the MN now: the HA learns it from here
+            # (docs/protocol.md §2.2, "SPIs negotiated by IKEv2")
+            ack = self._ack_signers[siu.sender].build_ack(
+                dataclasses.replace(siu, gateway_spi=mobile.outbound.spi),
+                sa_remote=mobile.care_of, wallclock=self.wallclock())
             actions.append(SendToNet(build_udp_packet(self._inside_b, a2b(siu.sender), SIU_PORT,
                                                       SIU_PORT, ack)))
         return actions
@@ -311,7 +360,9 @@ class VpnGateway:
         if mobile.home_agent != siu.sender:
             return self._refuse(now, DropReason.SIU_UNKNOWN_SENDER, home_address=siu.home_address,
                                 sender=siu.sender)
-        if siu.gateway_spi != mobile.outbound.spi:
+        if not (mobile.names_spi(siu.gateway_spi) or mobile.fresh):
+            # a fresh pair (new SAs from IKE, never bound) takes any SPI, as it takes any old
+            # CoA: the HA cannot know the SPI the GW just negotiated
             return self._refuse(now, DropReason.SIU_UNKNOWN_SA, home_address=siu.home_address,
                                 spi=siu.gateway_spi)
         old = None if siu.old_care_of == UNBOUND_ADDRESS else siu.old_care_of
@@ -320,10 +371,18 @@ class VpnGateway:
         actions: list[Action] = []
         if siu.type == SiuType.UPDATE and new is not None:
             if current == new:
-                pass                                   # a repeat (retransmitted RRQ): RRP only
+                # a repeat (retransmitted RRQ), or MOBIKE moved the SA here already: RRP only
+                if mobile.aliases:
+                    self._drop_aliases(mobile)
+                    tl.record(self.timeline, now, self.name, "gw-siu-confirms-mobike",
+                              home_address=mobile.home_address, care_of=new,
+                              sequence=siu.sequence)
             elif current == old or mobile.fresh:
                 self._bind(mobile, new)
                 mobile.outbound.rebind(remote=new)
+                if mobile.ike_sa is not None:
+                    # the IKE SA follows the binding: re-keys and liveness checks go there
+                    mobile.ike_sa.follow_addresses(remote=(new, mobile.ike_sa.remote[1]))
                 actions.append(RebindSa(mobile.outbound.spi, mobile.outbound.local, new))
                 tl.record(self.timeline, now, self.name, "gw-sa-repointed",
                           home_address=mobile.home_address, old=current, new=new,
@@ -381,15 +440,143 @@ class VpnGateway:
                   care_of=care_of, **({"rejected": True} if to is not None else {}))
         return [SendToNet(outer)]
 
-    # --- timers (none: bindings live as long as the HA says) and status ------------------------
+    # --- IKEv2 -----------------------------------------------------------------------------
+    def rekey_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
+                     outbound_sa: SecurityAssociation, now: float = 0.0) -> list[Action]:
+        """A re-key (IKEv2 CREATE_CHILD_SA): the new pair replaces the MN's SAs at once and keeps
+        the binding (the outbound SA points where the old one did); the old inbound SA keeps
+        receiving until ``retire_inbound`` (its Delete, RFC 7296 §2.8)."""
+        mobile = self.mobiles[home_address]
+        if inbound_sa.remote is not None:
+            raise UsageError("rekey_mobile: the inbound SA must have a wildcard source")
+        old_in, old_out = mobile.inbound, mobile.outbound
+        mobile.old_inbound[old_in.spi] = old_in
+        outbound_sa.rebind(remote=mobile.care_of or UNBOUND_ADDRESS)
+        mobile.lineage = (mobile.lineage + [old_out.spi])[-LINEAGE_SPIS:]
+        mobile.inbound, mobile.outbound = inbound_sa, outbound_sa
+        self.sad.add(inbound_sa)
+        self._by_spi[inbound_sa.spi] = mobile
+        tl.record(self.timeline, now, self.name, "gw-sas-rekeyed", home_address=home_address,
+                  inbound_spi=inbound_sa.spi, outbound_spi=outbound_sa.spi,
+                  old_outbound_spi=old_out.spi, care_of=mobile.care_of)
+        return [RebindSa(outbound_sa.spi, outbound_sa.local, outbound_sa.remote)]
+
+    def retire_inbound(self, spi: int, now: float = 0.0) -> list[Action]:
+        """Forget an inbound SA (deleted by IKE); if it was the MN's current one, the MN's
+        entry goes with it (no SA pair left: its downlink then finds no policy)."""
+        mobile = self._by_spi.get(spi)
+        if mobile is None:
+            return []
+        if mobile.old_inbound.pop(spi, None) is not None:
+            self.sad.remove(spi)
+            del self._by_spi[spi]
+            return []
+        if mobile.inbound.spi == spi and self.mobiles.get(mobile.home_address) is mobile:
+            self.remove_mobile(mobile.home_address)
+            tl.record(self.timeline, now, self.name, "mobile-removed",
+                      home_address=mobile.home_address, spi=spi)
+        return []
+
+    def _ike_outputs(self, outputs: list, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for out in outputs:
+            if out.__class__ is SendDatagram:
+                actions += RoleIke.run([out])[0]
+            else:
+                actions += self._ike_event(out, now)
+        return actions
+
+    def _ike_mobile(self, ike_sa: Any) -> Mobile | None:
+        cfg = self._by_ike_id.get(ike_sa.peer_id or "")
+        return self.mobiles.get(cfg.home_address) if cfg is not None else None
+
+    def _ike_event(self, ev: Any, now: float) -> list[Action]:
+        cls = ev.__class__
+        if cls is ChildSaEstablished:
+            cfg = self._by_ike_id.get(ev.ike_sa.peer_id or "")
+            if cfg is None:               # cannot happen: only configured identities have a PSK
+                return [Log("warning", f"child SA for unknown IKE identity {ev.ike_sa.peer_id}")]
+            sin, sout = ev.child.make_sas(now=now, inbound_any_source=True)
+            sout.rebind(remote=UNBOUND_ADDRESS)           # the HA's next SIU binds it
+            actions = self.install_mobile(cfg.home_address, sin, sout, home_agent=cfg.home_agent,
+                                          allowed_destinations=cfg.allowed_destinations, now=now)
+            mobile = self.mobiles[cfg.home_address]
+            mobile.ike_sa = ev.ike_sa
+            self.ike.note(now, f"{cfg.ike_id}: child {ev.child.spi_in:08x}/"
+                               f"{ev.child.spi_out:08x} installed")
+            tl.record(self.timeline, now, self.name, "gw-sas-installed",
+                      home_address=cfg.home_address, ike_id=cfg.ike_id, inbound_spi=sin.spi,
+                      outbound_spi=sout.spi, peer=ev.ike_sa.remote[0])
+            return actions
+        if cls is ChildSaRekeyed:
+            mobile = self._ike_mobile(ev.ike_sa)
+            if mobile is None or mobile.ike_sa is not ev.ike_sa:
+                return []
+            sin, sout = ev.new.make_sas(now=now, inbound_any_source=True)
+            self.ike.note(now, f"{ev.ike_sa.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
+                               f"{ev.new.spi_out:08x}")
+            return self.rekey_mobile(mobile.home_address, sin, sout, now)
+        if cls is ChildSaDeleted:
+            return self.retire_inbound(ev.child.spi_in, now)
+        if cls is IkeSaRekeyed:
+            for m in self.mobiles.values():
+                if m.ike_sa is ev.old and ev.new is not None:
+                    m.ike_sa = ev.new
+            self.ike.note(now, f"IKE SA {ev.old.name} re-keyed")
+            return []
+        if cls is PeerAddressChanged:
+            mobile = self._ike_mobile(ev.ike_sa)
+            if mobile is None or mobile.ike_sa is not ev.ike_sa:
+                return []
+            return self._mobike_move(mobile, ev.remote[0], now)
+        if cls is IkeSaEstablished:
+            self.ike.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id} at {ev.remote[0]}")
+            return []
+        if cls is IkeSaDeleted or cls is IkeSaFailed:
+            self.ike.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
+            return []
+        return []
+
+    def _mobike_move(self, mobile: Mobile, new: str, now: float) -> list[Action]:
+        """MOBIKE (RFC 4555) moved the MN's IKE SA: move its outbound SA there now.  The HA's
+        binding still names the old CoA until the registration reaches it, so packets it
+        tunnels to the old CoA keep being matched to this MN (an alias) and go to the new one;
+        the HA's SIU then finds the SA "already there" and drops the alias (docs/protocol.md
+        §2.4)."""
+        old = mobile.care_of
+        if old is None or old == new:
+            return []        # never bound: the SIU binds it (the HA has not heard of it yet)
+        mobile.aliases.append(a2b(old))
+        mobile.care_of = new
+        key = a2b(new)
+        self._by_care_of[key] = mobile
+        self._retired.pop(key, None)
+        mobile.outbound.rebind(remote=new)
+        tl.record(self.timeline, now, self.name, "gw-sa-moved-by-mobike",
+                  home_address=mobile.home_address, old=old, new=new, spi=mobile.outbound.spi)
+        return [RebindSa(mobile.outbound.spi, mobile.outbound.local, new)]
+
+    def _drop_aliases(self, mobile: Mobile) -> None:
+        current = a2b(mobile.care_of) if mobile.care_of is not None else None
+        for key in mobile.aliases:
+            if key != current and self._by_care_of.get(key) is mobile:
+                del self._by_care_of[key]
+        mobile.aliases.clear()
+
+    # --- timers (IKE's; bindings live as long as the HA says) and status -----------------------
     def handle_event(self, event: object, now: float) -> list[Action]:
         raise UsageError(f"GW {self.name}: unknown event {event!r}")
 
     def get_timer(self) -> float | None:
-        return None
+        return self.ike.get_timer() if self.ike is not None else None
 
     def handle_timer(self, now: float) -> list[Action]:
-        return []
+        if self.ike is None:
+            return []
+        t = self.ike.get_timer()
+        if t is None or now < t:
+            return []
+        return self._ike_outputs(self.ike.handle_timer(now), now)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -402,6 +589,8 @@ class VpnGateway:
                     "sas": {"inbound": m.inbound.describe(), "outbound": m.outbound.describe()},
                 } for m in self.mobiles.values()},
             "siu_last_sequence": dict(self.verifier.last_sequence),
+            "handover_mode": self.config.handover_mode,
+            **({"ike": self.ike.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
             "sad_drops": {str(k): v for k, v in self.sad.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),

@@ -153,6 +153,7 @@ class HomeAgent:
         self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways})
         self._gw_care_of: dict[str, str | None] = {}
         self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes]] = {}
+        self._acked: dict[str, int] = {}       # home -> sequence of the GW's latest ACK
         self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
         self._expiry: list[tuple[float, str]] = []
         self.drops: Counter[DropReason] = Counter()
@@ -335,6 +336,12 @@ class HomeAgent:
             return self._drop(DropReason.SIU_UNKNOWN_MOBILE)
         reported = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
         self._gw_care_of[home] = reported
+        self._acked[home] = siu.sequence
+        if siu.gateway_spi and siu.gateway_spi != mobile.gateway_spi:
+            # docs/protocol.md §2.2: the ACK names the SA that serves the MN now (IKEv2 re-keys
+            # and re-establishment change it): name that one from now on
+            mobile = self._mobiles[home] = dataclasses.replace(mobile, gateway_spi=siu.gateway_spi)
+            self._record(now, "gateway-spi-learned", home_address=home, spi=siu.gateway_spi)
         last = self._last_siu.get(home)
         if last is None or last[0] != siu.sequence:
             return []                    # an older SIU's ACK: the latest one's will follow
@@ -354,10 +361,16 @@ class HomeAgent:
              new: str | None, lifetime: int, rrp: bytes, correction: bool = False) -> SendToNet:
         signer = self._signers[mobile.gateway]
         sequence = signer.next_sequence
+        last = self._last_siu.get(mobile.home_address)
+        spi = mobile.gateway_spi
+        if last is not None and self._acked.get(mobile.home_address) != last[0]:
+            # our last SIU for this MN went unanswered (lost, or the GW no longer knows that
+            # SPI: a restarted GW): name "the SA that serves this home address" (0) instead
+            spi = 0
         self._last_siu[mobile.home_address] = (sequence, type, new, rrp)
         data = signer.build(type, home_address=mobile.home_address,
                             old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
-                            gateway_spi=mobile.gateway_spi, lifetime=lifetime, rrp=rrp,
+                            gateway_spi=spi, lifetime=lifetime, rrp=rrp,
                             wallclock=self.wallclock(), forward_rrp=bool(rrp))
         self._record(now, "siu-sent", home_address=mobile.home_address, type=type.name.lower(),
                      old=old, new=new, gateway=mobile.gateway, sequence=sequence,

@@ -53,7 +53,13 @@ from mipsec.node.actions import (
     Action, CareOfAddressChanged, Log, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
     TimelineEvent, WriteToTun,
 )
+from mipsec.ike.config import (
+    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
+    IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
+)
+from mipsec.ike.sa import State as IkeState
 from mipsec.node.config import MIP_PORT, EspSaConfig, MobileNodeConfig
+from mipsec.node.ike import IKE_PORT, RoleIke
 from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, build_udp_packet, in_prefix,
     parse_prefix, parse_udp_packet, peek_ipv4, udp_ports,
@@ -63,6 +69,7 @@ from mipsec.wire.mip import (
 )
 
 UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
+IKE_RETRY_S = 5.0           # a failed / lost IKE SA is started again after this long
 
 
 class RegState(enum.Enum):
@@ -145,10 +152,26 @@ class MobileNode:
         self._ha_b = a2b(config.home_agent)
         self._home_net = parse_prefix(config.home_prefix)
         self.msa = MobilitySecurityAssociation(config.msa.spi, config.msa.key, config.msa.algorithm)
-        self.inbound = make_sa(config.esp_in, Direction.INBOUND, local=None,
-                               remote=config.gateway, now=now, random=random)
-        self.outbound = make_sa(config.esp_out, Direction.OUTBOUND, local=UNSPECIFIED,
-                                remote=config.gateway, now=now, random=random)
+        # IKEv2 (docs/ikev2.md "Integration"): no SAs until the first child SA is up
+        self.ike: RoleIke | None = None
+        self._ike_sa: Any = None                 # the IKE SA we use with the GW
+        self._ike_retry_at: float | None = None
+        self._inbound_sas: dict[int, SecurityAssociation] = {}   # IKE: re-keyed ones too
+        self._pairs: dict[int, tuple[Any, SecurityAssociation, SecurityAssociation]] = {}
+        self.inbound: SecurityAssociation | None
+        self.outbound: SecurityAssociation | None
+        if config.ike is None:
+            self.inbound = make_sa(config.esp_in, Direction.INBOUND, local=None,
+                                   remote=config.gateway, now=now, random=random)
+            self.outbound = make_sa(config.esp_out, Direction.OUTBOUND, local=UNSPECIFIED,
+                                    remote=config.gateway, now=now, random=random)
+        else:
+            self.inbound = self.outbound = None
+            ike = config.ike
+            self.ike = RoleIke(ike.ike_config(
+                psks={ike.remote_id: ike.psk}, mobike=config.handover_mode == "mobike",
+                local_ts=("0.0.0.0/0",), remote_ts=(config.home_prefix,),
+                initiator_of=ike.remote_id), random=random)
         self.state = RegState.IDLE
         self.care_of: str | None = None
         self._care_of_b: bytes | None = None
@@ -192,7 +215,7 @@ class MobileNode:
             return self._drop(exc.reason)
         if self.state in (S.AT_HOME, S.DEREGISTERING):
             return [SendToNet(packet, self.interface)]
-        if self.care_of is None:
+        if self.care_of is None or self.outbound is None:
             return self._drop(DropReason.NO_SA)
         try:
             tunnelled = ipip.encapsulate(packet, self.care_of, self._ha)
@@ -210,6 +233,8 @@ class MobileNode:
             proto, src, dst, ihl = peek_ipv4(packet)
         except ParseError as exc:
             return self._drop(exc.reason)
+        if self.ike is not None and RoleIke.is_ike(packet, proto, ihl):
+            return self._ike_packet(packet, now)
         if proto == IPPROTO_UDP:
             ports = udp_ports(packet, ihl)
             if ports is None:
@@ -221,8 +246,15 @@ class MobileNode:
         if self._old_care_of_b is not None and dst != self._care_of_b and dst != self._old_care_of_b:
             # make-before-break: the SA takes any destination, we only the old and the new CoA
             return self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
+        sa = self.inbound
+        if self._inbound_sas:
+            # IKEv2: the old SA of a re-key still receives until its Delete (RFC 7296 §2.8)
+            at = ihl + 8 if proto == IPPROTO_UDP else ihl
+            sa = self._inbound_sas.get(int.from_bytes(packet[at:at + 4], "big"), sa)
+        if sa is None:
+            return self._drop(DropReason.NO_SA)
         try:
-            inner = self.inbound.decapsulate(packet, now)
+            inner = sa.decapsulate(packet, now)
             iproto, isrc, idst, iihl = peek_ipv4(inner)
             if iproto == IPPROTO_IPIP:
                 outer_src, _outer_dst, innermost = ipip.decapsulate(inner)
@@ -295,9 +327,12 @@ class MobileNode:
         self.registered_until = now + reply.lifetime
         # a zero lifetime (never granted by our HA to a request with one) must not spin renewals
         self._renew_at = (now + reply.lifetime * self.config.renew_fraction) if reply.lifetime else None
-        if self._old_care_of_b is not None:
+        if self._old_care_of_b is not None and self.inbound is not None:
             # make-before-break done: from now on only the new CoA
             self._old_care_of_b = None
+            for sa in self._inbound_sas.values():
+                if sa is not self.inbound:
+                    sa.rebind(local=self.care_of)
             self.inbound.rebind(local=self.care_of)
             actions.append(RebindSa(self.inbound.spi, self.care_of, self.inbound.remote))
         return actions
@@ -314,16 +349,20 @@ class MobileNode:
             if self.state is S.AT_HOME:
                 return []
             self._record(now, "reestablish-requested", attempts=attempts)
-            return [Log("warning", f"registration of {self.home_address} via {self.care_of} failed "
-                                   f"{attempts} times: the tunnel must be re-established"),
-                    ReestablishRequested(self.home_address, self.care_of, attempts)]
+            actions: list[Action] = [
+                Log("warning", f"registration of {self.home_address} via {self.care_of} failed "
+                               f"{attempts} times: the tunnel must be re-established"),
+                ReestablishRequested(self.home_address, self.care_of, attempts)]
+            if self.ike is not None and self.care_of is not None:
+                actions += self._ike_reestablish(now)
+            return actions
         self._transition(event)
         self._attempts += 1
         timeout = min(cfg.retransmit_initial_s * (2 ** (self._attempts - 1)), cfg.retransmit_max_s)
         self._deadline = now + timeout
         return [self._send_rrq(now)]
 
-    def _send_rrq(self, now: float) -> SendToNet:
+    def _send_rrq(self, now: float) -> SendToNet | Log:
         ident = self.msa.new_identification(self.wallclock())
         self._pending_id = ident
         if self._pending_dereg:
@@ -343,7 +382,14 @@ class MobileNode:
             return SendToNet(build_udp_packet(self._home_b, self._ha_b, MIP_PORT, MIP_PORT, data),
                              self.interface)
         inner = build_udp_packet(self._care_of_b, self._ha_b, MIP_PORT, MIP_PORT, data)
-        return SendToNet(self.outbound.encapsulate(inner, now), self.interface)
+        if self.outbound is None:        # IKEv2: the SAs are gone (deleted); the retry will tell
+            self.drops[DropReason.NO_SA] += 1
+            return Log("debug", "registration request not sent: no SA with the GW")
+        try:
+            return SendToNet(self.outbound.encapsulate(inner, now), self.interface)
+        except (Dropped, SaExhausted) as exc:
+            self.drops[getattr(exc, "reason", DropReason.SA_EXHAUSTED)] += 1
+            return Log("debug", f"registration request not sent: {exc}")
 
     # --- events and timers ---------------------------------------------------------------------
     def handle_event(self, event: object, now: float) -> list[Action]:
@@ -372,16 +418,27 @@ class MobileNode:
         self._record(now, "coa-changed", old=old, new=coa, make_before_break=event.make_before_break)
         keep_old = event.make_before_break and old is not None and old != coa
         self._old_care_of_b = a2b(old) if keep_old else None
-        self.outbound.rebind(local=coa)
-        self.inbound.rebind(local=None if keep_old else coa)
-        actions: list[Action] = [RebindSa(self.outbound.spi, coa, self.outbound.remote),
-                                 RebindSa(self.inbound.spi, self.inbound.local, self.inbound.remote)]
-        self._record(now, "sa-repointed", care_of=coa, inbound_spi=self.inbound.spi,
-                     outbound_spi=self.outbound.spi, inbound_local=self.inbound.local or "*")
         self._awaiting_first_downlink = True
         self._pending_dereg = False
         self._attempts = 0
         self._renew_at = None
+        if self.outbound is None:
+            # IKEv2 and no SA pair yet: negotiate from this CoA; register once the child is up
+            self._pending_id = self._deadline = None
+            if self.state is not S.REGISTERING:
+                self._transition(RegEvent.MOVED)
+            return self._ike_start(now)
+        self.outbound.rebind(local=coa)
+        self.inbound.rebind(local=None if keep_old else coa)
+        actions: list[Action] = [RebindSa(self.outbound.spi, coa, self.outbound.remote),
+                                 RebindSa(self.inbound.spi, self.inbound.local, self.inbound.remote)]
+        for sa in self._inbound_sas.values():
+            if sa is not self.inbound:
+                sa.rebind(local=None if keep_old else coa)
+        self._record(now, "sa-repointed", care_of=coa, inbound_spi=self.inbound.spi,
+                     outbound_spi=self.outbound.spi, inbound_local=self.inbound.local or "*")
+        if self.ike is not None:
+            actions += self._ike_moved(coa, now)
         actions += self._attempt(now, RegEvent.MOVED)
         return actions
 
@@ -398,11 +455,23 @@ class MobileNode:
         return self._attempt(now, RegEvent.RETURNED_HOME)
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self._deadline, self._renew_at) if t is not None]
+        times = [t for t in (self._deadline, self._renew_at, self._ike_retry_at) if t is not None]
+        if self.ike is not None:
+            t = self.ike.get_timer()
+            if t is not None:
+                times.append(t)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
+        if self.ike is not None:
+            t = self.ike.get_timer()
+            if t is not None and now >= t:
+                actions += self._ike_outputs(self.ike.handle_timer(now), now)
+            if self._ike_retry_at is not None and now >= self._ike_retry_at:
+                self._ike_retry_at = None
+                if self.care_of is not None and self.state in AWAY:
+                    actions += self._ike_start(now)
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
             if self._attempts < self.config.max_attempts:
@@ -435,6 +504,145 @@ class MobileNode:
             actions += self._attempt(now, RegEvent.SAS_INSTALLED)
         return actions
 
+    # --- IKEv2 (docs/ikev2.md "Integration") ---------------------------------------------------
+    def _ike_packet(self, packet: bytes, now: float) -> list[Action]:
+        outputs, reason = self.ike.receive(packet, now)
+        if reason is not None:
+            return self._drop(reason)
+        return self._ike_outputs(outputs, now)
+
+    def _ike_outputs(self, outputs: list, now: float) -> list[Action]:
+        """Datagrams -> SendToNet (from our interface), events -> SA changes, in order."""
+        actions: list[Action] = []
+        for out in outputs:
+            if out.__class__ is SendDatagram:
+                actions += RoleIke.run([out], self.interface)[0]
+            else:
+                actions += self._ike_event(out, now)
+        return actions
+
+    def _ike_alive(self) -> Any:
+        sa = self._ike_sa
+        return sa if sa is not None and sa.state != IkeState.CLOSED else None
+
+    def _ike_start(self, now: float) -> list[Action]:
+        """Negotiate from the current CoA: follow with the IKE SA we have (still setting up, or
+        up but without children), else start one."""
+        sa = self._ike_alive()
+        local = (self.care_of, IKE_PORT)
+        if sa is not None and (sa.children or sa.state != IkeState.ESTABLISHED):
+            sa.follow_addresses(local=(self.care_of, sa.local[1]))
+            return []
+        self.ike.note(now, f"initiate from {self.care_of}")
+        self._record(now, "ike-initiated", care_of=self.care_of, gateway=self.config.gateway)
+        out = self.ike.endpoint.initiate(local, (self.config.gateway, IKE_PORT), now)
+        self._ike_sa = self._newest_ike_sa()
+        return self._ike_outputs(out, now)
+
+    def _ike_reestablish(self, now: float) -> list[Action]:
+        """After ``max_attempts`` failed registrations: a new IKE SA and child SAs from the
+        current CoA (INITIAL_CONTACT makes the GW drop the old ones), then register again."""
+        self.ike.note(now, f"re-establish from {self.care_of}")
+        self._record(now, "ike-reestablish", care_of=self.care_of)
+        self._ike_sa = None                   # its deletion below must not start another
+        out = self.ike.endpoint.reestablish((self.care_of, IKE_PORT),
+                                            (self.config.gateway, IKE_PORT), now)
+        new = self._newest_ike_sa()
+        actions = self._ike_outputs(out, now)
+        self._ike_sa = new
+        return actions
+
+    def _newest_ike_sa(self) -> Any:
+        live = [sa for sa in self.ike.endpoint.ike_sas if sa.state != IkeState.CLOSED]
+        return max(live, key=lambda sa: sa.created) if live else None
+
+    def _ike_moved(self, coa: str, now: float) -> list[Action]:
+        """The CoA changed: MOBIKE mode tells the GW by UPDATE_SA_ADDRESSES (RFC 4555 §3.5);
+        SIU mode just sends from there (the GW learns the CoA from the HA's SIU)."""
+        sa = self._ike_alive()
+        if sa is None:
+            return []
+        if (self.config.handover_mode == "mobike" and sa.is_established and sa.peer_mobike
+                and sa.config.mobike):
+            self._record(now, "mobike-update-sent", care_of=coa)
+            return self._ike_outputs(sa.update_addresses((coa, sa.local[1]), now), now)
+        sa.follow_addresses(local=(coa, sa.local[1]))
+        return []
+
+    def _ike_event(self, ev: Any, now: float) -> list[Action]:
+        cls = ev.__class__
+        if cls is IkeSaEstablished:
+            self.ike.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id}")
+            self._record(now, "ike-established", peer=ev.peer_id, remote=ev.remote[0])
+            self._ike_sa = ev.ike_sa
+            return []
+        if cls is ChildSaEstablished:
+            sin, sout = self._child_sas(ev.child, now)
+            self.ike.note(now, f"child {ev.child.spi_in:08x}/{ev.child.spi_out:08x} up")
+            return self.install_sas(sin, sout, now)
+        if cls is ChildSaRekeyed:
+            sin, sout = self._child_sas(ev.new, now)
+            self.ike.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}")
+            return self._swap_sas(sin, sout, now)
+        if cls is ChildSaDeleted:
+            return self._child_deleted(ev.child.spi_in, now)
+        if cls is IkeSaRekeyed:
+            if ev.new is not None and ev.old is self._ike_sa:
+                self._ike_sa = ev.new
+            self.ike.note(now, "IKE SA re-keyed")
+            self._record(now, "ike-rekeyed", care_of=self.care_of,
+                         local=ev.new.local[0] if ev.new is not None else None)
+            return []
+        if cls is IkeSaDeleted or cls is IkeSaFailed:
+            self.ike.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
+            self._record(now, "ike-ended", reason=ev.reason)
+            if ev.ike_sa is self._ike_sa:
+                self._ike_sa = None
+                if self.care_of is not None and self.state in AWAY:
+                    self._ike_retry_at = now + (IKE_RETRY_S if cls is IkeSaFailed else 0.0)
+            return [Log("info", f"IKE SA with the GW ended: {ev.reason}")]
+        if cls is PeerAddressChanged:
+            return []        # our own MOBIKE update completed: the SAs moved already
+        return []
+
+    def _child_sas(self, child: Any, now: float) -> tuple[SecurityAssociation, SecurityAssociation]:
+        sin, sout = child.make_sas(now=now)
+        self._pairs[child.spi_in] = (child, sin, sout)
+        self._inbound_sas[sin.spi] = sin
+        return sin, sout
+
+    def _swap_sas(self, inbound: SecurityAssociation, outbound: SecurityAssociation,
+                  now: float) -> list[Action]:
+        """A re-key: the new pair carries the traffic at once, at the current CoA; the GW's
+        binding does not change, so there is nothing to register."""
+        old_in = self.inbound
+        self.inbound, self.outbound = inbound, outbound
+        actions: list[Action] = []
+        if self.care_of is not None:
+            inbound.rebind(local=None if self._old_care_of_b is not None else self.care_of)
+            outbound.rebind(local=self.care_of)
+            actions += [RebindSa(outbound.spi, self.care_of, outbound.remote),
+                        RebindSa(inbound.spi, inbound.local, inbound.remote)]
+        self._record(now, "sas-rekeyed", inbound_spi=inbound.spi, outbound_spi=outbound.spi,
+                     old_inbound_spi=old_in.spi if old_in is not None else None,
+                     care_of=self.care_of)
+        return actions
+
+    def _child_deleted(self, spi_in: int, now: float) -> list[Action]:
+        entry = self._pairs.pop(spi_in, None)
+        if entry is None:
+            return []
+        _child, sin, sout = entry
+        self._inbound_sas.pop(sin.spi, None)
+        if self.inbound is sin or self.outbound is sout:
+            newest = next(reversed(self._pairs.values()), None)
+            if newest is None:
+                self.inbound = self.outbound = None
+            else:
+                self.inbound, self.outbound = newest[1], newest[2]
+        self._record(now, "sas-deleted", inbound_spi=sin.spi, outbound_spi=sout.spi)
+        return []
+
     def status(self) -> dict[str, Any]:
         return {
             "role": "mn", "name": self.name, "state": self.state.value,
@@ -443,7 +651,10 @@ class MobileNode:
             "registration": {"lifetime_granted": self.lifetime_granted,
                              "registered_until": self.registered_until,
                              "attempts": self._attempts, "pending": self._pending_id is not None},
-            "sas": {"inbound": self.inbound.describe(), "outbound": self.outbound.describe()},
+            "sas": {"inbound": self.inbound.describe() if self.inbound is not None else None,
+                    "outbound": self.outbound.describe() if self.outbound is not None else None},
+            "handover_mode": self.config.handover_mode,
+            **({"ike": self.ike.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
         }

@@ -28,7 +28,12 @@ OTHER_KINDS = (
     "binding-expired", "siu-refused", "rrq-retransmitted", "sas-installed", "mobile-installed",
     "binding-deregistered", "gw-binding-retired", "returned-home",
 )
-KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS)
+IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
+    "ike-initiated", "ike-established", "ike-rekeyed", "ike-ended", "ike-reestablish",
+    "sas-rekeyed", "sas-deleted", "mobike-update-sent", "gw-sas-installed", "gw-sas-rekeyed",
+    "gw-sa-moved-by-mobike", "gw-siu-confirms-mobike", "mobile-removed", "gateway-spi-learned",
+)
+KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS)
 TIMELINE_MAX_EVENTS = 200_000       # a long-running daemon forgets the oldest half beyond this
 
 

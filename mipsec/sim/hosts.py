@@ -30,7 +30,7 @@ from mipsec.sim.core import Simulator
 from mipsec.sim.network import Host, Interface, a2b
 
 _ROLE_PROTOCOLS = {50}
-_ROLE_UDP_PORTS = {4500, 434}
+_ROLE_UDP_PORTS = {4500, 434, 500}   # ESP in UDP, registration, IKEv2
 
 
 class Driver:

@@ -1,0 +1,85 @@
+"""IKEv2 inside a role (sans-I/O): the glue between ``mipsec.ike.IkeEndpoint`` and the roles.
+
+``RoleIke`` owns one ``IkeEndpoint`` and speaks the roles' language: whole IPv4 packets in,
+actions out.  Both the simulator and the daemons get IKE this way, unchanged:
+
+* ``is_ike(packet)``: UDP to port 500, or to port 4500 with the RFC 3948 non-ESP marker (or a
+  NAT keepalive).  ESP in UDP 4500 (no marker) stays with the SAs.
+* ``receive(packet, now)`` feeds the UDP payload to the endpoint with the packet's addresses and
+  ports; ``run(outputs, interface)`` turns the endpoint's outputs into role actions: every
+  ``SendDatagram`` becomes a ``SendToNet`` of a complete IPv4 + UDP packet (UDP checksum on,
+  RFC 768), the events are returned separately for the role to act on (install SAs, re-key ...).
+* the endpoint's timer is merged into the role's ``get_timer`` / ``handle_timer``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from mipsec.drops import DropReason
+from mipsec.errors import ParseError
+from mipsec.ike.config import IkeConfig, SendDatagram
+from mipsec.ike.constants import NAT_KEEPALIVE, NON_ESP_MARKER
+from mipsec.ike.endpoint import IkeEndpoint
+from mipsec.node.actions import Action, SendToNet
+from mipsec.node.packet import IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_udp_packet
+
+IKE_PORT = 500          # RFC 7296 §2
+
+
+class RoleIke:
+    def __init__(self, config: IkeConfig, *, random: Callable[[int], bytes] | None = None):
+        self.endpoint = IkeEndpoint(config, random=random or os.urandom)
+        self.config = config
+        self.last_events: list[tuple[float, str]] = []     # for status: (time, what)
+
+    @staticmethod
+    def is_ike(packet: bytes, proto: int, ihl: int) -> bool:
+        if proto != IPPROTO_UDP or len(packet) < ihl + 8:
+            return False
+        dport = int.from_bytes(packet[ihl + 2:ihl + 4], "big")
+        if dport == IKE_PORT:
+            return True
+        if dport == NAT_T_PORT:
+            payload = packet[ihl + 8:ihl + 12]
+            return payload == NON_ESP_MARKER or packet[ihl + 8:] == NAT_KEEPALIVE
+        return False
+
+    def receive(self, packet: bytes, now: float) -> tuple[list, DropReason | None]:
+        """The endpoint's outputs for one IKE packet, or a drop reason (bad UDP framing)."""
+        try:
+            src, dst, sport, dport, payload = parse_udp_packet(packet)
+        except ParseError as exc:
+            return [], exc.reason
+        return self.endpoint.receive_datagram(payload, (b2a(dst), dport), (b2a(src), sport),
+                                              now), None
+
+    @staticmethod
+    def run(outputs: list, interface: str | None = None) -> tuple[list[Action], list[Any]]:
+        """(actions, events): datagrams become ``SendToNet``; events keep their order."""
+        actions: list[Action] = []
+        events: list[Any] = []
+        for out in outputs:
+            if out.__class__ is SendDatagram:
+                actions.append(SendToNet(build_udp_packet(
+                    a2b(out.local[0]), a2b(out.remote[0]), out.local[1], out.remote[1], out.data),
+                    interface))
+            else:
+                events.append(out)
+        return actions, events
+
+    def get_timer(self) -> float | None:
+        return self.endpoint.get_timer()
+
+    def handle_timer(self, now: float) -> list:
+        return self.endpoint.handle_timer(now)
+
+    def note(self, now: float, what: str) -> None:
+        self.last_events.append((now, what))
+        del self.last_events[:-16]
+
+    def status(self) -> dict[str, Any]:
+        st = self.endpoint.status()
+        st["events"] = [{"time": t, "event": w} for t, w in self.last_events]
+        return st
