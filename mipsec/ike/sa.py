@@ -331,17 +331,20 @@ class IkeSa:
             self._close(IkeSaDeleted(self, "superseded by its re-key"))
             return self._flush()
         if self.state == State.ESTABLISHED:
+            # the requests below return (flush) what they send at once: keep it, in order
             c = self.config
+            sent: list = []
             if self._rekey_at is not None and now >= self._rekey_at:
                 self._rekey_at = None
-                self.rekey(now)
+                sent += self.rekey(now)
             for spi, at in list(self._child_rekey_at.items()):
                 if now >= at and spi in self.children:
                     del self._child_rekey_at[spi]
-                    self.rekey_child(spi, now)
+                    sent += self.rekey_child(spi, now)
             if (c.dpd_interval_s and self._pending is None and not self._queue
                     and now >= self.last_heard + c.dpd_interval_s):
-                self.check_liveness(now)
+                sent += self.check_liveness(now)
+            self._out[:0] = sent
             if self.encap and (self.nat_local or c.force_encap) \
                     and now >= self._last_sent + c.nat_keepalive_s:
                 self._out.append(SendDatagram(NAT_KEEPALIVE, self.local, self.remote, True))
