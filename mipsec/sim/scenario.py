@@ -65,14 +65,32 @@ def merged_timeline(topo: Topology, index: int = 0) -> list[TimelineEvent]:
 
 def gw_log(topo: Topology) -> list[tuple[int, float, str, Any]]:
     """The GW's actions in order: (position, time, kind, detail): "send" (ESP to a CoA) and
-    "ack" (SIU ACK to the HA) -> destination, "rebind" -> new remote."""
+    "ack" (SIU ACK to the HA), "ike" (IKEv2 to an MN) -> destination, "rebind" -> new remote."""
     out = []
     for pos, (time, action) in enumerate(topo.gw.driver.log or ()):
         if isinstance(action, SendToNet):
             packet = action.packet
             ihl = (packet[0] & 0x0F) * 4
-            is_ack = packet[9] == 17 and int.from_bytes(packet[ihl + 2:ihl + 4], "big") == SIU_PORT
-            out.append((pos, time, "ack" if is_ack else "send", b2a(packet[16:20])))
+            dport = int.from_bytes(packet[ihl + 2:ihl + 4], "big") if packet[9] == 17 else None
+            if dport == SIU_PORT:
+                kind = "ack"
+            elif dport == 500 or (dport == 4500 and packet[ihl + 8:ihl + 12] == bytes(4)):
+                kind = "ike"
+            else:
+                kind = "send"
+            out.append((pos, time, kind, b2a(packet[16:20])))
         elif isinstance(action, RebindSa):
             out.append((pos, time, "rebind", action.remote))
     return out
+
+
+def restart_gateway(topo: Topology) -> Any:
+    """The GW process restarts: a new ``VpnGateway`` from the same configuration, with no SAs
+    negotiated by IKE, no bindings and no SIU replay state (docs/protocol.md §2.3)."""
+    from mipsec.node.gateway import VpnGateway
+    old = topo.gw.role
+    new = VpnGateway(old.config, wallclock=old.wallclock)
+    topo.gw.role = new
+    topo.gw.driver.role = new
+    topo.gw.driver.rearm()
+    return new
