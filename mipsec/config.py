@@ -122,7 +122,34 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> DaemonConf
     daemon = _build(DaemonSettings, data.get("daemon", {}), path, "daemon")
     _check_daemon(daemon, role, path)
     node = _build(ROLE_CLASS[role], data[section], path, section)
+    _check_sa_source(daemon, role, node, path, section)
     return DaemonConfig(role=role, daemon=daemon, node=node, path=path)
+
+
+def _check_sa_source(d: DaemonSettings, role: str, node: Any, path: str, section: str) -> None:
+    """``sa_source`` and the role table must agree: "ikev2" needs [<role>.ike] (and, at the GW,
+    ike_id + psk per mobile); "manual" needs the ESP keys (esp_in / esp_out)."""
+    if role == "ha":
+        return                                # the HA has no ESP SAs; it learns the GW's SPIs
+    where = _where(path, "daemon", "sa_source")
+    if d.sa_source == "ikev2":
+        if node.ike is None:
+            raise ConfigError(f"{where}: 'ikev2' needs a [{section}.ike] table "
+                              f"(local_id{', remote_id, psk' if role == 'mn' else ''})")
+        if role == "gw":
+            for m in node.mobiles:
+                if not (m.ike_id and m.psk):
+                    raise ConfigError(f"{where}: 'ikev2': mobile {m.home_address} needs ike_id "
+                                      f"and psk in [[gateway.mobiles]]")
+    else:
+        mobiles = [node] if role == "mn" else list(node.mobiles)
+        for m in mobiles:
+            if m.esp_in is None or m.esp_out is None:
+                who = "" if role == "mn" else f" (mobile {m.home_address})"
+                raise ConfigError(f"{where}: 'manual' needs esp_in and esp_out{who}; "
+                                  f"or set sa_source = \"ikev2\"")
+        if node.handover_mode != "siu":
+            raise ConfigError(f"{where}: handover_mode 'mobike' needs sa_source = \"ikev2\"")
 
 
 def _where(path: str, table: str, key: str | None = None) -> str:
@@ -142,6 +169,9 @@ def _build(cls: type, table: Any, path: str, name: str) -> Any:
     for fname, f in fields.items():
         if fname not in table:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if type(None) in typing.get_args(hints[fname]):
+                    kwargs[fname] = None            # an optional table left out (esp_in with IKEv2)
+                    continue
                 raise ConfigError(f"{_where(path, name, fname)}: missing key")
             continue
         kwargs[fname] = _convert(hints[fname], table[fname], path, name, fname)
@@ -231,8 +261,6 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
         raise bad("home_interface", "missing key: a home agent needs its home-link interface")
     if not 1 <= d.route_table <= 0xFFFFFFFF or d.route_table in (253, 254, 255):
         raise bad("route_table", f"must be a free routing table id (not 253-255), got {d.route_table}")
-    if d.sa_source == "ikev2":
-        raise bad("sa_source", "'ikev2' is not available in the daemons yet; use 'manual'")
 
 
 def check_runtime(cfg: DaemonConfig) -> None:
@@ -345,9 +373,12 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
     """
     lay = layout or KeySetLayout()
     lab = node_config.make_lab_configs(n_mobiles, keys_from, **lab_kwargs)
+    sa_source = lab_kwargs.get("sa_source", "manual")
 
     def settings(role: str, name: str, **kw: Any) -> DaemonSettings:
         pcap = os.path.join(lay.pcap_dir, f"{name}.pcap") if lay.pcap_dir else ""
+        if role != "ha":
+            kw["sa_source"] = sa_source
         return DaemonSettings(tun=lay.tun_names[role],
                               control_socket=os.path.join(lay.run_dir, f"{name}.sock"),
                               pcap=pcap, **kw)

@@ -244,9 +244,14 @@ def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
         assert ping_cn_to_mn(lab) >= 1
         proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T",
                                "fields", "-E", "separator=;", "-e", "udp.port", "-e",
-                               "esp.icv_good", "-e", "mip.type"],
+                               "esp.icv_good", "-e", "mip.type", "-e", "isakmp.ispi"],
                               capture_output=True, text=True, timeout=120)
-        rows = [line.split(";") for line in proc.stdout.splitlines()]
+        all_rows = [line.split(";") for line in proc.stdout.splitlines()]
+        # IKEv2 negotiated the SAs: its packets start on 500 and float to 4500 (NAT-T forced)
+        ike = [r for r in all_rows if r[3]]
+        assert ike and all(r[0] in ("500,500", "4500,4500") for r in ike), ike[:5]
+        assert any(r[0] == "4500,4500" for r in ike), ike[:5]
+        rows = [r for r in all_rows if not r[3]]
         assert rows and all(r[0].startswith("4500,4500") for r in rows), rows[:5]
         assert all(r[1] == "1" for r in rows), rows[:5]
         assert {"1", "3"} <= {t for r in rows for t in r[2].split(",") if t}

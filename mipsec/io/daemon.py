@@ -36,6 +36,7 @@ log = logging.getLogger("mipsec.daemon")
 
 MIP_PORT = 434                 # RFC 5944 §3.1
 NAT_T_PORT = 4500              # RFC 3948
+IKE_PORT = 500                 # RFC 7296 §2
 
 
 def siu_port() -> int:
@@ -67,13 +68,15 @@ def make_role(cfg: DaemonConfig, wallclock=time.time, now: float | None = None) 
 
 
 def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
-    """The esp_sa key-file entries for this daemon's SAs, from its configuration."""
+    """The esp_sa key-file entries for this daemon's SAs, from its configuration (manual keys;
+    IKEv2-negotiated SAs are added as they are installed, see ``role_sas``)."""
     sas = []
     if cfg.role == "mn":
         sas = [cfg.node.esp_in, cfg.node.esp_out]
     elif cfg.role == "gw":
         for m in cfg.node.mobiles:
             sas += [m.esp_in, m.esp_out]
+    sas = [sa for sa in sas if sa is not None]
     out = []
     for sa in sas:
         if sa.encryption not in pcapmod.TSHARK_ENCRYPTION:
@@ -84,6 +87,31 @@ def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
                                           encryption_key=sa.encryption_key,
                                           integrity=sa.integrity, integrity_key=sa.integrity_key))
     return out
+
+
+def role_sas(role: Any) -> list[Any]:
+    """Every ESP SA object the role holds now (current pairs, re-keyed inbound SAs)."""
+    sas: list[Any] = []
+    if hasattr(role, "mobiles"):                  # GW
+        for m in role.mobiles.values():
+            sas += [m.inbound, m.outbound, *m.old_inbound.values()]
+    else:                                         # MN
+        sas += [role.inbound, role.outbound]
+        for _child, sin, sout in getattr(role, "_pairs", {}).values():
+            sas += [sin, sout]
+    return [sa for sa in sas if sa is not None]
+
+
+def sa_key_line(sa: Any) -> str | None:
+    """The esp_sa record of an SA with wildcard addresses (valid across rebinds and moves), or
+    None when Wireshark cannot decrypt its cipher."""
+    try:
+        fields = sa.tshark_esp_sa_entry()
+    except Exception:
+        return None
+    fields = list(fields)
+    fields[1] = fields[2] = "*"
+    return ",".join(f'"{f}"' for f in fields)
 
 
 def _jsonable(value: Any) -> Any:
@@ -120,6 +148,8 @@ class Daemon:
         self.started_wall = time.time()
         self._tun_home_configured = False
         self._away: set[str] = set()          # HA: home addresses currently steered into the TUN
+        self._key_lines: list[str] = []       # every SA ever used (IKEv2): the key file keeps all
+        self._key_spis: set[int] = set()
         self.announcer: arp.Announcer | None = None
         self._closed = False
 
@@ -148,10 +178,20 @@ class Daemon:
         if d.pcap:
             self.pcap = pcapmod.PcapWriter(d.pcap)
         if cfg.keyfile:
-            pcapmod.write_esp_sa_file(cfg.keyfile, esp_entries(cfg))
+            self._key_lines = [e.uat_line() for e in esp_entries(cfg)]
+            pcapmod.write_esp_sa_file(cfg.keyfile, self._key_lines)
         self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
                               pcap=self.pcap)
+        if cfg.keyfile and getattr(self.role, "ike", None) is not None:
+            # IKEv2: rewrite the key file whenever SAs appear, keeping every SA ever used, so
+            # the whole capture decrypts (docs/operations.md "Captures")
+            dispatch = self.loop.dispatch
+
+            def dispatch_and_keys(actions: list[Any]) -> None:
+                dispatch(actions)
+                self._update_keyfile()
+            self.loop.dispatch = dispatch_and_keys
         if cfg.role == "gw":
             # The GW's capture is its outside: packets from or to its outside address (ESP and
             # UDP-encapsulated ESP), not the SIUs on the inside.
@@ -167,6 +207,22 @@ class Daemon:
             for event in self.watcher.initial_events():
                 self.loop.feed_event(event)
 
+    def _update_keyfile(self) -> None:
+        new = False
+        for sa in role_sas(self.role):
+            if sa.spi in self._key_spis:
+                continue
+            self._key_spis.add(sa.spi)
+            line = sa_key_line(sa)
+            if line is not None:
+                self._key_lines.append(line)
+                new = True
+        if new:
+            try:
+                pcapmod.write_esp_sa_file(self.cfg.keyfile, self._key_lines)
+            except OSError as exc:
+                log.warning("key file %s: %s", self.cfg.keyfile, exc)
+
     def _name(self) -> str:
         return getattr(self.cfg.node, "name", self.cfg.role)
 
@@ -175,7 +231,13 @@ class Daemon:
         out: list[Any] = []
         if cfg.role in ("mn", "gw"):
             out.append(transports.RawReceiver(transports.IPPROTO_ESP, "esp"))
-            if self._uses_udp_encap():
+            if self._uses_ike():
+                # IKEv2 (RFC 7296 §2): UDP 500, and 4500 for NAT-T (IKE with the non-ESP
+                # marker and ESP in UDP, RFC 3948), both rebuilt into whole IPv4 + UDP packets
+                where = cfg.node.outside_address if cfg.role == "gw" else "0.0.0.0"
+                out.append(transports.UdpReceiver(IKE_PORT, where, name="ike"))
+                out.append(transports.UdpReceiver(NAT_T_PORT, where, name="ike-esp-udp"))
+            elif self._uses_udp_encap():
                 out.append(transports.UdpReceiver(NAT_T_PORT, name="esp-udp"))
         if cfg.role == "mn":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
@@ -188,11 +250,14 @@ class Daemon:
             out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack"))
         return out
 
+    def _uses_ike(self) -> bool:
+        return self.cfg.role in ("mn", "gw") and self.cfg.daemon.sa_source == "ikev2"
+
     def _uses_udp_encap(self) -> bool:
         node = self.cfg.node
-        if self.cfg.role == "mn":
-            return node.esp_in.udp_encap or node.esp_out.udp_encap
-        return any(m.esp_in.udp_encap or m.esp_out.udp_encap for m in node.mobiles)
+        mobiles = [node] if self.cfg.role == "mn" else list(node.mobiles)
+        return any(m.esp_in is not None and (m.esp_in.udp_encap or m.esp_out.udp_encap)
+                   for m in mobiles)
 
     # --- per-role kernel wiring ----------------------------------------------------------------
 

@@ -102,7 +102,11 @@ class Lab:
     # --- up / down ---------------------------------------------------------------------------
 
     def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str = "ENCR_AES_GCM_16",
-           udp_encap: bool = False, wait: bool = True) -> None:
+           udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
+           handover_mode: str = "siu", ike: dict[str, Any] | None = None) -> None:
+        """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
+        (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
+        written into the configs (``"manual"``, ``mipsec lab up --manual-keys``)."""
         left = topo.existing_namespaces(self.prefix)
         if left:   # refuse before touching anything: a second `up` must not break the first lab
             raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
@@ -114,7 +118,9 @@ class Lab:
             if delay_ms > 0:
                 self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
                                            "--delay-ms", str(delay_ms)])
-            self.write_configs(encryption=encryption, udp_encap=udp_encap)
+            self.write_configs(**lab_key_kwargs(encryption, udp_encap, sa_source, handover_mode,
+                                                ike))
+            self.save_state(sa_source=sa_source, handover_mode=handover_mode)
             for role in ROLES:
                 self.start_daemon(role)
             for role in ROLES:
@@ -124,6 +130,18 @@ class Lab:
         except BaseException:
             self.down()
             raise
+
+    def restart_daemon(self, role: str) -> int:
+        """Stop a daemon (SIGTERM) and start it again from its config: it forgets every SA
+        IKE negotiated, its bindings and SIU state (the re-establishment test)."""
+        pid = self.pid(role)
+        self.kill(role)
+        deadline = time.monotonic() + 5.0
+        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = self.start_daemon(role)
+        self.wait_ready(role)
+        return pid
 
     def write_configs(self, **kw: Any) -> dict[str, str]:
         layout = mconfig.KeySetLayout(run_dir=self.state_dir)
@@ -317,3 +335,25 @@ def _package_root() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(mipsec.__file__)))
     extra = os.environ.get("PYTHONPATH")
     return f"{root}:{extra}" if extra else root
+
+
+# ESP transform names (docs/design.md) -> IKEv2 ESP proposals (mipsec.ike.proposals text form)
+IKE_ESP_PROPOSAL = {"ENCR_AES_GCM_16": "aes128gcm16", "ENCR_AES_CBC": "aes128-sha256"}
+
+
+def lab_key_kwargs(encryption: str, udp_encap: bool, sa_source: str, handover_mode: str,
+                   ike: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``make_key_set`` arguments for a lab: manual keys, or IKEv2 settings that negotiate the
+    same transform (``udp_encap`` -> ``force_encap``: ESP in UDP 4500 after IKE's NAT-T)."""
+    if sa_source == "manual":
+        if handover_mode != "siu":
+            raise LabError("handover mode 'mobike' needs IKEv2 (not --manual-keys)")
+        return {"encryption": encryption, "udp_encap": udp_encap}
+    if sa_source != "ikev2":
+        raise LabError(f"unknown SA source {sa_source!r}")
+    if encryption not in IKE_ESP_PROPOSAL:
+        raise LabError(f"IKEv2 negotiates {', '.join(IKE_ESP_PROPOSAL)}; use --manual-keys for "
+                       f"{encryption}")
+    settings = {"esp_proposals": (IKE_ESP_PROPOSAL[encryption],), "force_encap": udp_encap}
+    settings.update(ike or {})
+    return {"sa_source": "ikev2", "handover_mode": handover_mode, "ike": settings}
