@@ -256,3 +256,45 @@ def test_signed_requests_with_any_extensions_never_raise(topo, before, after, cu
     assert after_b == bindings        # same CoA either way: accepted refresh or refusal
     if sum(ha.drops.values()) == drops and cut:
         assert after                  # accepted although cut: only unauthenticated tail went
+
+
+def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
+    """docs/protocol.md: the RRP inside an SIU is opaque to the GW and protected end to end by
+    the MN-HA authenticator.  An (HA-signed) SIU for A that carries B's reply is forwarded by the
+    GW, and A refuses it: with no request pending as MIP_UNEXPECTED_REPLY, with one pending as
+    MIP_UNKNOWN_SPI (B's MSA); A's registration state and SAs do not move."""
+    from mipsec.mip.siu import SiuSigner
+    from mipsec.wire.siu import SiuType
+
+    gw, ha = topo.gw.role, topo.ha.role
+    a, b = topo.mobiles[0].role, topo.mobiles[1].role
+    mobile = gw.mobiles[a.home_address]
+    b_reply = b.msa.sign(build_registration_reply(RegistrationReply(
+        code=ReplyCode.ACCEPTED, home_address=b.home_address, home_agent=ha.address,
+        identification=a._pending_id or 1, lifetime=600)))
+    signer = SiuSigner(ha.address, topo.configs.gateway.home_agents[0].key, 1,
+                       first_sequence=gw.verifier.last_sequence[ha.address] + 1)
+    for pending in (False, True):
+        if pending:
+            a._pending_id = a.msa.new_identification(a.wallclock())   # as if an RRQ were out
+        siu = signer.build(SiuType.UPDATE, home_address=a.home_address,
+                           old_care_of=mobile.care_of, new_care_of=mobile.care_of,
+                           gateway_spi=mobile.outbound.spi, lifetime=600, rrp=b_reply,
+                           wallclock=0.0)
+        out = gw.receive_from_net(build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343,
+                                                   siu), topo.sim.now)
+        esp = [x.packet for x in out if isinstance(x, SendToNet)
+               and x.packet[16:20] == a2b(a.care_of)]
+        assert len(esp) == 1
+        before = _status(a, topo.sim.now)
+        reason = R.MIP_UNKNOWN_SPI if pending else R.MIP_UNEXPECTED_REPLY
+        count = a.drops[reason]
+        assert a.receive_from_net(esp[0], topo.sim.now) == []
+        assert a.drops[reason] == count + 1
+        after = _status(a, topo.sim.now)
+        # the ESP SA accepted the GW's packet (its window moved); nothing else did
+        for s in (before, after):
+            s["sas"]["inbound"].pop("replay_window")
+            s["sas"]["inbound"].pop("counters")
+        assert after == before
+    a._pending_id = None
