@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "AUTH_HMAC_SHA2_512_256"),
                    help="ESP integrity for non-AEAD encryption (default AUTH_HMAC_SHA2_256_128)")
     p.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP (RFC 3948)")
+    p.add_argument("--ikev2", action="store_true",
+                   help="no ESP keys: the MN and the GW negotiate them with IKEv2 (a PSK per MN)")
+    p.add_argument("--handover-mode", default="siu", choices=("siu", "mobike"),
+                   help="siu (the HA's SIU moves the GW's SA) or mobike (also RFC 4555 "
+                        "UPDATE_SA_ADDRESSES; needs --ikev2)")
     p.add_argument("--msa-algorithm", default="hmac-md5", choices=("hmac-md5", "hmac-sha256"),
                    help="MN-HA authenticator (RFC 5944 default hmac-md5)")
     p.add_argument("--run-dir", default="/run/mipsec", help="where control sockets go")
@@ -147,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--encryption", default="ENCR_AES_GCM_16",
                     choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"))
     lp.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP")
+    _sa_options(lp)
     lp.set_defaults(func=_cmd_lab_up)
     lp = lab_parser("handover", "move the MN to visited network a or b",
                     "Move the MN: remove its other addresses (break-before-make; with\n"
@@ -178,8 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--rate", type=float, default=200.0, help="stream packets/s per direction")
     lp.add_argument("--dwell", type=float, default=2.0, help="seconds between moves")
     lp.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    _sa_options(lp)
     lp.set_defaults(func=_cmd_lab_demo)
     return parser
+
+
+def _sa_options(lp: argparse.ArgumentParser) -> None:
+    lp.add_argument("--manual-keys", action="store_true",
+                    help="ESP keys written into the configs instead of negotiated by IKEv2")
+    lp.add_argument("--handover-mode", default="siu", choices=("siu", "mobike"),
+                    help="siu (default) or mobike (RFC 4555 as well; IKEv2 only)")
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -239,10 +253,23 @@ def _cmd_handover(args: argparse.Namespace) -> int:
 def _cmd_keys(args: argparse.Namespace) -> int:
     from mipsec.config import KeySetLayout, write_key_set
     from mipsec.errors import ConfigError
+    from mipsec.lab.lab import IKE_ESP_PROPOSAL
+    kw: dict[str, Any] = {"encryption": args.encryption, "integrity": args.integrity,
+                          "udp_encap": args.udp_encap}
+    if args.ikev2:
+        if args.encryption not in IKE_ESP_PROPOSAL:
+            print(f"mipsec keys: --ikev2 negotiates {', '.join(IKE_ESP_PROPOSAL)}, not "
+                  f"{args.encryption}", file=sys.stderr)
+            return 2
+        kw = {"sa_source": "ikev2", "handover_mode": args.handover_mode,
+              "ike": {"esp_proposals": (IKE_ESP_PROPOSAL[args.encryption],),
+                      "force_encap": args.udp_encap}}
+    elif args.handover_mode != "siu":
+        print("mipsec keys: --handover-mode mobike needs --ikev2", file=sys.stderr)
+        return 2
     try:
         paths = write_key_set(args.out, args.mobiles, KeySetLayout(run_dir=args.run_dir),
-                              encryption=args.encryption, integrity=args.integrity,
-                              udp_encap=args.udp_encap, msa_algorithm=args.msa_algorithm)
+                              msa_algorithm=args.msa_algorithm, **kw)
     except ConfigError as exc:
         print(f"mipsec keys: {exc}", file=sys.stderr)
         return 2
@@ -281,7 +308,8 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
         return 1
     lab = _lab(args)
     lab.up(delay_ms=args.delay_ms, place=args.at, encryption=args.encryption,
-           udp_encap=args.udp_encap)
+           udp_encap=args.udp_encap, sa_source="manual" if args.manual_keys else "ikev2",
+           handover_mode=args.handover_mode)
     print(f"lab {args.prefix} up: state in {lab.state_dir}; MN at {args.at}; "
           f"capture {lab.pcap} (keys {lab.keyfile})")
     return 0
@@ -335,7 +363,9 @@ def _cmd_lab_demo(args: argparse.Namespace) -> int:
         return 1
     from mipsec.lab.demo import run_lab_demo
     return run_lab_demo(prefix=args.prefix, delay_ms=args.delay_ms, rate=args.rate,
-                        dwell_s=args.dwell, keep=args.keep)
+                        dwell_s=args.dwell, keep=args.keep,
+                        sa_source="manual" if args.manual_keys else "ikev2",
+                        handover_mode=args.handover_mode)
 
 
 # --- status rendering ------------------------------------------------------------------------------
@@ -353,13 +383,42 @@ def render_status(reply: dict[str, Any]) -> str:
         lines.append(f"  capture: {reply['pcap']}  keys: {reply.get('keyfile')}")
     if reply.get("drops"):
         lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reply["drops"].items())))
-    node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline",)}
+    node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline", "ike")}
     lines += _render_tree(node, indent=2, now=now)
+    if (reply.get("node") or {}).get("ike") is not None:
+        lines += render_ike(reply["node"]["ike"], now)
     timeline = reply.get("timeline") or []
     if timeline:
         lines.append("  last handover timeline:")
         lines += ["    " + line for line in format_timeline(last_handover(timeline))]
     return "\n".join(lines)
+
+
+def render_ike(ike: dict[str, Any], now: float | None) -> list[str]:
+    """The IKE SAs: SPIs, state, peer, addresses, age, children (SPIs, transform), last re-key."""
+    def ago(t: Any) -> str:
+        return f"{now - t:.1f} s ago" if isinstance(t, (int, float)) and now is not None else "never"
+    sas = ike.get("ike_sas") or []
+    lines = [f"  IKE SAs: {len(sas)}; last re-key {ago(ike.get('last_rekey_time'))}"]
+    for sa in sas:
+        lines.append(f"    IKE {sa.get('spi_i')}_i {sa.get('spi_r')}_r  {sa.get('state')}  "
+                     f"{'initiator' if sa.get('initiator') else 'responder'}  peer "
+                     f"{sa.get('peer_id')}  {sa.get('local')} -> {sa.get('remote')}"
+                     f"{'  MOBIKE' if sa.get('mobike') else ''}"
+                     f"{'  NAT-T' if sa.get('nat_local') or sa.get('nat_remote') else ''}"
+                     f"  established {ago(sa.get('established_time'))}")
+        for ch in sa.get("children") or []:
+            transform = ch.get("encryption", "?") + (f"+{ch['integrity']}" if ch.get("integrity")
+                                                      else "")
+            lines.append(f"      child in {ch.get('spi_in')} out {ch.get('spi_out')}  "
+                         f"{transform}/{ch.get('key_bits')}"
+                         f"{'  in UDP 4500' if ch.get('udp_encap') else ''}  "
+                         f"{','.join(ch.get('local_ts') or [])} <-> "
+                         f"{','.join(ch.get('remote_ts') or [])}")
+    if ike.get("drops"):
+        lines.append("    IKE drops: " + ", ".join(f"{k} {v}" for k, v in
+                                                     sorted(ike["drops"].items())))
+    return lines
 
 
 def last_handover(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -105,6 +105,33 @@ def ping_cn_to_mn(lab: Lab) -> int:
     return 0
 
 
+def test_lab_negotiates_with_ikev2_and_status_shows_the_ike_sas(lab):
+    """`mipsec lab up` negotiates the MN-GW SAs with IKEv2 by default; `mipsec status` shows
+    the IKE SA (SPIs, state, peer, children) and the GW's ESP SAs are that child's."""
+    check_location(lab, "a")
+    gw = mipsec_status(lab, "gw")["node"]
+    mn = mipsec_status(lab, "mn")["node"]
+    (gw_ike,) = [sa for sa in gw["ike"]["ike_sas"] if sa["state"] == "established"]
+    (mn_ike,) = [sa for sa in mn["ike"]["ike_sas"] if sa["state"] == "established"]
+    assert gw_ike["peer_id"] == "mn@mipsec.lab" and mn_ike["peer_id"] == "gw.mipsec.lab"
+    assert (gw_ike["spi_i"], gw_ike["spi_r"]) == (mn_ike["spi_i"], mn_ike["spi_r"])
+    (child,) = gw_ike["children"]
+    sas = gw["mobiles"]["10.1.0.100"]["sas"]
+    assert int(sas["inbound"]["spi"], 16) == int(child["spi_in"], 16)
+    assert int(sas["outbound"]["spi"], 16) == int(child["spi_out"], 16)
+    assert mn["sas"]["outbound"]["spi"] == sas["inbound"]["spi"]
+    # the MN started IKE from its CoA before registering
+    kinds = [e["kind"] for e in mipsec_status(lab, "mn")["timeline"]]
+    assert kinds.index("ike-established") < kinds.index("sas-installed") < kinds.index("rrq-sent")
+    proc = subprocess.run([sys.executable, "-m", "mipsec", "status", "--socket",
+                           lab.socket("gw")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert f"IKE {gw_ike['spi_i']}_i {gw_ike['spi_r']}_r  established  responder  peer " \
+           f"mn@mipsec.lab" in proc.stdout, proc.stdout
+    assert f"child in {child['spi_in']} out {child['spi_out']}" in proc.stdout
+
+
 def test_stream_through_two_handovers_and_home(lab):
     check_location(lab, "a")
     assert ping_cn_to_mn(lab) >= 1
@@ -255,6 +282,104 @@ def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
         assert rows and all(r[0].startswith("4500,4500") for r in rows), rows[:5]
         assert all(r[1] == "1" for r in rows), rows[:5]
         assert {"1", "3"} <= {t for r in rows for t in r[2].split(",") if t}
+    finally:
+        lab.down()
+    assert existing_namespaces(lab.prefix) == []
+
+
+def _tshark_esp(tshark: str, lab: Lab) -> list[list[str]]:
+    proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T", "fields",
+                           "-E", "separator=;", "-e", "ip.proto", "-e", "esp.spi",
+                           "-e", "esp.icv_good", "-e", "mip.type"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [r for r in (line.split(";") for line in proc.stdout.splitlines())
+            if r[0].split(",")[0] == "50"]
+
+
+def test_gw_restart_mn_reestablishes_ikev2_from_its_new_coa():
+    """The GW daemon restarts (its SAs are gone).  The MN moves to b: its RRQs die at the GW as
+    unknown SPI; after max_attempts it re-establishes IKE from b and registers; traffic
+    resumes; the restarted GW's key file decrypts its whole capture (every ICV good)."""
+    _require()
+    tshark = shutil.which("tshark")
+    if tshark is None and os.environ.get("CI") == "true":
+        pytest.fail("tshark is required in CI")
+    lab = Lab(prefix=f"mr{os.getpid()}-")
+    lab.down()
+    try:
+        lab.up(place="a", retransmit_initial_s=0.2, max_attempts=3, ike={"dpd_interval_s": 0})
+        check_location(lab, "a")
+        lab.restart_daemon("gw")
+        t0 = time.monotonic()
+        lab.move("b", wait=False)
+        noticed, registered = lab.wait_mn_event(t0, ("rrp-received",), timeout=20)
+        events = [e for e in mipsec_status(lab, "mn")["timeline"] if e["time"] >= t0]
+        kinds = [e["kind"] for e in events]
+        for step in ("rrq-retransmitted", "registration-failed", "reestablish-requested",
+                     "ike-reestablish", "ike-established", "sas-installed", "rrp-received"):
+            assert step in kinds, (step, kinds)
+        assert kinds.count("rrq-sent") >= 4, kinds        # 3 refused at the GW, 1 that worked
+        assert kinds.index("reestablish-requested") < kinds.index("rrp-received")
+        reest = next(e for e in events if e["kind"] == "ike-reestablish")
+        assert reest["detail"]["care_of"] == MN_COA["b"]
+        gw = mipsec_status(lab, "gw")
+        assert gw["node"]["drops"].get("unknown-spi", 0) >= 3, gw["node"]["drops"]
+        check_location(lab, "b")
+        assert ping_cn_to_mn(lab) >= 1
+        (ike,) = [sa for sa in gw["node"]["ike"]["ike_sas"] if sa["state"] == "established"]
+        assert ike["remote"].startswith(MN_COA["b"] + ":")
+        t_req = next(e["time"] for e in events if e["kind"] == "reestablish-requested")
+        t_done = next(e["time"] for e in events if e["kind"] == "rrp-received")
+        print(f"\nre-establishment: {1000 * (t_done - t_req):.1f} ms from giving up to the "
+              f"accepted registration ({1000 * (t_done - t0):.0f} ms after the move)")
+        if tshark is not None:
+            esp = _tshark_esp(tshark, lab)
+            assert esp and all(r[2] == "1" for r in esp), esp[:5]
+            assert {"1", "3"} <= {t for r in esp for t in r[3].split(",") if t}
+    finally:
+        lab.down()
+    assert existing_namespaces(lab.prefix) == []
+
+
+def test_mobike_mode_lab_gw_follows_update_sa_addresses():
+    """handover_mode = "mobike": the MN's UPDATE_SA_ADDRESSES moves the GW's SA, the HA's SIU
+    then finds it already there; a child re-key after the move keeps the new CoA; the key
+    file covers every SA in the capture."""
+    _require()
+    tshark = shutil.which("tshark")
+    if tshark is None and os.environ.get("CI") == "true":
+        pytest.fail("tshark is required in CI")
+    lab = Lab(prefix=f"mk{os.getpid()}-")
+    lab.down()
+    try:
+        lab.up(place="a", handover_mode="mobike", ike={"child_lifetime_s": 3.0})
+        check_location(lab, "a")
+        move = lab.move("b")
+        check_location(lab, "b")
+        gw_events = [e for e in mipsec_status(lab, "gw")["timeline"] if e["time"] >= move["time"]]
+        kinds = [e["kind"] for e in gw_events]
+        assert "gw-sa-moved-by-mobike" in kinds and "gw-siu-confirms-mobike" in kinds, kinds
+        assert kinds.index("gw-sa-moved-by-mobike") < kinds.index("gw-siu-confirms-mobike")
+        assert "gw-sa-repointed" not in kinds
+        assert ping_cn_to_mn(lab) >= 1
+        # re-keys at the new CoA (child lifetime 3 s): still there, traffic still passes
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            gw = mipsec_status(lab, "gw")
+            rekeyed = [e for e in gw["timeline"] if e["kind"] == "gw-sas-rekeyed"
+                       and e["time"] > move["time"]]
+            if rekeyed:
+                break
+            time.sleep(0.2)
+        assert rekeyed and rekeyed[-1]["detail"]["care_of"] == MN_COA["b"], gw["timeline"][-5:]
+        assert ping_cn_to_mn(lab) >= 1                # (the replies use the new inbound SA)
+        check_location(lab, "b")
+        if tshark is not None:
+            esp = _tshark_esp(tshark, lab)
+            spis = {r[1] for r in esp}
+            assert len(spis) >= 4, spis               # two children, both directions
+            assert esp and all(r[2] == "1" for r in esp), [r for r in esp if r[2] != "1"][:5]
     finally:
         lab.down()
     assert existing_namespaces(lab.prefix) == []

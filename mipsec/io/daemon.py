@@ -114,6 +114,14 @@ def sa_key_line(sa: Any) -> str | None:
     return ",".join(f'"{f}"' for f in fields)
 
 
+def _read_key_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -179,6 +187,10 @@ class Daemon:
             self.pcap = pcapmod.PcapWriter(d.pcap)
         if cfg.keyfile:
             self._key_lines = [e.uat_line() for e in esp_entries(cfg)]
+            if self._uses_ike():
+                # negotiated SAs of an earlier run of this daemon may still be in use by the
+                # peer (a restart: the MN's packets on its old SA are in the capture too)
+                self._key_lines = _read_key_lines(cfg.keyfile) + self._key_lines
             pcapmod.write_esp_sa_file(cfg.keyfile, self._key_lines)
         self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",

@@ -80,7 +80,8 @@ def phase_figures(sender: dict[str, Any], receiver: dict[str, Any], start: float
 
 
 def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: float = 200.0,
-                 dwell_s: float = 2.0, keep: bool = False, out: TextIO = sys.stdout) -> int:
+                 dwell_s: float = 2.0, keep: bool = False, out: TextIO = sys.stdout,
+                 sa_source: str = "ikev2", handover_mode: str = "siu") -> int:
     lab = Lab(prefix=prefix)
     # SIGTERM / SIGHUP (a closed terminal) unwind like Ctrl-C, so the `finally` removes the lab.
     def interrupted(signum, _frame):
@@ -92,8 +93,11 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
           f"{delay_ms:g} ms) ...", file=out, flush=True)
     streams = None
     try:
-        lab.up(delay_ms=delay_ms, place="a")
-        print("  MN registered in visited network a (CoA 172.16.1.10)", file=out, flush=True)
+        lab.up(delay_ms=delay_ms, place="a", sa_source=sa_source, handover_mode=handover_mode)
+        how = ("SAs negotiated by IKEv2" if sa_source == "ikev2" else "manual keys") + \
+            (", MOBIKE handovers" if handover_mode == "mobike" else ", SIU handovers")
+        print(f"  MN registered in visited network a (CoA 172.16.1.10); {how}", file=out,
+              flush=True)
         duration = dwell_s * (len(MOVES) + 1)
         streams = Streams(lab, rate, duration)
         time.sleep(dwell_s)

@@ -103,10 +103,13 @@ class Lab:
 
     def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str = "ENCR_AES_GCM_16",
            udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
-           handover_mode: str = "siu", ike: dict[str, Any] | None = None) -> None:
+           handover_mode: str = "siu", ike: dict[str, Any] | None = None,
+           **config_kw: Any) -> None:
         """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
         (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
-        written into the configs (``"manual"``, ``mipsec lab up --manual-keys``)."""
+        written into the configs (``"manual"``, ``mipsec lab up --manual-keys``).
+        ``ike`` overrides IKE settings; ``config_kw`` goes to ``make_lab_configs`` (e.g.
+        ``retransmit_initial_s``, ``max_attempts``)."""
         left = topo.existing_namespaces(self.prefix)
         if left:   # refuse before touching anything: a second `up` must not break the first lab
             raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
@@ -119,7 +122,7 @@ class Lab:
                 self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
                                            "--delay-ms", str(delay_ms)])
             self.write_configs(**lab_key_kwargs(encryption, udp_encap, sa_source, handover_mode,
-                                                ike))
+                                                ike), **config_kw)
             self.save_state(sa_source=sa_source, handover_mode=handover_mode)
             for role in ROLES:
                 self.start_daemon(role)

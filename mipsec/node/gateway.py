@@ -514,7 +514,7 @@ class VpnGateway:
                 return []
             sin, sout = ev.new.make_sas(now=now, inbound_any_source=True)
             self.ike.note(now, f"{ev.ike_sa.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
-                               f"{ev.new.spi_out:08x}")
+                               f"{ev.new.spi_out:08x}", rekey=True)
             return self.rekey_mobile(mobile.home_address, sin, sout, now)
         if cls is ChildSaDeleted:
             return self.retire_inbound(ev.child.spi_in, now)
@@ -522,7 +522,7 @@ class VpnGateway:
             for m in self.mobiles.values():
                 if m.ike_sa is ev.old and ev.new is not None:
                     m.ike_sa = ev.new
-            self.ike.note(now, f"IKE SA {ev.old.name} re-keyed")
+            self.ike.note(now, f"IKE SA {ev.old.name} re-keyed", rekey=True)
             return []
         if cls is PeerAddressChanged:
             mobile = self._ike_mobile(ev.ike_sa)

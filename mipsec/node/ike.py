@@ -75,11 +75,20 @@ class RoleIke:
     def handle_timer(self, now: float) -> list:
         return self.endpoint.handle_timer(now)
 
-    def note(self, now: float, what: str) -> None:
+    def note(self, now: float, what: str, rekey: bool = False) -> None:
         self.last_events.append((now, what))
         del self.last_events[:-16]
+        if rekey:
+            self.last_rekey = now
+
+    last_rekey: float | None = None
 
     def status(self) -> dict[str, Any]:
+        """For ``mipsec status``: each IKE SA (SPIs, state, peer, addresses, children), when it
+        was established, the last re-key (child or IKE SA) and the last IKE events."""
         st = self.endpoint.status()
+        for sa, entry in zip(self.endpoint.ike_sas, st["ike_sas"]):
+            entry["established_time"] = sa.established_at
+        st["last_rekey_time"] = self.last_rekey
         st["events"] = [{"time": t, "event": w} for t, w in self.last_events]
         return st

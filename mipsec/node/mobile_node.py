@@ -582,14 +582,15 @@ class MobileNode:
             return self.install_sas(sin, sout, now)
         if cls is ChildSaRekeyed:
             sin, sout = self._child_sas(ev.new, now)
-            self.ike.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}")
+            self.ike.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}",
+                          rekey=True)
             return self._swap_sas(sin, sout, now)
         if cls is ChildSaDeleted:
             return self._child_deleted(ev.child.spi_in, now)
         if cls is IkeSaRekeyed:
             if ev.new is not None and ev.old is self._ike_sa:
                 self._ike_sa = ev.new
-            self.ike.note(now, "IKE SA re-keyed")
+            self.ike.note(now, "IKE SA re-keyed", rekey=True)
             self._record(now, "ike-rekeyed", care_of=self.care_of,
                          local=ev.new.local[0] if ev.new is not None else None)
             return []
