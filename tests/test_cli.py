@@ -162,3 +162,38 @@ def test_demo_without_lab_requirements_says_so_and_simulates(monkeypatch, capsys
     assert out.startswith("mipsec demo: the lab needs root; running the same scenario in the "
                           "in-memory simulator")
     assert "interruption" in out
+
+
+def test_keys_ikev2_writes_psks_and_no_esp_keys(tmp_path, capsys):
+    assert cli.main(["keys", "--out", str(tmp_path), "--mobiles", "2", "--ikev2",
+                     "--encryption", "ENCR_AES_CBC", "--handover-mode", "mobike"]) == 0
+    mn, gw = load_config(tmp_path / "mn2.toml"), load_config(tmp_path / "gw.toml")
+    assert mn.daemon.sa_source == "ikev2" and mn.node.esp_in is None
+    assert mn.node.ike.esp_proposals == ("aes128-sha256",)
+    assert mn.node.handover_mode == "mobike" == gw.node.handover_mode
+    assert {m.ike_id for m in gw.node.mobiles} == {"mn1@mipsec.lab", "mn2@mipsec.lab"}
+    assert cli.main(["keys", "--out", str(tmp_path / "x"), "--handover-mode", "mobike"]) == 2
+    assert "--handover-mode mobike needs --ikev2" in capsys.readouterr().err
+    assert cli.main(["keys", "--out", str(tmp_path / "y"), "--ikev2",
+                     "--encryption", "ENCR_NULL"]) == 2
+    assert "--ikev2 negotiates" in capsys.readouterr().err
+
+
+def test_render_ike_shows_sas_children_and_last_rekey():
+    ike = {"ike_sas": [{"spi_i": "0102030405060708", "spi_r": "1112131415161718",
+                        "state": "established", "initiator": False, "peer_id": "mn@mipsec.lab",
+                        "local": "172.16.0.1:500", "remote": "172.16.2.10:500", "mobike": True,
+                        "nat_local": False, "nat_remote": False, "established_time": 990.0,
+                        "children": [{"spi_in": "c0000001", "spi_out": "c0000002",
+                                      "encryption": "ENCR_AES_GCM_16", "key_bits": 128,
+                                      "integrity": None, "udp_encap": False,
+                                      "local_ts": ["0.0.0.0-255.255.255.255"],
+                                      "remote_ts": ["10.1.0.0-10.1.0.255"]}]}],
+           "last_rekey_time": 995.0, "drops": {"ike-retransmission": 1}}
+    out = "\n".join(cli.render_ike(ike, 1000.0))
+    assert "IKE SAs: 1; last re-key 5.0 s ago" in out
+    assert ("IKE 0102030405060708_i 1112131415161718_r  established  responder  peer "
+            "mn@mipsec.lab  172.16.0.1:500 -> 172.16.2.10:500  MOBIKE  established 10.0 s ago"
+            in out)
+    assert "child in c0000001 out c0000002  ENCR_AES_GCM_16/128" in out
+    assert "IKE drops: ike-retransmission 1" in out

@@ -174,3 +174,70 @@ def test_keyfile_defaults_next_to_the_capture():
     assert isinstance(cfg, DaemonConfig)
     assert cfg.keyfile == "/tmp/x/gw.pcap.esp_sa"
     assert cfg.control_socket == "/run/mipsec/gw.sock"
+
+
+# --- IKEv2 (sa_source = "ikev2") ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ike_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ikekeys")
+    return mconfig.write_key_set(out, 2, keys_from=random.Random(7), sa_source="ikev2",
+                                 handover_mode="mobike",
+                                 ike={"esp_proposals": ("aes128-sha256",), "pfs_group": "ecp256"})
+
+
+def test_ikev2_set_loads_and_matches(ike_set):
+    mn, gw, ha = (load_config(ike_set[n]) for n in ("mn2", "gw", "ha"))
+    assert mn.daemon.sa_source == gw.daemon.sa_source == "ikev2"
+    assert mn.node.esp_in is None and mn.node.ike.remote_id == gw.node.ike.local_id
+    (entry,) = [m for m in gw.node.mobiles if m.home_address == mn.node.home_address]
+    assert entry.esp_in is None and entry.ike_id == mn.node.ike.local_id
+    assert entry.psk == mn.node.ike.psk and len(entry.psk) == 32
+    assert mn.node.handover_mode == gw.node.handover_mode == "mobike"
+    assert mn.node.ike.esp_proposals == ("aes128-sha256",) and mn.node.ike.pfs_group == "ecp256"
+    assert all(m.gateway_spi == 0 for m in ha.node.mobiles)     # learned from the GW's ACKs
+    cfg = mn.node.ike.ike_config(psks={"gw": mn.node.ike.psk}, mobike=True,
+                                 local_ts=("0.0.0.0/0",), remote_ts=("10.1.0.0/24",))
+    assert cfg.pfs_group and cfg.esp_suites[0].integrity_name == "AUTH_HMAC_SHA2_256_128"
+    assert "psk" not in repr(mn.node.ike).split("remote_id")[1].split(",")[1]
+
+
+@pytest.mark.parametrize("name, edit, expect", [
+    ("mn1", lambda t: t.replace('sa_source = "ikev2"', 'sa_source = "manual"'),
+     "[daemon] sa_source: 'manual' needs esp_in and esp_out; or set sa_source = \"ikev2\""),
+    ("mn1", lambda t: t.split("[mobile_node.ike]")[0],
+     "[mobile_node] esp_in and esp_out: needed without [ike] (manual keys)"),
+    ("mn1", lambda t: t.replace('handover_mode = "mobike"', 'handover_mode = "teleport"'),
+     "handover_mode: one of siu, mobike, got 'teleport'"),
+    ("mn1", lambda t: t.replace('remote_id = "gw.mipsec.lab"', 'remote_id = ""'),
+     "ike.remote_id: the GW's IKE identity must be set on an MN"),
+    ("mn1", lambda t: t.replace('pfs_group = "ecp256"', 'pfs_group = "modp1024"'),
+     "ike.pfs_group: one of ecp256, x25519, modp2048 or empty, got 'modp1024'"),
+    ("mn1", lambda t: t.replace('esp_proposals = ["aes128-sha256"]', 'esp_proposals = ["rot13"]'),
+     "[mobile_node.ike]"),
+    ("gw", lambda t: t.replace('ike_id = "mn1@mipsec.lab"\n', ''),
+     "mobile 10.1.0.100: needs esp_in/esp_out (manual keys) or ike_id and psk (IKEv2)"),
+    ("gw", lambda t: t.replace('ike_id = "mn2@mipsec.lab"', 'ike_id = "mn1@mipsec.lab"'),
+     "gateway mobiles: duplicate ike_id 'mn1@mipsec.lab'"),
+])
+def test_ikev2_config_errors_are_named(ike_set, tmp_path, name, edit, expect):
+    path = _mutate(ike_set[name], tmp_path, edit)
+    msg = _message(path)
+    assert expect in msg and path in msg, msg
+    assert "\n" not in msg
+
+
+def test_manual_keys_refuse_mobike(key_set, tmp_path):
+    path = _mutate(key_set["mn1"], tmp_path,
+                   lambda t: t.replace('handover_mode = "siu"', 'handover_mode = "mobike"'))
+    assert "handover_mode 'mobike' needs IKEv2" in _message(path)
+
+
+def test_ikev2_source_needs_the_ike_table(key_set, tmp_path):
+    path = _mutate(key_set["mn1"], tmp_path,
+                   lambda t: t.replace('sa_source = "manual"', 'sa_source = "ikev2"'))
+    assert ("[daemon] sa_source: 'ikev2' needs a [mobile_node.ike] table (local_id, remote_id, "
+            "psk)") in _message(path)
+    path = _mutate(key_set["gw"], tmp_path,
+                   lambda t: t.replace('sa_source = "manual"', 'sa_source = "ikev2"'))
+    assert "'ikev2' needs a [gateway.ike] table (local_id)" in _message(path)
