@@ -186,3 +186,31 @@ def test_response_and_other_exchanges_to_unknown_spis():
     _feed(ep, codec.build_message(h, list(m.payloads)))         # INIT with a responder SPI
     assert ep.drops[R.MALFORMED] == 1
     assert _state(ep) == (0, 0, 0)
+
+
+def test_invalid_key_exchange_values_create_nothing():
+    """RFC 7296 §3.4 + RFC 8247: a KE that is the wrong length for its group, the identity /
+    p-1 / 0 for MODP (RFC 6989 §2.1), not a curve point for ECP, or all-zero X25519 (RFC 7748
+    §6.1): refused and counted, no half-open SA, nothing raises."""
+    from mipsec.ike.proposals import parse_ike_suite
+
+    for suite in ("aes256-sha256-prfsha256-ecp256", "aes128gcm16-prfsha256-x25519",
+                  "aes128-sha256-prfsha256-modp2048"):
+        ci, cr = configs(ike_suites=(parse_ike_suite(suite),))
+        ini = IkeEndpoint(ci)
+        (out,) = [o for o in ini.initiate(PEER, LOCAL, 0.0) if isinstance(o, SendDatagram)]
+        m = codec.parse_message(out.data)
+        ke = m.find(codec.KePayload)
+        n = len(ke.data)
+        bad_values = [b"", b"\x00", bytes(n), ke.data[:-1], ke.data + b"\x00"]
+        if n == 256:                                        # MODP 2048: 1 and p - 1
+            bad_values += [(1).to_bytes(n, "big"), b"\xff" * n]
+        elif n == 64:                                       # ECP 256: not on the curve
+            bad_values += [b"\x01" * n, b"\xff" * n]
+        for i, data in enumerate(bad_values):
+            ep = IkeEndpoint(cr)
+            payloads = [codec.KePayload(ke.group, data) if isinstance(p, codec.KePayload) else p
+                        for p in m.payloads]
+            h = codec.Header(bytes([i + 1]) * 8, bytes(8), m.header.exchange, m.header.flags, 0)
+            assert _feed(ep, codec.build_message(h, payloads)) == [], (suite, i)
+            assert sum(ep.drops.values()) == 1 and _state(ep) == (0, 0, 0), (suite, i, ep.drops)
