@@ -43,8 +43,8 @@ def _mutate(packet: bytes, rnd: random.Random) -> bytes:
     return bytes(b)
 
 
-def _run(attack: bool, seed: int):
-    topo = build_topology(1, internet_delay_s=0.003, seed=seed)
+def _run(attack: bool, seed: int, sa_source: str = "manual"):
+    topo = build_topology(1, internet_delay_s=0.003, seed=seed, sa_source=sa_source)
     sim = topo.sim
     rnd = random.Random(seed)
     seen: list[bytes] = []
@@ -93,10 +93,13 @@ def _run(attack: bool, seed: int):
     return topo, state_away, _final_state(topo), injected[0]
 
 
+@pytest.mark.parametrize("sa_source", ["manual", "ikev2"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_handovers_under_hostile_injection_end_like_a_clean_run(seed):
-    _clean, clean_away, clean_home, _ = _run(False, seed)
-    topo, away, home, injected = _run(True, seed)
+def test_handovers_under_hostile_injection_end_like_a_clean_run(seed, sa_source):
+    """With ``ikev2`` the attacker also replays and mutates IKE (UDP 500/4500) and the ESP SAs
+    come from IKE_AUTH."""
+    _clean, clean_away, clean_home, _ = _run(False, seed, sa_source)
+    topo, away, home, injected = _run(True, seed, sa_source)
     assert injected > 2000
     assert away == clean_away
     assert home == clean_home
