@@ -200,3 +200,15 @@ def test_extension_walk_never_raises_anything_but_parse_error(exts, cut):
         assert isinstance(exc.reason, R)
     else:
         assert all(e.type >= 128 or e.type in (32, 33, 34, 131) for e in rrq.extensions)
+
+
+def test_unusable_care_of_names_every_address_that_cannot_be_a_tunnel_endpoint():
+    from mipsec.mip.ipip import unusable_care_of
+
+    for bad in ("0.0.0.0", "0.1.2.3", "127.0.0.1", "127.255.255.254", "224.0.0.1",
+                "239.255.255.255", "240.0.0.1", "255.255.255.255", "not an address",
+                "1.2.3", "256.1.1.1", ""):
+        assert unusable_care_of(bad), bad
+    for good in ("172.16.1.10", "10.1.0.100", "1.0.0.1", "223.255.255.254", "192.0.2.1"):
+        assert not unusable_care_of(good), good
+    assert unusable_care_of("172.16.0.1", frozenset({"172.16.0.1", "10.1.0.1"}))

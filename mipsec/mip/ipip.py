@@ -97,6 +97,22 @@ def inner_source(inner: bytes) -> str:
     return _dotted(bytes(inner[OFF_SOURCE:OFF_SOURCE + 4]))
 
 
+def unusable_care_of(address: str, own_addresses: frozenset[str] = frozenset()) -> bool:
+    """True when ``address`` cannot be a care-of address, i.e. a tunnel endpoint (RFC 2003 §3)
+    that an HA or a GW may send to: not a dotted quad, or an address RFC 1122 §3.2.1.3 /
+    RFC 6890 never allows as a unicast destination (this network 0/8, loopback 127/8,
+    multicast 224/4, reserved 240/4, limited broadcast), or one of the node's own addresses.
+
+    For the roles: an authenticated RRQ or SIU naming such a CoA is refused
+    (``DropReason.MIP_BAD_CARE_OF``) before any binding or SA moves.
+    """
+    try:
+        first = _packed(address)[0]
+    except (ValueError, AttributeError, TypeError):
+        return True
+    return first == 0 or first == 127 or first >= 224 or address in own_addresses
+
+
 class BindingLike(Protocol):
     home_address: str
     care_of_address: str | None
