@@ -258,3 +258,53 @@ def test_mobike_mode_handover_gw_moves_by_mobike_and_the_siu_confirms():
     # MN-GW round trip + 1 ms (the stream's spacing)
     mn_gw_round_trip = 2 * (topo.internet_delay_s + topo.lan_delay_s)
     assert rep["downlink"].longest_interruption_s <= mn_gw_round_trip + 0.001, rep
+
+
+def test_home_and_away_again_reuses_the_ike_sa_in_both_modes():
+    for mode in ("siu", "mobike"):
+        topo = _topo(handover_mode=mode)
+        mn, gw = topo.mn.role, topo.gw.role
+        topo.move("a")
+        assert wait_registered(topo, 2.0)
+        (ike_mn,) = mn.ike.endpoint.ike_sas
+        topo.move("home")
+        assert wait_registered(topo, 1.0) and mn.state is RegState.AT_HOME
+        topo.move("b")
+        assert wait_registered(topo, 1.0) and mn.state is RegState.REGISTERED, mode
+        b = topo.care_of["b"][0]
+        m = gw.mobiles[mn.home_address]
+        assert m.care_of == b and m.outbound.remote == b, mode
+        assert mn.ike.endpoint.ike_sas == [ike_mn] and ike_mn.local[0] == b   # no new IKE SA
+        start_streams(topo, interval_s=0.01, start=topo.sim.now + 0.01, stop=topo.sim.now + 0.5)
+        topo.sim.run_for(0.7)
+        rep = stream_reports(topo)
+        assert rep["downlink"].lost == 0 and rep["uplink"].lost == 0, (mode, rep)
+
+
+def test_garbage_on_the_ike_ports_never_raises_and_changes_nothing():
+    import random as _random
+    from mipsec.node.packet import a2b, build_udp_packet
+    topo = _topo()
+    mn, gw = topo.mn.role, topo.gw.role
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    rnd = _random.Random(3)
+    ike_gw = gw.ike.endpoint.ike_sas[0]
+    before = (ike_gw.state, ike_gw._mid_in, dict(ike_gw.children), gw.mobiles[mn.home_address].care_of,
+              mn.outbound.spi, mn.state)
+    cases = [b"", b"\x00\x00\x00\x00", b"\xff", bytes(28), rnd.randbytes(27), rnd.randbytes(300),
+             ike_gw.spi_i + ike_gw.spi_r + bytes([0x2E, 0x20, 0x25, 0x08]) + bytes(4) + (28).to_bytes(4, "big")]
+    for data in cases:
+        for dport, payload in ((500, data), (4500, b"\x00\x00\x00\x00" + data), (4500, data)):
+            for role, src, dst in ((gw, "172.16.1.10", gw.outside), (mn, gw.outside, "172.16.1.10")):
+                pkt = build_udp_packet(a2b(src), a2b(dst), 500 if dport == 500 else 4500, dport,
+                                       payload)
+                role.receive_from_net(pkt, topo.sim.now)
+                role.receive_from_net(pkt[:len(pkt) - 1], topo.sim.now)     # truncated UDP
+    after = (ike_gw.state, ike_gw._mid_in, dict(ike_gw.children), gw.mobiles[mn.home_address].care_of,
+             mn.outbound.spi, mn.state)
+    assert before == after
+    assert sum(gw.ike.endpoint.drops.values()) + sum(gw.drops.values()) + sum(gw.sad.drops.values()) > 0
+    # and the tunnel still works
+    topo.move("b")
+    assert wait_registered(topo, 1.0)
