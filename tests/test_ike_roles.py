@@ -308,3 +308,43 @@ def test_garbage_on_the_ike_ports_never_raises_and_changes_nothing():
     # and the tunnel still works
     topo.move("b")
     assert wait_registered(topo, 1.0)
+
+
+def test_ha_refuses_registrations_mn_reestablishes_from_the_new_coa_and_traffic_resumes():
+    """Issue 5 acceptance in the simulator: the HA refuses the MN's registrations (its MN-HA key
+    was changed by mistake: every RRQ fails authentication, RFC 5944 §3.8: no reply); the
+    operator fixes it while the MN is still retrying; the MN gives up, re-establishes its
+    tunnel with IKEv2 from its new CoA, registers and the stream resumes."""
+    from mipsec.mip.security import MobilitySecurityAssociation
+    topo = _topo(ike={"dpd_interval_s": 0})
+    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    b = topo.care_of["b"][0]
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    spi = mn.config.msa.spi
+    good = ha._msa_by_spi[spi]
+    ha._msa_by_spi[spi] = (MobilitySecurityAssociation(spi, b"\x55" * 16, "hmac-md5"), good[1])
+    start_streams(topo, interval_s=0.01, start=0.5, stop=45.0)
+    topo.sim.run(until=1.0)
+    old_ike = mn.ike.endpoint.ike_sas[0]
+    topo.move("b")
+    topo.sim.run(until=20.0)
+    assert ha.drops[DropReason.MIP_AUTH_FAILED] >= 4 and mn.state is RegState.REGISTERING
+    ha._msa_by_spi[spi] = good                        # fixed before the MN gives up
+    topo.sim.run(until=45.0)
+    events = mn.timeline
+    kinds = [e.kind for e in events]
+    assert tl.in_order(events, ["coa-changed", "rrq-retransmitted", "registration-failed",
+                                "reestablish-requested", "ike-reestablish", "ike-established",
+                                "sas-installed", "rrq-sent", "rrp-received"]), kinds
+    reest = tl.first(events, "ike-reestablish")
+    assert reest.detail["care_of"] == b
+    assert old_ike.state == IkeState.CLOSED and mn._ike_sa is not old_ike
+    assert mn._ike_sa.local[0] == b and mn.state is RegState.REGISTERED
+    m = gw.mobiles[mn.home_address]
+    assert m.care_of == b and m.ike_sa.remote[0] == b
+    assert ha.bindings[mn.home_address].care_of_address == b
+    t_ok = max(e.time for e in events if e.kind == "rrp-received")
+    rep = stream_reports(topo, since=t_ok + 0.05, until=44.9)
+    assert rep["downlink"].longest_interruption_s <= 0.011, rep
+    assert rep["uplink"].longest_interruption_s <= 0.011, rep
