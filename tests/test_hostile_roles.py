@@ -298,3 +298,103 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
             s["sas"]["inbound"].pop("counters")
         assert after == before
     a._pending_id = None
+
+
+# --- unusable care-of addresses (H9 finding 1) ----------------------------------------------------
+def _fresh_registered(seed=3, configs=None):
+    t = build_topology(1, internet_delay_s=0.002, seed=seed, **({"configs": configs} if configs else {}))
+    t.move("a", 0)
+    assert wait_registered(t, 1.0)
+    return t
+
+
+def _send_own_rrq(topo, care_of):
+    """The MN's own, correctly authenticated RRQ (fresh identification), through its tunnel."""
+    mn = topo.mn.role
+    rrq = RegistrationRequest(home_address=mn.home_address, home_agent=mn._ha,
+                              care_of_address=care_of,
+                              identification=mn.msa.new_identification(mn.wallclock()),
+                              lifetime=600, flags=RequestFlags.D | RequestFlags.T)
+    data = mn.msa.sign(build_registration_request(rrq))
+    inner = build_udp_packet(mn._care_of_b, mn._ha_b, 434, 434, data)
+    topo.mn.driver.perform([SendToNet(mn.outbound.encapsulate(inner, topo.sim.now), "a")])
+
+
+@pytest.mark.parametrize("care_of", ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1",
+                                     "240.0.0.1", "10.1.0.2", "10.1.0.1",
+                                     "172.16.0.1"])   # the HA, the GW inside and outside
+def test_rrq_with_unusable_care_of_is_refused_and_bounded(care_of):
+    """Observed before the fix: CoA 0.0.0.0 was bound and started ~5000 SIUs/s of virtual time
+    between HA and GW forever; 255.255.255.255 / 224.0.0.1 / 127.0.0.1 / the GW's outside
+    address re-pointed the GW's outbound SA there."""
+    topo = _fresh_registered()
+    ha, gw = topo.ha.role, topo.gw.role
+    home = topo.mn.role.home_address
+    before_ha = ha.bindings[home].care_of_address
+    before_gw = gw.mobiles[home].outbound.remote
+    seq_before = dict(ha.status()["siu_next_sequence"])
+    _send_own_rrq(topo, care_of)
+    topo.sim.run_for(0.5)
+    assert ha.bindings[home].care_of_address == before_ha
+    assert gw.mobiles[home].outbound.remote == before_gw
+    sent = sum(ha.status()["siu_next_sequence"].values()) - sum(seq_before.values())
+    assert sent == 0, f"{sent} SIUs sent for a refused request"
+    assert ha.drops[R.MIP_BAD_CARE_OF] == 1
+
+
+def test_gateway_refuses_an_siu_naming_an_unusable_care_of(topo):
+    """Defence in depth: a correctly signed UPDATE / REJECT from the HA naming an unusable CoA
+    moves nothing and sends nothing to it; the ACK still tells the HA where the SA points."""
+    from mipsec.mip.siu import SiuVerifier
+    from mipsec.wire.siu import SiuType
+    gw, ha = topo.gw.role, topo.ha.role
+    home = topo.mobiles[0].role.home_address
+    mobile = gw.mobiles[home]
+    for i, (kind, bad) in enumerate([(SiuType.UPDATE, "224.0.0.1"), (SiuType.UPDATE, "172.16.0.1"),
+                                     (SiuType.UPDATE, "127.0.0.1"), (SiuType.REJECT, "10.1.0.1"),
+                                     (SiuType.REJECT, "255.255.255.255")]):
+        signer = _ha_signer(topo)
+        data = signer.build(kind, home_address=home, old_care_of=mobile.care_of, new_care_of=bad,
+                            gateway_spi=mobile.outbound.spi, lifetime=600,
+                            rrp=b"\x03" + bytes(19), wallclock=0.0)
+        before = (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence)
+        drops = gw.drops[R.MIP_BAD_CARE_OF]
+        actions = gw.receive_from_net(
+            build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
+        assert gw.drops[R.MIP_BAD_CARE_OF] == drops + 1, (kind, bad)
+        assert (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence) == before
+        sent = [a for a in actions if isinstance(a, SendToNet)]
+        assert len(sent) == 1 and sent[0].packet[16:20] == a2b(ha.address)   # the ACK only
+        ack = SiuVerifier({gw.inside: (1, topo.configs.gateway.home_agents[0].key)}).verify(
+            gw.inside, sent[0].packet[28:])
+        assert ack.type == SiuType.ACK and ack.new_care_of == mobile.care_of
+
+
+def _ha_signer(topo):
+    from mipsec.mip.siu import SiuSigner
+    gw, ha = topo.gw.role, topo.ha.role
+    return SiuSigner(ha.address, topo.configs.gateway.home_agents[0].key, 1,
+                     first_sequence=gw.verifier.last_sequence[ha.address] + 1)
+
+
+def test_home_agent_sends_one_correction_per_siu_it_originated():
+    """An HA that does not know the GW's outside address (a config without
+    gateway.outside_address) binds it; the GW refuses the SIU and ACKs its real CoA; the HA
+    sends ONE correcting SIU, the GW refuses that too, and the exchange stops there."""
+    import dataclasses
+
+    from mipsec.node.config import make_lab_configs
+    cfg = make_lab_configs(1)
+    ha_cfg = dataclasses.replace(cfg.home_agent, gateways=tuple(
+        dataclasses.replace(g, outside_address="") for g in cfg.home_agent.gateways))
+    topo = _fresh_registered(configs=dataclasses.replace(cfg, home_agent=ha_cfg))
+    ha, gw = topo.ha.role, topo.gw.role
+    home = topo.mn.role.home_address
+    before_gw = gw.mobiles[home].outbound.remote
+    seq_before = sum(ha.status()["siu_next_sequence"].values())
+    _send_own_rrq(topo, "172.16.0.1")
+    topo.sim.run_for(2.0)
+    assert gw.mobiles[home].outbound.remote == before_gw
+    assert sum(ha.status()["siu_next_sequence"].values()) - seq_before == 2
+    assert gw.drops[R.MIP_BAD_CARE_OF] == 2
+    assert [e.kind for e in ha.timeline].count("siu-correction-refused") == 1

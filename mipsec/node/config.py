@@ -328,9 +328,12 @@ class HomeAgentGateway:
     address: str
     key_id: int
     key: bytes
+    outside_address: str = ""        # the GW's outside address, if known: never a care-of address
 
     def __post_init__(self) -> None:
         _check_address("gateway.address", self.address)
+        if self.outside_address:
+            _check_address("gateway.outside_address", self.outside_address)
         _check_bytes("gateway.key", self.key)
         if len(self.key) < 16:
             raise ConfigError(f"gateway {self.address}: key at least 16 bytes")
@@ -487,6 +490,7 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
                             if use_ike else None),
                        handover_mode=handover_mode)
     ha = HomeAgentConfig(name="ha", address=LAB_HA, home_prefix=prefix,
-                         gateways=(HomeAgentGateway(address=LAB_GW_INSIDE, key_id=1, key=siu_key),),
+                         gateways=(HomeAgentGateway(address=LAB_GW_INSIDE, key_id=1, key=siu_key,
+                                                    outside_address=LAB_GW_OUTSIDE),),
                          mobiles=tuple(ha_mobiles))
     return LabConfigs(home_agent=ha, gateway=gw, mobiles=tuple(mns))

@@ -21,7 +21,9 @@ address on the home network.  Each mobile node (MN) has one ESP SA pair with it:
 SIU processing, in this order: UDP to our inside address and SIU port; ``SiuVerifier`` (source is
 a configured HA, HMAC, sequence newer: SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED / SIU_REPLAYED); the
 MN is known and served by that HA (SIU_UNKNOWN_MOBILE, SIU_UNKNOWN_SENDER); the SIU names this
-MN's outbound SPI (SIU_UNKNOWN_SA); then the compare-and-swap on the binding (state machine
+MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or REJECT's new CoA can be a tunnel endpoint
+(``ipip.unusable_care_of``: not 0/8, loopback, multicast, broadcast, 240/4 or our own address,
+MIP_BAD_CARE_OF); then the compare-and-swap on the binding (state machine
 below): the SIU's old CoA must be the current binding, or its new CoA must already be it
 (an idempotent repeat), else SIU_STALE_CARE_OF.  So a delayed, duplicated or reordered SIU can
 never move an SA back to an older address.  A move calls ``sa.rebind(remote=new CoA)`` and
@@ -56,6 +58,7 @@ from mipsec.drops import DropReason
 from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.ipsec.sad import Sad
+from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
@@ -156,6 +159,7 @@ class VpnGateway:
         self.inside = config.inside_address
         self._outside_b = a2b(self.outside)
         self._inside_b = a2b(self.inside)
+        self._own_addresses = frozenset((self.outside, self.inside))
         self.verifier = SiuVerifier({h.address: (h.key_id, h.key) for h in config.home_agents})
         self._home_agents = frozenset(h.address for h in config.home_agents)
         # ACKs (docs/protocol.md §2.2 step 5) are signed with the HA-GW key, sender = our inside
@@ -369,6 +373,12 @@ class VpnGateway:
         new = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
         current = mobile.care_of
         actions: list[Action] = []
+        if (siu.type == SiuType.UPDATE or siu.type == SiuType.REJECT) and new is not None \
+                and ipip.unusable_care_of(new, self._own_addresses):
+            # never point an SA (or send a reply) at 0/8, loopback, multicast, broadcast, 240/4
+            # or ourselves; the ACK still reports where the SA points (docs/protocol.md §2.2)
+            return self._refuse(now, DropReason.MIP_BAD_CARE_OF, home_address=mobile.home_address,
+                                current=current, new=new)
         if siu.type == SiuType.UPDATE and new is not None:
             if current == new:
                 # a repeat (retransmitted RRQ), or MOBIKE moved the SA here already: RRP only

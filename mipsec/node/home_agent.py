@@ -14,7 +14,13 @@ reason:
    (MIP_AUTH_FAILED);
 3. it is addressed to us as home agent (MIP_UNKNOWN_HOME_AGENT);
 4. the home address is one of ours (MIP_UNKNOWN_HOME_ADDRESS) and belongs to the MN of that MSA
-   (MIP_HOME_ADDRESS_NOT_OWNED: an MN may not register another MN's address).
+   (MIP_HOME_ADDRESS_NOT_OWNED: an MN may not register another MN's address);
+5. its care-of address can be a tunnel endpoint (``ipip.unusable_care_of``: not 0/8, 127/8,
+   224/4, 240/4, broadcast, our address or a GW's, MIP_BAD_CARE_OF), unless it deregisters.
+   RFC 5944 §3.4 has no code that fits (134 "poorly formed Request" at best) and a reply to
+   such a CoA cannot be delivered (through the GW it would travel in an SIU that the GW must
+   refuse): so NO reply, like the failures above; the MN retransmits and gives up as for a
+   lost reply.  Without this check an RRQ with CoA 0.0.0.0 started an endless SIU/ACK loop.
 
 Identification (RFC 5944 §5.7) is checked only after authentication.  A request that fails it
 (replayed: MIP_REPLAYED; clock skew: MIP_IDENTIFICATION_MISMATCH) changes no binding, but —
@@ -45,6 +51,9 @@ repeat (new = current) and only forwards the reply.  The GW ACKs every SIU it au
 also one it refused as stale, reporting its SA's destination; when the ACK of our latest SIU
 reports something other than our binding (a lost SIU before a second move, a lost ACK), we send
 a correcting SIU from what the GW has to what we have, with the reply the refused SIU carried.
+If the ACK of that correction still disagrees, the GW refused it too (e.g. a CoA it cannot use):
+we send no further correction (one per SIU we originated), so no SIU/ACK loop is possible; the
+MN's next registration starts afresh.
 Binding expiry (a timer) removes the binding and sends an SIU DEREGISTER.
 
 Data: packets for a bound home address (intercepted, ``receive_from_tun``) are tunnelled IP-in-IP
@@ -152,10 +161,15 @@ class HomeAgent:
         # SIU ACKs from the GWs (docs/protocol.md §2.1 step 5): where each GW's SA points
         self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways})
         self._gw_care_of: dict[str, str | None] = {}
-        self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes]] = {}
+        # home -> (sequence, type, new CoA, RRP, was a correction) of our latest SIU
+        self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes, bool]] = {}
         self._acked: dict[str, int] = {}       # home -> sequence of the GW's latest ACK
         self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
         self._expiry: list[tuple[float, str]] = []
+        # addresses that can never be a CoA besides the unusable ranges: ours and the GWs'
+        self._own_addresses = frozenset(
+            [config.address] + [g.address for g in config.gateways]
+            + [g.outside_address for g in config.gateways if g.outside_address])
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.counters: Counter[str] = Counter()
@@ -235,6 +249,11 @@ class HomeAgent:
             return self._reject(now, rrq, DropReason.MIP_UNKNOWN_HOME_ADDRESS)
         if owner != rrq.home_address:
             return self._reject(now, rrq, DropReason.MIP_HOME_ADDRESS_NOT_OWNED, owner=owner)
+        if (rrq.lifetime != 0 and rrq.care_of_address != rrq.home_address
+                and ipip.unusable_care_of(rrq.care_of_address, self._own_addresses)):
+            # no tunnel endpoint (0/8, loopback, multicast, broadcast, 240/4, ours, a GW's):
+            # refused before identification, nothing moves, and no reply (see module doc)
+            return self._reject(now, rrq, DropReason.MIP_BAD_CARE_OF)
         via_gateway = not in_prefix(src, *self._home_net)
         try:
             msa.check_identification(rrq.identification, self.wallclock())
@@ -349,10 +368,16 @@ class HomeAgent:
         want = binding.care_of_address if binding is not None else None
         if reported == want:
             return []
+        if last[4]:
+            # the GW refused our correction too (e.g. it cannot use that CoA): one correction
+            # per SIU we originated, never a correction of a correction, so no SIU/ACK loop
+            self._record(now, "siu-correction-refused", home_address=home, gw_has=reported,
+                         want=want, sequence=siu.sequence)
+            return []
         if want is None:
             return [self._siu(now, SiuType.DEREGISTER, mobile, reported, None, 0, b"",
                               correction=True)]
-        _seq, last_type, last_new, last_rrp = last
+        _seq, last_type, last_new, last_rrp, _correction = last
         rrp = last_rrp if last_type == SiuType.UPDATE and last_new == want else b""
         return [self._siu(now, SiuType.UPDATE, mobile, reported, want, binding.lifetime, rrp,
                           correction=True)]
@@ -367,7 +392,7 @@ class HomeAgent:
             # our last SIU for this MN went unanswered (lost, or the GW no longer knows that
             # SPI: a restarted GW): name "the SA that serves this home address" (0) instead
             spi = 0
-        self._last_siu[mobile.home_address] = (sequence, type, new, rrp)
+        self._last_siu[mobile.home_address] = (sequence, type, new, rrp, correction)
         data = signer.build(type, home_address=mobile.home_address,
                             old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
                             gateway_spi=spi, lifetime=lifetime, rrp=rrp,

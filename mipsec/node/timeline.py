@@ -27,6 +27,7 @@ OTHER_KINDS = (
     "rrq-rejected", "registration-failed", "reestablish-requested", "deregistered",
     "binding-expired", "siu-refused", "rrq-retransmitted", "sas-installed", "mobile-installed",
     "binding-deregistered", "gw-binding-retired", "returned-home",
+    "siu-correction-refused",       # HA: the GW refused our correcting SIU too; no more
 )
 IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
     "ike-initiated", "ike-established", "ike-rekeyed", "ike-ended", "ike-reestablish",
