@@ -169,7 +169,8 @@ def test_mn_ha_authentication_failure():
     before = _snapshot(topo, counters=False)
     _send_in_tunnel(topo, 0, _rrq(mn, msa=forged))
     _assert_refused(topo, topo.ha.role, DropReason.MIP_AUTH_FAILED, before, counters=False)
-    assert tl.first(topo.ha.role.timeline, "rrq-rejected").detail["reason"] == "mip-authentication-failed"
+    # not authenticated: counted only, no timeline event (anyone could flood it)
+    assert not [e for e in topo.ha.role.timeline if e.kind == "rrq-rejected"]
 
 
 def test_replayed_rrq():

@@ -398,3 +398,47 @@ def test_home_agent_sends_one_correction_per_siu_it_originated():
     assert sum(ha.status()["siu_next_sequence"].values()) - seq_before == 2
     assert gw.drops[R.MIP_BAD_CARE_OF] == 2
     assert [e.kind for e in ha.timeline].count("siu-correction-refused") == 1
+
+
+# --- unauthenticated input only counts (H9 finding 2) --------------------------------------------
+def test_forged_rrqs_and_sius_change_nothing_but_drop_counters():
+    """Observed before the fix: each forged RRQ / SIU appended a timeline event (~380 / ~310
+    bytes, up to 200,000 kept per role) and replaced status()["timeline"] (what `mipsec status`
+    shows as the last handover) with attacker-chosen addresses."""
+    topo = _fresh_registered()
+    ha, gw, mn = topo.ha.role, topo.gw.role, topo.mn.role
+    now = topo.sim.now
+    without = lambda s: {k: v for k, v in s.items() if k not in ("drops", "sad_drops")}  # noqa: E731
+    ha_before, gw_before = without(ha.status(now)), without(gw.status())
+    ha_events, gw_events = len(ha.timeline), len(gw.timeline)
+    signer = _ha_signer(topo)
+    for i in range(300):
+        # forged RRQs: right SPI and a random authenticator; no authentication; an unknown SPI
+        exts = [(auth_extension(mn.msa.spi, os.urandom(16)),), (),
+                (auth_extension(0x7777, os.urandom(16)),)][i % 3]
+        rrq = RegistrationRequest(home_address=mn.home_address, home_agent=ha.address,
+                                  care_of_address=f"192.0.2.{i % 250}", identification=i,
+                                  lifetime=600, extensions=exts)
+        actions = ha.receive_from_net(build_udp_packet(a2b("172.16.1.10"), a2b(ha.address), 434,
+                                                       434, build_registration_request(rrq)), now)
+        assert actions == []
+        # forged SIUs (random bytes; a bad HMAC; from another sender) to the GW's inside address
+        if i % 3 == 0:
+            payload, src = os.urandom(40 + i), ha.address
+        else:
+            from mipsec.wire.siu import SiuType
+            payload = bytearray(signer.build(SiuType.UPDATE, home_address=mn.home_address,
+                                             old_care_of="172.16.1.10", new_care_of="192.0.2.7",
+                                             gateway_spi=0, lifetime=600, rrp=b"", wallclock=0.0))
+            payload[-1] ^= 1
+            src = ha.address if i % 3 == 1 else "10.1.0.66"
+        actions = gw.receive_from_net(build_udp_packet(a2b(src), a2b(gw.inside), 4343, 4343,
+                                                       bytes(payload)), now)
+        assert actions == []
+    assert ha.drops[R.MIP_AUTH_FAILED] == 100 and ha.drops[R.MIP_NO_AUTH] == 100
+    assert ha.drops[R.MIP_UNKNOWN_SPI] == 100
+    assert gw.drops[R.SIU_AUTH_FAILED] + gw.drops[R.SIU_UNKNOWN_SENDER] >= 200
+    assert sum(gw.drops.values()) >= 300
+    assert (len(ha.timeline), len(gw.timeline)) == (ha_events, gw_events)
+    assert without(ha.status(now)) == ha_before
+    assert without(gw.status()) == gw_before

@@ -26,8 +26,9 @@ MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or REJECT's new CoA can be a tun
 MIP_BAD_CARE_OF); then the compare-and-swap on the binding (state machine
 below): the SIU's old CoA must be the current binding, or its new CoA must already be it
 (an idempotent repeat), else SIU_STALE_CARE_OF.  So a delayed, duplicated or reordered SIU can
-never move an SA back to an older address.  A move calls ``sa.rebind(remote=new CoA)`` and
-returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sent to the new
+never move an SA back to an older address.  Refusals before authentication (framing, sender,
+HMAC, replay) are only counted; refusals of authenticated SIUs also record "siu-refused".  A
+move calls ``sa.rebind(remote=new CoA)`` and returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sent to the new
 CoA: the reply can only go out through the re-pointed SA.  A DEREGISTER SIU sends its RRP (if
 any) to the current CoA and then retires the binding: downlink packets for that CoA find no
 policy until the next SIU.  A REJECT SIU (the HA refused an authenticated request, e.g. code
@@ -339,7 +340,9 @@ class VpnGateway:
             src, _dst, _sport, _dport, payload = parse_udp_packet(packet)
             siu = self.verifier.verify(b2a(src), payload)
         except ParseError as exc:
-            return self._refuse(now, exc.reason, source=b2a(packet[12:16]))
+            # framing, sender, HMAC or sequence: not authenticated (or a replay anyone can
+            # repeat): only counted, no timeline event, no log
+            return self._drop(exc.reason)
         before = self.mobiles.get(siu.home_address)
         mobile_was_fresh = before is not None and before.fresh
         actions = self._apply_siu(siu, now)

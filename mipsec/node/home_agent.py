@@ -22,6 +22,10 @@ reason:
    refuse): so NO reply, like the failures above; the MN retransmits and gives up as for a
    lost reply.  Without this check an RRQ with CoA 0.0.0.0 started an endless SIU/ACK loop.
 
+Refusals of requests that do not authenticate (parse errors, MIP_NO_AUTH, MIP_UNKNOWN_SPI,
+MIP_AUTH_FAILED) are only counted: anyone can send them, so they must not fill the timeline or
+the log.  Refusals of authenticated requests are also recorded ("rrq-rejected").
+
 Identification (RFC 5944 §5.7) is checked only after authentication.  A request that fails it
 (replayed: MIP_REPLAYED; clock skew: MIP_IDENTIFICATION_MISMATCH) changes no binding, but —
 unlike the failures above, and as RFC 5944 §3.8.3.1 requires for an authenticated request — is
@@ -232,16 +236,18 @@ class HomeAgent:
             return self._drop(DropReason.MALFORMED)
         rrq = parse_registration_request(data)
         auth = rrq.mn_ha_auth
+        # not authenticated (yet): anyone can send these, so they are only counted (no
+        # timeline event, no log: a flood must not push a real handover out of the timeline)
         if auth is None:
-            return self._reject(now, rrq, DropReason.MIP_NO_AUTH)
+            return self._drop(DropReason.MIP_NO_AUTH)
         entry = self._msa_by_spi.get(auth.spi)
         if entry is None:
-            return self._reject(now, rrq, DropReason.MIP_UNKNOWN_SPI)
+            return self._drop(DropReason.MIP_UNKNOWN_SPI)
         msa, owner = entry
         try:
             msa.verify(data)
         except ParseError as exc:
-            return self._reject(now, rrq, exc.reason)
+            return self._drop(exc.reason)
         if rrq.home_agent != self.address:
             return self._reject(now, rrq, DropReason.MIP_UNKNOWN_HOME_AGENT)
         mobile = self._mobiles.get(rrq.home_address)
