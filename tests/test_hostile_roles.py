@@ -442,3 +442,28 @@ def test_forged_rrqs_and_sius_change_nothing_but_drop_counters():
     assert (len(ha.timeline), len(gw.timeline)) == (ha_events, gw_events)
     assert without(ha.status(now)) == ha_before
     assert without(gw.status()) == gw_before
+
+
+# --- the HA's expiry heap (H9 finding 3) ----------------------------------------------------------
+def test_re_registrations_do_not_grow_the_expiry_heap():
+    """Observed before the fix: 2,000 valid re-registrations of one MN left 2,001 heap entries
+    (each superseded one kept until its own expiry: memory = rate x lifetime)."""
+    topo = _fresh_registered(seed=21)
+    ha, mn = topo.ha.role, topo.mn.role
+    for i in range(2000):
+        rrq = RegistrationRequest(home_address=mn.home_address, home_agent=mn._ha,
+                                  care_of_address=mn.care_of,
+                                  identification=mn.msa.new_identification(mn.wallclock()),
+                                  lifetime=600 - i % 7, flags=RequestFlags.D | RequestFlags.T)
+        data = mn.msa.sign(build_registration_request(rrq))
+        ha.receive_from_net(build_udp_packet(a2b(mn.care_of), a2b(ha.address), 434, 434, data),
+                            topo.sim.now)
+        assert len(ha._expiry) <= 2 * len(ha.bindings) + 16, (i, len(ha._expiry))
+    assert not ha.drops
+    # the live entry is still there: the binding expires at its latest lifetime, not before
+    expires = ha.bindings[mn.home_address].expires
+    assert ha.get_timer() <= expires
+    ha.handle_timer(expires - 0.001)
+    assert mn.home_address in ha.bindings
+    ha.handle_timer(expires)
+    assert mn.home_address not in ha.bindings

@@ -336,6 +336,11 @@ class HomeAgent:
         binding.identification = rrq.identification
         binding.via_gateway = via_gateway
         heapq.heappush(self._expiry, (binding.expires, home))
+        if len(self._expiry) > 2 * len(self.bindings) + 16:
+            # superseded entries stay until their own expiry: an MN re-registering fast would
+            # grow the heap by rate x lifetime; keep it O(bindings) (amortised O(1) a push)
+            self._expiry = [(b.expires, h) for h, b in self.bindings.items()]
+            heapq.heapify(self._expiry)
         self._record(now, "rrq-accepted", home_address=home, care_of=coa, lifetime=lifetime,
                      via_gateway=via_gateway)
         if via_gateway:
