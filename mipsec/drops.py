@@ -86,6 +86,7 @@ class DropReason(str, enum.Enum):
     IKE_AUTH_FAILED = "ike-authentication-failed"
     IKE_NO_PROPOSAL_CHOSEN = "ike-no-proposal-chosen"
     IKE_INVALID_COOKIE = "ike-invalid-cookie"    # §2.6
+    IKE_CHILD_UNUSABLE = "ike-child-unusable"    # a negotiated child SA the role cannot install
 
     def __str__(self) -> str:  # shown as-is in status output and logs
         return self.value

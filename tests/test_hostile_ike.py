@@ -214,3 +214,137 @@ def test_invalid_key_exchange_values_create_nothing():
             h = codec.Header(bytes([i + 1]) * 8, bytes(8), m.header.exchange, m.header.flags, 0)
             assert _feed(ep, codec.build_message(h, payloads)) == [], (suite, i)
             assert sum(ep.drops.values()) == 1 and _state(ep) == (0, 0, 0), (suite, i, ep.drops)
+
+
+# --- values an authenticated peer (or an on-path rewrite) controls (H9 finding 4) ----------------
+from mipsec.ike.book import ChildSaBook  # noqa: E402
+from mipsec.ike.config import ChildSaEstablished, PeerAddressChanged  # noqa: E402
+
+from test_ike_harness import Net  # noqa: E402
+
+
+def _children(net, who):
+    return [e for w, e in net.events if w == who and isinstance(e, ChildSaEstablished)]
+
+
+def test_esp_spi_zero_offered_by_the_initiator_is_no_proposal_chosen():
+    """Observed: a peer with the PSK offering ESP SPI 0 got a ChildSaEstablished whose
+    make_sas() raised ConfigError (RFC 4303 §2.1: SPI 0 is never on the wire)."""
+    ci, cr = configs()
+    initiator, responder = IkeEndpoint(ci), IkeEndpoint(cr)
+    initiator._alloc_esp_spi = lambda: 0
+    net = Net({MN_ADDR: initiator, GW_ADDR: responder})
+    net.deliver(initiator.initiate((MN_ADDR, 500), (GW_ADDR, 500), 0.0), MN_ADDR)
+    assert _children(net, GW_ADDR) == [] and _children(net, MN_ADDR) == []
+    assert responder.drops[R.IKE_NO_PROPOSAL_CHOSEN] == 1
+
+
+def test_esp_spi_zero_answered_by_the_responder_is_not_accepted():
+    ci, cr = configs()
+    initiator, responder = IkeEndpoint(ci), IkeEndpoint(cr)
+    responder._alloc_esp_spi = lambda: 0
+    net = Net({MN_ADDR: initiator, GW_ADDR: responder})
+    net.deliver(initiator.initiate((MN_ADDR, 500), (GW_ADDR, 500), 0.0), MN_ADDR)
+    assert _children(net, MN_ADDR) == []
+    assert initiator.drops[R.IKE_NO_PROPOSAL_CHOSEN] == 1
+
+
+def test_ike_from_udp_source_port_zero_or_no_unicast_source_is_dropped():
+    """The UDP/IP header is not covered by IKE's integrity: a rewrite to source port 0 made a
+    child with UdpEncap(remote_port=0) (ConfigError in make_sas)."""
+    for public in [("198.51.100.1", 0), ("0.0.0.0", 500), ("224.0.0.9", 500),
+                   ("255.255.255.255", 500)]:
+        ci, cr = configs()
+        initiator, responder = IkeEndpoint(ci), IkeEndpoint(cr)
+        net = Net({MN_ADDR: initiator, GW_ADDR: responder},
+                  nat={(MN_ADDR, 500): public, (MN_ADDR, 4500): public})
+        net.deliver(initiator.initiate((MN_ADDR, 500), (GW_ADDR, 500), 0.0), MN_ADDR)
+        book = ChildSaBook(inbound_any_source=True)
+        for who, ev in net.events:
+            if who == GW_ADDR:
+                book.apply(ev)
+        assert _children(net, GW_ADDR) == [] and responder.ike_sas == [], public
+        assert responder.drops[R.MALFORMED] >= 1
+
+
+def test_nat_remapping_to_port_zero_does_not_break_the_book():
+    """Observed: a later request from port 0 -> PeerAddressChanged(port 0) -> ChildSaBook.apply
+    -> UdpEncap(remote_port=0) -> ConfigError."""
+    ci, cr = configs()
+    initiator, responder = IkeEndpoint(ci), IkeEndpoint(cr)
+    net = Net({MN_ADDR: initiator, GW_ADDR: responder},
+              nat={(MN_ADDR, 500): ("198.51.100.1", 1500), (MN_ADDR, 4500): ("198.51.100.1", 14500)})
+    net.deliver(initiator.initiate((MN_ADDR, 500), (GW_ADDR, 500), 0.0), MN_ADDR)
+    book = ChildSaBook(inbound_any_source=True)
+    for who, ev in net.events:
+        if who == GW_ADDR:
+            book.apply(ev)
+    assert book.outbound is not None and book.outbound.udp_encap.remote_port == 14500
+    seen = len(net.events)
+    net.nat[(MN_ADDR, 4500)] = ("198.51.100.1", 0)
+    net.run_timers(400.0, step=5.0)
+    for who, ev in net.events[seen:]:
+        if who == GW_ADDR:
+            assert not (isinstance(ev, PeerAddressChanged) and ev.remote[1] == 0)
+            book.apply(ev)
+    # the peer is unreachable from port 0 (its datagrams are dropped): the SAs may die of
+    # that, but none ever points at port 0
+    for _child, sin, sout in book.pairs.values():
+        assert sout.udp_encap.remote_port == 14500 and sin.udp_encap.remote_port == 14500
+
+
+def _ike_topology(n=1, **kw):
+    from mipsec.sim.topology import build_topology
+    return build_topology(n, sa_source="ikev2", internet_delay_s=0.002, seed=3, **kw)
+
+
+def test_gateway_receive_from_net_does_not_raise_for_esp_spi_zero():
+    """Observed: VpnGateway.receive_from_net -> _ike_event (ChildSaEstablished) -> make_sas ->
+    SecurityAssociation(spi=0) -> ConfigError out of the role."""
+    topo = _ike_topology()
+    topo.mn.role.ike.endpoint._alloc_esp_spi = lambda: 0
+    topo.move("a", 0)
+    topo.sim.run_for(1.0)
+    gw = topo.gw.role
+    assert gw.mobiles.get(topo.mn.role.home_address) is None
+    assert gw.ike.endpoint.drops[R.IKE_NO_PROPOSAL_CHOSEN] >= 1
+
+
+def test_a_child_the_gateway_cannot_install_is_counted_and_deleted():
+    """Defence in depth for anything make_sas / the SAD refuse: a re-key whose inbound SPI is
+    already another MN's (forced here) is refused as IKE_CHILD_UNUSABLE, the child is deleted
+    at the peer, and the other MN's SA stays where it was."""
+    from mipsec.sim.scenario import wait_registered
+    topo = _ike_topology(2)
+    topo.move("a", 0)
+    topo.move("a", 1)
+    assert wait_registered(topo, 2.0)
+    gw = topo.gw.role
+    mn0, mn1 = topo.mobiles[0].role, topo.mobiles[1].role
+    taken = gw.mobiles[mn0.home_address].inbound
+    sa_gw = gw.mobiles[mn1.home_address].ike_sa
+    sa_gw._alloc_esp_spi = lambda: taken.spi
+    sa_mn = mn1._ike_sa
+    (spi_in,) = list(sa_mn.children)
+    now = topo.sim.now
+    topo.mobiles[1].driver.perform(mn1._ike_outputs(sa_mn.rekey_child(spi_in, now), now))
+    topo.sim.run_for(1.0)                                    # must not raise
+    assert gw.drops[R.IKE_CHILD_UNUSABLE] == 1
+    assert gw.sad.get(taken.spi) is taken
+    assert gw._by_spi[taken.spi] is gw.mobiles[mn0.home_address]
+    assert taken.spi not in sa_gw.children                   # deleted (RFC 7296 §1.4.1)
+
+
+def test_mobike_move_to_an_unusable_address_is_refused():
+    from mipsec.sim.scenario import wait_registered
+    topo = _ike_topology(handover_mode="mobike")
+    topo.move("a", 0)
+    assert wait_registered(topo, 2.0)
+    gw = topo.gw.role
+    m = gw.mobiles[topo.mn.role.home_address]
+    before = (m.care_of, m.outbound.remote)
+    for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "172.16.0.1", "10.1.0.1"]:
+        assert gw._ike_outputs([PeerAddressChanged(m.ike_sa, m.ike_sa.local, (bad, 4500))],
+                               topo.sim.now) == []
+    assert (m.care_of, m.outbound.remote) == before
+    assert gw.drops[R.MIP_BAD_CARE_OF] == 5

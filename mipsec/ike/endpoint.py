@@ -99,6 +99,12 @@ class IkeEndpoint:
         return out + self.initiate(local, remote, now)
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> list:
+        if remote[1] == 0 or _no_unicast_source(remote[0]):
+            # the UDP/IP header is not covered by IKE's integrity: an on-path rewrite to port 0
+            # or to a source no reply can go to (0/8, multicast, 240/4, broadcast) would become
+            # an ESP SA's UDP port or a MOBIKE / NAT peer address that cannot be used
+            self.drops[DropReason.MALFORMED] += 1
+            return []
         if local[1] != 500:                           # our NAT-T socket (RFC 3948 §2.2)
             kind = classify_udp(data)
             if kind == "keepalive":
@@ -122,6 +128,10 @@ class IkeEndpoint:
             self.drops[DropReason.IKE_UNKNOWN_SA] += 1
             return []
         return self._track(sa, sa.receive(m, local, remote, now))
+
+    def reserve_esp_spi(self, spi: int) -> None:
+        """An inbound ESP SPI the runtime uses outside IKE (manual keys): never allocate it."""
+        self._esp_spis.add(spi)
 
     def get_timer(self) -> float | None:
         times = [t for t in (sa.get_timer() for sa in self.ike_sas) if t is not None]
@@ -228,3 +238,13 @@ class IkeEndpoint:
             self._by_spi[spi_r] = sa
             self._half_open[(h.spi_i, remote)] = sa
         return out
+
+
+def _no_unicast_source(address: str) -> bool:
+    """RFC 1122 §3.2.1.3 / RFC 6890: 0/8, multicast 224/4, 240/4 and broadcast are never the
+    source of a datagram we could answer (loopback is: the daemons' tests use it)."""
+    try:
+        first = int(address.split(".", 1)[0])
+    except (ValueError, AttributeError):
+        return True
+    return first == 0 or first >= 224

@@ -177,8 +177,8 @@ def choose_esp(offered: tuple[Proposal, ...], suites, dh_required: int | None
     answer is ``esp_answer``.  ``dh_required``: in CREATE_CHILD_SA the KE group the
     initiator sent (then the proposal must list it), or None in IKE_AUTH (DH ignored, §1.2)."""
     for p in offered:
-        if p.protocol != ProtocolId.ESP or len(p.spi) != 4:
-            continue
+        if p.protocol != ProtocolId.ESP or len(p.spi) != 4 or p.spi == _SPI_ZERO:
+            continue          # RFC 4303 §2.1: SPI 0 "MUST NOT be sent on the wire"
         for s in suites:
             if not (_has(p, TransformType.ENCR, s.encr, s.key_bits)
                     and (s.aead or _has(p, TransformType.INTEG, s.integ))):
@@ -227,13 +227,16 @@ def accept_esp_answer(answer: tuple[Proposal, ...], suites, pfs_group: int | Non
     if len(answer) != 1:
         return None
     p = answer[0]
-    if p.protocol != ProtocolId.ESP or len(p.spi) != 4:
-        return None
+    if p.protocol != ProtocolId.ESP or len(p.spi) != 4 or p.spi == _SPI_ZERO:
+        return None           # RFC 4303 §2.1: an answer with SPI 0 names no usable SA
     for s in suites:
         cand = EspSuite(s.encr, s.key_bits, s.integ, pfs_group or DhGroup.NONE, s.esn)
         if _transform_set(p) == _transform_set(esp_proposals([cand], p.spi, bool(pfs_group))[0]):
             return cand
     return None
+
+
+_SPI_ZERO = bytes(4)
 
 
 def _transform_set(p: Proposal) -> frozenset:

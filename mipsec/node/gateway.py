@@ -56,7 +56,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable
 
 from mipsec.drops import DropReason
-from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
+from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.ipsec.sad import Sad
 from mipsec.mip import ipip
@@ -195,6 +195,8 @@ class VpnGateway:
                                remote=UNBOUND_ADDRESS, now=now, random=random)
             self.install_mobile(m.home_address, inbound, outbound, home_agent=m.home_agent,
                                 allowed_destinations=m.allowed_destinations, now=now)
+            if self.ike is not None:
+                self.ike.endpoint.reserve_esp_spi(inbound.spi)   # IKE never allocates it
 
     # --- configuration / IKE hook ---------------------------------------------------------------
     def install_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
@@ -495,8 +497,23 @@ class VpnGateway:
         for out in outputs:
             if out.__class__ is SendDatagram:
                 actions += RoleIke.run([out])[0]
-            else:
+                continue
+            try:
                 actions += self._ike_event(out, now)
+            except (ConfigError, UsageError) as exc:
+                # a child the peer negotiated that our SAD cannot take (values an authenticated
+                # peer chose): refused and counted, never raised out of receive_from_net
+                actions += self._unusable_child(out, exc, now)
+        return actions
+
+    def _unusable_child(self, ev: Any, exc: Exception, now: float) -> list[Action]:
+        self.drops[DropReason.IKE_CHILD_UNUSABLE] += 1
+        child = ev.child if ev.__class__ is ChildSaEstablished else (
+            ev.new if ev.__class__ is ChildSaRekeyed else None)
+        actions: list[Action] = [Log("warning", f"IKE child SA not installed: {exc}")]
+        if child is not None and child.spi_in in ev.ike_sa.children:
+            # tell the peer (RFC 7296 §1.4.1) so it does not send ESP we cannot decrypt
+            actions += RoleIke.run(ev.ike_sa.delete_child(child.spi_in, now))[0]
         return actions
 
     def _ike_mobile(self, ike_sa: Any) -> Mobile | None:
@@ -530,6 +547,9 @@ class VpnGateway:
                                f"{ev.new.spi_out:08x}", rekey=True)
             return self.rekey_mobile(mobile.home_address, sin, sout, now)
         if cls is ChildSaDeleted:
+            owner = self._by_spi.get(ev.child.spi_in)
+            if owner is None or owner is not self._ike_mobile(ev.ike_sa):
+                return []     # not this peer's SA (e.g. a child we refused to install)
             return self.retire_inbound(ev.child.spi_in, now)
         if cls is IkeSaRekeyed:
             for m in self.mobiles.values():
@@ -559,6 +579,8 @@ class VpnGateway:
         old = mobile.care_of
         if old is None or old == new:
             return []        # never bound: the SIU binds it (the HA has not heard of it yet)
+        if ipip.unusable_care_of(new, self._own_addresses):
+            return self._drop(DropReason.MIP_BAD_CARE_OF)
         mobile.aliases.append(a2b(old))
         mobile.care_of = new
         key = a2b(new)

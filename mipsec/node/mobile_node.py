@@ -44,7 +44,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from mipsec.drops import DropReason
-from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
+from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.mip import ipip
 from mipsec.mip.security import MobilitySecurityAssociation
@@ -517,8 +517,18 @@ class MobileNode:
         for out in outputs:
             if out.__class__ is SendDatagram:
                 actions += RoleIke.run([out], self.interface)[0]
-            else:
+                continue
+            try:
                 actions += self._ike_event(out, now)
+            except (ConfigError, UsageError) as exc:
+                # a child the GW negotiated that we cannot install: counted, never raised
+                self.drops[DropReason.IKE_CHILD_UNUSABLE] += 1
+                actions.append(Log("warning", f"IKE child SA not installed: {exc}"))
+                child = out.child if out.__class__ is ChildSaEstablished else (
+                    out.new if out.__class__ is ChildSaRekeyed else None)
+                if child is not None and child.spi_in in out.ike_sa.children:
+                    actions += RoleIke.run(out.ike_sa.delete_child(child.spi_in, now),
+                                           self.interface)[0]
         return actions
 
     def _ike_alive(self) -> Any:
