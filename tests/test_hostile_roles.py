@@ -259,10 +259,12 @@ def test_signed_requests_with_any_extensions_never_raise(topo, before, after, cu
 
 
 def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
-    """docs/protocol.md: the RRP inside an SIU is opaque to the GW and protected end to end by
-    the MN-HA authenticator.  An (HA-signed) SIU for A that carries B's reply is forwarded by the
-    GW, and A refuses it: with no request pending as MIP_UNEXPECTED_REPLY, with one pending as
-    MIP_UNKNOWN_SPI (B's MSA); A's registration state and SAs do not move."""
+    """docs/protocol.md: the RRP inside an SIU is protected end to end by the MN-HA
+    authenticator, and the GW checks its header too (SIU_RRP_MISMATCH, H9 finding 5).  An
+    (HA-signed) SIU for A that carries B's reply is refused by the GW (nothing encrypted to A);
+    and should such a reply reach A anyway (a GW without the check: here encrypted with the GW's
+    SA directly), A refuses it: with no request pending as MIP_UNEXPECTED_REPLY, with one pending
+    as MIP_UNKNOWN_SPI (B's MSA); A's registration state and SAs do not move."""
     from mipsec.mip.siu import SiuSigner
     from mipsec.wire.siu import SiuType
 
@@ -285,7 +287,9 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
                                                    siu), topo.sim.now)
         esp = [x.packet for x in out if isinstance(x, SendToNet)
                and x.packet[16:20] == a2b(a.care_of)]
-        assert len(esp) == 1
+        assert esp == [] and gw.drops[R.SIU_RRP_MISMATCH] == 1 + pending
+        esp = [mobile.outbound.encapsulate(build_udp_packet(
+            a2b(ha.address), a2b(a.care_of), 434, 434, b_reply), topo.sim.now)]
         before = _status(a, topo.sim.now)
         reason = R.MIP_UNKNOWN_SPI if pending else R.MIP_UNEXPECTED_REPLY
         count = a.drops[reason]
@@ -467,3 +471,56 @@ def test_re_registrations_do_not_grow_the_expiry_heap():
     assert mn.home_address in ha.bindings
     ha.handle_timer(expires)
     assert mn.home_address not in ha.bindings
+
+
+# --- the RRP inside an SIU is checked by the GW (H9 finding 5) ------------------------------------
+def _rrp_for(home_address, ha="10.1.0.2"):
+    return build_registration_reply(RegistrationReply(
+        code=ReplyCode.ACCEPTED, home_address=home_address, home_agent=ha, identification=7,
+        lifetime=600))
+
+
+@pytest.mark.parametrize("which", ["other-mn", "not-a-reply", "a-request-type", "truncated",
+                                   "another-home-agent"])
+@pytest.mark.parametrize("move", [False, True])
+def test_siu_embedding_a_foreign_rrp_is_refused(which, move):
+    """Observed before: the GW encrypted whatever the SIU carried to the MN's CoA with the MN's
+    SA (another MN's reply, no reply at all).  Now SIU_RRP_MISMATCH: nothing sent to the MN, no
+    SA moved (also when the SIU would move it), no ESP sequence number spent."""
+    from mipsec.mip.siu import SiuVerifier
+    from mipsec.wire.siu import SiuType
+    topo = build_topology(2, internet_delay_s=0.002, seed=4)
+    topo.move("a", 0)
+    topo.move("a", 1)
+    assert wait_registered(topo, 1.0)
+    gw, ha = topo.gw.role, topo.ha.role
+    a_home = topo.mobiles[0].role.home_address
+    b_home = topo.mobiles[1].role.home_address
+    mobile = gw.mobiles[a_home]
+    rrp = {"other-mn": _rrp_for(b_home), "not-a-reply": b"\x00" * 40,
+           "a-request-type": b"\x01" + _rrp_for(a_home)[1:], "truncated": _rrp_for(a_home)[:19],
+           "another-home-agent": _rrp_for(a_home, ha="10.1.0.3")}[which]
+    new = "172.16.2.10" if move else mobile.care_of
+    data = _ha_signer(topo).build(SiuType.UPDATE, home_address=a_home,
+                                  old_care_of=mobile.care_of, new_care_of=new,
+                                  gateway_spi=mobile.outbound.spi, lifetime=600, rrp=rrp,
+                                  wallclock=0.0)
+    before = (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence)
+    actions = gw.receive_from_net(
+        build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
+    assert (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence) == before
+    assert gw.drops[R.SIU_RRP_MISMATCH] == 1
+    sent = [a for a in actions if isinstance(a, SendToNet)]
+    assert len(sent) == 1 and sent[0].packet[16:20] == a2b(ha.address)     # the ACK only
+    ack = SiuVerifier({gw.inside: (1, topo.configs.gateway.home_agents[0].key)}).verify(
+        gw.inside, sent[0].packet[28:])
+    assert ack.new_care_of == before[0]
+    # the genuine reply for A in the same kind of SIU is forwarded
+    data = _ha_signer(topo).build(SiuType.UPDATE, home_address=a_home,
+                                  old_care_of=mobile.care_of, new_care_of=mobile.care_of,
+                                  gateway_spi=mobile.outbound.spi, lifetime=600,
+                                  rrp=_rrp_for(a_home), wallclock=0.0)
+    actions = gw.receive_from_net(
+        build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
+    assert [a for a in actions if isinstance(a, SendToNet)
+            and a.packet[16:20] == a2b(mobile.care_of)]

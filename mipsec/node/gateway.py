@@ -23,7 +23,8 @@ a configured HA, HMAC, sequence newer: SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED / SI
 MN is known and served by that HA (SIU_UNKNOWN_MOBILE, SIU_UNKNOWN_SENDER); the SIU names this
 MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or REJECT's new CoA can be a tunnel endpoint
 (``ipip.unusable_care_of``: not 0/8, loopback, multicast, broadcast, 240/4 or our own address,
-MIP_BAD_CARE_OF); then the compare-and-swap on the binding (state machine
+MIP_BAD_CARE_OF); an embedded RRP is a Registration Reply for this MN from this HA
+(SIU_RRP_MISMATCH); then the compare-and-swap on the binding (state machine
 below): the SIU's old CoA must be the current binding, or its new CoA must already be it
 (an idempotent repeat), else SIU_STALE_CARE_OF.  So a delayed, duplicated or reordered SIU can
 never move an SA back to an older address.  Refusals before authentication (framing, sender,
@@ -75,6 +76,7 @@ from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, parse_prefix,
     parse_udp_packet, peek_ipv4, udp_ports,
 )
+from mipsec.wire.mip import parse_registration_reply
 from mipsec.wire.siu import Siu, SiuFlags, SiuType
 
 UNBOUND_ADDRESS = "0.0.0.0"
@@ -384,6 +386,11 @@ class VpnGateway:
             # or ourselves; the ACK still reports where the SA points (docs/protocol.md §2.2)
             return self._refuse(now, DropReason.MIP_BAD_CARE_OF, home_address=mobile.home_address,
                                 current=current, new=new)
+        if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp and not self._rrp_fits(siu):
+            # docs/protocol.md §2.2: the embedded reply must be a Registration Reply for this
+            # SIU's MN from its HA (defence in depth: the MN checks it again), before any move
+            return self._refuse(now, DropReason.SIU_RRP_MISMATCH,
+                                home_address=mobile.home_address)
         if siu.type == SiuType.UPDATE and new is not None:
             if current == new:
                 # a repeat (retransmitted RRQ), or MOBIKE moved the SA here already: RRP only
@@ -428,6 +435,17 @@ class VpnGateway:
             return actions
         return self._refuse(now, DropReason.MALFORMED, home_address=mobile.home_address,
                             type=int(siu.type))
+
+    @staticmethod
+    def _rrp_fits(siu: Siu) -> bool:
+        """Is the SIU's RRP a Registration Reply (RFC 5944 §3.4, type 3) whose home address is
+        the SIU's and whose home agent is the SIU's sender?  Its MN-HA authenticator is the
+        MN's to check, not ours."""
+        try:
+            reply = parse_registration_reply(siu.rrp)
+        except ParseError:
+            return False
+        return reply.home_address == siu.home_address and reply.home_agent == siu.sender
 
     def _forward_rrp(self, mobile: Mobile, rrp: bytes, now: float,
                      to: str | None = None) -> list[Action]:
