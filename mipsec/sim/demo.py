@@ -1,7 +1,9 @@
 """``mipsec demo --sim``: a handover demonstration in the in-memory network (no root needed).
 
-The MN registers from visited network A, a CN <-> MN UDP stream starts (one datagram per
-millisecond each way), then: a break-before-make handover A -> B, a make-before-break handover
+The MN attaches to visited network A, negotiates its ESP SAs with the GW by IKEv2 (RFC 7296,
+as the lab demo does; ``manual_keys=True`` for pre-shared ESP keys) and registers; the demo
+prints the IKE set-up (time to the IKE SA and to the first child SA) and that first
+registration.  A CN <-> MN UDP stream starts (one datagram per millisecond each way), then: a break-before-make handover A -> B, a make-before-break handover
 B -> A, and a return home.  For each move it prints the merged timeline of MN, GW and HA and what
 the stream saw: packets lost and the longest interruption per direction.
 """
@@ -25,9 +27,42 @@ def _window_loss(app, sender_times: list[float], since: float, until: float) -> 
     return sent, len(got)
 
 
-def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1) -> int:
-    """Print the demo to ``out``; return 0 when every registration completed and data flowed."""
-    topo = build_topology(1, internet_delay_s=internet_delay_s, seed=seed)
+def _print_ike_setup(p, topo, attached: float) -> bool:
+    """The IKEv2 set-up from visited network A: IKE SA and first child SA, as seen by the MN."""
+    mn, gw = topo.mn.role, topo.gw.role
+    ike_up = next((e.time for e in mn.timeline if e.kind == "ike-established"), None)
+    child = next((e for e in mn.timeline if e.kind == "sas-installed"), None)
+    registered = next((e.time for e in mn.timeline if e.kind == "rrp-received"), None)
+    if ike_up is None or child is None:
+        p("IKEv2 set-up: FAILED (no IKE SA or no child SA)")
+        return False
+    first = next((c for sa in mn.ike.endpoint.ike_sas for c in sa.children.values()), None)
+    esp = (f", ESP {first.encryption} {first.suite.key_bits} bits"
+           + (f" + {first.integrity}" if first.integrity else "")) if first is not None else ""
+    p("IKEv2 set-up from visited network A (IKE_SA_INIT + IKE_AUTH, PSK, one round trip each):")
+    p(f"   IKE SA established after {(ike_up - attached) * 1e3:7.2f} ms")
+    p(f"   first child SA after     {(child.time - attached) * 1e3:7.2f} ms: "
+      f"MN inbound SPI {child.detail['inbound_spi']:08x}, outbound SPI "
+      f"{child.detail['outbound_spi']:08x}{esp}")
+    if registered is not None:
+        p(f"   registered after         {(registered - attached) * 1e3:7.2f} ms")
+    installed = [e for e in gw.timeline if e.kind == "gw-sas-installed"]
+    if installed:
+        d = installed[0].detail
+        p(f"   GW installed the pair for {d['home_address']} ({d['ike_id']}) from {d['peer']}")
+    p("")
+    return True
+
+
+def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1,
+             manual_keys: bool = False, handover_mode: str = "siu") -> int:
+    """Print the demo to ``out``; return 0 when every registration completed and data flowed.
+
+    ``manual_keys``: pre-shared ESP keys instead of SAs negotiated by IKEv2 (the default);
+    ``handover_mode``: "siu" or "mobike" (IKEv2 only)."""
+    sa_source = "manual" if manual_keys else "ikev2"
+    topo = build_topology(1, internet_delay_s=internet_delay_s, seed=seed, sa_source=sa_source,
+                          handover_mode=handover_mode)
     mn = topo.mn.role
     a, b = topo.care_of["a"][0], topo.care_of["b"][0]
     p = lambda *s: print(*s, file=out)  # noqa: E731
@@ -36,9 +71,14 @@ def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1) -> 
       f"MN home {mn.home_address}")
     p(f"  visited A: CoA {a}; visited B: CoA {b}; one-way Internet delay "
       f"{internet_delay_s * 1e3:.1f} ms; MN-GW-HA-GW round trip {topo.round_trip_s * 1e3:.1f} ms")
+    how = "manual keys" if manual_keys else "SAs negotiated by IKEv2"
+    p(f"  {how}, {'MOBIKE' if handover_mode == 'mobike' else 'SIU'} handovers")
     p("")
+    attached = topo.sim.now
     topo.move("a")
     ok = wait_registered(topo, 3.0)
+    if not manual_keys:
+        ok = _print_ike_setup(p, topo, attached) and ok
     start = topo.sim.now + 0.1
     moves = [(start + 0.5, "b", False, "handover 1: A -> B (break-before-make)"),
              (start + 1.5, "a", True, "handover 2: B -> A (make-before-break)"),
