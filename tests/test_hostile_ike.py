@@ -343,8 +343,8 @@ def test_mobike_move_to_an_unusable_address_is_refused():
     gw = topo.gw.role
     m = gw.mobiles[topo.mn.role.home_address]
     before = (m.care_of, m.outbound.remote)
-    for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "172.16.0.1", "10.1.0.1"]:
+    for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "172.16.0.1", "10.1.0.1", "10.1.0.10"]:
         assert gw._ike_outputs([PeerAddressChanged(m.ike_sa, m.ike_sa.local, (bad, 4500))],
                                topo.sim.now) == []
     assert (m.care_of, m.outbound.remote) == before
-    assert gw.drops[R.MIP_BAD_CARE_OF] == 5
+    assert gw.drops[R.MIP_BAD_CARE_OF] == 6

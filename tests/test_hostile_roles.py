@@ -326,7 +326,8 @@ def _send_own_rrq(topo, care_of):
 
 @pytest.mark.parametrize("care_of", ["0.0.0.0", "255.255.255.255", "224.0.0.1", "127.0.0.1",
                                      "240.0.0.1", "10.1.0.2", "10.1.0.1",
-                                     "172.16.0.1"])   # the HA, the GW inside and outside
+                                     "172.16.0.1",    # the HA, the GW inside and outside
+                                     "10.1.0.10", "10.1.0.101"])   # on the home prefix
 def test_rrq_with_unusable_care_of_is_refused_and_bounded(care_of):
     """Observed before the fix: CoA 0.0.0.0 was bound and started ~5000 SIUs/s of virtual time
     between HA and GW forever; 255.255.255.255 / 224.0.0.1 / 127.0.0.1 / the GW's outside
@@ -356,7 +357,8 @@ def test_gateway_refuses_an_siu_naming_an_unusable_care_of(topo):
     mobile = gw.mobiles[home]
     for i, (kind, bad) in enumerate([(SiuType.UPDATE, "224.0.0.1"), (SiuType.UPDATE, "172.16.0.1"),
                                      (SiuType.UPDATE, "127.0.0.1"), (SiuType.REJECT, "10.1.0.1"),
-                                     (SiuType.REJECT, "255.255.255.255")]):
+                                     (SiuType.REJECT, "255.255.255.255"),
+                                     (SiuType.UPDATE, "10.1.0.10")]):
         signer = _ha_signer(topo)
         data = signer.build(kind, home_address=home, old_care_of=mobile.care_of, new_care_of=bad,
                             gateway_spi=mobile.outbound.spi, lifetime=600,

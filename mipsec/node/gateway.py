@@ -381,9 +381,10 @@ class VpnGateway:
         current = mobile.care_of
         actions: list[Action] = []
         if (siu.type == SiuType.UPDATE or siu.type == SiuType.REJECT) and new is not None \
-                and ipip.unusable_care_of(new, self._own_addresses):
-            # never point an SA (or send a reply) at 0/8, loopback, multicast, broadcast, 240/4
-            # or ourselves; the ACK still reports where the SA points (docs/protocol.md §2.2)
+                and (ipip.unusable_care_of(new, self._own_addresses) or mobile.allows(a2b(new))):
+            # never point an SA (or send a reply) at 0/8, loopback, multicast, broadcast, 240/4,
+            # ourselves or the home side (the MN's allowed destinations); the ACK still reports
+            # where the SA points (docs/protocol.md §2.2)
             return self._refuse(now, DropReason.MIP_BAD_CARE_OF, home_address=mobile.home_address,
                                 current=current, new=new)
         if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp and not self._rrp_fits(siu):
@@ -597,7 +598,7 @@ class VpnGateway:
         old = mobile.care_of
         if old is None or old == new:
             return []        # never bound: the SIU binds it (the HA has not heard of it yet)
-        if ipip.unusable_care_of(new, self._own_addresses):
+        if ipip.unusable_care_of(new, self._own_addresses) or mobile.allows(a2b(new)):
             return self._drop(DropReason.MIP_BAD_CARE_OF)
         mobile.aliases.append(a2b(old))
         mobile.care_of = new

@@ -16,7 +16,8 @@ reason:
 4. the home address is one of ours (MIP_UNKNOWN_HOME_ADDRESS) and belongs to the MN of that MSA
    (MIP_HOME_ADDRESS_NOT_OWNED: an MN may not register another MN's address);
 5. its care-of address can be a tunnel endpoint (``ipip.unusable_care_of``: not 0/8, 127/8,
-   224/4, 240/4, broadcast, our address or a GW's, MIP_BAD_CARE_OF), unless it deregisters.
+   224/4, 240/4, broadcast, our address or a GW's; nor another address on the home prefix:
+   MIP_BAD_CARE_OF), unless it deregisters (lifetime 0 or CoA = home address).
    RFC 5944 §3.4 has no code that fits (134 "poorly formed Request" at best) and a reply to
    such a CoA cannot be delivered (through the GW it would travel in an SIU that the GW must
    refuse): so NO reply, like the failures above; the MN retransmits and gives up as for a
@@ -256,9 +257,11 @@ class HomeAgent:
         if owner != rrq.home_address:
             return self._reject(now, rrq, DropReason.MIP_HOME_ADDRESS_NOT_OWNED, owner=owner)
         if (rrq.lifetime != 0 and rrq.care_of_address != rrq.home_address
-                and ipip.unusable_care_of(rrq.care_of_address, self._own_addresses)):
-            # no tunnel endpoint (0/8, loopback, multicast, broadcast, 240/4, ours, a GW's):
-            # refused before identification, nothing moves, and no reply (see module doc)
+                and (ipip.unusable_care_of(rrq.care_of_address, self._own_addresses)
+                     or in_prefix(a2b(rrq.care_of_address), *self._home_net))):
+            # no tunnel endpoint (0/8, loopback, multicast, broadcast, 240/4, ours, a GW's, or
+            # another address of the home network, which an MN away never has): refused before
+            # identification, nothing moves, and no reply (see module doc)
             return self._reject(now, rrq, DropReason.MIP_BAD_CARE_OF)
         via_gateway = not in_prefix(src, *self._home_net)
         try:
