@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "TUN devices, a UDP stream across two handovers and a return home).  Otherwise\n"
                        "it says so and runs the same scenario in mipsec's in-memory network.")
     p.add_argument("--sim", action="store_true", help="always use the in-memory simulator")
-    p.add_argument("--delay-ms", type=float, default=10.0,
-                   help="one-way Internet delay for the lab (default 10)")
+    p.add_argument("--delay-ms", type=float, default=None,
+                   help="one-way Internet delay (default 10 in the lab, 20 in the simulator)")
+    _sa_options(p)
     p.set_defaults(func=_cmd_demo)
 
     lab = sub.add_parser("lab", help="the network-namespace lab (root)", formatter_class=_Formatter,
@@ -278,17 +279,31 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sa_options_problem(args: argparse.Namespace) -> str | None:
+    if args.manual_keys and args.handover_mode == "mobike":
+        return "--handover-mode mobike needs IKEv2-negotiated SAs; drop --manual-keys"
+    return None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mipsec.lab.lab import requirements_problem
+    problem = _sa_options_problem(args)
+    if problem:
+        print(f"mipsec demo: {problem}", file=sys.stderr)
+        return 2
     if not args.sim:
         problem = requirements_problem()
         if problem is None:
             from mipsec.lab.demo import run_lab_demo
-            return run_lab_demo(prefix=f"mipsec-demo{os.getpid()}-", delay_ms=args.delay_ms)
+            return run_lab_demo(prefix=f"mipsec-demo{os.getpid()}-",
+                                delay_ms=10.0 if args.delay_ms is None else args.delay_ms,
+                                sa_source="manual" if args.manual_keys else "ikev2",
+                                handover_mode=args.handover_mode)
         print(f"mipsec demo: {problem}; running the same scenario in the in-memory simulator "
               f"instead (`mipsec demo --sim`).\n", flush=True)
     from mipsec.sim.demo import run_demo
-    return run_demo(sys.stdout)
+    return run_demo(sys.stdout, manual_keys=args.manual_keys, handover_mode=args.handover_mode,
+                    **({} if args.delay_ms is None else {"internet_delay_s": args.delay_ms / 1000}))
 
 
 def _lab(args: argparse.Namespace):
@@ -302,7 +317,7 @@ def _lab_guard() -> str | None:
 
 
 def _cmd_lab_up(args: argparse.Namespace) -> int:
-    problem = _lab_guard()
+    problem = _sa_options_problem(args) or _lab_guard()
     if problem:
         print(f"mipsec lab up: {problem}", file=sys.stderr)
         return 1
@@ -357,7 +372,7 @@ def _cmd_lab_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab_demo(args: argparse.Namespace) -> int:
-    problem = _lab_guard()
+    problem = _sa_options_problem(args) or _lab_guard()
     if problem:
         print(f"mipsec lab demo: {problem}", file=sys.stderr)
         return 1
@@ -523,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `mipsec demo | head`: the reader left; say nothing more (and nothing at exit either).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         from mipsec.lab.topology import LabError
         if isinstance(exc, LabError):

@@ -197,3 +197,25 @@ def test_render_ike_shows_sas_children_and_last_rekey():
             in out)
     assert "child in c0000001 out c0000002  ENCR_AES_GCM_16/128" in out
     assert "IKE drops: ike-retransmission 1" in out
+
+
+def test_demo_sim_with_manual_keys_and_a_delay(capsys):
+    assert cli.main(["demo", "--sim", "--manual-keys", "--delay-ms", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "one-way Internet delay 5.0 ms" in out
+    assert "IKEv2" not in out.split("\n\n")[0]      # the header names the key source
+    assert "final state: MN at-home" in out
+
+
+def test_demo_sim_mobike_mode(capsys):
+    assert cli.main(["demo", "--sim", "--handover-mode", "mobike"]) == 0
+    out = capsys.readouterr().out
+    assert "MOBIKE" in out
+    assert "final state: MN at-home" in out
+
+
+@pytest.mark.parametrize("words", [["demo", "--sim"], ["lab", "demo"], ["lab", "up"]])
+def test_mobike_with_manual_keys_is_refused_with_one_message(words, capsys):
+    assert cli.main([*words, "--manual-keys", "--handover-mode", "mobike"]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "--handover-mode mobike needs IKEv2-negotiated SAs" in err
