@@ -405,7 +405,8 @@ def render_status(reply: dict[str, Any]) -> str:
     timeline = reply.get("timeline") or []
     if timeline:
         lines.append("  last handover timeline:")
-        lines += ["    " + line for line in format_timeline(last_handover(timeline))]
+        lines += ["    " + line for line in format_timeline(last_handover(timeline),
+                                                         omit=("identification",))]
     return "\n".join(lines)
 
 
@@ -443,14 +444,17 @@ def last_handover(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return timeline[starts[-1]:] if starts else timeline[-10:]
 
 
-def format_timeline(events: list[dict[str, Any]], t0: float | None = None) -> list[str]:
+def format_timeline(events: list[dict[str, Any]], t0: float | None = None,
+                    omit: tuple[str, ...] = ("home_address", "identification", "sequence")
+                    ) -> list[str]:
+    from mipsec.node.timeline import format_detail
     if not events:
         return ["(no events)"]
     base = events[0].get("time", 0.0) if t0 is None else t0
     out = []
     for ev in events:
         detail = ev.get("detail") or {}
-        extra = " ".join(f"{k}={v}" for k, v in detail.items())
+        extra = format_detail(detail, omit)
         out.append(f"{(ev.get('time', 0.0) - base) * 1000:9.2f} ms  {ev.get('node', ''):<6} "
                    f"{ev.get('kind', ''):<26} {extra}")
     return out

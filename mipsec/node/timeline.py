@@ -91,11 +91,16 @@ def in_order(events: Sequence[TimelineEvent], kinds: Sequence[str]) -> bool:
     return True
 
 
-def _fmt_detail(detail: dict[str, Any]) -> str:
+TABLE_OMITS = ("home_address", "identification", "sequence")
+
+
+def format_detail(detail: dict[str, Any], omit: Sequence[str] = TABLE_OMITS) -> str:
+    """One line of ``key=value`` for a timeline table: SPIs in hex, ``omit`` left out (long
+    numbers, and the home address where the table is about one MN anyway)."""
     parts = []
     for k, v in detail.items():
-        if k in ("home_address", "identification", "sequence"):
-            continue                     # long numbers: in the data, not in the table
+        if k in omit:
+            continue
         if isinstance(v, int) and k.endswith("spi"):
             v = f"0x{v:08x}"
         parts.append(f"{k}={v}")
@@ -109,7 +114,7 @@ def format_table(events: Sequence[TimelineEvent], t0: float | None = None) -> st
     base = events[0].time if t0 is None else t0
     lines = [f"{'t+ms':>10}  {'node':<5} {'event':<26} detail"]
     for e in events:
-        lines.append(f"{(e.time - base) * 1000:10.3f}  {e.node:<5} {e.kind:<26} {_fmt_detail(e.detail)}")
+        lines.append(f"{(e.time - base) * 1000:10.3f}  {e.node:<5} {e.kind:<26} {format_detail(e.detail)}")
     return "\n".join(lines)
 
 
