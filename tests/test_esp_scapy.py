@@ -5,7 +5,6 @@ with and without extended sequence numbers; and against tshark's ESP decryption.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -18,6 +17,8 @@ from mipsec.drops import DropReason
 from mipsec.errors import Dropped
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap, esp_sa_uat_record
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
+
+import needs
 
 MN, GW = "172.16.1.10", "172.16.0.1"
 SCAPY_NAMES = {
@@ -93,17 +94,8 @@ def test_scapy_tampered_packets_are_refused_by_reason():
 
 
 # --- tshark (Wireshark 4.0) as a third implementation --------------------------------------------
-def _need_tshark() -> str:
-    path = shutil.which("tshark")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tshark is required in CI (tools/setup.sh installs it)")
-        pytest.skip("tshark not installed")
-    return path
-
-
 def test_tshark_decrypts_with_our_esp_sa_entries(tmp_path):
-    tshark = _need_tshark()
+    tshark = needs.tshark()
     cases = [("ENCR_AES_CBC", 16, "AUTH_HMAC_SHA1_96", False),
              ("ENCR_AES_CBC", 32, "AUTH_HMAC_SHA2_256_128", True),
              ("ENCR_AES_GCM_16", 20, None, False),

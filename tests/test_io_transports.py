@@ -7,18 +7,16 @@ import os
 import select
 import socket
 
-import pytest
 from scapy.layers.inet import IP, UDP
 
 from mipsec.io.transports import (IPPROTO_ESP, RawReceiver, RawSender, UdpReceiver,
                                   build_udp_packet)
 
+import needs
+
 
 def _need_root():
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("raw-socket tests need root in CI")
-        pytest.skip("raw sockets need root")
+    needs.need(os.geteuid() != 0 and "raw sockets need root", "raw-socket tests need root in CI")
 
 
 def test_build_udp_packet_checks_out_with_scapy():

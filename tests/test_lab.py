@@ -30,6 +30,8 @@ from mipsec.lab.demo import Streams, phase_figures
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.lab.topology import MN_COA, existing_namespaces
 
+import needs
+
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +42,7 @@ DWELL_S = 1.2
 
 def _require() -> None:
     problem = requirements_problem()
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"lab tests are required in CI: {problem}")
-        pytest.skip(problem)
+    needs.need(problem, f"lab tests are required in CI: {problem}")
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +166,7 @@ def test_stream_through_two_handovers_and_home(lab):
 
 
 def test_tshark_decodes_the_gw_capture_with_every_icv_good(lab):
-    tshark = shutil.which("tshark")
-    if tshark is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tshark is required in CI")
-        pytest.skip("tshark not installed")
+    tshark = needs.tshark()
     assert os.path.exists(lab.keyfile)
     proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T", "fields",
                            "-E", "separator=;", "-e", "ip.proto", "-e", "esp.spi",
@@ -257,11 +252,7 @@ def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):
 def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
     """The same path with ESP in UDP 4500 (RFC 3948) and AES-CBC + HMAC-SHA2-256."""
     _require()
-    tshark = shutil.which("tshark")
-    if tshark is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tshark is required in CI")
-        pytest.skip("tshark not installed")
+    tshark = needs.tshark()
     lab = Lab(prefix=f"mu{os.getpid()}-")
     lab.down()
     try:
@@ -302,9 +293,7 @@ def test_gw_restart_mn_reestablishes_ikev2_from_its_new_coa():
     unknown SPI; after max_attempts it re-establishes IKE from b and registers; traffic
     resumes; the restarted GW's key file decrypts its whole capture (every ICV good)."""
     _require()
-    tshark = shutil.which("tshark")
-    if tshark is None and os.environ.get("CI") == "true":
-        pytest.fail("tshark is required in CI")
+    tshark = needs.tshark_in_ci()
     lab = Lab(prefix=f"mr{os.getpid()}-")
     lab.down()
     try:
@@ -347,9 +336,7 @@ def test_mobike_mode_lab_gw_follows_update_sa_addresses():
     then finds it already there; a child re-key after the move keeps the new CoA; the key
     file covers every SA in the capture."""
     _require()
-    tshark = shutil.which("tshark")
-    if tshark is None and os.environ.get("CI") == "true":
-        pytest.fail("tshark is required in CI")
+    tshark = needs.tshark_in_ci()
     lab = Lab(prefix=f"mk{os.getpid()}-")
     lab.down()
     try:

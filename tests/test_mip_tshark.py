@@ -6,8 +6,6 @@ our CI image: when CI=true and it is missing, this test fails instead of skippin
 """
 
 import datetime
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -20,6 +18,8 @@ from mipsec.wire.mip import (
     build_registration_reply, build_registration_request, nai_extension,
 )
 
+import needs
+
 FIELDS = ["mip.type", "mip.flags", "mip.s", "mip.d", "mip.t", "mip.code", "mip.life",
           "mip.homeaddr", "mip.haaddr", "mip.coa", "mip.ident", "mip.ext.type", "mip.auth.spi",
           "mip.auth.auth", "mip.nai", "_ws.malformed"]
@@ -27,12 +27,7 @@ FIELDS = ["mip.type", "mip.flags", "mip.s", "mip.d", "mip.t", "mip.code", "mip.l
 
 @pytest.fixture(scope="module")
 def tshark():
-    path = shutil.which("tshark")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tshark is required in CI (Debian package 'tshark')")
-        pytest.skip("tshark not installed (apt-get install tshark)")
-    return path
+    return needs.tshark()
 
 
 def dissect(tshark, tmp_path, payloads):

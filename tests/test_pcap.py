@@ -4,7 +4,6 @@ capture decrypts with a good ICV, for each transform Wireshark 4.0 knows."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -14,14 +13,7 @@ from mipsec.io.pcap import (EspSaEntry, PcapWriter, entry_from_sa, read_pcap, ts
 from mipsec.io.transports import build_udp_packet
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 
-
-def _tshark() -> str:
-    path = shutil.which("tshark")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tshark is required in CI (Debian package tshark)")
-        pytest.skip("tshark not installed")
-    return path
+import needs
 
 
 CASES = [
@@ -51,7 +43,7 @@ def test_pcap_header_and_records_round_trip(tmp_path):
 
 
 def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
-    tshark = _tshark()
+    tshark = needs.tshark()
     pcap, keys = tmp_path / "gw.pcap", tmp_path / "gw.pcap.esp_sa"
     writer = PcapWriter(pcap)
     entries = []
@@ -77,7 +69,7 @@ def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
 
 
 def test_key_file_made_from_the_sa_itself_also_works(tmp_path):
-    tshark = _tshark()
+    tshark = needs.tshark()
     sa = _sa(0x2000, "ENCR_AES_CBC", 16, "AUTH_HMAC_SHA1_96", 20, "172.16.1.10", "172.16.0.1")
     pcap, keys = tmp_path / "mn.pcap", tmp_path / "mn.esp_sa"
     w = PcapWriter(pcap)
@@ -91,7 +83,7 @@ def test_key_file_made_from_the_sa_itself_also_works(tmp_path):
 
 def test_a_wrong_key_is_seen_as_a_bad_icv(tmp_path):
     """The check above can fail: with a wrong integrity key tshark reports the ICV bad."""
-    tshark = _tshark()
+    tshark = needs.tshark()
     sa = _sa(0x3000, "ENCR_AES_CBC", 16, "AUTH_HMAC_SHA1_96", 20, "172.16.1.10", "172.16.0.1")
     pcap, keys = tmp_path / "bad.pcap", tmp_path / "bad.esp_sa"
     w = PcapWriter(pcap)
