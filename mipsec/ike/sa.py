@@ -533,14 +533,11 @@ class IkeSa:
         self.peer_mobike = bool(m.notifies(NotifyType.MOBIKE_SUPPORTED))
         self._pending = None
         self._mid_out = 2
-        self._established(now)
-        if child is not None:
-            self._add_child(child, now)
-            self._out.append(ChildSaEstablished(self, child))
-        self._pump(now)                       # requests the runtime queued meanwhile
-        return self._flush()
+        return self._established(now, child)
 
-    def _established(self, now: float) -> None:
+    def _established(self, now: float, child: ChildSa | None) -> list:
+        """IKE_AUTH done on either side: ESTABLISHED, the first child SA if it was agreed, then
+        the requests the runtime queued meanwhile."""
         self._goto(State.ESTABLISHED)
         self.established_at = now
         self._closing_at = None
@@ -548,6 +545,11 @@ class IkeSa:
             # the original responder waits 10 % longer so that the two rarely collide (§2.8.1)
             self._rekey_at = now + self.config.ike_lifetime_s * (1.0 if self.initiator else 1.1)
         self._out.append(IkeSaEstablished(self, self.peer_id or "", self.remote))
+        if child is not None:
+            self._add_child(child, now)
+            self._out.append(ChildSaEstablished(self, child))
+        self._pump(now)
+        return self._flush()
 
     def _retry_delay(self, lifetime: float) -> float:
         """When to try a refused re-key again: the original responder waits half as long
@@ -664,12 +666,7 @@ class IkeSa:
         self.peer_id = peer_id
         self._respond(m, out, local, remote, now)
         self._mid_in += 1
-        self._established(now)
-        if child is not None:
-            self._add_child(child, now)
-            self._out.append(ChildSaEstablished(self, child))
-        self._pump(now)                       # requests the runtime queued meanwhile
-        return self._flush()
+        return self._established(now, child)
 
     def _negotiate_child(self, m: Message, dh_group: int | None, ni: bytes, nr: bytes,
                          shared: bytes | None, now: float) -> tuple[ChildSa, list]:
