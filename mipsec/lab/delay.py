@@ -16,10 +16,11 @@ import argparse
 import heapq
 import itertools
 import selectors
-import signal
 import socket
 import sys
 import time
+
+from mipsec.lab import stop_on_signals
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4            # sll_pkttype of a frame this host sent (packet(7))
@@ -70,13 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", required=True, help="second interface")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay in ms")
     args = parser.parse_args(argv)
-    stop = [False]
-
-    def handler(_signum, _frame):
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    stop = stop_on_signals()
     forward(args.a, args.b, args.delay_ms / 1000.0, stop)
     return 0
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
-import signal
 import socket
 import struct
 import sys
 import time
 from typing import Any
+
+from mipsec.lab import stop_on_signals
 
 HEADER = struct.Struct("!Qd")       # sequence number, sender's monotonic time
 
@@ -127,18 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blast", action="store_true", help="send as fast as possible")
     p.add_argument("--out", required=True, help="JSON report file")
     a = p.parse_args(argv)
-    stop = [False]
-
-    def handler(_signum, _frame):
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    stop = stop_on_signals()
     report = run_stream(a.bind, a.port, a.peer, a.rate, a.duration, max(a.size, HEADER.size),
                         a.blast, stop)
     with open(a.out + ".tmp", "w") as f:
         json.dump(report, f)
-    import os
     os.replace(a.out + ".tmp", a.out)
     return 0
 
