@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from mipsec import cli
 from mipsec.config import load_config
 from mipsec.io import control
+
+from control_thread import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,19 +104,11 @@ def fake_daemon(tmp_path):
     path = str(tmp_path / "gw.sock")
     server = control.ControlServer(path, lambda cmd, args: STATUS if cmd == "status" else
                                    {"ok": False, "error": f"unknown command {cmd!r}"})
-    done = threading.Event()
-
-    def serve():
-        while not done.is_set():
-            if select.select([server], [], [], 0.05)[0]:
-                server.serve_one()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield path
-    done.set()
-    thread.join()
-    server.close()
+    try:
+        with serving(server):
+            yield path
+    finally:
+        server.close()
 
 
 def test_status_json(fake_daemon, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import pytest
 
@@ -16,6 +15,8 @@ from mipsec.io.transports import FakeNet, build_udp_packet
 from mipsec.io.tun import FakeTun
 from mipsec.node.actions import (BindingChanged, CareOfAddressChanged, Log, RebindSa, SendToNet,
                                  WriteToTun)
+
+from control_thread import serving
 
 PKT = build_udp_packet("10.1.0.10", 5000, "10.1.0.100", 6000, b"payload")
 
@@ -165,21 +166,10 @@ def test_control_socket_serves_json_commands(tmp_path):
     server = control.ControlServer(path, lambda cmd, args: replies.get(cmd) or
                                    {"ok": False, "error": f"unknown {cmd} {args}"})
     try:
-        done = threading.Event()
-
-        def serve():
-            while not done.is_set():
-                import select
-                if select.select([server], [], [], 0.05)[0]:
-                    server.serve_one()
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        assert control.request(path, "status") == {"ok": True, "role": "mn"}
-        assert control.request(path, "handover 1.2.3.4")["error"] == "unknown handover ['1.2.3.4']"
-        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
-        done.set()
-        thread.join()
+        with serving(server):
+            assert control.request(path, "status") == {"ok": True, "role": "mn"}
+            assert control.request(path, "handover 1.2.3.4")["error"] == "unknown handover ['1.2.3.4']"
+            assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     finally:
         server.close()
     assert not os.path.exists(path)
