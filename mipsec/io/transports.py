@@ -24,6 +24,7 @@ import socket
 import struct
 
 from mipsec.errors import ConfigError
+from mipsec.node import packet
 
 IPPROTO_ESP = 50               # RFC 4303
 IPPROTO_IPIP = 4               # RFC 2003
@@ -33,32 +34,14 @@ MAX_BATCH = 64                 # packets taken from one socket per wake-up (fair
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)   # ip(7); Python < 3.12 lacks the constant
 REBUILT_TTL = 64               # TTL of a rebuilt IPv4 header (the real one is not available)
 
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")   # RFC 791 header without options
-_UDP = struct.Struct("!HHHH")             # RFC 768
 _PKTINFO = struct.Struct("=I4s4s")        # struct in_pktinfo: ifindex, spec_dst, addr
-
-
-def _checksum(data: bytes) -> int:
-    """RFC 1071 one's complement sum."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def build_udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes,
                      ident: int = 0) -> bytes:
     """An IPv4 + UDP packet around ``payload`` with valid header and UDP checksums."""
-    s, d = socket.inet_aton(src), socket.inet_aton(dst)
-    udp_len = 8 + len(payload)
-    pseudo = s + d + struct.pack("!BBH", 0, IPPROTO_UDP, udp_len)
-    csum = _checksum(pseudo + _UDP.pack(sport, dport, udp_len, 0) + payload) or 0xFFFF
-    udp = _UDP.pack(sport, dport, udp_len, csum)
-    header = _IPV4.pack(0x45, 0, 20 + udp_len, ident & 0xFFFF, 0, REBUILT_TTL, IPPROTO_UDP, 0, s, d)
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
-    return header + udp + payload
+    return packet.build_udp_packet(socket.inet_aton(src), socket.inet_aton(dst), sport, dport,
+                                   payload, ttl=REBUILT_TTL, identification=ident)
 
 
 class RawSender:

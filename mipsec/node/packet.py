@@ -12,7 +12,7 @@ from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.wire.ipv4 import (
     FRAGMENT_MASK, IPV4_MIN_HEADER_BYTES, UDP_HEADER_BYTES, VERSION_IHL_20, checksum, pack_ipv4,
-    udp_checksum,
+    udp_checksum_packed,
 )
 
 IPPROTO_IPIP = 4        # RFC 2003
@@ -70,14 +70,15 @@ def build_ipv4_packet(src: bytes, dst: bytes, protocol: int, payload: bytes, *,
 
 
 def build_udp_packet(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, *,
-                     with_checksum: bool = True) -> bytes:
+                     with_checksum: bool = True, ttl: int = 64, identification: int = 0) -> bytes:
     """IPv4 + UDP; the UDP checksum (RFC 768) is optional over IPv4 and skipped for bulk data."""
     length = UDP_HEADER_BYTES + len(payload)
     datagram = _UDP.pack(sport, dport, length, 0) + payload
     if with_checksum:
-        csum = udp_checksum(b2a(src), b2a(dst), datagram)
+        csum = udp_checksum_packed(src, dst, datagram)
         datagram = datagram[:6] + csum.to_bytes(2, "big") + datagram[8:]
-    return build_ipv4_packet(src, dst, IPPROTO_UDP, datagram)
+    return build_ipv4_packet(src, dst, IPPROTO_UDP, datagram, ttl=ttl,
+                             identification=identification)
 
 
 def parse_udp_packet(packet: bytes, *, verify_checksum: bool = True
@@ -97,7 +98,7 @@ def parse_udp_packet(packet: bytes, *, verify_checksum: bool = True
         raise ParseError(f"UDP length {length}", DropReason.BAD_UDP_LENGTH)
     if verify_checksum and csum:
         datagram = packet[ihl:ihl + 6] + b"\0\0" + packet[ihl + 8:]
-        if udp_checksum(b2a(src), b2a(dst), datagram) != csum:
+        if udp_checksum_packed(src, dst, datagram) != csum:
             raise ParseError("UDP checksum", DropReason.MALFORMED)
     return src, dst, sport, dport, packet[ihl + UDP_HEADER_BYTES:]
 

@@ -223,7 +223,10 @@ def parse_udp(datagram: bytes) -> tuple[UdpHeader, bytes]:
 
 def udp_checksum(source: str, destination: str, datagram: bytes) -> int:
     """RFC 768 checksum over the pseudo header and the datagram (whose checksum field is 0)."""
-    pseudo = (addr_to_bytes(source) + addr_to_bytes(destination)
-              + struct.pack("!BBH", 0, 17, len(datagram)))
-    value = checksum(pseudo + datagram)
+    return udp_checksum_packed(addr_to_bytes(source), addr_to_bytes(destination), datagram)
+
+
+def udp_checksum_packed(source: bytes, destination: bytes, datagram: bytes) -> int:
+    """``udp_checksum`` with the addresses as 4 bytes each (the per-packet form)."""
+    value = checksum(source + destination + struct.pack("!BBH", 0, 17, len(datagram)) + datagram)
     return value or 0xFFFF  # RFC 768: a computed 0 is sent as all ones
