@@ -23,9 +23,8 @@ from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.mip.constants import IPIP_OUTER_TTL, IPPROTO_IPIP
 from mipsec.wire.ipv4 import (
-    FLAG_DF, FRAGMENT_MASK, IPV4_MIN_HEADER_BYTES, OFF_DESTINATION, OFF_FLAGS_FRAGMENT, OFF_SOURCE,
-    OFF_TOS, OFF_TOTAL_LENGTH, VERSION_IHL_20, addr_to_bytes, bytes_to_addr, checksum, pack_ipv4,
-    unpack_ipv4_prefix,
+    FLAG_DF, IPV4_MIN_HEADER_BYTES, OFF_DESTINATION, OFF_FLAGS_FRAGMENT, OFF_SOURCE, OFF_TOS,
+    OFF_TOTAL_LENGTH, VERSION_IHL_20, addr_to_bytes, bytes_to_addr, check_ipv4, checksum, pack_ipv4,
 )
 
 _MAX_TOTAL = 0xFFFF
@@ -60,21 +59,7 @@ def decapsulate(outer: bytes) -> tuple[str, str, bytes]:
     Raises ParseError with TRUNCATED, BAD_IP_VERSION, BAD_IP_HEADER_LENGTH,
     BAD_IP_TOTAL_LENGTH, BAD_IP_CHECKSUM, IP_FRAGMENT, WRONG_PROTOCOL or IPIP_BAD_INNER.
     """
-    n = len(outer)
-    if n < IPV4_MIN_HEADER_BYTES:
-        raise ParseError(f"IP-in-IP packet of {n} bytes", DropReason.TRUNCATED)
-    vihl, _tos, total, _ident, frag, _ttl, proto, _csum = unpack_ipv4_prefix(outer)
-    if vihl >> 4 != 4:
-        raise ParseError("outer header is not IPv4", DropReason.BAD_IP_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < IPV4_MIN_HEADER_BYTES or ihl > n:
-        raise ParseError(f"outer IHL {ihl}", DropReason.BAD_IP_HEADER_LENGTH)
-    if total != n:
-        raise ParseError(f"outer total length {total} != {n}", DropReason.BAD_IP_TOTAL_LENGTH)
-    if checksum(outer[:ihl]) != 0:
-        raise ParseError("outer header checksum", DropReason.BAD_IP_CHECKSUM)
-    if frag & FRAGMENT_MASK:
-        raise ParseError("outer header is a fragment", DropReason.IP_FRAGMENT)
+    ihl, proto = check_ipv4(outer, what="IP-in-IP packet")
     if proto != IPPROTO_IPIP:
         raise ParseError(f"outer protocol {proto}, not 4", DropReason.WRONG_PROTOCOL)
     inner = outer[ihl:]

@@ -11,7 +11,7 @@ import struct
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.wire.ipv4 import (
-    FRAGMENT_MASK, IPV4_MIN_HEADER_BYTES, UDP_HEADER_BYTES, VERSION_IHL_20, checksum, pack_ipv4,
+    IPV4_MIN_HEADER_BYTES, UDP_HEADER_BYTES, VERSION_IHL_20, check_ipv4, checksum, pack_ipv4,
     udp_checksum_packed,
 )
 
@@ -20,7 +20,6 @@ IPPROTO_UDP = 17        # RFC 768
 IPPROTO_ESP = 50        # RFC 4303
 NAT_T_PORT = 4500       # RFC 3948
 
-_PREFIX = struct.Struct("!BBHHHBB")
 _UDP = struct.Struct("!HHHH")
 _ZERO = b"\0\0\0\0"
 
@@ -42,21 +41,7 @@ def peek_ipv4(packet: bytes, *, verify_checksum: bool = False) -> tuple[int, byt
     Raises ParseError: TRUNCATED, BAD_IP_VERSION, BAD_IP_HEADER_LENGTH, BAD_IP_TOTAL_LENGTH,
     BAD_IP_CHECKSUM (only when asked), IP_FRAGMENT (RFC 791: we never reassemble).
     """
-    n = len(packet)
-    if n < IPV4_MIN_HEADER_BYTES:
-        raise ParseError(f"{n} bytes", DropReason.TRUNCATED)
-    vihl, _tos, total, _ident, frag, _ttl, proto = _PREFIX.unpack_from(packet)
-    if vihl >> 4 != 4:
-        raise ParseError("not IPv4", DropReason.BAD_IP_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < IPV4_MIN_HEADER_BYTES or ihl > n:
-        raise ParseError(f"IHL {ihl}", DropReason.BAD_IP_HEADER_LENGTH)
-    if total != n:
-        raise ParseError(f"total length {total} != {n}", DropReason.BAD_IP_TOTAL_LENGTH)
-    if verify_checksum and checksum(packet[:ihl]) != 0:
-        raise ParseError("header checksum", DropReason.BAD_IP_CHECKSUM)
-    if frag & FRAGMENT_MASK:
-        raise ParseError("fragment", DropReason.IP_FRAGMENT)
+    ihl, proto = check_ipv4(packet, verify_checksum=verify_checksum)
     return proto, packet[12:16], packet[16:20], ihl
 
 

@@ -177,6 +177,32 @@ def build_ipv4(header: Ipv4Header, payload: bytes = b"") -> bytes:
     return raw[:OFF_CHECKSUM] + value.to_bytes(2, "big") + raw[OFF_CHECKSUM + 2:] + payload
 
 
+def check_ipv4(packet: bytes, *, verify_checksum: bool = True, what: str = "IPv4 packet"
+               ) -> tuple[int, int]:
+    """(header length, protocol) of a whole, unfragmented IPv4 packet: the checks every receiver
+    of a raw packet makes before looking inside (RFC 791 §3.1; we never reassemble).
+
+    Raises ParseError: TRUNCATED, BAD_IP_VERSION, BAD_IP_HEADER_LENGTH, BAD_IP_TOTAL_LENGTH,
+    BAD_IP_CHECKSUM (only when asked), IP_FRAGMENT.  ``what`` names the packet in the message.
+    """
+    n = len(packet)
+    if n < IPV4_MIN_HEADER_BYTES:
+        raise ParseError(f"{what} of {n} bytes", DropReason.TRUNCATED)
+    vihl, _tos, total, _ident, frag, _ttl, proto, _csum = unpack_ipv4_prefix(packet)
+    if vihl >> 4 != 4:
+        raise ParseError(f"{what}: not IPv4", DropReason.BAD_IP_VERSION)
+    ihl = (vihl & 0x0F) << 2
+    if ihl < IPV4_MIN_HEADER_BYTES or ihl > n:
+        raise ParseError(f"{what}: IHL {ihl}", DropReason.BAD_IP_HEADER_LENGTH)
+    if total != n:
+        raise ParseError(f"{what}: total length {total} != {n}", DropReason.BAD_IP_TOTAL_LENGTH)
+    if verify_checksum and checksum(packet[:ihl]) != 0:
+        raise ParseError(f"{what}: header checksum", DropReason.BAD_IP_CHECKSUM)
+    if frag & FRAGMENT_MASK:
+        raise ParseError(f"{what}: a fragment", DropReason.IP_FRAGMENT)
+    return ihl, proto
+
+
 def parse_ipv4(packet: bytes, *, verify_checksum: bool = True) -> tuple[Ipv4Header, bytes]:
     """(header, payload); raises ParseError with the DropReason for every malformed input."""
     if len(packet) < IPV4_MIN_HEADER_BYTES:
