@@ -11,8 +11,8 @@ import struct
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.wire.ipv4 import (
-    IPV4_MIN_HEADER_BYTES, UDP_HEADER_BYTES, VERSION_IHL_20, check_ipv4, checksum, pack_ipv4,
-    udp_checksum_packed,
+    IPV4_MIN_HEADER_BYTES, UDP_HEADER_BYTES, VERSION_IHL_20, addr_to_bytes, bytes_to_addr,
+    check_ipv4, checksum, pack_ipv4, udp_checksum_packed,
 )
 
 IPPROTO_IPIP = 4        # RFC 2003
@@ -24,15 +24,9 @@ _UDP = struct.Struct("!HHHH")
 _ZERO = b"\0\0\0\0"
 
 
-def b2a(raw: bytes) -> str:
-    return "%d.%d.%d.%d" % tuple(raw)
-
-
-def a2b(address: str) -> bytes:
-    parts = address.split(".")
-    if len(parts) != 4:
-        raise ValueError(f"not an IPv4 address: {address!r}")
-    return bytes(int(p) for p in parts)
+# the short names the roles use for wire.ipv4's converters
+a2b = addr_to_bytes
+b2a = bytes_to_addr
 
 
 def peek_ipv4(packet: bytes, *, verify_checksum: bool = False) -> tuple[int, bytes, bytes, int]:

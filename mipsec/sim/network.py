@@ -18,16 +18,14 @@ from collections import Counter
 from typing import Callable
 
 from mipsec.sim.core import Simulator
+from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
 
 Match = Callable[[bytes], bool]
 
 
-def a2b(address: str) -> bytes:
-    return ipaddress.IPv4Address(address).packed
-
-
-def b2a(raw: bytes) -> str:
-    return "%d.%d.%d.%d" % tuple(raw)
+# the short names the simulator uses for wire.ipv4's converters
+a2b = addr_to_bytes
+b2a = bytes_to_addr
 
 
 def dst_of(packet: bytes) -> bytes:

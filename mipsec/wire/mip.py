@@ -26,6 +26,7 @@ from construct import Bytes, Const, Int8ub, Int16ub, Int64ub, StreamError, Struc
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
+from mipsec.wire.ipv4 import bytes_to_addr
 
 # --- specification constants ------------------------------------------------------------------
 
@@ -253,10 +254,6 @@ class RegistrationReply(_Message):
 
 # --- parsing ----------------------------------------------------------------------------------
 
-def _addr(raw: bytes) -> str:
-    return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
-
-
 def _pack_addr(address: str) -> bytes:
     try:
         return ipaddress.IPv4Address(address).packed
@@ -324,8 +321,8 @@ def parse_registration_request(data: bytes) -> RegistrationRequest:
     extensions = parse_extensions(data, RRQ_FIXED_BYTES)
     _check_auth_order(extensions)
     return RegistrationRequest(
-        home_address=_addr(hdr.home_address), home_agent=_addr(hdr.home_agent),
-        care_of_address=_addr(hdr.care_of_address), identification=hdr.identification,
+        home_address=bytes_to_addr(hdr.home_address), home_agent=bytes_to_addr(hdr.home_agent),
+        care_of_address=bytes_to_addr(hdr.care_of_address), identification=hdr.identification,
         lifetime=hdr.lifetime, flags=RequestFlags(hdr.flags), extensions=extensions)
 
 
@@ -347,7 +344,8 @@ def parse_registration_reply(data: bytes) -> RegistrationReply:
     except ValueError:
         code = hdr.code
     return RegistrationReply(
-        code=code, home_address=_addr(hdr.home_address), home_agent=_addr(hdr.home_agent),
+        code=code, home_address=bytes_to_addr(hdr.home_address),
+        home_agent=bytes_to_addr(hdr.home_agent),
         identification=hdr.identification, lifetime=hdr.lifetime, extensions=extensions)
 
 

@@ -19,6 +19,7 @@ from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
+from mipsec.wire.ipv4 import bytes_to_addr
 
 SIU_VERSION = 1
 SIU_FIXED_BYTES = 44                # header before the embedded Registration Reply
@@ -75,10 +76,6 @@ class Siu:
     authenticator: bytes = b""
 
 
-def _addr(raw: bytes) -> str:
-    return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
-
-
 def _pack_addr(address: str, name: str) -> bytes:
     try:
         return ipaddress.IPv4Address(address).packed
@@ -111,7 +108,7 @@ def build_siu(siu: Siu) -> bytes:
 
 def siu_sender(data: bytes) -> str | None:
     """The sender field, read before anything else so the verifier can pick the key."""
-    return _addr(data[4:8]) if len(data) >= 8 else None
+    return bytes_to_addr(data[4:8]) if len(data) >= 8 else None
 
 
 def parse_siu(data: bytes) -> Siu:
@@ -134,8 +131,9 @@ def parse_siu(data: bytes) -> Siu:
         raise ParseError(f"SIU reserved flags {data[2]:#04x} set", DropReason.MALFORMED)
     hdr = SIU_HEADER.parse(data)
     return Siu(
-        type=siu_type, sender=_addr(hdr.sender), sequence=hdr.sequence, timestamp=hdr.timestamp,
-        home_address=_addr(hdr.home_address), old_care_of=_addr(hdr.old_care_of),
-        new_care_of=_addr(hdr.new_care_of), gateway_spi=hdr.gateway_spi, lifetime=hdr.lifetime,
+        type=siu_type, sender=bytes_to_addr(hdr.sender), sequence=hdr.sequence,
+        timestamp=hdr.timestamp, home_address=bytes_to_addr(hdr.home_address),
+        old_care_of=bytes_to_addr(hdr.old_care_of), new_care_of=bytes_to_addr(hdr.new_care_of),
+        gateway_spi=hdr.gateway_spi, lifetime=hdr.lifetime,
         rrp=bytes(hdr.rrp), flags=SiuFlags(hdr.flags), key_id=hdr.key_id, version=hdr.version,
         authenticator=bytes(data[-SIU_AUTHENTICATOR_BYTES:]))
