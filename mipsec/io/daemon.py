@@ -106,12 +106,9 @@ def sa_key_line(sa: Any) -> str | None:
     """The esp_sa record of an SA with wildcard addresses (valid across rebinds and moves), or
     None when Wireshark cannot decrypt its cipher."""
     try:
-        fields = sa.tshark_esp_sa_entry()
+        return pcapmod.entry_from_sa(sa).uat_line()
     except Exception:
         return None
-    fields = list(fields)
-    fields[1] = fields[2] = "*"
-    return ",".join(f'"{f}"' for f in fields)
 
 
 def _read_key_lines(path: str) -> list[str]:

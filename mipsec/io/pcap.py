@@ -32,6 +32,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterable
 
+from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY
+from mipsec.ipsec.sa import esp_sa_uat_record
+
 PCAP_MAGIC = 0xA1B2C3D4
 PCAP_VERSION = (2, 4)
 PCAP_SNAPLEN = 65535
@@ -39,22 +42,15 @@ LINKTYPE_RAW = 101             # raw IPv4/IPv6, no link-layer header (tcpdump.or
 _GLOBAL = struct.Struct("=IHHiIII")
 _RECORD = struct.Struct("=IIII")
 
-# IANA transform names (RFC 8221 / IKEv2 registries) -> Wireshark 4.0 esp_sa UAT strings.
-TSHARK_ENCRYPTION = {
-    "ENCR_NULL": "NULL",
-    "ENCR_AES_CBC": "AES-CBC [RFC3602]",
-    "ENCR_AES_GCM_16": "AES-GCM with 16 octet ICV [RFC4106]",
-    # ENCR_CHACHA20_POLY1305: "ChaCha20 with Poly1305 [RFC7634]" exists only from Wireshark 4.2
-    # on; tshark 4.0 refuses the whole table with it, so such SAs are left out of key files.
-}
-TSHARK_INTEGRITY = {
-    None: "NULL",
-    "": "NULL",
-    "AUTH_HMAC_SHA1_96": "HMAC-SHA-1-96 [RFC2404]",
-    "AUTH_HMAC_SHA2_256_128": "HMAC-SHA-256-128 [RFC4868]",
-    "AUTH_HMAC_SHA2_384_192": "HMAC-SHA-384-192 [RFC4868]",
-    "AUTH_HMAC_SHA2_512_256": "HMAC-SHA-512-256 [RFC4868]",
-}
+# IANA transform names (RFC 8221 / IKEv2 registries) -> Wireshark 4.0 esp_sa UAT strings, from
+# the transform registry (mipsec.crypto.transforms).  ENCR_CHACHA20_POLY1305 has none: "ChaCha20
+# with Poly1305 [RFC7634]" exists only from Wireshark 4.2 on and tshark 4.0 refuses the whole
+# table with it, so such SAs are left out of key files.
+TSHARK_ENCRYPTION = {name: spec.tshark_names[0] for name, spec in ENCRYPTION.items()
+                     if spec.tshark_names}
+TSHARK_INTEGRITY = {None: "NULL", "": "NULL",
+                    **{name: spec.tshark_name for name, spec in INTEGRITY.items()
+                       if spec.tshark_name}}
 
 
 class PcapWriter:
@@ -123,47 +119,23 @@ class EspSaEntry:
         fields = ["IPv4", self.source, self.destination, f"0x{self.spi:08x}", enc,
                   "0x" + self.encryption_key.hex(), auth,
                   "0x" + self.integrity_key.hex() if self.integrity_key else ""]
-        return ",".join(f'"{field}"' for field in fields)
+        return esp_sa_uat_record(fields)
 
 
-def entry_from_sa(sa: Any) -> EspSaEntry:
-    """The esp_sa entry of a ``SecurityAssociation``.
-
-    Uses ``sa.tshark_esp_sa_entry()`` when the SA offers it (a dict with ``spi``, ``encryption``,
-    ``encryption_key`` ...), otherwise the SA's public attributes.  Addresses stay ``*``.
-    """
-    hook = getattr(sa, "tshark_esp_sa_entry", None)
-    if callable(hook):
-        entry = hook()
-        if isinstance(entry, EspSaEntry):
-            return entry
-        if isinstance(entry, str):
-            return _RawLine(entry)  # type: ignore[return-value]
-        if isinstance(entry, (list, tuple)):   # the eight UAT fields, in order
-            return _RawLine(",".join(f'"{field}"' for field in entry))  # type: ignore[return-value]
-    spi = sa.spi
-    enc = _attr(sa, "encryption", "encryption_name")
-    integ = _attr(sa, "integrity", "integrity_name", default=None)
-    return EspSaEntry(spi=spi, encryption=enc, encryption_key=bytes(sa.encryption_key),
-                      integrity=integ or None,
-                      integrity_key=bytes(getattr(sa, "integrity_key", b"") or b""))
+def entry_from_sa(sa: Any) -> _RawLine:
+    """The esp_sa entry of a live ``SecurityAssociation`` (its own ``tshark_esp_sa_entry``), with
+    wildcard addresses: valid across rebinds and moves.  UsageError for a cipher Wireshark 4.0
+    cannot decrypt."""
+    fields = list(sa.tshark_esp_sa_entry())
+    fields[1] = fields[2] = "*"
+    return _RawLine(esp_sa_uat_record(fields))
 
 
 class _RawLine(str):
-    """An already formatted UAT line handed over by the SA itself."""
+    """An already formatted UAT line."""
 
     def uat_line(self) -> str:
         return str(self)
-
-
-def _attr(obj: Any, *names: str, **kw: Any) -> Any:
-    for name in names:
-        if hasattr(obj, name):
-            value = getattr(obj, name)
-            return getattr(value, "name", value) if not isinstance(value, str) else value
-    if "default" in kw:
-        return kw["default"]
-    raise AttributeError(f"{type(obj).__name__} has none of {names}")
 
 
 def write_esp_sa_file(path: str | os.PathLike[str], entries: Iterable[Any]) -> None:
