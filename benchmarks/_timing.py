@@ -1,4 +1,5 @@
-"""A small shared timing helper for the benchmarks (not part of the mipsec package).
+"""Small shared helpers for the benchmarks (not part of the mipsec package): timing, and
+``write_json`` for the ``--json FILE|-`` option.
 
 A *batch* is a callable ``batch(n)`` that performs ``n`` operations itself, so every contender
 pays the same tight ``for`` loop per operation.  A batch may also have a ``prepare(n)`` method,
@@ -14,8 +15,10 @@ penalising one.  Timing uses ``time.perf_counter_ns`` with the garbage collector
 from __future__ import annotations
 
 import gc
+import json
+import sys
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 Batch = Callable[[int], object]
 
@@ -58,3 +61,13 @@ def interleaved(batches: Mapping[str, Batch], *, repeat: int, target_ns: int) ->
             if per_op < best[name]:
                 best[name] = per_op
     return best
+
+
+def write_json(target: str, data: Any) -> None:
+    """The figures as JSON to the file ``target``, or to stdout when it is ``-``."""
+    text = json.dumps(data, indent=1) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        with open(target, "w") as fh:
+            fh.write(text)

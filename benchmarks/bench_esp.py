@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import json
 import os
 import platform
 import struct
@@ -50,7 +49,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from _timing import interleaved
+from _timing import interleaved, write_json
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.ipsec.sad import Sad
 from mipsec.ipsec.selector import Selector
@@ -375,12 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = {"python": platform.python_version(), "cryptography": cryptography.__version__,
                 "repeat": repeat, "rows": [asdict(r) for r in rows]}
-        if args.json == "-":
-            json.dump(data, sys.stdout, indent=1)
-            print()
-        else:
-            with open(args.json, "w") as fh:
-                json.dump(data, fh, indent=1)
+        write_json(args.json, data)
     return 0
 
 

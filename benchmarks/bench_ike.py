@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -31,6 +30,8 @@ from mipsec.ike.config import ChildSaEstablished, IkeConfig, SendDatagram  # noq
 from mipsec.ike.crypto import DhPrivate  # noqa: E402
 from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite  # noqa: E402
+
+from _timing import write_json  # noqa: E402
 
 GW = ("172.16.0.1", 500)
 PSK = b"a pre-shared key for the benchmark"
@@ -119,12 +120,7 @@ def main() -> None:
         print(f"{name:48} {res['wall_us']:9.0f} {res['cpu_us']:9.0f} {res['tunnels_per_s']:10.0f}"
               f" {ref:8.0f} {res['ratio']:6.1f}", file=sys.stderr)
     if args.json:
-        text = json.dumps(rows, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import platform
 import random
@@ -37,7 +36,7 @@ try:
 except ImportError:  # run from a source tree without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _timing import interleaved
+from _timing import interleaved, write_json
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.ipsec.sad import Sad
 from mipsec.ipsec.selector import Selector
@@ -185,12 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{what:<34}{results[a]:>10.0f}{results[b]:>10.0f}{ratio:>8.2f}", file=out)
     if args.json:
         data = {"python": platform.python_version(), "repeat": repeat, "rows": rows}
-        if args.json == "-":
-            json.dump(data, sys.stdout, indent=1)
-            print()
-        else:
-            with open(args.json, "w") as fh:
-                json.dump(data, fh, indent=1)
+        write_json(args.json, data)
     return 0
 
 
