@@ -27,6 +27,19 @@ def inject(ep, raw, local, remote):
     return ep.receive_datagram((b"" if local[1] == 500 else NON_ESP_MARKER) + raw, local, remote, 0.0)
 
 
+def hold_first(match):
+    """(held, tap): a tap for ``establish`` that keeps back the first datagram ``match`` accepts
+    (a lost packet) and appends it to ``held``; every other datagram passes."""
+    held = []
+
+    def tap(d):
+        if not held and match(d):
+            held.append(d)
+            return None
+        return d
+    return held, tap
+
+
 def only_sa(ep):
     (sa,) = [s for s in ep.ike_sas if s.state != State.CLOSED]
     return sa
@@ -107,13 +120,7 @@ def test_no_proposal_chosen_fails_the_initiator_once_retransmissions_are_over():
 def test_forged_init_error_does_not_stop_a_good_answer():
     from mipsec.ike.codec import Header
     from mipsec.ike.constants import Flag
-    held = []
-
-    def tap(d):
-        if d.local[0] == GW_ADDR and not held:
-            held.append(d)
-            return None
-        return d
+    held, tap = hold_first(lambda d: d.local[0] == GW_ADDR)
     net, I, R = establish(tap=tap)
     sa = only_sa(I)
     forged = codec.build_message(Header(sa.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, Flag.RESPONSE, 0),
@@ -182,13 +189,7 @@ def test_cookie_from_another_address_is_refused():
 
 
 def test_lost_init_response_is_retransmitted_and_answered_from_cache():
-    lost = []
-
-    def tap(d):
-        if d.local == (GW_ADDR, 500) and not lost:
-            lost.append(d)
-            return None
-        return d
+    lost, tap = hold_first(lambda d: d.local == (GW_ADDR, 500))
     net, I, R = establish(tap=tap)
     assert only_sa(I).state == State.INIT_SENT
     net.run_timers(1.0)
@@ -199,13 +200,7 @@ def test_lost_init_response_is_retransmitted_and_answered_from_cache():
 
 
 def test_lost_auth_response_is_retransmitted_and_answered_from_cache():
-    lost = []
-
-    def tap(d):
-        if d.local == (GW_ADDR, 4500) and not lost:
-            lost.append(d)
-            return None
-        return d
+    lost, tap = hold_first(lambda d: d.local == (GW_ADDR, 4500))
     net, I, R = establish(tap=tap)
     assert only_sa(I).state == State.AUTH_SENT and only_sa(R).is_established
     net.run_timers(1.0)
@@ -229,13 +224,7 @@ def _auth_request(net):
 
 
 def test_every_tampered_auth_octet_is_refused_without_state_change():
-    held = []
-
-    def tap(d):
-        if d.local[0] == MN_ADDR and d.remote[1] == 4500 and not held:
-            held.append(d)
-            return None
-        return d
+    held, tap = hold_first(lambda d: d.local[0] == MN_ADDR and d.remote[1] == 4500)
     net, I, R = establish(tap=tap)
     sa = only_sa(R)
     before = (sa.state, sa._mid_in, sa.local, sa.remote)
@@ -272,13 +261,7 @@ def test_request_outside_the_window_and_wrong_response_id_are_dropped():
 
 
 def test_unexpected_exchange_and_unknown_spi():
-    held = []
-
-    def tap(d):
-        if d.local[0] == MN_ADDR and d.remote[1] == 4500 and not held:
-            held.append(d)
-            return None
-        return d
+    held, tap = hold_first(lambda d: d.local[0] == MN_ADDR and d.remote[1] == 4500)
     net, I, R = establish(tap=tap)
     si, sr = only_sa(I), only_sa(R)
     # CREATE_CHILD_SA before IKE_AUTH
@@ -615,13 +598,7 @@ def test_cookies_start_above_the_half_open_threshold():
 
 
 def test_requests_queued_before_establishment_go_out_after_it():
-    held = []
-
-    def tap(d):
-        if d.local[0] == GW_ADDR and d.local[1] == 4500 and not held:
-            held.append(d)
-            return None
-        return d
+    held, tap = hold_first(lambda d: d.local[0] == GW_ADDR and d.local[1] == 4500)
     net, I, R = establish(tap=tap)
     sa = only_sa(I)
     assert sa.state == State.AUTH_SENT
