@@ -1,4 +1,5 @@
-"""What a test needs from the machine (root, tshark, strongSwan, namespaces), in one place.
+"""What a test needs from the machine (root, tshark, strongSwan, namespaces), in one place; and
+``tshark_fields``, tshark's reading of a capture with our ESP key file.
 
 The common rule for every test: a missing requirement FAILS when ``CI=true`` (CI installs and
 runs everything, so a skip there would hide the check) and skips with the reason elsewhere.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
+
+from mipsec.io.pcap import tshark_options
 
 
 def need(problem: str | None, ci_message: str | None = None) -> None:
@@ -34,3 +38,15 @@ def tshark_in_ci() -> str | None:
     if path is None and os.environ.get("CI") == "true":
         pytest.fail("tshark is required in CI (tools/setup.sh installs Debian's tshark)")
     return path
+
+
+def tshark_fields(tshark: str, pcap: str | os.PathLike[str], keyfile: str | os.PathLike[str],
+                  fields: list[str]) -> list[list[str]]:
+    """One row per packet of ``pcap`` decoded with the esp_sa ``keyfile`` (every ICV checked):
+    the values of ``fields`` (several occurrences joined by ","); fails the test if tshark does."""
+    options = [opt for field in fields for opt in ("-e", field)]
+    proc = subprocess.run([tshark, "-r", str(pcap), *tshark_options(keyfile), "-T", "fields",
+                           "-E", "separator=;", *options],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [line.split(";") for line in proc.stdout.splitlines()]

@@ -25,7 +25,6 @@ import time
 
 import pytest
 
-from mipsec.io.pcap import tshark_options
 from mipsec.lab.demo import Streams, phase_figures
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.lab.topology import MN_COA, existing_namespaces
@@ -168,14 +167,8 @@ def test_stream_through_two_handovers_and_home(lab):
 def test_tshark_decodes_the_gw_capture_with_every_icv_good(lab):
     tshark = needs.tshark()
     assert os.path.exists(lab.keyfile)
-    proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T", "fields",
-                           "-E", "separator=;", "-e", "ip.proto", "-e", "esp.spi",
-                           "-e", "esp.icv_good", "-e", "mip.type"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    rows = [line.split(";") for line in proc.stdout.splitlines()]
-    esp = [r for r in rows if r[0].split(",")[0] == "50"]
-    assert len(esp) > 100, len(rows)
+    esp = _tshark_esp(tshark, lab)
+    assert len(esp) > 100, len(esp)
     bad = [r for r in esp if r[2] != "1"]
     assert not bad, bad[:5]
     mip_types = {t for r in esp for t in r[3].split(",") if t}
@@ -260,11 +253,8 @@ def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
         lab.move("b")
         check_location(lab, "b")
         assert ping_cn_to_mn(lab) >= 1
-        proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T",
-                               "fields", "-E", "separator=;", "-e", "udp.port", "-e",
-                               "esp.icv_good", "-e", "mip.type", "-e", "isakmp.ispi"],
-                              capture_output=True, text=True, timeout=120)
-        all_rows = [line.split(";") for line in proc.stdout.splitlines()]
+        all_rows = needs.tshark_fields(tshark, lab.pcap, lab.keyfile,
+                                       ["udp.port", "esp.icv_good", "mip.type", "isakmp.ispi"])
         # IKEv2 negotiated the SAs: its packets start on 500 and float to 4500 (NAT-T forced)
         ike = [r for r in all_rows if r[3]]
         assert ike and all(r[0] in ("500,500", "4500,4500") for r in ike), ike[:5]
@@ -279,13 +269,10 @@ def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
 
 
 def _tshark_esp(tshark: str, lab: Lab) -> list[list[str]]:
-    proc = subprocess.run([tshark, "-r", lab.pcap, *tshark_options(lab.keyfile), "-T", "fields",
-                           "-E", "separator=;", "-e", "ip.proto", "-e", "esp.spi",
-                           "-e", "esp.icv_good", "-e", "mip.type"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return [r for r in (line.split(";") for line in proc.stdout.splitlines())
-            if r[0].split(",")[0] == "50"]
+    """The ESP rows (ip.proto, esp.spi, esp.icv_good, mip.type) of the GW's capture."""
+    rows = needs.tshark_fields(tshark, lab.pcap, lab.keyfile,
+                               ["ip.proto", "esp.spi", "esp.icv_good", "mip.type"])
+    return [r for r in rows if r[0].split(",")[0] == "50"]
 
 
 def test_gw_restart_mn_reestablishes_ikev2_from_its_new_coa():

@@ -4,12 +4,10 @@ capture decrypts with a good ICV, for each transform Wireshark 4.0 knows."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
-from mipsec.io.pcap import (EspSaEntry, PcapWriter, entry_from_sa, read_pcap, tshark_options,
-                            write_esp_sa_file)
+from mipsec.io.pcap import EspSaEntry, PcapWriter, entry_from_sa, read_pcap, write_esp_sa_file
 from mipsec.io.transports import build_udp_packet
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 
@@ -42,6 +40,14 @@ def test_pcap_header_and_records_round_trip(tmp_path):
                                               (2.5, b"\x45" + b"\1" * 39)]
 
 
+def _one_packet(path, sa):
+    """A capture of one ESP packet from ``sa`` (MN to CN, UDP "up")."""
+    w = PcapWriter(path)
+    w.write(sa.encapsulate(build_udp_packet("10.1.0.100", 1, "10.1.0.10", 2, b"up")), 5.0)
+    w.close()
+    return path
+
+
 def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
     tshark = needs.tshark()
     pcap, keys = tmp_path / "gw.pcap", tmp_path / "gw.pcap.esp_sa"
@@ -57,11 +63,8 @@ def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
             writer.write(sa.encapsulate(inner), 1000.0 + n + i / 10)
     writer.close()
     write_esp_sa_file(keys, entries)
-    out = subprocess.run([tshark, "-r", str(pcap), *tshark_options(keys), "-T", "fields",
-                          "-e", "esp.spi", "-e", "esp.icv_good", "-e", "udp.dstport",
-                          "-e", "ip.dst"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    rows = [line.split("\t") for line in out.stdout.splitlines()]
+    rows = needs.tshark_fields(tshark, pcap, keys, ["esp.spi", "esp.icv_good", "udp.dstport",
+                                                    "ip.dst"])
     assert len(rows) == 3 * len(CASES)
     for spi, icv_good, dport, dst in rows:
         assert icv_good == "1", rows
@@ -71,31 +74,20 @@ def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
 def test_key_file_made_from_the_sa_itself_also_works(tmp_path):
     tshark = needs.tshark()
     sa = _sa(0x2000, "ENCR_AES_CBC", 16, "AUTH_HMAC_SHA1_96", 20, "172.16.1.10", "172.16.0.1")
-    pcap, keys = tmp_path / "mn.pcap", tmp_path / "mn.esp_sa"
-    w = PcapWriter(pcap)
-    w.write(sa.encapsulate(build_udp_packet("10.1.0.100", 1, "10.1.0.10", 2, b"up")), 5.0)
-    w.close()
+    pcap, keys = _one_packet(tmp_path / "mn.pcap", sa), tmp_path / "mn.esp_sa"
     write_esp_sa_file(keys, [entry_from_sa(sa)])
-    out = subprocess.run([tshark, "-r", str(pcap), *tshark_options(keys), "-T", "fields",
-                          "-e", "esp.icv_good"], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["1"], out.stderr
+    assert needs.tshark_fields(tshark, pcap, keys, ["esp.icv_good"]) == [["1"]]
 
 
 def test_a_wrong_key_is_seen_as_a_bad_icv(tmp_path):
     """The check above can fail: with a wrong integrity key tshark reports the ICV bad."""
     tshark = needs.tshark()
     sa = _sa(0x3000, "ENCR_AES_CBC", 16, "AUTH_HMAC_SHA1_96", 20, "172.16.1.10", "172.16.0.1")
-    pcap, keys = tmp_path / "bad.pcap", tmp_path / "bad.esp_sa"
-    w = PcapWriter(pcap)
-    w.write(sa.encapsulate(build_udp_packet("10.1.0.100", 1, "10.1.0.10", 2, b"up")), 5.0)
-    w.close()
+    pcap, keys = _one_packet(tmp_path / "bad.pcap", sa), tmp_path / "bad.esp_sa"
     write_esp_sa_file(keys, [EspSaEntry(spi=0x3000, encryption="ENCR_AES_CBC",
                                         encryption_key=sa._encryption_key,
                                         integrity="AUTH_HMAC_SHA1_96", integrity_key=b"\0" * 20)])
-    out = subprocess.run([tshark, "-r", str(pcap), *tshark_options(keys), "-T", "fields",
-                          "-e", "esp.icv_good", "-e", "esp.icv_bad"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["0", "1"], out.stdout
+    assert needs.tshark_fields(tshark, pcap, keys, ["esp.icv_good", "esp.icv_bad"]) == [["0", "1"]]
 
 
 def test_key_file_lines_have_wiresharks_format(tmp_path):
