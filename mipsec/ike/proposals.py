@@ -15,6 +15,7 @@ for PFS on re-key) for ESP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mipsec.errors import ConfigError
 from mipsec.ike.codec import Proposal, Transform
@@ -65,55 +66,48 @@ _DH = {"modp2048": DhGroup.MODP_2048, "ecp256": DhGroup.ECP_256, "x25519": DhGro
        "curve25519": DhGroup.CURVE25519}
 
 
-def parse_ike_suite(text: str) -> IkeSuite:
-    encr = integ = prf = dh = None
+_ESN = {"esn": True, "noesn": False}
+
+
+def _parse_suite(kind: str, text: str, tables: dict[str, dict[str, Any]],
+                 required: tuple[str, ...], needs: str) -> tuple[dict[str, Any], Integ]:
+    """The strongSwan-style words of ``text`` ("aes128-sha256-x25519"), each looked up in the
+    named ``tables`` (the last word of a kind wins), and the checks IKE and ESP suites share:
+    the ``required`` kinds present, an integrity algorithm exactly when the cipher is not AEAD.
+    Returns the words found by table name and the integrity transform (NONE for AEAD)."""
+    found: dict[str, Any] = {}
     for part in text.lower().split("-"):
-        if part in _ENCR:
-            encr = _ENCR[part]
-        elif part in _INTEG:
-            integ = _INTEG[part]
-        elif part in _PRF:
-            prf = _PRF[part]
-        elif part in _DH:
-            dh = _DH[part]
+        for name, table in tables.items():
+            if part in table:
+                found[name] = table[part]
+                break
         else:
-            raise ConfigError(f"IKE proposal {text!r}: unknown algorithm {part!r}")
-    if encr is None or dh is None:
-        raise ConfigError(f"IKE proposal {text!r}: needs an encryption algorithm and a DH group")
-    aead = encr[0] == Encr.ENCR_AES_GCM_16
-    if not aead and integ is None:
-        raise ConfigError(f"IKE proposal {text!r}: AES-CBC needs an integrity algorithm")
-    if aead and integ is not None:
-        raise ConfigError(f"IKE proposal {text!r}: AES-GCM takes no integrity algorithm")
-    prf = prf or Prf.PRF_HMAC_SHA2_256
-    return IkeSuite(encr[0], encr[1], prf, Integ.NONE if aead else integ, dh)
+            raise ConfigError(f"{kind} proposal {text!r}: unknown algorithm {part!r}")
+    if any(name not in found for name in required):
+        raise ConfigError(f"{kind} proposal {text!r}: needs {needs}")
+    aead = found["encr"][0] == Encr.ENCR_AES_GCM_16
+    if not aead and "integ" not in found:
+        raise ConfigError(f"{kind} proposal {text!r}: AES-CBC needs an integrity algorithm")
+    if aead and "integ" in found:
+        raise ConfigError(f"{kind} proposal {text!r}: AES-GCM takes no integrity algorithm")
+    return found, Integ.NONE if aead else found["integ"]
+
+
+def parse_ike_suite(text: str) -> IkeSuite:
+    found, integ = _parse_suite("IKE", text, {"encr": _ENCR, "integ": _INTEG, "prf": _PRF,
+                                              "dh": _DH},
+                                ("encr", "dh"), "an encryption algorithm and a DH group")
+    encr = found["encr"]
+    return IkeSuite(encr[0], encr[1], found.get("prf", Prf.PRF_HMAC_SHA2_256), integ, found["dh"])
 
 
 def parse_esp_suite(text: str) -> EspSuite:
-    encr = integ = None
-    dh = DhGroup.NONE
-    esn = False
-    for part in text.lower().split("-"):
-        if part in _ENCR:
-            encr = _ENCR[part]
-        elif part in _INTEG:
-            integ = _INTEG[part]
-        elif part in _DH:
-            dh = _DH[part]
-        elif part == "esn":
-            esn = True
-        elif part == "noesn":
-            esn = False
-        else:
-            raise ConfigError(f"ESP proposal {text!r}: unknown algorithm {part!r}")
-    if encr is None:
-        raise ConfigError(f"ESP proposal {text!r}: needs an encryption algorithm")
-    aead = encr[0] == Encr.ENCR_AES_GCM_16
-    if not aead and integ is None:
-        raise ConfigError(f"ESP proposal {text!r}: AES-CBC needs an integrity algorithm")
-    if aead and integ is not None:
-        raise ConfigError(f"ESP proposal {text!r}: AES-GCM takes no integrity algorithm")
-    return EspSuite(encr[0], encr[1], Integ.NONE if aead else integ, dh, esn)
+    found, integ = _parse_suite("ESP", text, {"encr": _ENCR, "integ": _INTEG, "dh": _DH,
+                                              "esn": _ESN},
+                                ("encr",), "an encryption algorithm")
+    encr = found["encr"]
+    return EspSuite(encr[0], encr[1], integ, found.get("dh", DhGroup.NONE),
+                    found.get("esn", False))
 
 
 # --- offering ---------------------------------------------------------------------------------
