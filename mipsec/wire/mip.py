@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from construct import Bytes, Const, Int8ub, Int16ub, Int64ub, StreamError, Struct
 
@@ -307,19 +308,26 @@ def _check_auth_order(extensions: tuple[Extension, ...]) -> None:
                          DropReason.MIP_BAD_EXTENSION)
 
 
-def parse_registration_request(data: bytes) -> RegistrationRequest:
-    """Parse the UDP payload of a Registration Request (RFC 5944 §3.3)."""
-    if len(data) < RRQ_FIXED_BYTES:
-        raise ParseError(f"registration request of {len(data)} bytes", DropReason.TRUNCATED)
-    if data[0] != MSG_REGISTRATION_REQUEST:
-        raise ParseError(f"message type {data[0]} is not a registration request",
-                         DropReason.MALFORMED)
+def _parse_message(data: bytes, what: str, msg_type: int, header: Any, fixed: int
+                   ) -> tuple[Any, tuple[Extension, ...]]:
+    """The fixed part and the extensions of a registration message of type ``msg_type``."""
+    if len(data) < fixed:
+        raise ParseError(f"{what} of {len(data)} bytes", DropReason.TRUNCATED)
+    if data[0] != msg_type:
+        raise ParseError(f"message type {data[0]} is not a {what}", DropReason.MALFORMED)
     try:
-        hdr = RRQ_HEADER.parse(data)
+        hdr = header.parse(data)
     except StreamError as exc:  # cannot happen after the length check; kept as a guard
         raise ParseError(str(exc), DropReason.TRUNCATED) from exc
-    extensions = parse_extensions(data, RRQ_FIXED_BYTES)
+    extensions = parse_extensions(data, fixed)
     _check_auth_order(extensions)
+    return hdr, extensions
+
+
+def parse_registration_request(data: bytes) -> RegistrationRequest:
+    """Parse the UDP payload of a Registration Request (RFC 5944 §3.3)."""
+    hdr, extensions = _parse_message(data, "registration request", MSG_REGISTRATION_REQUEST,
+                                     RRQ_HEADER, RRQ_FIXED_BYTES)
     return RegistrationRequest(
         home_address=bytes_to_addr(hdr.home_address), home_agent=bytes_to_addr(hdr.home_agent),
         care_of_address=bytes_to_addr(hdr.care_of_address), identification=hdr.identification,
@@ -328,17 +336,8 @@ def parse_registration_request(data: bytes) -> RegistrationRequest:
 
 def parse_registration_reply(data: bytes) -> RegistrationReply:
     """Parse the UDP payload of a Registration Reply (RFC 5944 §3.4)."""
-    if len(data) < RRP_FIXED_BYTES:
-        raise ParseError(f"registration reply of {len(data)} bytes", DropReason.TRUNCATED)
-    if data[0] != MSG_REGISTRATION_REPLY:
-        raise ParseError(f"message type {data[0]} is not a registration reply",
-                         DropReason.MALFORMED)
-    try:
-        hdr = RRP_HEADER.parse(data)
-    except StreamError as exc:
-        raise ParseError(str(exc), DropReason.TRUNCATED) from exc
-    extensions = parse_extensions(data, RRP_FIXED_BYTES)
-    _check_auth_order(extensions)
+    hdr, extensions = _parse_message(data, "registration reply", MSG_REGISTRATION_REPLY,
+                                     RRP_HEADER, RRP_FIXED_BYTES)
     try:
         code: ReplyCode | int = ReplyCode(hdr.code)
     except ValueError:
