@@ -139,8 +139,7 @@ class HmacTruncated:
 class Transform(abc.ABC):
     """Base: the attributes the SA reads to size packets, and the two per-packet operations."""
 
-    __slots__ = ("encryption", "integrity", "iv_size", "icv_size", "align", "block_size",
-                 "encryption_name", "integrity_name")
+    __slots__ = ("encryption", "integrity", "iv_size", "icv_size", "align", "block_size")
 
     @abc.abstractmethod
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:
@@ -160,7 +159,6 @@ class CbcHmac(Transform):
     def __init__(self, spec: EncryptionSpec, key: bytes, mac: HmacTruncated,
                  random: Callable[[int], bytes]):
         self.encryption, self.integrity = spec, mac.spec
-        self.encryption_name, self.integrity_name = spec.name, mac.spec.name
         self.iv_size = 16
         self.block_size = 16
         self.align = 16
@@ -211,7 +209,6 @@ class NullHmac(Transform):
 
     def __init__(self, spec: EncryptionSpec, mac: HmacTruncated):
         self.encryption, self.integrity = spec, mac.spec
-        self.encryption_name, self.integrity_name = spec.name, mac.spec.name
         self.iv_size = 0
         self.block_size = 1
         self.align = 4
@@ -243,7 +240,6 @@ class Aead(Transform):
 
     def __init__(self, spec: EncryptionSpec, key: bytes):
         self.encryption, self.integrity = spec, None
-        self.encryption_name, self.integrity_name = spec.name, None
         self.iv_size = 8
         self.block_size = 1
         self.align = 4
