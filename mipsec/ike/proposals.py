@@ -143,10 +143,6 @@ def _has(p: Proposal, ttype: int, tid: int, key_bits: int | None = None) -> bool
                for t in p.transforms)
 
 
-def _types(p: Proposal) -> set[int]:
-    return {t.type for t in p.transforms}
-
-
 def choose_ike(offered: tuple[Proposal, ...], suites) -> tuple[Proposal, IkeSuite] | None:
     """Responder: the first acceptable peer proposal, answered as (proposal, suite)."""
     for p in offered:

@@ -63,10 +63,3 @@ class Announcer:
         self._sock.close()
 
 
-def send_gratuitous_arp(ifname: str, address: str, repeat: int = GRATUITOUS_ARP_REPEAT) -> None:
-    """One-off announcement (opens and closes a socket: slow, see ``Announcer``)."""
-    announcer = Announcer(ifname)
-    try:
-        announcer.announce(address, repeat)
-    finally:
-        announcer.close()

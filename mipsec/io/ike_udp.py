@@ -89,9 +89,6 @@ class IkeUdpAdapter:
         """Carry out outputs the caller got from the endpoint or an IKE SA directly."""
         self._carry_out(outputs)
 
-    def fileno_list(self) -> list[int]:
-        return [s.fileno() for s in self._socks.values()]
-
     def poll(self, timeout: float, extra: Iterable = ()) -> list:
         """Wait at most ``timeout`` seconds (less if a timer is due); handle what arrived and
         what is due.  Returns those of ``extra`` (file objects / fds) that are readable."""

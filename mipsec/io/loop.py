@@ -142,10 +142,6 @@ class EventLoop:
                 log.exception("BUG: event observer failed on %r", event)
         self._call("handle_event", self.role.handle_event, event, self.clock())
 
-    def feed_net(self, packet: bytes) -> None:
-        """Hand one net-side packet to the role as if received (tests, tools)."""
-        self._on_net(_OnePacket(packet))
-
     # --- actions --------------------------------------------------------------------------------
 
     def dispatch(self, actions: list[Any]) -> None:
@@ -208,10 +204,6 @@ class EventLoop:
         self._stop_reason = reason
         self._running = False
 
-    @property
-    def stop_reason(self) -> str | None:
-        return self._stop_reason
-
     def run_once(self, max_wait: float | None = None) -> None:
         if max_wait is None:
             max_wait = self.max_wait
@@ -258,11 +250,3 @@ class EventLoop:
             self._wake_r.close()
             self._wake_w.close()
         self._selector.close()
-
-
-class _OnePacket:
-    def __init__(self, packet: bytes):
-        self._packet = packet
-
-    def receive(self) -> list[bytes]:
-        return [self._packet]

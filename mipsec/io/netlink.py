@@ -146,14 +146,6 @@ def current_addresses() -> list[tuple[str, str]]:
         return out
 
 
-def interface_exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-        return True
-    except OSError:
-        return False
-
-
 class Netlink:
     """The route / address / rule / proxy-neighbour changes a daemon makes, each one undone by
     ``undo_all()`` at shutdown (in reverse order)."""

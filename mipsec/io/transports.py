@@ -89,11 +89,6 @@ class RawSender:
         self.sent += 1
         return True
 
-    def forget_interface(self, interface: str) -> None:
-        sock = self._by_interface.pop(interface, None)
-        if sock is not None:
-            sock.close()
-
     def close(self) -> None:
         self._default.close()
         for sock in self._by_interface.values():

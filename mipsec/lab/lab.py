@@ -263,10 +263,6 @@ class Lab:
             topo.drop_old_coas(self.names, where)
         return result
 
-    def wait_registration(self, since: float, timeout: float = REGISTER_TIMEOUT_S) -> float:
-        """Wait until the MN's timeline shows the registration started at ``since`` complete."""
-        return self.wait_mn_event(since, ("rrp-received", "deregistered"), timeout)[1]
-
     def wait_mn_event(self, since: float, kinds: tuple[str, ...],
                       timeout: float = REGISTER_TIMEOUT_S) -> tuple[float | None, float]:
         """(time the MN noticed the move, time of the first ``kinds`` event) after ``since``."""

@@ -74,9 +74,6 @@ class Correspondent:
         self._interval, self._next, self._stop = interval_s, start, stop
         self._remaining, self._size, self.stream_id = count, max(size, _PAYLOAD.size), stream_id
 
-    def stop_stream(self) -> None:
-        self._next = None
-
     def get_timer(self) -> float | None:
         return self._next
 

@@ -35,9 +35,6 @@ class Simulator:
     def pending(self) -> int:
         return len(self._queue)
 
-    def next_time(self) -> float | None:
-        return self._queue[0][0] if self._queue else None
-
     def run(self, until: float | None = None, max_events: int | None = None) -> float:
         """Run events up to and including time ``until`` (all of them if None); return ``now``.
 

@@ -20,13 +20,6 @@ from mipsec.sim.topology import build_topology
 INTERVAL_S = 0.001
 
 
-def _window_loss(app, sender_times: list[float], since: float, until: float) -> tuple[int, int]:
-    """(sent, received) of the datagrams the peer sent in [since, until)."""
-    sent = sum(1 for t in sender_times if since <= t < until)
-    got = {a[1] for a in app.arrivals if since <= a[2] < until}
-    return sent, len(got)
-
-
 def _print_ike_setup(p, topo, attached: float) -> bool:
     """The IKEv2 set-up from visited network A: IKE SA and first child SA, as seen by the MN."""
     mn, gw = topo.mn.role, topo.gw.role

@@ -32,10 +32,6 @@ def dst_of(packet: bytes) -> bytes:
     return packet[16:20]
 
 
-def src_of(packet: bytes) -> bytes:
-    return packet[12:16]
-
-
 class Segment:
     """A link or LAN with delay, loss and reordering."""
 
@@ -167,9 +163,6 @@ class Host:
         self._routes.append((int(net.network_address), int(net.netmask), net.prefixlen,
                              a2b(via) if via else None, self.interfaces[interface]))
         self._routes.sort(key=lambda r: -r[2])
-
-    def local_addresses(self) -> frozenset[bytes]:
-        return self._local
 
     def route(self, dst: bytes) -> tuple[Interface, bytes] | None:
         value = int.from_bytes(dst, "big")

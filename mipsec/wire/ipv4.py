@@ -101,13 +101,6 @@ def checksum_reference(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def fold(total: int) -> int:
-    """Finish a one's complement sum of big-endian 16-bit words into a checksum field value."""
-    total = (total & 0xFFFF) + (total >> 16)
-    total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 # --- addresses ---------------------------------------------------------------------------------
 def addr_to_bytes(address: str) -> bytes:
     """'10.1.0.1' -> b'\\x0a\\x01\\x00\\x01'; raises ValueError on anything else."""

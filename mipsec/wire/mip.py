@@ -348,11 +348,6 @@ def parse_registration_reply(data: bytes) -> RegistrationReply:
         identification=hdr.identification, lifetime=hdr.lifetime, extensions=extensions)
 
 
-def message_type(data: bytes) -> int | None:
-    """The type octet of a registration message, or None for an empty payload."""
-    return data[0] if data else None
-
-
 # --- building ---------------------------------------------------------------------------------
 
 def _check_u(value: int, bits: int, name: str) -> None:
