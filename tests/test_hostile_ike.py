@@ -216,7 +216,7 @@ def test_invalid_key_exchange_values_create_nothing():
             assert sum(ep.drops.values()) == 1 and _state(ep) == (0, 0, 0), (suite, i, ep.drops)
 
 
-# --- values an authenticated peer (or an on-path rewrite) controls (H9 finding 4) ----------------
+# --- values an authenticated peer (or an on-path rewrite) controls -----------------
 from mipsec.ike.book import ChildSaBook  # noqa: E402
 from mipsec.ike.config import ChildSaEstablished, PeerAddressChanged  # noqa: E402
 

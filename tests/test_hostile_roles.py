@@ -260,7 +260,7 @@ def test_signed_requests_with_any_extensions_never_raise(topo, before, after, cu
 
 def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
     """docs/protocol.md: the RRP inside an SIU is protected end to end by the MN-HA
-    authenticator, and the GW checks its header too (SIU_RRP_MISMATCH, H9 finding 5).  An
+    authenticator, and the GW checks its header too (SIU_RRP_MISMATCH).  An
     (HA-signed) SIU for A that carries B's reply is refused by the GW (nothing encrypted to A);
     and should such a reply reach A anyway (a GW without the check: here encrypted with the GW's
     SA directly), A refuses it: with no request pending as MIP_UNEXPECTED_REPLY, with one pending
@@ -304,7 +304,7 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
     a._pending_id = None
 
 
-# --- unusable care-of addresses (H9 finding 1) ----------------------------------------------------
+# --- unusable care-of addresses -----------------------------------------------------
 def _fresh_registered(seed=3, configs=None):
     t = build_topology(1, internet_delay_s=0.002, seed=seed, **({"configs": configs} if configs else {}))
     t.move("a", 0)
@@ -406,7 +406,7 @@ def test_home_agent_sends_one_correction_per_siu_it_originated():
     assert [e.kind for e in ha.timeline].count("siu-correction-refused") == 1
 
 
-# --- unauthenticated input only counts (H9 finding 2) --------------------------------------------
+# --- unauthenticated input only counts ---------------------------------------------
 def test_forged_rrqs_and_sius_change_nothing_but_drop_counters():
     """Observed before the fix: each forged RRQ / SIU appended a timeline event (~380 / ~310
     bytes, up to 200,000 kept per role) and replaced status()["timeline"] (what `mipsec status`
@@ -450,7 +450,7 @@ def test_forged_rrqs_and_sius_change_nothing_but_drop_counters():
     assert without(gw.status()) == gw_before
 
 
-# --- the HA's expiry heap (H9 finding 3) ----------------------------------------------------------
+# --- the HA's expiry heap -----------------------------------------------------------
 def test_re_registrations_do_not_grow_the_expiry_heap():
     """Observed before the fix: 2,000 valid re-registrations of one MN left 2,001 heap entries
     (each superseded one kept until its own expiry: memory = rate x lifetime)."""
@@ -475,7 +475,7 @@ def test_re_registrations_do_not_grow_the_expiry_heap():
     assert mn.home_address not in ha.bindings
 
 
-# --- the RRP inside an SIU is checked by the GW (H9 finding 5) ------------------------------------
+# --- the RRP inside an SIU is checked by the GW -------------------------------------
 def _rrp_for(home_address, ha="10.1.0.2"):
     return build_registration_reply(RegistrationReply(
         code=ReplyCode.ACCEPTED, home_address=home_address, home_agent=ha, identification=7,
