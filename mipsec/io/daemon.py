@@ -155,6 +155,9 @@ class Daemon:
         self._away: set[str] = set()          # HA: home addresses currently steered into the TUN
         self._key_lines: list[str] = []       # every SA ever used (IKEv2): the key file keeps all
         self._key_spis: set[int] = set()
+        self._ike_keyfile: str | None = None  # IKEv2: the ikev2_decryption_table beside keyfile
+        self._ike_lines: list[str] = []
+        self._ike_spis: set[tuple[bytes, bytes]] = set()
         self.announcer: arp.Announcer | None = None
         self._closed = False
 
@@ -188,6 +191,10 @@ class Daemon:
                 # negotiated SAs of an earlier run of this daemon may still be in use by the
                 # peer (a restart: the MN's packets on its old SA are in the capture too)
                 self._key_lines = _read_key_lines(cfg.keyfile) + self._key_lines
+                # and the IKE SAs' keys beside them (ikev2_decryption_table), kept the same way
+                self._ike_keyfile = pcapmod.ike_keyfile_path(cfg.keyfile)
+                self._ike_lines = _read_key_lines(self._ike_keyfile)
+                pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_lines)
             pcapmod.write_esp_sa_file(cfg.keyfile, self._key_lines)
         self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
@@ -217,6 +224,7 @@ class Daemon:
                 self.loop.feed_event(event)
 
     def _update_keyfile(self) -> None:
+        self._update_ike_keyfile()
         new = False
         for sa in role_sas(self.role):
             if sa.spi in self._key_spis:
@@ -231,6 +239,30 @@ class Daemon:
                 pcapmod.write_esp_sa_file(self.cfg.keyfile, self._key_lines)
             except OSError as exc:
                 log.warning("key file %s: %s", self.cfg.keyfile, exc)
+
+    def _update_ike_keyfile(self) -> None:
+        """Add every IKE SA whose keys now exist (after IKE_SA_INIT, or a re-key's successor) to
+        the ikev2_decryption_table file, so IKE_AUTH and everything after it decrypts."""
+        if self._ike_keyfile is None:
+            return
+        new = False
+        for sa in self.role.ike.endpoint.ike_sas:
+            if (sa.spi_i, sa.spi_r) in self._ike_spis:
+                continue
+            entry = pcapmod.ike_entry_from_sa(sa)
+            if entry is None:                 # no keys yet (IKE_SA_INIT not answered)
+                continue
+            self._ike_spis.add((sa.spi_i, sa.spi_r))
+            try:
+                self._ike_lines.append(entry.uat_line())
+                new = True
+            except ValueError as exc:         # a transform Wireshark 4.0 has no name for
+                log.warning("IKE key file: %s; IKE SA %s left out", exc, sa.name)
+        if new:
+            try:
+                pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_lines)
+            except OSError as exc:
+                log.warning("key file %s: %s", self._ike_keyfile, exc)
 
     def _name(self) -> str:
         return getattr(self.cfg.node, "name", self.cfg.role)
@@ -356,6 +388,7 @@ class Daemon:
             "config": self.cfg.path, "tun": getattr(self.tun, "name", None),
             "control_socket": self.cfg.control_socket,
             "pcap": self.cfg.daemon.pcap or None, "keyfile": self.cfg.keyfile or None,
+            "ike_keyfile": self._ike_keyfile,
             "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()},
             "started": self.started_wall,
             "io": {**self.loop.stats, "tun_write_errors": getattr(self.tun, "write_errors", 0)},

@@ -23,6 +23,22 @@ SPIs are unique in a lab, and a care-of address changes during a handover while 
 
 To decode, pass ``-o esp.enable_encryption_decode:TRUE -o esp.enable_authentication_check:TRUE``
 (tshark then sets ``esp.icv_good`` / ``esp.icv_bad`` per packet).
+
+**IKEv2 key file.** The IKE messages after IKE_SA_INIT (IKE_AUTH, CREATE_CHILD_SA,
+INFORMATIONAL) sit in an Encrypted payload (RFC 7296 §3.14) that Wireshark opens with the
+``ikev2_decryption_table`` UAT (Preferences > Protocols > ISAKMP > IKEv2 Decryption Table; as a
+file ``ikev2_decryption_table`` in a profile directory, or ``-o 'uat:ikev2_decryption_table:<line>'``).
+One IKE SA per line, eight comma-separated fields in the order of packet-isakmp.c's
+``ikev2_uat_flds`` (Wireshark 4.0): byte fields as bare hex, the two algorithm fields as
+double-quoted names from its ``vs_ikev2_encr_algs`` / ``vs_ikev2_auth_algs``:
+
+    <SPIi 16 hex>,<SPIr 16 hex>,<SK_ei hex>,<SK_er hex>,"<encryption>",<SK_ai hex>,<SK_ar hex>,"<integrity>"
+
+For AES-GCM, SK_ei / SK_er carry the 4-byte salt at their end (RFC 5282 §7.1), SK_ai / SK_ar are
+empty and the integrity is "NONE [RFC4306]".  With AES-CBC + HMAC Wireshark checks every
+message's Integrity Checksum Data (the expert info ``isakmp.ikev2.integrity_checksum`` flags a
+wrong one); with AES-GCM a wrong key shows as undecodable payloads.  ``ike_keyfile_path`` names
+the file beside the esp_sa one; ``tshark_options`` takes both.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterable
 
 from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY
+from mipsec.ike.constants import Encr, Integ
 from mipsec.ipsec.sa import esp_sa_uat_record
 
 PCAP_MAGIC = 0xA1B2C3D4
@@ -51,6 +68,21 @@ TSHARK_ENCRYPTION = {name: spec.tshark_names[0] for name, spec in ENCRYPTION.ite
 TSHARK_INTEGRITY = {None: "NULL", "": "NULL",
                     **{name: spec.tshark_name for name, spec in INTEGRITY.items()
                        if spec.tshark_name}}
+
+
+# IKEv2 transforms (IANA ENCR id, key bits) / INTEG id -> Wireshark 4.0 ikev2_decryption_table
+# names (packet-isakmp.c vs_ikev2_encr_algs / vs_ikev2_auth_algs).  The ESP table's names differ
+# ("AES-CBC [RFC3602]" there, "AES-CBC-128 [RFC3602]" here): these are the UAT's own strings.
+IKEV2_TSHARK_ENCRYPTION = {
+    **{(Encr.ENCR_AES_CBC, bits): f"AES-CBC-{bits} [RFC3602]" for bits in (128, 192, 256)},
+    **{(Encr.ENCR_AES_GCM_16, bits): f"AES-GCM-{bits} with 16 octet ICV [RFC5282]"
+       for bits in (128, 192, 256)},
+}
+IKEV2_TSHARK_INTEGRITY = {
+    Integ.NONE: "NONE [RFC4306]",
+    Integ.AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128 [RFC4868]",
+}
+IKEV2_UAT = "ikev2_decryption_table"
 
 
 class PcapWriter:
@@ -140,27 +172,105 @@ class _RawLine(str):
 
 def write_esp_sa_file(path: str | os.PathLike[str], entries: Iterable[Any]) -> None:
     """(Re)write the esp_sa key file atomically; entries are EspSaEntry or formatted lines."""
-    lines = []
-    seen = set()
+    _write_private(path, "# mipsec ESP SAs for Wireshark/tshark (esp_sa UAT): keys, keep private\n",
+                   entries)
+
+
+@dataclass(frozen=True)
+class IkeSaEntry:
+    """One line of Wireshark's ikev2_decryption_table: an IKE SA's SPIs and SK_e / SK_a keys."""
+    spi_i: bytes
+    spi_r: bytes
+    encr: int                  # IANA ENCR id
+    key_bits: int
+    integ: int                 # IANA INTEG id (Integ.NONE with AES-GCM)
+    sk_ei: bytes
+    sk_er: bytes
+    sk_ai: bytes = b""
+    sk_ar: bytes = b""
+
+    def uat_line(self) -> str:
+        if len(self.spi_i) != 8 or len(self.spi_r) != 8:
+            raise ValueError("IKE SPIs are 8 octets (RFC 7296 §3.1)")
+        try:
+            enc = IKEV2_TSHARK_ENCRYPTION[(self.encr, self.key_bits)]
+        except KeyError:
+            raise ValueError(f"no Wireshark name for IKE encryption {self.encr} "
+                             f"({self.key_bits} bits)") from None
+        try:
+            auth = IKEV2_TSHARK_INTEGRITY[self.integ]
+        except KeyError:
+            raise ValueError(f"no Wireshark name for IKE integrity {self.integ}") from None
+        return ",".join([self.spi_i.hex(), self.spi_r.hex(), self.sk_ei.hex(), self.sk_er.hex(),
+                         f'"{enc}"', self.sk_ai.hex(), self.sk_ar.hex(), f'"{auth}"'])
+
+
+def ike_entry_from_sa(sa: Any) -> IkeSaEntry | None:
+    """The ikev2_decryption_table entry of an ``mipsec.ike.sa.IkeSa`` once its keys exist (after
+    IKE_SA_INIT, or when a re-key created it), else None."""
+    keys, suite = sa.keys, sa.suite
+    if keys is None or suite is None or not any(sa.spi_r):
+        return None
+    return IkeSaEntry(spi_i=sa.spi_i, spi_r=sa.spi_r, encr=suite.encr, key_bits=suite.key_bits,
+                      integ=Integ.NONE if suite.aead else suite.integ, sk_ei=keys.sk_ei,
+                      sk_er=keys.sk_er, sk_ai=keys.sk_ai, sk_ar=keys.sk_ar)
+
+
+def ike_keyfile_path(esp_keyfile: str | os.PathLike[str]) -> str:
+    """Where the IKEv2 keys go beside an esp_sa key file: ``gw.pcap.esp_sa`` ->
+    ``gw.pcap.ikev2_decryption_table``; a profile's ``esp_sa`` -> its ``ikev2_decryption_table``."""
+    path = os.fspath(esp_keyfile)
+    head, name = os.path.split(path)
+    if name == "esp_sa":
+        return os.path.join(head, IKEV2_UAT)
+    if name.endswith(".esp_sa"):
+        return path[:-len("esp_sa")] + IKEV2_UAT
+    return f"{path}.{IKEV2_UAT}"
+
+
+def write_ike_key_file(path: str | os.PathLike[str], entries: Iterable[Any]) -> None:
+    """(Re)write the ikev2_decryption_table key file atomically, mode 0600; entries are
+    IkeSaEntry or formatted lines."""
+    _write_private(path, "# mipsec IKEv2 SAs for Wireshark/tshark (ikev2_decryption_table UAT): "
+                   "keys, keep private\n", entries)
+
+
+def _write_private(path: str | os.PathLike[str], header: str, entries: Iterable[Any]) -> None:
+    lines, seen = [], set()
     for entry in entries:
         line = entry.uat_line() if hasattr(entry, "uat_line") else str(entry)
         if line not in seen:
             seen.add(line)
             lines.append(line)
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w") as f:
-        f.write("# mipsec ESP SAs for Wireshark/tshark (esp_sa UAT): keys, keep private\n")
+    # created 0600 (not chmod-ed after writing): the keys are never readable by others
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(header)
         f.write("".join(line + "\n" for line in lines))
-    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 
-def tshark_options(path: str | os.PathLike[str]) -> list[str]:
-    """The tshark command-line options that load an esp_sa key file and check every ICV."""
+def tshark_options(*keyfiles: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
+                   ) -> list[str]:
+    """The tshark command-line options that load key files: esp_sa files (every ESP ICV
+    checked) and ikev2_decryption_table files, told apart line by line (an esp_sa line starts
+    with its quoted address family, an IKEv2 line with the initiator's SPI in hex).  Takes
+    paths or lists of paths: ``tshark_options(keyfile, ike_keyfile_path(keyfile))``."""
+    paths: list[str | os.PathLike[str]] = []
+    for item in keyfiles:
+        if isinstance(item, (str, os.PathLike)):
+            paths.append(item)
+        else:
+            paths.extend(item)
     opts = ["-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                opts += ["-o", f"uat:esp_sa:{line}"]
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                uat = "esp_sa" if line.startswith('"') else IKEV2_UAT
+                opts += ["-o", f"uat:{uat}:{line}"]
     return opts
