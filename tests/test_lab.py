@@ -6,7 +6,9 @@ One lab (unique namespace prefix) serves the module, in order:
    each move packets flow, and `mipsec status --json` shows the GW's outbound SA and the HA's
    binding at the MN's location;
 2. tshark with the key file the GW wrote decodes every captured ESP packet with a good ICV and
-   shows the Registration Request and Reply inside (mip.type 1 and 3);
+   shows the Registration Request and Reply inside (mip.type 1 and 3); with the IKE key file
+   beside it, the IKE_AUTH exchange decrypts (identities, AUTH, SA, TSi/TSr), and does not with
+   one key bit wrong;
 3. SIGTERM makes a daemon remove what it created; a daemon killed with SIGKILL mid-run leaves
    nothing behind after `mipsec lab down`.
 
@@ -25,6 +27,7 @@ import time
 
 import pytest
 
+from mipsec.io.pcap import ike_keyfile_path
 from mipsec.lab.demo import Streams, phase_figures
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.lab.topology import MN_COA, existing_namespaces
@@ -175,6 +178,51 @@ def test_tshark_decodes_the_gw_capture_with_every_icv_good(lab):
     assert {"1", "3"} <= mip_types, mip_types
 
 
+# RFC 7296 §3.2 payload types and §3.1 exchange types, as tshark shows them
+IDI, IDR, AUTH, SA, TSI, TSR, SK = "35", "36", "39", "33", "44", "45", "46"
+IKE_AUTH, CREATE_CHILD_SA = "35", "36"
+IKE_FIELDS = ["isakmp.exchangetype", "isakmp.typepayload", "isakmp.enc.pad_length",
+              "_ws.expert.message", "isakmp.id.data.fqdn", "isakmp.id.data.user_fqdn"]
+
+
+def _ike_rows(tshark: str, lab: Lab, ike_keys: str | None = None) -> list[list[str]]:
+    """tshark's reading of the encrypted IKEv2 messages of the GW's capture, with both key
+    files: exchange, payload types, pad length (only once decrypted), expert info, identities."""
+    keys = [lab.keyfile, ike_keys or ike_keyfile_path(lab.keyfile)]
+    rows = needs.tshark_fields(tshark, lab.pcap, keys, IKE_FIELDS)
+    return [r for r in rows if r[1].split(",")[0] == SK]
+
+
+def _ike_auth_problems(rows: list[list[str]]) -> list:
+    """Why the IKE_AUTH messages are not readable (empty: request and response decrypted, with
+    the identities, AUTH, SA and both traffic selectors, and no expert complaint)."""
+    auth = [r for r in rows if r[0] == IKE_AUTH]
+    problems: list = [] if len(auth) >= 2 else [("IKE_AUTH messages", len(auth))]
+    for _exch, types, pad, expert, fqdn, user_fqdn in auth:
+        inner = set(types.split(",")[1:])
+        if not pad or expert or not {IDR, AUTH, SA, TSI, TSR} <= inner:
+            problems.append((types, pad, expert))
+        elif IDI in inner and {fqdn, user_fqdn} != {"gw.mipsec.lab", "mn@mipsec.lab"}:
+            problems.append(("identities", fqdn, user_fqdn))
+    return problems
+
+
+def test_tshark_decrypts_ike_auth_with_the_ike_key_file(lab, tmp_path):
+    """The GW writes its IKE SA's keys (ikev2_decryption_table, 0600) beside the esp_sa file;
+    with both, tshark opens IKE_AUTH.  One flipped bit of SK_ei or SK_er and it cannot."""
+    tshark = needs.tshark()
+    ike_keys = ike_keyfile_path(lab.keyfile)
+    assert oct(os.stat(ike_keys).st_mode & 0o777) == "0o600"
+    assert _ike_auth_problems(_ike_rows(tshark, lab)) == []
+    header, line, *rest = open(ike_keys).read().splitlines()
+    for field in (2, 3):                                   # SK_ei, SK_er
+        bad = line.split(",")
+        bad[field] = f"{int(bad[field][:2], 16) ^ 1:02x}" + bad[field][2:]
+        wrong = tmp_path / f"wrong{field}"
+        wrong.write_text("\n".join([header, ",".join(bad), *rest]) + "\n")
+        assert _ike_auth_problems(_ike_rows(tshark, lab, str(wrong))), field
+
+
 def test_sigterm_cleans_up_and_sigkill_leaves_nothing_after_down(lab):
     # SIGTERM: the HA removes its TUN device and its control socket, and exits 0.
     ha_pid = lab.pid("ha")
@@ -243,16 +291,31 @@ def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):
 
 
 def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
-    """The same path with ESP in UDP 4500 (RFC 3948) and AES-CBC + HMAC-SHA2-256."""
+    """The same path with ESP in UDP 4500 (RFC 3948) and AES-CBC + HMAC-SHA2-256; the IKE SA
+    is re-keyed and tshark decrypts its CREATE_CHILD_SA exchanges too."""
     _require()
     tshark = needs.tshark()
     lab = Lab(prefix=f"mu{os.getpid()}-")
     lab.down()
     try:
-        lab.up(place="a", encryption="ENCR_AES_CBC", udp_encap=True)
+        # the IKE SA is re-keyed every 3 s: CREATE_CHILD_SA, then IKE_AUTH-less new keys
+        lab.up(place="a", encryption="ENCR_AES_CBC", udp_encap=True,
+               ike={"ike_lifetime_s": 3.0})
         lab.move("b")
         check_location(lab, "b")
+        deadline = time.monotonic() + 15
+        while not mipsec_status(lab, "gw")["node"]["ike"]["last_rekey_time"]:
+            assert time.monotonic() < deadline, "no IKE SA re-key"
+            time.sleep(0.2)
         assert ping_cn_to_mn(lab) >= 1
+        # IKE_AUTH and the IKE SA's re-key (CREATE_CHILD_SA with KE) decrypt with the IKE key
+        # file (AES-CBC + HMAC-SHA2-256: tshark checks every Integrity Checksum Data)
+        ike = _ike_rows(tshark, lab)
+        assert _ike_auth_problems(ike) == []
+        rekeys = [r for r in ike if r[0] == CREATE_CHILD_SA]
+        assert len(rekeys) >= 2 and all(r[2] and not r[3] and {SA, "40", "34"} <= set(
+            r[1].split(",")) for r in rekeys), rekeys        # SA, Nonce, KE
+        assert len(open(ike_keyfile_path(lab.keyfile)).read().splitlines()) >= 3
         all_rows = needs.tshark_fields(tshark, lab.pcap, lab.keyfile,
                                        ["udp.port", "esp.icv_good", "mip.type", "isakmp.ispi"])
         # IKEv2 negotiated the SAs: its packets start on 500 and float to 4500 (NAT-T forced)
