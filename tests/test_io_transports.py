@@ -3,9 +3,13 @@ addresses; raw sockets carry whole packets (root: required in CI, skipped elsewh
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import select
 import socket
+
+import pytest
 
 from scapy.layers.inet import IP, UDP
 
@@ -67,3 +71,65 @@ def test_raw_esp_round_trip_on_loopback():
     finally:
         rx.close()
         tx.close()
+
+
+class _ScriptedSocket:
+    """A fake socket whose reads follow a script: bytes to return, exceptions to raise; then
+    EAGAIN.  ``recv`` for the raw receiver, ``recvmsg`` (no IP_PKTINFO) for the UDP one."""
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def _next(self):
+        if not self.script:
+            raise BlockingIOError(errno.EAGAIN, "empty")
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def recv(self, size):
+        return self._next()
+
+    def recvmsg(self, size, ancsize):
+        return self._next(), [], 0, ("172.16.1.10", 4500)
+
+    def setblocking(self, flag):
+        pass
+
+    def getsockname(self):
+        return ("172.16.0.1", 4500)
+
+    def fileno(self):
+        return -1
+
+    def close(self):
+        pass
+
+
+def _transient():
+    return [OSError(errno.ENOBUFS, "No buffer space available"),
+            OSError(errno.ECONNREFUSED, "Connection refused"), InterruptedError(errno.EINTR, "")]
+
+
+@pytest.mark.parametrize("kind", ["raw", "udp"])
+def test_a_transient_oserror_is_counted_logged_once_and_the_batch_goes_on(kind, caplog):
+    """Both receivers alike: EAGAIN ends the batch, EINTR too (the loop comes back), any other
+    OSError is counted, logged once per errno, and the reads go on; receive() never raises."""
+    enobufs, refused, eintr = _transient()
+    sock = _ScriptedSocket([enobufs, b"one", refused, enobufs, b"two", eintr, b"three"])
+    rx = RawReceiver(IPPROTO_ESP, "esp", sock=sock) if kind == "raw" else \
+        UdpReceiver(4500, "172.16.0.1", name="esp-udp", sock=sock)
+    caplog.set_level(logging.WARNING, logger="mipsec.io.transports")
+
+    def payloads():
+        got = rx.receive()
+        return got if kind == "raw" else [bytes(IP(p)[UDP].payload) for p in got]
+    assert payloads() == [b"one", b"two"] and rx.errors == 3
+    assert payloads() == [b"three"]                   # EINTR ended the first batch
+    sock.script = [b"four", enobufs, enobufs]
+    assert payloads() == [b"four"] and rx.errors == 5
+    assert payloads() == [] and rx.errors == 5
+    logged = [r.getMessage() for r in caplog.records if r.name == "mipsec.io.transports"]
+    assert len(logged) == 2 and all(m.startswith(f"{rx.name}: receive failed") for m in logged)
+    assert "No buffer space" in logged[0] and "refused" in logged[1]

@@ -14,14 +14,19 @@ Roles take and return complete IPv4 packets (docs/design.md, "What net and tun m
   ``IP_PKTINFO`` (ip(7)), TTL 64, checksums valid.
 
 Every receiver has ``fileno()`` and ``receive() -> list[bytes]`` (everything queued, non-blocking),
-which is all the event loop needs; ``FakeNet`` implements the same for tests.
+which is all the event loop needs; ``FakeNet`` implements the same for tests.  ``receive`` never
+raises: an empty queue (EAGAIN) or a signal (EINTR) ends the batch, any other ``OSError`` (an
+ICMP error queued on a UDP socket, ENOBUFS, ENOMEM ...) is transient for one read: it is counted
+in ``errors``, logged once per errno and receiver, and the batch goes on with the next read.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import struct
+from typing import Any, Callable
 
 from mipsec.errors import ConfigError
 from mipsec.node import packet
@@ -35,6 +40,8 @@ IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)   # ip(7); Python < 3.12 lacks the
 REBUILT_TTL = 64               # TTL of a rebuilt IPv4 header (the real one is not available)
 
 _PKTINFO = struct.Struct("=I4s4s")        # struct in_pktinfo: ifindex, spec_dst, addr
+
+log = logging.getLogger(__name__)
 
 
 def build_udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes,
@@ -96,76 +103,93 @@ class RawSender:
         self._by_interface.clear()
 
 
-class RawReceiver:
-    """Receives whole IPv4 packets of one IP protocol (ESP 50, IP-in-IP 4) addressed to us."""
+class _Receiver:
+    """What both receivers share: one non-blocking batch of reads that never raises."""
 
-    def __init__(self, protocol: int, name: str | None = None):
-        try:
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, protocol)
-        except PermissionError as exc:
-            raise ConfigError(f"raw socket for IP protocol {protocol} needs root or "
-                              f"CAP_NET_RAW: {exc}") from exc
-        self._sock.setblocking(False)
-        self.name = name or f"raw-{protocol}"
-        self.protocol = protocol
+    name: str
+    _sock: Any
+
+    def __init__(self) -> None:
+        self.errors = 0                      # failed reads (transient OSErrors)
+        self._logged: set[int | None] = set()   # errnos already logged
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def receive(self) -> list[bytes]:
+    def _batch(self, read_one: Callable[[], bytes]) -> list[bytes]:
         out = []
         for _ in range(MAX_BATCH):
             try:
-                out.append(self._sock.recv(RECV_SIZE))
+                out.append(read_one())
             except (BlockingIOError, InterruptedError):
-                break
+                break                        # queue empty, or a signal: the loop comes back
+            except OSError as exc:
+                self.errors += 1
+                if exc.errno not in self._logged:
+                    self._logged.add(exc.errno)
+                    log.warning("%s: receive failed: %s (counted; logged once per error)",
+                                self.name, exc)
         return out
 
     def close(self) -> None:
         self._sock.close()
 
 
-class UdpReceiver:
-    """A UDP socket whose datagrams come out rebuilt as IPv4 + UDP packets (see module doc)."""
+class RawReceiver(_Receiver):
+    """Receives whole IPv4 packets of one IP protocol (ESP 50, IP-in-IP 4) addressed to us.
+    ``sock``: an already open socket (a fake in tests)."""
 
-    def __init__(self, port: int, address: str = "0.0.0.0", name: str | None = None):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        try:
-            self._sock.bind((address, port))
-        except OSError as exc:
-            self._sock.close()
-            raise ConfigError(f"cannot bind UDP {address}:{port}: {exc}") from exc
+    def __init__(self, protocol: int, name: str | None = None, *, sock: Any = None):
+        super().__init__()
+        if sock is None:
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, protocol)
+            except PermissionError as exc:
+                raise ConfigError(f"raw socket for IP protocol {protocol} needs root or "
+                                  f"CAP_NET_RAW: {exc}") from exc
+        self._sock = sock
+        self._sock.setblocking(False)
+        self.name = name or f"raw-{protocol}"
+        self.protocol = protocol
+
+    def receive(self) -> list[bytes]:
+        return self._batch(lambda: self._sock.recv(RECV_SIZE))
+
+class UdpReceiver(_Receiver):
+    """A UDP socket whose datagrams come out rebuilt as IPv4 + UDP packets (see module doc).
+    ``sock``: an already bound socket with IP_PKTINFO on (a fake in tests)."""
+
+    def __init__(self, port: int, address: str = "0.0.0.0", name: str | None = None, *,
+                 sock: Any = None):
+        super().__init__()
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                sock.close()
+                raise ConfigError(f"cannot bind UDP {address}:{port}: {exc}") from exc
+        self._sock = sock
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]    # the real one when asked for port 0
         self.address = address
         self.name = name or f"udp-{port}"
         self._ident = 0
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
     def receive(self) -> list[bytes]:
-        out = []
-        for _ in range(MAX_BATCH):
-            try:
-                data, anc, _flags, src = self._sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(12))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue   # e.g. ICMP error queued on the socket: nothing to hand on
-            local = self.address
-            for level, kind, value in anc:
-                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
-                    _ifindex, _spec_dst, header_dst = _PKTINFO.unpack_from(value)
-                    local = socket.inet_ntoa(header_dst)
-            self._ident = (self._ident + 1) & 0xFFFF
-            out.append(build_udp_packet(src[0], src[1], local, self.port, data, self._ident))
-        return out
+        return self._batch(self._read_one)
 
-    def close(self) -> None:
-        self._sock.close()
+    def _read_one(self) -> bytes:
+        data, anc, _flags, src = self._sock.recvmsg(RECV_SIZE, socket.CMSG_SPACE(12))
+        local = self.address
+        for level, kind, value in anc:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
+                _ifindex, _spec_dst, header_dst = _PKTINFO.unpack_from(value)
+                local = socket.inet_ntoa(header_dst)
+        self._ident = (self._ident + 1) & 0xFFFF
+        return build_udp_packet(src[0], src[1], local, self.port, data, self._ident)
 
 
 class FakeNet:
