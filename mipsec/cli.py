@@ -395,7 +395,8 @@ def render_status(reply: dict[str, Any]) -> str:
     io = reply.get("io", {})
     lines.append("  io: " + ", ".join(f"{k} {v}" for k, v in io.items()))
     if reply.get("pcap"):
-        lines.append(f"  capture: {reply['pcap']}  keys: {reply.get('keyfile')}")
+        lines.append(f"  capture: {reply['pcap']}  keys: {reply.get('keyfile')}"
+                     + (f", {reply['ike_keyfile']}" if reply.get("ike_keyfile") else ""))
     if reply.get("drops"):
         lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reply["drops"].items())))
     node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline", "ike")}

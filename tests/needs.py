@@ -40,9 +40,11 @@ def tshark_in_ci() -> str | None:
     return path
 
 
-def tshark_fields(tshark: str, pcap: str | os.PathLike[str], keyfile: str | os.PathLike[str],
+def tshark_fields(tshark: str, pcap: str | os.PathLike[str],
+                  keyfile: str | os.PathLike[str] | list[str | os.PathLike[str]],
                   fields: list[str]) -> list[list[str]]:
-    """One row per packet of ``pcap`` decoded with the esp_sa ``keyfile`` (every ICV checked):
+    """One row per packet of ``pcap`` decoded with ``keyfile`` (an esp_sa file, or a list of key
+    files: esp_sa and ikev2_decryption_table; every ICV checked):
     the values of ``fields`` (several occurrences joined by ","); fails the test if tshark does."""
     options = [opt for field in fields for opt in ("-e", field)]
     proc = subprocess.run([tshark, "-r", str(pcap), *tshark_options(keyfile), "-T", "fields",

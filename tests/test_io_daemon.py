@@ -1,4 +1,4 @@
-"""The daemon glue without root: three Daemon objects around H4's real roles, on in-memory TUN
+"""The daemon glue without root: three Daemon objects around the real roles, on in-memory TUN
 and net fakes, wired by destination address.  A handover triggered over the MN's control command
 goes MN -> GW -> HA -> SIU -> GW -> MN exactly as in the lab; the GW's capture holds only its
 outside traffic; the key file lists the configured SAs; the netlink rules map addresses to
