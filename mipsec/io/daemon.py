@@ -392,6 +392,7 @@ class Daemon:
             "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()},
             "started": self.started_wall,
             "io": {**self.loop.stats, "tun_write_errors": getattr(self.tun, "write_errors", 0),
+                   "tun_read_errors": getattr(self.tun, "read_errors", 0),
                    "receive_errors": {r.name: r.errors for r in self.receivers or ()
                                       if getattr(r, "errors", 0)}},
             "drops": {str(k): v for k, v in getattr(self.role, "drops", {}).items()},

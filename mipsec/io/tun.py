@@ -9,11 +9,14 @@ implementations are non-blocking and expose ``fileno()`` so the event loop can s
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 from typing import Protocol
 
 from mipsec.errors import ConfigError
+
+log = logging.getLogger("mipsec.io.tun")
 
 TUN_READ_SIZE = 65535          # one read returns at most one packet; IPv4 total length <= 65535
 DEFAULT_MTU = 1400             # leaves room for ESP + outer IPv4 (+ IP-in-IP) inside a 1500 link
@@ -66,6 +69,8 @@ class LinuxTun:
         os.set_blocking(self._fd, False)
         self._closed = False
         self.write_errors = 0
+        self.read_errors = 0
+        self._logged_errnos: set[int | None] = set()
 
     @property
     def mtu(self) -> int:
@@ -77,7 +82,15 @@ class LinuxTun:
     def read(self) -> bytes | None:
         try:
             return os.read(self._fd, TUN_READ_SIZE)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            # A device going down under us (EIO, EBADFD): counted and logged once per error
+            # code, like the socket receivers; the loop goes on and tries again next time.
+            self.read_errors += 1
+            if exc.errno not in self._logged_errnos:
+                self._logged_errnos.add(exc.errno)
+                log.warning("TUN %s: read failed: %s (counted as tun_read_errors)", self.name, exc)
             return None
 
     def write(self, packet: bytes) -> None:
