@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# libstrongswan-standard-plugins is only a Recommends of strongswan, but charon needs its openssl
+# and gcm plugins for ECP-256, Curve25519 and AES-GCM (the interoperability tests use all three).
 DEBS=(python3 python3-venv python3-dev iproute2 iputils-ping procps tshark strongswan
-      libcharon-extra-plugins)
+      libstrongswan-standard-plugins libcharon-extra-plugins)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

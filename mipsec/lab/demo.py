@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 from typing import Any, TextIO
 
+from mipsec.io.pcap import ike_keyfile_path
 from mipsec.lab.lab import Lab
 from mipsec.lab.stream import analyse
 
@@ -28,6 +30,21 @@ def print_timeline(events: list[dict[str, Any]], t0: float, out: TextIO) -> None
     print(f"    {'after move':>12}  {'node':<6} {'event':<26} details", file=out)
     for line in format_timeline(events, t0):
         print("    " + line, file=out)
+
+
+CAPTURE_FILES = ("gw.pcap", "gw.pcap.esp_sa", ike_keyfile_path("gw.pcap.esp_sa"))
+
+
+def keep_capture(state_dir: str, where: str) -> str:
+    """Move the GW's capture and its key files out of the lab's state directory (which `down`
+    removes) into ``where``.  /run is a tmpfs and /tmp usually is not: a rename cannot cross
+    that, so this copies where it must (shutil.move)."""
+    os.makedirs(where, exist_ok=True)
+    for name in CAPTURE_FILES:
+        source = os.path.join(state_dir, name)
+        if os.path.exists(source):
+            shutil.move(source, os.path.join(where, name))
+    return where
 
 
 class Streams:
@@ -134,14 +151,14 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
                   file=out)
         where = lab.state_dir
         if not keep:
-            where = f"/tmp/mipsec-demo-capture-{os.getpid()}"
-            os.makedirs(where, exist_ok=True)
-            for name in ("gw.pcap", "gw.pcap.esp_sa"):
-                os.replace(lab.path(name), os.path.join(where, name))
+            where = keep_capture(lab.state_dir, f"/tmp/mipsec-demo-capture-{os.getpid()}")
         pcap, keys = os.path.join(where, "gw.pcap"), os.path.join(where, "gw.pcap.esp_sa")
+        ike_keys = ike_keyfile_path(keys)
         print(f"\ncapture of the GW's outside: {pcap} (ESP keys for Wireshark: {keys})\n"
               f"  mkdir -p ~/.config/wireshark && cp {keys} ~/.config/wireshark/esp_sa\n"
-              f"  tshark -r {pcap} -o esp.enable_encryption_decode:TRUE "
+              + (f"  cp {ike_keys} ~/.config/wireshark/ikev2_decryption_table\n"
+                 if os.path.exists(ike_keys) else "")
+              + f"  tshark -r {pcap} -o esp.enable_encryption_decode:TRUE "
               f"-o esp.enable_authentication_check:TRUE -Y mip", file=out)
         return 0
     finally:
