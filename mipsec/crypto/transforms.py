@@ -195,11 +195,15 @@ class CbcHmac(Transform):
         return data + self._mac(data, seq_hi)
 
     def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
-        n = self.icv_size
-        data = esp[:-n]
-        if not _compare(self._mac(data, seq_hi), esp[-n:]):
-            return None
-        return self.decrypt_update(data[8:])[16:]
+        data = _authenticated(self._mac, self.icv_size, esp, seq_hi)
+        return None if data is None else self.decrypt_update(data[8:])[16:]
+
+
+def _authenticated(mac: Callable[[bytes, bytes], bytes], icv_size: int, esp: bytes,
+                   seq_hi: bytes) -> bytes | None:
+    """``esp`` without its ICV if the ICV verifies (constant time, RFC 4303 §3.4.4), else None."""
+    data = esp[:-icv_size]
+    return data if _compare(mac(data, seq_hi), esp[-icv_size:]) else None
 
 
 class NullHmac(Transform):
@@ -221,11 +225,8 @@ class NullHmac(Transform):
         return data + self._mac(data, seq_hi)
 
     def open(self, esp: bytes, seq_hi: bytes) -> bytes | None:
-        n = self.icv_size
-        data = esp[:-n]
-        if not _compare(self._mac(data, seq_hi), esp[-n:]):
-            return None
-        return data[8:]
+        data = _authenticated(self._mac, self.icv_size, esp, seq_hi)
+        return None if data is None else data[8:]
 
 
 class Aead(Transform):
