@@ -476,8 +476,15 @@ def render_sa(sa: dict[str, Any], now: float | None) -> list[str]:
     if sa.get("udp_encap"):
         transform += " in UDP 4500"
     flags = [f for f in ("needs_rekey", "expired") if sa.get(f)]
+    window = sa.get("replay_window") or {}
+    # Outbound: the last sequence number sent; inbound: the highest authenticated one and the
+    # anti-replay window size (RFC 4303 §3.4.3).
+    sequence = (f"highest seq {window.get('top')} (window {window.get('size')})"
+                if sa.get("direction") == "inbound" and window else f"seq {sa.get('sequence')}")
+    if sa.get("esn"):
+        sequence += " ESN"
     first = (f"SA {sa['spi']} {sa.get('direction', ''):<8} {src} -> {dst}  {transform}  "
-             f"seq {sa.get('sequence')}" + (f"  [{', '.join(flags)}]" if flags else ""))
+             f"{sequence}" + (f"  [{', '.join(flags)}]" if flags else ""))
     drops = c.get("drops") or {}
     last = c.get("last_authenticated_time")
     when = (f"{now - last:.1f} s ago" if isinstance(last, (int, float)) and now is not None

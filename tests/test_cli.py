@@ -211,3 +211,20 @@ def test_mobike_with_manual_keys_is_refused_with_one_message(words, capsys):
     assert cli.main([*words, "--manual-keys", "--handover-mode", "mobike"]) in (1, 2)
     err = capsys.readouterr().err
     assert "--handover-mode mobike needs IKEv2-negotiated SAs" in err
+
+
+def test_render_sa_shows_the_replay_window_inbound_and_the_counter_outbound():
+    from mipsec.ipsec.sa import Direction, SecurityAssociation
+    key = bytes(20)
+    out = SecurityAssociation(spi=0x1001, direction=Direction.OUTBOUND, encryption="ENCR_AES_GCM_16",
+                              encryption_key=key, local="172.16.1.10", remote="172.16.0.1")
+    inb = SecurityAssociation(spi=0x1001, direction=Direction.INBOUND, encryption="ENCR_AES_GCM_16",
+                              encryption_key=key, local="172.16.0.1", remote=None)
+    inner = bytes.fromhex("4500001c000100004011f97b0a0100640a01000a04d2162e00080000")
+    for _ in range(3):
+        inb.decapsulate(out.encapsulate(inner))
+    inbound = cli.render_sa(inb.describe(), now=None)[0]
+    outbound = cli.render_sa(out.describe(), now=None)[0]
+    assert "SA 0x00001001 inbound  * -> 172.16.0.1" in inbound
+    assert "highest seq 3 (window 1024)" in inbound
+    assert outbound.endswith("seq 3") and "172.16.1.10 -> 172.16.0.1" in outbound
