@@ -45,6 +45,8 @@ def _add_daemon(sub: Any, role: str, title: str, detail: str) -> None:
                    help=f"TOML configuration with role = \"{role}\" (see `mipsec keys`)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help="override [daemon] log_level")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="override [daemon] log_format (json: one object per line)")
     p.set_defaults(func=_cmd_daemon, role=role)
 
 
@@ -201,7 +203,7 @@ def _sa_options(lp: argparse.ArgumentParser) -> None:
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
     from mipsec.io.daemon import run_daemon
-    return run_daemon(args.config, args.role, args.log_level)
+    return run_daemon(args.config, args.role, args.log_level, args.log_format)
 
 
 def _socket_for(args: argparse.Namespace, role: str | None = None) -> str:

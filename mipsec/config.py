@@ -45,6 +45,7 @@ ROLE_CLASS = {"mn": node_config.MobileNodeConfig, "gw": node_config.GatewayConfi
               "ha": node_config.HomeAgentConfig}
 SA_SOURCES = ("manual", "ikev2")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 DEFAULT_RUN_DIR = "/run/mipsec"
 IFNAMSIZ = 15
 
@@ -56,6 +57,7 @@ class DaemonSettings:
     mtu: int = 1400                   # TUN MTU: leaves room for ESP (+ IP-in-IP) in 1500
     control_socket: str = ""          # default /run/mipsec/<role>.sock
     log_level: str = "info"
+    log_format: str = "text"          # "text" | "json" (one JSON object per line)
     pcap: str = ""                    # capture of the net side ("" = none)
     keyfile: str = ""                 # esp_sa key file for Wireshark (default <pcap>.esp_sa)
     sa_source: str = "manual"         # "manual" (this file's keys) | "ikev2" (mipsec.ike)
@@ -243,6 +245,9 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
 
     if d.sa_source not in SA_SOURCES:
         raise bad("sa_source", f"unknown SA source {d.sa_source!r} (one of {', '.join(SA_SOURCES)})")
+    if d.log_format not in LOG_FORMATS:
+        raise bad("log_format", f"unknown format {d.log_format!r} (one of "
+                                f"{', '.join(LOG_FORMATS)})")
     if d.log_level not in LOG_LEVELS:
         raise bad("log_level", f"unknown level {d.log_level!r} (one of {', '.join(LOG_LEVELS)})")
     if not 576 <= d.mtu <= 65535:

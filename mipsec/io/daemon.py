@@ -28,7 +28,7 @@ from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError
-from mipsec.io import arp, control, netlink, pcap as pcapmod, transports, tun as tunmod
+from mipsec.io import arp, control, logs, netlink, pcap as pcapmod, transports, tun as tunmod
 from mipsec.io.loop import EventLoop
 from mipsec.node.actions import BindingChanged, CareOfAddressChanged, ReturnedHome
 
@@ -159,6 +159,7 @@ class Daemon:
         self._ike_lines: list[str] = []
         self._ike_spis: set[tuple[bytes, bytes]] = set()
         self.announcer: arp.Announcer | None = None
+        self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
         self._closed = False
 
     # --- start ---------------------------------------------------------------------------------
@@ -208,6 +209,13 @@ class Daemon:
                 dispatch(actions)
                 self._update_keyfile()
             self.loop.dispatch = dispatch_and_keys
+        self.events = logs.RoleWatcher(
+            self.role, f"{cfg.role}:{self._name()}",
+            sas=role_sas if cfg.role in ("mn", "gw") else (lambda role: ()),
+            recent=lambda: self.loop.last_received)
+        self.loop.on_silent = self.events.on_silent
+        self.loop.after_batch.append(self.events.after_batch)
+        self.loop.hurry = self.events.wants_wakeup
         if cfg.role == "gw":
             # The GW's capture is its outside: packets from or to its outside address (ESP and
             # UDP-encapsulated ESP), not the SIUs on the inside.
@@ -461,7 +469,8 @@ class Daemon:
                 log.warning("shutdown step failed: %s", exc)
 
 
-def run_daemon(config_path: str, expected_role: str, log_level: str | None = None) -> int:
+def run_daemon(config_path: str, expected_role: str, log_level: str | None = None,
+               log_format: str | None = None) -> int:
     """Entry point of ``mipsec mn|gw|ha``: exit status 0 on a clean stop, 2 on bad config."""
     try:
         cfg = load_config(config_path)
@@ -471,8 +480,7 @@ def run_daemon(config_path: str, expected_role: str, log_level: str | None = Non
     except ConfigError as exc:
         logging.getLogger("mipsec").error("%s", exc)
         return 2
-    level = (log_level or cfg.daemon.log_level).upper()
-    logging.getLogger("mipsec").setLevel(level)
+    logs.configure(log_format or cfg.daemon.log_format, log_level or cfg.daemon.log_level)
     daemon = Daemon(cfg)
     try:
         daemon.start()

@@ -32,6 +32,7 @@ from mipsec.node.actions import BindingChanged, Log, RebindSa, SendToNet, WriteT
 log = logging.getLogger("mipsec.io.loop")
 
 MAX_IDLE_WAIT_S = 1.0          # wake up at least this often (cheap; keeps shutdown responsive)
+HURRY_WAIT_S = 0.2             # ... and this often while a logging hook has work pending
 
 
 class EventLoop:
@@ -55,6 +56,13 @@ class EventLoop:
         self.defer_hook: Callable[[Any], bool] = (
             lambda a: type(a) is BindingChanged and a.care_of_address is not None)
         self.on_event: list[Callable[[Any], None]] = []   # observers of events fed to the role
+        # Logging hooks (mipsec.io.logs): ``on_silent(packet)`` for a net packet the role
+        # answered with nothing (a drop, usually); ``after_batch(now)`` after every wake-up;
+        # while ``hurry()`` is true the loop waits at most ``HURRY_WAIT_S``.
+        self.on_silent: Callable[[bytes], None] | None = None
+        self.last_received: list[bytes] = []   # the last batch from a net receiver
+        self.after_batch: list[Callable[[float], None]] = []
+        self.hurry: Callable[[], bool] | None = None
         self.stats = {"from_tun": 0, "to_tun": 0, "from_net": 0, "to_net": 0,
                       "send_errors": 0, "timers": 0, "bugs": 0}
         self.max_wait = MAX_IDLE_WAIT_S
@@ -102,16 +110,17 @@ class EventLoop:
 
     # --- role calls -----------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable, *args: Any) -> None:
+    def _call(self, what: str, fn: Callable, *args: Any) -> list[Any] | None:
         try:
             actions = fn(*args)
         except Exception:
             self.stats["bugs"] += 1
             log.exception("BUG: %s.%s raised (the packet/event is dropped, the daemon goes on)",
                           type(self.role).__name__, what)
-            return
+            return None
         if actions:
             self.dispatch(actions)
+        return actions
 
     def _on_tun(self, tun: Any) -> None:
         for _ in range(64):
@@ -126,11 +135,15 @@ class EventLoop:
         if not packets:
             return
         now = self.clock()
+        self.last_received = packets
+        silent = self.on_silent
         for packet in packets:
             self.stats["from_net"] += 1
             if self.pcap is not None and (self.pcap_filter is None or self.pcap_filter(packet)):
                 self.pcap.write(packet, self.wallclock())
-            self._call("receive_from_net", self.role.receive_from_net, packet, now)
+            actions = self._call("receive_from_net", self.role.receive_from_net, packet, now)
+            if silent is not None and (not actions or actions[0].__class__ is Log):
+                silent(packet)
 
     def feed_event(self, event: Any) -> None:
         """Hand an event (CareOfAddressChanged, ReturnedHome ...) to the role."""
@@ -209,6 +222,8 @@ class EventLoop:
             max_wait = self.max_wait
         now = self.clock()
         deadline = self._deadline()
+        if self.hurry is not None and self.hurry():
+            max_wait = min(max_wait, HURRY_WAIT_S)
         wait = max_wait if deadline is None else min(max_wait, max(0.0, deadline - now))
         for key, _mask in self._selector.select(wait):
             source, callback = key.data
@@ -225,6 +240,12 @@ class EventLoop:
         if deadline is not None and now >= deadline:
             self.stats["timers"] += 1
             self._call("handle_timer", self.role.handle_timer, now)
+        for hook in self.after_batch:
+            try:
+                hook(now)
+            except Exception:
+                self.stats["bugs"] += 1
+                log.exception("BUG: after-batch hook failed")
 
     def _deadline(self) -> float | None:
         try:
