@@ -142,7 +142,10 @@ def watcher():
     (RTM_NEWADDR, "va0", "172.16.1.10", CareOfAddressChanged("172.16.1.10", "va0")),
     (RTM_NEWADDR, "vb0", "192.0.2.7", CareOfAddressChanged("192.0.2.7", "vb0")),
     (RTM_NEWADDR, "home0", "10.1.0.100", ReturnedHome("home0")),
-    (RTM_NEWADDR, "va0", "10.1.0.100", ReturnedHome("va0")),        # home prefix wins
+    # a home-prefix address on a visited interface (a hostile DHCP server) is neither home nor a
+    # care-of address: "at home" is decided on the home interface only
+    (RTM_NEWADDR, "va0", "10.1.0.100", None),
+    (RTM_NEWADDR, "vb0", "10.1.0.77", None),
     (RTM_NEWADDR, "home0", "192.0.2.9", None),                       # not a visited interface
     (RTM_NEWADDR, "mtun0", "10.1.0.100", None),                      # our own TUN: ignored
     (RTM_NEWADDR, "eth9", "172.16.1.10", None),

@@ -30,7 +30,7 @@ from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError
 from mipsec.io import arp, control, logs, netlink, pcap as pcapmod, transports, tun as tunmod
 from mipsec.io.loop import EventLoop
-from mipsec.node.actions import BindingChanged, CareOfAddressChanged, ReturnedHome
+from mipsec.node.actions import BindingChanged, CareOfAddressChanged, ReturnedHome, UseHomeLink
 
 log = logging.getLogger("mipsec.daemon")
 
@@ -42,6 +42,14 @@ IKE_PORT = 500                 # RFC 7296 §2
 def siu_port() -> int:
     from mipsec.mip.constants import SIU_PORT
     return SIU_PORT
+
+
+def mn_tunnel_routes(home_prefix: str) -> list[str]:
+    """The MN's routes into its TUN while away: the home prefix as its two halves (a /32 stays
+    itself), so that they win over a connected route for the whole prefix on any interface."""
+    net = ipaddress.IPv4Network(home_prefix)
+    halves = [net] if net.prefixlen == 32 else list(net.subnets(prefixlen_diff=1))
+    return [str(h) for h in halves]
 
 
 def make_role(cfg: DaemonConfig, wallclock=time.time, now: float | None = None) -> Any:
@@ -317,28 +325,44 @@ class Daemon:
         if d.home_interface and d.gratuitous_arp:
             self.announcer = arp.Announcer(d.home_interface)
         self.loop.on_event.append(self._mn_before_event)
+        self.loop.on_action[UseHomeLink] = self._mn_use_home_link
+        # The MN starts in the tunnel: home-network traffic is never sent in the clear until the
+        # HA has confirmed, on the home link, that we are home (UseHomeLink).
+        self._mn_enter_tunnel()
+
+    def _mn_enter_tunnel(self) -> None:
+        """The home address on the TUN, the home prefix routed into it.  Two routes, each half
+        of the prefix: more specific than any connected route a home-prefix address adds on a
+        real interface (ours on the home link, or a hostile visited network's), which they
+        neither replace nor lose to."""
+        if self._tun_home_configured:
+            return
+        node = self.cfg.node
+        self.nl.add_address(self.tun.name, node.home_address, 32)
+        for half in mn_tunnel_routes(node.home_prefix):
+            self.nl.replace_route(half, self.tun.name, src=node.home_address)
+        self._tun_home_configured = True
 
     def _mn_before_event(self, event: Any) -> None:
-        """Kernel side of an MN move, done before the role sees the event."""
-        node, d = self.cfg.node, self.cfg.daemon
-        prefixlen = ipaddress.IPv4Network(node.home_prefix).prefixlen
+        """Kernel side of an MN move, done before the role sees the event: leaving home puts
+        the home address back into the tunnel (returning home changes nothing here: the role
+        says when with UseHomeLink)."""
         if isinstance(event, CareOfAddressChanged) and event.care_of_address:
-            if not self._tun_home_configured:
-                # Away: the home address lives on the TUN, the home network is reached through it.
-                self.nl.add_address(self.tun.name, node.home_address, 32)
-                self.nl.replace_route(node.home_prefix, self.tun.name, src=node.home_address)
-                self._tun_home_configured = True
-        elif isinstance(event, ReturnedHome):
-            if self._tun_home_configured:
-                self.nl.del_route(node.home_prefix, self.tun.name)
-                self.nl.del_address(self.tun.name, node.home_address, 32)
-                self._tun_home_configured = False
-            if self.announcer is not None:
-                try:   # RFC 5944 §4.6: the MN announces itself on the home link
-                    self.announcer.announce(node.home_address)
-                except OSError as exc:
-                    log.warning("gratuitous ARP on %s failed: %s", d.home_interface, exc)
-        del prefixlen
+            self._mn_enter_tunnel()
+
+    def _mn_use_home_link(self, action: UseHomeLink) -> None:
+        """The HA confirmed the deregistration: the home network is reached on the home link."""
+        node, d = self.cfg.node, self.cfg.daemon
+        if self._tun_home_configured:
+            for half in mn_tunnel_routes(node.home_prefix):
+                self.nl.del_route(half, self.tun.name)
+            self.nl.del_address(self.tun.name, node.home_address, 32)
+            self._tun_home_configured = False
+        if self.announcer is not None:
+            try:   # RFC 5944 §4.6: the MN announces itself on the home link
+                self.announcer.announce(node.home_address)
+            except OSError as exc:
+                log.warning("gratuitous ARP on %s failed: %s", d.home_interface, exc)
 
     def _setup_gw(self) -> None:
         d = self.cfg.daemon

@@ -7,8 +7,12 @@ messages in an asyncio core, so its file descriptor is not a reliable readiness 
 selector loop: we own the socket and use pyroute2 for the decoding.)  Rules:
 
 * a new IPv4 address on a configured *visited* interface -> ``CareOfAddressChanged(addr, ifname)``;
-* a new address inside the home prefix on a configured interface (the home link) ->
-  ``ReturnedHome(ifname)`` (RFC 5944 §3.6.1.1: the MN detects it is home);
+* a new address inside the home prefix on the configured *home* interface ->
+  ``ReturnedHome(ifname)`` (RFC 5944 §3.6.1.1: the MN may be home; the role leaves the tunnel only
+  once the HA's authenticated reply arrives);
+* an address inside the home prefix on any other interface (a visited network's DHCP handing
+  one out) is logged as a warning and ignored: it is neither proof of being home nor usable as a
+  care-of address;
 * removal of the address currently used as care-of address, with no other one left ->
   ``CareOfAddressChanged(None, ifname)`` is *not* sent: the MN keeps its registration until a new
   address appears (a break-before-make move removes the old address first), and the removal is
@@ -67,7 +71,14 @@ class AddressWatcher:
         at_home = ipaddress.IPv4Address(address) in self.home_prefix
         if kind == RTM_NEWADDR:
             if at_home:
-                return ReturnedHome(interface=ifname)
+                if ifname in self.home_interfaces:
+                    return ReturnedHome(interface=ifname)
+                # any DHCP server can hand out a home-prefix address: that is no proof of being
+                # home, and it cannot serve as a care-of address either (docs/security.md)
+                log.warning("address %s on %s is inside the home prefix %s but %s is not the "
+                            "home interface: ignored (neither home nor a care-of address)",
+                            address, ifname, self.home_prefix, ifname)
+                return None
             if ifname in self.visited:
                 others = any(addrs for name, addrs in self._present.items() if name != ifname)
                 self._present.setdefault(ifname, set()).add(address)

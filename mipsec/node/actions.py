@@ -62,6 +62,17 @@ class Log:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class UseHomeLink:
+    """MN: the HA's authenticated reply to the deregistration arrived on the home link: take the
+    home address off the TUN device and reach the home network directly through ``interface``.
+
+    Until the MN returns this, its home-network traffic stays in the tunnel (a home-prefix
+    address alone proves nothing: any network's DHCP can hand one out).
+    """
+    interface: str | None
+
+
 # --- events from the outside world into a role -------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +113,5 @@ class TimelineEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Action = SendToNet | WriteToTun | RebindSa | BindingChanged | Log | ReestablishRequested
+Action = (SendToNet | WriteToTun | RebindSa | BindingChanged | Log | ReestablishRequested
+          | UseHomeLink)

@@ -27,6 +27,13 @@ lifetime.  A 133 reply (identification mismatch) that authenticates resynchronis
 identification clock and the request is re-sent at once.  Returning home deregisters directly
 with the HA (lifetime 0, care-of address = home address, RFC 5944 §3.6.1.1), outside the tunnel.
 
+Being home is decided by the HA, not by an address: ``ReturnedHome`` (which the daemon derives only
+from the configured home interface) starts the deregistration, but application traffic stays in
+the tunnel (or is dropped) until the HA's authenticated reply arrives directly on the home link;
+only then does the MN return ``UseHomeLink`` and send in the clear.  A home-prefix address on a
+visited interface is logged and ignored: it cannot be a care-of address (the home network routes
+it to the home link) and it proves nothing about where the MN is.
+
 Make-before-break: when the event says the old address still works, the inbound SA accepts any
 outer destination while the registration is pending and the MN itself admits only the old and
 the new CoA; once the RRP is accepted the inbound SA is pinned to the new CoA.  So packets the GW
@@ -51,7 +58,7 @@ from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
     Action, CareOfAddressChanged, Log, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
-    TimelineEvent, WriteToTun,
+    TimelineEvent, UseHomeLink, WriteToTun,
 )
 from mipsec.ike.config import (
     ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
@@ -111,8 +118,8 @@ TRANSITIONS: dict[tuple[RegState, RegEvent], RegState] = {
     (S.REGISTERED, E.SAS_INSTALLED): S.REGISTERING,
     (S.DEREGISTERING, E.ACCEPTED): S.AT_HOME,
     (S.DEREGISTERING, E.RETRANSMIT): S.DEREGISTERING,
-    (S.DEREGISTERING, E.GAVE_UP): S.AT_HOME,      # the HA's binding will simply expire
     (S.DEREGISTERING, E.MOVED): S.REGISTERING,
+    (S.DEREGISTERING, E.LOST_ADDRESS): S.DEREGISTERING,   # a visited address went: still home
     (S.DEREGISTERING, E.RETURNED_HOME): S.DEREGISTERING,
     (S.AT_HOME, E.MOVED): S.REGISTERING,
     (S.AT_HOME, E.RETURNED_HOME): S.AT_HOME,
@@ -176,6 +183,7 @@ class MobileNode:
         self.care_of: str | None = None
         self._care_of_b: bytes | None = None
         self.interface: str | None = None
+        self._home_link: str | None = None            # where ReturnedHome said the home link is
         self._old_care_of_b: bytes | None = None      # make-before-break: still accepted
         self._awaiting_first_downlink = False
         # the outstanding request
@@ -213,8 +221,10 @@ class MobileNode:
             peek_ipv4(packet)
         except ParseError as exc:
             return self._drop(exc.reason)
-        if self.state in (S.AT_HOME, S.DEREGISTERING):
-            return [SendToNet(packet, self.interface)]
+        if self.state is S.AT_HOME:
+            return [SendToNet(packet, self._home_link)]
+        # away, and also on the home link until the HA's authenticated reply confirms it: in
+        # the tunnel or not at all (never in the clear on an unconfirmed guess)
         if self.care_of is None or self.outbound is None:
             return self._drop(DropReason.NO_SA)
         try:
@@ -299,6 +309,9 @@ class MobileNode:
         if (not self.msa.reply_matches(self._pending_id, reply)
                 or reply.home_address != self.home_address or reply.home_agent != self._ha):
             return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
+        if self.state is S.DEREGISTERING and via != "direct":
+            # the deregistration is answered on the home link, never through the tunnel
+            return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
         code = reply.code
         self._record(now, "rrp-received", code=int(code), lifetime=reply.lifetime, via=via)
         if code in (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS_BINDINGS):
@@ -318,10 +331,16 @@ class MobileNode:
         self._deadline = None
         self._attempts = 0
         if self._pending_dereg:
+            # RFC 5944 §3.6.1.1: the HA's authenticated direct reply is the proof we are home;
+            # only now does traffic leave the tunnel
             self._transition(RegEvent.ACCEPTED)
             self.lifetime_granted = self.registered_until = self._renew_at = None
-            self._record(now, "deregistered")
-            return actions
+            self.care_of = self._care_of_b = self._old_care_of_b = None
+            self.interface = self._home_link
+            self._record(now, "deregistered", interface=self._home_link)
+            return [Log("info", f"at home on {self._home_link}: the home agent confirmed the "
+                                f"deregistration of {self.home_address}"),
+                    UseHomeLink(self._home_link)]
         self._transition(RegEvent.ACCEPTED)
         self.lifetime_granted = reply.lifetime
         self.registered_until = now + reply.lifetime
@@ -340,7 +359,7 @@ class MobileNode:
     def _attempt(self, now: float, event: RegEvent) -> list[Action]:
         """Send (or re-send) the pending RRQ, or give up after ``max_attempts``."""
         cfg = self.config
-        if self._attempts >= cfg.max_attempts:
+        if self._attempts >= cfg.max_attempts and self.state is not S.DEREGISTERING:
             self._transition(RegEvent.GAVE_UP)
             attempts, self._attempts = self._attempts, 0
             self._pending_id = None
@@ -380,7 +399,7 @@ class MobileNode:
                      lifetime=rrq.lifetime, identification=ident)
         if self._pending_dereg:
             return SendToNet(build_udp_packet(self._home_b, self._ha_b, MIP_PORT, MIP_PORT, data),
-                             self.interface)
+                             self._home_link)
         inner = build_udp_packet(self._care_of_b, self._ha_b, MIP_PORT, MIP_PORT, data)
         if self.outbound is None:        # IKEv2: the SAs are gone (deleted); the retry will tell
             self.drops[DropReason.NO_SA] += 1
@@ -403,6 +422,8 @@ class MobileNode:
         coa = event.care_of_address
         if coa is None:
             self._record(now, "coa-changed", old=self.care_of, new=None)
+            if self.state is S.DEREGISTERING:
+                return []        # on the home link already; the tunnel's CoA simply went
             self._transition(RegEvent.LOST_ADDRESS)
             self.care_of = self._care_of_b = self._old_care_of_b = None
             self._pending_id = self._deadline = self._renew_at = None
@@ -410,7 +431,14 @@ class MobileNode:
             return []
         coa_b = a2b(coa)
         if in_prefix(coa_b, *self._home_net):
-            return self._returned_home(ReturnedHome(event.interface), now)
+            # A home-prefix address is no proof of being home (any DHCP server can hand one
+            # out) and cannot be a care-of address (the home network routes it to the home
+            # link): ignored.  Only ReturnedHome, from the home interface, starts going home.
+            self._record(now, "home-prefix-address-ignored", address=coa,
+                         interface=event.interface)
+            return [Log("warning", f"address {coa} on {event.interface} is inside the home "
+                                   f"prefix {self.config.home_prefix}: not a care-of address, "
+                                   f"and not the home link; ignored")]
         if coa == self.care_of and self.state in AWAY:
             return []            # the same address reported again
         old = self.care_of if self.state in AWAY or self.state is S.IDLE else None
@@ -445,9 +473,10 @@ class MobileNode:
     def _returned_home(self, event: ReturnedHome, now: float) -> list[Action]:
         if self.state is S.AT_HOME:
             return []
-        self._record(now, "returned-home", old=self.care_of)
-        self.care_of = self._care_of_b = self._old_care_of_b = None
-        self.interface = event.interface
+        self._record(now, "returned-home", old=self.care_of, interface=event.interface)
+        # the care-of address and the SAs stay: traffic keeps using the tunnel until the HA
+        # confirms (``_accepted``)
+        self._home_link = event.interface
         self._awaiting_first_downlink = False
         self._pending_dereg = True
         self._attempts = 0

@@ -34,7 +34,10 @@ IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
     "sas-rekeyed", "sas-deleted", "mobike-update-sent", "gw-sas-installed", "gw-sas-rekeyed",
     "gw-sa-moved-by-mobike", "gw-siu-confirms-mobike", "mobile-removed", "gateway-spi-learned",
 )
-KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS)
+MOBILE_KINDS = (  # the MN's robustness: where it is, what it waits for
+    "home-prefix-address-ignored",  # a home-prefix address on a visited interface
+)
+KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS + MOBILE_KINDS)
 TIMELINE_MAX_EVENTS = 200_000       # a long-running daemon forgets the oldest half beyond this
 
 
