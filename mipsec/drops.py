@@ -64,6 +64,8 @@ class DropReason(str, enum.Enum):
     IPIP_UNKNOWN_TUNNEL = "ipip-unknown-tunnel"  # RFC 2003: outer source is no bound CoA
     IPIP_NO_BINDING = "ipip-no-binding"          # HA: packet for a home address with no binding
     REVERSE_TUNNEL_SOURCE_MISMATCH = "reverse-tunnel-source-mismatch"  # RFC 3024 §4
+    # HA: a binding registered from the home link has no reverse tunnel (docs/security.md §3.1)
+    REVERSE_TUNNEL_NOT_VIA_GATEWAY = "reverse-tunnel-not-via-gateway"
     IPIP_BAD_INNER = "ipip-bad-inner"            # RFC 2003 §3: the encapsulated datagram is no IPv4
 
     # --- Security Information Update (docs/protocol.md) ----------------------------------------

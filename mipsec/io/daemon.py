@@ -28,7 +28,8 @@ from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError
-from mipsec.io import arp, control, logs, netlink, pcap as pcapmod, transports, tun as tunmod
+from mipsec.io import (arp, control, hostguard, logs, netlink, pcap as pcapmod, transports,
+                       tun as tunmod)
 from mipsec.io.loop import EventLoop
 from mipsec.node.actions import BindingChanged, CareOfAddressChanged, ReturnedHome, UseHomeLink
 
@@ -168,6 +169,8 @@ class Daemon:
         self._ike_spis: set[tuple[bytes, bytes]] = set()
         self.announcer: arp.Announcer | None = None
         self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
+        self.sysctls = hostguard.Sysctls()    # GW / HA: what the daemon set, restored at exit
+        self.forward_filter: hostguard.ForwardFilter | None = None
         self._closed = False
 
     # --- start ---------------------------------------------------------------------------------
@@ -188,6 +191,9 @@ class Daemon:
         cfg, d = self.cfg, self.cfg.daemon
         if self.tun is None:
             self.tun = tunmod.LinuxTun(d.tun, d.mtu)
+        if self.manage_kernel and cfg.role in ("gw", "ha"):
+            # before any socket opens: what may be forwarded (docs/security.md §3.1)
+            getattr(self, f"_protect_{cfg.role}")()
         if self.sender is None:
             self.sender = transports.RawSender()
         if self.receivers is None:
@@ -302,10 +308,25 @@ class Daemon:
             out.append(transports.UdpReceiver(siu_port(), cfg.node.inside_address, name="siu"))
         if cfg.role == "ha":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
-            out.append(transports.RawReceiver(transports.IPPROTO_IPIP, "ipip"))
+            out.append(transports.RawReceiver(transports.IPPROTO_IPIP, "ipip",
+                                              sock=self._home_link_raw(transports.IPPROTO_IPIP)))
             # the GWs' SIU ACKs (docs/protocol.md) come to the HA's address, SIU port
             out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack"))
         return out
+
+    def _home_link_raw(self, protocol: int) -> socket.socket | None:
+        """HA: the reverse tunnel is trusted only from the home link (docs/security.md §3.1),
+        so its raw socket sees only packets that arrived on ``home_interface``."""
+        if not self.manage_kernel:
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, protocol)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                            self.cfg.daemon.home_interface.encode())
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _uses_ike(self) -> bool:
         return self.cfg.role in ("mn", "gw") and self.cfg.daemon.sa_source == "ikev2"
@@ -364,21 +385,64 @@ class Daemon:
             except OSError as exc:
                 log.warning("gratuitous ARP on %s failed: %s", d.home_interface, exc)
 
+    def _protect_gw(self) -> None:
+        """A security gateway, not a router (docs/security.md §3.1): forwarding only from the
+        TUN device (decrypted inner packets) and the inside interface, never from the outside
+        interface (the one holding outside_address); each value read back; exit status 2 with
+        the file, the key and the problem when that cannot be set."""
+        d, node = self.cfg.daemon, self.cfg.node
+        where = f"{self.cfg.path}: [gateway] outside_address {node.outside_address}"
+        risk = "the GW would forward packets from its outside interface into the home network"
+        try:
+            outside = hostguard.interface_of(node.outside_address)
+        except hostguard.HostSetupError as exc:
+            raise ConfigError(f"{where}: cannot find the outside interface: {exc}") from None
+        if outside in (d.inside_interface, self.tun.name):
+            raise ConfigError(f"{where}: the outside address is on {outside!r}, which is the "
+                              f"inside interface or the TUN device")
+        try:
+            self.sysctls.ensure(hostguard.conf_key(outside, "forwarding"), 0)
+            # strict reverse-path filter outside: no home-side source from the Internet
+            self.sysctls.ensure(hostguard.conf_key(outside, "rp_filter"), 1)
+            for ifname in (d.inside_interface, self.tun.name):
+                self.sysctls.ensure(hostguard.conf_key(ifname, "forwarding"), 1)
+            # asymmetric by design: home-side traffic for care-of addresses enters the TUN
+            for scope in ("all", "default", d.inside_interface, self.tun.name):
+                self.sysctls.ensure(hostguard.conf_key(scope, "rp_filter"), 0)
+        except hostguard.HostSetupError as exc:
+            raise ConfigError(f"{where}: on its interface {outside}: {exc} ({risk})") from None
+        self.forward_filter = hostguard.ForwardFilter(f"mipsec_gw_{self.tun.name}", outside,
+                                                      node.inside_address)
+        try:
+            self.forward_filter.install()
+        except hostguard.HostSetupError as exc:
+            self.forward_filter = None
+            log.warning("no netfilter layer (%s): only net.ipv4.conf.%s.forwarding = 0 keeps "
+                        "the outside from being forwarded", exc, outside)
+        log.info("outside interface %s: not forwarded (forwarding 0, rp_filter 1%s)", outside,
+                 ", nftables table ip " + self.forward_filter.table if self.forward_filter else "")
+
+    def _protect_ha(self) -> None:
+        """The HA forwards between its home interface and its TUN device only."""
+        d = self.cfg.daemon
+        try:
+            for ifname in (d.home_interface, self.tun.name):
+                self.sysctls.ensure(hostguard.conf_key(ifname, "forwarding"), 1)
+            for scope in ("all", "default", d.home_interface, self.tun.name):
+                self.sysctls.ensure(hostguard.conf_key(scope, "rp_filter"), 0)
+            # Answer proxied ARP requests at once (the default waits up to 0.8 s, neigh(7)).
+            self.sysctls.ensure(f"net.ipv4.neigh.{d.home_interface}.proxy_delay", 0)
+        except hostguard.HostSetupError as exc:
+            raise ConfigError(f"{self.cfg.path}: [daemon] home_interface {d.home_interface}: "
+                              f"{exc}") from None
+
     def _setup_gw(self) -> None:
         d = self.cfg.daemon
-        for scope in ("all", "default", d.inside_interface, self.tun.name):
-            netlink.set_sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
-        netlink.set_sysctl("net.ipv4.ip_forward", 1)
         self.nl.replace_route("0.0.0.0/0", self.tun.name, table=d.route_table)
         self.nl.add_rule(d.inside_interface, d.route_table, d.rule_priority)
 
     def _setup_ha(self) -> None:
         d = self.cfg.daemon
-        for scope in ("all", "default", d.home_interface, self.tun.name):
-            netlink.set_sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
-        netlink.set_sysctl("net.ipv4.ip_forward", 1)
-        # Answer proxied ARP requests at once (the default waits up to 0.8 s, neigh(7)).
-        netlink.set_sysctl(f"net.ipv4.neigh.{d.home_interface}.proxy_delay", 0)
         if d.gratuitous_arp:
             self.announcer = arp.Announcer(d.home_interface)
         self.loop.on_action[BindingChanged] = self._ha_binding_changed
@@ -478,6 +542,8 @@ class Daemon:
             return
         self._closed = True
         for closer in (lambda: self.nl and self.nl.undo_all(),
+                       lambda: self.forward_filter and self.forward_filter.remove(),
+                       lambda: self.sysctls.restore(),
                        lambda: self.nl and self.nl.close(),
                        lambda: self.watcher and self.watcher.close(),
                        lambda: self.announcer and self.announcer.close(),

@@ -227,6 +227,10 @@ class HomeAgent:
             retired = self._retired.get(inner_src)
             if retired is not None and retired[0] == outer_src and now - retired[1] <= REVERSE_TUNNEL_GRACE_S:
                 reason = None
+        if reason is None and binding is not None and not binding.via_gateway:
+            # only the GW forwards packets with a care-of source onto the home link, and only
+            # after ESP authenticated them (docs/security.md §3.1)
+            reason = DropReason.REVERSE_TUNNEL_NOT_VIA_GATEWAY
         if reason is not None:
             return self._drop(reason)
         self.counters["reverse-tunnelled"] += 1
