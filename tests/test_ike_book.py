@@ -104,3 +104,42 @@ def test_mobike_onto_a_nat_rekeys_the_child_instead_of_moving_it():
     natted = build_ipv4(Ipv4Header("172.16.2.254", GW_ADDR, 17),
                         build_udp(UdpHeader(41000, 4500), up[28:]))
     assert sin_r.decapsulate(natted) == INNER_UP
+
+
+def test_rekey_answered_sends_on_old_until_delete_and_old_inbound_has_a_grace_period():
+    from mipsec.ike.config import ChildSaDeleted, ChildSaRekeyed
+    from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+    net, I, R = establish(ike_lifetime_s=None, child_lifetime_s=None, dpd_interval_s=None)
+    b = books(net, inbound_any_source=True)
+    seen = len(net.events)
+    mn, gw = b[MN_ADDR], b[GW_ADDR]
+    old_gw_out, old_mn_out = gw.outbound, mn.outbound
+    old_gw_in, old_mn_in = set(gw.inbound), set(mn.inbound)
+    sa_i = next(s for s in I.ike_sas if s.is_established)
+    net.deliver(sa_i.rekey_child(next(iter(sa_i.children)), 1.0), MN_ADDR)
+    for who, ev in net.events[seen:]:
+        book = b[who]
+        book.apply(ev, 1.0)
+        if isinstance(ev, ChildSaRekeyed) and who == GW_ADDR:
+            # the GW answered: the MN has not installed the new pair yet
+            assert ev.send_on_new is False and gw.outbound is old_gw_out
+        if isinstance(ev, ChildSaRekeyed) and who == MN_ADDR:
+            assert ev.send_on_new is True and mn.outbound is not old_mn_out
+        if isinstance(ev, ChildSaDeleted) and who == GW_ADDR:
+            assert gw.outbound is not old_gw_out            # the Delete: now the new one
+    works(b)
+    # the old inbound SAs still decrypt, for the grace period only
+    assert old_gw_in <= set(gw.inbound) and old_mn_in <= set(mn.inbound)
+    assert len(gw.pairs) == len(mn.pairs) == 1 and len(gw.retired) == len(mn.retired) == 1
+    assert gw.get_timer() == 1.0 + CHILD_SA_DELETE_GRACE_S
+    assert gw.expire(1.0 + CHILD_SA_DELETE_GRACE_S - 0.01) == []
+    gone = gw.expire(1.0 + CHILD_SA_DELETE_GRACE_S)
+    assert [g[0] for g in gone] == ["removed"] and gw.get_timer() is None
+    assert set(gw.inbound) == set(gw.pairs) and not (old_gw_in & set(gw.inbound))
+    # an IKE SA that ends takes the retired inbound SAs with it
+    new_r = next(s for s in R.ike_sas if s.is_established)
+    seen = len(net.events)
+    net.deliver(new_r.delete(2.0), GW_ADDR)
+    for who, ev in net.events[seen:]:
+        b[who].apply(ev, 2.0)
+    assert not mn.inbound and not mn.retired and mn.get_timer() is None

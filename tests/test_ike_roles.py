@@ -6,6 +6,7 @@ GW's SPI in advance and learns it from the GW's SIU ACKs (docs/protocol.md §2.2
 """
 
 from mipsec.drops import DropReason
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ike.sa import State as IkeState
 from mipsec.mip.constants import SIU_PORT
 from mipsec.node import timeline as tl
@@ -132,8 +133,13 @@ def test_child_and_ike_rekeys_after_a_handover_keep_the_current_care_of():
     assert len(live) == 1 and live[0].local[0] == b
     gw_live = [sa for sa in gw.ike.endpoint.ike_sas if sa.state != IkeState.CLOSED]
     assert len(gw_live) == 1 and gw_live[0].remote[0] == b and m.ike_sa is gw_live[0]
-    # old inbound SAs were deleted with their children: at most the current + one draining
-    assert len(m.old_inbound) <= 1 and len(gw.sad) <= 2
+    # old inbound SAs were deleted with their children; each is kept only for the grace
+    # period after its Delete (ESP may still be queued behind it), then forgotten
+    assert set(m.old_inbound) <= set(gw._grace) and len(gw.sad) == 1 + len(m.old_inbound)
+    assert set(mn._inbound_sas) - {mn.inbound.spi} <= set(mn._grace)
+    topo.sim.run(until=4.2 + CHILD_SA_DELETE_GRACE_S)
+    assert set(m.old_inbound) <= set(gw._grace) and len(gw.sad) == 1 + len(m.old_inbound)
+    assert all(at > 4.2 for at in gw._grace.values()), gw._grace
     rep = stream_reports(topo, since=1.1, until=4.0)
     assert rep["downlink"].lost == 0 and rep["uplink"].lost == 0, rep
     assert mn.state is RegState.REGISTERED

@@ -5,19 +5,26 @@ A runtime (daemon, role, test peer) feeds every event from ``IkeEndpoint`` to
 live child SA and answers the two questions the data path asks:
 
 * ``book.inbound[spi]``: the inbound SA for an ESP packet's SPI (old and new both accepted while a
-  re-key is completing, RFC 7296 §2.8);
-* ``book.outbound``: the SA to send with, the newest child (after a re-key the new one at once).
+  re-key is completing, RFC 7296 §2.8, and the old one for ``CHILD_SA_DELETE_GRACE_S`` after
+  its Delete: ESP sent on it may still be queued behind the Delete);
+* ``book.outbound``: the SA to send with: after a re-key we initiated the new one at once, after
+  one we answered the old one until its Delete (the peer installs the new SA only when our
+  answer arrives; ``ChildSaRekeyed.send_on_new``).
 
 ``apply`` returns what changed, so a runtime with its own SAD/SPD can mirror it:
-``("installed", child, inbound, outbound)``, ``("removed", child, inbound, outbound)``,
-``("rebound", child, inbound, outbound)`` (MOBIKE or a NAT mapping moved the outer addresses:
-the SA objects are re-pointed in place, keys, counters and replay windows kept).
+``("installed", child, inbound, outbound)``, ``("retired", child, inbound, outbound)`` (a
+re-keyed child was deleted: its outbound SA is gone, its inbound SA stays for the grace period),
+``("removed", child, inbound, outbound)``, ``("rebound", child, inbound, outbound)`` (MOBIKE or a
+NAT mapping moved the outer addresses: the SA objects are re-pointed in place, keys, counters
+and replay windows kept).  ``expire(now)`` (also run by every ``apply``) removes the retired
+inbound SAs whose grace period is over; ``get_timer()`` says when that is due.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ike.config import (
     ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaFailed, IkeSaRekeyed,
     PeerAddressChanged,
@@ -26,31 +33,47 @@ from mipsec.ike.config import (
 
 class ChildSaBook:
     def __init__(self, *, inbound_any_source: bool = False, with_selector: bool = True,
-                 lifetime: Any = None):
+                 lifetime: Any = None, grace_s: float = CHILD_SA_DELETE_GRACE_S):
         self.inbound_any_source = inbound_any_source
         self.with_selector = with_selector
         self.lifetime = lifetime
+        self.grace_s = grace_s
         self.pairs: dict[int, tuple[Any, Any, Any]] = {}    # spi_in -> (child, inbound, outbound)
         self.inbound: dict[int, Any] = {}
         self.outbound: Any = None
         self._owner: dict[int, Any] = {}                    # spi_in -> IKE SA
         self._order: list[int] = []                         # spi_in, oldest first
+        self._replaced: set[int] = set()                    # spi_in of re-keyed children
+        # re-keyed children deleted, inbound SA kept: spi_in -> (forget at, entry, IKE SA)
+        self.retired: dict[int, tuple[float, tuple[Any, Any, Any], Any]] = {}
 
     def apply(self, event: Any, now: float = 0.0) -> list[tuple]:
+        return self.expire(now) + self._apply(event, now)
+
+    def _apply(self, event: Any, now: float) -> list[tuple]:
         if isinstance(event, ChildSaEstablished):
             return [self._install(event.ike_sa, event.child, now)]
         if isinstance(event, ChildSaRekeyed):
-            return [self._install(event.ike_sa, event.new, now)]
+            if event.old is not None and event.old.spi_in in self.pairs:
+                self._replaced.add(event.old.spi_in)
+            return [self._install(event.ike_sa, event.new, now, event.send_on_new)]
         if isinstance(event, ChildSaDeleted):
-            return self._remove(event.child.spi_in)
+            spi = event.child.spi_in
+            if spi in self._replaced:
+                return self._retire(spi, now)
+            return self._remove(spi)
         if isinstance(event, IkeSaRekeyed):
             self.take_over(event.old, event.new)
             return []
         if isinstance(event, (IkeSaDeleted, IkeSaFailed)):
+            # a child SA never outlives its IKE SA, a retired one neither
             out = []
             for spi, owner in list(self._owner.items()):
                 if owner is event.ike_sa:
                     out += self._remove(spi)
+            for spi, (_at, entry, owner) in list(self.retired.items()):
+                if owner is event.ike_sa:
+                    out += self._forget(spi)
             return out
         if isinstance(event, PeerAddressChanged):
             out = []
@@ -71,26 +94,59 @@ class ChildSaBook:
             return out
         return []
 
-    def _install(self, ike_sa: Any, child: Any, now: float) -> tuple:
+    def _install(self, ike_sa: Any, child: Any, now: float, send_on_new: bool = True) -> tuple:
         sin, sout = child.make_sas(now=now, inbound_any_source=self.inbound_any_source,
                                    with_selector=self.with_selector, lifetime=self.lifetime)
         self.pairs[child.spi_in] = (child, sin, sout)
         self.inbound[child.spi_in] = sin
         self._owner[child.spi_in] = ike_sa
         self._order.append(child.spi_in)
-        self.outbound = sout
+        if send_on_new or self.outbound is None:
+            self.outbound = sout
         return ("installed", child, sin, sout)
 
-    def _remove(self, spi_in: int) -> list[tuple]:
+    def _unlink(self, spi_in: int) -> tuple | None:
         entry = self.pairs.pop(spi_in, None)
         if entry is None:
+            return None
+        owner = self._owner.pop(spi_in, None)
+        self._order.remove(spi_in)
+        self._replaced.discard(spi_in)
+        if self.outbound is entry[2]:
+            # the newest child left; one we answered becomes usable when the old one goes
+            self.outbound = self.pairs[self._order[-1]][2] if self._order else None
+        return entry, owner
+
+    def _remove(self, spi_in: int) -> list[tuple]:
+        got = self._unlink(spi_in)
+        if got is None:
             return []
         self.inbound.pop(spi_in, None)
-        self._owner.pop(spi_in, None)
-        self._order.remove(spi_in)
-        if self.outbound is entry[2]:
-            self.outbound = self.pairs[self._order[-1]][2] if self._order else None
+        return [("removed", *got[0])]
+
+    def _retire(self, spi_in: int, now: float) -> list[tuple]:
+        got = self._unlink(spi_in)
+        if got is None:
+            return []
+        entry, owner = got
+        self.retired[spi_in] = (now + self.grace_s, entry, owner)
+        return [("retired", *entry)]
+
+    def _forget(self, spi_in: int) -> list[tuple]:
+        _at, entry, _owner = self.retired.pop(spi_in)
+        self.inbound.pop(spi_in, None)
         return [("removed", *entry)]
+
+    def expire(self, now: float) -> list[tuple]:
+        """Forget the retired inbound SAs whose grace period is over."""
+        out: list[tuple] = []
+        for spi, (at, _entry, _owner) in list(self.retired.items()):
+            if now >= at:
+                out += self._forget(spi)
+        return out
+
+    def get_timer(self) -> float | None:
+        return min((at for at, _e, _o in self.retired.values()), default=None)
 
     def take_over(self, old_ike_sa: Any, new_ike_sa: Any) -> None:
         """After an IKE SA re-key (``IkeSaRekeyed``) the children belong to the new IKE SA, so
@@ -98,3 +154,6 @@ class ChildSaBook:
         for spi, owner in self._owner.items():
             if owner is old_ike_sa:
                 self._owner[spi] = new_ike_sa
+        for spi, (at, entry, owner) in self.retired.items():
+            if owner is old_ike_sa:
+                self.retired[spi] = (at, entry, new_ike_sa)

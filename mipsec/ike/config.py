@@ -145,9 +145,15 @@ class ChildSaEstablished:
 
 @dataclass(frozen=True, slots=True)
 class ChildSaRekeyed:
+    """``new`` replaces ``old`` (RFC 7296 §2.8).  Install ``new``'s inbound SA now, keep
+    ``old``'s until its ``ChildSaDeleted`` (and a grace period after it).  ``send_on_new``: we
+    initiated the re-key, so the peer installed ``new`` before it answered: send on it now.
+    False: we answered; the initiator installs ``new`` only when our answer arrives, so keep
+    sending on ``old`` until its ``ChildSaDeleted`` (the initiator deletes it after installing)."""
     ike_sa: Any = field(repr=False)
     old: Any = None
     new: Any = None
+    send_on_new: bool = True
 
 
 @dataclass(frozen=True, slots=True)

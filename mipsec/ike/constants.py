@@ -188,4 +188,9 @@ COOKIE_SECRET_LIFETIME_S = 300.0    # rotate the cookie secret this often (one o
 HALF_OPEN_TIMEOUT_S = 30.0          # a responder forgets an SA that never completed IKE_AUTH
 DPD_INTERVAL_S = 30.0               # liveness check after this much silence (§2.4)
 NAT_KEEPALIVE_INTERVAL_S = 20.0     # RFC 3948 §4
+# After the Delete of a re-keyed child SA its inbound ESP SA still decrypts for this long, then
+# its SPI is forgotten: ESP the peer sent just before it switched (and before it sent the
+# Delete) may still be queued behind the Delete, on the ESP socket or on a slower path (§2.8;
+# strongSwan's charon.delete_rekeyed_delay has the same purpose and default)
+CHILD_SA_DELETE_GRACE_S = 5.0
 MAX_MESSAGE_LEN = 65535

@@ -912,18 +912,21 @@ class IkeSa:
         if dh is not None:
             out.append(KePayload(dh.group, dh.public))
         out += answer[1:]
-        self._respond(m, out, local, remote, now)
-        self._mid_in += 1
         self._add_child(child, now)
+        # the event before the answer: a runtime that carries out the outputs in order has the
+        # new inbound SA installed before the answer that lets the peer send on it leaves (§2.8)
         if old is not None:
             self._child_rekey_at.pop(old.spi_in, None)    # the peer will delete it
-            self._out.append(ChildSaRekeyed(self, old, child))
+            # the peer installs the new SA only when our answer arrives: not sending on it yet
+            self._out.append(ChildSaRekeyed(self, old, child, send_on_new=False))
             p = self._pending
             if (p is not None and p.kind == "rekey_child" and p.ctx.get("old") == old.spi_in) \
                     or old.spi_in in self._collisions:
                 self._collision(old.spi_in, "theirs", (nonce.data, nr, child.spi_in))
         else:
             self._out.append(ChildSaEstablished(self, child))
+        self._respond(m, out, local, remote, now)
+        self._mid_in += 1
 
     # --- IKE SA re-key (§1.3.2, §2.18) -----------------------------------------------------------
 

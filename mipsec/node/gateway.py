@@ -65,6 +65,7 @@ from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
 from mipsec.node.actions import Action, Log, RebindSa, SendToNet, TimelineEvent, WriteToTun
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ike.config import (
     ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
     IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
@@ -93,7 +94,7 @@ class Mobile:
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
                  "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes", "retired",
-                 "old_inbound", "lineage", "aliases", "ike_sa", "installed_at")
+                 "old_inbound", "lineage", "aliases", "ike_sa", "installed_at", "next_outbound")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
@@ -110,6 +111,7 @@ class Mobile:
         self.packets_up = 0
         self.packets_down = 0
         self.old_inbound: dict[int, SecurityAssociation] = {}  # re-keyed, kept until deleted
+        self.next_outbound: SecurityAssociation | None = None  # re-key we answered: after Delete
         self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
         self.aliases: list[bytes] = []    # MOBIKE: CoAs the HA may still tunnel to (docs §2.4)
         self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
@@ -175,6 +177,8 @@ class VpnGateway:
         self._by_spi: dict[int, Mobile] = {}
         self._by_care_of: dict[bytes, Mobile] = {}
         self._retired: dict[bytes, Mobile] = {}    # deregistered CoAs: downlink gets NO_SA
+        # inbound SAs of re-keyed children after their Delete: spi -> forget at (in that order)
+        self._grace: dict[int, float] = {}
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.record_data_path = False      # timeline is for the control plane only
@@ -476,35 +480,55 @@ class VpnGateway:
 
     # --- IKEv2 -----------------------------------------------------------------------------
     def rekey_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
-                     outbound_sa: SecurityAssociation, now: float = 0.0) -> list[Action]:
-        """A re-key (IKEv2 CREATE_CHILD_SA): the new pair replaces the MN's SAs at once and keeps
-        the binding (the outbound SA points where the old one did); the old inbound SA keeps
-        receiving until ``retire_inbound`` (its Delete, RFC 7296 §2.8)."""
+                     outbound_sa: SecurityAssociation, now: float = 0.0,
+                     send_on_new: bool = True) -> list[Action]:
+        """A re-key (IKEv2 CREATE_CHILD_SA) keeps the binding.  The new inbound SA is installed
+        at once; the old one keeps receiving until its Delete and a grace period after it
+        (``retire_inbound``, RFC 7296 §2.8).  The new outbound SA carries the downlink at once
+        when we initiated the re-key (the MN installed the pair before it answered); when we
+        answered (``send_on_new`` false) only once the MN deletes the old pair, which it does
+        after installing the new one, so no downlink reaches it on an SPI it does not know."""
         mobile = self.mobiles[home_address]
         if inbound_sa.remote is not None:
             raise UsageError("rekey_mobile: the inbound SA must have a wildcard source")
-        old_in, old_out = mobile.inbound, mobile.outbound
+        old_in = mobile.inbound
         mobile.old_inbound[old_in.spi] = old_in
-        outbound_sa.rebind(remote=mobile.care_of or UNBOUND_ADDRESS)
-        mobile.lineage = (mobile.lineage + [old_out.spi])[-LINEAGE_SPIS:]
-        mobile.inbound, mobile.outbound = inbound_sa, outbound_sa
+        mobile.inbound = inbound_sa
         self.sad.add(inbound_sa)
         self._by_spi[inbound_sa.spi] = mobile
+        old_out = mobile.outbound
         tl.record(self.timeline, now, self.name, "gw-sas-rekeyed", home_address=home_address,
                   inbound_spi=inbound_sa.spi, outbound_spi=outbound_sa.spi,
-                  old_outbound_spi=old_out.spi, care_of=mobile.care_of)
-        return [RebindSa(outbound_sa.spi, outbound_sa.local, outbound_sa.remote)]
+                  old_outbound_spi=old_out.spi, care_of=mobile.care_of, send_on_new=send_on_new)
+        mobile.next_outbound = outbound_sa
+        if send_on_new:
+            return self._send_on_next(mobile)
+        return []
+
+    def _send_on_next(self, mobile: Mobile) -> list[Action]:
+        """Switch the MN's downlink to the re-key's new outbound SA, at the current binding."""
+        new, mobile.next_outbound = mobile.next_outbound, None
+        if new is None:
+            return []
+        new.rebind(remote=mobile.care_of or UNBOUND_ADDRESS)
+        mobile.lineage = (mobile.lineage + [mobile.outbound.spi])[-LINEAGE_SPIS:]
+        mobile.outbound = new
+        return [RebindSa(new.spi, new.local, new.remote)]
 
     def retire_inbound(self, spi: int, now: float = 0.0) -> list[Action]:
-        """Forget an inbound SA (deleted by IKE); if it was the MN's current one, the MN's
-        entry goes with it (no SA pair left: its downlink then finds no policy)."""
+        """An inbound SA deleted by IKE.  A re-keyed one keeps decrypting for
+        ``CHILD_SA_DELETE_GRACE_S`` (ESP the MN sent on it may still be queued behind the
+        Delete), then it is forgotten (``handle_timer``); its Delete also shows that the MN
+        has the new pair, so a re-key we answered now carries the downlink.  If it was the
+        MN's current one, the MN's entry goes with it (no SA pair left: its downlink then
+        finds no policy)."""
         mobile = self._by_spi.get(spi)
         if mobile is None:
             return []
-        if mobile.old_inbound.pop(spi, None) is not None:
-            self.sad.remove(spi)
-            del self._by_spi[spi]
-            return []
+        if spi in mobile.old_inbound:
+            if spi not in self._grace:
+                self._grace[spi] = now + CHILD_SA_DELETE_GRACE_S
+            return self._send_on_next(mobile)
         if mobile.inbound.spi == spi and self.mobiles.get(mobile.home_address) is mobile:
             self.remove_mobile(mobile.home_address)
             tl.record(self.timeline, now, self.name, "mobile-removed",
@@ -564,7 +588,8 @@ class VpnGateway:
             sin, sout = ev.new.make_sas(now=now, inbound_any_source=True)
             self.ike.note(now, f"{ev.ike_sa.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
                                f"{ev.new.spi_out:08x}", rekey=True)
-            return self.rekey_mobile(mobile.home_address, sin, sout, now)
+            return self.rekey_mobile(mobile.home_address, sin, sout, now,
+                                     send_on_new=ev.send_on_new)
         if cls is ChildSaDeleted:
             owner = self._by_spi.get(ev.child.spi_in)
             if owner is None or owner is not self._ike_mobile(ev.ike_sa):
@@ -622,15 +647,32 @@ class VpnGateway:
         raise UsageError(f"GW {self.name}: unknown event {event!r}")
 
     def get_timer(self) -> float | None:
-        return self.ike.get_timer() if self.ike is not None else None
+        t = self.ike.get_timer() if self.ike is not None else None
+        if self._grace:
+            first = next(iter(self._grace.values()))
+            t = first if t is None else min(t, first)
+        return t
 
     def handle_timer(self, now: float) -> list[Action]:
+        while self._grace:
+            spi, at = next(iter(self._grace.items()))
+            if now < at:
+                break
+            del self._grace[spi]
+            self._forget_inbound(spi)
         if self.ike is None:
             return []
         t = self.ike.get_timer()
         if t is None or now < t:
             return []
         return self._ike_outputs(self.ike.handle_timer(now), now)
+
+    def _forget_inbound(self, spi: int) -> None:
+        """The grace period of a deleted inbound SA is over: its SPI is unknown from now on."""
+        mobile = self._by_spi.get(spi)
+        if mobile is not None and mobile.old_inbound.pop(spi, None) is not None:
+            self.sad.remove(spi)
+            del self._by_spi[spi]
 
     def status(self) -> dict[str, Any]:
         return {

@@ -60,6 +60,7 @@ from mipsec.node.actions import (
     Action, CareOfAddressChanged, Log, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
     TimelineEvent, UseHomeLink, WriteToTun,
 )
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ike.config import (
     ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
     IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
@@ -165,6 +166,8 @@ class MobileNode:
         self._ike_retry_at: float | None = None
         self._inbound_sas: dict[int, SecurityAssociation] = {}   # IKE: re-keyed ones too
         self._pairs: dict[int, tuple[Any, SecurityAssociation, SecurityAssociation]] = {}
+        # inbound SAs of re-keyed children after their Delete: spi -> forget at (in that order)
+        self._grace: dict[int, float] = {}
         self.inbound: SecurityAssociation | None
         self.outbound: SecurityAssociation | None
         if config.ike is None:
@@ -485,6 +488,8 @@ class MobileNode:
 
     def get_timer(self) -> float | None:
         times = [t for t in (self._deadline, self._renew_at, self._ike_retry_at) if t is not None]
+        if self._grace:
+            times.append(next(iter(self._grace.values())))
         if self.ike is not None:
             t = self.ike.get_timer()
             if t is not None:
@@ -493,6 +498,12 @@ class MobileNode:
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
+        while self._grace:
+            spi, at = next(iter(self._grace.items()))
+            if now < at:
+                break
+            del self._grace[spi]
+            self._inbound_sas.pop(spi, None)        # its SPI is unknown from now on
         if self.ike is not None:
             t = self.ike.get_timer()
             if t is not None and now >= t:
@@ -623,7 +634,7 @@ class MobileNode:
             sin, sout = self._child_sas(ev.new, now)
             self.ike.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}",
                           rekey=True)
-            return self._swap_sas(sin, sout, now)
+            return self._swap_sas(sin, sout, now, ev.send_on_new)
         if cls is ChildSaDeleted:
             return self._child_deleted(ev.child.spi_in, now)
         if cls is IkeSaRekeyed:
@@ -652,11 +663,16 @@ class MobileNode:
         return sin, sout
 
     def _swap_sas(self, inbound: SecurityAssociation, outbound: SecurityAssociation,
-                  now: float) -> list[Action]:
-        """A re-key: the new pair carries the traffic at once, at the current CoA; the GW's
-        binding does not change, so there is nothing to register."""
+                  now: float, send_on_new: bool = True) -> list[Action]:
+        """A re-key, at the current CoA; the GW's binding does not change, so there is nothing
+        to register.  The new inbound SA receives at once (the old one until its Delete and a
+        grace period after it).  We send on the new outbound SA at once if we initiated the
+        re-key (the GW installed the pair before it answered); if we answered, only once the
+        GW deletes the old pair (``_child_deleted``): it installs the new one on our answer."""
         old_in = self.inbound
-        self.inbound, self.outbound = inbound, outbound
+        self.inbound = inbound
+        if send_on_new or self.outbound is None:
+            self.outbound = outbound
         actions: list[Action] = []
         if self.care_of is not None:
             inbound.rebind(local=None if self._old_care_of_b is not None else self.care_of)
@@ -665,7 +681,7 @@ class MobileNode:
                         RebindSa(inbound.spi, inbound.local, inbound.remote)]
         self._record(now, "sas-rekeyed", inbound_spi=inbound.spi, outbound_spi=outbound.spi,
                      old_inbound_spi=old_in.spi if old_in is not None else None,
-                     care_of=self.care_of)
+                     care_of=self.care_of, send_on_new=send_on_new)
         return actions
 
     def _child_deleted(self, spi_in: int, now: float) -> list[Action]:
@@ -673,15 +689,32 @@ class MobileNode:
         if entry is None:
             return []
         _child, sin, sout = entry
-        self._inbound_sas.pop(sin.spi, None)
+        replaced = self.inbound is not sin             # a re-key put a newer pair in its place
+        actions: list[Action] = []
         if self.inbound is sin or self.outbound is sout:
             newest = next(reversed(self._pairs.values()), None)
             if newest is None:
                 self.inbound = self.outbound = None
             else:
+                if self.outbound is not newest[2] and self.care_of is not None:
+                    # a re-key we answered: the GW has the new pair now (it deletes the old
+                    # one after installing), send on it from where we are
+                    newest[2].rebind(local=self.care_of)
+                    actions.append(RebindSa(newest[2].spi, self.care_of, newest[2].remote))
                 self.inbound, self.outbound = newest[1], newest[2]
+        if replaced and self._pairs:
+            # ESP the GW sent on it may still be queued behind the Delete: it keeps
+            # decrypting for a grace period (handle_timer forgets it)
+            self._grace.setdefault(sin.spi, now + CHILD_SA_DELETE_GRACE_S)
+        else:
+            self._inbound_sas.pop(sin.spi, None)
+        if not self._pairs:
+            # no child left (its IKE SA ended): the ones in their grace period go too
+            for spi in self._grace:
+                self._inbound_sas.pop(spi, None)
+            self._grace.clear()
         self._record(now, "sas-deleted", inbound_spi=sin.spi, outbound_spi=sout.spi)
-        return []
+        return actions
 
     def status(self) -> dict[str, Any]:
         return {
