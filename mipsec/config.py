@@ -47,6 +47,8 @@ SA_SOURCES = ("manual", "ikev2")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_RUN_DIR = "/run/mipsec"
+DEFAULT_STATE_DIR = "/var/lib/mipsec"   # what must survive a restart (the HA's bindings)
+STORE_KINDS = ("sqlite", "memory")
 IFNAMSIZ = 15
 
 
@@ -67,6 +69,8 @@ class DaemonSettings:
     route_table: int = 100            # GW: policy-routing table steering inside traffic to TUN
     rule_priority: int = 1000         # GW: priority of "iif <inside> lookup <route_table>"
     gratuitous_arp: bool = True       # HA / MN: RFC 5944 §4.6 announcements on the home link
+    store: str = "sqlite"             # HA: binding store, "sqlite" (on disk) | "memory" (none)
+    state_dir: str = DEFAULT_STATE_DIR   # HA: <state_dir>/<name>.bindings.sqlite3 (0700/0600)
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,10 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
             raise bad(key, f"not a valid interface name: {name!r}")
     if not d.tun:
         raise bad("tun", "must not be empty")
+    if d.store not in STORE_KINDS:
+        raise bad("store", f"unknown binding store {d.store!r} (one of {', '.join(STORE_KINDS)})")
+    if role == "ha" and d.store == "sqlite" and not os.path.isabs(d.state_dir):
+        raise bad("state_dir", f"must be an absolute path, got {d.state_dir!r}")
     if role == "mn" and not d.interfaces:
         raise bad("interfaces", "missing key: a mobile node needs the visited interfaces to watch")
     if role == "gw" and not d.inside_interface:
@@ -309,8 +317,8 @@ def _is_table_array(value: Any) -> bool:
 
 # [daemon] keys that mean nothing for a role are left out of the files we write.
 _NOT_FOR_ROLE = {
-    "mn": {"inside_interface", "route_table", "rule_priority"},
-    "gw": {"interfaces", "home_interface", "gratuitous_arp"},
+    "mn": {"inside_interface", "route_table", "rule_priority", "store", "state_dir"},
+    "gw": {"interfaces", "home_interface", "gratuitous_arp", "store", "state_dir"},
     "ha": {"interfaces", "inside_interface", "route_table", "rule_priority"},
 }
 
@@ -365,6 +373,7 @@ class KeySetLayout:
     ha_home_interface: str = "eth0"
     run_dir: str = DEFAULT_RUN_DIR
     pcap_dir: str = ""                # "" = no captures
+    state_dir: str = ""               # HA store; "" = DEFAULT_STATE_DIR, or run_dir if it is set
     tun_names: dict[str, str] = field(default_factory=lambda: {"mn": "mtun0", "gw": "gtun0",
                                                                 "ha": "htun0"})
 
@@ -388,9 +397,11 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
                               control_socket=os.path.join(lay.run_dir, f"{name}.sock"),
                               pcap=pcap, **kw)
 
+    state_dir = lay.state_dir or (DEFAULT_STATE_DIR if lay.run_dir == DEFAULT_RUN_DIR
+                                  else lay.run_dir)
     out = {
-        "ha": DaemonConfig("ha", settings("ha", "ha", home_interface=lay.ha_home_interface),
-                           lab.home_agent),
+        "ha": DaemonConfig("ha", settings("ha", "ha", home_interface=lay.ha_home_interface,
+                                          state_dir=state_dir), lab.home_agent),
         "gw": DaemonConfig("gw", settings("gw", "gw", inside_interface=lay.gw_inside_interface),
                            lab.gateway),
     }

@@ -10,7 +10,9 @@ from mipsec.errors import UsageError
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node import timeline as tl
-from mipsec.node.actions import BindingChanged, CareOfAddressChanged, Log, SendToNet
+from mipsec.node.actions import (
+    BindingChanged, CareOfAddressChanged, Log, PersistBinding, SendToNet,
+)
 from mipsec.node.mobile_node import TRANSITIONS, RegEvent, RegState
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.scenario import merged_timeline, start_streams, stream_reports, wait_registered
@@ -116,15 +118,18 @@ def test_ha_direct_registration_at_home_and_via_the_gateway_rule():
     mn, ha = topo.mn.role, topo.ha.role
     # from an address on the home prefix: the MN is at home: direct reply, no SIU
     acts = ha.receive_from_net(_rrq_packet(mn, src="10.1.0.100"), 0.0)
-    assert [type(a) for a in acts] == [BindingChanged, SendToNet]
-    assert acts[1].packet[16:20] == a2b("10.1.0.100")
+    # the binding is made durable first, then the routes move and the reply leaves
+    assert [type(a) for a in acts] == [PersistBinding, BindingChanged, SendToNet]
+    assert acts[0].record.care_of_address == "172.16.1.10"
+    assert acts[2].packet[16:20] == a2b("10.1.0.100")
     # from outside the home prefix: it came through the GW: the reply travels in an SIU
     topo.sim.run(until=1.0)                       # a newer identification
     acts = ha.receive_from_net(_rrq_packet(mn, src="172.16.2.10"), 1.0)
-    assert [type(a) for a in acts] == [SendToNet] and not ha.drops
-    assert acts[0].packet[16:20] == a2b(topo.gw.role.inside)
-    assert int.from_bytes(acts[0].packet[22:24], "big") == SIU_PORT
-    siu = parse_siu(acts[0].packet[28:])
+    assert [type(a) for a in acts] == [PersistBinding, SendToNet] and not ha.drops
+    assert acts[0].record.care_of_address == "172.16.1.10"
+    assert acts[1].packet[16:20] == a2b(topo.gw.role.inside)
+    assert int.from_bytes(acts[1].packet[22:24], "big") == SIU_PORT
+    siu = parse_siu(acts[1].packet[28:])
     assert siu.type == SiuType.UPDATE and siu.new_care_of == "172.16.1.10" and siu.rrp
 
 

@@ -31,7 +31,11 @@ from mipsec.errors import ConfigError
 from mipsec.io import (arp, control, hostguard, logs, netlink, pcap as pcapmod, transports,
                        tun as tunmod)
 from mipsec.io.loop import EventLoop
-from mipsec.node.actions import BindingChanged, CareOfAddressChanged, ReturnedHome, UseHomeLink
+from mipsec.node.actions import (
+    BindingChanged, BindingNotStored, CareOfAddressChanged, PersistBinding, ReturnedHome,
+    UseHomeLink,
+)
+from mipsec.store import StoreError, open_store
 
 log = logging.getLogger("mipsec.daemon")
 
@@ -171,6 +175,8 @@ class Daemon:
         self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
         self.sysctls = hostguard.Sysctls()    # GW / HA: what the daemon set, restored at exit
         self.forward_filter: hostguard.ForwardFilter | None = None
+        self.store: Any = None                # HA: its binding store (mipsec.store)
+        self.store_errors = 0
         self._closed = False
 
     # --- start ---------------------------------------------------------------------------------
@@ -182,6 +188,8 @@ class Daemon:
         if self.role is None:
             self.role = make_role(cfg)
         try:
+            if cfg.role == "ha":
+                self.store = self._open_store()
             self._start_io()
         except Exception:
             self.close()
@@ -235,9 +243,14 @@ class Daemon:
             # UDP-encapsulated ESP), not the SIUs on the inside.
             outside = socket.inet_aton(cfg.node.outside_address)
             self.loop.pcap_filter = lambda p: p[12:16] == outside or p[16:20] == outside
+        if cfg.role == "ha":
+            self._plain_dispatch = self.loop.dispatch
+            self.loop.dispatch = self._dispatch_persisting
         if self.manage_kernel:
             self.nl = netlink.Netlink()
             getattr(self, f"_setup_{cfg.role}")()
+        if self.store is not None:
+            self._restore_bindings()
         self.control = control.ControlServer(cfg.control_socket, self.handle_command)
         self.loop.add_reader(self.control, lambda srv: srv.serve_one())
         if self.watcher is not None:
@@ -466,6 +479,68 @@ class Daemon:
             self.nl.del_proxy_arp(home, d.home_interface)
             self.nl.del_route(f"{home}/32", self.tun.name)
 
+    # --- HA: the binding store (mipsec.store) ------------------------------------------------
+
+    def store_path(self) -> str:
+        d = self.cfg.daemon
+        return os.path.join(d.state_dir, f"{self._name()}.bindings.sqlite3")
+
+    def _open_store(self) -> Any:
+        kind = self.cfg.daemon.store
+        try:
+            return open_store(kind, self.store_path() if kind == "sqlite" else "")
+        except StoreError as exc:
+            raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: {exc}") from None
+
+    def _restore_bindings(self) -> None:
+        """Start: the unexpired bindings back into the role, their routes and proxy ARP back
+        into the kernel (the loop's BindingChanged hook)."""
+        records = self.store.load(self.loop.wallclock())
+        actions = self.role.restore(records, self.store.meta(), self.loop.clock())
+        log.info("binding store %s: %d binding(s) restored",
+                 self.store_path() if self.cfg.daemon.store == "sqlite" else "(memory)",
+                 len(actions))
+        self.loop.dispatch(actions)
+
+    def _dispatch_persisting(self, actions: list[Any]) -> None:
+        """Carry out the HA's actions; a ``PersistBinding`` is written to the store first and
+        synchronously, and if that fails the actions after it (up to the next one) are dropped:
+        no reply leaves for a binding that is not on disk."""
+        segment: list[Any] = []
+        skipping = False
+        for action in actions:
+            if type(action) is PersistBinding:
+                if segment:
+                    self._plain_dispatch(segment)
+                    segment = []
+                skipping = not self._persist(action)
+            elif not skipping:
+                segment.append(action)
+        if segment:
+            self._plain_dispatch(segment)
+
+    def _persist(self, action: PersistBinding) -> bool:
+        meta = dict(action.meta)
+        reason = ""
+        try:
+            if action.conditional:
+                if not self.store.compare_and_swap(action.home_address, action.expected_care_of,
+                                                   action.record, meta):
+                    reason = (f"the store does not hold care-of {action.expected_care_of} for "
+                              f"it (changed by someone else)")
+            elif action.record is None:
+                self.store.delete(action.home_address, meta)
+            else:
+                self.store.put(action.record, meta)
+        except StoreError as exc:
+            reason = str(exc)
+        if not reason:
+            return True
+        self.store_errors += 1
+        log.error("binding store: %s not stored: %s", action.home_address, reason)
+        self.loop.feed_event(BindingNotStored(action.home_address, reason))
+        return not action.required
+
     def _on_netlink(self, watcher: netlink.AddressWatcher) -> None:
         for event in watcher.receive():
             log.info("netlink: %s", event)
@@ -492,6 +567,9 @@ class Daemon:
                    "receive_errors": {r.name: r.errors for r in self.receivers or ()
                                       if getattr(r, "errors", 0)}},
             "drops": {str(k): v for k, v in getattr(self.role, "drops", {}).items()},
+            **({"store": {"kind": self.cfg.daemon.store, "errors": self.store_errors,
+                          "path": self.store_path() if self.cfg.daemon.store == "sqlite"
+                          else None}} if self.store is not None else {}),
             "node": _jsonable(node),
             "timeline": self.timeline(),
         }
@@ -552,7 +630,8 @@ class Daemon:
                        lambda: [r.close() for r in self.receivers or ()],
                        lambda: self.sender and self.sender.close(),
                        lambda: self.tun and self.tun.close(),
-                       lambda: self.pcap and self.pcap.close()):
+                       lambda: self.pcap and self.pcap.close(),
+                       lambda: self.store and self.store.close()):
             try:
                 closer()
             except Exception as exc:

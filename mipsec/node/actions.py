@@ -56,6 +56,26 @@ class BindingChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistBinding:
+    """HA: make this binding change durable before the actions after it are carried out.
+
+    The runtime writes it to its binding store (``mipsec.store``) synchronously: ``record`` is
+    the binding now (``None``: deleted), ``meta`` small state that must survive with it (the
+    MN-HA identification).  With ``conditional`` the write is a compare-and-swap: it applies
+    only if the stored binding's care-of address is ``expected_care_of`` (``None``: none
+    stored).  If the write fails or does not apply, the runtime does NOT carry out the actions
+    that follow it up to the next ``PersistBinding`` (the reply is not sent, the MN
+    retransmits) and tells the role with ``BindingNotStored``.
+    """
+    home_address: str
+    record: Any                        # mipsec.store.BindingRecord | None
+    expected_care_of: str | None = None
+    conditional: bool = False
+    meta: tuple[tuple[str, bytes], ...] = ()
+    required: bool = True              # False: the actions after it may go on regardless
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """A line for the daemon's log (level is a ``logging`` level name)."""
     level: str
@@ -89,6 +109,14 @@ class ReturnedHome:
     interface: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BindingNotStored:
+    """HA: the runtime could not carry out a ``PersistBinding`` (store error, or the
+    compare-and-swap found another care-of address); the actions after it were dropped."""
+    home_address: str
+    reason: str = ""
+
+
 # --- events a role reports (handover timeline, docs/design.md) --------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -113,5 +141,5 @@ class TimelineEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Action = (SendToNet | WriteToTun | RebindSa | BindingChanged | Log | ReestablishRequested
-          | UseHomeLink)
+Action = (SendToNet | WriteToTun | RebindSa | BindingChanged | PersistBinding | Log
+          | ReestablishRequested | UseHomeLink)

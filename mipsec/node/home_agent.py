@@ -86,7 +86,10 @@ from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
-from mipsec.node.actions import Action, BindingChanged, Log, SendToNet, TimelineEvent, WriteToTun
+from mipsec.node.actions import (
+    Action, BindingChanged, BindingNotStored, Log, PersistBinding, SendToNet, TimelineEvent,
+    WriteToTun,
+)
 from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
 from mipsec.node.packet import (
     IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, in_prefix, parse_prefix,
@@ -96,10 +99,12 @@ from mipsec.wire.mip import (
     MSG_REGISTRATION_REQUEST, RegistrationReply, RegistrationRequest, ReplyCode,
     build_registration_reply, parse_registration_request,
 )
+from mipsec.store.record import BindingRecord
 from mipsec.wire.siu import SiuType
 
 REVERSE_TUNNEL_GRACE_S = 1.0
 UNBOUND_ADDRESS = "0.0.0.0"
+META_MN_HA_ID = "mn-ha-id/"            # + home address: the last accepted identification
 
 
 class BindingState(enum.Enum):
@@ -108,12 +113,14 @@ class BindingState(enum.Enum):
 
 
 class BindingEvent(enum.Enum):
+    RESTORE = "restore"
     ACCEPT = "accept"
     DEREGISTER = "deregister"
     EXPIRE = "expire"
 
 
 BINDING_TRANSITIONS = {
+    (BindingState.NONE, BindingEvent.RESTORE): BindingState.BOUND,
     (BindingState.NONE, BindingEvent.ACCEPT): BindingState.BOUND,
     (BindingState.BOUND, BindingEvent.ACCEPT): BindingState.BOUND,
     (BindingState.BOUND, BindingEvent.DEREGISTER): BindingState.NONE,
@@ -124,7 +131,7 @@ BINDING_TRANSITIONS = {
 
 class Binding:
     __slots__ = ("home_address", "care_of_address", "gw_old", "changed_at", "expires",
-                 "lifetime", "identification", "via_gateway")
+                 "expires_wall", "lifetime", "identification", "via_gateway")
 
     def __init__(self, home_address: str):
         self.home_address = home_address
@@ -132,6 +139,7 @@ class Binding:
         self.gw_old: str | None = None        # the CoA before the latest change
         self.changed_at = 0.0
         self.expires = 0.0
+        self.expires_wall = 0.0               # the same instant on the wall clock (stored)
         self.lifetime = 0
         self.identification = 0
         self.via_gateway = True
@@ -141,6 +149,13 @@ class Binding:
                 "expires": self.expires, "previous_care_of": self.gw_old,
                 "via_gateway": self.via_gateway,
                 **({"remaining_s": max(0.0, self.expires - now)} if now is not None else {})}
+
+    def record(self) -> BindingRecord:
+        return BindingRecord(
+            home_address=self.home_address, care_of_address=self.care_of_address or "",
+            lifetime=self.lifetime, expires_wall=self.expires_wall,
+            previous_care_of=self.gw_old, identification=self.identification,
+            via_gateway=self.via_gateway)
 
 
 class HomeAgent:
@@ -171,6 +186,9 @@ class HomeAgent:
         self._acked: dict[str, int] = {}       # home -> sequence of the GW's latest ACK
         self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
         self._expiry: list[tuple[float, str]] = []
+        # home -> the care-of address our binding store holds as far as we know (absent:
+        # unknown, e.g. after a failed write: the next write is unconditional)
+        self._stored: dict[str, str | None] = {}
         # addresses that can never be a CoA besides the unusable ranges: ours and the GWs'
         self._own_addresses = frozenset(
             [config.address] + [g.address for g in config.gateways]
@@ -320,6 +338,7 @@ class HomeAgent:
             self._record(now, "rrq-accepted", home_address=home, care_of=None, lifetime=0,
                          deregistration=True, via_gateway=via_gateway)
             self._record(now, "binding-deregistered", home_address=home, old=old)
+            actions.insert(0, self._persist(home, None))
             gw_has = self._gw_has(home, old)
             if via_gateway:
                 actions.append(self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, rrp))
@@ -340,8 +359,11 @@ class HomeAgent:
             actions.append(BindingChanged(home, coa))
         binding.lifetime = lifetime
         binding.expires = now + lifetime
+        binding.expires_wall = self.wallclock() + lifetime
         binding.identification = rrq.identification
         binding.via_gateway = via_gateway
+        # durable before anything below (the reply, the SIU carrying it) is carried out
+        actions.insert(0, self._persist(home, binding))
         heapq.heappush(self._expiry, (binding.expires, home))
         if len(self._expiry) > 2 * len(self.bindings) + 16:
             # superseded entries stay until their own expiry: an MN re-registering fast would
@@ -355,6 +377,62 @@ class HomeAgent:
                                      self._gw_has(home, binding.gw_old), coa, lifetime, rrp))
         else:
             actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
+        return actions
+
+    def _persist(self, home: str, binding: Binding | None) -> PersistBinding:
+        """The store write for ``home``'s binding now (``None``: deleted), with the MN-HA
+        identification replay state; a compare-and-swap on what we last stored, when known."""
+        meta: tuple[tuple[str, bytes], ...] = ()
+        msa = self._msa_by_spi[self._mobiles[home].msa.spi][0]
+        if msa.last_accepted_id is not None:
+            meta = ((META_MN_HA_ID + home, msa.last_accepted_id.to_bytes(8, "big")),)
+        conditional = home in self._stored
+        expected = self._stored.get(home)
+        self._stored[home] = binding.care_of_address if binding is not None else None
+        return PersistBinding(home, binding.record() if binding is not None else None,
+                              expected_care_of=expected, conditional=conditional, meta=meta)
+
+    def restore(self, records: list[BindingRecord], meta: dict[str, bytes],
+                now: float) -> list[Action]:
+        """Start from what the binding store kept (a restart): the unexpired bindings of our
+        mobile nodes and their identification replay state.  Returns a ``BindingChanged`` per
+        binding, so the runtime re-installs its routes and proxy-ARP entries.  Call once,
+        before any packet."""
+        if self.bindings or self._last_siu:
+            raise UsageError(f"HA {self.name}: restore() after the HA has started serving")
+        wall = self.wallclock()
+        for home, mobile in self._mobiles.items():
+            value = meta.get(META_MN_HA_ID + home)
+            if value is not None and len(value) == 8:
+                msa = self._msa_by_spi[mobile.msa.spi][0]
+                msa.last_accepted_id = int.from_bytes(value, "big")
+        actions: list[Action] = []
+        for rec in records:
+            home = rec.home_address
+            if home not in self._mobiles or not rec.care_of_address:
+                self.counters["restore-skipped-unknown"] += 1
+                continue
+            if rec.expired(wall):
+                self.counters["restore-skipped-expired"] += 1
+                self._stored[home] = rec.care_of_address   # still on disk until deleted
+                continue
+            self._transition(home, BindingEvent.RESTORE)
+            binding = self.bindings[home] = Binding(home)
+            binding.care_of_address = rec.care_of_address
+            binding.gw_old = rec.previous_care_of
+            binding.changed_at = now - REVERSE_TUNNEL_GRACE_S     # no grace for the old CoA
+            binding.lifetime = rec.lifetime
+            binding.expires_wall = rec.expires_wall
+            binding.expires = now + (rec.expires_wall - wall)
+            binding.identification = rec.identification
+            binding.via_gateway = rec.via_gateway
+            self._stored[home] = rec.care_of_address
+            heapq.heappush(self._expiry, (binding.expires, home))
+            self._record(now, "binding-restored", home_address=home, care_of=rec.care_of_address,
+                         remaining_s=round(binding.expires - now, 3))
+            actions.append(BindingChanged(home, rec.care_of_address))
+        for home in self._mobiles:
+            self._stored.setdefault(home, None)       # the store was read: nothing there
         return actions
 
     def _gw_has(self, home: str, fallback: str | None) -> str | None:
@@ -460,6 +538,9 @@ class HomeAgent:
             del self.bindings[home]
             self._retired[home] = (binding.care_of_address, now)
             self._record(now, "binding-expired", home_address=home, care_of=binding.care_of_address)
+            # an expired record is dead on disk too (its absolute expiry is stored): a failed
+            # delete must not keep the routes and the GW's binding
+            actions.append(dataclasses.replace(self._persist(home, None), required=False))
             actions.append(BindingChanged(home, None))
             gw_has = self._gw_has(home, binding.care_of_address)
             if binding.via_gateway and gw_has is not None:
@@ -468,6 +549,15 @@ class HomeAgent:
         return actions
 
     def handle_event(self, event: object, now: float) -> list[Action]:
+        if isinstance(event, BindingNotStored):
+            # the write failed or found another care-of address: what the store holds is
+            # unknown now, so the next write for this home address is unconditional
+            self._stored.pop(event.home_address, None)
+            self.counters["binding-not-stored"] += 1
+            self._record(now, "binding-not-stored", home_address=event.home_address,
+                         reason=event.reason)
+            return [Log("error", f"binding of {event.home_address} not stored ({event.reason}): "
+                                 f"its reply was not sent; the mobile node will retransmit")]
         raise UsageError(f"HA {self.name}: unknown event {event!r}")
 
     def status(self, now: float | None = None) -> dict[str, Any]:

@@ -1,0 +1,49 @@
+"""Binding stores: what the home agent keeps across a restart, behind one interface.
+
+Theory of operation
+-------------------
+The HA role (``mipsec.node.home_agent``) is sans-I/O: when a binding changes it returns a
+``PersistBinding`` action *before* the Registration Reply (or the SIU that carries it), and the
+daemon carries that action out synchronously on a ``BindingStore``; only when the store has
+returned (the write is durable) does the reply leave.  If the store fails, the reply is not sent:
+the MN retransmits, so no accepted registration is ever lost and none is acknowledged without
+being on disk.  At start the daemon loads the unexpired bindings and the small metadata and hands
+them to the role (``HomeAgent.restore``), which re-installs its routes and proxy-ARP entries.
+
+What a store holds:
+
+* bindings, one ``BindingRecord`` per home address, keyed by it.  A record carries its
+  **absolute** expiry on the wall clock (``expires_wall``, Unix seconds): the HA enforces the
+  lifetime itself; a backend may use its own time-to-live (an etcd lease) only to collect
+  garbage, never to decide that a binding is alive (etcd resets a lease to its full TTL when the
+  leader changes);
+* metadata, a few small byte strings under string keys: the MN-HA identification replay state
+  (``mn-ha-id/<home address>``), the SIU numbering state; everything that must not go back in
+  time when the HA restarts.
+
+The operations (``BindingStore``):
+
+``load(now_wall)``            the unexpired bindings (expired ones are left out, and may be deleted);
+``meta()``                    every metadata entry;
+``put(record, meta)``         write a binding and metadata entries in one atomic, durable step;
+``compare_and_swap(home, expected_care_of, record, meta)``
+                              the same, only if the stored binding of ``home`` has care-of
+                              ``expected_care_of`` (``None``: no binding stored); ``record=None``
+                              deletes.  Returns False, writing nothing, when it does not match.
+                              This mirrors the SIU's compare-and-swap at the GW; with one HA it
+                              always matches, with several HAs sharing a store it fences a stale
+                              one (an etcd transaction: compare the care-of key, then put);
+``delete(home, meta)``        remove a binding (and write metadata) durably;
+``close()``.
+
+Two backends: ``MemoryStore`` (tests, the simulator; "durable" for the life of the object) and
+``SqliteStore`` (stdlib ``sqlite3``, WAL journal, ``synchronous=FULL``: a committed write
+survives a kill -9 and a power cut).  ``tests/test_store.py`` runs the same contract on both.
+"""
+
+from mipsec.store.record import (
+    BindingRecord, BindingStore, MemoryStore, StoreError, open_store, STORE_KINDS,
+)
+
+__all__ = ["BindingRecord", "BindingStore", "MemoryStore", "StoreError", "open_store",
+           "STORE_KINDS"]
