@@ -151,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "file gw.pcap.esp_sa there.")
     lp.add_argument("--delay-ms", type=float, default=0.0,
                     help="one-way Internet delay, emulated by a forwarder in the router namespace")
-    lp.add_argument("--at", default="a", choices=("a", "b", "home"), help="where the MN starts")
+    lp.add_argument("--at", default="a", choices=("a", "b", "n", "home"),
+                    help="where the MNs start (n: behind the NAT, needs --nat)")
+    lp.add_argument("--mobiles", type=int, default=1, metavar="N",
+                    help="number of mobile nodes, each in its own namespace (mn1 ... mnN; "
+                         "default 1: mn)")
+    lp.add_argument("--nat", action="store_true",
+                    help="add visited network n: a private network behind the router's NAT "
+                         "(nftables masquerade; the MNs there share one public address)")
     lp.add_argument("--encryption", default="ENCR_AES_GCM_16",
                     choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"))
     lp.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP")
@@ -161,14 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Move the MN: remove its other addresses (break-before-make; with\n"
                     "--make-before-break only after the registration), attach it to the visited\n"
                     "network and wait for the registration; prints the timeline.")
-    lp.add_argument("where", nargs="?", default=None, choices=("a", "b"),
-                    help="target network (default: the other one)")
+    lp.add_argument("where", nargs="?", default=None, choices=("a", "b", "n"),
+                    help="target network (default: the other one of a and b; n: behind the NAT)")
+    _mobile_option(lp)
     lp.add_argument("--make-before-break", action="store_true",
                     help="keep the old care-of address until the registration is done")
     lp.set_defaults(func=_cmd_lab_move)
     lp = lab_parser("home", "bring the MN back to its home link",
                     "Remove the care-of addresses and put the home address on the MN's home link;\n"
                     "the MN deregisters directly with the HA.")
+    _mobile_option(lp)
     lp.set_defaults(func=_cmd_lab_move, where="home")
     lp = lab_parser("down", "remove every namespace, TUN device and process of the lab",
                     "Kill the daemons named by the pid files, then every process left in a\n"
@@ -176,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Works after a crash and when nothing is there.")
     lp.set_defaults(func=_cmd_lab_down)
     lp = lab_parser("status", "show the three daemons' state",
-                    "Print `mipsec status` of the HA, GW and MN of this lab.")
+                    "Print `mipsec status` of the HA, the GW and each MN of this lab.")
     lp.add_argument("--json", action="store_true", help="raw JSON")
+    lp.add_argument("--mobile", type=int, default=None, metavar="K",
+                    help="of the MNs, only MN K (default: every MN)")
     lp.set_defaults(func=_cmd_lab_status)
     lp = lab_parser("demo", "up, a stream across two handovers and a return home, down",
                     "Build the lab, run a UDP stream CN <-> MN home address (both directions),\n"
@@ -190,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sa_options(lp)
     lp.set_defaults(func=_cmd_lab_demo)
     return parser
+
+
+def _mobile_option(lp: argparse.ArgumentParser) -> None:
+    lp.add_argument("--mobile", type=int, default=1, metavar="K",
+                    help="which MN of a lab with several (1-based; default 1)")
 
 
 def _sa_options(lp: argparse.ArgumentParser) -> None:
@@ -323,11 +339,15 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     if problem:
         print(f"mipsec lab up: {problem}", file=sys.stderr)
         return 1
+    if args.at == "n" and not args.nat:
+        print("mipsec lab up: --at n needs --nat", file=sys.stderr)
+        return 2
     lab = _lab(args)
     lab.up(delay_ms=args.delay_ms, place=args.at, encryption=args.encryption,
            udp_encap=args.udp_encap, sa_source="manual" if args.manual_keys else "ikev2",
-           handover_mode=args.handover_mode)
-    print(f"lab {args.prefix} up: state in {lab.state_dir}; MN at {args.at}; "
+           handover_mode=args.handover_mode, mobiles=args.mobiles, nat=args.nat)
+    who = "MN" if args.mobiles == 1 else f"{args.mobiles} MNs"
+    print(f"lab {args.prefix} up: state in {lab.state_dir}; {who} at {args.at}; "
           f"capture {lab.pcap} (keys {lab.keyfile})")
     return 0
 
@@ -335,11 +355,14 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
 def _cmd_lab_move(args: argparse.Namespace) -> int:
     from mipsec.lab.demo import print_timeline
     lab = _lab(args)
+    k = args.mobile
+    lab.mn(k)                        # an unknown MN number is refused before anything moves
     where = args.where
     if where is None:
-        where = "b" if lab.load_state().get("place") == "a" else "a"
-    result = lab.move(where, make_before_break=getattr(args, "make_before_break", False))
-    print(f"MN moved to {where}; it noticed after "
+        where = "b" if lab.place(k) == "a" else "a"
+    result = lab.move(where, make_before_break=getattr(args, "make_before_break", False), k=k)
+    who = "MN" if lab.mobiles == 1 else lab.mn(k)
+    print(f"{who} moved to {where}; it noticed after "
           f"{(result['noticed'] - result['time']) * 1000:.1f} ms, registration done "
           f"{(result['registered'] - result['noticed']) * 1000:.1f} ms later "
           f"(times below: ms after the move started)")
@@ -358,8 +381,9 @@ def _cmd_lab_down(args: argparse.Namespace) -> int:
 def _cmd_lab_status(args: argparse.Namespace) -> int:
     _quiet_pipe()
     lab = _lab(args)
+    roles = lab.daemons if args.mobile is None else ("ha", "gw", lab.mn(args.mobile))
     replies = {}
-    for role in ("ha", "gw", "mn"):
+    for role in roles:
         try:
             replies[role] = lab.status(role)
         except (OSError, ValueError) as exc:

@@ -28,11 +28,11 @@ COMMANDS = [
     (["keys"], ["--out", "--mobiles", "--encryption", "0600"]),
     (["demo"], ["--sim", "simulator"]),
     (["lab"], ["up", "handover", "home", "down", "demo", "status"]),
-    (["lab", "up"], ["--prefix", "--delay-ms", "gw.pcap"]),
-    (["lab", "handover"], ["--prefix", "{a,b}"]),
-    (["lab", "home"], ["--prefix", "deregisters"]),
+    (["lab", "up"], ["--prefix", "--delay-ms", "gw.pcap", "--mobiles", "--nat"]),
+    (["lab", "handover"], ["--prefix", "{a,b,n}", "--mobile"]),
+    (["lab", "home"], ["--prefix", "deregisters", "--mobile"]),
     (["lab", "down"], ["--prefix", "after a crash"]),
-    (["lab", "status"], ["--prefix", "--json"]),
+    (["lab", "status"], ["--prefix", "--json", "--mobile"]),
     (["lab", "demo"], ["--prefix", "--delay-ms", "--rate", "interruption"]),
 ]
 

@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 
 # libstrongswan-standard-plugins is only a Recommends of strongswan, but charon needs its openssl
 # and gcm plugins for ECP-256, Curve25519 and AES-GCM (the interoperability tests use all three).
-# nftables: the GW's second filter layer (docs/security.md §3.1); util-linux's unshare and mount
-# come with every Debian.
+# nftables: the GW's second filter layer (docs/security.md §3.1) and the lab's NAT; util-linux's
+# unshare and mount come with every Debian.
 DEBS=(python3 python3-venv python3-dev iproute2 iputils-ping procps tshark strongswan
       libstrongswan-standard-plugins libcharon-extra-plugins nftables)
 missing=()

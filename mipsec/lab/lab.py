@@ -9,10 +9,16 @@ devices and veth links go with them).
 CN <-> MN: the CN is an ordinary host on the home link.  While the MN is away its HA proxies ARP
 for the home address (RFC 5944 §4.6, ``ip neigh add proxy``) and announces it with a gratuitous
 ARP, so the CN's packets reach the HA, which tunnels them; at home the MN announces itself.
+
+Several MNs (``up(mobiles=N)``, ``mipsec lab up --mobiles N``): daemons, configs, sockets and
+logs are named ``mn1`` ... ``mnN`` (one namespace each, see ``topology``); ``move``,
+``wait_mn_event`` and ``mn`` take the MN's number ``k`` (1-based).  ``up(nat=True)`` adds the
+visited network ``n`` behind the router's NAT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from mipsec import config as mconfig
 from mipsec.io import control
@@ -59,11 +65,39 @@ class Lab:
     state_root: str = STATE_ROOT
     python: str = sys.executable
     names: Names = field(init=False)
+    nat: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.prefix or "/" in self.prefix or len(self.prefix) > 24:
             raise LabError(f"bad lab prefix {self.prefix!r} (1-24 characters, no '/')")
-        self.names = Names(self.prefix)
+        state = self.load_state()      # a lab that is up already: its MNs and NAT
+        self.names = Names(self.prefix, int(state.get("mobiles", 1)))
+        self.nat = bool(state.get("nat", False))
+
+    # --- the MNs --------------------------------------------------------------------------------
+
+    @property
+    def mobiles(self) -> int:
+        return self.names.mobiles
+
+    def mn(self, k: int = 1) -> str:
+        """MN ``k``'s node name: its namespace suffix, daemon, config and socket name."""
+        return topo.mn_node(k, self.mobiles)
+
+    @property
+    def daemons(self) -> tuple[str, ...]:
+        return ("ha", "gw", *(self.mn(k) for k in range(1, self.mobiles + 1)))
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        """The visited networks of this lab (``a``, ``b``; ``n`` behind the NAT)."""
+        return topo.places(self.nat)
+
+    def care_of(self, where: str, k: int = 1) -> str:
+        return topo.mn_care_of(where, k)
+
+    def home_address(self, k: int = 1) -> str:
+        return topo.mn_home_address(k)
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -104,32 +138,38 @@ class Lab:
     def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str = "ENCR_AES_GCM_16",
            udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
            handover_mode: str = "siu", ike: dict[str, Any] | None = None,
-           **config_kw: Any) -> None:
+           mobiles: int = 1, nat: bool = False, **config_kw: Any) -> None:
         """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
         (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
         written into the configs (``"manual"``, ``mipsec lab up --manual-keys``).
         ``ike`` overrides IKE settings; ``config_kw`` goes to ``make_lab_configs`` (e.g.
-        ``retransmit_initial_s``, ``max_attempts``)."""
+        ``retransmit_initial_s``, ``max_attempts``).  ``mobiles`` MNs, each attached to
+        ``place``; ``nat`` adds the visited network ``n`` behind the router's NAT."""
         left = topo.existing_namespaces(self.prefix)
         if left:   # refuse before touching anything: a second `up` must not break the first lab
             raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
                            f"run `mipsec lab down --prefix {self.prefix}` first")
+        if not isinstance(mobiles, int) or not 1 <= mobiles <= topo.MAX_MOBILES:
+            raise LabError(f"mobiles: 1..{topo.MAX_MOBILES}, got {mobiles!r}")
+        self.names, self.nat = Names(self.prefix, mobiles), nat
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         try:
-            topo.build(self.names, delay_ms)
-            self.save_state(prefix=self.prefix, delay_ms=delay_ms, place=None, moves=[])
+            topo.build(self.names, delay_ms, nat=nat)
+            self.save_state(prefix=self.prefix, delay_ms=delay_ms, mobiles=mobiles, nat=nat,
+                            place=None, places={}, moves=[])
             if delay_ms > 0:
                 self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
                                            "--delay-ms", str(delay_ms)])
             self.write_configs(**lab_key_kwargs(encryption, udp_encap, sa_source, handover_mode,
                                                 ike), **config_kw)
             self.save_state(sa_source=sa_source, handover_mode=handover_mode)
-            for role in ROLES:
+            for role in self.daemons:
                 self.start_daemon(role)
-            for role in ROLES:
+            for role in self.daemons:
                 self.wait_ready(role)
             if place:
-                self.move(place, wait=wait)
+                for k in range(1, mobiles + 1):
+                    self.move(place, wait=wait, k=k)
         except BaseException:
             self.down()
             raise
@@ -147,8 +187,9 @@ class Lab:
         return pid
 
     def write_configs(self, **kw: Any) -> dict[str, str]:
-        layout = mconfig.KeySetLayout(run_dir=self.state_dir)
-        sets = mconfig.make_key_set(1, layout, **kw)
+        interfaces = tuple(topo.PLACE_IFACE[p] for p in self.places)
+        layout = mconfig.KeySetLayout(run_dir=self.state_dir, mn_interfaces=interfaces)
+        sets = mconfig.make_key_set(self.mobiles, layout, **kw)
         paths = {}
         for name, cfg in sets.items():
             settings = dataclasses.replace(cfg.daemon, mtu=topo.LAB_TUN_MTU)
@@ -172,8 +213,10 @@ class Lab:
         return proc.pid
 
     def start_daemon(self, role: str) -> int:
-        return self._spawn(role, NS_OF[role], ["-m", "mipsec", role, "--config",
-                                               self.path(f"{role}.toml")])
+        """Start daemon ``role`` (``ha``, ``gw`` or an MN's name) in its namespace."""
+        kind = "mn" if role in self.daemons[2:] else role
+        return self._spawn(role, NS_OF.get(role, role), ["-m", "mipsec", kind, "--config",
+                                                         self.path(f"{role}.toml")])
 
     def pid(self, name: str) -> int | None:
         try:
@@ -214,13 +257,13 @@ class Lab:
     def down(self) -> list[str]:
         """Remove everything of this prefix, whatever state it is in; returns what was removed."""
         removed = []
-        for name in (*ROLES, "delay"):
+        for name in (*self.daemons, "delay"):
             pid = self.pid(name)
             if pid is not None and _alive(pid):
                 os.kill(pid, signal.SIGTERM)
                 removed.append(f"{name} (pid {pid})")
         deadline = time.monotonic() + 3.0
-        for name in (*ROLES, "delay"):
+        for name in (*self.daemons, "delay"):
             pid = self.pid(name)
             while pid is not None and _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -236,40 +279,49 @@ class Lab:
     # --- moving the MN --------------------------------------------------------------------------
 
     def move(self, where: str, wait: bool = True, timeout: float = REGISTER_TIMEOUT_S,
-             make_before_break: bool = False) -> dict[str, Any]:
-        """Move the MN (``a``, ``b`` or ``home``); with ``wait``, until its registration is done.
+             make_before_break: bool = False, k: int = 1) -> dict[str, Any]:
+        """Move MN ``k`` (to ``a``, ``b``, ``n`` or ``home``); with ``wait``, until its
+        registration is done.
 
         ``make_before_break``: the old care-of address stays until the registration is done
         (then it is removed), so packets still sent to it arrive.
         """
-        if make_before_break and (where not in topo.MN_IFACE or not wait):
+        if make_before_break and (where not in self.places or not wait):
             raise LabError("make-before-break needs a visited network and waiting")
+        name = self.mn(k)
         t0 = time.monotonic()
-        topo.move_mn(self.names, where, make_before_break)
+        topo.move_mn(self.names, where, make_before_break, k=k, nat=self.nat)
         state = self.load_state()
-        moves = state.get("moves", []) + [{"to": where, "time": t0}]
-        self.save_state(place=where, moves=moves)
-        result: dict[str, Any] = {"to": where, "time": t0, "make_before_break": make_before_break}
+        moves = state.get("moves", []) + [{"to": where, "time": t0, "mobile": name}]
+        places = {**state.get("places", {}), name: where}
+        self.save_state(moves=moves, places=places, **({"place": where} if k == 1 else {}))
+        result: dict[str, Any] = {"to": where, "time": t0, "make_before_break": make_before_break,
+                                  "mobile": name}
         if wait:
             # "noticed": the MN's watcher saw the address change (the `ip` commands that make
             # the move take a few milliseconds); "registered": its reply arrived.
-            noticed, done = self.wait_mn_event(t0, ("rrp-received", "deregistered"), timeout)
+            noticed, done = self.wait_mn_event(t0, ("rrp-received", "deregistered"), timeout, k)
             result["noticed"] = noticed if noticed is not None else t0
             result["registered"] = done
         if make_before_break:
             # Downlink packets the GW sent to the old address before its SIU are still in flight
             # for up to one Internet delay: keep the old address that long, then drop it.
             time.sleep(max(0.05, 2 * self.load_state().get("delay_ms", 0.0) / 1000.0))
-            topo.drop_old_coas(self.names, where)
+            topo.drop_old_coas(self.names, where, k=k, nat=self.nat)
         return result
 
+    def place(self, k: int = 1) -> str | None:
+        """Where MN ``k`` was last moved (None before its first move)."""
+        return self.load_state().get("places", {}).get(self.mn(k))
+
     def wait_mn_event(self, since: float, kinds: tuple[str, ...],
-                      timeout: float = REGISTER_TIMEOUT_S) -> tuple[float | None, float]:
-        """(time the MN noticed the move, time of the first ``kinds`` event) after ``since``."""
+                      timeout: float = REGISTER_TIMEOUT_S, k: int = 1) -> tuple[float | None, float]:
+        """(time MN ``k`` noticed the move, time of its first ``kinds`` event) after ``since``."""
+        name = self.mn(k)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                events = control.request(self.socket("mn"), "timeline", 2.0).get("timeline", [])
+                events = control.request(self.socket(name), "timeline", 2.0).get("timeline", [])
             except (OSError, ValueError):
                 events = []
             noticed = next((ev["time"] for ev in events if ev.get("time", 0) >= since
@@ -278,8 +330,8 @@ class Lab:
                 if ev.get("time", 0) >= since and ev.get("kind") in kinds:
                     return noticed, ev["time"]
             time.sleep(0.02)
-        raise LabError(f"the MN did not complete its registration within {timeout} s; "
-                       f"MN log:\n{self.log_tail('mn')}")
+        raise LabError(f"{name} did not complete its registration within {timeout} s; "
+                       f"its log:\n{self.log_tail(name)}")
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -289,7 +341,7 @@ class Lab:
     def timelines(self, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
         """Every daemon's timeline events in [since, until), merged and sorted by time."""
         out = []
-        for role in ROLES:
+        for role in self.daemons:
             try:
                 events = control.request(self.socket(role), "timeline", 2.0).get("timeline", [])
             except (OSError, ValueError):
@@ -300,6 +352,30 @@ class Lab:
                     out.append(ev)
         out.sort(key=lambda e: e.get("time", 0.0))
         return out
+
+    @contextlib.contextmanager
+    def sniff(self, node: str, interface: str, name: str) -> Iterator[str]:
+        """Capture ``interface`` of ``node`` (``mipsec.lab.sniff``) into ``<state>/<name>.pcap``
+        while the block runs; yields the path (complete once the block has left)."""
+        out = self.path(f"{name}.pcap")
+        proc = self.popen(node, self.python, "-m", "mipsec.lab.sniff", "--interface", interface,
+                          "--out", out, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if line.strip() != "ready":
+                proc.kill()
+                raise LabError(f"capture on {node} {interface} did not start: "
+                               f"{line}{proc.communicate(timeout=5)[1]}")
+            yield out
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
     def exec(self, node: str, *cmd: str, **kw: Any) -> subprocess.CompletedProcess:
         return subprocess.run([topo.IP, "netns", "exec", self.names.ns(node), *cmd],

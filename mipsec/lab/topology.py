@@ -21,13 +21,27 @@ namespace by ``mipsec.lab.delay``: the GW's outside link ends on ``dl0``, a seco
 ``dl0`` and ``dl1`` after ``delay_ms`` (both directions, so MN -> GW and GW -> MN each take the
 delay once).  With ``delay_ms = 0`` the forwarder is not started and the GW's link ends directly on
 the router's ``out0``.
+
+Several MNs (``mobiles > 1``): MN ``k`` lives in ``{p}mn<k>`` with its own home-link port and
+home address 10.1.0.(99 + k); in the router each visited network becomes a bridge (named like the
+single-MN link, ``va0`` / ``vb0``, so the router keeps its addresses) with one port per MN, and
+MN ``k``'s care-of address there is 172.16.x.(9 + k).  With one MN nothing changes.
+
+NAT (``nat``): a third visited network ``n``, private 192.168.0.0/24 behind the router's bridge
+``vn0`` (192.168.0.1), which the router masquerades (nftables, ``masquerade`` in a ``srcnat``
+postrouting chain) to its own outside address 172.16.0.254 on ``out0``: every MN there reaches
+the GW from that one public address, with the ports the NAT's conntrack chose (different ports
+for different MNs).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
+
+from mipsec.node.config import lab_home_address
 
 HOME_PREFIX = "10.1.0.0/24"
 CN = "10.1.0.10"
@@ -40,6 +54,19 @@ MN_IFACE = {"a": "va0", "b": "vb0"}
 MN_HOME_ADDRESS = "10.1.0.100"
 MN_HOME_INTERFACE = "home0"
 NODES = ("sw", "cn", "ha", "gw", "rt", "mn")
+# The NAT'd visited network (``build(nat=True)``): private side in the router, masqueraded to
+# ROUTER["out0"] on the way out.
+NAT_PLACE = "n"
+NAT_IFACE = "vn0"
+NAT_ROUTER = "192.168.0.1"
+NAT_PREFIX = "192.168.0.0/24"
+NAT_PUBLIC = ROUTER["out0"]
+NFT = "nft"
+NFT_TABLE = "mipsec_lab_nat"
+# Where each visited network's router is (the MN's default route there).
+PLACE_ROUTER = {"a": ROUTER["va0"], "b": ROUTER["vb0"], NAT_PLACE: NAT_ROUTER}
+PLACE_IFACE = {**MN_IFACE, NAT_PLACE: NAT_IFACE}
+MAX_MOBILES = 100
 # Lab links carry 1600-byte frames and the lab's TUN devices have MTU 1500, so a 1400-byte UDP
 # payload crosses the tunnels (inner 1428 + IP-in-IP 20 + ESP ~40 + outer 20) unfragmented.
 LINK_MTU = 1600
@@ -71,16 +98,50 @@ def sysctl(ns: str, name: str, value: str | int) -> None:
             raise LabError(f"sysctl {name}={value} in {ns}: {proc.stderr.strip()}")
 
 
+def mn_node(k: int, mobiles: int) -> str:
+    """The node (namespace suffix, daemon and config name) of MN ``k`` (1-based): ``mn`` in a
+    one-MN lab, ``mn1`` ... ``mnN`` with several (the names ``make_key_set`` gives them)."""
+    if not 1 <= k <= mobiles:
+        raise LabError(f"no mobile node {k}: the lab has {mobiles} (1..{mobiles})")
+    return "mn" if mobiles == 1 else f"mn{k}"
+
+
+def nodes(mobiles: int = 1) -> tuple[str, ...]:
+    return (*NODES[:-1], *(mn_node(k, mobiles) for k in range(1, mobiles + 1)))
+
+
+def places(nat: bool = False) -> tuple[str, ...]:
+    """The visited networks an MN can attach to."""
+    return (*MN_IFACE, NAT_PLACE) if nat else tuple(MN_IFACE)
+
+
+def mn_care_of(where: str, k: int = 1) -> str:
+    """MN ``k``'s care-of address on visited network ``where`` (MN 1: ``MN_COA``)."""
+    base = {**MN_COA, NAT_PLACE: "192.168.0.10"}[where]
+    head, last = base.rsplit(".", 1)
+    return f"{head}.{int(last) + k - 1}"
+
+
+def mn_home_address(k: int = 1) -> str:
+    """MN ``k``'s home address (the one ``make_lab_configs`` gives it)."""
+    return lab_home_address(k - 1)
+
+
 @dataclass(frozen=True)
 class Names:
     prefix: str
+    mobiles: int = 1
 
     def ns(self, node: str) -> str:
         return f"{self.prefix}{node}"
 
+    def mn(self, k: int = 1) -> str:
+        """MN ``k``'s namespace."""
+        return self.ns(mn_node(k, self.mobiles))
+
     @property
     def all(self) -> list[str]:
-        return [self.ns(n) for n in NODES]
+        return [self.ns(n) for n in nodes(self.mobiles)]
 
 
 def existing_namespaces(prefix: str) -> list[str]:
@@ -96,22 +157,30 @@ def _veth(a_ns: str, a: str, b_ns: str, b: str) -> None:
     run("link", "set", b, "up", ns=b_ns)
 
 
-def build(names: Names, delay_ms: float = 0.0) -> None:
-    """Create the namespaces and links (no daemons).  Raises LabError if any step fails."""
+def build(names: Names, delay_ms: float = 0.0, nat: bool = False) -> None:
+    """Create the namespaces and links (no daemons) for ``names.mobiles`` MNs, with the NAT'd
+    visited network when ``nat``.  Raises LabError if any step fails."""
+    if not 1 <= names.mobiles <= MAX_MOBILES:
+        raise LabError(f"mobiles: 1..{MAX_MOBILES}, got {names.mobiles}")
+    if nat and shutil.which(NFT) is None:
+        raise LabError("the NAT'd visited network needs nftables' `nft` (Debian package nftables)")
     left = existing_namespaces(names.prefix)
     if left:
         raise LabError(f"namespaces with prefix {names.prefix!r} exist already ({', '.join(left)}):"
                        f" run `mipsec lab down --prefix {names.prefix}` first")
-    for node in NODES:
+    for node in nodes(names.mobiles):
         run("netns", "add", names.ns(node))
         run("link", "set", "lo", "up", ns=names.ns(node))
-    sw, cn, ha, gw, rt, mn = (names.ns(n) for n in NODES)
+    sw, cn, ha, gw, rt = (names.ns(n) for n in NODES[:-1])
+    mns = [names.mn(k) for k in range(1, names.mobiles + 1)]
 
     # Home link: a bridge in the switch namespace, one port per host.
     run("link", "add", "br0", "type", "bridge", ns=sw)
     run("link", "set", "br0", "up", ns=sw)
-    for port, host, ifname in (("p-cn", cn, "eth0"), ("p-ha", ha, "eth0"), ("p-gw", gw, "in0"),
-                               ("p-mn", mn, MN_HOME_INTERFACE)):
+    ports = [("p-cn", cn, "eth0"), ("p-ha", ha, "eth0"), ("p-gw", gw, "in0")]
+    ports += [(f"p-{mn_node(k, names.mobiles)}", mn, MN_HOME_INTERFACE)
+              for k, mn in enumerate(mns, 1)]
+    for port, host, ifname in ports:
         _veth(sw, port, host, ifname)
         run("link", "set", port, "master", "br0", ns=sw)
 
@@ -132,23 +201,64 @@ def build(names: Names, delay_ms: float = 0.0) -> None:
     run("addr", "add", f"{GW_OUTSIDE}/24", "dev", "out0", ns=gw)
     run("route", "add", "default", "via", ROUTER["out0"], ns=gw)
 
-    # Router with the outside and the two visited networks.
+    # Router with the outside and the visited networks: one MN hangs on a veth of the router,
+    # several on a bridge of the same name.
     for ifname, addr in ROUTER.items():
         if ifname != "out0":
-            _veth(rt, ifname, mn, MN_IFACE["a" if ifname == "va0" else "b"])
+            _visited_link(rt, ifname, mns)
         run("addr", "add", f"{addr}/24", "dev", ifname, ns=rt)
+    if nat:
+        _visited_link(rt, NAT_IFACE, mns, bridge=True)
+        run("addr", "add", f"{NAT_ROUTER}/24", "dev", NAT_IFACE, ns=rt)
+        masquerade(rt)
 
     for node in (gw, rt, ha):
         sysctl(node, "net.ipv4.ip_forward", 1)
-    for node in (gw, ha, mn, rt):
+    for node in (gw, ha, rt, *mns):
         for scope in ("all", "default"):
             sysctl(node, f"net.ipv4.conf.{scope}.rp_filter", 0)
-    # The MN starts detached: no address anywhere until `handover a|b` or `home`.
-    run("link", "set", MN_HOME_INTERFACE, "down", ns=mn)
+    # The MNs start detached: no address anywhere until `handover a|b` or `home`.
+    for mn in mns:
+        run("link", "set", MN_HOME_INTERFACE, "down", ns=mn)
 
 
-def move_mn(names: Names, where: str, make_before_break: bool = False) -> None:
-    """Attach the MN to visited network ``a``/``b`` or to ``home``.
+def _visited_link(rt: str, ifname: str, mns: list[str], bridge: bool = False) -> None:
+    """Visited network ``ifname`` between the router and the MNs (each MN's end has that name)."""
+    if len(mns) == 1 and not bridge:
+        _veth(rt, ifname, mns[0], ifname)
+        return
+    run("link", "add", ifname, "mtu", str(LINK_MTU), "type", "bridge", ns=rt)
+    run("link", "set", ifname, "up", ns=rt)
+    for k, mn in enumerate(mns, 1):
+        port = f"{ifname}p{k}"
+        _veth(rt, port, mn, ifname)
+        run("link", "set", port, "master", ifname, ns=rt)
+
+
+def masquerade(rt: str) -> None:
+    """Source NAT in the router: the private visited network leaves ``out0`` as NAT_PUBLIC, and,
+    as behind a real NAT, nothing from outside reaches it but replies to what it sent (the
+    router would otherwise route the private prefix it is attached to)."""
+    rules = (f"table ip {NFT_TABLE} {{\n"
+             f"  chain postrouting {{\n"
+             f"    type nat hook postrouting priority srcnat; policy accept;\n"
+             f"    ip saddr {NAT_PREFIX} oifname \"out0\" masquerade\n"
+             f"  }}\n"
+             f"  chain forward {{\n"
+             f"    type filter hook forward priority filter; policy accept;\n"
+             f"    oifname \"{NAT_IFACE}\" ct state established,related accept\n"
+             f"    oifname \"{NAT_IFACE}\" drop\n"
+             f"  }}\n"
+             f"}}\n")
+    proc = subprocess.run([IP, "netns", "exec", rt, NFT, "-f", "-"], input=rules,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"nft masquerade in {rt}: {proc.stderr.strip() or proc.returncode}")
+
+
+def move_mn(names: Names, where: str, make_before_break: bool = False, k: int = 1,
+            nat: bool = False) -> None:
+    """Attach MN ``k`` to visited network ``a``/``b`` (``n``: behind the NAT) or to ``home``.
 
     Visited: remove the other addresses (break-before-make; with ``make_before_break`` they stay
     until ``drop_old_coas``), point the default route at the visited router (``onlink``, so it
@@ -156,26 +266,27 @@ def move_mn(names: Names, where: str, make_before_break: bool = False) -> None:
     Registration Request must find a route at once), then add the care-of address.  Home: remove
     the care-of addresses and bring up the home link with the home address.
     """
-    if where not in MN_IFACE and where != "home":
-        raise LabError(f"unknown place {where!r}: a, b or home")
+    visited = places(nat)
+    if where not in visited and where != "home":
+        raise LabError(f"unknown place {where!r}: {', '.join(visited)} or home")
     # One `ip -batch` process for the whole move: the move itself takes about a millisecond,
     # not one process start per step (which would lengthen the interruption we measure).
     lines = []
-    for key, ifname in MN_IFACE.items():
-        if key != where and not (make_before_break and where in MN_IFACE):
-            lines.append(f"addr flush dev {ifname}")
-    if where in MN_IFACE:
-        ifname = MN_IFACE[where]
+    for key in visited:
+        if key != where and not (make_before_break and where in visited):
+            lines.append(f"addr flush dev {PLACE_IFACE[key]}")
+    if where in visited:
+        ifname = PLACE_IFACE[where]
         lines += [f"addr flush dev {MN_HOME_INTERFACE}",
                   f"link set {MN_HOME_INTERFACE} down",
-                  f"route replace default via {ROUTER[ifname]} dev {ifname} onlink",
-                  f"addr replace {MN_COA[where]}/24 dev {ifname}"]
+                  f"route replace default via {PLACE_ROUTER[where]} dev {ifname} onlink",
+                  f"addr replace {mn_care_of(where, k)}/24 dev {ifname}"]
     else:
         lines += ["route flush exact 0.0.0.0/0",
                   f"link set {MN_HOME_INTERFACE} up",
-                  f"addr replace {MN_HOME_ADDRESS}/24 dev {MN_HOME_INTERFACE}",
+                  f"addr replace {mn_home_address(k)}/24 dev {MN_HOME_INTERFACE}",
                   f"route replace default via {GW_INSIDE} dev {MN_HOME_INTERFACE}"]
-    run_batch(names.ns("mn"), lines)
+    run_batch(names.mn(k), lines)
 
 
 def run_batch(ns: str, lines: list[str]) -> None:
@@ -185,11 +296,11 @@ def run_batch(ns: str, lines: list[str]) -> None:
         raise LabError(f"{' '.join(cmd)} <<< {lines}: {proc.stderr.strip() or proc.returncode}")
 
 
-def drop_old_coas(names: Names, where: str) -> None:
+def drop_old_coas(names: Names, where: str, k: int = 1, nat: bool = False) -> None:
     """End of a make-before-break move: remove the care-of addresses other than ``where``'s."""
-    for key, ifname in MN_IFACE.items():
+    for key in places(nat):
         if key != where:
-            run("addr", "flush", "dev", ifname, ns=names.ns("mn"))
+            run("addr", "flush", "dev", PLACE_IFACE[key], ns=names.mn(k))
 
 
 def namespace_pids(ns: str) -> list[int]:
