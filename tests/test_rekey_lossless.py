@@ -99,4 +99,8 @@ def test_rekeys_under_a_stream_both_ways_lose_nothing(initiator, late, pfs):
     assert gw_spis == {m.inbound.spi} and set(gw.sad._sas) == {m.inbound.spi}
     assert mn_spis == {mn.inbound.spi}
     assert not m.old_inbound and not gw._grace and not mn._grace
+    # nor do the IKE endpoints keep the SPIs of deleted children reserved
+    for role in (mn, gw):
+        sizes = role.status()["sizes"]
+        assert sizes["ike_esp_spis"] == sizes["ike_children"] == 1, sizes
     assert len(spis_used) >= 7

@@ -39,7 +39,8 @@ from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
 from mipsec.ike.config import (
-    Address, IkeConfig, IkeSaDeleted, IkeSaEstablished, IkeSaFailed, IkeSaRekeyed, SendDatagram,
+    Address, ChildSaDeleted, IkeConfig, IkeSaDeleted, IkeSaEstablished, IkeSaFailed,
+    IkeSaRekeyed, SendDatagram,
 )
 from mipsec.ike.constants import (
     COOKIE_SECRET_LIFETIME_S, NAT_KEEPALIVE, NON_ESP_MARKER, ExchangeType, Flag, NotifyType,
@@ -149,6 +150,12 @@ class IkeEndpoint:
         return {"ike_sas": [sa.status() for sa in self.ike_sas],
                 "drops": {str(k): v for k, v in self.drops.items() if v}}
 
+    def sizes(self) -> dict[str, int]:
+        """How many entries each table holds (a soak test watches that none grows)."""
+        return {"ike_sas": len(self.ike_sas), "spis": len(self._by_spi),
+                "half_open": len(self._half_open), "esp_spis": len(self._esp_spis),
+                "children": sum(len(sa.children) for sa in self.ike_sas)}
+
     # --- internals ----------------------------------------------------------------------------
 
     def _alloc_esp_spi(self) -> int:
@@ -175,6 +182,9 @@ class IkeEndpoint:
                 self._by_spi[new.spi_i if new.initiator else new.spi_r] = new
             elif isinstance(ev, (IkeSaDeleted, IkeSaFailed)):
                 self._forget(ev.ike_sa)
+            elif isinstance(ev, ChildSaDeleted):
+                # its SPI may be allocated again (else every re-key would grow the set)
+                self._esp_spis.discard(ev.child.spi_in)
         if sa.state != State.INIT_ANSWERED:
             for key, s in list(self._half_open.items()):
                 if s is sa:

@@ -690,4 +690,14 @@ class VpnGateway:
             "drops": {str(k): v for k, v in self.drops.items()},
             "sad_drops": {str(k): v for k, v in self.sad.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
+            "sizes": self.sizes(),
         }
+
+    def sizes(self) -> dict[str, int]:
+        """Entries per table (a soak test watches that none grows)."""
+        return {"mobiles": len(self.mobiles), "sad": len(self.sad), "by_spi": len(self._by_spi),
+                "by_care_of": len(self._by_care_of), "retired": len(self._retired),
+                "grace": len(self._grace), "timeline": len(self.timeline),
+                "old_inbound": sum(len(m.old_inbound) for m in self.mobiles.values()),
+                **({f"ike_{k}": v for k, v in self.ike.endpoint.sizes().items()}
+                   if self.ike is not None else {})}
