@@ -5,9 +5,13 @@ the lab) opens an ``AF_PACKET`` socket on each interface and copies every Ethern
 on one to the other ``delay_ms`` later, in order, both ways: a wire with latency.  Frames the
 forwarder itself sent (``PACKET_OUTGOING``) are not copied back.  ARP crosses it like anything else.
 
-Limitation (documented in docs/operations.md): frames whose L4 checksum the sending kernel left to
-"hardware" (``CHECKSUM_PARTIAL``, veth offload) are copied as they are; mipsec's ESP / IP-in-IP
-packets are built in full by the daemons and are unaffected.
+Checksum offload: a kernel sending on a veth leaves a TCP/UDP checksum to "hardware"
+(``CHECKSUM_PARTIAL``: the field holds only the pseudo-header sum).  ``AF_PACKET`` hands such a
+frame over as it is, flagged ``TP_STATUS_CSUMNOTREADY`` in its ``PACKET_AUXDATA``, and a frame
+sent on through a packet socket is never finished by anyone: the receiver would drop it (bad
+checksum), which broke third-party peers (strongSwan's IKE) through a delayed lab.  The forwarder
+completes the checksum of such IPv4 UDP/TCP frames before queueing them; other frames are copied
+as they are (mipsec's ESP / IP-in-IP packets are built in full by the daemons).
 """
 
 from __future__ import annotations
@@ -17,21 +21,56 @@ import heapq
 import itertools
 import selectors
 import socket
+import struct
 import sys
 import time
 
 from mipsec.lab import stop_on_signals
+from mipsec.wire.ipv4 import checksum
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4            # sll_pkttype of a frame this host sent (packet(7))
 FRAME_SIZE = 65536
+SOL_PACKET = 263               # <linux/socket.h>
+PACKET_AUXDATA = 8             # <linux/if_packet.h>: struct tpacket_auxdata per frame
+TP_STATUS_CSUMNOTREADY = 1 << 3   # the L4 checksum is partial (left to the hardware)
+ETH_HEADER = 14
+ETHERTYPE_IPV4 = 0x0800
+L4_CHECKSUM_OFFSET = {17: 6, 6: 16}   # UDP (RFC 768), TCP (RFC 9293): offset of the checksum
+_AUXDATA = struct.Struct("=IIIHHHH")  # tp_status, tp_len, tp_snaplen, tp_mac, tp_net, vlan x2
+
+
+def complete_checksum(frame: bytes) -> bytes:
+    """``frame`` with its IPv4 UDP/TCP checksum computed in full (the field's partial value is
+    replaced); any other frame, a fragment or a truncated one, unchanged."""
+    if len(frame) < ETH_HEADER + 20 or frame[12:14] != b"\x08\x00":
+        return frame
+    ihl = (frame[ETH_HEADER] & 0x0F) * 4
+    proto = frame[ETH_HEADER + 9]
+    offset = L4_CHECKSUM_OFFSET.get(proto)
+    total = int.from_bytes(frame[ETH_HEADER + 2:ETH_HEADER + 4], "big")
+    frag = int.from_bytes(frame[ETH_HEADER + 6:ETH_HEADER + 8], "big") & 0x3FFF
+    start = ETH_HEADER + ihl
+    end = ETH_HEADER + total
+    if offset is None or frag or ihl < 20 or end > len(frame) or end < start + offset + 2:
+        return frame
+    segment = frame[start:start + offset] + b"\0\0" + frame[start + offset + 2:end]
+    pseudo = frame[ETH_HEADER + 12:ETH_HEADER + 20] + struct.pack("!BBH", 0, proto, end - start)
+    value = checksum(pseudo + segment)
+    if proto == 17 and value == 0:
+        value = 0xFFFF                # RFC 768: a computed 0 is sent as all ones
+    return (frame[:start + offset] + value.to_bytes(2, "big") + frame[start + offset + 2:])
 
 
 def open_port(ifname: str) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.bind((ifname, ETH_P_ALL))
+    sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     sock.setblocking(False)
     return sock
+
+
+AUX_SPACE = socket.CMSG_SPACE(_AUXDATA.size)
 
 
 def forward(a: str, b: str, delay_s: float, stop: list[bool]) -> None:
@@ -55,11 +94,16 @@ def forward(a: str, b: str, delay_s: float, stop: list[bool]) -> None:
             sock = ports[key.data]
             while True:
                 try:
-                    frame, addr = sock.recvfrom(FRAME_SIZE)
+                    frame, anc, _flags, addr = sock.recvmsg(FRAME_SIZE, AUX_SPACE)
                 except (BlockingIOError, InterruptedError):
                     break
                 if addr[2] == PACKET_OUTGOING:
                     continue
+                for level, kind, data in anc:
+                    if (level == SOL_PACKET and kind == PACKET_AUXDATA and len(data) >= 4
+                            and _AUXDATA.unpack_from(data.ljust(_AUXDATA.size, b"\0"))[0]
+                            & TP_STATUS_CSUMNOTREADY):
+                        frame = complete_checksum(frame)
                 heapq.heappush(queue, (time.monotonic() + delay_s, next(order),
                                        other[key.data], frame))
 
