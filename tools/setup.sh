@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # nftables: the GW's second filter layer (docs/security.md §3.1) and the lab's NAT; util-linux's
 # unshare and mount come with every Debian.
 DEBS=(python3 python3-venv python3-dev iproute2 iputils-ping procps tshark strongswan
-      libstrongswan-standard-plugins libcharon-extra-plugins nftables)
+      libstrongswan-standard-plugins libcharon-extra-plugins nftables gcc libc6-dev)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
