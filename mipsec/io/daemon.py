@@ -28,8 +28,8 @@ from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError
-from mipsec.io import (arp, control, hostguard, logs, netlink, pcap as pcapmod, transports,
-                       tun as tunmod)
+from mipsec.io import (arp, control, hostguard, instance, logs, netlink, pcap as pcapmod,
+                       transports, tun as tunmod)
 from mipsec.io.loop import EventLoop
 from mipsec.node.actions import (
     BindingChanged, BindingNotStored, CareOfAddressChanged, PersistBinding, ReturnedHome,
@@ -177,6 +177,7 @@ class Daemon:
         self.forward_filter: hostguard.ForwardFilter | None = None
         self.store: Any = None                # HA: its binding store (mipsec.store)
         self.store_errors = 0
+        self.locks = instance.Locks(f"pid {os.getpid()}, config {cfg.path}")
         self._closed = False
 
     # --- start ---------------------------------------------------------------------------------
@@ -185,6 +186,15 @@ class Daemon:
         cfg, d = self.cfg, self.cfg.daemon
         if self.manage_kernel:
             check_runtime(cfg)
+        try:
+            # one daemon per instance and per kernel resource; then what the machine must have
+            instance.claim_instance(cfg, self.locks)
+            if self.manage_kernel:
+                instance.claim_kernel_resources(cfg, self.locks)
+                instance.check_machine(cfg)
+        except Exception:
+            self.locks.release()
+            raise
         if self.role is None:
             self.role = make_role(cfg)
         try:
@@ -631,7 +641,8 @@ class Daemon:
                        lambda: self.sender and self.sender.close(),
                        lambda: self.tun and self.tun.close(),
                        lambda: self.pcap and self.pcap.close(),
-                       lambda: self.store and self.store.close()):
+                       lambda: self.store and self.store.close(),
+                       self.locks.release):
             try:
                 closer()
             except Exception as exc:
