@@ -61,6 +61,8 @@ class DaemonSettings:
     log_level: str = "info"
     log_format: str = "text"          # "text" | "json" (one JSON object per line)
     pcap: str = ""                    # capture of the net side ("" = none)
+    pcap_max_mb: int = 64             # rotate the capture at this size (0 = no limit)
+    pcap_keep: int = 3                # rotated captures kept (<pcap>.1 ...); older ones deleted
     keyfile: str = ""                 # esp_sa key file for Wireshark (default <pcap>.esp_sa)
     sa_source: str = "manual"         # "manual" (this file's keys) | "ikev2" (mipsec.ike)
     interfaces: tuple[str, ...] = ()  # MN: visited interfaces watched for care-of addresses
@@ -254,6 +256,10 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
                                 f"{', '.join(LOG_FORMATS)})")
     if d.log_level not in LOG_LEVELS:
         raise bad("log_level", f"unknown level {d.log_level!r} (one of {', '.join(LOG_LEVELS)})")
+    if d.pcap_max_mb < 0:
+        raise bad("pcap_max_mb", f"must be 0 (no limit) or a size in MB, got {d.pcap_max_mb}")
+    if d.pcap_keep < 0:
+        raise bad("pcap_keep", f"must be 0 or more, got {d.pcap_keep}")
     if not 576 <= d.mtu <= 65535:
         raise bad("mtu", f"must be in [576, 65535], got {d.mtu}")
     for key in ("tun", "home_interface", "inside_interface"):

@@ -86,21 +86,57 @@ IKEV2_UAT = "ikev2_decryption_table"
 
 
 class PcapWriter:
-    """Appends IPv4 packets to a LINKTYPE_RAW pcap file."""
+    """Writes IPv4 packets to a LINKTYPE_RAW pcap file, bounded and never truncating one.
 
-    def __init__(self, path: str | os.PathLike[str]):
+    A capture already at ``path`` (an earlier run's) is rotated away first, not overwritten:
+    ``path`` -> ``path.1`` -> ``path.2`` ... up to ``keep`` rotated files (older ones are
+    deleted).  When ``max_bytes`` (> 0) would be exceeded the current file is rotated the same
+    way, so the captures of one daemon never take more than ``(keep + 1) * max_bytes``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int = 0, keep: int = 0):
         self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.records = 0
+        self.rotations = 0
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            self._shift()
+        self._open()
+
+    def _open(self) -> None:
         self._file: BinaryIO = open(self.path, "wb")
         self._file.write(_GLOBAL.pack(PCAP_MAGIC, *PCAP_VERSION, 0, 0, PCAP_SNAPLEN, LINKTYPE_RAW))
         self._file.flush()
-        self.records = 0
+        self.size = _GLOBAL.size
+
+    def _shift(self) -> None:
+        """path.(keep-1) -> path.keep ... path -> path.1; with keep 0 the old file goes."""
+        if self.keep <= 0:
+            os.unlink(self.path)
+            return
+        for i in range(self.keep - 1, 0, -1):
+            older = f"{self.path}.{i}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+
+    def rotate(self) -> None:
+        self._file.close()
+        self._shift()
+        self._open()
+        self.rotations += 1
 
     def write(self, packet: bytes, timestamp: float) -> None:
         seconds = int(timestamp)
         micros = int((timestamp - seconds) * 1_000_000)
         captured = packet[:PCAP_SNAPLEN]
+        grown = _RECORD.size + len(captured)
+        if self.max_bytes and self.size + grown > self.max_bytes and self.size > _GLOBAL.size:
+            self.rotate()
         self._file.write(_RECORD.pack(seconds, micros, len(captured), len(packet)))
         self._file.write(captured)
+        self.size += grown
         self.records += 1
 
     def flush(self) -> None:

@@ -40,6 +40,7 @@ DEFAULT_PREFIX = "mipsec-"
 ROLES = ("ha", "gw", "mn")
 NS_OF = {"ha": "ha", "gw": "gw", "mn": "mn"}
 READY_TIMEOUT_S = 10.0
+LAB_PCAP_MAX_MB = 32             # the GW capture rotates at this size; one old file kept
 REGISTER_TIMEOUT_S = 10.0
 
 
@@ -194,7 +195,8 @@ class Lab:
         for name, cfg in sets.items():
             settings = dataclasses.replace(cfg.daemon, mtu=topo.LAB_TUN_MTU)
             if name == "gw":
-                settings = dataclasses.replace(settings, pcap=self.pcap)
+                settings = dataclasses.replace(settings, pcap=self.pcap,
+                                               pcap_max_mb=LAB_PCAP_MAX_MB, pcap_keep=1)
             cfg = dataclasses.replace(cfg, daemon=settings)
             path = self.path(f"{name}.toml")
             mconfig.write_config(cfg, path, comment=f"mipsec lab {self.prefix}: {name}")
