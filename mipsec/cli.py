@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.set_defaults(func=_cmd_status)
 
+    p = sub.add_parser("check", help="check a set of configuration files against each other",
+                       formatter_class=_Formatter,
+                       description="Load each file as its daemon would, then compare what must agree\n"
+                       "between the machines: keys and SPIs (ESP, MN-HA, HA-GW), IKE PSKs and\n"
+                       "identities, addresses and prefixes, one GW and one HA per MN.  Each\n"
+                       "mismatch names both files and both keys (keys themselves are never\n"
+                       "printed).  Exit status 0 when they agree, 2 otherwise.")
+    p.add_argument("files", nargs="+", metavar="FILE.toml", help="ha.toml gw.toml mn*.toml ...")
+    p.set_defaults(func=_cmd_check)
+
     p = sub.add_parser("handover", help="tell a running MN daemon it has a new care-of address",
                        formatter_class=_Formatter,
                        description="Trigger a handover by hand (the MN daemon normally sees the new\n"
@@ -249,6 +259,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(render_status(reply))
     return 0 if reply.get("ok") else 1
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from mipsec.check import check_files
+    _quiet_pipe()
+    configs, problems = check_files(args.files)
+    for problem in problems:
+        print(f"mipsec check: {problem}", file=sys.stderr)
+    if problems:
+        print(f"mipsec check: {len(problems)} problem(s) in {len(args.files)} file(s)",
+              file=sys.stderr)
+        return 2
+    roles = ", ".join(f"{c.role} {c.path}" for c in configs)
+    print(f"mipsec check: {len(configs)} file(s) agree ({roles})")
+    return 0
 
 
 def _cmd_handover(args: argparse.Namespace) -> int:

@@ -217,7 +217,8 @@ class Daemon:
         if self.receivers is None:
             self.receivers = self._open_receivers()
         if d.pcap:
-            self.pcap = pcapmod.PcapWriter(d.pcap)
+            self.pcap = pcapmod.PcapWriter(d.pcap, max_bytes=d.pcap_max_mb * 1_000_000,
+                                           keep=d.pcap_keep)
         if cfg.keyfile:
             self._key_lines = [e.uat_line() for e in esp_entries(cfg)]
             if self._uses_ike():
