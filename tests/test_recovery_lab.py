@@ -1,0 +1,45 @@
+"""Recovery scenarios in the live lab (mipsec/lab/recovery.py): each one must recover by itself.
+
+The same scenarios as benchmarks/bench_recovery.py, at a lower rate; these tests assert that
+traffic flows again both ways and what must (not) have happened on the way — never a timing.
+
+Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, elsewhere skips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mipsec.lab.lab import requirements_problem
+from mipsec.lab.recovery import SCENARIOS, run_scenario
+from mipsec.lab.topology import existing_namespaces
+
+import needs
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+RATE = 200.0
+
+
+def _run(name: str):
+    problem = requirements_problem()
+    needs.need(problem, f"lab tests are required in CI: {problem}")
+    prefix = f"rc{os.getpid() % 100000}-"
+    outcome = run_scenario(SCENARIOS[name], RATE, prefix)
+    assert existing_namespaces(prefix) == []
+    assert outcome.error is None, outcome.error
+    for direction, figures in outcome.directions.items():
+        assert figures["recovered"], (direction, figures, outcome.detail.get("timeline"))
+    return outcome
+
+
+def test_ha_killed_and_restarted_keeps_its_bindings():
+    """kill -9 of the HA under traffic, then a restart: the binding comes back from the store,
+    the downlink resumes, and the MN never has to register again (nothing was lost)."""
+    outcome = _run("ha-restart")
+    kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
+    assert ("ha", "binding-restored") in kinds, kinds
+    assert outcome.detail["mn_registrations"] == 0, kinds
+    assert outcome.directions["down"]["back_after_ready_ms"] is not None
