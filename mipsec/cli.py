@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.set_defaults(func=_cmd_status)
 
+    p = sub.add_parser("reload", help="make a running daemon re-read its configuration file",
+                       formatter_class=_Formatter,
+                       description="Like SIGHUP: the daemon re-reads its file and applies what changed,\n"
+                       "and only that (an MN added, removed or re-keyed at the GW and the HA, a\n"
+                       "lifetime, the log level).  A file that does not load, or a change that\n"
+                       "needs a restart (addresses, interfaces, the TUN ...), is refused with its\n"
+                       "message and the running configuration stays (exit status 1).")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
+    where.add_argument("--role", choices=("mn", "gw", "ha"),
+                       help="use the default socket /run/mipsec/<role>.sock")
+    p.set_defaults(func=_cmd_reload)
+
     p = sub.add_parser("check", help="check a set of configuration files against each other",
                        formatter_class=_Formatter,
                        description="Load each file as its daemon would, then compare what must agree\n"
@@ -259,6 +272,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(render_status(reply))
     return 0 if reply.get("ok") else 1
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from mipsec.io import control
+    path = _socket_for(args)
+    try:
+        reply = control.request(path, "reload", timeout=30.0)
+    except (OSError, ValueError) as exc:
+        print(f"mipsec reload: cannot reach {path}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"mipsec reload: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print("mipsec reload: " + ("; ".join(reply.get("changes") or []) or "nothing changed"))
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

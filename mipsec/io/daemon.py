@@ -178,6 +178,8 @@ class Daemon:
         self.store: Any = None                # HA: its binding store (mipsec.store)
         self.store_errors = 0
         self.locks = instance.Locks(f"pid {os.getpid()}, config {cfg.path}")
+        self.log_level_override: str | None = None      # --log-level / --log-format win over
+        self.log_format_override: str | None = None     # the file, also on reload
         self._closed = False
 
     # --- start ---------------------------------------------------------------------------------
@@ -613,12 +615,62 @@ class Daemon:
             return {"ok": True}
         if command == "ping":
             return {"ok": True, "pid": os.getpid()}
+        if command == "reload":
+            return self.reload()
         return {"ok": False, "error": f"unknown command {command!r} "
-                                      f"(status, timeline, handover, home, ping)"}
+                                      f"(status, timeline, handover, home, ping, reload)"}
 
     # --- run / close ---------------------------------------------------------------------------
 
+    # --- reload ----------------------------------------------------------------------------------
+
+    # [daemon] keys a running daemon takes from a new file; the others need a restart
+    RELOADABLE_DAEMON_KEYS = frozenset({"log_level", "log_format"})
+
+    def reload(self) -> dict[str, Any]:
+        """SIGHUP / ``mipsec reload``: re-read the file and apply what changed (only that, see
+        mipsec.node.reload).  A file that does not load, or a change that needs a restart, is
+        refused with its message and the running configuration stays."""
+        from mipsec.node.reload import NeedsRestart, reconfigure
+        path = self.cfg.path
+        try:
+            new = load_config(path)
+            if new.role != self.cfg.role:
+                raise ConfigError(f"{path}: role: the file is now for {new.role!r}, the running "
+                                  f"daemon is {self.cfg.role!r}")
+            for f in dataclasses.fields(new.daemon):
+                if f.name not in self.RELOADABLE_DAEMON_KEYS and \
+                        getattr(new.daemon, f.name) != getattr(self.cfg.daemon, f.name):
+                    raise ConfigError(f"{path}: [daemon] {f.name} changed: that needs a restart")
+            actions, changes = reconfigure(self.role, new.node, self.loop.clock())
+        except (ConfigError, NeedsRestart) as exc:
+            message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
+            log.error("reload refused, the running configuration stays: %s", message)
+            return {"ok": False, "error": f"reload refused: {message}"}
+        old_daemon = self.cfg.daemon
+        self.cfg = new
+        if (new.daemon.log_level, new.daemon.log_format) != (old_daemon.log_level,
+                                                             old_daemon.log_format):
+            logs.configure(self.log_format_override or new.daemon.log_format,
+                           self.log_level_override or new.daemon.log_level)
+            changes.append("logging")
+        if actions:
+            self.loop.dispatch(actions)
+        if new.keyfile and changes:
+            known = set(self._key_lines)
+            added = [e.uat_line() for e in esp_entries(new) if e.uat_line() not in known]
+            if added:
+                self._key_lines += added
+                try:
+                    pcapmod.write_esp_sa_file(new.keyfile, self._key_lines)
+                except OSError as exc:
+                    log.warning("key file %s: %s", new.keyfile, exc)
+        log.info("%s %s reloaded %s: %s", new.role, self._name(), path,
+                 "; ".join(changes) or "nothing changed")
+        return {"ok": True, "changes": changes}
+
     def run(self) -> str:
+        self.loop.on_reload = self.reload
         self.loop.install_signal_handlers()
         log.info("%s %s running (pid %d, tun %s, control %s)", self.cfg.role, self._name(),
                  os.getpid(), self.tun.name, self.cfg.control_socket)
@@ -663,6 +715,7 @@ def run_daemon(config_path: str, expected_role: str, log_level: str | None = Non
         return 2
     logs.configure(log_format or cfg.daemon.log_format, log_level or cfg.daemon.log_level)
     daemon = Daemon(cfg)
+    daemon.log_level_override, daemon.log_format_override = log_level, log_format
     try:
         daemon.start()
     except ConfigError as exc:

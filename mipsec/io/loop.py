@@ -63,6 +63,9 @@ class EventLoop:
         self.last_received: list[bytes] = []   # the last batch from a net receiver
         self.after_batch: list[Callable[[float], None]] = []
         self.hurry: Callable[[], bool] | None = None
+        # SIGHUP: ``on_reload()`` runs in the loop (not in the signal handler) after the wake-up
+        self.on_reload: Callable[[], None] | None = None
+        self._reload_requested = False
         self.stats = {"from_tun": 0, "to_tun": 0, "from_net": 0, "to_net": 0,
                       "send_errors": 0, "timers": 0, "bugs": 0}
         self.max_wait = MAX_IDLE_WAIT_S
@@ -100,6 +103,10 @@ class EventLoop:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        if self.on_reload is not None:
+            def reload_handler(_signum, _frame):
+                self._reload_requested = True
+            signal.signal(signal.SIGHUP, reload_handler)
 
     def _on_wake(self, _source: Any) -> None:
         try:
@@ -233,6 +240,13 @@ class EventLoop:
                 # An I/O glitch (a socket error, a netlink overflow) must not end the daemon.
                 self.stats["bugs"] += 1
                 log.exception("BUG: reading %s failed", getattr(source, "name", source))
+        if self._reload_requested:
+            self._reload_requested = False
+            try:
+                self.on_reload()
+            except Exception:
+                self.stats["bugs"] += 1
+                log.exception("BUG: reload failed")
         if self.pcap is not None:
             self.pcap.flush()
         deadline = self._deadline()
