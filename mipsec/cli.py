@@ -120,20 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Write ha.toml, gw.toml and one file per MN (mn.toml, or mn1.toml ...\n"
                        "with --mobiles > 1) on the docs/design.md addressing plan, with fresh random\n"
-                       "ESP, MN-HA and HA-GW keys that match each other.  Files are mode 0600.  Edit\n"
-                       "addresses and interface names for your machines (docs/operations.md).")
+                       "MN-HA and HA-GW keys and one IKEv2 PSK per MN (the MN and the GW negotiate\n"
+                       "their ESP SAs), or with --manual-keys fixed ESP keys (AES-CBC + HMAC; AEAD\n"
+                       "transforms are refused with manual keys: docs/security.md).  Files are mode\n"
+                       "0600; existing files are not overwritten without --force.  Edit addresses\n"
+                       "and interface names for your machines (docs/operations.md).")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
     p.add_argument("--mobiles", "-n", type=int, default=1, metavar="N", help="number of MNs (1)")
-    p.add_argument("--encryption", default="ENCR_AES_GCM_16",
+    p.add_argument("--encryption", default=None,
                    choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC", "ENCR_NULL"),
-                   help="ESP encryption transform (IANA name; default ENCR_AES_GCM_16)")
+                   help="ESP encryption transform (IANA name; default ENCR_AES_GCM_16 with "
+                        "IKEv2, ENCR_AES_CBC with --manual-keys)")
     p.add_argument("--integrity", default=None,
                    choices=("AUTH_HMAC_SHA1_96", "AUTH_HMAC_SHA2_256_128", "AUTH_HMAC_SHA2_384_192",
                             "AUTH_HMAC_SHA2_512_256"),
                    help="ESP integrity for non-AEAD encryption (default AUTH_HMAC_SHA2_256_128)")
     p.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP (RFC 3948)")
-    p.add_argument("--ikev2", action="store_true",
-                   help="no ESP keys: the MN and the GW negotiate them with IKEv2 (a PSK per MN)")
+    keysrc = p.add_mutually_exclusive_group()
+    keysrc.add_argument("--ikev2", action="store_true",
+                        help="no ESP keys: the MN and the GW negotiate them with IKEv2 (a PSK "
+                             "per MN); the default")
+    keysrc.add_argument("--manual-keys", action="store_true",
+                        help="fixed ESP keys in the files instead of IKEv2 (no AEAD transform; "
+                             "sequence numbers are kept across restarts, docs/security.md)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite existing files in --out (by default they are left alone)")
     p.add_argument("--handover-mode", default="siu", choices=("siu", "mobike"),
                    help="siu (the HA's SIU moves the GW's SA) or mobike (also RFC 4555 "
                         "UPDATE_SA_ADDRESSES; needs --ikev2)")
@@ -182,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--nat", action="store_true",
                     help="add visited network n: a private network behind the router's NAT "
                          "(nftables masquerade; the MNs there share one public address)")
-    lp.add_argument("--encryption", default="ENCR_AES_GCM_16",
-                    choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"))
+    lp.add_argument("--encryption", default=None,
+                    choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"),
+                    help="ESP transform (default ENCR_AES_GCM_16 with IKEv2, ENCR_AES_CBC with "
+                         "--manual-keys; manual keys with an AEAD transform are refused)")
     lp.add_argument("--udp-encap", action="store_true", help="UDP-encapsulated ESP")
     _sa_options(lp)
     lp.set_defaults(func=_cmd_lab_up)
@@ -326,23 +339,29 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     from mipsec.config import KeySetLayout, write_key_set
     from mipsec.errors import ConfigError
     from mipsec.lab.lab import IKE_ESP_PROPOSAL
-    kw: dict[str, Any] = {"encryption": args.encryption, "integrity": args.integrity,
-                          "udp_encap": args.udp_encap}
-    if args.ikev2:
-        if args.encryption not in IKE_ESP_PROPOSAL:
-            print(f"mipsec keys: --ikev2 negotiates {', '.join(IKE_ESP_PROPOSAL)}, not "
-                  f"{args.encryption}", file=sys.stderr)
+    if args.manual_keys:
+        if args.handover_mode != "siu":
+            print("mipsec keys: --handover-mode mobike needs IKEv2; drop --manual-keys",
+                  file=sys.stderr)
+            return 2
+        kw: dict[str, Any] = {"encryption": args.encryption or "ENCR_AES_CBC",
+                              "integrity": args.integrity, "udp_encap": args.udp_encap}
+    else:
+        encryption = args.encryption or "ENCR_AES_GCM_16"
+        if encryption not in IKE_ESP_PROPOSAL:
+            print(f"mipsec keys: IKEv2 negotiates {', '.join(IKE_ESP_PROPOSAL)}, not "
+                  f"{encryption} (--manual-keys for fixed keys)", file=sys.stderr)
             return 2
         kw = {"sa_source": "ikev2", "handover_mode": args.handover_mode,
-              "ike": {"esp_proposals": (IKE_ESP_PROPOSAL[args.encryption],),
+              "ike": {"esp_proposals": (IKE_ESP_PROPOSAL[encryption],),
                       "force_encap": args.udp_encap}}
-    elif args.handover_mode != "siu":
-        print("mipsec keys: --handover-mode mobike needs --ikev2", file=sys.stderr)
-        return 2
     try:
         paths = write_key_set(args.out, args.mobiles, KeySetLayout(run_dir=args.run_dir),
-                              msa_algorithm=args.msa_algorithm, **kw)
+                              force=args.force, msa_algorithm=args.msa_algorithm, **kw)
     except ConfigError as exc:
+        print(f"mipsec keys: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:      # a file appeared meanwhile, a directory we cannot write ...
         print(f"mipsec keys: {exc}", file=sys.stderr)
         return 2
     for name, path in paths.items():

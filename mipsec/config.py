@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mipsec.errors import ConfigError
+from mipsec.io import files
 from mipsec.node import config as node_config
 
 ROLES = ("mn", "gw", "ha")
@@ -44,6 +45,12 @@ ROLE_SECTION = {"mn": "mobile_node", "gw": "gateway", "ha": "home_agent"}
 ROLE_CLASS = {"mn": node_config.MobileNodeConfig, "gw": node_config.GatewayConfig,
               "ha": node_config.HomeAgentConfig}
 SA_SOURCES = ("manual", "ikev2")
+# docs/security.md §3.6: why manual keys and AEAD transforms never go together, and what instead
+MANUAL_AEAD_REFUSED = (
+    "manual keys are forbidden with AES-GCM and ChaCha20-Poly1305 (RFC 4106 §8.1, RFC 7634 §4): "
+    "their nonce is the sequence number, which a restart would repeat under the same key; use "
+    "sa_source = \"ikev2\" (fresh keys for every SA), or manual keys with ENCR_AES_CBC and an "
+    "HMAC integrity transform")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_RUN_DIR = "/run/mipsec"
@@ -99,10 +106,14 @@ def default_socket(role: str) -> str:
 
 # --- TOML -> dataclasses -------------------------------------------------------------------------
 
-def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
+def load_config(path: str | os.PathLike[str], *, require_private: bool = False) -> DaemonConfig:
+    """Load and check a daemon's file.  ``require_private`` (the daemons): the file holds keys,
+    so one that group or others can read or change, or that another user owns, is refused
+    (docs/security.md §3.7); the check is on the file actually read (fstat of the open file)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
@@ -110,7 +121,13 @@ def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_dict(data, path)
+    cfg = config_from_dict(data, path)
+    if require_private:
+        try:
+            files.check_private(path, st)
+        except files.NotPrivate as exc:
+            raise ConfigError(f"{path}: not private: {exc}") from None
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> DaemonConfig:
@@ -152,10 +169,14 @@ def _check_sa_source(d: DaemonSettings, role: str, node: Any, path: str, section
     else:
         mobiles = [node] if role == "mn" else list(node.mobiles)
         for m in mobiles:
+            who = "" if role == "mn" else f" (mobile {m.home_address})"
             if m.esp_in is None or m.esp_out is None:
-                who = "" if role == "mn" else f" (mobile {m.home_address})"
                 raise ConfigError(f"{where}: 'manual' needs esp_in and esp_out{who}; "
                                   f"or set sa_source = \"ikev2\"")
+            for sa in (m.esp_in, m.esp_out):
+                if sa.encryption in node_config.AEAD_TRANSFORMS:
+                    raise ConfigError(f"{where}: 'manual' with {sa.encryption}{who}: "
+                                      f"{MANUAL_AEAD_REFUSED}")
         if node.handover_mode != "siu":
             raise ConfigError(f"{where}: handover_mode 'mobike' needs sa_source = \"ikev2\"")
 
@@ -359,13 +380,11 @@ def dump_config(cfg: DaemonConfig, comment: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
-def write_config(cfg: DaemonConfig, path: str | os.PathLike[str], comment: str = "") -> None:
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # keys: owner only
-    with os.fdopen(fd, "w") as f:
-        f.write(dump_config(cfg, comment))
-    os.replace(tmp, path)
+def write_config(cfg: DaemonConfig, path: str | os.PathLike[str], comment: str = "", *,
+                 exclusive: bool = False) -> None:
+    """Write ``cfg`` as TOML, mode 0600, atomically through a fresh O_EXCL temporary file
+    (``mipsec.io.files.write_private``); ``exclusive``: never replace an existing file."""
+    files.write_private(path, dump_config(cfg, comment), exclusive=exclusive)
 
 
 # --- matching sets (mipsec keys, the lab) --------------------------------------------------------
@@ -392,8 +411,13 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
     ``mipsec.node.config.make_lab_configs`` so the sim, the lab and generated files agree.
     """
     lay = layout or KeySetLayout()
-    lab = node_config.make_lab_configs(n_mobiles, keys_from, **lab_kwargs)
     sa_source = lab_kwargs.get("sa_source", "manual")
+    if sa_source == "manual":
+        # manual keys: CBC + HMAC by default; never an AEAD transform (docs/security.md §3.6)
+        encryption = lab_kwargs.setdefault("encryption", "ENCR_AES_CBC")
+        if encryption in node_config.AEAD_TRANSFORMS:
+            raise ConfigError(f"encryption {encryption}: {MANUAL_AEAD_REFUSED}")
+    lab = node_config.make_lab_configs(n_mobiles, keys_from, **lab_kwargs)
 
     def settings(role: str, name: str, **kw: Any) -> DaemonSettings:
         pcap = os.path.join(lay.pcap_dir, f"{name}.pcap") if lay.pcap_dir else ""
@@ -418,14 +442,22 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
 
 
 def write_key_set(out_dir: str | os.PathLike[str], n_mobiles: int = 1,
-                  layout: KeySetLayout | None = None, **kw: Any) -> dict[str, str]:
-    """``mipsec keys``: write ha.toml, gw.toml and one file per MN; returns name -> path."""
+                  layout: KeySetLayout | None = None, *, force: bool = False,
+                  **kw: Any) -> dict[str, str]:
+    """``mipsec keys``: write ha.toml, gw.toml and one file per MN; returns name -> path.
+
+    Existing files are not overwritten unless ``force`` (ConfigError naming them, and nothing
+    written); a new directory is created mode 0700."""
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name, cfg in make_key_set(n_mobiles, layout, **kw).items():
-        path = os.path.join(out_dir, f"{name}.toml")
-        write_config(cfg, path, comment=f"mipsec {cfg.role} configuration for {name!r}, generated "
+    sets = make_key_set(n_mobiles, layout, **kw)
+    os.makedirs(out_dir, mode=0o700, exist_ok=True)
+    paths = {name: os.path.join(out_dir, f"{name}.toml") for name in sets}
+    existing = [p for p in paths.values() if os.path.lexists(p)]
+    if existing and not force:
+        raise ConfigError(f"{', '.join(existing)}: exists already; not overwritten (--force "
+                          f"replaces {'them' if len(existing) > 1 else 'it'})")
+    for name, cfg in sets.items():
+        write_config(cfg, paths[name], exclusive=not force,
+                     comment=f"mipsec {cfg.role} configuration for {name!r}, generated "
                      f"by `mipsec keys`.\nSecret keys inside: keep this file private (mode 0600).")
-        paths[name] = path
     return paths

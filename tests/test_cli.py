@@ -62,7 +62,7 @@ def test_version(capsys):
 
 
 def test_keys_writes_a_loadable_set(tmp_path, capsys):
-    assert cli.main(["keys", "--out", str(tmp_path), "--mobiles", "3",
+    assert cli.main(["keys", "--out", str(tmp_path), "--mobiles", "3", "--manual-keys",
                      "--encryption", "ENCR_AES_CBC", "--integrity", "AUTH_HMAC_SHA1_96"]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["gw.toml", "ha.toml", "mn1.toml", "mn2.toml", "mn3.toml"]
@@ -164,11 +164,13 @@ def test_keys_ikev2_writes_psks_and_no_esp_keys(tmp_path, capsys):
     assert mn.node.ike.esp_proposals == ("aes128-sha256",)
     assert mn.node.handover_mode == "mobike" == gw.node.handover_mode
     assert {m.ike_id for m in gw.node.mobiles} == {"mn1@mipsec.lab", "mn2@mipsec.lab"}
-    assert cli.main(["keys", "--out", str(tmp_path / "x"), "--handover-mode", "mobike"]) == 2
-    assert "--handover-mode mobike needs --ikev2" in capsys.readouterr().err
+    # (IKEv2 is the default: mobike is refused only with --manual-keys)
+    assert cli.main(["keys", "--out", str(tmp_path / "x"), "--manual-keys",
+                     "--handover-mode", "mobike"]) == 2
+    assert "--handover-mode mobike needs IKEv2" in capsys.readouterr().err
     assert cli.main(["keys", "--out", str(tmp_path / "y"), "--ikev2",
                      "--encryption", "ENCR_NULL"]) == 2
-    assert "--ikev2 negotiates" in capsys.readouterr().err
+    assert "IKEv2 negotiates" in capsys.readouterr().err
 
 
 def test_render_ike_shows_sas_children_and_last_rekey():

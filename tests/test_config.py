@@ -81,15 +81,16 @@ def test_missing_key_names_file_table_and_key(key_set, tmp_path):
 def test_wrong_key_length_for_the_transform(key_set, tmp_path):
     data = open(key_set["mn1"]).read()
     old = [l for l in data.splitlines() if l.startswith("encryption_key")][0]
-    path = _write(tmp_path, data.replace(old, 'encryption_key = "00112233445566778899aabbccddeeff"', 1))
+    # (manual keys are AES-CBC: 16, 24 or 32 bytes)
+    path = _write(tmp_path, data.replace(old, 'encryption_key = "00112233445566778899aabb"', 1))
     msg = _message(path)
     assert path in msg and "[mobile_node.esp_in]" in msg and "encryption_key" in msg
-    assert "ENCR_AES_GCM_16" in msg and "got 16" in msg
+    assert "ENCR_AES_CBC" in msg and "got 12" in msg
 
 
 def test_unknown_transform(key_set, tmp_path):
     path = _mutate(key_set["gw"], tmp_path,
-                   lambda t: t.replace('encryption = "ENCR_AES_GCM_16"', 'encryption = "ENCR_3DES"', 1))
+                   lambda t: t.replace('encryption = "ENCR_AES_CBC"', 'encryption = "ENCR_3DES"', 1))
     msg = _message(path)
     assert path in msg and "[gateway.mobiles[0].esp_in]" in msg
     assert "unknown transform 'ENCR_3DES'" in msg

@@ -29,7 +29,9 @@ COA = "172.16.2.10"
 
 
 def build(tmp_path, spoil=None, sa_source="manual"):
-    kw = lab_key_kwargs("ENCR_AES_GCM_16", False, sa_source, "siu")
+    # the lab's default transform for the SA source: AES-GCM with IKEv2, AES-CBC with manual
+    # keys (manual keys with an AEAD transform are refused)
+    kw = lab_key_kwargs(None, False, sa_source, "siu")
     sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(5), **kw)
     if spoil is not None:
         name, change = spoil
@@ -149,8 +151,9 @@ def test_every_mismatch_gives_a_warning_naming_peer_and_reason(lab, caplog, case
         "siu key": (("gw", lambda c: node(c, home_agents=tuple(
             dataclasses.replace(h, key=flip(h.key)) for h in c.node.home_agents))),
             "gw", "siu-authentication-failed", "ha"),
+        # (manual keys are CBC + HMAC: the integrity key is the one the ICV check sees)
         "esp key": (("mn", lambda c: node(c, esp_out=dataclasses.replace(
-            c.node.esp_out, encryption_key=flip(c.node.esp_out.encryption_key)))),
+            c.node.esp_out, integrity_key=flip(c.node.esp_out.integrity_key)))),
             "gw", "icv-mismatch", "SA 0x"),
         "psk": (("mn", lambda c: node(c, ike=dataclasses.replace(
             c.node.ike, psk=flip(c.node.ike.psk)))), "gw", "ike-authentication-failed", None),

@@ -706,7 +706,7 @@ def run_daemon(config_path: str, expected_role: str, log_level: str | None = Non
                log_format: str | None = None) -> int:
     """Entry point of ``mipsec mn|gw|ha``: exit status 0 on a clean stop, 2 on bad config."""
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, require_private=True)
         if cfg.role != expected_role:
             raise ConfigError(f"{config_path}: role: the file is for {cfg.role!r}, "
                               f"not {expected_role!r}")

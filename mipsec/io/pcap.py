@@ -278,14 +278,10 @@ def _write_private(path: str | os.PathLike[str], header: str, entries: Iterable[
         if line not in seen:
             seen.add(line)
             lines.append(line)
-    tmp = f"{os.fspath(path)}.tmp"
-    # created 0600 (not chmod-ed after writing): the keys are never readable by others
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, 0o600)
-        f.write(header)
-        f.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    # a fresh O_EXCL|O_NOFOLLOW 0600 temporary file renamed over the target: the keys are never
+    # readable by others, and nothing planted at a predictable name is written through
+    from mipsec.io.files import write_private
+    write_private(path, header + "".join(line + "\n" for line in lines))
 
 
 def tshark_options(*keyfiles: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, TextIO
 
@@ -35,11 +36,17 @@ def print_timeline(events: list[dict[str, Any]], t0: float, out: TextIO) -> None
 CAPTURE_FILES = ("gw.pcap", "gw.pcap.esp_sa", ike_keyfile_path("gw.pcap.esp_sa"))
 
 
-def keep_capture(state_dir: str, where: str) -> str:
+def keep_capture(state_dir: str, where: str | None = None) -> str:
     """Move the GW's capture and its key files out of the lab's state directory (which `down`
-    removes) into ``where``.  /run is a tmpfs and /tmp usually is not: a rename cannot cross
-    that, so this copies where it must (shutil.move)."""
-    os.makedirs(where, exist_ok=True)
+    removes) into ``where``: by default a fresh private directory from ``tempfile.mkdtemp``
+    (mode 0700, a random name nobody can create in advance); a ``where`` given must not exist
+    yet (it is created 0700), so the key files never land in a directory someone else made.
+    /run is a tmpfs and /tmp usually is not: a rename cannot cross that, so this copies where it
+    must (shutil.move)."""
+    if where is None:
+        where = tempfile.mkdtemp(prefix="mipsec-demo-capture-")
+    else:
+        os.mkdir(where, 0o700)
     for name in CAPTURE_FILES:
         source = os.path.join(state_dir, name)
         if os.path.exists(source):
@@ -151,7 +158,7 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
                   file=out)
         where = lab.state_dir
         if not keep:
-            where = keep_capture(lab.state_dir, f"/tmp/mipsec-demo-capture-{os.getpid()}")
+            where = keep_capture(lab.state_dir)      # a fresh private directory
         pcap, keys = os.path.join(where, "gw.pcap"), os.path.join(where, "gw.pcap.esp_sa")
         ike_keys = ike_keyfile_path(keys)
         print(f"\ncapture of the GW's outside: {pcap} (ESP keys for Wireshark: {keys})\n"

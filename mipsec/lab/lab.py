@@ -136,13 +136,15 @@ class Lab:
 
     # --- up / down ---------------------------------------------------------------------------
 
-    def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str = "ENCR_AES_GCM_16",
+    def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str | None = None,
            udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
            handover_mode: str = "siu", ike: dict[str, Any] | None = None,
            mobiles: int = 1, nat: bool = False, **config_kw: Any) -> None:
         """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
         (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
-        written into the configs (``"manual"``, ``mipsec lab up --manual-keys``).
+        written into the configs (``"manual"``, ``mipsec lab up --manual-keys``; CBC: manual
+        keys with an AEAD transform are refused, docs/security.md §3.6).  ``encryption``
+        defaults to AES-GCM with IKEv2 and AES-CBC with manual keys.
         ``ike`` overrides IKE settings; ``config_kw`` goes to ``make_lab_configs`` (e.g.
         ``retransmit_initial_s``, ``max_attempts``).  ``mobiles`` MNs, each attached to
         ``place``; ``nat`` adds the visited network ``n`` behind the router's NAT."""
@@ -418,14 +420,19 @@ def _package_root() -> str:
 IKE_ESP_PROPOSAL = {"ENCR_AES_GCM_16": "aes128gcm16", "ENCR_AES_CBC": "aes128-sha256"}
 
 
-def lab_key_kwargs(encryption: str, udp_encap: bool, sa_source: str, handover_mode: str,
+def lab_key_kwargs(encryption: str | None, udp_encap: bool, sa_source: str, handover_mode: str,
                    ike: dict[str, Any] | None = None) -> dict[str, Any]:
     """``make_key_set`` arguments for a lab: manual keys, or IKEv2 settings that negotiate the
-    same transform (``udp_encap`` -> ``force_encap``: ESP in UDP 4500 after IKE's NAT-T)."""
+    same transform (``udp_encap`` -> ``force_encap``: ESP in UDP 4500 after IKE's NAT-T).
+    ``encryption`` None: AES-GCM with IKEv2, AES-CBC with manual keys."""
     if sa_source == "manual":
         if handover_mode != "siu":
             raise LabError("handover mode 'mobike' needs IKEv2 (not --manual-keys)")
+        encryption = encryption or "ENCR_AES_CBC"
+        if encryption in mconfig.node_config.AEAD_TRANSFORMS:
+            raise LabError(f"--manual-keys with {encryption}: {mconfig.MANUAL_AEAD_REFUSED}")
         return {"encryption": encryption, "udp_encap": udp_encap}
+    encryption = encryption or "ENCR_AES_GCM_16"
     if sa_source != "ikev2":
         raise LabError(f"unknown SA source {sa_source!r}")
     if encryption not in IKE_ESP_PROPOSAL:

@@ -37,6 +37,7 @@ for different MNs).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ NFT_TABLE = "mipsec_lab_nat"
 PLACE_ROUTER = {"a": ROUTER["va0"], "b": ROUTER["vb0"], NAT_PLACE: NAT_ROUTER}
 PLACE_IFACE = {**MN_IFACE, NAT_PLACE: NAT_IFACE}
 MAX_MOBILES = 100
+# every namespace name a lab gives a node (after its prefix): the nodes above, mn<N> for more MNs
+LAB_NODE = re.compile("(?:" + "|".join(NODES) + r")[0-9]*")
 # Lab links carry 1600-byte frames and the lab's TUN devices have MTU 1500, so a 1400-byte UDP
 # payload crosses the tunnels (inner 1428 + IP-in-IP 20 + ESP ~40 + outer 20) unfragmented.
 LINK_MTU = 1600
@@ -144,10 +147,16 @@ class Names:
         return [self.ns(n) for n in nodes(self.mobiles)]
 
 
+def is_lab_namespace(prefix: str, name: str) -> bool:
+    """Exactly ``prefix`` + a lab node name (``mn2`` ... for more mobiles): ``X-`` is not a
+    prefix of lab ``X-b-``'s namespaces (``X-b-cn``), so ``down --prefix X-`` leaves them."""
+    return name.startswith(prefix) and LAB_NODE.fullmatch(name[len(prefix):]) is not None
+
+
 def existing_namespaces(prefix: str) -> list[str]:
     proc = subprocess.run([IP, "netns", "list"], capture_output=True, text=True)
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    return [n for n in names if n.startswith(prefix)]
+    return [n for n in names if is_lab_namespace(prefix, n)]
 
 
 def _veth(a_ns: str, a: str, b_ns: str, b: str) -> None:

@@ -54,8 +54,10 @@ def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1,
     ``manual_keys``: pre-shared ESP keys instead of SAs negotiated by IKEv2 (the default);
     ``handover_mode``: "siu" or "mobike" (IKEv2 only)."""
     sa_source = "manual" if manual_keys else "ikev2"
+    # manual keys only with CBC + HMAC, as the daemons require (docs/security.md §3.6)
     topo = build_topology(1, internet_delay_s=internet_delay_s, seed=seed, sa_source=sa_source,
-                          handover_mode=handover_mode)
+                          handover_mode=handover_mode,
+                          **({"encryption": "ENCR_AES_CBC"} if manual_keys else {}))
     mn = topo.mn.role
     a, b = topo.care_of["a"][0], topo.care_of["b"][0]
     p = lambda *s: print(*s, file=out)  # noqa: E731
