@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
     where.add_argument("--role", choices=("mn", "gw", "ha"),
                        help="use the default socket /run/mipsec/<role>.sock")
+    where.add_argument("--instance", "-i", metavar="NAME",
+                       help="one of several daemons on this machine: /run/mipsec/NAME.sock "
+                            "(the names `mipsec keys` gives: ha, gw, mn1, mn2 ...)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.add_argument("--watch", "-w", nargs="?", type=float, const=1.0, metavar="SECONDS",
+                   help="redraw every SECONDS (1) until Ctrl-C")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("reload", help="make a running daemon re-read its configuration file",
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
     where.add_argument("--role", choices=("mn", "gw", "ha"),
                        help="use the default socket /run/mipsec/<role>.sock")
+    where.add_argument("--instance", "-i", metavar="NAME", help="/run/mipsec/NAME.sock")
     p.set_defaults(func=_cmd_reload)
 
     p = sub.add_parser("check", help="check a set of configuration files against each other",
@@ -262,6 +268,8 @@ def _socket_for(args: argparse.Namespace, role: str | None = None) -> str:
     from mipsec.config import default_socket
     if getattr(args, "socket", None):
         return args.socket
+    if getattr(args, "instance", None):
+        return default_socket(args.instance)
     return default_socket(getattr(args, "role", None) or role or "mn")
 
 
@@ -275,16 +283,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from mipsec.io import control
     _quiet_pipe()
     path = _socket_for(args)
-    try:
-        reply = control.request(path, "status")
-    except (OSError, ValueError) as exc:
-        print(f"mipsec status: cannot reach {path}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(reply, indent=2, default=str))
-    else:
-        print(render_status(reply))
-    return 0 if reply.get("ok") else 1
+    while True:
+        try:
+            reply = control.request(path, "status")
+        except (OSError, ValueError) as exc:
+            print(f"mipsec status: cannot reach {path}: {exc}", file=sys.stderr)
+            if args.watch is None:
+                return 1
+            reply = None
+        if args.watch is not None:
+            sys.stdout.write("\033[H\033[2J")          # home + clear: a live view
+        if reply is not None:
+            print(json.dumps(reply, indent=2, default=str) if args.json else render_status(reply))
+        if args.watch is None:
+            return 0 if reply.get("ok") else 1
+        sys.stdout.flush()
+        try:
+            import time
+            time.sleep(max(0.1, args.watch))
+        except KeyboardInterrupt:
+            return 0
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -498,7 +516,10 @@ def render_status(reply: dict[str, Any]) -> str:
     if reply.get("drops"):
         lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reply["drops"].items())))
     node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline", "ike")}
-    lines += _render_tree(node, indent=2, now=now)
+    wall = reply.get("clock", {}).get("wall")
+    offset = wall - now if isinstance(wall, (int, float)) and isinstance(now, (int, float)) \
+        else None
+    lines += _render_tree(node, indent=2, now=now, offset=offset)
     if (reply.get("node") or {}).get("ike") is not None:
         lines += render_ike(reply["node"]["ike"], now)
     timeline = reply.get("timeline") or []
@@ -594,7 +615,8 @@ def render_sa(sa: dict[str, Any], now: float | None) -> list[str]:
     return [first, second]
 
 
-def _render_tree(value: Any, indent: int, now: float | None) -> list[str]:
+def _render_tree(value: Any, indent: int, now: float | None,
+                 offset: float | None = None) -> list[str]:
     pad = " " * indent
     out = []
     if _is_sa(value):
@@ -605,18 +627,18 @@ def _render_tree(value: Any, indent: int, now: float | None) -> list[str]:
                 out += [pad + line for line in render_sa(item, now)]
             elif isinstance(item, (dict, list)) and item:
                 out.append(f"{pad}{key}:")
-                out += _render_tree(item, indent + 2, now)
+                out += _render_tree(item, indent + 2, now, offset)
             else:
-                out.append(f"{pad}{key}: {_fmt(key, item, now)}")
+                out.append(f"{pad}{key}: {_fmt(key, item, now, offset)}")
     elif isinstance(value, list):
         for item in value:
             if isinstance(item, dict):
                 flat = all(not isinstance(v, (dict, list)) for v in item.values())
                 if flat:
-                    out.append(pad + "- " + ", ".join(f"{k}={_fmt(k, v, now)}"
+                    out.append(pad + "- " + ", ".join(f"{k}={_fmt(k, v, now, offset)}"
                                                       for k, v in item.items()))
                 else:
-                    sub = _render_tree(item, indent + 2, now)
+                    sub = _render_tree(item, indent + 2, now, offset)
                     if sub:
                         sub[0] = pad + "- " + sub[0].lstrip()
                     out += sub
@@ -627,16 +649,26 @@ def _render_tree(value: Any, indent: int, now: float | None) -> list[str]:
     return out
 
 
-def _fmt(key: str, value: Any, now: float | None) -> str:
+def _fmt(key: str, value: Any, now: float | None, offset: float | None = None) -> str:
+    """A status value: SPIs in hex; loop-clock times (monotonic) as UTC wall-clock times with
+    how long ago / how soon, when the reply carries both clocks (``offset`` = wall - monotonic)."""
     if isinstance(value, int) and "spi" in str(key).lower():
         return f"0x{value:08x}"
     name = str(key).lower()
     if isinstance(value, float) and now is not None and value > 0:
         if "expires" in name or "until" in name:
-            return f"{value:.3f} (in {value - now:.1f} s)"
+            return f"{_wall(value, offset)} (in {value - now:.1f} s)"
         if "time" in name:
-            return f"{value:.3f} ({now - value:.1f} s ago)"
+            return f"{_wall(value, offset)} ({now - value:.1f} s ago)"
     return str(value)
+
+
+def _wall(monotonic: float, offset: float | None) -> str:
+    if offset is None:
+        return f"{monotonic:.3f}"
+    import datetime
+    moment = datetime.datetime.fromtimestamp(monotonic + offset, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,11 +83,18 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The ``[metrics]`` table: the Prometheus endpoint (off by default)."""
+    listen: str = ""                  # "addr:port", e.g. "127.0.0.1:9474" ("" = off)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     role: str
     daemon: DaemonSettings
     node: Any                         # MobileNodeConfig | GatewayConfig | HomeAgentConfig
     path: str = "<memory>"
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def control_socket(self) -> str:
@@ -137,7 +144,7 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> DaemonConf
     if role not in ROLES:
         raise ConfigError(f"{path}: role: unknown role {role!r} (one of {', '.join(ROLES)})")
     section = ROLE_SECTION[role]
-    allowed = {"role", "daemon", section}
+    allowed = {"role", "daemon", "metrics", section}
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{path}: unknown key {key!r} at top level "
@@ -148,7 +155,23 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> DaemonConf
     _check_daemon(daemon, role, path)
     node = _build(ROLE_CLASS[role], data[section], path, section)
     _check_sa_source(daemon, role, node, path, section)
-    return DaemonConfig(role=role, daemon=daemon, node=node, path=path)
+    metrics = _build(MetricsSettings, data.get("metrics", {}), path, "metrics")
+    _check_metrics(metrics, path)
+    return DaemonConfig(role=role, daemon=daemon, node=node, path=path, metrics=metrics)
+
+
+def _check_metrics(m: MetricsSettings, path: str) -> None:
+    if not m.listen:
+        return
+    host, sep, port = m.listen.rpartition(":")
+    try:
+        socket.inet_aton(host)
+        ok = sep == ":" and host.count(".") == 3 and 1 <= int(port) <= 65535
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{_where(path, 'metrics', 'listen')}: not an IPv4 addr:port: "
+                          f"{m.listen!r} (e.g. \"127.0.0.1:9474\")")
 
 
 def _check_sa_source(d: DaemonSettings, role: str, node: Any, path: str, section: str) -> None:
@@ -377,6 +400,8 @@ def dump_config(cfg: DaemonConfig, comment: str = "") -> str:
     out.append(f"role = {_scalar(cfg.role)}")
     _emit(cfg.daemon, "daemon", out, skip=_NOT_FOR_ROLE[cfg.role])
     _emit(cfg.node, ROLE_SECTION[cfg.role], out)
+    if cfg.metrics.listen:
+        _emit(cfg.metrics, "metrics", out)
     return "\n".join(out) + "\n"
 
 

@@ -125,7 +125,8 @@ def test_status_human(fake_daemon, capsys):
     assert ("packets 5, octets 500, drops replayed 2; last authenticated 1.5 s ago from "
             "172.16.1.10") in out
     assert "SA 0x20000000 outbound 172.16.0.1 -> 172.16.1.10  ENCR_AES_GCM_16 in UDP 4500" in out
-    assert "expires: 1600.000 (in 600.0 s)" in out
+    # loop-clock times are shown as UTC wall-clock times (wall 1.7e9 at monotonic 1000)
+    assert "expires: 2023-11-14 22:23:20.000 UTC (in 600.0 s)" in out
     assert "unknown-spi 1" in out
     assert "gw-sa-repointed" in out and "2.00 ms" in out
 

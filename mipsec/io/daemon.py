@@ -173,6 +173,7 @@ class Daemon:
         self._ike_spis: set[tuple[bytes, bytes]] = set()
         self.announcer: arp.Announcer | None = None
         self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
+        self.metrics: Any = None                      # the Prometheus endpoint ([metrics])
         self.sysctls = hostguard.Sysctls()    # GW / HA: what the daemon set, restored at exit
         self.forward_filter: hostguard.ForwardFilter | None = None
         self.store: Any = None                # HA: its binding store (mipsec.store)
@@ -251,6 +252,19 @@ class Daemon:
         self.loop.on_silent = self.events.on_silent
         self.loop.after_batch.append(self.events.after_batch)
         self.loop.hurry = self.events.wants_wakeup
+        if cfg.metrics.listen:
+            from mipsec.io import metrics
+            role_metrics = metrics.RoleMetrics(
+                cfg.role, self._name(), role=self.role, stats=lambda: self.loop.stats,
+                sas=lambda: role_sas(self.role) if cfg.role in ("mn", "gw") else (),
+                drops=self.events.drop_totals)
+            self.events.observers.append(role_metrics.observe)
+            try:
+                self.metrics = metrics.MetricsServer(cfg.metrics.listen, role_metrics)
+            except OSError as exc:
+                raise ConfigError(f"{cfg.path}: [metrics] listen: cannot listen on "
+                                  f"{cfg.metrics.listen}: {exc.strerror or exc}") from None
+            self.loop.add_reader(self.metrics, lambda srv: srv.serve_one())
         if cfg.role == "gw":
             # The GW's capture is its outside: packets from or to its outside address (ESP and
             # UDP-encapsulated ESP), not the SIUs on the inside.
@@ -635,6 +649,8 @@ class Daemon:
         path = self.cfg.path
         try:
             new = load_config(path)
+            if new.metrics != self.cfg.metrics:
+                raise ConfigError(f"{path}: [metrics] changed: that needs a restart")
             if new.role != self.cfg.role:
                 raise ConfigError(f"{path}: role: the file is now for {new.role!r}, the running "
                                   f"daemon is {self.cfg.role!r}")
@@ -689,6 +705,7 @@ class Daemon:
                        lambda: self.watcher and self.watcher.close(),
                        lambda: self.announcer and self.announcer.close(),
                        lambda: self.control and self.control.close(),
+                       lambda: self.metrics and self.metrics.close(),
                        lambda: self.loop and self.loop.close(),
                        lambda: [r.close() for r in self.receivers or ()],
                        lambda: self.sender and self.sender.close(),

@@ -161,7 +161,8 @@ class RoleWatcher:
         self._ike: dict[str, str] = {}              # established IKE SA name -> description
         self.limiter = RateLimiter()
         self.warnings = 0                           # WARNING lines written (status, tests)
-        self._drops = self._drop_totals()           # what was there before we started
+        self.observers: list[Callable[[Any], None]] = []   # every new timeline event (metrics)
+        self._drops = self.drop_totals()           # what was there before we started
         self._role_sum = self._role_level_sum()
 
     # --- hooks for the loop --------------------------------------------------------------------
@@ -230,6 +231,8 @@ class RoleWatcher:
         events = self._new_events()
         for ev in events:
             self.event(ev)
+            for observer in self.observers:
+                observer(ev)
         return bool(events)
 
     def event(self, ev: Any) -> None:
@@ -299,7 +302,7 @@ class RoleWatcher:
 
     # --- drops -> WARNING / DEBUG --------------------------------------------------------------
 
-    def _drop_totals(self) -> dict[tuple[str, DropReason], int]:
+    def drop_totals(self) -> dict[tuple[str, DropReason], int]:
         """Every drop counter of the role: (where, reason) -> count.  ``where`` is an SA with
         its remote address, or "" for counters that do not name a peer."""
         out: dict[tuple[str, DropReason], int] = {}
@@ -323,7 +326,7 @@ class RoleWatcher:
         return out
 
     def _check_drops(self, now: float) -> None:
-        totals = self._drop_totals()
+        totals = self.drop_totals()
         previous = self._drops
         self._drops = totals
         peers = ", ".join(self._silent) or "unknown"
