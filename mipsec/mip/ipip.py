@@ -40,13 +40,22 @@ def encapsulate(inner: bytes, src: str, dst: str, identification: int = 0,
 
     ``identification`` is the outer IP ID; callers that may send without DF pass a counter.
     """
+    return encapsulate_packed(inner, _packed(src), _packed(dst), identification, ttl)
+
+
+def packed(address: str) -> bytes:
+    """The 4 bytes of a dotted-quad tunnel endpoint (cached: endpoints are few)."""
+    return _packed(address)
+
+
+def encapsulate_packed(inner: bytes, src_b: bytes, dst_b: bytes, identification: int = 0,
+                       ttl: int = IPIP_OUTER_TTL) -> bytes:
+    """``encapsulate`` with both endpoints as 4 bytes each (the per-packet form)."""
     total = IPV4_MIN_HEADER_BYTES + len(inner)
     if total > _MAX_TOTAL:
         raise ValueError(f"inner datagram of {len(inner)} bytes does not fit an IPv4 packet")
     tos = inner[OFF_TOS] if len(inner) > OFF_TOS else 0
     df = FLAG_DF if len(inner) > OFF_FLAGS_FRAGMENT and inner[OFF_FLAGS_FRAGMENT] & 0x40 else 0
-    src_b = _packed(src)
-    dst_b = _packed(dst)
     header = pack_ipv4(VERSION_IHL_20, tos, total, identification & 0xFFFF, df, ttl,
                        IPPROTO_IPIP, 0, src_b, dst_b)
     csum = checksum(header)

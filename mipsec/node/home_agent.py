@@ -501,19 +501,29 @@ class HomeAgent:
 
     # --- intercepted packets for home addresses ---------------------------------------------
     def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
+        outer = self.tun_fast_path(packet, now)
+        return [SendToNet(outer)] if outer is not None else []
+
+    def tun_fast_path(self, packet: bytes, now: float) -> bytes | None:
+        """``receive_from_tun`` without an action object (the event loop's data path): the
+        IP-in-IP packet to send, or None when the packet is dropped (counted)."""
         try:
             peek_ipv4(packet)
         except ParseError as exc:
-            return self._drop(exc.reason)
+            self._drop(exc.reason)
+            return None
         binding = self.bindings.get(b2a(packet[16:20]))
         if binding is None or binding.care_of_address is None:
-            return self._drop(DropReason.IPIP_NO_BINDING)
+            self._drop(DropReason.IPIP_NO_BINDING)
+            return None
         try:
-            outer = ipip.encapsulate(packet, self.address, binding.care_of_address)
+            outer = ipip.encapsulate_packed(packet, self._address_b,
+                                            ipip.packed(binding.care_of_address))
         except ValueError:
-            return self._drop(DropReason.MALFORMED)
+            self._drop(DropReason.MALFORMED)
+            return None
         self.counters["tunnelled"] += 1
-        return [SendToNet(outer)]
+        return outer
 
     # --- hooks ---------------------------------------------------------------------------------
     def set_gateway_spi(self, home_address: str, gateway_spi: int) -> None:
