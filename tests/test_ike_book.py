@@ -143,3 +143,25 @@ def test_rekey_answered_sends_on_old_until_delete_and_old_inbound_has_a_grace_pe
     for who, ev in net.events[seen:]:
         b[who].apply(ev, 2.0)
     assert not mn.inbound and not mn.retired and mn.get_timer() is None
+
+
+def test_an_spi_allocated_for_a_child_that_never_came_is_given_back():
+    from test_ike_exchanges import only_sa
+    net, I, R = establish(ike_lifetime_s=None, child_lifetime_s=None, dpd_interval_s=None)
+    sa_i, sa_r = only_sa(I), only_sa(R)
+    (x_r,), (x_i,) = list(sa_r.children), list(sa_i.children)
+    held = sa_r.rekey_child(x_r, 1.0)               # the GW re-keys; its request is delayed
+    assert R.sizes()["esp_spis"] == 2
+    net.deliver(sa_i.delete_child(x_i, 1.0), MN_ADDR)   # meanwhile the MN deletes the child
+    assert not sa_i.children and not sa_r.children
+    net.deliver(held, GW_ADDR)                      # the MN answers CHILD_SA_NOT_FOUND
+    assert R.sizes()["esp_spis"] == 0 and I.sizes()["esp_spis"] == 0
+    # a re-key in flight when its IKE SA fails gives its SPI back too
+    net.deliver(sa_i.create_child(2.0), MN_ADDR)
+    assert I.sizes()["esp_spis"] == 1 and R.sizes()["esp_spis"] == 1
+    net.tap = lambda d: None                        # the path is gone
+    net.deliver(sa_i.rekey_child(next(iter(sa_i.children)), 3.0), MN_ADDR)
+    assert I.sizes()["esp_spis"] == 2
+    net.run_timers(60.0)
+    assert sa_i.state == State.CLOSED and I.sizes() == {
+        "ike_sas": 0, "spis": 0, "half_open": 0, "esp_spis": 0, "children": 0}

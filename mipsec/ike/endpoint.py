@@ -83,7 +83,8 @@ class IkeEndpoint:
 
     def initiate(self, local: Address, remote: Address, now: float) -> list:
         sa = IkeSa.new_initiator(self.config, local, remote, now=now, random=self._random,
-                                 alloc_esp_spi=self._alloc_esp_spi, drops=self.drops)
+                                 alloc_esp_spi=self._alloc_esp_spi, drops=self.drops,
+                                 release_esp_spi=self._esp_spis.discard)
         while sa.spi_i in self._by_spi:
             sa.spi_i = self._random(8)
         self._by_spi[sa.spi_i] = sa
@@ -243,7 +244,8 @@ class IkeEndpoint:
             spi_r = self._random(8)
         sa, out = IkeSa.respond_init(self.config, m, local, remote, now, spi_r=spi_r,
                                      random=self._random, drops=self.drops,
-                                     alloc_esp_spi=self._alloc_esp_spi)
+                                     alloc_esp_spi=self._alloc_esp_spi,
+                                     release_esp_spi=self._esp_spis.discard)
         if sa is not None:
             self._by_spi[spi_r] = sa
             self._half_open[(h.spi_i, remote)] = sa

@@ -143,7 +143,7 @@ class IkeSa:
     def __init__(self, config: IkeConfig, *, initiator: bool, local: Address, remote: Address,
                  spi_i: bytes, spi_r: bytes, random: Random = os.urandom,
                  alloc_esp_spi: Callable[[], int] | None = None, drops: Counter | None = None,
-                 now: float = 0.0):
+                 now: float = 0.0, release_esp_spi: Callable[[int], None] | None = None):
         self.config = config
         self.initiator = initiator
         self.local, self.remote = local, remote
@@ -151,6 +151,8 @@ class IkeSa:
         self.state = State.IDLE
         self._random = random
         self._alloc_esp_spi = alloc_esp_spi or self._random_esp_spi
+        # gives back an SPI allocated for a child that was never made
+        self._release_esp_spi = release_esp_spi or (lambda spi: None)
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
         self.suite: IkeSuite | None = None
         self.keys: IkeKeys | None = None
@@ -236,6 +238,9 @@ class IkeSa:
     def _close(self, event) -> None:
         if self.state != State.CLOSED:
             self._goto(State.CLOSED)
+        if self._pending is not None and self._pending.kind == "rekey_child" \
+                and "spi_in" in self._pending.ctx:
+            self._release_esp_spi(self._pending.ctx["spi_in"])   # that child never came
         self._pending = None
         self._queue.clear()
         self._out.append(event)
@@ -575,7 +580,7 @@ class IkeSa:
     @classmethod
     def respond_init(cls, config: IkeConfig, m: Message, local: Address, remote: Address,
                      now: float, *, spi_r: bytes, random: Random, drops: Counter,
-                     alloc_esp_spi=None) -> tuple["IkeSa | None", list]:
+                     alloc_esp_spi=None, release_esp_spi=None) -> tuple["IkeSa | None", list]:
         """Answer an IKE_SA_INIT request: a new half-open SA, or (None, [error response])."""
         sa_p, ke, nonce = m.find(SaPayload), m.find(KePayload), m.find(NoncePayload)
         h = m.header
@@ -605,7 +610,8 @@ class IkeSa:
             drops[e.reason] += 1
             return None, []
         self = cls(config, initiator=False, local=local, remote=remote, spi_i=h.spi_i,
-                   spi_r=spi_r, random=random, drops=drops, alloc_esp_spi=alloc_esp_spi, now=now)
+                   spi_r=spi_r, random=random, drops=drops, alloc_esp_spi=alloc_esp_spi, now=now,
+                   release_esp_spi=release_esp_spi)
         self._dh = dh
         self.ni, self.nr = nonce.data, random(NONCE_LEN)
         self._init_request = m.raw
@@ -840,6 +846,7 @@ class IkeSa:
                 suite = None
         if suite is None:
             self.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] += 1
+            self._release_esp_spi(req.ctx["spi_in"])     # no child: the SPI is free again
             old = req.ctx["old"]
             if old in self.children and c.child_lifetime_s:
                 self._child_rekey_at[old] = now + self._retry_delay(c.child_lifetime_s)
@@ -1011,7 +1018,8 @@ class IkeSa:
                    suite: IkeSuite, shared: bytes, now: float) -> "IkeSa":
         new = IkeSa(self.config, initiator=initiator, local=self.local, remote=self.remote,
                     spi_i=spi_i, spi_r=spi_r, random=self._random,
-                    alloc_esp_spi=self._alloc_esp_spi, drops=self.drops, now=now)
+                    alloc_esp_spi=self._alloc_esp_spi, drops=self.drops, now=now,
+                    release_esp_spi=self._release_esp_spi)
         new.ni, new.nr = ni, nr
         new._set_keys(suite, rekey_skeyseed(self.suite.prf, self.keys.sk_d, shared, ni, nr))
         new.peer_id, new.peer_mobike = self.peer_id, self.peer_mobike
