@@ -35,7 +35,7 @@ def test_transition_table_is_complete_for_what_the_mn_does_and_refuses_the_rest(
     mn = topo.mn.role
     assert mn.state is RegState.IDLE
     with pytest.raises(UsageError, match="accepted is not allowed in state idle"):
-        mn._transition(RegEvent.ACCEPTED)
+        mn._event(RegEvent.ACCEPTED, 0.0)
     assert mn.state is RegState.IDLE
     # every state can be left by a move, and every away state by returning home
     for state in RegState:

@@ -236,6 +236,10 @@ class IkeSa:
         self._last_sent = now
 
     def _close(self, event) -> None:
+        if self.children:
+            # §1.4.1: child SAs never outlive their IKE SA, however it ends (a failed liveness
+            # check or exchange too): each is reported deleted before the IKE SA's own event
+            self._delete_all_children()
         if self.state != State.CLOSED:
             self._goto(State.CLOSED)
         if self._pending is not None and self._pending.kind == "rekey_child" \

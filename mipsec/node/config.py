@@ -53,9 +53,10 @@ INTEGRITY_KEY_BYTES: dict[str, int] = {
 
 REG_LIFETIME_S = 600                # requested registration lifetime (RFC 5944 §3.3: <= 65534)
 HA_MAX_LIFETIME_S = 1800            # the HA grants min(requested, this)
-RETRANSMIT_INITIAL_S = 1.0          # RFC 5944 §3.6.3: first timeout, then doubled
-RETRANSMIT_MAX_S = 16.0             # cap of the back-off
-RETRANSMIT_MAX_ATTEMPTS = 5         # transmissions before asking for re-establishment
+RETRANSMIT_INITIAL_S = 1.0          # RFC 5944 §3.6.3: first timeout before any RTT is measured
+RETRANSMIT_MIN_S = 0.2              # floor of the measured timeout (mipsec/node/retransmit.py)
+RETRANSMIT_MAX_S = 30.0             # cap of the back-off: the MN retries for ever at this pace
+RETRANSMIT_MAX_ATTEMPTS = 5         # unanswered transmissions before re-establishing (IKEv2)
 RENEW_FRACTION = 0.8                # re-register at this fraction of the granted lifetime
 SIU_KEY_BYTES = 32                  # HMAC-SHA-256 key of an HA-GW pair
 
@@ -214,6 +215,7 @@ class MobileNodeConfig:
     retransmit_initial_s: float = RETRANSMIT_INITIAL_S
     retransmit_max_s: float = RETRANSMIT_MAX_S
     max_attempts: int = RETRANSMIT_MAX_ATTEMPTS
+    retransmit_min_s: float = RETRANSMIT_MIN_S
     renew_fraction: float = RENEW_FRACTION
     ike: IkeSettings | None = None        # IKEv2 negotiates the SA pair with the GW
     handover_mode: str = "siu"            # "siu" | "mobike" (needs ike)
@@ -230,6 +232,8 @@ class MobileNodeConfig:
             raise ConfigError(f"lifetime_s: in [1, 65534] (RFC 5944 §3.3), got {self.lifetime_s}")
         if not self.retransmit_initial_s > 0 or self.retransmit_max_s < self.retransmit_initial_s:
             raise ConfigError("retransmit_initial_s must be > 0 and <= retransmit_max_s")
+        if not 0 < self.retransmit_min_s <= self.retransmit_max_s:
+            raise ConfigError("retransmit_min_s must be > 0 and <= retransmit_max_s")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts: at least 1, got {self.max_attempts}")
         if not 0.1 <= self.renew_fraction < 1.0:
@@ -428,6 +432,7 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
                      lifetime_s: int = REG_LIFETIME_S,
                      retransmit_initial_s: float = RETRANSMIT_INITIAL_S,
                      max_attempts: int = RETRANSMIT_MAX_ATTEMPTS, sa_source: str = "manual",
+                     retransmit_max_s: float = RETRANSMIT_MAX_S,
                      handover_mode: str = "siu",
                      ike: dict[str, Any] | None = None) -> LabConfigs:
     """A matching HA / GW / MN config set on the docs/design.md addressing plan.
@@ -475,7 +480,7 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
             name=name, home_address=home, home_agent=LAB_HA,
             gateway=LAB_GW_OUTSIDE, home_prefix=prefix, msa=msa, esp_in=to_mn, esp_out=to_gw,
             lifetime_s=lifetime_s, retransmit_initial_s=retransmit_initial_s,
-            retransmit_max_s=max(RETRANSMIT_MAX_S, retransmit_initial_s), max_attempts=max_attempts,
+            retransmit_max_s=max(retransmit_max_s, retransmit_initial_s), max_attempts=max_attempts,
             ike=mn_ike, handover_mode=handover_mode))
         gw_mobiles.append(GatewayMobile(home_address=home, home_agent=LAB_HA, esp_in=to_gw, esp_out=to_mn,
                                         allowed_destinations=(f"{LAB_HA}/32", prefix),

@@ -17,12 +17,16 @@ network runs through one ESP SA pair with the VPN gateway (GW):
 Registration (RFC 5944 §3.6) is the state machine below.  On a new CoA the MN re-points both
 SAs in place (outbound source, inbound destination: keys, sequence numbers and replay windows
 stay), then sends a Registration Request inside the ESP tunnel (not inside IP-in-IP: the GW must
-see it and the HA answers through the GW).  Without a reply it retransmits after
-``retransmit_initial_s``, doubling up to ``retransmit_max_s`` (RFC 5944 §3.6.3), each time with a
-new identification (RFC 5944 §5.7: a timestamp must increase).  After ``max_attempts``
-transmissions without an accepting reply it records ``reestablish-requested`` and returns a
-``ReestablishRequested`` action: the SAs may be dead, someone (IKEv2) has to make new ones and
-call ``install_sas``.  An accepted registration is renewed at ``renew_fraction`` of the granted
+see it and the HA answers through the GW).  Without a reply it retransmits after a timeout
+measured from its registration round trips (``mipsec/node/retransmit.py``, RFC 6298 style),
+doubling up to ``retransmit_max_s`` (RFC 5944 §3.6.3), each time with a new identification
+(RFC 5944 §5.7: a timestamp must increase), for ever: no state is terminal while the
+configuration is valid.  After ``max_attempts`` unanswered transmissions it records
+``reestablish-requested`` and returns a ``ReestablishRequested`` action: the SAs may be dead;
+with IKEv2 it makes new ones itself (``install_sas``) and registers through them, its back-off
+going on (so a silent HA costs one new IKE SA per ``max_attempts`` capped timeouts, not a loop).
+An authenticated refusal is logged once and backed off from; it proves the tunnel works, so
+nothing is re-established.  An accepted registration is renewed at ``renew_fraction`` of the granted
 lifetime.  A 133 reply (identification mismatch) that authenticates resynchronises the
 identification clock and the request is re-sent at once.  Returning home deregisters directly
 with the HA (lifetime 0, care-of address = home address, RFC 5944 §3.6.1.1), outside the tunnel.
@@ -68,6 +72,7 @@ from mipsec.ike.config import (
 from mipsec.ike.sa import State as IkeState
 from mipsec.node.config import MIP_PORT, EspSaConfig, MobileNodeConfig
 from mipsec.node.ike import IKE_PORT, RoleIke
+from mipsec.node.retransmit import RetransmitTimer
 from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, build_udp_packet, in_prefix,
     parse_prefix, parse_udp_packet, peek_ipv4, udp_ports,
@@ -77,60 +82,103 @@ from mipsec.wire.mip import (
 )
 
 UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
-IKE_RETRY_S = 5.0           # a failed / lost IKE SA is started again after this long
+SENT_IDS_KEPT = 16           # transmissions of one request whose reply we still accept
+
+
+def _reply_code_name(code: int | None) -> str:
+    try:
+        return ReplyCode(code).name.lower().replace("_", " ")
+    except ValueError:
+        return "unknown code"
 
 
 class RegState(enum.Enum):
     IDLE = "idle"                      # no care-of address, not known to be at home
-    REGISTERING = "registering"        # an RRQ is outstanding (new CoA or renewal)
+    AWAITING_SAS = "awaiting-sas"      # away, no usable SA pair: IKEv2 is (re)negotiating one
+    REGISTERING = "registering"        # an RRQ is outstanding (new CoA, renewal, retry)
     REGISTERED = "registered"          # the HA accepted our current CoA
-    DEREGISTERING = "deregistering"    # at home, deregistration outstanding
-    AT_HOME = "at-home"                # deregistered, on the home link
-    FAILED = "failed"                  # gave up; waiting for new SAs or a new address
+    DEREGISTERING = "deregistering"    # on the home link, waiting for the HA's direct reply
+    AT_HOME = "at-home"                # the HA confirmed: deregistered, on the home link
 
 
 class RegEvent(enum.Enum):
-    MOVED = "moved"                    # CareOfAddressChanged with an address
+    MOVED = "moved"                    # a new care-of address, with an SA pair in hand
+    MOVED_WITHOUT_SAS = "moved-without-sas"   # a new care-of address, no SA pair (IKEv2)
     LOST_ADDRESS = "lost-address"      # CareOfAddressChanged(None)
-    RETURNED_HOME = "returned-home"
-    ACCEPTED = "accepted"              # an authenticated accepting RRP for the pending RRQ
-    RETRANSMIT = "retransmit"          # timeout, 133 resync: send again
-    GAVE_UP = "gave-up"                # max_attempts without acceptance
-    RENEW_DUE = "renew-due"
-    SAS_INSTALLED = "sas-installed"    # new SAs (IKEv2): register again
+    RETURNED_HOME = "returned-home"    # ReturnedHome (from the home interface)
+    ACCEPTED = "accepted"              # an authenticated accepting RRP for an outstanding RRQ
+    DENIED = "denied"                  # an authenticated refusal (not 133): keep backing off
+    RESYNC = "resync"                  # an authenticated 133: clock adopted, send again now
+    TIMED_OUT = "timed-out"            # no reply within the retransmission timer
+    NO_REPLY_ROUND = "no-reply-round"  # max_attempts in a row unanswered (IKEv2: re-establish)
+    RENEW_DUE = "renew-due"            # renew_fraction of the granted lifetime passed
+    SAS_INSTALLED = "sas-installed"    # a new SA pair (IKEv2 child SA)
+    SAS_LOST = "sas-lost"              # the IKE SA we used ended (its children with it)
+    IKE_RETRY_DUE = "ike-retry-due"    # the back-off after a failed IKE SA ran out
+
+
+class Do(enum.Enum):
+    """What a transition does (``MobileNode._effects``); the table names one per transition."""
+    NOTHING = "nothing"
+    SEND_NEW = "send-new"              # a new request: fresh back-off, send now
+    SEND_AGAIN = "send-again"          # the same request again, now (back-off continues)
+    HOLD = "hold"                      # a refusal: log it, the back-off timer stays armed
+    CONFIRM = "confirm"                # registered: renewal timer, pin make-before-break
+    LEAVE_TUNNEL = "leave-tunnel"      # home confirmed: UseHomeLink
+    NEGOTIATE = "negotiate"            # IKEv2 from the current CoA (a move: fresh back-off)
+    REESTABLISH = "reestablish"        # IKEv2 anew (INITIAL_CONTACT), back-off continues
+    RETRY_IKE = "retry-ike"            # arm the IKEv2 back-off timer (the IKE SA ended)
+    START_IKE = "start-ike"            # IKEv2 from the current CoA, back-off continues
+    FORGET = "forget"                  # no address: no request, no timers
 
 
 S, E = RegState, RegEvent
-TRANSITIONS: dict[tuple[RegState, RegEvent], RegState] = {
-    (S.IDLE, E.MOVED): S.REGISTERING,
-    (S.IDLE, E.RETURNED_HOME): S.DEREGISTERING,
-    (S.IDLE, E.LOST_ADDRESS): S.IDLE,
-    (S.REGISTERING, E.MOVED): S.REGISTERING,
-    (S.REGISTERING, E.ACCEPTED): S.REGISTERED,
-    (S.REGISTERING, E.RETRANSMIT): S.REGISTERING,
-    (S.REGISTERING, E.GAVE_UP): S.FAILED,
-    (S.REGISTERING, E.RETURNED_HOME): S.DEREGISTERING,
-    (S.REGISTERING, E.LOST_ADDRESS): S.IDLE,
-    (S.REGISTERING, E.SAS_INSTALLED): S.REGISTERING,
-    (S.REGISTERED, E.MOVED): S.REGISTERING,
-    (S.REGISTERED, E.RENEW_DUE): S.REGISTERING,
-    (S.REGISTERED, E.RETURNED_HOME): S.DEREGISTERING,
-    (S.REGISTERED, E.LOST_ADDRESS): S.IDLE,
-    (S.REGISTERED, E.SAS_INSTALLED): S.REGISTERING,
-    (S.DEREGISTERING, E.ACCEPTED): S.AT_HOME,
-    (S.DEREGISTERING, E.RETRANSMIT): S.DEREGISTERING,
-    (S.DEREGISTERING, E.MOVED): S.REGISTERING,
-    (S.DEREGISTERING, E.LOST_ADDRESS): S.DEREGISTERING,   # a visited address went: still home
-    (S.DEREGISTERING, E.RETURNED_HOME): S.DEREGISTERING,
-    (S.AT_HOME, E.MOVED): S.REGISTERING,
-    (S.AT_HOME, E.RETURNED_HOME): S.AT_HOME,
-    (S.AT_HOME, E.LOST_ADDRESS): S.AT_HOME,
-    (S.FAILED, E.MOVED): S.REGISTERING,
-    (S.FAILED, E.SAS_INSTALLED): S.REGISTERING,
-    (S.FAILED, E.RETURNED_HOME): S.DEREGISTERING,
-    (S.FAILED, E.LOST_ADDRESS): S.IDLE,
+_AWAY_MOVES = {
+    (E.MOVED, S.REGISTERING, Do.SEND_NEW),
+    (E.MOVED_WITHOUT_SAS, S.AWAITING_SAS, Do.NEGOTIATE),
+    (E.RETURNED_HOME, S.DEREGISTERING, Do.SEND_NEW),
 }
-AWAY = frozenset({S.REGISTERING, S.REGISTERED, S.FAILED})
+TRANSITIONS: dict[tuple[RegState, RegEvent], tuple[RegState, Do]] = {
+    **{(st, ev): (new, do) for st in (S.IDLE, S.AWAITING_SAS, S.REGISTERING, S.REGISTERED,
+                                      S.DEREGISTERING, S.AT_HOME)
+       for ev, new, do in _AWAY_MOVES},
+    (S.AT_HOME, E.RETURNED_HOME): (S.AT_HOME, Do.NOTHING),
+    # losing the address: nothing to register from (a break-before-make move brings the next)
+    (S.IDLE, E.LOST_ADDRESS): (S.IDLE, Do.NOTHING),
+    (S.AWAITING_SAS, E.LOST_ADDRESS): (S.IDLE, Do.FORGET),
+    (S.REGISTERING, E.LOST_ADDRESS): (S.IDLE, Do.FORGET),
+    (S.REGISTERED, E.LOST_ADDRESS): (S.IDLE, Do.FORGET),
+    (S.DEREGISTERING, E.LOST_ADDRESS): (S.DEREGISTERING, Do.NOTHING),  # on the home link
+    (S.AT_HOME, E.LOST_ADDRESS): (S.AT_HOME, Do.NOTHING),
+    # replies to an outstanding request
+    (S.REGISTERING, E.ACCEPTED): (S.REGISTERED, Do.CONFIRM),
+    (S.REGISTERING, E.DENIED): (S.REGISTERING, Do.HOLD),
+    (S.REGISTERING, E.RESYNC): (S.REGISTERING, Do.SEND_AGAIN),
+    (S.DEREGISTERING, E.ACCEPTED): (S.AT_HOME, Do.LEAVE_TUNNEL),
+    (S.DEREGISTERING, E.DENIED): (S.DEREGISTERING, Do.HOLD),
+    (S.DEREGISTERING, E.RESYNC): (S.DEREGISTERING, Do.SEND_AGAIN),
+    # no reply: retransmit for ever with a capped back-off; IKEv2 also renews the tunnel
+    (S.REGISTERING, E.TIMED_OUT): (S.REGISTERING, Do.SEND_AGAIN),
+    (S.REGISTERING, E.NO_REPLY_ROUND): (S.AWAITING_SAS, Do.REESTABLISH),
+    (S.DEREGISTERING, E.TIMED_OUT): (S.DEREGISTERING, Do.SEND_AGAIN),
+    (S.DEREGISTERING, E.NO_REPLY_ROUND): (S.DEREGISTERING, Do.SEND_AGAIN),  # never a guess
+    (S.REGISTERED, E.RENEW_DUE): (S.REGISTERING, Do.SEND_NEW),
+    # SA pairs come and go (IKEv2)
+    (S.IDLE, E.SAS_INSTALLED): (S.IDLE, Do.NOTHING),
+    (S.AWAITING_SAS, E.SAS_INSTALLED): (S.REGISTERING, Do.SEND_AGAIN),
+    (S.REGISTERING, E.SAS_INSTALLED): (S.REGISTERING, Do.SEND_AGAIN),
+    (S.REGISTERED, E.SAS_INSTALLED): (S.REGISTERING, Do.SEND_NEW),
+    (S.DEREGISTERING, E.SAS_INSTALLED): (S.DEREGISTERING, Do.NOTHING),
+    (S.AT_HOME, E.SAS_INSTALLED): (S.AT_HOME, Do.NOTHING),
+    (S.IDLE, E.SAS_LOST): (S.IDLE, Do.NOTHING),
+    (S.AWAITING_SAS, E.SAS_LOST): (S.AWAITING_SAS, Do.RETRY_IKE),
+    (S.REGISTERING, E.SAS_LOST): (S.AWAITING_SAS, Do.RETRY_IKE),
+    (S.REGISTERED, E.SAS_LOST): (S.AWAITING_SAS, Do.RETRY_IKE),
+    (S.DEREGISTERING, E.SAS_LOST): (S.DEREGISTERING, Do.NOTHING),
+    (S.AT_HOME, E.SAS_LOST): (S.AT_HOME, Do.NOTHING),
+    (S.AWAITING_SAS, E.IKE_RETRY_DUE): (S.AWAITING_SAS, Do.START_IKE),
+}
+AWAY = frozenset({S.AWAITING_SAS, S.REGISTERING, S.REGISTERED})
 
 
 def make_sa(cfg: EspSaConfig, direction: Direction, *, local: str | None, remote: str | None,
@@ -189,11 +237,20 @@ class MobileNode:
         self._home_link: str | None = None            # where ReturnedHome said the home link is
         self._old_care_of_b: bytes | None = None      # make-before-break: still accepted
         self._awaiting_first_downlink = False
-        # the outstanding request
+        # the outstanding request: its latest identification, every transmission's send time,
+        # how many, the retransmission deadline, what came back this round
         self._pending_id: int | None = None
-        self._pending_dereg = False
+        self._sent: dict[int, float] = {}
         self._attempts = 0
         self._deadline: float | None = None
+        self._replied = False
+        self._refused: int | None = None
+        self._refusal_logged: int | None = None
+        self._accepted_reply: RegistrationReply | None = None
+        self.rtt = RetransmitTimer(initial_s=config.retransmit_initial_s,
+                                   floor_s=min(config.retransmit_min_s, config.retransmit_initial_s),
+                                   cap_s=config.retransmit_max_s)
+        self._ike_backoff_s = 0.0           # before the next IKE SA after one failed
         # the accepted registration
         self.lifetime_granted: int | None = None
         self.registered_until: float | None = None
@@ -201,14 +258,6 @@ class MobileNode:
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.counters: Counter[str] = Counter()
-
-    # --- state machine ---------------------------------------------------------------------
-    def _transition(self, event: RegEvent) -> RegState:
-        new = TRANSITIONS.get((self.state, event))
-        if new is None:
-            raise UsageError(f"MN {self.name}: {event.value} is not allowed in state {self.state.value}")
-        self.state = new
-        return new
 
     def _record(self, now: float, kind: str, **detail: Any) -> None:
         tl.record(self.timeline, now, self.name, kind, home_address=self.home_address, **detail)
@@ -309,46 +358,83 @@ class MobileNode:
             return self._drop(exc.reason)
         if not isinstance(reply, RegistrationReply):
             return self._drop(DropReason.MALFORMED)
-        if (not self.msa.reply_matches(self._pending_id, reply)
-                or reply.home_address != self.home_address or reply.home_agent != self._ha):
+        # any transmission of the outstanding request: each has its own identification, so the
+        # reply names the one it answers (and gives an unambiguous round-trip sample)
+        ident = next((i for i in (self._pending_id, *self._sent)
+                      if self.msa.reply_matches(i, reply)), None)
+        if ident is None or reply.home_address != self.home_address or reply.home_agent != self._ha:
             return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
         if self.state is S.DEREGISTERING and via != "direct":
             # the deregistration is answered on the home link, never through the tunnel
             return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
         code = reply.code
         self._record(now, "rrp-received", code=int(code), lifetime=reply.lifetime, via=via)
+        self._replied = True
         if code in (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS_BINDINGS):
-            return self._accepted(reply, now)
+            sent_at = self._sent.get(ident)
+            if sent_at is not None:
+                self.rtt.sample(now - sent_at)
+            self._accepted_reply = reply
+            return self._event(RegEvent.ACCEPTED, now)
         if code == ReplyCode.HA_IDENTIFICATION_MISMATCH:
             # RFC 5944 §5.7: adopt the HA's clock from the authenticated reply and try again now
-            self.msa.adopt_reply(self._pending_id, reply, self.wallclock())
+            self.msa.adopt_reply(ident, reply, self.wallclock())
             self._record(now, "registration-failed", code=int(code), action="resynchronised")
-            return self._attempt(now, RegEvent.RETRANSMIT)
-        # any other denial: keep the back-off schedule; give up after max_attempts
+            return self._event(RegEvent.RESYNC, now)
         self._record(now, "registration-failed", code=int(code))
+        self._refused = int(code)
+        return self._event(RegEvent.DENIED, now)
+
+    def _event(self, event: RegEvent, now: float) -> list[Action]:
+        """Look the event up in the table, take the transition, do what it names."""
+        entry = TRANSITIONS.get((self.state, event))
+        if entry is None:
+            raise UsageError(f"MN {self.name}: {event.value} is not allowed in state "
+                             f"{self.state.value}")
+        self.state, do = entry
+        return self._effects[do](self, now)
+
+    def _do_nothing(self, now: float) -> list[Action]:
         return []
 
-    def _accepted(self, reply: RegistrationReply, now: float) -> list[Action]:
-        actions: list[Action] = []
-        self._pending_id = None
-        self._deadline = None
+    def _do_send_new(self, now: float) -> list[Action]:
         self._attempts = 0
-        if self._pending_dereg:
-            # RFC 5944 §3.6.1.1: the HA's authenticated direct reply is the proof we are home;
-            # only now does traffic leave the tunnel
-            self._transition(RegEvent.ACCEPTED)
-            self.lifetime_granted = self.registered_until = self._renew_at = None
-            self.care_of = self._care_of_b = self._old_care_of_b = None
-            self.interface = self._home_link
-            self._record(now, "deregistered", interface=self._home_link)
-            return [Log("info", f"at home on {self._home_link}: the home agent confirmed the "
-                                f"deregistration of {self.home_address}"),
-                    UseHomeLink(self._home_link)]
-        self._transition(RegEvent.ACCEPTED)
+        self._sent.clear()
+        self._replied = False
+        self._refused = None
+        self._renew_at = None
+        return self._do_send_again(now)
+
+    def _do_send_again(self, now: float) -> list[Action]:
+        self._attempts += 1
+        timeout = self.rtt.timeout(self._attempts)
+        self._deadline = now + timeout
+        return [self._send_rrq(now)]
+
+    def _do_hold(self, now: float) -> list[Action]:
+        """An authenticated refusal: the path works and the HA said no.  Say so clearly (once
+        per code) and keep to the back-off; re-establishing the tunnel would not help."""
+        code = self._refused
+        if code == self._refusal_logged:
+            return []
+        self._refusal_logged = code
+        return [Log("warning", f"home agent {self._ha} refused the registration of "
+                               f"{self.home_address}: code {code} ({_reply_code_name(code)}); "
+                               f"asking again in {self._deadline - now:.1f} s, backing off up to "
+                               f"{self.config.retransmit_max_s:g} s")]
+
+    def _do_confirm(self, now: float) -> list[Action]:
+        reply = self._accepted_reply
+        actions: list[Action] = []
+        if self._refusal_logged is not None or self._attempts > self.config.max_attempts:
+            actions.append(Log("info", f"registered via {self.care_of} after "
+                                       f"{self._attempts} requests"))
+        self._clear_request()
         self.lifetime_granted = reply.lifetime
         self.registered_until = now + reply.lifetime
         # a zero lifetime (never granted by our HA to a request with one) must not spin renewals
         self._renew_at = (now + reply.lifetime * self.config.renew_fraction) if reply.lifetime else None
+        self._ike_backoff_s = 0.0
         if self._old_care_of_b is not None and self.inbound is not None:
             # make-before-break done: from now on only the new CoA
             self._old_care_of_b = None
@@ -359,35 +445,105 @@ class MobileNode:
             actions.append(RebindSa(self.inbound.spi, self.care_of, self.inbound.remote))
         return actions
 
-    def _attempt(self, now: float, event: RegEvent) -> list[Action]:
-        """Send (or re-send) the pending RRQ, or give up after ``max_attempts``."""
-        cfg = self.config
-        if self._attempts >= cfg.max_attempts and self.state is not S.DEREGISTERING:
-            self._transition(RegEvent.GAVE_UP)
-            attempts, self._attempts = self._attempts, 0
-            self._pending_id = None
-            self._deadline = None
-            self._record(now, "registration-failed", attempts=attempts, reason="no accepting reply")
-            if self.state is S.AT_HOME:
-                return []
-            self._record(now, "reestablish-requested", attempts=attempts)
-            actions: list[Action] = [
-                Log("warning", f"registration of {self.home_address} via {self.care_of} failed "
-                               f"{attempts} times: the tunnel must be re-established"),
-                ReestablishRequested(self.home_address, self.care_of, attempts)]
+    def _do_leave_tunnel(self, now: float) -> list[Action]:
+        # RFC 5944 §3.6.1.1: the HA's authenticated direct reply is the proof we are home;
+        # only now does traffic leave the tunnel
+        self._clear_request()
+        self.lifetime_granted = self.registered_until = self._renew_at = None
+        self.care_of = self._care_of_b = self._old_care_of_b = None
+        self.interface = self._home_link
+        self._record(now, "deregistered", interface=self._home_link)
+        actions: list[Action] = [Log("info", f"at home on {self._home_link}: the home agent "
+                                             f"confirmed the deregistration of {self.home_address}"),
+                                 UseHomeLink(self._home_link)]
+        return actions + self._ike_at_home(now)
+
+    def _do_negotiate(self, now: float) -> list[Action]:
+        self._clear_request()
+        self._renew_at = None
+        self._ike_backoff_s = 0.0
+        return self._ike_start(now)
+
+    def _do_start_ike(self, now: float) -> list[Action]:
+        return self._ike_start(now)
+
+    def _do_reestablish(self, now: float) -> list[Action]:
+        attempts = self._attempts
+        self._pending_id = None
+        self._deadline = None
+        self._record(now, "registration-failed", attempts=attempts, reason="no reply")
+        self._record(now, "reestablish-requested", attempts=attempts)
+        return [Log("warning", f"no reply to {attempts} registration requests for "
+                               f"{self.home_address} via {self.care_of}: the GW or the HA may "
+                               f"be down or have lost our SAs; re-establishing the tunnel with "
+                               f"IKEv2 and registering again, backing off up to "
+                               f"{self.config.retransmit_max_s:g} s"),
+                ReestablishRequested(self.home_address, self.care_of, attempts),
+                *self._ike_reestablish(now)]
+
+    def _do_retry_ike(self, now: float) -> list[Action]:
+        self._pending_id = None
+        self._deadline = None
+        self._ike_retry_at = now + self._ike_backoff_s
+        self._ike_backoff_s = min(self.config.retransmit_max_s,
+                                  max(self.config.retransmit_initial_s, 2 * self._ike_backoff_s))
+        return []
+
+    def _do_forget(self, now: float) -> list[Action]:
+        self._clear_request()
+        self.care_of = self._care_of_b = self._old_care_of_b = None
+        self._renew_at = self._ike_retry_at = None
+        return []
+
+    _effects: dict[Do, Callable[["MobileNode", float], list[Action]]] = {
+        Do.NOTHING: _do_nothing, Do.SEND_NEW: _do_send_new, Do.SEND_AGAIN: _do_send_again,
+        Do.HOLD: _do_hold, Do.CONFIRM: _do_confirm, Do.LEAVE_TUNNEL: _do_leave_tunnel,
+        Do.NEGOTIATE: _do_negotiate, Do.START_IKE: _do_start_ike, Do.REESTABLISH: _do_reestablish,
+        Do.RETRY_IKE: _do_retry_ike, Do.FORGET: _do_forget,
+    }
+
+    def _clear_request(self) -> None:
+        self._pending_id = self._deadline = None
+        self._sent.clear()
+        self._attempts = 0
+        self._replied = False
+        self._refused = self._refusal_logged = None
+
+    def _timed_out(self, now: float) -> list[Action]:
+        """The retransmission timer ran out: send again; with IKEv2, every ``max_attempts``
+        unanswered transmissions the tunnel is re-established first (the GW may have lost it).
+        An authenticated refusal in the round means the tunnel works: no re-establishment."""
+        self._deadline = None
+        round_over = self._attempts % self.config.max_attempts == 0
+        if round_over and self.state is S.REGISTERING and not self._replied:
             if self.ike is not None and self.care_of is not None:
-                actions += self._ike_reestablish(now)
-            return actions
-        self._transition(event)
-        self._attempts += 1
-        timeout = min(cfg.retransmit_initial_s * (2 ** (self._attempts - 1)), cfg.retransmit_max_s)
-        self._deadline = now + timeout
-        return [self._send_rrq(now)]
+                return self._event(RegEvent.NO_REPLY_ROUND, now)
+            actions: list[Action] = []
+            if self._attempts == self.config.max_attempts:
+                # manual keys: nothing to re-establish; say it once, keep asking for ever
+                self._record(now, "registration-failed", attempts=self._attempts,
+                             reason="no reply")
+                self._record(now, "reestablish-requested", attempts=self._attempts)
+                actions += [Log("warning", f"no reply to {self._attempts} registration requests "
+                                           f"for {self.home_address} via {self.care_of}: the GW "
+                                           f"or the HA may be down; asking again, backing off "
+                                           f"up to {self.config.retransmit_max_s:g} s"),
+                            ReestablishRequested(self.home_address, self.care_of, self._attempts)]
+            self._record(now, "rrq-retransmitted", attempt=self._attempts + 1)
+            return actions + self._event(RegEvent.TIMED_OUT, now)
+        if round_over:
+            self._replied = False
+        self._record(now, "rrq-retransmitted", attempt=self._attempts + 1)
+        return self._event(RegEvent.TIMED_OUT, now)
 
     def _send_rrq(self, now: float) -> SendToNet | Log:
         ident = self.msa.new_identification(self.wallclock())
         self._pending_id = ident
-        if self._pending_dereg:
+        self._sent[ident] = now
+        if len(self._sent) > SENT_IDS_KEPT:
+            del self._sent[next(iter(self._sent))]
+        dereg = self.state is S.DEREGISTERING
+        if dereg:
             # RFC 5944 §3.6.1.1: at home, lifetime 0 and care-of address = home address
             rrq = RegistrationRequest(home_address=self.home_address, home_agent=self._ha,
                                       care_of_address=self.home_address, identification=ident,
@@ -400,7 +556,7 @@ class MobileNode:
         data = self.msa.sign(build_registration_request(rrq))
         self._record(now, "rrq-sent", attempt=self._attempts, care_of=rrq.care_of_address,
                      lifetime=rrq.lifetime, identification=ident)
-        if self._pending_dereg:
+        if dereg:
             return SendToNet(build_udp_packet(self._home_b, self._ha_b, MIP_PORT, MIP_PORT, data),
                              self._home_link)
         inner = build_udp_packet(self._care_of_b, self._ha_b, MIP_PORT, MIP_PORT, data)
@@ -425,13 +581,7 @@ class MobileNode:
         coa = event.care_of_address
         if coa is None:
             self._record(now, "coa-changed", old=self.care_of, new=None)
-            if self.state is S.DEREGISTERING:
-                return []        # on the home link already; the tunnel's CoA simply went
-            self._transition(RegEvent.LOST_ADDRESS)
-            self.care_of = self._care_of_b = self._old_care_of_b = None
-            self._pending_id = self._deadline = self._renew_at = None
-            self._attempts = 0
-            return []
+            return self._event(RegEvent.LOST_ADDRESS, now)
         coa_b = a2b(coa)
         if in_prefix(coa_b, *self._home_net):
             # A home-prefix address is no proof of being home (any DHCP server can hand one
@@ -450,15 +600,9 @@ class MobileNode:
         keep_old = event.make_before_break and old is not None and old != coa
         self._old_care_of_b = a2b(old) if keep_old else None
         self._awaiting_first_downlink = True
-        self._pending_dereg = False
-        self._attempts = 0
-        self._renew_at = None
         if self.outbound is None:
             # IKEv2 and no SA pair yet: negotiate from this CoA; register once the child is up
-            self._pending_id = self._deadline = None
-            if self.state is not S.REGISTERING:
-                self._transition(RegEvent.MOVED)
-            return self._ike_start(now)
+            return self._event(RegEvent.MOVED_WITHOUT_SAS, now)
         self.outbound.rebind(local=coa)
         self.inbound.rebind(local=None if keep_old else coa)
         actions: list[Action] = [RebindSa(self.outbound.spi, coa, self.outbound.remote),
@@ -470,7 +614,7 @@ class MobileNode:
                      outbound_spi=self.outbound.spi, inbound_local=self.inbound.local or "*")
         if self.ike is not None:
             actions += self._ike_moved(coa, now)
-        actions += self._attempt(now, RegEvent.MOVED)
+        actions += self._event(RegEvent.MOVED, now)
         return actions
 
     def _returned_home(self, event: ReturnedHome, now: float) -> list[Action]:
@@ -478,13 +622,10 @@ class MobileNode:
             return []
         self._record(now, "returned-home", old=self.care_of, interface=event.interface)
         # the care-of address and the SAs stay: traffic keeps using the tunnel until the HA
-        # confirms (``_accepted``)
+        # confirms (Do.LEAVE_TUNNEL)
         self._home_link = event.interface
         self._awaiting_first_downlink = False
-        self._pending_dereg = True
-        self._attempts = 0
-        self._renew_at = None
-        return self._attempt(now, RegEvent.RETURNED_HOME)
+        return self._event(RegEvent.RETURNED_HOME, now)
 
     def get_timer(self) -> float | None:
         times = [t for t in (self._deadline, self._renew_at, self._ike_retry_at) if t is not None]
@@ -510,17 +651,13 @@ class MobileNode:
                 actions += self._ike_outputs(self.ike.handle_timer(now), now)
             if self._ike_retry_at is not None and now >= self._ike_retry_at:
                 self._ike_retry_at = None
-                if self.care_of is not None and self.state in AWAY:
-                    actions += self._ike_start(now)
+                if self.state is S.AWAITING_SAS:
+                    actions += self._event(RegEvent.IKE_RETRY_DUE, now)
         if self._deadline is not None and now >= self._deadline:
-            self._deadline = None
-            if self._attempts < self.config.max_attempts:
-                self._record(now, "rrq-retransmitted", attempt=self._attempts + 1)
-            actions += self._attempt(now, RegEvent.RETRANSMIT)
+            actions += self._timed_out(now)
         if self._renew_at is not None and now >= self._renew_at and self.state is S.REGISTERED:
             self._renew_at = None
-            self._attempts = 0
-            actions += self._attempt(now, RegEvent.RENEW_DUE)
+            actions += self._event(RegEvent.RENEW_DUE, now)
         return actions
 
     # --- hooks ---------------------------------------------------------------------------------
@@ -539,9 +676,7 @@ class MobileNode:
                         RebindSa(inbound.spi, self.care_of, inbound.remote)]
         self._record(now, "sas-installed", inbound_spi=inbound.spi, outbound_spi=outbound.spi)
         if self.state in AWAY and self.care_of is not None:
-            self._attempts = 0
-            self._pending_dereg = False
-            actions += self._attempt(now, RegEvent.SAS_INSTALLED)
+            actions += self._event(RegEvent.SAS_INSTALLED, now)
         return actions
 
     # --- IKEv2 (docs/ikev2.md "Integration") ---------------------------------------------------
@@ -583,6 +718,10 @@ class MobileNode:
         if sa is not None and (sa.children or sa.state != IkeState.ESTABLISHED):
             sa.follow_addresses(local=(self.care_of, sa.local[1]))
             return []
+        if sa is not None:
+            # up but its child SAs are gone: a fresh IKE SA, whose INITIAL_CONTACT makes the GW
+            # drop this one too (both ends then agree on what exists)
+            return self._ike_reestablish(now)
         self.ike.note(now, f"initiate from {self.care_of}")
         self._record(now, "ike-initiated", care_of=self.care_of, gateway=self.config.gateway)
         out = self.ike.endpoint.initiate(local, (self.config.gateway, IKE_PORT), now)
@@ -645,13 +784,20 @@ class MobileNode:
                          local=ev.new.local[0] if ev.new is not None else None)
             return []
         if cls is IkeSaDeleted or cls is IkeSaFailed:
+            # its child SAs were reported deleted just before (RFC 7296 §1.4.1: they never
+            # outlive it), so nothing of it is left in use here
             self.ike.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
-            self._record(now, "ike-ended", reason=ev.reason)
+            self._record(now, "ike-ended", reason=ev.reason, ike_sa=ev.ike_sa.name)
+            actions: list[Action] = [Log("info", f"IKE SA {ev.ike_sa.name} with the GW ended: "
+                                                 f"{ev.reason}")]
             if ev.ike_sa is self._ike_sa:
                 self._ike_sa = None
+                if cls is IkeSaFailed:
+                    self._ike_backoff_s = max(self._ike_backoff_s,
+                                              self.config.retransmit_initial_s)
                 if self.care_of is not None and self.state in AWAY:
-                    self._ike_retry_at = now + (IKE_RETRY_S if cls is IkeSaFailed else 0.0)
-            return [Log("info", f"IKE SA with the GW ended: {ev.reason}")]
+                    actions += self._event(RegEvent.SAS_LOST, now)
+            return actions
         if cls is PeerAddressChanged:
             return []        # our own MOBIKE update completed: the SAs moved already
         return []
@@ -716,14 +862,42 @@ class MobileNode:
         self._record(now, "sas-deleted", inbound_spi=sin.spi, outbound_spi=sout.spi)
         return actions
 
+    def _ike_at_home(self, now: float) -> list[Action]:
+        return []
+
+    def waiting_for(self) -> str:
+        """What the MN is waiting for, in words (``mipsec status``)."""
+        st = self.state
+        if st is S.IDLE:
+            return "a care-of address on a visited interface, or the home link"
+        if st is S.AWAITING_SAS:
+            if self._ike_retry_at is not None:
+                return (f"the next IKE SA attempt with the GW {self.config.gateway} "
+                        f"(backing off, at t={self._ike_retry_at:.3f})")
+            return f"an IKE SA and child SA with the GW {self.config.gateway}"
+        if st in (S.REGISTERING, S.DEREGISTERING):
+            what = "deregistration" if st is S.DEREGISTERING else "registration"
+            refused = (f"; last refused with code {self._refused} "
+                       f"({_reply_code_name(self._refused)})" if self._refused is not None else "")
+            return (f"the home agent's reply to {what} request {self._attempts} "
+                    f"(next try at t={self._deadline:.3f}){refused}"
+                    if self._deadline is not None else f"the home agent's {what} reply{refused}")
+        if st is S.REGISTERED:
+            return (f"the renewal at t={self._renew_at:.3f}" if self._renew_at is not None
+                    else "nothing")
+        return "nothing (at home)"
+
     def status(self) -> dict[str, Any]:
         return {
             "role": "mn", "name": self.name, "state": self.state.value,
+            "waiting_for": self.waiting_for(),
             "home_address": self.home_address, "home_agent": self._ha,
             "gateway": self.config.gateway, "care_of": self.care_of,
             "registration": {"lifetime_granted": self.lifetime_granted,
                              "registered_until": self.registered_until,
-                             "attempts": self._attempts, "pending": self._pending_id is not None},
+                             "attempts": self._attempts, "pending": self._pending_id is not None,
+                             "next_try": self._deadline, "last_refusal": self._refused,
+                             "retransmit": self.rtt.status()},
             "sas": {"inbound": self.inbound.describe() if self.inbound is not None else None,
                     "outbound": self.outbound.describe() if self.outbound is not None else None},
             "handover_mode": self.config.handover_mode,
