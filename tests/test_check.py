@@ -24,7 +24,8 @@ def write(tmp_path, sets):
 
 
 def key_set(n=2, sa_source="manual"):
-    kw = lab_key_kwargs("ENCR_AES_GCM_16", False, sa_source, "siu")
+    kw = lab_key_kwargs("ENCR_AES_GCM_16" if sa_source == "ikev2" else "ENCR_AES_CBC", False,
+                        sa_source, "siu")
     return make_key_set(n, KeySetLayout(), keys_from=random.Random(4), **kw)
 
 
