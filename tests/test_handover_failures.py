@@ -64,14 +64,17 @@ def _inject(topo, iface, packet):
 
 # --- lost messages recover by retransmission -------------------------------------------------
 
-@pytest.mark.parametrize("lost", ["rrq", "siu", "rrp"])
+@pytest.mark.parametrize("lost", ["rrq", "siu-not-resent", "rrp"])
 def test_lost_message_recovers_by_retransmission(lost):
     topo = _registered_at_a()
     a, b = topo.care_of["a"][0], topo.care_of["b"][0]
     b_bytes = a2b(b)
     if lost == "rrq":
         topo.visited["b"].drop_next(lambda p: p[12:16] == b_bytes)
-    elif lost == "siu":
+    elif lost == "siu-not-resent":
+        # an HA that does not resend SIUs: the MN's retransmitted request repeats the move
+        ha = topo.ha.role
+        ha.config = dataclasses.replace(ha.config, siu_retransmit_s=0.0)
         topo.home.drop_next(lambda p: _udp_dport(p) == SIU_PORT)
     else:
         topo.outside.drop_next(lambda p: p[16:20] == b_bytes)
@@ -91,6 +94,59 @@ def test_lost_message_recovers_by_retransmission(lost):
         assert [e.kind for e in move].count("gw-sa-repointed") == 1
         assert [e.kind for e in move].count("rrp-forwarded") == 2
     assert not gw.drops and not mn.drops
+
+
+@pytest.mark.parametrize("lost", ["siu", "ack"])
+def test_lost_siu_or_ack_is_resent_by_the_home_agent(lost):
+    """The HA resends an SIU that is not ACKed on its own short timer: the move completes
+    before the MN's first retransmission timeout, with one Registration Request.  A lost ACK
+    makes the GW see the resent SIU as a repeat: it forwards the reply again, moves nothing."""
+    topo = _registered_at_a()
+    b = topo.care_of["b"][0]
+    gw_inside = a2b(topo.gw.role.inside)
+    if lost == "siu":
+        topo.home.drop_next(lambda p: _udp_dport(p) == SIU_PORT and p[16:20] == gw_inside)
+    else:
+        topo.home.drop_next(lambda p: _udp_dport(p) == SIU_PORT and p[12:16] == gw_inside)
+    topo.move("b")
+    topo.sim.run_for(0.6)        # less than the MN's first timeout (1 s)
+    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    assert mn.state is RegState.REGISTERED
+    assert gw.mobiles[mn.home_address].outbound.remote == b
+    assert ha.bindings[mn.home_address].care_of_address == b
+    kinds = [e.kind for e in tl.split_handovers(merged_timeline(topo))[-1]]
+    assert kinds.count("rrq-sent") == 1 and "rrq-retransmitted" not in kinds, kinds
+    assert kinds.count("siu-retransmitted") == 1, kinds
+    assert kinds.count("gw-sa-repointed") == 1, kinds
+    assert kinds.count("rrp-forwarded") == (1 if lost == "siu" else 2), kinds
+    assert ha._resend == {} and ha.get_timer() == ha._expiry[0][0]     # ACKed: no more resends
+    assert not gw.drops
+    # the reply forwarded twice after a lost ACK: the MN drops the second copy, counted
+    assert mn.drops == ({} if lost == "siu" else {DropReason.MIP_UNEXPECTED_REPLY: 1})
+
+
+def test_an_siu_never_acked_is_resent_a_bounded_number_of_times():
+    topo = _registered_at_a()
+    gw_inside = a2b(topo.gw.role.inside)
+    topo.home.drop_next(lambda p: _udp_dport(p) == SIU_PORT and p[16:20] == gw_inside,
+                        count=1000)
+    # only the MN's first request reaches the HA: one SIU, resent on the HA's own timer
+    b_bytes = a2b(topo.care_of["b"][0])
+    seen = []
+
+    def later_requests(p):
+        if p[12:16] != b_bytes:
+            return False
+        seen.append(p)
+        return len(seen) > 1
+    topo.visited["b"].drop_next(later_requests, count=1000)
+    topo.move("b")
+    topo.sim.run_for(2.0)       # the HA's resends and its last wait end before the MN's timer
+    ha = topo.ha.role
+    kinds = [e.kind for e in ha.timeline]
+    assert kinds.count("siu-retransmitted") == ha.config.siu_retransmit_tries
+    assert kinds[-1] == "siu-unacknowledged"
+    assert ha._resend == {}
 
 
 def test_home_agent_that_never_accepts_leads_to_reestablishment():

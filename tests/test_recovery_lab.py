@@ -43,3 +43,12 @@ def test_ha_killed_and_restarted_keeps_its_bindings():
     assert ("ha", "binding-restored") in kinds, kinds
     assert outcome.detail["mn_registrations"] == 0, kinds
     assert outcome.directions["down"]["back_after_ready_ms"] is not None
+
+
+def test_a_lost_siu_is_resent_by_the_home_agent():
+    """The first SIU of a roam is dropped on the HA's way out: the HA resends it on its own
+    timer and the move completes."""
+    outcome = _run("lost-siu")
+    kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
+    assert ("ha", "siu-retransmitted") in kinds, kinds
+    assert ("mn", "rrp-received") in kinds, kinds

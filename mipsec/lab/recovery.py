@@ -212,7 +212,7 @@ def outage(seconds: float, roam_to: str | None = "b") -> Callable[[Lab], dict[st
     register while the path is down)."""
     def event(lab: Lab) -> dict[str, Any]:
         _nft(lab, "rt", """table ip mipsec_outage {
-  chain fwd { type filter hook forward priority 0; policy accept;
+  chain forward_drop { type filter hook forward priority 0; policy accept;
     iifname { "va0", "vb0" } drop
     oifname { "va0", "vb0" } drop
   }

@@ -57,6 +57,8 @@ RETRANSMIT_INITIAL_S = 1.0          # RFC 5944 §3.6.3: first timeout before any
 RETRANSMIT_MIN_S = 0.2              # floor of the measured timeout (mipsec/node/retransmit.py)
 RETRANSMIT_MAX_S = 30.0             # cap of the back-off: the MN retries for ever at this pace
 RETRANSMIT_MAX_ATTEMPTS = 5         # unanswered transmissions before re-establishing (IKEv2)
+SIU_RETRANSMIT_INITIAL_S = 0.05     # HA: an SIU not ACKed after this (home link scale) is resent,
+SIU_RETRANSMIT_TRIES = 4            # doubling each time, at most this many times (0.75 s in all)
 RENEW_FRACTION = 0.8                # re-register at this fraction of the granted lifetime
 SIU_KEY_BYTES = 32                  # HMAC-SHA-256 key of an HA-GW pair
 
@@ -364,10 +366,15 @@ class HomeAgentConfig:
     gateways: tuple[HomeAgentGateway, ...] = ()
     mobiles: tuple[HomeAgentMobile, ...] = ()
     max_lifetime_s: int = HA_MAX_LIFETIME_S
+    siu_retransmit_s: float = SIU_RETRANSMIT_INITIAL_S     # 0: never resend an SIU
+    siu_retransmit_tries: int = SIU_RETRANSMIT_TRIES
 
     def __post_init__(self) -> None:
         _check_address("address", self.address)
         _check_prefix("home_prefix", self.home_prefix)
+        if not 0 <= self.siu_retransmit_s <= 5 or not 0 <= self.siu_retransmit_tries <= 16:
+            raise ConfigError(f"siu_retransmit_s must be in [0, 5] and siu_retransmit_tries in "
+                              f"[0, 16], got {self.siu_retransmit_s}, {self.siu_retransmit_tries}")
         net = ipaddress.IPv4Network(self.home_prefix)
         gws = {g.address for g in self.gateways}
         homes: set[str] = set()

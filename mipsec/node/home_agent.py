@@ -61,6 +61,16 @@ we send no further correction (one per SIU we originated), so no SIU/ACK loop is
 MN's next registration starts afresh.
 Binding expiry (a timer) removes the binding and sends an SIU DEREGISTER.
 
+An SIU whose ACK has not arrived after ``siu_retransmit_s`` (home-link scale, 50 ms) is sent
+again, the wait doubling, at most ``siu_retransmit_tries`` times: a lost SIU or ACK costs one
+such timeout instead of the MN's registration retransmission (1 s).  A resend is a fresh SIU
+(new sequence number, same move, same reply), which the GW applies idempotently.
+
+Persistence (``mipsec.store``): every accepted registration, deregistration and expiry returns
+a ``PersistBinding`` ahead of the actions it allows (the reply, the SIU carrying it); the
+runtime makes it durable first and drops what follows if it cannot.  ``restore`` starts an HA
+from the store after a restart.
+
 Data: packets for a bound home address (intercepted, ``receive_from_tun``) are tunnelled IP-in-IP
 (RFC 2003) to the CoA; reverse-tunnelled packets (``receive_from_net``, IP-in-IP to us) are
 accepted only from the bound CoA of their inner source (RFC 3024 §4.2; for
@@ -184,6 +194,8 @@ class HomeAgent:
         # home -> (sequence, type, new CoA, RRP, was a correction) of our latest SIU
         self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes, bool]] = {}
         self._acked: dict[str, int] = {}       # home -> sequence of the GW's latest ACK
+        # home -> (deadline, resends so far, SIU arguments) of our latest SIU until its ACK
+        self._resend: dict[str, tuple[float, int, tuple[Any, ...]]] = {}
         self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
         self._expiry: list[tuple[float, str]] = []
         # home -> the care-of address our binding store holds as far as we know (absent:
@@ -460,6 +472,7 @@ class HomeAgent:
         last = self._last_siu.get(home)
         if last is None or last[0] != siu.sequence:
             return []                    # an older SIU's ACK: the latest one's will follow
+        self._resend.pop(home, None)
         binding = self.bindings.get(home)
         want = binding.care_of_address if binding is not None else None
         if reported == want:
@@ -479,7 +492,19 @@ class HomeAgent:
                           correction=True)]
 
     def _siu(self, now: float, type: SiuType, mobile: HomeAgentMobile, old: str | None,
-             new: str | None, lifetime: int, rrp: bytes, correction: bool = False) -> SendToNet:
+             new: str | None, lifetime: int, rrp: bytes, correction: bool = False,
+             resends: int = 0) -> SendToNet:
+        """Build, number and sign one SIU; until its ACK arrives it is resent on a short timer
+        (``siu_retransmit_s``, doubling, ``siu_retransmit_tries`` times): a lost SIU costs one
+        such timeout, not the MN's registration retransmission.  A resend is a fresh SIU (a new
+        sequence number, the same content), so the GW's replay check accepts it and applies it
+        idempotently (a move it already made is a repeat: it only forwards the reply again)."""
+        if self.config.siu_retransmit_s > 0:
+            self._resend[mobile.home_address] = (
+                now + self.config.siu_retransmit_s * (2 ** resends), resends,
+                (type, old, new, lifetime, rrp, correction))
+        else:
+            self._resend.pop(mobile.home_address, None)
         signer = self._signers[mobile.gateway]
         sequence = signer.next_sequence
         last = self._last_siu.get(mobile.home_address)
@@ -535,10 +560,26 @@ class HomeAgent:
 
     # --- timers: binding expiry ------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        return self._expiry[0][0] if self._expiry else None
+        deadlines = [d for d, _n, _a in self._resend.values()]
+        if self._expiry:
+            deadlines.append(self._expiry[0][0])
+        return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
+        for home, (deadline, resends, args) in list(self._resend.items()):
+            if deadline > now:
+                continue
+            if resends >= self.config.siu_retransmit_tries:
+                del self._resend[home]
+                self._record(now, "siu-unacknowledged", home_address=home,
+                             sequence=self._last_siu[home][0])
+                continue
+            type_, old, new, lifetime, rrp, correction = args
+            self.counters["siu-retransmitted"] += 1
+            self._record(now, "siu-retransmitted", home_address=home, attempt=resends + 1)
+            actions.append(self._siu(now, type_, self._mobiles[home], old, new, lifetime, rrp,
+                                     correction, resends=resends + 1))
         while self._expiry and self._expiry[0][0] <= now:
             expires, home = heapq.heappop(self._expiry)
             binding = self.bindings.get(home)
