@@ -485,6 +485,8 @@ def test_reestablish_from_a_new_address_replaces_the_old_sas_on_both_sides():
     assert len(R.ike_sas) == 1 and only_sa(R).remote[0] == new_coa
     assert only_child(R).remote_address == new_coa
     assert_esp_works(I, R)
+    # the SPIs of the replaced children are free again on both sides
+    assert I.sizes()["esp_spis"] == R.sizes()["esp_spis"] == 1
 
 
 def test_without_initial_contact_old_sas_stay():

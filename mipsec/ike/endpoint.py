@@ -177,6 +177,9 @@ class IkeEndpoint:
                             and other.state != State.CLOSED:
                         gone = other.abandon("INITIAL_CONTACT from the peer")
                         self._forget(other)
+                        for child_ev in gone:         # (abandon emptied other.children)
+                            if isinstance(child_ev, ChildSaDeleted):
+                                self._esp_spis.discard(child_ev.child.spi_in)
                         extra += gone
             if isinstance(ev, IkeSaRekeyed) and ev.new is not None:
                 new = ev.new
