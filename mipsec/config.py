@@ -47,7 +47,7 @@ ROLE_CLASS = {"mn": node_config.MobileNodeConfig, "gw": node_config.GatewayConfi
 SA_SOURCES = ("manual", "ikev2")
 # docs/security.md §3.6: why manual keys and AEAD transforms never go together, and what instead
 MANUAL_AEAD_REFUSED = (
-    "manual keys are forbidden with AES-GCM and ChaCha20-Poly1305 (RFC 4106 §8.1, RFC 7634 §4): "
+    "manual keys are forbidden with AES-GCM and ChaCha20-Poly1305 (RFC 4106 §8.1, RFC 7634): "
     "their nonce is the sequence number, which a restart would repeat under the same key; use "
     "sa_source = \"ikev2\" (fresh keys for every SA), or manual keys with ENCR_AES_CBC and an "
     "HMAC integrity transform")
@@ -79,7 +79,8 @@ class DaemonSettings:
     rule_priority: int = 1000         # GW: priority of "iif <inside> lookup <route_table>"
     gratuitous_arp: bool = True       # HA / MN: RFC 5944 §4.6 announcements on the home link
     store: str = "sqlite"             # HA: binding store, "sqlite" (on disk) | "memory" (none)
-    state_dir: str = DEFAULT_STATE_DIR   # HA: <state_dir>/<name>.bindings.sqlite3 (0700/0600)
+    state_dir: str = DEFAULT_STATE_DIR   # HA: <state_dir>/<name>.bindings.sqlite3 (0700/0600);
+    #                                      MN/GW with manual keys: <name>.seq.json (0600)
 
 
 @dataclass(frozen=True)
@@ -367,8 +368,8 @@ def _is_table_array(value: Any) -> bool:
 
 # [daemon] keys that mean nothing for a role are left out of the files we write.
 _NOT_FOR_ROLE = {
-    "mn": {"inside_interface", "route_table", "rule_priority", "store", "state_dir"},
-    "gw": {"interfaces", "home_interface", "gratuitous_arp", "store", "state_dir"},
+    "mn": {"inside_interface", "route_table", "rule_priority", "store"},
+    "gw": {"interfaces", "home_interface", "gratuitous_arp", "store"},
     "ha": {"interfaces", "inside_interface", "route_table", "rule_priority"},
 }
 
@@ -457,12 +458,13 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
     out = {
         "ha": DaemonConfig("ha", settings("ha", "ha", home_interface=lay.ha_home_interface,
                                           state_dir=state_dir), lab.home_agent),
-        "gw": DaemonConfig("gw", settings("gw", "gw", inside_interface=lay.gw_inside_interface),
-                           lab.gateway),
+        "gw": DaemonConfig("gw", settings("gw", "gw", inside_interface=lay.gw_inside_interface,
+                                          state_dir=state_dir), lab.gateway),
     }
     for mn in lab.mobiles:
         out[mn.name] = DaemonConfig("mn", settings("mn", mn.name, interfaces=lay.mn_interfaces,
-                                                   home_interface=lay.mn_home_interface), mn)
+                                                   home_interface=lay.mn_home_interface,
+                                                   state_dir=state_dir), mn)
     return out
 
 

@@ -282,7 +282,7 @@ def make_transform(encryption: str, encryption_key: bytes, integrity: str | None
                           f"{spec.key_sizes} ({spec.rfc})")
     if spec.aead:
         if integrity is not None:
-            # RFC 4106 §9 / RFC 7634 §4: combined mode, no separate integrity algorithm
+            # RFC 4106 §9 / RFC 7634: combined mode, no separate integrity algorithm
             raise ConfigError(f"{encryption} is an AEAD transform: integrity must be None, "
                               f"not {integrity!r}")
         return Aead(spec, bytes(encryption_key))

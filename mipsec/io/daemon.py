@@ -29,7 +29,7 @@ from typing import Any
 from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError
 from mipsec.io import (arp, control, hostguard, instance, logs, netlink, pcap as pcapmod,
-                       transports, tun as tunmod)
+                       seqstate, transports, tun as tunmod)
 from mipsec.io.loop import EventLoop
 from mipsec.node.actions import (
     BindingChanged, BindingNotStored, CareOfAddressChanged, PersistBinding, ReturnedHome,
@@ -175,6 +175,7 @@ class Daemon:
         self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
         self.metrics: Any = None                      # the Prometheus endpoint ([metrics])
         self.sysctls = hostguard.Sysctls()    # GW / HA: what the daemon set, restored at exit
+        self.seqstore: seqstate.SequenceStore | None = None   # manual keys: numbers on disk
         self.forward_filter: hostguard.ForwardFilter | None = None
         self.store: Any = None                # HA: its binding store (mipsec.store)
         self.store_errors = 0
@@ -233,6 +234,7 @@ class Daemon:
                 self._ike_lines = _read_key_lines(self._ike_keyfile)
                 pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_lines)
             pcapmod.write_esp_sa_file(cfg.keyfile, self._key_lines)
+        self._attach_sequence_state()      # before the first packet can be sent
         self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
                               pcap=self.pcap)
@@ -506,6 +508,45 @@ class Daemon:
             self.nl.del_proxy_arp(home, d.home_interface)
             self.nl.del_route(f"{home}/32", self.tun.name)
 
+    # --- manual keys: sequence numbers and replay windows across restarts ---------------------
+
+    def sequence_path(self) -> str:
+        return os.path.join(self.cfg.daemon.state_dir, f"{self._name()}.seq.json")
+
+    def _manual_pairs(self) -> list[tuple[Any, Any]]:
+        """(SA object, its EspSaConfig) for every SA whose keys come from the file."""
+        if self.cfg.role not in ("mn", "gw") or self.cfg.daemon.sa_source != "manual":
+            return []
+        node, pairs = self.cfg.node, []
+        if self.cfg.role == "mn":
+            pairs = [(self.role.inbound, node.esp_in), (self.role.outbound, node.esp_out)]
+        else:
+            for m in node.mobiles:
+                mobile = self.role.mobiles.get(m.home_address)
+                if mobile is not None and m.esp_in is not None:
+                    pairs += [(mobile.inbound, m.esp_in), (mobile.outbound, m.esp_out)]
+        return [(sa, esp) for sa, esp in pairs
+                if sa is not None and esp is not None and sa.spi == esp.spi]
+
+    def _attach_sequence_state(self) -> None:
+        """docs/security.md §3.6: manual SAs continue their sequence numbers and replay windows
+        after a restart (mipsec.io.seqstate)."""
+        pairs = self._manual_pairs()
+        if not pairs:
+            return
+        if self.seqstore is None:
+            path = self.sequence_path()
+            try:
+                os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: {exc}") from None
+            self.seqstore = seqstate.SequenceStore(path)
+        self.seqstore.attach(pairs)
+        if self.seqstore.write_errors:
+            raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: cannot write "
+                              f"{self.seqstore.path}: manual keys need it (sequence numbers "
+                              f"across restarts)")
+
     # --- HA: the binding store (mipsec.store) ------------------------------------------------
 
     def store_path(self) -> str:
@@ -648,7 +689,7 @@ class Daemon:
         from mipsec.node.reload import NeedsRestart, reconfigure
         path = self.cfg.path
         try:
-            new = load_config(path)
+            new = load_config(path, require_private=True)
             if new.metrics != self.cfg.metrics:
                 raise ConfigError(f"{path}: [metrics] changed: that needs a restart")
             if new.role != self.cfg.role:
@@ -665,6 +706,10 @@ class Daemon:
             return {"ok": False, "error": f"reload refused: {message}"}
         old_daemon = self.cfg.daemon
         self.cfg = new
+        try:
+            self._attach_sequence_state()     # SAs a reload installed continue like the others
+        except ConfigError as exc:
+            log.error("%s", exc)
         if (new.daemon.log_level, new.daemon.log_format) != (old_daemon.log_level,
                                                              old_daemon.log_format):
             logs.configure(self.log_format_override or new.daemon.log_format,
@@ -698,7 +743,8 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
-        for closer in (lambda: self.nl and self.nl.undo_all(),
+        for closer in (lambda: self.seqstore and self.seqstore.close(),
+                       lambda: self.nl and self.nl.undo_all(),
                        lambda: self.forward_filter and self.forward_filter.remove(),
                        lambda: self.sysctls.restore(),
                        lambda: self.nl and self.nl.close(),
