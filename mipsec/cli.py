@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--instance", "-i", metavar="NAME", help="/run/mipsec/NAME.sock")
     p.set_defaults(func=_cmd_reload)
 
+    p = sub.add_parser("install-units", help="write systemd units for this installation",
+                       formatter_class=_Formatter,
+                       description="Write mipsec-mn@.service, mipsec-gw@.service and mipsec-ha@.service\n"
+                       "whose ExecStart runs this Python with -m mipsec (the venv's, on Debian 12),\n"
+                       "one instance per /etc/mipsec/<instance>.toml.  Then: systemctl daemon-reload;\n"
+                       "systemctl enable --now mipsec-gw@gw.")
+    p.add_argument("--dir", default="/etc/systemd/system", help="where (/etc/systemd/system)")
+    p.add_argument("--config-dir", default="/etc/mipsec", help="the configuration files (/etc/mipsec)")
+    p.set_defaults(func=_cmd_install_units)
+
     p = sub.add_parser("check", help="check a set of configuration files against each other",
                        formatter_class=_Formatter,
                        description="Load each file as its daemon would, then compare what must agree\n"
@@ -317,6 +327,19 @@ def _cmd_reload(args: argparse.Namespace) -> int:
         print(f"mipsec reload: {reply.get('error')}", file=sys.stderr)
         return 1
     print("mipsec reload: " + ("; ".join(reply.get("changes") or []) or "nothing changed"))
+    return 0
+
+
+def _cmd_install_units(args: argparse.Namespace) -> int:
+    from mipsec.units import install_units
+    try:
+        paths = install_units(args.dir, config_dir=args.config_dir)
+    except OSError as exc:
+        print(f"mipsec install-units: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    print("then: systemctl daemon-reload", file=sys.stderr)
     return 0
 
 

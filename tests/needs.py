@@ -24,6 +24,14 @@ def need(problem: str | None, ci_message: str | None = None) -> None:
         pytest.skip(problem)
 
 
+def systemd_analyze() -> str:
+    """systemd-analyze's path: the packaging test verifies the installed units with it."""
+    path = shutil.which("systemd-analyze")
+    need(None if path else "systemd-analyze not installed (Debian package systemd)",
+         "systemd-analyze is required in CI (tools/setup.sh installs Debian's systemd)")
+    return path
+
+
 def tshark() -> str:
     """tshark's path: the tests that compare against Wireshark's dissectors."""
     path = shutil.which("tshark")

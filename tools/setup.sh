@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # libstrongswan-standard-plugins is only a Recommends of strongswan, but charon needs its openssl
 # and gcm plugins for ECP-256, Curve25519 and AES-GCM (the interoperability tests use all three).
 # nftables: the GW's second filter layer (docs/security.md §3.1) and the lab's NAT; util-linux's
-# unshare and mount come with every Debian.
+# unshare and mount come with every Debian.  systemd: systemd-analyze verifies the units
+# `mipsec install-units` writes (a container may have no systemd).
 DEBS=(python3 python3-venv python3-dev iproute2 iputils-ping procps tshark strongswan
-      libstrongswan-standard-plugins libcharon-extra-plugins nftables gcc libc6-dev)
+      libstrongswan-standard-plugins libcharon-extra-plugins nftables gcc libc6-dev systemd)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
