@@ -384,7 +384,8 @@ class Daemon:
     def _setup_mn(self) -> None:
         d, node = self.cfg.daemon, self.cfg.node
         homes = [d.home_interface] if d.home_interface else []
-        self.watcher = netlink.AddressWatcher(d.interfaces, node.home_prefix, homes)
+        self.watcher = netlink.AddressWatcher(d.interfaces, node.home_prefix, homes,
+                                              gateway=node.gateway)
         if d.home_interface and d.gratuitous_arp:
             self.announcer = arp.Announcer(d.home_interface)
         self.loop.on_event.append(self._mn_before_event)

@@ -283,7 +283,8 @@ class Lab:
     # --- moving the MN --------------------------------------------------------------------------
 
     def move(self, where: str, wait: bool = True, timeout: float = REGISTER_TIMEOUT_S,
-             make_before_break: bool = False, k: int = 1) -> dict[str, Any]:
+             make_before_break: bool = False, k: int = 1, dhcp_order: bool = False
+             ) -> dict[str, Any]:
         """Move MN ``k`` (to ``a``, ``b``, ``n`` or ``home``); with ``wait``, until its
         registration is done.
 
@@ -294,7 +295,8 @@ class Lab:
             raise LabError("make-before-break needs a visited network and waiting")
         name = self.mn(k)
         t0 = time.monotonic()
-        topo.move_mn(self.names, where, make_before_break, k=k, nat=self.nat)
+        topo.move_mn(self.names, where, make_before_break, k=k, nat=self.nat,
+                     dhcp_order=dhcp_order)
         state = self.load_state()
         moves = state.get("moves", []) + [{"to": where, "time": t0, "mobile": name}]
         places = {**state.get("places", {}), name: where}

@@ -266,14 +266,15 @@ def masquerade(rt: str) -> None:
 
 
 def move_mn(names: Names, where: str, make_before_break: bool = False, k: int = 1,
-            nat: bool = False) -> None:
+            nat: bool = False, dhcp_order: bool = False) -> None:
     """Attach MN ``k`` to visited network ``a``/``b`` (``n``: behind the NAT) or to ``home``.
 
     Visited: remove the other addresses (break-before-make; with ``make_before_break`` they stay
     until ``drop_old_coas``), point the default route at the visited router (``onlink``, so it
     exists before the address appears: the MN's netlink watcher reacts to the address, and its
     Registration Request must find a route at once), then add the care-of address.  Home: remove
-    the care-of addresses and bring up the home link with the home address.
+    the care-of addresses and bring up the home link with the home address.  ``dhcp_order``:
+    the care-of address first, then the default route, as DHCP clients do.
     """
     visited = places(nat)
     if where not in visited and where != "home":
@@ -290,6 +291,8 @@ def move_mn(names: Names, where: str, make_before_break: bool = False, k: int = 
                   f"link set {MN_HOME_INTERFACE} down",
                   f"route replace default via {PLACE_ROUTER[where]} dev {ifname} onlink",
                   f"addr replace {mn_care_of(where, k)}/24 dev {ifname}"]
+        if dhcp_order:
+            lines[-2:] = lines[-1:] + lines[-2:-1]
     else:
         lines += ["route flush exact 0.0.0.0/0",
                   f"link set {MN_HOME_INTERFACE} up",
