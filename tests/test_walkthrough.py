@@ -273,3 +273,57 @@ def test_operations_section_6_as_written(machines, tmp_path):
     for machine in ("ha", "gw", "mn"):
         assert m.procs[machine].poll() is None, m.log(machine)
         assert "Traceback" not in m.log(machine), m.log(machine)
+
+
+def wait_for_line(m, machine, needle, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in m.log(machine).splitlines():
+            if needle(line):
+                return line
+        time.sleep(0.2)
+    raise AssertionError(f"{machine}: no such line\n{m.log(machine)}")
+
+
+def test_real_daemons_warn_about_a_psk_and_an_mn_ha_key_mismatch(machines, tmp_path):
+    """The same machines with a spoiled PSK at the MN: the GW logs a WARNING naming the reason
+    and the MN's care-of address; then the MN restarts with the right PSK but a spoiled MN-HA
+    key: the HA logs its WARNING (as JSON: log_format = "json" in its file)."""
+    import dataclasses
+    from mipsec.config import load_config, write_config
+    m = machines
+    py = [sys.executable, "-m", "mipsec"]
+    keys = str(tmp_path / "keys")
+    subprocess.run(py + ["keys", "--out", keys, "--mobiles", "1"], check=True, env=m.env,
+                   capture_output=True)
+    cfgs = {n: load_config(os.path.join(keys, f"{n}.toml")) for n in MACHINES}
+    if cfgs["mn"].node.ike is None:
+        pytest.fail("mipsec keys wrote manual keys; this test spoils the IKE PSK")
+    ha = cfgs["ha"]
+    cfgs["ha"] = dataclasses.replace(ha, daemon=dataclasses.replace(ha.daemon, log_format="json"))
+    mn = cfgs["mn"]
+    bad_psk = dataclasses.replace(mn, node=dataclasses.replace(mn.node, ike=dataclasses.replace(
+        mn.node.ike, psk=bytes([mn.node.ike.psk[0] ^ 1]) + mn.node.ike.psk[1:])))
+    bad_msa = dataclasses.replace(mn, node=dataclasses.replace(mn.node, msa=dataclasses.replace(
+        mn.node.msa, key=bytes([mn.node.msa.key[0] ^ 1]) + mn.node.msa.key[1:])))
+    cfgs["mn"] = bad_psk
+    for machine in MACHINES:
+        write_config(cfgs[machine], os.path.join(m.dir(machine, "etc"), f"{machine}.toml"))
+    for cmd in step_3_commands():
+        m.on("ha", *cmd)
+    for machine in MACHINES:
+        m.start(machine, py + [machine, "--config", f"/etc/mipsec/{machine}.toml"])
+    time.sleep(2.0)
+    coa = roam(m, "a")
+    line = wait_for_line(m, "gw", lambda l: "WARNING" in l and "ike-authentication-failed" in l)
+    assert coa in line and "PSK or identity mismatch" in line
+    # the MN again, with the right PSK and a wrong MN-HA key
+    proc = m.procs.pop("mn")
+    proc.terminate()
+    proc.wait(timeout=20)
+    write_config(bad_msa, os.path.join(m.dir("mn", "etc"), "mn.toml"))
+    m.start("mn", py + ["mn", "--config", "/etc/mipsec/mn.toml"])
+    line = wait_for_line(m, "ha", lambda l: '"mip-authentication-failed"' in l)
+    record = json.loads(line)
+    assert record["level"] == "WARNING" and record["reason"] == "mip-authentication-failed"
+    assert coa in record["peer"] and "MN-HA key mismatch" in record["message"]
