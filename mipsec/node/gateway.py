@@ -691,6 +691,8 @@ class VpnGateway:
             "sad_drops": {str(k): v for k, v in self.sad.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
             "sizes": self.sizes(),
+            # re-keyed inbound SAs after their Delete, still decrypting for the grace period
+            "inbound_retiring": [f"0x{spi:08x}" for spi in self._grace],
         }
 
     def sizes(self) -> dict[str, int]:

@@ -904,6 +904,7 @@ class MobileNode:
             **({"ike": self.ike.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
+            "inbound_retiring": [f"0x{spi:08x}" for spi in self._grace],
             "sizes": {"inbound_sas": len(self._inbound_sas), "pairs": len(self._pairs),
                       "grace": len(self._grace), "timeline": len(self.timeline),
                       **({f"ike_{k}": v for k, v in self.ike.endpoint.sizes().items()}
