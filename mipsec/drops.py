@@ -60,6 +60,8 @@ class DropReason(str, enum.Enum):
     MIP_UNEXPECTED_REPLY = "mip-unexpected-reply"  # reply matches no pending request
     MIP_UNKNOWN_HOME_AGENT = "mip-unknown-home-agent"
     MIP_BAD_CARE_OF = "mip-bad-care-of"          # CoA 0.0.0.0, broadcast, multicast, loopback, ours
+    MIP_ENCAPSULATION_UNAVAILABLE = "mip-encapsulation-unavailable"  # §3.8.3: M or G set: 139
+    MIP_NOT_CO_LOCATED = "mip-not-co-located"    # D clear: an FA care-of, we have no FA: 134
     MIP_NOT_FOR_US = "mip-not-for-us"
     IPIP_UNKNOWN_TUNNEL = "ipip-unknown-tunnel"  # RFC 2003: outer source is no bound CoA
     IPIP_NO_BINDING = "ipip-no-binding"          # HA: packet for a home address with no binding
@@ -87,6 +89,7 @@ class DropReason(str, enum.Enum):
     IKE_RETRANSMISSION = "ike-retransmission"    # §2.1: answered from cache, not an error
     IKE_AUTH_FAILED = "ike-authentication-failed"
     IKE_NO_PROPOSAL_CHOSEN = "ike-no-proposal-chosen"
+    IKE_INVALID_KE_PAYLOAD = "ike-invalid-ke-payload"  # RFC 7296 §1.2: asked to use our group
     IKE_INVALID_COOKIE = "ike-invalid-cookie"    # §2.6
     IKE_CHILD_UNUSABLE = "ike-child-unusable"    # a negotiated child SA the role cannot install
 

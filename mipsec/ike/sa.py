@@ -606,7 +606,7 @@ class IkeSa:
         if ke.group != suite.dh:
             # §1.2: tell the initiator which group we want; no state is kept
             return refuse(NotifyType.INVALID_KE_PAYLOAD, suite.dh.to_bytes(2, "big"),
-                          DropReason.IKE_NO_PROPOSAL_CHOSEN)
+                          DropReason.IKE_INVALID_KE_PAYLOAD)
         dh = DhPrivate.generate(suite.dh, random)
         try:
             shared = dh.shared_secret(ke.data)
@@ -999,7 +999,7 @@ class IkeSa:
         if len(peer_spi) != 8 or not any(peer_spi):
             raise _Refused(NotifyType.INVALID_SYNTAX, DropReason.MALFORMED)
         if ke.group != suite.dh:
-            raise _Refused(NotifyType.INVALID_KE_PAYLOAD, DropReason.IKE_NO_PROPOSAL_CHOSEN,
+            raise _Refused(NotifyType.INVALID_KE_PAYLOAD, DropReason.IKE_INVALID_KE_PAYLOAD,
                            suite.dh.to_bytes(2, "big"))
         dh = DhPrivate.generate(suite.dh, self._random)
         try:

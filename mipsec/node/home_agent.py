@@ -106,7 +106,7 @@ from mipsec.node.packet import (
     parse_udp_packet, peek_ipv4,
 )
 from mipsec.wire.mip import (
-    MSG_REGISTRATION_REQUEST, RegistrationReply, RegistrationRequest, ReplyCode,
+    MSG_REGISTRATION_REQUEST, RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags,
     build_registration_reply, parse_registration_request,
 )
 from mipsec.store.record import BindingRecord
@@ -302,22 +302,42 @@ class HomeAgent:
             msa.check_identification(rrq.identification, self.wallclock())
         except ParseError as exc:
             # RFC 5944 §3.8.3.1: authenticated but stale: code 133 with our time, no state change
-            logs = self._reject(now, rrq, exc.reason, code=int(ReplyCode.HA_IDENTIFICATION_MISMATCH))
-            reply = RegistrationReply(
-                code=ReplyCode.HA_IDENTIFICATION_MISMATCH, home_address=rrq.home_address,
-                home_agent=self.address, lifetime=0,
-                identification=msa.reply_identification(rrq.identification, self.wallclock(),
-                                                        accepted=False))
-            data_out = msa.sign(build_registration_reply(reply))
-            if via_gateway:
-                # docs/protocol.md: a REJECT SIU, the GW sends the RRP once to that CoA, moves nothing
-                binding = self.bindings.get(rrq.home_address)
-                return logs + [self._siu(now, SiuType.REJECT, mobile,
-                                         binding.care_of_address if binding is not None else None,
-                                         rrq.care_of_address, 0, data_out)]
-            return logs + [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
+            return self._deny(now, rrq, msa, mobile, src, sport, via_gateway,
+                              ReplyCode.HA_IDENTIFICATION_MISMATCH, exc.reason)
+        deregister = rrq.lifetime == 0 or rrq.care_of_address == rrq.home_address
+        if rrq.flags & (RequestFlags.M | RequestFlags.G):
+            # RFC 5944 §3.8.3: we tunnel IP-in-IP only (RFC 2003): 139, nothing moves
+            return self._deny(now, rrq, msa, mobile, src, sport, via_gateway,
+                              ReplyCode.HA_REQUESTED_ENCAPSULATION_UNAVAILABLE,
+                              DropReason.MIP_ENCAPSULATION_UNAVAILABLE)
+        if not deregister and not rrq.flags & RequestFlags.D:
+            # RFC 5944 §3.6.1.1/§3.8: there is no foreign agent in this design, so the care-of
+            # address must be co-located (D set: the MN decapsulates): 134, nothing moves
+            return self._deny(now, rrq, msa, mobile, src, sport, via_gateway,
+                              ReplyCode.HA_POORLY_FORMED_REQUEST,
+                              DropReason.MIP_NOT_CO_LOCATED)
         msa.accept_identification(rrq.identification)
         return self._accept(rrq, msa, mobile, src, sport, via_gateway, now)
+
+    def _deny(self, now: float, rrq: RegistrationRequest, msa: MobilitySecurityAssociation,
+              mobile: HomeAgentMobile, src: bytes, sport: int, via_gateway: bool,
+              code: ReplyCode, reason: DropReason) -> list[Action]:
+        """An authenticated request refused with a reply (RFC 5944 §3.8.3.1): no binding
+        changes.  At home the reply goes directly; through the GW it travels in a REJECT SIU
+        (docs/protocol.md): the GW sends it once to the request's CoA and moves nothing."""
+        logs = self._reject(now, rrq, reason, code=int(code))
+        reply = RegistrationReply(
+            code=code, home_address=rrq.home_address, home_agent=self.address, lifetime=0,
+            identification=msa.reply_identification(
+                rrq.identification, self.wallclock(),
+                accepted=code != ReplyCode.HA_IDENTIFICATION_MISMATCH))
+        data_out = msa.sign(build_registration_reply(reply))
+        if via_gateway:
+            binding = self.bindings.get(rrq.home_address)
+            return logs + [self._siu(now, SiuType.REJECT, mobile,
+                                     binding.care_of_address if binding is not None else None,
+                                     rrq.care_of_address, 0, data_out)]
+        return logs + [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
 
     def _reject(self, now: float, rrq: RegistrationRequest, reason: DropReason,
                 **detail: Any) -> list[Action]:
@@ -332,8 +352,12 @@ class HomeAgent:
         home = rrq.home_address
         deregister = rrq.lifetime == 0 or rrq.care_of_address == home
         lifetime = 0 if deregister else min(rrq.lifetime, self.config.max_lifetime_s)
+        # RFC 5944 §3.8.3: one binding per MN (a new one replaces the old); a request for
+        # simultaneous bindings (S) is accepted with code 1 saying so
+        code = (ReplyCode.ACCEPTED_NO_SIMULTANEOUS_BINDINGS
+                if rrq.flags & RequestFlags.S and not deregister else ReplyCode.ACCEPTED)
         reply = RegistrationReply(
-            code=ReplyCode.ACCEPTED, home_address=home, home_agent=self.address,
+            code=code, home_address=home, home_agent=self.address,
             lifetime=lifetime,
             identification=msa.reply_identification(rrq.identification, self.wallclock(),
                                                     accepted=True))
