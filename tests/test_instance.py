@@ -161,6 +161,9 @@ def test_a_second_gateway_is_refused_and_the_first_keeps_its_rule(netns, tmp_pat
             "gw5": (dict(tun="otun1", control_socket=str(tmp_path / "gw5.sock"),
                          rule_priority=1003, route_table=103),
                     "[daemon] tun: TUN device 'otun1': held by another mipsec daemon"),
+            "gw6": (dict(tun="otun6", control_socket=str(tmp_path / "gw6.sock"),
+                         rule_priority=1006, route_table=106),
+                    "[gateway] inside_address: UDP port 4343: held by another mipsec daemon"),
         }
         for name, (daemon, message) in cases.items():
             path = _gw(tmp_path, sets, name, **daemon)
@@ -209,3 +212,29 @@ def test_addresses_not_here_and_missing_directories_exit_2(netns, tmp_path, case
     code, err = _run_refused(netns, path, role)
     assert code == 2, err
     assert f"{path}: {message}" in err and "Traceback" not in err
+
+
+def test_a_port_in_use_names_the_file_and_exits_2(netns, tmp_path):
+    """A second HA with another TUN name and control socket: its UDP 434 is taken (a second
+    SO_REUSEADDR bind would succeed and silently take the first one's registrations)."""
+    _ip("-n", netns, "addr", "add", "10.1.0.2/24", "dev", "in0")
+    sets = _sets(tmp_path)
+    cfg = sets["ha"]
+    first = str(tmp_path / "ha1.toml")
+    write_config(dataclasses.replace(cfg, daemon=dataclasses.replace(
+        cfg.daemon, tun="otun1", control_socket=str(tmp_path / "ha1.sock"))), first)
+    proc = _start(netns, first, "ha")
+    try:
+        _wait_ready(str(tmp_path / "ha1.sock"), proc)
+        second = str(tmp_path / "ha2.toml")
+        write_config(dataclasses.replace(cfg, daemon=dataclasses.replace(
+            cfg.daemon, tun="otun2", control_socket=str(tmp_path / "ha2.sock"))), second)
+        code, err = _run_refused(netns, second, "ha")
+        assert code == 2, err
+        assert f"{second}: [home_agent] address: UDP port 434: held by another mipsec daemon" \
+            in err, err
+        assert control.request(str(tmp_path / "ha1.sock"), "ping")["ok"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert proc.returncode == 0

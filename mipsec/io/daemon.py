@@ -219,7 +219,11 @@ class Daemon:
         if self.sender is None:
             self.sender = transports.RawSender()
         if self.receivers is None:
-            self.receivers = self._open_receivers()
+            try:
+                self.receivers = self._open_receivers()
+            except ConfigError as exc:    # a port in use: name the file (exit 2, no restart loop)
+                raise ConfigError(f"{cfg.path}: {exc} (is another mipsec {cfg.role} running "
+                                  f"on this machine?)") from None
         if d.pcap:
             self.pcap = pcapmod.PcapWriter(d.pcap, max_bytes=d.pcap_max_mb * 1_000_000,
                                            keep=d.pcap_keep)

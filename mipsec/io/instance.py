@@ -4,8 +4,9 @@
 
 * ``<control socket>.lock``: the instance itself (two daemons with one control socket);
 * with kernel wiring, one lock per kernel resource it creates, per network namespace (the lab
-  runs daemons of the same role in several namespaces): its TUN name, and at the GW the policy
-  routing rule priority and the routing table.  They live in ``/run/mipsec/locks``, named
+  runs daemons of the same role in several namespaces): its TUN name, at the GW the policy
+  routing rule priority and the routing table, and every UDP port it binds (434, 500, 4500,
+  4343: a second SO_REUSEADDR bind would succeed and silently take the first one's datagrams).  They live in ``/run/mipsec/locks``, named
   ``<netns inode>-<resource>.lock``.
 
 A lock held by another process is a conflict: the daemon refuses to start (``ConfigError``: exit
@@ -100,6 +101,35 @@ def claim_kernel_resources(cfg: Any, locks: Locks, lock_dir: str = LOCK_DIR) -> 
         locks.acquire(os.path.join(lock_dir, f"{ns}-table-{d.route_table}.lock"),
                       f"{_where(cfg, 'daemon', 'route_table')}: routing table {d.route_table}")
         _check_gw_policy_routing(cfg)
+    for port, table, key in udp_ports(cfg):
+        # UDP sockets bound with SO_REUSEADDR share a port silently (the last one gets the
+        # datagrams): a second daemon must be refused here, not discovered by lost packets
+        locks.acquire(os.path.join(lock_dir, f"{ns}-udp-{port}.lock"),
+                      f"{_where(cfg, table, key)}: UDP port {port}")
+
+
+MIP_PORT, IKE_PORT, NAT_T_PORT, SIU_PORT = 434, 500, 4500, 4343   # RFC 5944, 7296, 3948; SIU
+
+
+def udp_ports(cfg: Any) -> list[tuple[int, str, str]]:
+    """(port, table, key) of every UDP port the daemon binds (mipsec.io.daemon's receivers)."""
+    d, node = cfg.daemon, cfg.node
+    out: list[tuple[int, str, str]] = []
+    if cfg.role in ("mn", "gw"):
+        if d.sa_source == "ikev2":
+            out += [(IKE_PORT, "daemon", "sa_source"), (NAT_T_PORT, "daemon", "sa_source")]
+        else:
+            mobiles = [node] if cfg.role == "mn" else list(node.mobiles)
+            if any(m.esp_in is not None and (m.esp_in.udp_encap or m.esp_out.udp_encap)
+                   for m in mobiles):
+                out.append((NAT_T_PORT, "daemon", "sa_source"))
+    if cfg.role == "mn":
+        out.append((MIP_PORT, "mobile_node", "home_address"))
+    elif cfg.role == "gw":
+        out.append((SIU_PORT, "gateway", "inside_address"))
+    else:
+        out += [(MIP_PORT, "home_agent", "address"), (SIU_PORT, "home_agent", "address")]
+    return out
 
 
 def _check_gw_policy_routing(cfg: Any) -> None:

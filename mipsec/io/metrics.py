@@ -10,7 +10,8 @@ Metrics (labels ``role`` and ``name`` on every one):
 
 * ``mipsec_io_packets_total{path}``: from_tun, to_tun, from_net, to_net (the loop's counters);
 * ``mipsec_sa_packets_total`` / ``mipsec_sa_octets_total{spi,direction}``: per ESP SA now held;
-* ``mipsec_drops_total{reason,where}``: every drop counter (``where`` = ``role`` or ``sa``);
+* ``mipsec_drops_total{reason,where,spi}``: every drop counter (``where`` = ``role``, or
+  ``sa`` with the SA's ``spi``);
 * ``mipsec_handovers_total`` and ``mipsec_handover_duration_seconds`` (histogram): MN, from the
   new care-of address to the accepting reply;
 * ``mipsec_registrations_total``: MN accepted replies, HA accepted requests;
@@ -122,13 +123,14 @@ class RoleMetrics:
         yield packets
         yield octets
         drops = CounterMetricFamily("mipsec_drops", "Dropped input by reason",
-                                    labels=base + ["reason", "where"])
-        merged: dict[tuple[str, str], int] = {}
+                                    labels=base + ["reason", "where", "spi"])
+        merged: dict[tuple[str, str, str], int] = {}
         for (where, reason), n in self._drops().items():
-            key = (str(reason), "sa" if where else "role")
+            spi = where.split()[1] if where.startswith("SA ") else ""
+            key = (str(reason), "sa" if where else "role", spi)
             merged[key] = merged.get(key, 0) + n
-        for (reason, where), n in sorted(merged.items()):
-            drops.add_metric(values + [reason, where], n)
+        for (reason, where, spi), n in sorted(merged.items()):
+            drops.add_metric(values + [reason, where, spi], n)
         yield drops
         role = self.role
         endpoint = getattr(getattr(role, "ike", None), "endpoint", None)
