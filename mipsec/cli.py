@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", action="store_true", help="always use the in-memory simulator")
     p.add_argument("--delay-ms", type=float, default=None,
                    help="one-way Internet delay (default 10 in the lab, 20 in the simulator)")
+    p.add_argument("--plot", metavar="DIR", default=None,
+                   help="write a sequence chart per move and the packet arrivals (PNG) to DIR")
     _sa_options(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--rate", type=float, default=200.0, help="stream packets/s per direction")
     lp.add_argument("--dwell", type=float, default=2.0, help="seconds between moves")
     lp.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    lp.add_argument("--plot", metavar="DIR", default=None,
+                    help="write a sequence chart per move and the packet arrivals (PNG) to DIR")
     _sa_options(lp)
     lp.set_defaults(func=_cmd_lab_demo)
     return parser
@@ -429,12 +433,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             return run_lab_demo(prefix=f"mipsec-demo{os.getpid()}-",
                                 delay_ms=10.0 if args.delay_ms is None else args.delay_ms,
                                 sa_source="manual" if args.manual_keys else "ikev2",
-                                handover_mode=args.handover_mode)
+                                handover_mode=args.handover_mode, plot_dir=args.plot)
         print(f"mipsec demo: {problem}; running the same scenario in the in-memory simulator "
               f"instead (`mipsec demo --sim`).\n", flush=True)
     from mipsec.sim.demo import run_demo
     return run_demo(sys.stdout, manual_keys=args.manual_keys, handover_mode=args.handover_mode,
-                    **({} if args.delay_ms is None else {"internet_delay_s": args.delay_ms / 1000}))
+                    plot_dir=args.plot, **({} if args.delay_ms is None else {"internet_delay_s": args.delay_ms / 1000}))
 
 
 def _lab(args: argparse.Namespace):
@@ -519,7 +523,7 @@ def _cmd_lab_demo(args: argparse.Namespace) -> int:
     return run_lab_demo(prefix=args.prefix, delay_ms=args.delay_ms, rate=args.rate,
                         dwell_s=args.dwell, keep=args.keep,
                         sa_source="manual" if args.manual_keys else "ikev2",
-                        handover_mode=args.handover_mode)
+                        handover_mode=args.handover_mode, plot_dir=args.plot)
 
 
 # --- status rendering ------------------------------------------------------------------------------

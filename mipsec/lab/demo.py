@@ -105,7 +105,10 @@ def phase_figures(sender: dict[str, Any], receiver: dict[str, Any], start: float
 
 def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: float = 200.0,
                  dwell_s: float = 2.0, keep: bool = False, out: TextIO = sys.stdout,
-                 sa_source: str = "ikev2", handover_mode: str = "siu") -> int:
+                 sa_source: str = "ikev2", handover_mode: str = "siu",
+                 plot_dir: str | None = None) -> int:
+    """The demo; ``plot_dir``: also write a sequence chart per move and the packet arrivals
+    around the moves there (PNG, ``mipsec.plot``)."""
     lab = Lab(prefix=prefix)
     # SIGTERM / SIGHUP (a closed terminal) unwind like Ctrl-C, so the `finally` removes the lab.
     def interrupted(signum, _frame):
@@ -150,6 +153,17 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
                 print(f"    {name}: interruption {inter}, lost {fig['lost']} of {fig['sent']}",
                       file=out)
                 worst = max(worst, fig["lost"])
+        if plot_dir:
+            from mipsec.plot import write_demo_plots
+            titles = {"a": "to visited network a", "b": "to visited network b",
+                      "home": "back home"}
+            marks = [(m["time"], f"move {i + 1}: {titles[m['to']]}") for i, m in enumerate(moves)]
+            parts = [lab.timelines(m["time"] - 0.001, bounds[i + 1]) for i, m in enumerate(moves)]
+            streams_in = {"downlink CN->MN": [tuple(r) for r in reports["mn"]["received"]],
+                          "uplink MN->CN": [tuple(r) for r in reports["cn"]["received"]]}
+            label = f"lab, {handover_mode.upper()}, {delay_ms:g} ms one way"
+            for path in write_demo_plots(plot_dir, marks, parts, streams_in, label):
+                print(f"plot: {path}", file=out)
         print(file=out)
         for name, snd, rcv in (("CN->MN", "cn", "mn"), ("MN->CN", "mn", "cn")):
             total = analyse(reports[snd]["sent"], reports[rcv]["received"])

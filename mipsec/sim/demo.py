@@ -48,11 +48,13 @@ def _print_ike_setup(p, topo, attached: float) -> bool:
 
 
 def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1,
-             manual_keys: bool = False, handover_mode: str = "siu") -> int:
+             manual_keys: bool = False, handover_mode: str = "siu",
+             plot_dir: str | None = None) -> int:
     """Print the demo to ``out``; return 0 when every registration completed and data flowed.
 
     ``manual_keys``: pre-shared ESP keys instead of SAs negotiated by IKEv2 (the default);
-    ``handover_mode``: "siu" or "mobike" (IKEv2 only)."""
+    ``handover_mode``: "siu" or "mobike" (IKEv2 only); ``plot_dir``: write a sequence chart
+    per move and the packet arrivals around the moves there (PNG, ``mipsec.plot``)."""
     sa_source = "manual" if manual_keys else "ikev2"
     # manual keys only with CBC + HMAC, as the daemons require (docs/security.md §3.6)
     topo = build_topology(1, internet_delay_s=internet_delay_s, seed=seed, sa_source=sa_source,
@@ -109,6 +111,14 @@ def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1,
             got = len({a[1] for a in receiver.arrivals if lo <= a[2] < hi})
             p(f"   {name}: longest interruption {r.longest_interruption_s * 1e3:7.2f} ms, "
               f"lost {max(0, sent - got)} of {sent}")
+        p("")
+    if plot_dir:
+        from mipsec.plot import write_demo_plots
+        streams = {"downlink CN->MN": [(a[1], a[3]) for a in mn_app.arrivals],
+                   "uplink MN->CN": [(a[1], a[3]) for a in cn_app.arrivals]}
+        for path in write_demo_plots(plot_dir, [(at, title) for at, _w, _m, title in moves],
+                                     parts[1:], streams, f"simulator, {handover_mode.upper()}"):
+            p(f"plot: {path}")
         p("")
     down = mn_app.report(cn_app.sent)
     up = cn_app.report(mn_app.sent)
