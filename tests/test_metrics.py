@@ -172,3 +172,16 @@ def test_status_instance_and_watch(daemons, monkeypatch, capsys):
     assert result["code"] == 0 and calls == [0.5, 0.5]
     out = capsys.readouterr().out
     assert out.count("\033[H\033[2J") == 2 and out.count("gw gw  pid") == 2
+
+
+def test_status_stays_cheap_with_a_long_timeline(daemons):
+    """status carries only the latest STATUS_TIMELINE_EVENTS events; `timeline` has them all."""
+    from mipsec.io.daemon import STATUS_TIMELINE_EVENTS
+    from mipsec.node.actions import TimelineEvent
+    gw = daemons["gw"]
+    gw.role.timeline.extend(TimelineEvent(float(i), "gw", "rrq-forwarded", {"i": i})
+                            for i in range(STATUS_TIMELINE_EVENTS + 500))
+    events = gw.status()["timeline"]
+    assert len(events) == STATUS_TIMELINE_EVENTS
+    assert events[-1]["detail"] == {"i": STATUS_TIMELINE_EVENTS + 499}
+    assert len(gw.handle_command("timeline", [])["timeline"]) == STATUS_TIMELINE_EVENTS + 500

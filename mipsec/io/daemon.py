@@ -42,6 +42,7 @@ log = logging.getLogger("mipsec.daemon")
 MIP_PORT = 434                 # RFC 5944 §3.1
 NAT_T_PORT = 4500              # RFC 3948
 IKE_PORT = 500                 # RFC 7296 §2
+STATUS_TIMELINE_EVENTS = 1000  # status carries the latest events; `timeline` has them all
 
 
 def siu_port() -> int:
@@ -644,11 +645,16 @@ class Daemon:
                           "path": self.store_path() if self.cfg.daemon.store == "sqlite"
                           else None}} if self.store is not None else {}),
             "node": _jsonable(node),
-            "timeline": self.timeline(),
+            "timeline": self.timeline(STATUS_TIMELINE_EVENTS),
         }
 
-    def timeline(self) -> list[dict[str, Any]]:
-        return [_jsonable(ev) for ev in getattr(self.role, "timeline", [])]
+    def timeline(self, last: int | None = None) -> list[dict[str, Any]]:
+        """The role's timeline as JSON-able dicts; only the ``last`` events when given (status:
+        serialising a long-running daemon's whole timeline took seconds in the loop)."""
+        events = getattr(self.role, "timeline", [])
+        if last is not None:
+            events = events[-last:] if isinstance(events, list) else list(events)[-last:]
+        return [_jsonable(ev) for ev in events]
 
     def handle_command(self, command: str, args: list[str]) -> dict[str, Any]:
         if command == "status":
