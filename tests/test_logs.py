@@ -236,3 +236,17 @@ def test_log_format_in_config_and_refused_when_unknown(tmp_path):
     data["daemon"]["log_format"] = "xml"
     with pytest.raises(ConfigError, match=r"ha.toml: \[daemon\] log_format: unknown format"):
         config_from_dict(data, "ha.toml")
+
+
+def test_a_timeline_cut_short_is_not_logged_again():
+    from mipsec.node.actions import TimelineEvent
+
+    class Role:
+        timeline = [TimelineEvent(float(i), "gw", "rrq-forwarded", {}) for i in range(10)]
+    watcher = logs.RoleWatcher(Role, "gw")
+    assert len(watcher._new_events()) == 10
+    del Role.timeline[:8]                      # the role forgot its oldest events ...
+    Role.timeline.append(TimelineEvent(10.0, "gw", "rrq-forwarded", {}))
+    assert [e.time for e in watcher._new_events()] == [10.0]
+    Role.timeline[:] = [TimelineEvent(20.0, "gw", "rrq-forwarded", {})]   # ... all of them
+    assert [e.time for e in watcher._new_events()] == [20.0]

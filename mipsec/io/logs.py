@@ -224,6 +224,8 @@ class RoleWatcher:
                 if timeline[i] is self._tl_last:
                     start = i + 1
                     break
+            else:   # it was cut off with the oldest events: what came after it in time is new
+                start = next((i for i in range(n) if timeline[i].time > self._tl_last.time), n)
         self._tl_last, self._tl_len = last, n
         return list(timeline[start:])
 
