@@ -28,12 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mipsec.lab import topology as topo
-from mipsec.lab.demo import Streams
+from mipsec.lab.demo import STREAM_PORT, Streams
 from mipsec.lab.lab import Lab
 from mipsec.mip.constants import SIU_PORT
 
 LEAD_S = 1.0          # stream time before the event
 TAIL_S = 0.5          # "recovered": what was sent in this last stretch arrived
+RECEIVER_DRAIN_S = 0.3   # mipsec.lab.stream keeps receiving this long after its duration
+SETTLE_S = 3.0        # the stream goes on at least this long after the restarted part is up
+MAX_EXTRA_S = 60.0    # streams are stopped explicitly; this only bounds a stuck run
 
 
 @dataclass
@@ -63,14 +66,16 @@ class Scenario:
 def direction_figures(sender: dict[str, Any], receiver: dict[str, Any], rate: float,
                       t_event: float, t_ready: float | None) -> dict[str, Any]:
     t0 = sender["start"]
-    end_send = t0 + sender["sent"] / rate
+    # the two stream processes start (and so stop) at slightly different times: only what was
+    # sent while the receiver still listened counts (it drains RECEIVER_DRAIN_S after its end)
+    t_stop = min(t0 + sender["sent"] / rate, receiver["end"] - RECEIVER_DRAIN_S - 0.05)
     first = max(0, int((t_event - t0) * rate))
-    last_all = sender["sent"]
-    last_counted = max(first, int((end_send - TAIL_S - t0) * rate))
+    last_all = max(first, min(sender["sent"], int((t_stop - t0) * rate)))
+    last_counted = max(first, int((t_stop - TAIL_S - t0) * rate))
     arrivals = sorted(t for s, t in receiver["received"] if first <= s < last_all)
     seqs = {s for s, _ in receiver["received"] if first <= s < last_counted}
     tail = {s for s, _ in receiver["received"] if last_counted <= s < last_all}
-    points = [t_event] + arrivals + [max(end_send, arrivals[-1] if arrivals else end_send)]
+    points = [t_event] + arrivals + [max(t_stop, arrivals[-1] if arrivals else t_stop)]
     gaps = [(b - a, a, b) for a, b in zip(points, points[1:])]
     longest, g_from, g_to = max(gaps) if gaps else (0.0, t_event, t_event)
     back = None
@@ -95,14 +100,20 @@ def run_scenario(scenario: Scenario, rate: float, prefix: str,
     streams = None
     try:
         lab.up(place=scenario.place, **scenario.lab)
-        duration = LEAD_S + scenario.after_s
-        streams = Streams(lab, rate, duration)
+        # the streams run until stopped: at least ``after_s`` after the event, and SETTLE_S
+        # after the restarted part is up (a daemon starts slowly on a busy machine)
+        streams = Streams(lab, rate, LEAD_S + scenario.after_s + MAX_EXTRA_S)
+        _wait_streams_bound(lab)
         time.sleep(LEAD_S)
         t_event = time.monotonic()
         log(f"{scenario.name}: event")
         detail = scenario.event(lab) or {}
-        reports = streams.wait(timeout=duration + 30)
         t_ready = detail.pop("ready", None)
+        t_end = max(t_event + scenario.after_s, (t_ready or t_event) + SETTLE_S)
+        time.sleep(max(0.0, t_end - time.monotonic()))
+        for proc in streams.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        reports = streams.wait(timeout=30)
         out.directions = {
             "down": direction_figures(reports["cn"], reports["mn"], rate, t_event, t_ready),
             "up": direction_figures(reports["mn"], reports["cn"], rate, t_event, t_ready)}
@@ -125,6 +136,18 @@ def run_scenario(scenario: Scenario, rate: float, prefix: str,
 
 def lab_mn_name(lab: Lab) -> str:
     return "mn"
+
+
+def _wait_streams_bound(lab: Lab, timeout: float = 20.0) -> None:
+    """Both stream processes have their socket (Python starts slowly on a busy machine): the
+    event must not happen before the stream runs both ways."""
+    deadline = time.monotonic() + timeout
+    for node in ("cn", "mn"):
+        while time.monotonic() < deadline:
+            out = lab.exec(node, "ss", "-Hlun", "sport", "=", f":{STREAM_PORT}").stdout
+            if out.strip():
+                break
+            time.sleep(0.05)
 
 
 # --- events ------------------------------------------------------------------------------------

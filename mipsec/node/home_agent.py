@@ -77,8 +77,11 @@ accepted only from the bound CoA of their inner source (RFC 3024 §4.2; for
 ``REVERSE_TUNNEL_GRACE_S`` after a move also from the previous CoA, so packets already in
 flight on the old path are not lost) and forwarded into the home network (``WriteToTun``).
 
-Binding state machine per home address: NONE --accept(lifetime>0)--> BOUND --accept--> BOUND;
-BOUND --deregister / expire--> NONE; any refusal --> unchanged.
+Binding state machine per home address (``BINDING_TRANSITIONS``, which drives ``_event``):
+NONE --accept(lifetime>0)--> BOUND (bind) --accept--> BOUND (bind: a move or a refresh);
+BOUND --deregister / expire--> NONE (unbind); NONE --deregister--> NONE (nothing to change, the
+reply still goes); NONE --restore--> BOUND (from the binding store at start); any refusal
+--> unchanged (refusals never reach the machine).
 """
 
 from __future__ import annotations
@@ -129,13 +132,24 @@ class BindingEvent(enum.Enum):
     EXPIRE = "expire"
 
 
-BINDING_TRANSITIONS = {
-    (BindingState.NONE, BindingEvent.RESTORE): BindingState.BOUND,
-    (BindingState.NONE, BindingEvent.ACCEPT): BindingState.BOUND,
-    (BindingState.BOUND, BindingEvent.ACCEPT): BindingState.BOUND,
-    (BindingState.BOUND, BindingEvent.DEREGISTER): BindingState.NONE,
-    (BindingState.NONE, BindingEvent.DEREGISTER): BindingState.NONE,
-    (BindingState.BOUND, BindingEvent.EXPIRE): BindingState.NONE,
+class BindingEffect(enum.Enum):
+    BIND = "bind"            # make or update the binding from the accepted request
+    RESTORE = "restore"      # re-create it as the binding store kept it (a restart)
+    UNBIND = "unbind"        # remove it: the home address is served on the home link again
+    NOTHING = "nothing"      # nothing to change (a deregistration with no binding)
+
+
+# (state, event) -> (new state, effect).  ``HomeAgent._event`` looks the pair up, carries out
+# the effect and checks it reached the new state; a pair that is not here is refused
+# (UsageError: a bug in the caller, never remote input).  Refused requests never get here.
+BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent],
+                          tuple[BindingState, BindingEffect]] = {
+    (BindingState.NONE, BindingEvent.RESTORE): (BindingState.BOUND, BindingEffect.RESTORE),
+    (BindingState.NONE, BindingEvent.ACCEPT): (BindingState.BOUND, BindingEffect.BIND),
+    (BindingState.BOUND, BindingEvent.ACCEPT): (BindingState.BOUND, BindingEffect.BIND),
+    (BindingState.BOUND, BindingEvent.DEREGISTER): (BindingState.NONE, BindingEffect.UNBIND),
+    (BindingState.NONE, BindingEvent.DEREGISTER): (BindingState.NONE, BindingEffect.NOTHING),
+    (BindingState.BOUND, BindingEvent.EXPIRE): (BindingState.NONE, BindingEffect.UNBIND),
 }
 
 
@@ -219,11 +233,70 @@ class HomeAgent:
     def binding_state(self, home_address: str) -> BindingState:
         return BindingState.BOUND if home_address in self.bindings else BindingState.NONE
 
-    def _transition(self, home_address: str, event: BindingEvent) -> BindingState:
-        new = BINDING_TRANSITIONS.get((self.binding_state(home_address), event))
-        if new is None:
-            raise UsageError(f"HA: {event.value} not allowed for {home_address}")
-        return new
+    def _event(self, home: str, event: BindingEvent, now: float, **ctx: Any) -> list[Action]:
+        """The binding machine: look (state, event) up in BINDING_TRANSITIONS, carry out the
+        effect it names, and return what the effect asks of the runtime (BindingChanged)."""
+        entry = BINDING_TRANSITIONS.get((self.binding_state(home), event))
+        if entry is None:
+            raise UsageError(f"HA {self.name}: {event.value} is not allowed for {home} in "
+                             f"state {self.binding_state(home).value}")
+        new, effect = entry
+        actions = self._effects[effect](self, home, now, **ctx)
+        if self.binding_state(home) is not new:
+            raise AssertionError(f"HA: {effect.value} left {home} {self.binding_state(home)}")
+        return actions
+
+    def _effect_bind(self, home: str, now: float, *, care_of: str, lifetime: int,
+                     identification: int, via_gateway: bool) -> list[Action]:
+        actions: list[Action] = []
+        binding = self.bindings.get(home)
+        if binding is None:
+            binding = self.bindings[home] = Binding(home)
+            self._retired.pop(home, None)
+        if binding.care_of_address != care_of:
+            binding.gw_old = binding.care_of_address
+            binding.care_of_address = care_of
+            binding.changed_at = now
+            actions.append(BindingChanged(home, care_of))
+        binding.lifetime = lifetime
+        binding.expires = now + lifetime
+        binding.expires_wall = self.wallclock() + lifetime
+        binding.identification = identification
+        binding.via_gateway = via_gateway
+        self._schedule_expiry(binding)
+        return actions
+
+    def _effect_restore(self, home: str, now: float, *, record: BindingRecord) -> list[Action]:
+        binding = self.bindings[home] = Binding(home)
+        binding.care_of_address = record.care_of_address
+        binding.gw_old = record.previous_care_of
+        binding.changed_at = now - REVERSE_TUNNEL_GRACE_S     # no grace for the old CoA
+        binding.lifetime = record.lifetime
+        binding.expires_wall = record.expires_wall
+        binding.expires = now + (record.expires_wall - self.wallclock())
+        binding.identification = record.identification
+        binding.via_gateway = record.via_gateway
+        self._schedule_expiry(binding)
+        return [BindingChanged(home, record.care_of_address)]
+
+    def _effect_unbind(self, home: str, now: float) -> list[Action]:
+        binding = self.bindings.pop(home)
+        self._retired[home] = (binding.care_of_address, now)
+        return [BindingChanged(home, None)]
+
+    def _effect_nothing(self, home: str, now: float) -> list[Action]:
+        return []
+
+    _effects = {BindingEffect.BIND: _effect_bind, BindingEffect.RESTORE: _effect_restore,
+                BindingEffect.UNBIND: _effect_unbind, BindingEffect.NOTHING: _effect_nothing}
+
+    def _schedule_expiry(self, binding: Binding) -> None:
+        heapq.heappush(self._expiry, (binding.expires, binding.home_address))
+        if len(self._expiry) > 2 * len(self.bindings) + 16:
+            # superseded entries stay until their own expiry: an MN re-registering fast would
+            # grow the heap by rate x lifetime; keep it O(bindings) (amortised O(1) a push)
+            self._expiry = [(b.expires, h) for h, b in self.bindings.items()]
+            heapq.heapify(self._expiry)
 
     # --- from the network: registrations and reverse-tunnelled packets ---------------------------
     def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
@@ -362,15 +435,10 @@ class HomeAgent:
             identification=msa.reply_identification(rrq.identification, self.wallclock(),
                                                     accepted=True))
         rrp = msa.sign(build_registration_reply(reply))
-        actions: list[Action] = []
         binding = self.bindings.get(home)
         if deregister:
-            self._transition(home, BindingEvent.DEREGISTER)
             old = binding.care_of_address if binding is not None else None
-            if binding is not None:
-                del self.bindings[home]
-                self._retired[home] = (old, now)
-                actions.append(BindingChanged(home, None))
+            actions = self._event(home, BindingEvent.DEREGISTER, now)
             self._record(now, "rrq-accepted", home_address=home, care_of=None, lifetime=0,
                          deregistration=True, via_gateway=via_gateway)
             self._record(now, "binding-deregistered", home_address=home, old=old)
@@ -383,29 +451,12 @@ class HomeAgent:
                 if gw_has is not None:
                     actions.append(self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, b""))
             return actions
-        self._transition(home, BindingEvent.ACCEPT)
         coa = rrq.care_of_address
-        if binding is None:
-            binding = self.bindings[home] = Binding(home)
-            self._retired.pop(home, None)
-        if binding.care_of_address != coa:
-            binding.gw_old = binding.care_of_address
-            binding.care_of_address = coa
-            binding.changed_at = now
-            actions.append(BindingChanged(home, coa))
-        binding.lifetime = lifetime
-        binding.expires = now + lifetime
-        binding.expires_wall = self.wallclock() + lifetime
-        binding.identification = rrq.identification
-        binding.via_gateway = via_gateway
+        actions = self._event(home, BindingEvent.ACCEPT, now, care_of=coa, lifetime=lifetime,
+                              identification=rrq.identification, via_gateway=via_gateway)
+        binding = self.bindings[home]
         # durable before anything below (the reply, the SIU carrying it) is carried out
         actions.insert(0, self._persist(home, binding))
-        heapq.heappush(self._expiry, (binding.expires, home))
-        if len(self._expiry) > 2 * len(self.bindings) + 16:
-            # superseded entries stay until their own expiry: an MN re-registering fast would
-            # grow the heap by rate x lifetime; keep it O(bindings) (amortised O(1) a push)
-            self._expiry = [(b.expires, h) for h, b in self.bindings.items()]
-            heapq.heapify(self._expiry)
         self._record(now, "rrq-accepted", home_address=home, care_of=coa, lifetime=lifetime,
                      via_gateway=via_gateway)
         if via_gateway:
@@ -452,21 +503,10 @@ class HomeAgent:
                 self.counters["restore-skipped-expired"] += 1
                 self._stored[home] = rec.care_of_address   # still on disk until deleted
                 continue
-            self._transition(home, BindingEvent.RESTORE)
-            binding = self.bindings[home] = Binding(home)
-            binding.care_of_address = rec.care_of_address
-            binding.gw_old = rec.previous_care_of
-            binding.changed_at = now - REVERSE_TUNNEL_GRACE_S     # no grace for the old CoA
-            binding.lifetime = rec.lifetime
-            binding.expires_wall = rec.expires_wall
-            binding.expires = now + (rec.expires_wall - wall)
-            binding.identification = rec.identification
-            binding.via_gateway = rec.via_gateway
+            actions += self._event(home, BindingEvent.RESTORE, now, record=rec)
             self._stored[home] = rec.care_of_address
-            heapq.heappush(self._expiry, (binding.expires, home))
             self._record(now, "binding-restored", home_address=home, care_of=rec.care_of_address,
-                         remaining_s=round(binding.expires - now, 3))
-            actions.append(BindingChanged(home, rec.care_of_address))
+                         remaining_s=round(self.bindings[home].expires - now, 3))
         for home in self._mobiles:
             self._stored.setdefault(home, None)       # the store was read: nothing there
         return actions
@@ -609,14 +649,12 @@ class HomeAgent:
             binding = self.bindings.get(home)
             if binding is None or binding.expires != expires:
                 continue                     # superseded by a later registration
-            self._transition(home, BindingEvent.EXPIRE)
-            del self.bindings[home]
-            self._retired[home] = (binding.care_of_address, now)
+            changed = self._event(home, BindingEvent.EXPIRE, now)
             self._record(now, "binding-expired", home_address=home, care_of=binding.care_of_address)
             # an expired record is dead on disk too (its absolute expiry is stored): a failed
             # delete must not keep the routes and the GW's binding
             actions.append(dataclasses.replace(self._persist(home, None), required=False))
-            actions.append(BindingChanged(home, None))
+            actions += changed
             gw_has = self._gw_has(home, binding.care_of_address)
             if binding.via_gateway and gw_has is not None:
                 actions.append(self._siu(now, SiuType.DEREGISTER, self._mobiles[home],
