@@ -35,12 +35,39 @@ IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
     "ike-initiated", "ike-established", "ike-rekeyed", "ike-ended", "ike-reestablish",
     "sas-rekeyed", "sas-deleted", "mobike-update-sent", "gw-sas-installed", "gw-sas-rekeyed",
     "gw-sa-moved-by-mobike", "gw-siu-confirms-mobike", "mobile-removed", "gateway-spi-learned",
+    "gw-esp-not-moved",             # GW: an IKE address change that may not move an ESP SA
 )
 MOBILE_KINDS = (  # the MN's robustness: where it is, what it waits for
     "home-prefix-address-ignored",  # a home-prefix address on a visited interface
 )
 KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS + MOBILE_KINDS)
-TIMELINE_MAX_EVENTS = 200_000       # a long-running daemon forgets the oldest half beyond this
+# Bounds (a timeline is what ``mipsec status`` / ``timeline`` show, and what an authenticated MN
+# can make a role record: every Registration Request it tunnels, for one): a role's timeline
+# never holds more than TIMELINE_MAX_EVENTS; when it reaches that it is compacted to at most
+# TIMELINE_KEEP_EVENTS, keeping the newest TIMELINE_EVENTS_PER_MOBILE of each MN (events
+# without a home address count as one more MN).  So one MN's flood cannot push another MN's
+# handovers out, and memory stays about TIMELINE_MAX_EVENTS x ~350 bytes per role.
+TIMELINE_MAX_EVENTS = 8192
+TIMELINE_KEEP_EVENTS = TIMELINE_MAX_EVENTS // 2
+TIMELINE_EVENTS_PER_MOBILE = 512
+
+
+def compact(timeline: list[TimelineEvent], per_mobile: int = TIMELINE_EVENTS_PER_MOBILE,
+            keep: int = TIMELINE_KEEP_EVENTS) -> None:
+    """Keep (in place, in order) the newest ``per_mobile`` events of each MN, at most ``keep``
+    in all.  O(len): called once per TIMELINE_MAX_EVENTS - keep appends at most."""
+    counts: dict[Any, int] = {}
+    kept: list[TimelineEvent] = []
+    for event in reversed(timeline):
+        key = event.detail.get("home_address")
+        n = counts.get(key, 0)
+        if n < per_mobile:
+            counts[key] = n + 1
+            kept.append(event)
+            if len(kept) >= keep:
+                break
+    kept.reverse()
+    timeline[:] = kept
 
 
 def record(timeline: list[TimelineEvent], now: float, node: str, kind: str,
@@ -50,7 +77,7 @@ def record(timeline: list[TimelineEvent], now: float, node: str, kind: str,
         raise ValueError(f"unknown timeline kind {kind!r}")
     event = TimelineEvent(now, node, kind, detail)
     if len(timeline) >= TIMELINE_MAX_EVENTS:
-        del timeline[:TIMELINE_MAX_EVENTS // 2]
+        compact(timeline)
     timeline.append(event)
     return event
 
