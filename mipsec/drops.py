@@ -78,6 +78,10 @@ class DropReason(str, enum.Enum):
     SIU_UNKNOWN_SA = "siu-unknown-sa"
     SIU_UNKNOWN_MOBILE = "siu-unknown-mobile"
     SIU_RRP_MISMATCH = "siu-rrp-mismatch"        # embedded RRP is not a reply for the SIU's MN
+    SIU_WRONG_INTERFACE = "siu-wrong-interface"  # not received on the GW's inside interface/address
+    SIU_STALE_EPOCH = "siu-stale-epoch"          # echoes no current GW epoch (from before a restart)
+    SIU_CARE_OF_MISMATCH = "siu-care-of-mismatch"  # new CoA is no outer source of the MN's RRQs
+    ESP_MOVE_NOT_BY_SIU = "esp-move-not-by-siu"  # SIU mode: an IKE address change may not move ESP
 
     # --- IKEv2 (RFC 7296) -------------------------------------------------------------------------
     IKE_BAD_LENGTH = "ike-bad-length"

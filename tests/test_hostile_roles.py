@@ -283,8 +283,8 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
                            old_care_of=mobile.care_of, new_care_of=mobile.care_of,
                            gateway_spi=mobile.outbound.spi, lifetime=600, rrp=b_reply,
                            wallclock=0.0)
-        out = gw.receive_from_net(build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343,
-                                                   siu), topo.sim.now)
+        out = gw.receive_siu(build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343,
+                                              siu), topo.sim.now)
         esp = [x.packet for x in out if isinstance(x, SendToNet)
                and x.packet[16:20] == a2b(a.care_of)]
         assert esp == [] and gw.drops[R.SIU_RRP_MISMATCH] == 1 + pending
@@ -365,7 +365,7 @@ def test_gateway_refuses_an_siu_naming_an_unusable_care_of(topo):
                             rrp=b"\x03" + bytes(19), wallclock=0.0)
         before = (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence)
         drops = gw.drops[R.MIP_BAD_CARE_OF]
-        actions = gw.receive_from_net(
+        actions = gw.receive_siu(
             build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
         assert gw.drops[R.MIP_BAD_CARE_OF] == drops + 1, (kind, bad)
         assert (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence) == before
@@ -438,8 +438,8 @@ def test_forged_rrqs_and_sius_change_nothing_but_drop_counters():
                                              gateway_spi=0, lifetime=600, rrp=b"", wallclock=0.0))
             payload[-1] ^= 1
             src = ha.address if i % 3 == 1 else "10.1.0.66"
-        actions = gw.receive_from_net(build_udp_packet(a2b(src), a2b(gw.inside), 4343, 4343,
-                                                       bytes(payload)), now)
+        actions = gw.receive_siu(build_udp_packet(a2b(src), a2b(gw.inside), 4343, 4343,
+                                                  bytes(payload)), now)
         assert actions == []
     assert ha.drops[R.MIP_AUTH_FAILED] == 100 and ha.drops[R.MIP_NO_AUTH] == 100
     assert ha.drops[R.MIP_UNKNOWN_SPI] == 100
@@ -503,12 +503,13 @@ def test_siu_embedding_a_foreign_rrp_is_refused(which, move):
            "a-request-type": b"\x01" + _rrp_for(a_home)[1:], "truncated": _rrp_for(a_home)[:19],
            "another-home-agent": _rrp_for(a_home, ha="10.1.0.3")}[which]
     new = "172.16.2.10" if move else mobile.care_of
+    mobile.note_rrq_source(a2b(new), None, topo.sim.now)     # A registered from there
     data = _ha_signer(topo).build(SiuType.UPDATE, home_address=a_home,
                                   old_care_of=mobile.care_of, new_care_of=new,
                                   gateway_spi=mobile.outbound.spi, lifetime=600, rrp=rrp,
                                   wallclock=0.0)
     before = (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence)
-    actions = gw.receive_from_net(
+    actions = gw.receive_siu(
         build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
     assert (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence) == before
     assert gw.drops[R.SIU_RRP_MISMATCH] == 1
@@ -522,7 +523,7 @@ def test_siu_embedding_a_foreign_rrp_is_refused(which, move):
                                   old_care_of=mobile.care_of, new_care_of=mobile.care_of,
                                   gateway_spi=mobile.outbound.spi, lifetime=600,
                                   rrp=_rrp_for(a_home), wallclock=0.0)
-    actions = gw.receive_from_net(
+    actions = gw.receive_siu(
         build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
     assert [a for a in actions if isinstance(a, SendToNet)
             and a.packet[16:20] == a2b(mobile.care_of)]

@@ -254,7 +254,7 @@ def test_mobike_mode_handover_gw_moves_by_mobike_and_the_siu_confirms():
         assert (moved.detail["old"], moved.detail["new"]) == (old, new)
         assert "gw-sa-repointed" not in [e.kind for e in move]        # "already there"
     m = gw.mobiles[mn.home_address]
-    assert m.care_of == a and ike_gw.remote[0] == a and m.aliases == []
+    assert m.care_of == a and ike_gw.remote[0] == a and not m.mobike_moved   # SIU confirmed
     assert ha.bindings[mn.home_address].care_of_address == a
     assert DropReason.SIU_STALE_CARE_OF not in gw.drops
     _check_esp_follows_binding(topo)

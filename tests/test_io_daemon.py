@@ -34,7 +34,13 @@ def daemons(tmp_path):
         if name != "gw":
             cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, pcap=""))
         net = FakeNet(name)
-        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net],
+        receivers = [net]
+        if name == "gw":
+            # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
+            inside = FakeNet("gw-inside")
+            inside.role_entry = "receive_siu"
+            receivers.append(inside)
+        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=receivers,
                    manage_kernel=False)
         d.start()
         out[name] = d
@@ -60,7 +66,10 @@ def pump(daemons, rounds=20):
                 d.tun.written.clear()
             for packet in packets:
                 dst = socket.inet_ntoa(packet[16:20])
-                daemons[where.get(dst, "mn")].sender.inject(packet)
+                if dst == gw_cfg.inside_address:
+                    daemons["gw"].receivers[1].inject(packet)      # from the home side
+                else:
+                    daemons[where.get(dst, "mn")].sender.inject(packet)
                 moved = True
         if not moved:
             break

@@ -52,10 +52,12 @@ def test_sius_in_any_order_never_move_the_sa_back(walk, order_seed):
     rnd.shuffle(delivered)                                         # any order
     gw = VpnGateway(lab.gateway)
     mobile = next(iter(gw.mobiles.values()))
+    for coa in walk:     # each registration came through the GW's tunnel from its CoA
+        mobile.note_rrq_source(a2b(coa), None, 0.0)
     applied = []
     for step, packet in delivered:
         before = mobile.care_of
-        gw.receive_from_net(packet, 0.0)                           # never raises
+        gw.receive_siu(packet, 0.0)                                # never raises
         if mobile.care_of != before:
             applied.append(step)
             assert mobile.care_of == walk[step]

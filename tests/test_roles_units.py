@@ -7,6 +7,7 @@ import pytest
 
 from mipsec.drops import DropReason
 from mipsec.errors import UsageError
+from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node import timeline as tl
@@ -75,8 +76,10 @@ def test_ha_binding_expiry_retires_the_gw_binding_and_stops_interception():
     # the CN's packets for the home address reach the MN's home link now, nobody is there
     acts = ha.receive_from_tun(build_udp_packet(a2b("10.1.0.10"), a2b(mn.home_address), 1, 2, b"x"), 11.0)
     assert acts == [] and ha.drops[DropReason.IPIP_NO_BINDING] == 1
-    # and a downlink packet the GW still gets for the old CoA finds no policy
-    assert gw.receive_from_tun(build_udp_packet(a2b("10.1.0.2"), a2b(mn.care_of), 1, 2, b"x"), 11.0) == []
+    # and a downlink packet the GW still gets for the MN (IP-in-IP to the old CoA) finds its
+    # SA without an outer binding
+    inner = build_udp_packet(a2b("10.1.0.10"), a2b(mn.home_address), 1, 2, b"x")
+    assert gw.receive_from_tun(ipip.encapsulate(inner, ha.address, mn.care_of), 11.0) == []
     assert gw.drops[DropReason.NO_SA] == 1            # retired binding (protocol.md: NO_SA)
 
 
@@ -144,7 +147,7 @@ def test_gw_siu_for_an_unknown_mobile_or_sa():
         data = signer.build(SiuType.UPDATE, old_care_of=mn.care_of, new_care_of="172.16.1.66",
                             lifetime=600, wallclock=ha.wallclock(), **kwargs)
         pkt = build_udp_packet(a2b(ha.address), a2b(gw.inside), SIU_PORT, SIU_PORT, data)
-        assert [type(a) for a in gw.receive_from_net(pkt, topo.sim.now)] == [Log]
+        assert [type(a) for a in gw.receive_siu(pkt, topo.sim.now)] == [Log]
         assert gw.drops[reason] == 1
     assert gw.mobiles[mn.home_address].care_of == mn.care_of
 
@@ -212,12 +215,14 @@ def _ha_gw_pair():
                                   lifetime=600, flags=RequestFlags.D | RequestFlags.T)
         pkt = build_udp_packet(a2b(coa), a2b(mn_cfg.home_agent), 434, 434,
                                msa.sign(build_registration_request(rrq)))
+        # the request came through the GW's tunnel from coa (what receive_from_net records)
+        gw.mobiles[mn_cfg.home_address].note_rrq_source(a2b(coa), None, clock[0])
         return [a.packet for a in ha.receive_from_net(pkt, clock[0]) if isinstance(a, SendToNet)]
 
     def to_gw(packets):
         out = []
         for p in packets:
-            out += [a.packet for a in gw.receive_from_net(p, clock[0]) if isinstance(a, SendToNet)]
+            out += [a.packet for a in gw.receive_siu(p, clock[0]) if isinstance(a, SendToNet)]
         return [p for p in out if p[16:20] == a2b(ha.address)], [p for p in out if p[16:20] != a2b(ha.address)]
 
     def to_ha(acks):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
+from mipsec.mip.constants import SIU_REPLAY_WINDOW
 from mipsec.mip.security import ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.wire.siu import (
@@ -40,13 +41,14 @@ def update(s, **kw):
 def test_vector_field_by_field():
     data = update(signer())
     expected_body = bytes.fromhex(
-        "01" "01" "80" "07"              # version 1, UPDATE, flags F, key id 7
+        "02" "01" "80" "07"              # version 2, UPDATE, flags F, key id 7
         "0a010002"                       # sender 10.1.0.2
         "0000000000000001"               # sequence 1
         + ntp_from_unix(T0).to_bytes(8, "big").hex() +
         "0a010064" "ac10010a" "ac10020a" # home, old CoA, new CoA
         "c0ffee01" "012c"                # gateway SPI, lifetime 300
-        + len(RRP).to_bytes(2, "big").hex()) + RRP
+        + len(RRP).to_bytes(2, "big").hex()
+        + "0000000000000000") + RRP      # gateway epoch 0: not known yet
     assert data[:-32] == expected_body
     assert len(expected_body) == SIU_FIXED_BYTES + len(RRP)
     assert data[-32:] == hmac.new(KEY, expected_body, hashlib.sha256).digest()
@@ -85,13 +87,51 @@ def test_sequence_increases_and_replays_are_refused():
         assert info.value.reason is DropReason.SIU_REPLAYED
 
 
-def test_reordered_siu_is_refused():
+def test_reordered_siu_is_accepted_once_inside_the_window():
+    # SIUs for many MNs overtake each other on the home link: a replay window, not "greater
+    # than the last"; each number is still accepted once, and one left of the window never
     s, v = signer(), verifier()
     first, second = update(s), update(s)
-    v.verify(HA, second)
+    assert v.verify(HA, second).sequence == 2
+    assert v.verify(HA, first).sequence == 1
+    for again in (first, second):
+        with pytest.raises(ParseError) as info:
+            v.verify(HA, again)
+        assert info.value.reason is DropReason.SIU_REPLAYED
+
+
+def test_siu_left_of_the_window_is_refused():
+    s, v = signer(), verifier()
+    old = update(s)
+    s.next_sequence += SIU_REPLAY_WINDOW
+    v.verify(HA, update(s))
     with pytest.raises(ParseError) as info:
-        v.verify(HA, first)
+        v.verify(HA, old)
     assert info.value.reason is DropReason.SIU_REPLAYED
+
+
+def test_floor_refuses_numbers_from_before_a_restart():
+    s = signer(first_sequence=1000)
+    v = SiuVerifier({HA: (7, KEY)}, floor=1001)
+    with pytest.raises(ParseError) as info:
+        v.verify(HA, update(s))
+    assert info.value.reason is DropReason.SIU_REPLAYED
+    assert v.verify(HA, update(s)).sequence == 1001
+
+
+def test_epoch_check():
+    s, v = signer(first_sequence=500), verifier()
+    # epoch 0 ("not known yet") is fresh only from an HA that started after the GW
+    siu = v.authenticate(HA, update(s))
+    assert v.freshness(siu, epoch=77, unknown_epoch_floor=500) is None
+    assert v.freshness(siu, epoch=77, unknown_epoch_floor=501) is DropReason.SIU_STALE_EPOCH
+    assert v.freshness(v.authenticate(HA, update(s, gateway_epoch=77)), epoch=77) is None
+    stale = v.authenticate(HA, update(s, gateway_epoch=76))
+    assert v.freshness(stale, epoch=77) is DropReason.SIU_STALE_EPOCH
+    # freshness changes nothing; accept records the number
+    assert v.last_sequence == {}
+    v.accept(stale)
+    assert v.freshness(stale, epoch=76) is DropReason.SIU_REPLAYED
 
 
 def test_unknown_sender_and_spoofed_sender_field():
@@ -162,7 +202,7 @@ def test_trailing_bytes_are_malformed():
 
 def test_unknown_type_and_version():
     body = build_siu_body(Siu(SiuType.ACK, HA, 5, 0, "10.1.0.100", "0.0.0.0", "0.0.0.0", 0, 0))
-    for offset, value in ((0, 2), (1, 9)):
+    for offset, value in ((0, 1), (0, 3), (1, 9)):    # version 1 had no Gateway Epoch
         bad = bytearray(body + b"\0" * 32)
         bad[offset] = value
         with pytest.raises(ParseError) as info:
@@ -220,8 +260,9 @@ def test_diagram_in_docs_matches_the_construct_offsets():
     doc = (pathlib.Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
     diagram = doc.split("```")[1]
     numbers = [int(m) for m in re.findall(r"\|\s+(\d+)\s*$", diagram, re.M)]
-    assert numbers == row_starts == [0, 4, 8, 16, 24, 28, 32, 36, 40, 44]
-    assert offsets["rrp_length"] == 42 and offsets["rrp"] == SIU_FIXED_BYTES
+    assert numbers == row_starts == [0, 4, 8, 16, 24, 28, 32, 36, 40, 44, 52]
+    assert offsets["rrp_length"] == 42 and offsets["gateway_epoch"] == 44
+    assert offsets["rrp"] == SIU_FIXED_BYTES
 
 
 

@@ -182,7 +182,9 @@ class IkeSaFailed:
 
 @dataclass(frozen=True, slots=True)
 class PeerAddressChanged:
-    """MOBIKE (RFC 4555 §3.5) or NAT: the IKE SA and its children now use these addresses."""
+    """MOBIKE (RFC 4555 §3.5) or NAT: the IKE SA and its children now use these addresses.
+    ``explicit``: moved by UPDATE_SA_ADDRESSES; False: by a NAT-T float (RFC 7296 §2.23)."""
     ike_sa: Any = field(repr=False)
     local: Address = ("", 0)
     remote: Address = ("", 0)
+    explicit: bool = True

@@ -780,7 +780,7 @@ class IkeSa:
             # §2.23: the peer is behind a NAT whose mapping changed: follow the address of the
             # latest authenticated request, and move the children's ESP with it
             self.local, self.remote = local, remote
-            self._rebind_children(now)
+            self._rebind_children(now, explicit=False)
         if h.exchange == ExchangeType.CREATE_CHILD_SA:
             self._on_create_child_request(m, local, remote, now)
         else:
@@ -1152,7 +1152,7 @@ class IkeSa:
         self._nat_detect(m, req.ctx["local"], req.ctx["remote"], request=False)
         self._rebind_children(now)
 
-    def _rebind_children(self, now: float) -> None:
+    def _rebind_children(self, now: float, explicit: bool = True) -> None:
         """The outer addresses moved (MOBIKE, a NAT re-mapping): children follow in place.  A
         child whose encapsulation must change (a NAT appeared or went away) cannot be moved
         (its ESP SAs keep their sequence and nonce state), so it is re-keyed instead, as
@@ -1168,7 +1168,7 @@ class IkeSa:
                                          remote_address=self.remote[0],
                                          local_port=self.local[1] if self.encap else 4500,
                                          remote_port=self.remote[1] if self.encap else 4500)
-        self._out.append(PeerAddressChanged(self, self.local, self.remote))
+        self._out.append(PeerAddressChanged(self, self.local, self.remote, explicit))
 
     def _on_informational_request(self, m: Message, local, remote, now) -> None:
         out: list = []

@@ -352,7 +352,11 @@ class Daemon:
         if cfg.role == "mn":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
         if cfg.role == "gw":
-            out.append(transports.UdpReceiver(siu_port(), cfg.node.inside_address, name="siu"))
+            # SIUs only on the inside interface at the inside address (docs/security.md)
+            out.append(transports.UdpReceiver(
+                siu_port(), cfg.node.inside_address, name="siu",
+                interface=cfg.daemon.inside_interface if self.manage_kernel else None,
+                role_entry="receive_siu"))
         if cfg.role == "ha":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
             out.append(transports.RawReceiver(transports.IPPROTO_IPIP, "ipip",

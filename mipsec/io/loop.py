@@ -227,20 +227,22 @@ class EventLoop:
         now = self.clock()
         self.last_received = packets
         silent = self.on_silent
+        entry = getattr(receiver, "role_entry", "receive_from_net")   # the GW's SIU socket
+        fn = getattr(self.role, entry)
         if not self.batch:
             for packet in packets:
                 self.stats["from_net"] += 1
                 if self.pcap is not None and (self.pcap_filter is None
                                               or self.pcap_filter(packet)):
                     self.pcap.write(packet, self.wallclock())
-                actions = self._call("receive_from_net", self.role.receive_from_net, packet, now)
+                actions = self._call(entry, fn, packet, now)
                 if silent is not None and (not actions or actions[0].__class__ is Log):
                     silent(packet)
             return
         self.stats["from_net"] += len(packets)
         pcap, pcap_filter = self.pcap, self.pcap_filter
         direct = WriteToTun not in self.on_action
-        role_call = self.role.receive_from_net
+        role_call = fn
         write = self.tun.write if self.tun is not None else None
         to_tun = 0
         for packet in packets:
@@ -250,8 +252,8 @@ class EventLoop:
                 actions = role_call(packet, now)
             except Exception:
                 self.stats["bugs"] += 1
-                log.exception("BUG: %s.receive_from_net raised (the packet is dropped, the "
-                              "daemon goes on)", type(self.role).__name__)
+                log.exception("BUG: %s.%s raised (the packet is dropped, the daemon goes on)",
+                              type(self.role).__name__, entry)
                 actions = None
             if actions:
                 if direct and len(actions) == 1 and actions[0].__class__ is WriteToTun:

@@ -207,13 +207,19 @@ class UdpReceiver(_Receiver):
     ``sock``: an already bound socket with IP_PKTINFO on (a fake in tests)."""
 
     def __init__(self, port: int, address: str = "0.0.0.0", name: str | None = None, *,
-                 sock: Any = None):
+                 sock: Any = None, interface: str | None = None,
+                 role_entry: str = "receive_from_net"):
         super().__init__()
+        # the role method the loop hands this socket's datagrams to (the GW's SIU socket:
+        # "receive_siu"); ``interface``: only datagrams that arrived on it (SO_BINDTODEVICE)
+        self.role_entry = role_entry
         if sock is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             try:
+                if interface is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
                 sock.bind((address, port))
             except OSError as exc:
                 sock.close()

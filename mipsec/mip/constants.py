@@ -34,4 +34,5 @@ SIU_PORT = 4343                     # UDP port on the GW's inside address (docs/
 # --- tunables -------------------------------------------------------------------------------------
 
 IDENTIFICATION_SKEW_S = 7.0         # RFC 5944 §5.7 leaves it to configuration; 7 s is our default
+SIU_REPLAY_WINDOW = 1024            # SIU sequence numbers per HA that may arrive out of order
 IPIP_OUTER_TTL = 64                 # RFC 2003 §3.1: "default TTL" of the encapsulator

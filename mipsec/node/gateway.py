@@ -9,59 +9,72 @@ address on the home network.  Each mobile node (MN) has one ESP SA pair with it:
   care-of address (CoA) and the SA still authenticates it.  After decapsulation the inner packet
   must go to one of the MN's allowed destinations (its HA, its home prefix), else it is dropped
   as FORBIDDEN_DESTINATION, and must not claim to come from another home-side address
-  (FORBIDDEN_SOURCE, ``Mobile.may_send_from``).  Allowed packets go on into the home network (``WriteToTun``).  A
-  Registration Request seen inside is recorded (``rrq-forwarded``) and forwarded unchanged: the
-  GW never acts on it.
-* the outbound SA (GW -> MN) carries the MN's downlink (the HA's IP-in-IP to the CoA).  Its
-  outer destination, the *binding*, moves only when an authenticated, fresh Security Information
-  Update (SIU, docs/protocol.md) from a configured HA says so.  Packets from the home side are
-  matched to an MN by their destination, the bound CoA (an exact /32 policy index: the SPD of
-  this role; no policy -> NO_POLICY).
+  (FORBIDDEN_SOURCE, ``Mobile.may_send_from``).  Allowed packets go on into the home network
+  (``WriteToTun``).  A Registration Request seen inside is forwarded unchanged (the GW never
+  acts on it) and its *outer* source address and UDP port are remembered for that MN
+  (``Mobile.rrq_sources``, the last ``RRQ_SOURCES_PER_MOBILE`` for ``RRQ_SOURCE_MAX_AGE_S``):
+  they are the only places an SIU may later point this MN's SA at.
+* the outbound SA (GW -> MN) carries the MN's downlink (the HA's IP-in-IP).  Home-side packets
+  are matched to an MN by the MN itself, the home address inside the IP-in-IP (inner
+  destination), never by the outer destination: one MN cannot capture another's downlink by
+  registering its CoA, and two MNs behind one NAT (one public CoA) each keep their own.  Not
+  IP-in-IP or no such MN: NO_POLICY; the MN's SA has no outer binding: NO_SA.  The SA's outer
+  destination, the *binding*, moves only when an authenticated, fresh Security Information
+  Update (SIU, docs/protocol.md) from the MN's HA says so (or, in MOBIKE mode only, an
+  authenticated UPDATE_SA_ADDRESSES, docs/protocol.md §2.4).
 
-SIU processing, in this order: UDP to our inside address and SIU port; ``SiuVerifier`` (source is
-a configured HA, HMAC, sequence newer: SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED / SIU_REPLAYED); the
-MN is known and served by that HA (SIU_UNKNOWN_MOBILE, SIU_UNKNOWN_SENDER); the SIU names this
-MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or REJECT's new CoA can be a tunnel endpoint
-(``ipip.unusable_care_of``: not 0/8, loopback, multicast, broadcast, 240/4 or our own address,
-MIP_BAD_CARE_OF); an embedded RRP is a Registration Reply for this MN from this HA
-(SIU_RRP_MISMATCH); then the compare-and-swap on the binding (state machine
-below): the SIU's old CoA must be the current binding, or its new CoA must already be it
-(an idempotent repeat), else SIU_STALE_CARE_OF.  So a delayed, duplicated or reordered SIU can
-never move an SA back to an older address.  Refusals before authentication (framing, sender,
-HMAC, replay) are only counted; refusals of authenticated SIUs also record "siu-refused".  A
-move calls ``sa.rebind(remote=new CoA)`` and returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sent to the new
-CoA: the reply can only go out through the re-pointed SA.  A DEREGISTER SIU sends its RRP (if
-any) to the current CoA and then retires the binding: downlink packets for that CoA find no
-policy until the next SIU.  A REJECT SIU (the HA refused an authenticated request, e.g. code
-133) makes the GW send its reply once to the SIU's new CoA and changes nothing.  Every
-authenticated UPDATE / DEREGISTER / REJECT is answered with an ACK to its HA (signed with the
-HA-GW key, echoing the sequence, reporting where the SA points now), also when it was refused as
-stale: that tells the HA the GW's real binding so it can send a correcting SIU.
+SIU processing (``receive_siu``: the adapter calls it only for datagrams that arrived on the
+inside interface; an SIU anywhere else is SIU_WRONG_INTERFACE), in this order: UDP to our
+inside address and SIU port; ``SiuVerifier.authenticate`` (source is a configured HA, HMAC:
+SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED); ``freshness``: the sequence number is new in that HA's
+replay window (SIU_REPLAYED) and the SIU echoes our epoch, a random number drawn at start
+(SIU_STALE_EPOCH: from before our restart, or the HA does not know the epoch yet; answered
+with an ACK that tells it); the MN is known and served by that HA (SIU_UNKNOWN_MOBILE,
+SIU_UNKNOWN_SENDER); the SIU names this MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or
+REJECT's new CoA can be a tunnel endpoint (``ipip.unusable_care_of``, MIP_BAD_CARE_OF) and is
+the outer source of a recent authenticated Registration Request of this MN
+(SIU_CARE_OF_MISMATCH: an authenticated MN cannot aim its downlink at a third party); an
+embedded RRP is a Registration Reply for this MN from this HA (SIU_RRP_MISMATCH); then the
+binding state machine below.  Refusals before authentication and replays are only counted;
+refusals of authenticated SIUs also record "siu-refused".  A move re-points the SA (address,
+and the UDP port the Registration Request came from) and returns ``RebindSa`` BEFORE the
+embedded Registration Reply is encrypted and sent: the reply can only go out through the
+re-pointed SA.  Every authenticated, non-replayed UPDATE / DEREGISTER / REJECT is answered
+with an ACK to its HA (signed with the HA-GW key, echoing the sequence, reporting where the SA
+points now and our epoch), also when it was refused: that tells the HA the GW's real binding
+so it can send a correcting SIU.
 
-Binding state machine per MN (``Binding``):
+Binding state machine per MN (``BINDING_TRANSITIONS``, the table IS the logic: ``_classify``
+names the event, the table gives the next state and the effect, anything not in the table is
+refused as SIU_STALE_CARE_OF and changes nothing):
 
-    UNBOUND --UPDATE(old=0.0.0.0)--> BOUND(new)
-    FRESH   --UPDATE(any old)--> BOUND(new)      (new SAs from IKE/config, never bound yet:
-                                                  the HA may still name the CoA it last knew)
-    BOUND(c) --UPDATE(old=c)--> BOUND(new)          (a move: rebind, then RRP)
-    BOUND(c) --UPDATE(new=c)--> BOUND(c)            (repeat: RRP only)
-    BOUND(c) --DEREGISTER(old=c)--> UNBOUND          (RRP to c, then retire)
-    anything else                 --> unchanged, SIU_STALE_CARE_OF
+    FRESH   --UPDATE (any Old CoA)----------> BOUND    REPOINT  (new SAs from IKE/config: the
+                                                                 HA may name the CoA it knew)
+    UNBOUND --UPDATE (Old CoA 0.0.0.0)------> BOUND    REPOINT
+    BOUND   --UPDATE (Old CoA = binding)----> BOUND    REPOINT  (a move: rebind, then RRP)
+    BOUND   --UPDATE (New CoA = binding)----> BOUND    CONFIRM  (a repeat: RRP only)
+    BOUND   --DEREGISTER (Old = binding)----> UNBOUND  RETIRE   (RRP to the binding, unbind)
+    FRESH/UNBOUND --DEREGISTER-------------> same     NOTHING
+    any     --REJECT------------------------> same     REJECT   (RRP once to New CoA)
+    BOUND   --MOBIKE update (MOBIKE mode)---> BOUND    MOBIKE   (rebind to the IKE address)
+    FRESH/UNBOUND --MOBIKE update-----------> same     NOTHING
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from collections import Counter
 from typing import Any, Callable, Iterable
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
-from mipsec.ipsec.sa import Direction, SecurityAssociation
+from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.ipsec.sad import Sad
 from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
+from mipsec.mip.security import ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
 from mipsec.node.actions import Action, Log, RebindSa, SendToNet, TimelineEvent, WriteToTun
@@ -77,24 +90,90 @@ from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, parse_prefix,
     parse_udp_packet, peek_ipv4, udp_ports,
 )
-from mipsec.wire.mip import parse_registration_reply
+from mipsec.wire.ipv4 import checksum
+from mipsec.wire.mip import MSG_REGISTRATION_REQUEST, parse_registration_reply
 from mipsec.wire.siu import Siu, SiuFlags, SiuType
 
 UNBOUND_ADDRESS = "0.0.0.0"
 LINEAGE_SPIS = 16          # earlier outbound SPIs per MN an SIU may still name (re-keys)
+RRQ_SOURCES_PER_MOBILE = 4     # outer sources of an MN's recent RRQs an SIU may point the SA at
+RRQ_SOURCE_MAX_AGE_S = 10.0    # ... if the RRQ was seen this recently (the SIU follows in ms)
 
 
-class Binding(enum.Enum):
-    UNBOUND = "unbound"
-    BOUND = "bound"
+class BindingState(enum.Enum):
+    FRESH = "fresh"          # SAs installed (configuration, IKE), never bound by an SIU
+    UNBOUND = "unbound"      # was bound; deregistered (downlink: NO_SA)
+    BOUND = "bound"          # the outbound SA points at the MN's CoA
+
+
+class BindingEvent(enum.Enum):
+    UPDATE_FROM_CURRENT = "update-from-current"    # UPDATE, Old CoA = binding (0.0.0.0: none)
+    UPDATE_TO_CURRENT = "update-to-current"        # UPDATE, New CoA = binding (a repeat)
+    UPDATE_FROM_OTHER = "update-from-other"        # UPDATE, Old CoA is not the binding
+    DEREGISTER_FROM_CURRENT = "deregister-from-current"  # Old CoA = binding, or no binding
+    DEREGISTER_FROM_OTHER = "deregister-from-other"
+    REJECT = "reject"
+    MOBIKE_MOVED = "mobike-moved"                  # authenticated UPDATE_SA_ADDRESSES
+
+
+class Effect(enum.Enum):
+    REPOINT = "repoint"      # rebind the outbound SA to New CoA (and the RRQ's port), then RRP
+    CONFIRM = "confirm"      # already there (a NAT's new port is taken): RRP only
+    RETIRE = "retire"        # RRP to the binding, then unbind
+    REJECT = "reject"        # RRP once to New CoA with the SA's keys; nothing moves
+    MOBIKE = "mobike"        # rebind to where the IKE SA moved
+    NOTHING = "nothing"
+
+
+S, E, X = BindingState, BindingEvent, Effect
+BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent], tuple[BindingState, Effect]] = {
+    (S.FRESH, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
+    (S.FRESH, E.UPDATE_FROM_OTHER): (S.BOUND, X.REPOINT),
+    (S.FRESH, E.DEREGISTER_FROM_CURRENT): (S.FRESH, X.NOTHING),
+    (S.FRESH, E.REJECT): (S.FRESH, X.REJECT),
+    (S.FRESH, E.MOBIKE_MOVED): (S.FRESH, X.NOTHING),
+    (S.UNBOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
+    (S.UNBOUND, E.DEREGISTER_FROM_CURRENT): (S.UNBOUND, X.NOTHING),
+    (S.UNBOUND, E.REJECT): (S.UNBOUND, X.REJECT),
+    (S.UNBOUND, E.MOBIKE_MOVED): (S.UNBOUND, X.NOTHING),
+    (S.BOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
+    (S.BOUND, E.UPDATE_TO_CURRENT): (S.BOUND, X.CONFIRM),
+    (S.BOUND, E.DEREGISTER_FROM_CURRENT): (S.UNBOUND, X.RETIRE),
+    (S.BOUND, E.REJECT): (S.BOUND, X.REJECT),
+    (S.BOUND, E.MOBIKE_MOVED): (S.BOUND, X.MOBIKE),
+}
+del S, E, X
+
+Binding = BindingState      # the name older code and tests use
+
+
+def classify(siu_type: SiuType, old: str | None, new: str | None,
+             current: str | None) -> BindingEvent | None:
+    """The binding event an authenticated SIU is (None: no SIU event, e.g. an UPDATE without a
+    New CoA).  ``old``/``new``/``current``: None for 0.0.0.0 / no binding."""
+    if siu_type == SiuType.UPDATE and new is not None:
+        if current is not None and new == current:
+            return BindingEvent.UPDATE_TO_CURRENT
+        if old == current:
+            return BindingEvent.UPDATE_FROM_CURRENT
+        return BindingEvent.UPDATE_FROM_OTHER
+    if siu_type == SiuType.DEREGISTER:
+        if current is None or old == current:
+            return BindingEvent.DEREGISTER_FROM_CURRENT
+        return BindingEvent.DEREGISTER_FROM_OTHER
+    if siu_type == SiuType.REJECT and new is not None:
+        return BindingEvent.REJECT
+    return None
 
 
 class Mobile:
-    """What the GW keeps per MN."""
+    """What the GW keeps per MN (every collection bounded: ``LINEAGE_SPIS``,
+    ``RRQ_SOURCES_PER_MOBILE``; ``old_inbound`` holds re-keyed SAs until their Delete)."""
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
-                 "allowed_text", "packets_up", "packets_down", "fresh", "home_bytes", "retired",
-                 "old_inbound", "lineage", "aliases", "ike_sa", "installed_at", "next_outbound")
+                 "allowed_text", "packets_up", "packets_down", "state", "home_bytes",
+                 "old_inbound", "lineage", "mobike_moved", "ike_sa", "installed_at",
+                 "rrq_sources", "siu_sequence", "next_outbound")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
@@ -106,26 +185,47 @@ class Mobile:
         self.allowed_text = tuple(allowed)
         self.allowed = tuple(parse_prefix(p) for p in self.allowed_text)
         self.care_of: str | None = None
-        self.fresh = True               # never bound since its SAs were installed
-        self.retired: bytes | None = None   # its last deregistered CoA (downlink -> NO_SA)
+        self.state = BindingState.FRESH
         self.packets_up = 0
         self.packets_down = 0
         self.old_inbound: dict[int, SecurityAssociation] = {}  # re-keyed, kept until deleted
         self.next_outbound: SecurityAssociation | None = None  # re-key we answered: after Delete
         self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
-        self.aliases: list[bytes] = []    # MOBIKE: CoAs the HA may still tunnel to (docs §2.4)
+        self.mobike_moved = False         # MOBIKE moved the SA; the HA's SIU has not confirmed
         self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
         self.installed_at = 0.0
+        # outer source address -> (UDP source port or None for raw ESP, when), oldest first
+        self.rrq_sources: dict[bytes, tuple[int | None, float]] = {}
+        self.siu_sequence = 0             # the latest SIU sequence number applied to this MN
+
+    @property
+    def fresh(self) -> bool:
+        return self.state is BindingState.FRESH
+
+    @property
+    def binding(self) -> BindingState:
+        return self.state
+
+    def note_rrq_source(self, address: bytes, port: int | None, now: float) -> None:
+        """An authenticated Registration Request of this MN came from ``address``:``port``."""
+        sources = self.rrq_sources
+        sources.pop(address, None)
+        sources[address] = (port, now)
+        if len(sources) > RRQ_SOURCES_PER_MOBILE:
+            del sources[next(iter(sources))]
+
+    def rrq_source(self, address: str, now: float) -> tuple[int | None] | None:
+        """``(port,)`` if a recent authenticated RRQ of this MN came from ``address``."""
+        entry = self.rrq_sources.get(a2b(address))
+        if entry is None or now - entry[1] > RRQ_SOURCE_MAX_AGE_S:
+            return None
+        return (entry[0],)
 
     def names_spi(self, spi: int) -> bool:
         """docs/protocol.md §2.2 step 2: the SIU's Gateway SA Identifier names this MN's SA pair
         when it is the current outbound SPI, 0 ("the SA that currently serves this home
         address"), or an earlier outbound SPI of this MN that a re-key replaced."""
         return spi == self.outbound.spi or spi == 0 or spi in self.lineage
-
-    @property
-    def binding(self) -> Binding:
-        return Binding.UNBOUND if self.care_of is None else Binding.BOUND
 
     def may_send_from(self, inner: bytes, proto: int, ihl: int) -> bool:
         """Anti-spoofing: an MN speaks only for itself on the home side.
@@ -152,6 +252,18 @@ class Mobile:
         return False
 
 
+def _redirect(outer: bytes, address: bytes, port: int | None) -> bytes:
+    """The same ESP packet (20-byte outer header, as ``encapsulate`` builds it) to another
+    destination address (and UDP port: ESP in UDP carries checksum 0, RFC 3948 §2.1)."""
+    header = bytearray(outer[:20])
+    header[16:20] = address
+    header[10:12] = b"\0\0"
+    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    if port is None:
+        return bytes(header) + outer[20:]
+    return bytes(header) + outer[20:22] + port.to_bytes(2, "big") + outer[24:]
+
+
 class VpnGateway:
     """The GW role: see the module docstring; API in docs/design.md "Roles"."""
 
@@ -175,10 +287,14 @@ class VpnGateway:
         self.sad = Sad()
         self.mobiles: dict[str, Mobile] = {}
         self._by_spi: dict[int, Mobile] = {}
-        self._by_care_of: dict[bytes, Mobile] = {}
-        self._retired: dict[bytes, Mobile] = {}    # deregistered CoAs: downlink gets NO_SA
         # inbound SAs of re-keyed children after their Delete: spi -> forget at (in that order)
         self._grace: dict[int, float] = {}
+        self._by_home: dict[bytes, Mobile] = {}    # the downlink's key: the MN's home address
+        # SIU freshness across restarts (docs/protocol.md §2.3): a random, non-zero 64-bit
+        # number per run that every ACK announces and every SIU must echo
+        self.epoch = int.from_bytes((random or os.urandom)(8), "big") or 1
+        # ... and an HA that does not know it yet (epoch 0) must have started after us
+        self._epoch_floor = ntp_from_unix(self.wallclock()) if wallclock is not None else 0
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.record_data_path = False      # timeline is for the control plane only
@@ -223,9 +339,11 @@ class VpnGateway:
         mobile.installed_at = now
         if old is not None:
             mobile.lineage = (old.lineage + [old.outbound.spi])[-LINEAGE_SPIS:]
+            mobile.rrq_sources = old.rrq_sources      # the RRQ that follows new SAs may be seen
         self.sad.add(inbound_sa)
         self.mobiles[home_address] = mobile
         self._by_spi[inbound_sa.spi] = mobile
+        self._by_home[mobile.home_bytes] = mobile
         if old is not None:
             tl.record(self.timeline, now, self.name, "mobile-installed", home_address=home_address,
                       inbound_spi=inbound_sa.spi, outbound_spi=outbound_sa.spi)
@@ -233,37 +351,15 @@ class VpnGateway:
 
     def remove_mobile(self, home_address: str) -> None:
         mobile = self.mobiles.pop(home_address)
-        if mobile.retired is not None and self._retired.get(mobile.retired) is mobile:
-            del self._retired[mobile.retired]
+        if self._by_home.get(mobile.home_bytes) is mobile:
+            del self._by_home[mobile.home_bytes]
         self.sad.remove(mobile.inbound.spi)
         self._by_spi.pop(mobile.inbound.spi, None)
         for spi in mobile.old_inbound:
             self.sad.remove(spi)
             self._by_spi.pop(spi, None)
         mobile.old_inbound.clear()
-        self._unbind(mobile)
-
-    def _unbind(self, mobile: Mobile, retire: bool = False) -> None:
-        self._drop_aliases(mobile)
-        if mobile.care_of is not None:
-            key = a2b(mobile.care_of)
-            if self._by_care_of.get(key) is mobile:
-                del self._by_care_of[key]
-                if retire:
-                    # remember only this MN's latest retired CoA (bounded by the number of MNs)
-                    if mobile.retired is not None and self._retired.get(mobile.retired) is mobile:
-                        del self._retired[mobile.retired]
-                    self._retired[key] = mobile
-                    mobile.retired = key
         mobile.care_of = None
-
-    def _bind(self, mobile: Mobile, care_of: str) -> None:
-        self._unbind(mobile)
-        mobile.fresh = False
-        mobile.care_of = care_of
-        key = a2b(care_of)
-        self._by_care_of[key] = mobile
-        self._retired.pop(key, None)
 
     def _drop(self, reason: DropReason) -> list[Action]:
         self.drops[reason] += 1
@@ -271,6 +367,8 @@ class VpnGateway:
 
     # --- from the outside: ESP; from the inside: SIUs --------------------------------------------
     def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
+        """A packet for one of our addresses from the outside (ESP, IKE).  SIUs come only
+        through ``receive_siu``: one addressed to us here is SIU_WRONG_INTERFACE."""
         try:
             proto, src, dst, ihl = peek_ipv4(packet)
         except ParseError as exc:
@@ -283,7 +381,7 @@ class VpnGateway:
                 return self._drop(DropReason.TRUNCATED)
             if ports[1] != SIU_PORT:
                 return self._drop(DropReason.MIP_NOT_FOR_US)
-            return self._siu(packet, now)
+            return self._drop(DropReason.SIU_WRONG_INTERFACE)
         if dst != self._outside_b:
             return self._drop(DropReason.MIP_NOT_FOR_US)
         if self.ike is not None and RoleIke.is_ike(packet, proto, ihl):
@@ -311,23 +409,46 @@ class VpnGateway:
         mobile.packets_up += 1
         if iproto == IPPROTO_UDP:
             ports = udp_ports(inner, iihl)
-            if ports is not None and ports[1] == MIP_PORT:
+            if (ports is not None and ports[1] == MIP_PORT and len(inner) > iihl + 8
+                    and inner[iihl + 8] == MSG_REGISTRATION_REQUEST):
+                # where this authenticated MN's registration came from: the only place an SIU
+                # may point its SA at (bounded per MN, like its timeline events)
+                port = int.from_bytes(packet[ihl:ihl + 2], "big") if proto == IPPROTO_UDP else None
+                mobile.note_rrq_source(src, port, now)
                 tl.record(self.timeline, now, self.name, "rrq-forwarded",
-                          home_address=mobile.home_address, source=b2a(inner[12:16]),
-                          spi=sa.spi)
+                          home_address=mobile.home_address, source=b2a(src),
+                          **({"port": port} if port is not None else {}), spi=sa.spi)
         return [WriteToTun(inner)]
 
-    def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
-        """A packet from the home side routed towards a CoA: protect it with that MN's SA."""
+    def receive_siu(self, packet: bytes, now: float) -> list[Action]:
+        """A datagram that arrived on the inside interface for our inside address (the adapter
+        calls this only for its inside SIU socket, the simulator only for the inside link)."""
         try:
-            peek_ipv4(packet)
+            proto, _src, dst, ihl = peek_ipv4(packet)
         except ParseError as exc:
             return self._drop(exc.reason)
-        mobile = self._by_care_of.get(packet[16:20])
+        if dst != self._inside_b or proto != IPPROTO_UDP:
+            return self._drop(DropReason.SIU_WRONG_INTERFACE)
+        ports = udp_ports(packet, ihl)
+        if ports is None:
+            return self._drop(DropReason.TRUNCATED)
+        if ports[1] != SIU_PORT:
+            return self._drop(DropReason.MIP_NOT_FOR_US)
+        return self._siu(packet, now)
+
+    def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
+        """A packet from the home side routed towards a CoA: the HA's IP-in-IP, protected with
+        the SA of the MN whose home address is its inner destination."""
+        try:
+            proto, _src, _dst, ihl = peek_ipv4(packet)
+        except ParseError as exc:
+            return self._drop(exc.reason)
+        mobile = self._by_home.get(packet[ihl + 16:ihl + 20]) if proto == IPPROTO_IPIP else None
         if mobile is None:
-            # a retired binding (deregistration / expiry): the SA has no outer binding, NO_SA
-            return self._drop(DropReason.NO_SA if packet[16:20] in self._retired
-                              else DropReason.NO_POLICY)
+            return self._drop(DropReason.NO_POLICY)
+        if mobile.state is not BindingState.BOUND:
+            # never bound, or deregistered / expired: the SA has no outer binding
+            return self._drop(DropReason.NO_SA)
         try:
             outer = mobile.outbound.encapsulate(packet, now)
         except Dropped as exc:
@@ -346,24 +467,37 @@ class VpnGateway:
     def _siu(self, packet: bytes, now: float) -> list[Action]:
         try:
             src, _dst, _sport, _dport, payload = parse_udp_packet(packet)
-            siu = self.verifier.verify(b2a(src), payload)
+            siu = self.verifier.authenticate(b2a(src), payload)
         except ParseError as exc:
-            # framing, sender, HMAC or sequence: not authenticated (or a replay anyone can
-            # repeat): only counted, no timeline event, no log
+            # framing, sender or HMAC: not authenticated: only counted, no timeline, no log
             return self._drop(exc.reason)
+        reason = self.verifier.freshness(siu, self.epoch, self._epoch_floor)
+        if reason is DropReason.SIU_REPLAYED:
+            return self._drop(reason)      # anyone on the home link can repeat one: only counted
+        # the sequence number is spent now, also by an SIU refused below: each recorded SIU
+        # earns at most one ACK
+        self.verifier.accept(siu)
         before = self.mobiles.get(siu.home_address)
-        mobile_was_fresh = before is not None and before.fresh
-        actions = self._apply_siu(siu, now)
+        mobile_was_fresh = before is not None and before.state is BindingState.FRESH
+        if reason is not None:
+            # SIU_STALE_EPOCH: from before our restart, or the HA has not learnt our epoch yet;
+            # the ACK below tells it (docs/protocol.md §2.3)
+            actions = self._refuse(now, reason, home_address=siu.home_address,
+                                   epoch=siu.gateway_epoch)
+        else:
+            actions = self._apply_siu(siu, now)
         mobile = self.mobiles.get(siu.home_address)
         if (mobile is not None and mobile.home_agent == siu.sender
-                and (mobile.names_spi(siu.gateway_spi) or mobile_was_fresh)
+                and (mobile.names_spi(siu.gateway_spi) or mobile_was_fresh
+                     or reason is not None)
                 and siu.type != SiuType.ACK):
-            # ACK what we did with it (also a refusal as stale: R tells the HA where we are),
-            # naming the SPI of the SA that serves the MN now: the HA learns it from here
-            # (docs/protocol.md §2.2, "SPIs negotiated by IKEv2")
+            # ACK what we did with it (also a refusal: R tells the HA where we are, and the
+            # epoch what to echo), naming the SPI of the SA that serves the MN now: the HA
+            # learns it from here (docs/protocol.md §2.2, "SPIs negotiated by IKEv2")
             ack = self._ack_signers[siu.sender].build_ack(
                 dataclasses.replace(siu, gateway_spi=mobile.outbound.spi),
-                sa_remote=mobile.care_of, wallclock=self.wallclock())
+                sa_remote=mobile.care_of, wallclock=self.wallclock(), epoch=self.epoch,
+                stale_epoch=reason is DropReason.SIU_STALE_EPOCH)
             actions.append(SendToNet(build_udp_packet(self._inside_b, a2b(siu.sender), SIU_PORT,
                                                       SIU_PORT, ack)))
         return actions
@@ -375,7 +509,7 @@ class VpnGateway:
         if mobile.home_agent != siu.sender:
             return self._refuse(now, DropReason.SIU_UNKNOWN_SENDER, home_address=siu.home_address,
                                 sender=siu.sender)
-        if not (mobile.names_spi(siu.gateway_spi) or mobile.fresh):
+        if not (mobile.names_spi(siu.gateway_spi) or mobile.state is BindingState.FRESH):
             # a fresh pair (new SAs from IKE, never bound) takes any SPI, as it takes any old
             # CoA: the HA cannot know the SPI the GW just negotiated
             return self._refuse(now, DropReason.SIU_UNKNOWN_SA, home_address=siu.home_address,
@@ -383,63 +517,94 @@ class VpnGateway:
         old = None if siu.old_care_of == UNBOUND_ADDRESS else siu.old_care_of
         new = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
         current = mobile.care_of
-        actions: list[Action] = []
-        if (siu.type == SiuType.UPDATE or siu.type == SiuType.REJECT) and new is not None \
-                and (ipip.unusable_care_of(new, self._own_addresses) or mobile.allows(a2b(new))):
-            # never point an SA (or send a reply) at 0/8, loopback, multicast, broadcast, 240/4,
-            # ourselves or the home side (the MN's allowed destinations); the ACK still reports
-            # where the SA points (docs/protocol.md §2.2)
-            return self._refuse(now, DropReason.MIP_BAD_CARE_OF, home_address=mobile.home_address,
-                                current=current, new=new)
+        if siu.sequence < mobile.siu_sequence:
+            # the replay window lets SIUs for different MNs overtake each other; for one MN an
+            # SIU older than the one last applied is outdated and must not move the SA back
+            return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
+                                home_address=mobile.home_address, current=current, old=old,
+                                new=new, outdated=True)
+        event = classify(siu.type, old, new, current)
+        if event is None:
+            return self._refuse(now, DropReason.MALFORMED, home_address=mobile.home_address,
+                                type=int(siu.type))
+        if new is not None and (ipip.unusable_care_of(new, self._own_addresses)
+                                or mobile.allows(a2b(new))):
+            # never point an SA (or send a reply) at 0/8, loopback, multicast, broadcast,
+            # 240/4, ourselves or the home side (the MN's allowed destinations)
+            return self._refuse(now, DropReason.MIP_BAD_CARE_OF,
+                                home_address=mobile.home_address, current=current, new=new)
         if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp and not self._rrp_fits(siu):
             # docs/protocol.md §2.2: the embedded reply must be a Registration Reply for this
             # SIU's MN from its HA (defence in depth: the MN checks it again), before any move
             return self._refuse(now, DropReason.SIU_RRP_MISMATCH,
                                 home_address=mobile.home_address)
-        if siu.type == SiuType.UPDATE and new is not None:
-            if current == new:
-                # a repeat (retransmitted RRQ), or MOBIKE moved the SA here already: RRP only
-                if mobile.aliases:
-                    self._drop_aliases(mobile)
-                    tl.record(self.timeline, now, self.name, "gw-siu-confirms-mobike",
-                              home_address=mobile.home_address, care_of=new,
-                              sequence=siu.sequence)
-            elif current == old or mobile.fresh:
-                self._bind(mobile, new)
-                mobile.outbound.rebind(remote=new)
-                if mobile.ike_sa is not None:
-                    # the IKE SA follows the binding: re-keys and liveness checks go there
-                    mobile.ike_sa.follow_addresses(remote=(new, mobile.ike_sa.remote[1]))
-                actions.append(RebindSa(mobile.outbound.spi, mobile.outbound.local, new))
-                tl.record(self.timeline, now, self.name, "gw-sa-repointed",
-                          home_address=mobile.home_address, old=current, new=new,
-                          spi=mobile.outbound.spi, sequence=siu.sequence)
-            else:
-                return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
-                                    home_address=mobile.home_address, current=current, old=old,
-                                    new=new)
-            if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
-                actions += self._forward_rrp(mobile, siu.rrp, now)
-            return actions
-        if siu.type == SiuType.DEREGISTER:
-            if current is not None and current != old:
-                return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
-                                    home_address=mobile.home_address, current=current, old=old,
-                                    new=None)
-            if current is not None and siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
-                actions += self._forward_rrp(mobile, siu.rrp, now)
-            if current is not None:
-                self._unbind(mobile, retire=True)
-                tl.record(self.timeline, now, self.name, "gw-binding-retired",
-                          home_address=mobile.home_address, old=current, spi=mobile.outbound.spi)
-            return actions
-        if siu.type == SiuType.REJECT and new is not None:
+        step = BINDING_TRANSITIONS.get((mobile.state, event))
+        if step is None:
+            return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
+                                home_address=mobile.home_address, current=current, old=old,
+                                new=new)
+        next_state, effect = step
+        port: int | None = None
+        if new is not None:
+            source = mobile.rrq_source(new, now)
+            if source is None and (effect is Effect.REPOINT or effect is Effect.REJECT):
+                # New CoA is not where this MN's authenticated registration came from: an MN
+                # may not aim its downlink (or a reply) at a third party (docs/security.md)
+                return self._refuse(now, DropReason.SIU_CARE_OF_MISMATCH,
+                                    home_address=mobile.home_address, current=current, new=new)
+            port = source[0] if source is not None else None
+        mobile.siu_sequence = siu.sequence
+        rrp = siu.rrp if siu.flags & SiuFlags.FORWARD_RRP else b""
+        actions: list[Action] = []
+        if effect is Effect.REPOINT:
+            actions += self._repoint(mobile, new, port, now, sequence=siu.sequence)
+            mobile.mobike_moved = False
+        elif effect is Effect.CONFIRM:
+            if port is not None and mobile.outbound.udp_encap is not None \
+                    and mobile.outbound.udp_encap.remote_port != port:
+                actions += self._repoint(mobile, new, port, now, sequence=siu.sequence)
+            if mobile.mobike_moved:
+                mobile.mobike_moved = False
+                tl.record(self.timeline, now, self.name, "gw-siu-confirms-mobike",
+                          home_address=mobile.home_address, care_of=new, sequence=siu.sequence)
+        elif effect is Effect.RETIRE:
+            if rrp:
+                actions += self._forward_rrp(mobile, rrp, now)
+            rrp = b""
+            mobile.care_of = None
+            mobile.mobike_moved = False
+            tl.record(self.timeline, now, self.name, "gw-binding-retired",
+                      home_address=mobile.home_address, old=current, spi=mobile.outbound.spi)
+        elif effect is Effect.REJECT:
             # docs/protocol.md: no compare, no change: the (rejecting) RRP once to New CoA
-            if siu.flags & SiuFlags.FORWARD_RRP and siu.rrp:
-                actions += self._forward_rrp(mobile, siu.rrp, now, to=new)
-            return actions
-        return self._refuse(now, DropReason.MALFORMED, home_address=mobile.home_address,
-                            type=int(siu.type))
+            if rrp:
+                actions += self._forward_rrp(mobile, rrp, now, to=(new, port))
+            rrp = b""
+        elif effect is Effect.NOTHING:
+            rrp = b""
+        mobile.state = next_state
+        if rrp:
+            actions += self._forward_rrp(mobile, rrp, now)
+        return actions
+
+    def _repoint(self, mobile: Mobile, new: str, port: int | None, now: float,
+                 **detail: Any) -> list[Action]:
+        """Point the MN's outbound SA at ``new`` (and, with UDP encapsulation, ``port``)."""
+        old = mobile.care_of
+        sa = mobile.outbound
+        if port is not None and sa.udp_encap is not None:
+            sa.rebind(remote=new, udp_encap=UdpEncap(sa.udp_encap.local_port, port))
+        else:
+            sa.rebind(remote=new)
+        mobile.care_of = new
+        if mobile.ike_sa is not None:
+            # the IKE SA follows the binding: re-keys and liveness checks go there
+            mobile.ike_sa.follow_addresses(remote=(new, mobile.ike_sa.remote[1]))
+        tl.record(self.timeline, now, self.name, "gw-sa-repointed",
+                  home_address=mobile.home_address, old=old, new=new, spi=sa.spi,
+                  **({"port": port} if port is not None and sa.udp_encap is not None else {}),
+                  **detail)
+        return [RebindSa(sa.spi, sa.local, new)]
 
     @staticmethod
     def _rrp_fits(siu: Siu) -> bool:
@@ -453,27 +618,23 @@ class VpnGateway:
         return reply.home_address == siu.home_address and reply.home_agent == siu.sender
 
     def _forward_rrp(self, mobile: Mobile, rrp: bytes, now: float,
-                     to: str | None = None) -> list[Action]:
+                     to: tuple[str, int | None] | None = None) -> list[Action]:
         """Encrypt the HA's Registration Reply to the bound CoA (UDP HA:434 -> CoA:434).
 
-        ``to`` (a REJECT SIU): send this one packet to that address with the SA's keys and
-        sequence numbers, leaving the SA's outer binding where it was.
+        ``to`` (a REJECT SIU): (address, UDP port or None) to send this one packet to, with the
+        SA's keys and sequence numbers; the SA itself is not touched (the outer header of the
+        one packet is rewritten: ESP does not cover it).
         """
-        care_of = to or mobile.care_of
+        care_of = to[0] if to is not None else mobile.care_of
         inner = build_udp_packet(a2b(mobile.home_agent), a2b(care_of), MIP_PORT, MIP_PORT, rrp)
-        sa = mobile.outbound
-        previous = sa.remote
         try:
-            if to is not None and to != previous:
-                sa.rebind(remote=to)
-            outer = sa.encapsulate(inner, now)
+            outer = mobile.outbound.encapsulate(inner, now)
         except Dropped as exc:
             return self._drop(exc.reason)
         except SaExhausted:
             return self._drop(DropReason.SA_EXHAUSTED)
-        finally:
-            if to is not None and to != previous:
-                sa.rebind(remote=previous)
+        if to is not None:
+            outer = _redirect(outer, a2b(to[0]), to[1] if mobile.outbound.udp_encap else None)
         tl.record(self.timeline, now, self.name, "rrp-forwarded", home_address=mobile.home_address,
                   care_of=care_of, **({"rejected": True} if to is not None else {}))
         return [SendToNet(outer)]
@@ -510,7 +671,13 @@ class VpnGateway:
         new, mobile.next_outbound = mobile.next_outbound, None
         if new is None:
             return []
-        new.rebind(remote=mobile.care_of or UNBOUND_ADDRESS)
+        current = mobile.outbound
+        if new.udp_encap is not None and current.udp_encap is not None:
+            # the port the binding took from the MN's registration, not a NAT-T float's
+            new.rebind(remote=mobile.care_of or UNBOUND_ADDRESS, udp_encap=UdpEncap(
+                new.udp_encap.local_port, current.udp_encap.remote_port))
+        else:
+            new.rebind(remote=mobile.care_of or UNBOUND_ADDRESS)
         mobile.lineage = (mobile.lineage + [mobile.outbound.spi])[-LINEAGE_SPIS:]
         mobile.outbound = new
         return [RebindSa(new.spi, new.local, new.remote)]
@@ -605,7 +772,16 @@ class VpnGateway:
             mobile = self._ike_mobile(ev.ike_sa)
             if mobile is None or mobile.ike_sa is not ev.ike_sa:
                 return []
-            return self._mobike_move(mobile, ev.remote[0], now)
+            if self.config.handover_mode != "mobike" or not ev.explicit:
+                # SIU mode, or a NAT-T float (RFC 7296 §2.23) in MOBIKE mode: IKE follows the
+                # address of an authenticated request, the ESP SA does not: only an SIU (or an
+                # UPDATE_SA_ADDRESSES in MOBIKE mode) moves it (docs/security.md)
+                self.drops[DropReason.ESP_MOVE_NOT_BY_SIU] += 1
+                tl.record(self.timeline, now, self.name, "gw-esp-not-moved",
+                          home_address=mobile.home_address, ike_remote=ev.remote[0],
+                          care_of=mobile.care_of)
+                return []
+            return self._mobike_move(mobile, ev.remote, now)
         if cls is IkeSaEstablished:
             self.ike.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id} at {ev.remote[0]}")
             return []
@@ -614,33 +790,31 @@ class VpnGateway:
             return []
         return []
 
-    def _mobike_move(self, mobile: Mobile, new: str, now: float) -> list[Action]:
-        """MOBIKE (RFC 4555) moved the MN's IKE SA: move its outbound SA there now.  The HA's
-        binding still names the old CoA until the registration reaches it, so packets it
-        tunnels to the old CoA keep being matched to this MN (an alias) and go to the new one;
-        the HA's SIU then finds the SA "already there" and drops the alias (docs/protocol.md
-        §2.4)."""
-        old = mobile.care_of
-        if old is None or old == new:
-            return []        # never bound: the SIU binds it (the HA has not heard of it yet)
+    def _mobike_move(self, mobile: Mobile, remote: tuple[str, int], now: float) -> list[Action]:
+        """MOBIKE (RFC 4555) moved the MN's IKE SA by an authenticated UPDATE_SA_ADDRESSES:
+        move its outbound SA there now (the table's MOBIKE_MOVED).  The downlink is keyed by
+        the home address, so the HA's IP-in-IP to the old CoA already goes to the new one; the
+        HA's SIU then finds the SA "already there" (docs/protocol.md §2.4)."""
+        new = remote[0]
+        if mobile.care_of == new:
+            return []
         if ipip.unusable_care_of(new, self._own_addresses) or mobile.allows(a2b(new)):
             return self._drop(DropReason.MIP_BAD_CARE_OF)
-        mobile.aliases.append(a2b(old))
+        next_state, effect = BINDING_TRANSITIONS[(mobile.state, BindingEvent.MOBIKE_MOVED)]
+        mobile.state = next_state
+        if effect is not Effect.MOBIKE:
+            return []        # never bound: the SIU binds it (the HA has not heard of it yet)
+        old = mobile.care_of
+        sa = mobile.outbound
+        if sa.udp_encap is not None:
+            sa.rebind(remote=new, udp_encap=UdpEncap(sa.udp_encap.local_port, remote[1]))
+        else:
+            sa.rebind(remote=new)
         mobile.care_of = new
-        key = a2b(new)
-        self._by_care_of[key] = mobile
-        self._retired.pop(key, None)
-        mobile.outbound.rebind(remote=new)
+        mobile.mobike_moved = True
         tl.record(self.timeline, now, self.name, "gw-sa-moved-by-mobike",
-                  home_address=mobile.home_address, old=old, new=new, spi=mobile.outbound.spi)
-        return [RebindSa(mobile.outbound.spi, mobile.outbound.local, new)]
-
-    def _drop_aliases(self, mobile: Mobile) -> None:
-        current = a2b(mobile.care_of) if mobile.care_of is not None else None
-        for key in mobile.aliases:
-            if key != current and self._by_care_of.get(key) is mobile:
-                del self._by_care_of[key]
-        mobile.aliases.clear()
+                  home_address=mobile.home_address, old=old, new=new, spi=sa.spi)
+        return [RebindSa(sa.spi, sa.local, new)]
 
     # --- timers (IKE's; bindings live as long as the HA says) and status -----------------------
     def handle_event(self, event: object, now: float) -> list[Action]:
@@ -679,12 +853,13 @@ class VpnGateway:
             "role": "gw", "name": self.name, "outside": self.outside, "inside": self.inside,
             "mobiles": {
                 m.home_address: {
-                    "binding": m.binding.value, "care_of": m.care_of, "home_agent": m.home_agent,
+                    "binding": m.state.value, "care_of": m.care_of, "home_agent": m.home_agent,
                     "allowed": list(m.allowed_text), "packets_up": m.packets_up,
                     "packets_down": m.packets_down,
                     "sas": {"inbound": m.inbound.describe(), "outbound": m.outbound.describe()},
                 } for m in self.mobiles.values()},
-            "siu_last_sequence": dict(self.verifier.last_sequence),
+            "siu_last_sequence": self.verifier.last_sequence,
+            "siu_epoch": self.epoch,
             "handover_mode": self.config.handover_mode,
             **({"ike": self.ike.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
@@ -698,8 +873,9 @@ class VpnGateway:
     def sizes(self) -> dict[str, int]:
         """Entries per table (a soak test watches that none grows)."""
         return {"mobiles": len(self.mobiles), "sad": len(self.sad), "by_spi": len(self._by_spi),
-                "by_care_of": len(self._by_care_of), "retired": len(self._retired),
-                "grace": len(self._grace), "timeline": len(self.timeline),
+                "by_home": len(self._by_home), "grace": len(self._grace),
+                "timeline": len(self.timeline),
+                "rrq_sources": sum(len(m.rrq_sources) for m in self.mobiles.values()),
                 "old_inbound": sum(len(m.old_inbound) for m in self.mobiles.values()),
                 **({f"ike_{k}": v for k, v in self.ike.endpoint.sizes().items()}
                    if self.ike is not None else {})}

@@ -113,7 +113,7 @@ from mipsec.wire.mip import (
     build_registration_reply, parse_registration_request,
 )
 from mipsec.store.record import BindingRecord
-from mipsec.wire.siu import SiuType
+from mipsec.wire.siu import SiuFlags, SiuType
 
 REVERSE_TUNNEL_GRACE_S = 1.0
 UNBOUND_ADDRESS = "0.0.0.0"
@@ -203,7 +203,11 @@ class HomeAgent:
                          for g in config.gateways}
         self.bindings: dict[str, Binding] = {}
         # SIU ACKs from the GWs (docs/protocol.md §2.1 step 5): where each GW's SA points
-        self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways})
+        # (an ACK echoes one of our sequence numbers: one below our first is from an earlier run)
+        self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways},
+                                         floor=first)
+        # each GW's epoch from its latest ACK, echoed in our SIUs (docs/protocol.md §2.3)
+        self._gw_epoch: dict[str, int] = {}
         self._gw_care_of: dict[str, str | None] = {}
         # home -> (sequence, type, new CoA, RRP, was a correction) of our latest SIU
         self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes, bool]] = {}
@@ -527,6 +531,7 @@ class HomeAgent:
             return self._drop(DropReason.SIU_UNKNOWN_MOBILE)
         reported = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
         self._gw_care_of[home] = reported
+        self._gw_epoch[siu.sender] = siu.gateway_epoch
         self._acked[home] = siu.sequence
         if siu.gateway_spi and siu.gateway_spi != mobile.gateway_spi:
             # docs/protocol.md §2.2: the ACK names the SA that serves the MN now (IKEv2 re-keys
@@ -539,7 +544,10 @@ class HomeAgent:
         self._resend.pop(home, None)
         binding = self.bindings.get(home)
         want = binding.care_of_address if binding is not None else None
-        if reported == want:
+        # E: our SIU carried an epoch the GW refused (it restarted): nothing was applied; send
+        # it again, as a correction, with the epoch just learnt
+        refused_epoch = bool(siu.flags & SiuFlags.STALE_EPOCH)
+        if reported == want and not refused_epoch:
             return []
         if last[4]:
             # the GW refused our correction too (e.g. it cannot use that CoA): one correction
@@ -578,10 +586,12 @@ class HomeAgent:
             # SPI: a restarted GW): name "the SA that serves this home address" (0) instead
             spi = 0
         self._last_siu[mobile.home_address] = (sequence, type, new, rrp, correction)
+        epoch = self._gw_epoch.get(mobile.gateway, 0)
         data = signer.build(type, home_address=mobile.home_address,
                             old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
                             gateway_spi=spi, lifetime=lifetime, rrp=rrp,
-                            wallclock=self.wallclock(), forward_rrp=bool(rrp))
+                            wallclock=self.wallclock(), forward_rrp=bool(rrp),
+                            gateway_epoch=epoch)
         self._record(now, "siu-sent", home_address=mobile.home_address, type=type.name.lower(),
                      old=old, new=new, gateway=mobile.gateway, sequence=sequence,
                      **({"correction": True} if correction else {}))

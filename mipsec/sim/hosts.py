@@ -11,9 +11,10 @@ What "net" and "tun" mean follows the table of docs/design.md "Roles":
   at home) goes straight to the application.  The application (a ``Correspondent`` bound to the
   home address) is "behind the TUN": its packets enter ``receive_from_tun`` and ``WriteToTun``
   hands packets to it.  ``SendToNet(packet, interface)`` leaves from that interface.
-* ``GatewayHost``: packets for its own addresses go to ``receive_from_net``; packets arriving on
-  the inside interface for anyone else (a CoA) go to ``receive_from_tun`` (the lab's policy
-  routing into the TUN).  ``WriteToTun`` routes the inner packet into the home network.
+* ``GatewayHost``: packets arriving on the inside interface for its inside address go to
+  ``receive_siu`` (the daemon's inside-bound SIU socket); other packets for its own addresses go
+  to ``receive_from_net``; packets arriving on the inside interface for anyone else (a CoA) go
+  to ``receive_from_tun`` (the lab's policy routing into the TUN).  ``WriteToTun`` routes the inner packet into the home network.
 * ``HomeAgentHost``: packets for its address go to ``receive_from_net``; a ``BindingChanged``
   makes it claim (proxy ARP) the home address on the home segment, and packets so caught go to
   ``receive_from_tun``.  ``WriteToTun`` routes the decapsulated packet into the home network.
@@ -53,6 +54,9 @@ class Driver:
 
     def tun(self, packet: bytes) -> None:
         self.perform(self.role.receive_from_tun(packet, self.sim.now))
+
+    def siu(self, packet: bytes) -> None:
+        self.perform(self.role.receive_siu(packet, self.sim.now))
 
     def event(self, event: Any) -> None:
         self.perform(self.role.handle_event(event, self.sim.now))
@@ -153,7 +157,10 @@ class GatewayHost(Host):
             self.counters["runt"] += 1
             return
         if packet[16:20] in self._local:
-            self.driver.net(packet)
+            if iface.name == self.inside_name and packet[16:20] == iface.address_bytes:
+                self.driver.siu(packet)      # the SIU socket: inside address, inside interface
+            else:
+                self.driver.net(packet)
         elif iface.name == self.inside_name:
             self.driver.tun(packet)          # policy routing: home side -> the GW's TUN
         else:

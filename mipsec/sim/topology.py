@@ -125,7 +125,8 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
     visited = {k: Segment(sim, f"visited-{k}", p[0], delay_s=lan_delay_s) for k, p in plan.items()}
 
     gw_cfg, ha_cfg = configs.gateway, configs.home_agent
-    gw = GatewayHost(sim, "gw", VpnGateway(gw_cfg), inside="inside", record=record)
+    gw = GatewayHost(sim, "gw", VpnGateway(gw_cfg, wallclock=wallclock), inside="inside",
+                     record=record)
     gw.add_interface("inside", gw_cfg.inside_address, home)
     gw.add_interface("outside", gw_cfg.outside_address, outside)
     gw.add_route("0.0.0.0/0", "172.16.0.254", "outside")

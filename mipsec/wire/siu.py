@@ -1,7 +1,7 @@
 """The Security Information Update (SIU) message: HA -> GW, UDP port 4343 (docs/protocol.md).
 
 The patent that describes the handover defines no wire format; this is ours.  All integers are
-big-endian.  The layout (44 fixed bytes, the embedded Registration Reply, a 32-byte
+big-endian.  The layout (52 fixed bytes, the embedded Registration Reply, a 32-byte
 HMAC-SHA-256 authenticator over everything before it) is drawn and explained in
 docs/protocol.md; ``SIU_HEADER`` below is its construct specification.
 
@@ -21,8 +21,8 @@ from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.wire.ipv4 import bytes_to_addr
 
-SIU_VERSION = 1
-SIU_FIXED_BYTES = 44                # header before the embedded Registration Reply
+SIU_VERSION = 2                     # 2: the Gateway Epoch field (docs/protocol.md §2.3)
+SIU_FIXED_BYTES = 52                # header before the embedded Registration Reply
 SIU_AUTHENTICATOR_BYTES = 32        # full HMAC-SHA-256 output (docs/protocol.md, "Security")
 SIU_MIN_BYTES = SIU_FIXED_BYTES + SIU_AUTHENTICATOR_BYTES
 
@@ -36,7 +36,8 @@ class SiuType(enum.IntEnum):
 
 class SiuFlags(enum.IntFlag):
     FORWARD_RRP = 0x80   # F: the GW must send the embedded Registration Reply to the MN over the SA
-    ALL = 0x80
+    STALE_EPOCH = 0x40   # E (ACK only): the SIU was refused for its Gateway Epoch, nothing applied
+    ALL = 0xC0
 
 
 SIU_HEADER = Struct(
@@ -53,6 +54,7 @@ SIU_HEADER = Struct(
     "gateway_spi" / Int32ub,
     "lifetime" / Int16ub,
     "rrp_length" / Int16ub,
+    "gateway_epoch" / Int64ub,       # the GW's epoch: echoed by the HA, announced in ACKs
     "rrp" / Bytes(lambda this: this.rrp_length),
 )
 
@@ -74,6 +76,7 @@ class Siu:
     key_id: int = 0
     version: int = SIU_VERSION
     authenticator: bytes = b""
+    gateway_epoch: int = 0            # 0: the HA does not know the GW's current epoch
 
 
 def _pack_addr(address: str, name: str) -> bytes:
@@ -87,7 +90,8 @@ def build_siu_body(siu: Siu) -> bytes:
     """Everything the authenticator covers (the message without its last 32 bytes)."""
     for value, bits, name in ((siu.sequence, 64, "sequence"), (siu.timestamp, 64, "timestamp"),
                               (siu.gateway_spi, 32, "gateway_spi"), (siu.lifetime, 16, "lifetime"),
-                              (siu.key_id, 8, "key_id"), (len(siu.rrp), 16, "rrp length")):
+                              (siu.key_id, 8, "key_id"), (len(siu.rrp), 16, "rrp length"),
+                              (siu.gateway_epoch, 64, "gateway_epoch")):
         if not 0 <= value < (1 << bits):
             raise UsageError(f"SIU {name} {value} does not fit {bits} bits")
     return SIU_HEADER.build(dict(
@@ -96,7 +100,8 @@ def build_siu_body(siu: Siu) -> bytes:
         home_address=_pack_addr(siu.home_address, "home_address"),
         old_care_of=_pack_addr(siu.old_care_of, "old_care_of"),
         new_care_of=_pack_addr(siu.new_care_of, "new_care_of"),
-        gateway_spi=siu.gateway_spi, lifetime=siu.lifetime, rrp_length=len(siu.rrp), rrp=siu.rrp))
+        gateway_spi=siu.gateway_spi, lifetime=siu.lifetime, rrp_length=len(siu.rrp),
+        gateway_epoch=siu.gateway_epoch, rrp=siu.rrp))
 
 
 def build_siu(siu: Siu) -> bytes:
@@ -136,4 +141,4 @@ def parse_siu(data: bytes) -> Siu:
         old_care_of=bytes_to_addr(hdr.old_care_of), new_care_of=bytes_to_addr(hdr.new_care_of),
         gateway_spi=hdr.gateway_spi, lifetime=hdr.lifetime,
         rrp=bytes(hdr.rrp), flags=SiuFlags(hdr.flags), key_id=hdr.key_id, version=hdr.version,
-        authenticator=bytes(data[-SIU_AUTHENTICATOR_BYTES:]))
+        authenticator=bytes(data[-SIU_AUTHENTICATOR_BYTES:]), gateway_epoch=hdr.gateway_epoch)
