@@ -503,7 +503,7 @@ def test_siu_embedding_a_foreign_rrp_is_refused(which, move):
            "a-request-type": b"\x01" + _rrp_for(a_home)[1:], "truncated": _rrp_for(a_home)[:19],
            "another-home-agent": _rrp_for(a_home, ha="10.1.0.3")}[which]
     new = "172.16.2.10" if move else mobile.care_of
-    mobile.note_rrq_source(a2b(new), None, topo.sim.now)     # A registered from there
+    mobile.note_rrq_source(a2b(new), a2b(new), None, topo.sim.now)   # A registered there
     data = _ha_signer(topo).build(SiuType.UPDATE, home_address=a_home,
                                   old_care_of=mobile.care_of, new_care_of=new,
                                   gateway_spi=mobile.outbound.spi, lifetime=600, rrp=rrp,

@@ -53,7 +53,7 @@ def test_sius_in_any_order_never_move_the_sa_back(walk, order_seed):
     gw = VpnGateway(lab.gateway)
     mobile = next(iter(gw.mobiles.values()))
     for coa in walk:     # each registration came through the GW's tunnel from its CoA
-        mobile.note_rrq_source(a2b(coa), None, 0.0)
+        mobile.note_rrq_source(a2b(coa), a2b(coa), None, 0.0)
     applied = []
     for step, packet in delivered:
         before = mobile.care_of

@@ -216,7 +216,7 @@ def _ha_gw_pair():
         pkt = build_udp_packet(a2b(coa), a2b(mn_cfg.home_agent), 434, 434,
                                msa.sign(build_registration_request(rrq)))
         # the request came through the GW's tunnel from coa (what receive_from_net records)
-        gw.mobiles[mn_cfg.home_address].note_rrq_source(a2b(coa), None, clock[0])
+        gw.mobiles[mn_cfg.home_address].note_rrq_source(a2b(coa), a2b(coa), None, clock[0])
         return [a.packet for a in ha.receive_from_net(pkt, clock[0]) if isinstance(a, SendToNet)]
 
     def to_gw(packets):

@@ -11,9 +11,11 @@ address on the home network.  Each mobile node (MN) has one ESP SA pair with it:
   as FORBIDDEN_DESTINATION, and must not claim to come from another home-side address
   (FORBIDDEN_SOURCE, ``Mobile.may_send_from``).  Allowed packets go on into the home network
   (``WriteToTun``).  A Registration Request seen inside is forwarded unchanged (the GW never
-  acts on it) and its *outer* source address and UDP port are remembered for that MN
-  (``Mobile.rrq_sources``, the last ``RRQ_SOURCES_PER_MOBILE`` for ``RRQ_SOURCE_MAX_AGE_S``):
-  they are the only places an SIU may later point this MN's SA at.
+  acts on it); the care-of address it registers is remembered for that MN with the *outer*
+  source address and UDP port the request came from (``Mobile.rrq_sources``, the last
+  ``RRQ_SOURCES_PER_MOBILE`` for ``RRQ_SOURCE_MAX_AGE_S``; raw ESP only from that very
+  address, ESP in UDP also from a NAT's public address): an SIU naming that CoA may point
+  the MN's SA there and nowhere else.
 * the outbound SA (GW -> MN) carries the MN's downlink (the HA's IP-in-IP).  Home-side packets
   are matched to an MN by the MN itself, the home address inside the IP-in-IP (inner
   destination), never by the outer destination: one MN cannot capture another's downlink by
@@ -194,8 +196,9 @@ class Mobile:
         self.mobike_moved = False         # MOBIKE moved the SA; the HA's SIU has not confirmed
         self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
         self.installed_at = 0.0
-        # outer source address -> (UDP source port or None for raw ESP, when), oldest first
-        self.rrq_sources: dict[bytes, tuple[int | None, float]] = {}
+        # care-of address a recent authenticated RRQ registered -> (the outer source address it
+        # came from, its UDP source port or None for raw ESP, when), oldest first
+        self.rrq_sources: dict[bytes, tuple[bytes, int | None, float]] = {}
         self.siu_sequence = 0             # the latest SIU sequence number applied to this MN
 
     @property
@@ -206,20 +209,26 @@ class Mobile:
     def binding(self) -> BindingState:
         return self.state
 
-    def note_rrq_source(self, address: bytes, port: int | None, now: float) -> None:
-        """An authenticated Registration Request of this MN came from ``address``:``port``."""
+    def note_rrq_source(self, care_of: bytes, source: bytes, port: int | None,
+                        now: float) -> None:
+        """An authenticated Registration Request of this MN for ``care_of`` came from
+        ``source``:``port`` (outer header).  Raw ESP must come from the CoA it registers;
+        ESP in UDP (NAT-T) may come from a NAT's public address and port instead."""
+        if port is None and source != care_of:
+            return
         sources = self.rrq_sources
-        sources.pop(address, None)
-        sources[address] = (port, now)
+        sources.pop(care_of, None)
+        sources[care_of] = (source, port, now)
         if len(sources) > RRQ_SOURCES_PER_MOBILE:
             del sources[next(iter(sources))]
 
-    def rrq_source(self, address: str, now: float) -> tuple[int | None] | None:
-        """``(port,)`` if a recent authenticated RRQ of this MN came from ``address``."""
-        entry = self.rrq_sources.get(a2b(address))
-        if entry is None or now - entry[1] > RRQ_SOURCE_MAX_AGE_S:
+    def rrq_source(self, care_of: str, now: float) -> tuple[str, int | None] | None:
+        """Where a recent authenticated RRQ of this MN for ``care_of`` came from: (address,
+        UDP port or None); None if there was none (SIU_CARE_OF_MISMATCH)."""
+        entry = self.rrq_sources.get(a2b(care_of))
+        if entry is None or now - entry[2] > RRQ_SOURCE_MAX_AGE_S:
             return None
-        return (entry[0],)
+        return b2a(entry[0]), entry[1]
 
     def names_spi(self, spi: int) -> bool:
         """docs/protocol.md §2.2 step 2: the SIU's Gateway SA Identifier names this MN's SA pair
@@ -262,6 +271,11 @@ def _redirect(outer: bytes, address: bytes, port: int | None) -> bytes:
     if port is None:
         return bytes(header) + outer[20:]
     return bytes(header) + outer[20:22] + port.to_bytes(2, "big") + outer[24:]
+
+
+def _points_at(sa: SecurityAssociation) -> tuple[str | None, int | None]:
+    """Where an outbound SA sends: (address, UDP port or None) as ``rrq_source`` gives it."""
+    return sa.remote, (sa.udp_encap.remote_port if sa.udp_encap is not None else None)
 
 
 class VpnGateway:
@@ -409,12 +423,13 @@ class VpnGateway:
         mobile.packets_up += 1
         if iproto == IPPROTO_UDP:
             ports = udp_ports(inner, iihl)
-            if (ports is not None and ports[1] == MIP_PORT and len(inner) > iihl + 8
+            if (ports is not None and ports[1] == MIP_PORT and len(inner) >= iihl + 8 + 24
                     and inner[iihl + 8] == MSG_REGISTRATION_REQUEST):
-                # where this authenticated MN's registration came from: the only place an SIU
-                # may point its SA at (bounded per MN, like its timeline events)
+                # the care-of address it registers (RFC 5944 §3.3, offset 12) and where this
+                # authenticated request came from: the only place an SIU naming that CoA may
+                # point the MN's SA at (bounded per MN, like its timeline events)
                 port = int.from_bytes(packet[ihl:ihl + 2], "big") if proto == IPPROTO_UDP else None
-                mobile.note_rrq_source(src, port, now)
+                mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)
                 tl.record(self.timeline, now, self.name, "rrq-forwarded",
                           home_address=mobile.home_address, source=b2a(src),
                           **({"port": port} if port is not None else {}), spi=sa.spi)
@@ -544,25 +559,24 @@ class VpnGateway:
                                 home_address=mobile.home_address, current=current, old=old,
                                 new=new)
         next_state, effect = step
-        port: int | None = None
+        target: tuple[str, int | None] | None = None
         if new is not None:
-            source = mobile.rrq_source(new, now)
-            if source is None and (effect is Effect.REPOINT or effect is Effect.REJECT):
-                # New CoA is not where this MN's authenticated registration came from: an MN
+            target = mobile.rrq_source(new, now)
+            if target is None and (effect is Effect.REPOINT or effect is Effect.REJECT):
+                # no authenticated registration of this MN for New CoA came from there: an MN
                 # may not aim its downlink (or a reply) at a third party (docs/security.md)
                 return self._refuse(now, DropReason.SIU_CARE_OF_MISMATCH,
                                     home_address=mobile.home_address, current=current, new=new)
-            port = source[0] if source is not None else None
         mobile.siu_sequence = siu.sequence
         rrp = siu.rrp if siu.flags & SiuFlags.FORWARD_RRP else b""
         actions: list[Action] = []
         if effect is Effect.REPOINT:
-            actions += self._repoint(mobile, new, port, now, sequence=siu.sequence)
+            actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)
             mobile.mobike_moved = False
         elif effect is Effect.CONFIRM:
-            if port is not None and mobile.outbound.udp_encap is not None \
-                    and mobile.outbound.udp_encap.remote_port != port:
-                actions += self._repoint(mobile, new, port, now, sequence=siu.sequence)
+            if target is not None and target != _points_at(mobile.outbound):
+                # the same CoA from a new NAT mapping: the SA follows the registration
+                actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)
             if mobile.mobike_moved:
                 mobile.mobike_moved = False
                 tl.record(self.timeline, now, self.name, "gw-siu-confirms-mobike",
@@ -578,7 +592,7 @@ class VpnGateway:
         elif effect is Effect.REJECT:
             # docs/protocol.md: no compare, no change: the (rejecting) RRP once to New CoA
             if rrp:
-                actions += self._forward_rrp(mobile, rrp, now, to=(new, port))
+                actions += self._forward_rrp(mobile, rrp, now, to=(new, target))
             rrp = b""
         elif effect is Effect.NOTHING:
             rrp = b""
@@ -587,24 +601,27 @@ class VpnGateway:
             actions += self._forward_rrp(mobile, rrp, now)
         return actions
 
-    def _repoint(self, mobile: Mobile, new: str, port: int | None, now: float,
+    def _repoint(self, mobile: Mobile, new: str, target: tuple[str, int | None], now: float,
                  **detail: Any) -> list[Action]:
-        """Point the MN's outbound SA at ``new`` (and, with UDP encapsulation, ``port``)."""
+        """Bind the MN to ``new`` (the care-of address the HA bound) and point its outbound SA
+        at ``target``: where the registration for it came from (address, and with UDP
+        encapsulation the port; the address differs from ``new`` only behind a NAT)."""
         old = mobile.care_of
         sa = mobile.outbound
+        address, port = target
         if port is not None and sa.udp_encap is not None:
-            sa.rebind(remote=new, udp_encap=UdpEncap(sa.udp_encap.local_port, port))
+            sa.rebind(remote=address, udp_encap=UdpEncap(sa.udp_encap.local_port, port))
         else:
-            sa.rebind(remote=new)
+            sa.rebind(remote=address)
         mobile.care_of = new
         if mobile.ike_sa is not None:
             # the IKE SA follows the binding: re-keys and liveness checks go there
-            mobile.ike_sa.follow_addresses(remote=(new, mobile.ike_sa.remote[1]))
+            mobile.ike_sa.follow_addresses(remote=(address, mobile.ike_sa.remote[1]))
+        via = {} if address == new and (port is None or sa.udp_encap is None) else {
+            "via": f"{address}:{port}" if sa.udp_encap is not None else address}
         tl.record(self.timeline, now, self.name, "gw-sa-repointed",
-                  home_address=mobile.home_address, old=old, new=new, spi=sa.spi,
-                  **({"port": port} if port is not None and sa.udp_encap is not None else {}),
-                  **detail)
-        return [RebindSa(sa.spi, sa.local, new)]
+                  home_address=mobile.home_address, old=old, new=new, spi=sa.spi, **via, **detail)
+        return [RebindSa(sa.spi, sa.local, address)]
 
     @staticmethod
     def _rrp_fits(siu: Siu) -> bool:
@@ -621,9 +638,9 @@ class VpnGateway:
                      to: tuple[str, int | None] | None = None) -> list[Action]:
         """Encrypt the HA's Registration Reply to the bound CoA (UDP HA:434 -> CoA:434).
 
-        ``to`` (a REJECT SIU): (address, UDP port or None) to send this one packet to, with the
-        SA's keys and sequence numbers; the SA itself is not touched (the outer header of the
-        one packet is rewritten: ESP does not cover it).
+        ``to`` (a REJECT SIU): (care-of address, (outer address, UDP port or None)) to send
+        this one packet to, with the SA's keys and sequence numbers; the SA itself is not
+        touched (the outer header of the one packet is rewritten: ESP does not cover it).
         """
         care_of = to[0] if to is not None else mobile.care_of
         inner = build_udp_packet(a2b(mobile.home_agent), a2b(care_of), MIP_PORT, MIP_PORT, rrp)
@@ -634,7 +651,8 @@ class VpnGateway:
         except SaExhausted:
             return self._drop(DropReason.SA_EXHAUSTED)
         if to is not None:
-            outer = _redirect(outer, a2b(to[0]), to[1] if mobile.outbound.udp_encap else None)
+            address, port = to[1]
+            outer = _redirect(outer, a2b(address), port if mobile.outbound.udp_encap else None)
         tl.record(self.timeline, now, self.name, "rrp-forwarded", home_address=mobile.home_address,
                   care_of=care_of, **({"rejected": True} if to is not None else {}))
         return [SendToNet(outer)]
@@ -672,12 +690,12 @@ class VpnGateway:
         if new is None:
             return []
         current = mobile.outbound
+        # where the current SA points (the binding's registration), not where IKE moved
         if new.udp_encap is not None and current.udp_encap is not None:
-            # the port the binding took from the MN's registration, not a NAT-T float's
-            new.rebind(remote=mobile.care_of or UNBOUND_ADDRESS, udp_encap=UdpEncap(
+            new.rebind(remote=current.remote or UNBOUND_ADDRESS, udp_encap=UdpEncap(
                 new.udp_encap.local_port, current.udp_encap.remote_port))
         else:
-            new.rebind(remote=mobile.care_of or UNBOUND_ADDRESS)
+            new.rebind(remote=current.remote or UNBOUND_ADDRESS)
         mobile.lineage = (mobile.lineage + [mobile.outbound.spi])[-LINEAGE_SPIS:]
         mobile.outbound = new
         return [RebindSa(new.spi, new.local, new.remote)]
