@@ -37,9 +37,7 @@ def daemons(tmp_path):
         receivers = [net]
         if name == "gw":
             # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
-            inside = FakeNet("gw-inside")
-            inside.role_entry = "receive_siu"
-            receivers.append(inside)
+            receivers.append(FakeNet("gw-inside", role_entry="receive_siu"))
         d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=receivers,
                    manage_kernel=False)
         d.start()

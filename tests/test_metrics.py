@@ -38,7 +38,9 @@ def daemons(tmp_path):
         cfg = dataclasses.replace(sets[name], metrics=MetricsSettings(
             listen=f"127.0.0.1:{free_port()}"))
         net = FakeNet(name)
-        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net],
+        # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
+        inside = [FakeNet("gw-inside", role_entry="receive_siu")] if name == "gw" else []
+        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net, *inside],
                    manage_kernel=False)
         d.start()
         out[name] = d
@@ -61,7 +63,11 @@ def pump(daemons, rounds=30):
                 packets += d.tun.written
                 d.tun.written.clear()
             for packet in packets:
-                daemons[where.get(socket.inet_ntoa(packet[16:20]), "mn")].sender.inject(packet)
+                dst = socket.inet_ntoa(packet[16:20])
+                if dst == gw.inside_address:          # from the home side: the SIU socket
+                    daemons["gw"].receivers[1].inject(packet)
+                else:
+                    daemons[where.get(dst, "mn")].sender.inject(packet)
                 moved = True
         if not moved:
             break

@@ -62,7 +62,9 @@ class Net:
     def start(self, name):
         cfg = load_config(self.paths[name])
         net = FakeNet(name)
-        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net],
+        # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
+        inside = [FakeNet("gw-inside", role_entry="receive_siu")] if name == "gw" else []
+        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net, *inside],
                    manage_kernel=False)
         d.start()
         self.daemons[name] = d
@@ -85,7 +87,9 @@ class Net:
                 for packet in sent:
                     dst = socket.inet_ntoa(packet[16:20])
                     moved = True
-                    if dst in (gw.outside_address, gw.inside_address):
+                    if dst == gw.inside_address:       # from the home side: the SIU socket
+                        self.daemons["gw"].receivers[1].inject(packet)
+                    elif dst == gw.outside_address:
                         self.daemons["gw"].sender.inject(packet)
                     elif dst == ha.address:
                         self.daemons["ha"].sender.inject(packet)

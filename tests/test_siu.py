@@ -121,10 +121,11 @@ def test_floor_refuses_numbers_from_before_a_restart():
 
 def test_epoch_check():
     s, v = signer(first_sequence=500), verifier()
-    # epoch 0 ("not known yet") is fresh only from an HA that started after the GW
+    # epoch 0 ("not known yet") is fresh only in an SIU built after the GW started
     siu = v.authenticate(HA, update(s))
-    assert v.freshness(siu, epoch=77, unknown_epoch_floor=500) is None
-    assert v.freshness(siu, epoch=77, unknown_epoch_floor=501) is DropReason.SIU_STALE_EPOCH
+    start = ntp_from_unix(T0)
+    assert v.freshness(siu, epoch=77, unknown_epoch_floor=start) is None
+    assert v.freshness(siu, epoch=77, unknown_epoch_floor=start + 1) is DropReason.SIU_STALE_EPOCH
     assert v.freshness(v.authenticate(HA, update(s, gateway_epoch=77)), epoch=77) is None
     stale = v.authenticate(HA, update(s, gateway_epoch=76))
     assert v.freshness(stale, epoch=77) is DropReason.SIU_STALE_EPOCH

@@ -243,8 +243,10 @@ def test_daemon_keeps_bindings_across_a_restart_and_drops_replies_it_cannot_stor
     daemons = {}
     for name in ("ha", "gw", "mn"):
         net = FakeNet(name)
+        # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
+        inside = [FakeNet("gw-inside", role_entry="receive_siu")] if name == "gw" else []
         daemons[name] = Daemon(sets[name], tun=FakeTun(sets[name].daemon.tun), sender=net,
-                               receivers=[net], manage_kernel=False)
+                               receivers=[net, *inside], manage_kernel=False)
         daemons[name].start()
     where = {sets["gw"].node.outside_address: "gw", sets["gw"].node.inside_address: "gw",
              sets["ha"].node.address: "ha"}
@@ -259,7 +261,10 @@ def test_daemon_keeps_bindings_across_a_restart_and_drops_replies_it_cannot_stor
                 if name == "gw":
                     d.tun.written.clear()
                 for p in packets:
-                    daemons[where.get(socket.inet_ntoa(p[16:20]), "mn")].sender.inject(p)
+                    if p[16:20] == socket.inet_aton(sets["gw"].node.inside_address):
+                        daemons["gw"].receivers[1].inject(p)     # the SIU socket
+                    else:
+                        daemons[where.get(socket.inet_ntoa(p[16:20]), "mn")].sender.inject(p)
                     moved = True
             if not moved:
                 return

@@ -246,10 +246,12 @@ class UdpReceiver(_Receiver):
 
 
 class FakeNet:
-    """In-memory net side for tests: ``inject()`` packets to be received, ``sent`` collects."""
+    """In-memory net side for tests: ``inject()`` packets to be received, ``sent`` collects.
+    ``role_entry="receive_siu"``: a GW's inside SIU socket."""
 
-    def __init__(self, name: str = "fakenet"):
+    def __init__(self, name: str = "fakenet", role_entry: str = "receive_from_net"):
         self.name = name
+        self.role_entry = role_entry
         self.sent: list[tuple[bytes, str | None]] = []
         self._queue: collections.deque[bytes] = collections.deque()
         self._r, self._w = socket.socketpair()

@@ -14,9 +14,8 @@ the GW's current epoch.  The order of checks at the verifier is fixed:
    inside it: SIU_REPLAYED.  A window rather than "greater than the last" lets SIUs for many
    MNs overtake each other on the home link without being refused;
 5. (GW) the Gateway Epoch is the GW's current one, or 0 ("not known yet": an HA that has not
-   heard an ACK since its start) with a sequence number not below the GW's own start time in
-   NTP format (an HA seeds its numbers from its clock when it starts, so such an SIU comes from
-   an HA that started after this GW): else SIU_STALE_EPOCH.  This is what makes an SIU
+   heard an ACK since its start) with a Timestamp not before the GW's own start (the SIU was
+   built while this GW ran): else SIU_STALE_EPOCH.  This is what makes an SIU
    recorded before a GW restart worthless afterwards (the restarted GW has a new random epoch
    and an empty window), without any state on disk;
 6. only now the window records the sequence number (``accept``).
@@ -175,8 +174,8 @@ class SiuVerifier:
                   unknown_epoch_floor: int = 0) -> DropReason | None:
         """Steps 4-5: None when the authenticated ``siu`` is fresh, else the reason.  The
         sequence check comes first, so a replay is never told the current epoch.  ``epoch``:
-        the GW's (None: no epoch check, the HA's ACKs); ``unknown_epoch_floor``: the lowest
-        sequence number an SIU with epoch 0 may carry (the GW's start time, NTP format)."""
+        the GW's (None: no epoch check, the HA's ACKs); ``unknown_epoch_floor``: the earliest
+        Timestamp an SIU with epoch 0 may carry (the GW's start, NTP format)."""
         seq = siu.sequence
         if seq < self.floor:
             return DropReason.SIU_REPLAYED
@@ -185,8 +184,8 @@ class SiuVerifier:
             return DropReason.SIU_REPLAYED       # already accepted, or left of the window
         if epoch is not None:
             if siu.gateway_epoch == 0:
-                if seq < unknown_epoch_floor:
-                    return DropReason.SIU_STALE_EPOCH    # from an HA older than our start
+                if siu.timestamp < unknown_epoch_floor:
+                    return DropReason.SIU_STALE_EPOCH    # built before our start
             elif siu.gateway_epoch != epoch:
                 return DropReason.SIU_STALE_EPOCH        # from before our restart
         return None

@@ -29,9 +29,9 @@ SIU processing (``receive_siu``: the adapter calls it only for datagrams that ar
 inside interface; an SIU anywhere else is SIU_WRONG_INTERFACE), in this order: UDP to our
 inside address and SIU port; ``SiuVerifier.authenticate`` (source is a configured HA, HMAC:
 SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED); ``freshness``: the sequence number is new in that HA's
-replay window (SIU_REPLAYED) and the SIU echoes our epoch, a random number drawn at start
-(SIU_STALE_EPOCH: from before our restart, or the HA does not know the epoch yet; answered
-with an ACK that tells it); the MN is known and served by that HA (SIU_UNKNOWN_MOBILE,
+replay window (SIU_REPLAYED) and the SIU echoes our epoch, a random number drawn at start, or
+carries epoch 0 and a Timestamp from after our start (else SIU_STALE_EPOCH: from before our
+restart; answered with an ACK that tells the HA the epoch, flag E); the MN is known and served by that HA (SIU_UNKNOWN_MOBILE,
 SIU_UNKNOWN_SENDER); the SIU names this MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or
 REJECT's new CoA can be a tunnel endpoint (``ipip.unusable_care_of``, MIP_BAD_CARE_OF) and is
 the outer source of a recent authenticated Registration Request of this MN
@@ -307,7 +307,8 @@ class VpnGateway:
         # SIU freshness across restarts (docs/protocol.md §2.3): a random, non-zero 64-bit
         # number per run that every ACK announces and every SIU must echo
         self.epoch = int.from_bytes((random or os.urandom)(8), "big") or 1
-        # ... and an HA that does not know it yet (epoch 0) must have started after us
+        # ... and an SIU from an HA that does not know it yet (epoch 0) must be built after our
+        # start (its Timestamp)
         self._epoch_floor = ntp_from_unix(self.wallclock()) if wallclock is not None else 0
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
