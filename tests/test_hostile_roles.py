@@ -282,7 +282,7 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
         siu = signer.build(SiuType.UPDATE, home_address=a.home_address,
                            old_care_of=mobile.care_of, new_care_of=mobile.care_of,
                            gateway_spi=mobile.outbound.spi, lifetime=600, rrp=b_reply,
-                           wallclock=0.0)
+                           wallclock=0.0, gateway_epoch=gw.epoch)
         out = gw.receive_siu(build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343,
                                               siu), topo.sim.now)
         esp = [x.packet for x in out if isinstance(x, SendToNet)
@@ -362,7 +362,8 @@ def test_gateway_refuses_an_siu_naming_an_unusable_care_of(topo):
         signer = _ha_signer(topo)
         data = signer.build(kind, home_address=home, old_care_of=mobile.care_of, new_care_of=bad,
                             gateway_spi=mobile.outbound.spi, lifetime=600,
-                            rrp=b"\x03" + bytes(19), wallclock=0.0)
+                            rrp=b"\x03" + bytes(19), wallclock=0.0,
+                            gateway_epoch=gw.epoch)
         before = (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence)
         drops = gw.drops[R.MIP_BAD_CARE_OF]
         actions = gw.receive_siu(
@@ -507,7 +508,7 @@ def test_siu_embedding_a_foreign_rrp_is_refused(which, move):
     data = _ha_signer(topo).build(SiuType.UPDATE, home_address=a_home,
                                   old_care_of=mobile.care_of, new_care_of=new,
                                   gateway_spi=mobile.outbound.spi, lifetime=600, rrp=rrp,
-                                  wallclock=0.0)
+                                  wallclock=0.0, gateway_epoch=gw.epoch)
     before = (mobile.care_of, mobile.outbound.remote, mobile.outbound.sequence)
     actions = gw.receive_siu(
         build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
@@ -522,7 +523,8 @@ def test_siu_embedding_a_foreign_rrp_is_refused(which, move):
     data = _ha_signer(topo).build(SiuType.UPDATE, home_address=a_home,
                                   old_care_of=mobile.care_of, new_care_of=mobile.care_of,
                                   gateway_spi=mobile.outbound.spi, lifetime=600,
-                                  rrp=_rrp_for(a_home), wallclock=0.0)
+                                  rrp=_rrp_for(a_home), wallclock=0.0,
+                                  gateway_epoch=gw.epoch)
     actions = gw.receive_siu(
         build_udp_packet(a2b(ha.address), a2b(gw.inside), 4343, 4343, data), topo.sim.now)
     assert [a for a in actions if isinstance(a, SendToNet)

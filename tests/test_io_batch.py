@@ -41,7 +41,9 @@ def traffic(topo):
     ha_in = down + [down[0][:15], build_udp_packet(CN, 1, "10.1.0.99", 2, b"nobody"),
                     down[0][:2] + b"\x00\x10" + down[0][4:]] + down[:3]
     gw_in = [a.packet for p in down for a in ha.receive_from_tun(p, 1.0)]
-    gw_in += [gw_in[0][:10], gw_in[1][:16] + bytes([172, 16, 9, 9]) + gw_in[1][20:]]
+    # (the GW matches the HA's IP-in-IP by the home address inside: one for nobody has an
+    # inner destination no MN has)
+    gw_in += [gw_in[0][:10], gw_in[1][:36] + bytes([10, 1, 0, 99]) + gw_in[1][40:]]
     up = [build_udp_packet(HOME, 6000, CN, 5000, bytes([i]) * (5 + 11 * i), ident=i)
           for i in range(40)]
     esp = [a.packet for p in up for a in mn.receive_from_tun(p, 1.0)

@@ -878,7 +878,6 @@ class VpnGateway:
                     "sas": {"inbound": m.inbound.describe(), "outbound": m.outbound.describe()},
                 } for m in self.mobiles.values()},
             "siu_last_sequence": self.verifier.last_sequence,
-            "siu_epoch": self.epoch,
             "handover_mode": self.config.handover_mode,
             **({"ike": self.ike.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
