@@ -35,6 +35,8 @@ def row(o: Outcome) -> str:
     d, u = o.directions["down"], o.directions["up"]
     back = [x["back_after_ready_ms"] for x in (d, u) if x["back_after_ready_ms"] is not None]
     status = "recovered" if o.recovered else "NOT recovered"
+    if o.detail.get("rrp_after_start_ms") is not None:
+        status += f", registered {_ms(o.detail['rrp_after_start_ms'])} after the start"
     return (f"{o.name:<19} down {_ms(d['interruption_ms']):>9} {d['lost']:>6} lost | "
             f"up {_ms(u['interruption_ms']):>9} {u['lost']:>6} lost | "
             f"back after up {_ms(max(back)) if back else '-':>9} | "

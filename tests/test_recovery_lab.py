@@ -52,3 +52,31 @@ def test_a_lost_siu_is_resent_by_the_home_agent():
     kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
     assert ("ha", "siu-retransmitted") in kinds, kinds
     assert ("mn", "rrp-received") in kinds, kinds
+
+
+def test_roam_in_dhcp_order_registers_without_waiting_for_a_retransmission():
+    """Address first, default route a moment later (what DHCP clients do): the MN registers
+    from its new care-of address once it can reach the GW."""
+    outcome = _run("dhcp-order-roam")
+    kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
+    assert ("mn", "rrp-received") in kinds, kinds
+
+
+def test_mn_killed_and_restarted_registers_again():
+    outcome = _run("mn-restart")
+    assert outcome.detail["rrp_after_start_ms"] is not None, outcome.detail["timeline"]
+
+
+def test_return_home_then_leave_again():
+    outcome = _run("return-home-leave")
+    kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
+    assert ("mn", "deregistered") in kinds or ("mn", "returned-home") in kinds, kinds
+    assert kinds.count(("mn", "rrp-received")) >= 2, kinds
+
+
+def test_a_40_s_outage_with_manual_keys_ends_in_a_registration():
+    """The visited networks lose their path for 40 s while the MN roams (manual keys): the MN
+    keeps retrying on its capped back-off and registers once the path is back."""
+    outcome = _run("outage-40s-manual")
+    kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
+    assert ("mn", "rrp-received") in kinds, kinds

@@ -120,10 +120,17 @@ def run_scenario(scenario: Scenario, rate: float, prefix: str,
         if t_ready is not None:
             detail["ready_after_event_ms"] = (t_ready - t_event) * 1000
         events = lab.timelines(since=t_event)
+        started = detail.pop("started", None)
+        if started is not None:
+            # a restarted daemon: its start (process start included) to the MN's next accepted
+            # registration, if it needed one
+            rrp = next((e["time"] for e in events if e.get("node") == lab_mn_name(lab)
+                        and e.get("kind") == "rrp-received" and e["time"] >= started), None)
+            detail["rrp_after_start_ms"] = None if rrp is None else (rrp - started) * 1000
         detail["mn_registrations"] = sum(1 for e in events if e.get("node") == lab_mn_name(lab)
                                          and e.get("kind") == "rrq-sent")
         detail["timeline"] = [(round((e["time"] - t_event) * 1000, 1), e["node"], e["kind"])
-                              for e in events][:60]
+                              for e in events]
         out.detail = detail
     except Exception as exc:            # reported beside the target, the run goes on
         out.error = f"{type(exc).__name__}: {exc}"
@@ -175,7 +182,8 @@ def kill_and_restart(role: str, sig: int = signal.SIGKILL) -> Callable[[Lab], di
         t_down = time.monotonic()
         lab.start_daemon(role)
         lab.wait_ready(role)
-        return {"ready": time.monotonic(), "down_ms": (time.monotonic() - t_down) * 1000}
+        return {"ready": time.monotonic(), "started": t_down,
+                "down_ms": (time.monotonic() - t_down) * 1000}
     return event
 
 
