@@ -55,6 +55,14 @@ def started_lab(prefix: str, **up: Any) -> Iterator[Lab]:
 
 
 def status(lab: Lab, role: str) -> dict[str, Any]:
+    """A lab daemon's status reply: what `mipsec status --json` prints (``cli_status``), read
+    straight from its control socket (the attacks poll it while a race window is open)."""
+    reply = lab.status(role)
+    assert reply.get("ok"), reply
+    return reply
+
+
+def cli_status(lab: Lab, role: str) -> dict[str, Any]:
     """``mipsec status --socket ... --json`` of a lab daemon, as the operator reads it."""
     proc = subprocess.run([sys.executable, "-m", "mipsec", "status", "--socket", lab.socket(role),
                            "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -157,6 +165,40 @@ def downlink(lab: Lab, k: int, count: int = 20) -> int:
 
 def uplink(lab: Lab, k: int, count: int = 20) -> int:
     return delivered(lab, lab.mn(k), "cn", CN, count, f"up{k}")
+
+
+def nft_drops_to(lab: Lab, node: str, address: str) -> int:
+    """Packets counted by the ``counter drop`` rules of ``node``'s nftables ruleset that match
+    destination ``address`` (the GW's host filter: nothing from outside to its inside address)."""
+    proc = lab.exec(node, "nft", "-j", "list", "ruleset")
+    assert proc.returncode == 0, proc.stderr
+    total = 0
+    for item in json.loads(proc.stdout).get("nftables", []):
+        rule = item.get("rule")
+        if not rule:
+            continue
+        exprs = rule.get("expr", [])
+        kinds = [next(iter(e)) for e in exprs if isinstance(e, dict)]
+        matches_dst = any(
+            e.get("match", {}).get("left", {}).get("payload", {}).get("field") == "daddr"
+            and e["match"].get("right") == address for e in exprs if "match" in e)
+        if matches_dst and "counter" in kinds and "drop" in kinds:
+            total += next(e["counter"]["packets"] for e in exprs if "counter" in e)
+    return total
+
+
+def host_refusals(lab: Lab, node: str, address: str) -> int:
+    """Packets ``node``'s kernel refused before any socket: the reverse-path filter's count
+    (``IPReversePathFilter``, /proc/net/netstat) plus the nftables drops to ``address``."""
+    proc = lab.exec(node, "cat", "/proc/net/netstat")
+    assert proc.returncode == 0, proc.stderr
+    rp = 0
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    for keys, values in zip(lines, lines[1:]):
+        if keys and keys[0] == "TcpExt:" and values and values[0] == "TcpExt:" \
+                and "IPReversePathFilter" in keys and keys != values:
+            rp = int(values[keys.index("IPReversePathFilter")])
+    return rp + nft_drops_to(lab, node, address)
 
 
 def tool(lab: Lab, node: str, *args: str, timeout: float = 300) -> str:
