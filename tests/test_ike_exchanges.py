@@ -215,7 +215,11 @@ def test_lost_auth_response_is_retransmitted_and_answered_from_cache():
 
 def test_unanswered_init_gives_up_after_retries():
     net, I, R = establish(tap=lambda d: None)
-    net.run_timers(60.0, step=0.5)
+    # setting up, the retransmissions are at most SETUP_RETRANSMIT_MAX_S apart:
+    # 0.5 + 1 + 2 + 2 + 2 + 2 = 9.5 s (a GW back from a restart is reached within 2 s)
+    net.run_timers(9.25, step=0.25)
+    assert not net.of(IkeSaFailed, MN_ADDR)
+    net.run_timers(60.0, step=0.25)
     assert net.of(IkeSaFailed, MN_ADDR) and not I.ike_sas
     tries = [d for d in net.sent if d.local[0] == MN_ADDR]
     assert len(tries) == 6                                   # RETRANSMIT_TRIES

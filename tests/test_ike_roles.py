@@ -266,7 +266,12 @@ def test_mobike_mode_handover_gw_moves_by_mobike_and_the_siu_confirms():
     assert rep["downlink"].longest_interruption_s <= mn_gw_round_trip + 0.001, rep
 
 
-def test_home_and_away_again_reuses_the_ike_sa_in_both_modes():
+def test_home_and_away_again_ends_the_ike_sa_at_home_and_starts_one_on_leaving():
+    """Going home ends the MN's IKE SA deliberately (it speaks from a care-of address the MN no
+    longer has: it could be neither re-keyed nor checked), its child SAs with it, logged with
+    the reason; leaving starts a new one at once, whose INITIAL_CONTACT makes the GW drop the
+    old IKE SA and its children: both ends agree on the child SAs that exist.  (The IKE SA used
+    to be kept, with its timers sending from the removed CoA, and the GW's copy died alone.)"""
     for mode in ("siu", "mobike"):
         topo = _topo(handover_mode=mode)
         mn, gw = topo.mn.role, topo.gw.role
@@ -275,12 +280,24 @@ def test_home_and_away_again_reuses_the_ike_sa_in_both_modes():
         (ike_mn,) = mn.ike.endpoint.ike_sas
         topo.move("home")
         assert wait_registered(topo, 1.0) and mn.state is RegState.AT_HOME
+        assert ike_mn.state == IkeState.CLOSED and not ike_mn.children, mode
+        assert mn.inbound is None and mn.outbound is None and not mn._pairs, mode
+        ended = [e for e in mn.timeline if e.kind == "ike-ended"]
+        assert ended and "at home" in ended[-1].detail["reason"], mode
+        assert mn.get_timer() is None or mn.get_timer() > topo.sim.now + 60, mode  # nothing to send
+        topo.sim.run_for(120.0)                      # long at home: not one IKE packet
+        assert not [a for t, a in topo.mn.driver.log if t > topo.sim.now - 119
+                    and a.__class__.__name__ == "SendToNet"], mode
         topo.move("b")
         assert wait_registered(topo, 1.0) and mn.state is RegState.REGISTERED, mode
         b = topo.care_of["b"][0]
         m = gw.mobiles[mn.home_address]
         assert m.care_of == b and m.outbound.remote == b, mode
-        assert mn.ike.endpoint.ike_sas == [ike_mn] and ike_mn.local[0] == b   # no new IKE SA
+        live_mn = [s for s in mn.ike.endpoint.ike_sas if s.state != IkeState.CLOSED]
+        live_gw = [s for s in gw.ike.endpoint.ike_sas if s.state != IkeState.CLOSED]
+        assert len(live_mn) == 1 and len(live_gw) == 1 and live_mn[0].local[0] == b, mode
+        assert set(live_mn[0].children) == {c.spi_out for c in live_gw[0].children.values()}, mode
+        assert mn.outbound.spi == m.inbound.spi and mn.inbound.spi == m.outbound.spi, mode
         start_streams(topo, interval_s=0.01, start=topo.sim.now + 0.01, stop=topo.sim.now + 0.5)
         topo.sim.run_for(0.7)
         rep = stream_reports(topo)

@@ -182,6 +182,8 @@ KNOWN_PAYLOADS = frozenset(int(p) for p in PayloadType if p is not PayloadType.N
 NONCE_LEN = 32                      # we send 32-octet nonces (>= half the PRF key size, §2.10)
 RETRANSMIT_INITIAL_S = 0.5          # §2.1: first retransmission; doubles each time
 RETRANSMIT_TRIES = 6                # then give up the IKE SA (0.5+1+2+4+8+16 = 31.5 s)
+SETUP_RETRANSMIT_MAX_S = 2.0        # an initiator's IKE_SA_INIT / IKE_AUTH: at most this apart,
+                                    # so a GW back from a restart is reached within 2 s (9.5 s)
 WINDOW_SIZE = 1                     # §2.3: we keep one request in flight (SET_WINDOW_SIZE not sent)
 COOKIE_THRESHOLD_HALF_OPEN = 32     # §2.6: ask for cookies above this many half-open SAs
 COOKIE_SECRET_LIFETIME_S = 300.0    # rotate the cookie secret this often (one old one accepted)

@@ -94,11 +94,17 @@ class IkeEndpoint:
         """Start a fresh IKE SA to ``remote`` from ``local`` (e.g. the MN's new care-of address
         after its registrations failed) and forget every IKE SA we have with that peer: they
         cannot be reached any more, and our INITIAL_CONTACT makes the peer drop them too."""
+        return self.abandon(remote[0], "replaced by a new IKE SA") + self.initiate(local, remote,
+                                                                                  now)
+
+    def abandon(self, peer: str, reason: str) -> list:
+        """End every IKE SA with ``peer`` here, without an exchange (we cannot reach it from
+        where they speak), each with its child SAs first (RFC 7296 §1.4.1) and ``reason``."""
         out = []
         for sa in self.ike_sas:
-            if sa.remote[0] == remote[0] and sa.state != State.CLOSED:
-                out += self._track(sa, sa.abandon("replaced by a new IKE SA"))
-        return out + self.initiate(local, remote, now)
+            if sa.remote[0] == peer and sa.state != State.CLOSED:
+                out += self._track(sa, sa.abandon(reason))
+        return out
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> list:
         if remote[1] == 0 or _no_unicast_source(remote[0]):

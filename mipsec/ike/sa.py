@@ -58,7 +58,7 @@ from mipsec.ike.config import (
 )
 from mipsec.ike.constants import (
     HALF_OPEN_TIMEOUT_S, MAX_NONCE_LEN, MIN_NONCE_LEN, NAT_KEEPALIVE, NAT_T_PORT, NON_ESP_MARKER,
-    NONCE_LEN, RETRANSMIT_INITIAL_S, RETRANSMIT_TRIES, AuthMethod, ExchangeType, Flag, NotifyType,
+    NONCE_LEN, RETRANSMIT_INITIAL_S, RETRANSMIT_TRIES, SETUP_RETRANSMIT_MAX_S, AuthMethod, ExchangeType, Flag, NotifyType,
     PayloadType, ProtocolId,
 )
 from mipsec.ike.crypto import (
@@ -328,7 +328,12 @@ class IkeSa:
                 self._close(IkeSaFailed(self, why))
                 return self._flush()
             p.tries += 1
-            p.next_at = now + RETRANSMIT_INITIAL_S * (2 ** p.tries)      # §2.1: back off
+            interval = RETRANSMIT_INITIAL_S * (2 ** p.tries)             # §2.1: back off
+            if self.state in (State.INIT_SENT, State.AUTH_SENT):
+                # setting up: the peer is probably coming back (a restart); the caller backs
+                # off between whole attempts instead
+                interval = min(interval, SETUP_RETRANSMIT_MAX_S)
+            p.next_at = now + interval
             self._emit_datagram(p.raw, p.local, p.remote, now)
         if self._closing_at is not None and now >= self._closing_at \
                 and self.state == State.INIT_ANSWERED:     # (an initiator's retries end it)

@@ -805,8 +805,16 @@ class VpnGateway:
             self.ike.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id} at {ev.remote[0]}")
             return []
         if cls is IkeSaDeleted or cls is IkeSaFailed:
+            # every IKE SA that ends is logged and, for a known MN, in its timeline (its child
+            # SAs were reported deleted just before: RFC 7296 §1.4.1)
             self.ike.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
-            return []
+            mobile = self._ike_mobile(ev.ike_sa)
+            if mobile is not None:
+                tl.record(self.timeline, now, self.name, "ike-ended",
+                          home_address=mobile.home_address, ike_sa=ev.ike_sa.name,
+                          reason=ev.reason)
+            return [Log("info", f"IKE SA {ev.ike_sa.name} with {ev.ike_sa.peer_id or '?'} "
+                                f"ended: {ev.reason}")]
         return []
 
     def _mobike_move(self, mobile: Mobile, remote: tuple[str, int], now: float) -> list[Action]:

@@ -83,6 +83,9 @@ from mipsec.wire.mip import (
 
 UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
 SENT_IDS_KEPT = 16           # transmissions of one request whose reply we still accept
+LIVENESS_IDLE_S = 1.0        # sending, nothing received for this long: is the GW still there?
+LIVENESS_MAX_S = 30.0        # the check's interval doubles up to this while the GW answers
+PROBE_TIMEOUT_S = 0.5        # IKEv2: no answer to the liveness check by then: re-establish
 
 
 def _reply_code_name(code: int | None) -> str:
@@ -115,6 +118,8 @@ class RegEvent(enum.Enum):
     SAS_INSTALLED = "sas-installed"    # a new SA pair (IKEv2 child SA)
     SAS_LOST = "sas-lost"              # the IKE SA we used ended (its children with it)
     IKE_RETRY_DUE = "ike-retry-due"    # the back-off after a failed IKE SA ran out
+    LIVENESS_DUE = "liveness-due"      # sending but nothing received: re-register (manual keys)
+    PEER_SILENT = "peer-silent"        # IKEv2: the GW did not answer a liveness check
 
 
 class Do(enum.Enum):
@@ -177,6 +182,11 @@ TRANSITIONS: dict[tuple[RegState, RegEvent], tuple[RegState, Do]] = {
     (S.DEREGISTERING, E.SAS_LOST): (S.DEREGISTERING, Do.NOTHING),
     (S.AT_HOME, E.SAS_LOST): (S.AT_HOME, Do.NOTHING),
     (S.AWAITING_SAS, E.IKE_RETRY_DUE): (S.AWAITING_SAS, Do.START_IKE),
+    # our traffic gets no answer: a GW that restarted lost our binding (manual keys: the
+    # registration re-binds it) or our SAs (IKEv2: a fresh IKE SA with INITIAL_CONTACT)
+    (S.REGISTERED, E.LIVENESS_DUE): (S.REGISTERING, Do.SEND_NEW),
+    (S.REGISTERED, E.PEER_SILENT): (S.AWAITING_SAS, Do.REESTABLISH),
+    (S.REGISTERING, E.PEER_SILENT): (S.AWAITING_SAS, Do.REESTABLISH),
 }
 AWAY = frozenset({S.AWAITING_SAS, S.REGISTERING, S.REGISTERED})
 
@@ -251,6 +261,12 @@ class MobileNode:
                                    floor_s=min(config.retransmit_min_s, config.retransmit_initial_s),
                                    cap_s=config.retransmit_max_s)
         self._ike_backoff_s = 0.0           # before the next IKE SA after one failed
+        self._why = ""                      # why the tunnel is being re-established
+        # liveness: traffic sent and nothing received for a while -> check the GW
+        self._liveness_at: float | None = None
+        self._liveness_interval = LIVENESS_IDLE_S
+        self._probe_started: float | None = None
+        self._probe_deadline: float | None = None
         # the accepted registration
         self.lifetime_granted: int | None = None
         self.registered_until: float | None = None
@@ -281,7 +297,10 @@ class MobileNode:
             return self._drop(DropReason.NO_SA)
         try:
             tunnelled = ipip.encapsulate(packet, self.care_of, self._ha)
-            return [SendToNet(self.outbound.encapsulate(tunnelled, now), self.interface)]
+            out = [SendToNet(self.outbound.encapsulate(tunnelled, now), self.interface)]
+            if self._liveness_at is None and self.state is S.REGISTERED:
+                self._liveness_at = now + self._liveness_interval
+            return out
         except Dropped as exc:
             return self._drop(exc.reason)
         except SaExhausted:
@@ -317,6 +336,8 @@ class MobileNode:
             return self._drop(DropReason.NO_SA)
         try:
             inner = sa.decapsulate(packet, now)
+            # authenticated ESP from the GW: it is alive and has our SAs
+            self._liveness_at = self._probe_deadline = None
             iproto, isrc, idst, iihl = peek_ipv4(inner)
             if iproto == IPPROTO_IPIP:
                 outer_src, _outer_dst, innermost = ipip.decapsulate(inner)
@@ -327,6 +348,7 @@ class MobileNode:
                     self._awaiting_first_downlink = False
                     self._record(now, "first-downlink-at-new-coa", care_of=self.care_of)
                 self.counters["downlink"] += 1
+                self._liveness_interval = LIVENESS_IDLE_S    # two-way traffic: check soon again
                 return [WriteToTun(innermost)]
             if iproto == IPPROTO_UDP:
                 _s, _d, sport, dport, payload = parse_udp_packet(inner)
@@ -471,13 +493,14 @@ class MobileNode:
         attempts = self._attempts
         self._pending_id = None
         self._deadline = None
-        self._record(now, "registration-failed", attempts=attempts, reason="no reply")
-        self._record(now, "reestablish-requested", attempts=attempts)
-        return [Log("warning", f"no reply to {attempts} registration requests for "
-                               f"{self.home_address} via {self.care_of}: the GW or the HA may "
-                               f"be down or have lost our SAs; re-establishing the tunnel with "
-                               f"IKEv2 and registering again, backing off up to "
-                               f"{self.config.retransmit_max_s:g} s"),
+        why, self._why = self._why, ""
+        if not why:
+            self._record(now, "registration-failed", attempts=attempts, reason="no reply")
+            why = (f"no reply to {attempts} registration requests for {self.home_address} via "
+                   f"{self.care_of}: the GW or the HA may be down or have lost our SAs")
+        self._record(now, "reestablish-requested", attempts=attempts, reason=why)
+        return [Log("warning", f"{why}; re-establishing the tunnel with IKEv2 and registering "
+                               f"again, backing off up to {self.config.retransmit_max_s:g} s"),
                 ReestablishRequested(self.home_address, self.care_of, attempts),
                 *self._ike_reestablish(now)]
 
@@ -493,6 +516,7 @@ class MobileNode:
         self._clear_request()
         self.care_of = self._care_of_b = self._old_care_of_b = None
         self._renew_at = self._ike_retry_at = None
+        self._liveness_at = self._probe_deadline = None
         return []
 
     _effects: dict[Do, Callable[["MobileNode", float], list[Action]]] = {
@@ -628,10 +652,13 @@ class MobileNode:
         return self._event(RegEvent.RETURNED_HOME, now)
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self._deadline, self._renew_at, self._ike_retry_at) if t is not None]
+        times = [t for t in (self._deadline, self._renew_at, self._ike_retry_at,
+                             self._liveness_at, self._probe_deadline) if t is not None]
         if self._grace:
             times.append(next(iter(self._grace.values())))
-        if self.ike is not None:
+        if self.ike is not None and self.state in AWAY:
+            # IKE speaks only from a care-of address we have: not on the home link, not
+            # without an address (its timers wait until we are away again)
             t = self.ike.get_timer()
             if t is not None:
                 times.append(t)
@@ -645,7 +672,7 @@ class MobileNode:
                 break
             del self._grace[spi]
             self._inbound_sas.pop(spi, None)        # its SPI is unknown from now on
-        if self.ike is not None:
+        if self.ike is not None and self.state in AWAY:
             t = self.ike.get_timer()
             if t is not None and now >= t:
                 actions += self._ike_outputs(self.ike.handle_timer(now), now)
@@ -658,7 +685,44 @@ class MobileNode:
         if self._renew_at is not None and now >= self._renew_at and self.state is S.REGISTERED:
             self._renew_at = None
             actions += self._event(RegEvent.RENEW_DUE, now)
+        if self._liveness_at is not None and now >= self._liveness_at:
+            self._liveness_at = None
+            if self.state is S.REGISTERED:
+                actions += self._liveness_check(now)
+        if self._probe_deadline is not None and now >= self._probe_deadline:
+            self._probe_deadline = None
+            actions += self._probe_expired(now)
         return actions
+
+    def _liveness_check(self, now: float) -> list[Action]:
+        """We have been sending for a while and received nothing: a GW that restarted would
+        drop our ESP silently.  IKEv2: an empty INFORMATIONAL (RFC 7296 §2.4), re-establish if
+        no answer comes within ``PROBE_TIMEOUT_S``; manual keys: register again (the reply
+        comes through the GW, and the HA's SIU re-binds a GW that lost the binding)."""
+        interval = self._liveness_interval
+        self._liveness_interval = min(LIVENESS_MAX_S, 2 * interval)
+        sa = self._ike_alive()
+        self._record(now, "liveness-check", silent_s=interval,
+                     via="ike" if sa is not None else "registration")
+        if sa is None:
+            if self.ike is not None:
+                return []              # IKEv2 with no IKE SA: AWAITING_SAS takes care of it
+            return self._event(RegEvent.LIVENESS_DUE, now)
+        self._probe_started = now
+        self._probe_deadline = now + max(PROBE_TIMEOUT_S, 2 * self.rtt.rto)
+        return self._ike_outputs(sa.check_liveness(now), now)
+
+    def _probe_expired(self, now: float) -> list[Action]:
+        sa = self._ike_alive()
+        started, self._probe_started = self._probe_started, None
+        if sa is not None and started is not None and sa.last_heard >= started:
+            return []                  # it answered: alive (the interval grew)
+        if self.state not in (S.REGISTERED, S.REGISTERING) or self.care_of is None:
+            return []
+        self._why = (f"the GW did not answer a liveness check within "
+                     f"{now - (started or now):.1f} s while our traffic got no reply "
+                     f"(a GW restart loses our SAs)")
+        return self._event(RegEvent.PEER_SILENT, now)
 
     # --- hooks ---------------------------------------------------------------------------------
     def install_sas(self, inbound: SecurityAssociation, outbound: SecurityAssociation,
@@ -863,7 +927,18 @@ class MobileNode:
         return actions
 
     def _ike_at_home(self, now: float) -> list[Action]:
-        return []
+        """Home confirmed: our IKE SAs end here, deliberately.  They speak from a care-of
+        address we no longer have, so they can neither be re-keyed nor checked (no exchange is
+        ever sent from an address we do not have); their child SAs end with them (RFC 7296
+        §1.4.1).  Leaving again starts a new IKE SA at once, whose INITIAL_CONTACT makes the GW
+        drop the old ones: both ends then agree on what exists."""
+        self._liveness_at = self._probe_deadline = None
+        if self.ike is None:
+            return []
+        out = self.ike.endpoint.abandon(self.config.gateway,
+                                        "at home: no care-of address to speak from; a new IKE "
+                                        "SA when the MN leaves")
+        return self._ike_outputs(out, now)
 
     def waiting_for(self) -> str:
         """What the MN is waiting for, in words (``mipsec status``)."""
