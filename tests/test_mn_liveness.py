@@ -115,3 +115,33 @@ def test_a_child_rekey_due_at_home_is_not_sent_and_leaving_works():
     # a child re-key after leaving goes from the right address and loses nothing
     topo.sim.run(until=95.0)
     assert [e for e in mn.timeline if e.kind == "sas-rekeyed" and e.time > 60.0]
+
+
+def test_gw_down_for_seconds_manual_keys_is_found_soon_after_it_returns():
+    """Manual keys, the GW gone for 8 s (restarting slowly) while the application keeps
+    sending: the MN's requests are at most ACTIVE_RETRY_MAX_S apart while traffic waits, so it
+    registers within that long after the GW is back (not one doubled back-off later)."""
+    from mipsec.node.mobile_node import ACTIVE_RETRY_MAX_S
+    topo = _topo("manual")
+    mn = topo.mn.role
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    start_streams(topo, interval_s=0.01, start=0.1, stop=20.0)
+    topo.sim.run(until=2.0)
+    topo.outside.drop_next(lambda p: True, count=10 ** 9, description="GW down")
+    topo.sim.run(until=10.0)
+    old = topo.gw.role
+    gw = restart_gateway(topo)
+    for home, m in gw.mobiles.items():             # manual SAs continue their numbers
+        m.outbound.sequence = old.mobiles[home].outbound.sequence + 65536
+    topo.outside._drop_rules.clear()
+    t_up = topo.sim.now
+    topo.sim.run(until=20.0)
+    sent = [e.time for e in mn.timeline if e.kind == "rrq-sent" and 2.0 < e.time < t_up]
+    assert len(sent) >= 4 and max(y - x for x, y in zip(sent, sent[1:])) <= ACTIVE_RETRY_MAX_S
+    t_ok = tl.first([e for e in mn.timeline if e.time >= t_up], "rrp-received").time
+    assert t_ok - t_up <= ACTIVE_RETRY_MAX_S + 0.1
+    assert mn.state is RegState.REGISTERED
+    rep = stream_reports(topo, since=t_ok + 0.05, until=19.9)
+    for direction in ("uplink", "downlink"):
+        assert rep[direction].longest_interruption_s <= 0.0201, (direction, rep)

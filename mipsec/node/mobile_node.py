@@ -86,6 +86,7 @@ SENT_IDS_KEPT = 16           # transmissions of one request whose reply we still
 LIVENESS_IDLE_S = 1.0        # sending, nothing received for this long: is the GW still there?
 LIVENESS_MAX_S = 30.0        # the check's interval doubles up to this while the GW answers
 PROBE_TIMEOUT_S = 0.5        # IKEv2: no answer to the liveness check by then: re-establish
+ACTIVE_RETRY_MAX_S = 2.0     # manual keys, application traffic waiting: retry at least this often
 
 
 def _reply_code_name(code: int | None) -> str:
@@ -264,6 +265,7 @@ class MobileNode:
         self._why = ""                      # why the tunnel is being re-established
         # liveness: traffic sent and nothing received for a while -> check the GW
         self._liveness_at: float | None = None
+        self._last_out = -1e9                # last application packet into the tunnel
         self._liveness_interval = LIVENESS_IDLE_S
         self._probe_started: float | None = None
         self._probe_deadline: float | None = None
@@ -298,6 +300,7 @@ class MobileNode:
         try:
             tunnelled = ipip.encapsulate(packet, self.care_of, self._ha)
             out = [SendToNet(self.outbound.encapsulate(tunnelled, now), self.interface)]
+            self._last_out = now
             if self._liveness_at is None and self.state is S.REGISTERED:
                 self._liveness_at = now + self._liveness_interval
             return out
@@ -430,6 +433,11 @@ class MobileNode:
     def _do_send_again(self, now: float) -> list[Action]:
         self._attempts += 1
         timeout = self.rtt.timeout(self._attempts)
+        if self.ike is None and now - self._last_out <= 2 * ACTIVE_RETRY_MAX_S:
+            # manual keys and an application waiting on the tunnel: a restarted GW or a path
+            # that came back is found within ACTIVE_RETRY_MAX_S (one small request each time;
+            # IKEv2 finds a restarted GW by its liveness check instead)
+            timeout = min(timeout, ACTIVE_RETRY_MAX_S)
         self._deadline = now + timeout
         return [self._send_rrq(now)]
 
