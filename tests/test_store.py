@@ -308,3 +308,22 @@ def test_daemon_keeps_bindings_across_a_restart_and_drops_replies_it_cannot_stor
     finally:
         for d in daemons.values():
             d.close()
+
+
+def test_daemon_refuses_to_start_on_a_store_that_is_not_a_database(tmp_path):
+    from mipsec.config import KeySetLayout, make_key_set
+    from mipsec.errors import ConfigError
+    from mipsec.io.daemon import Daemon
+    from mipsec.io.transports import FakeNet
+    from mipsec.io.tun import FakeTun
+
+    cfg = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(3))["ha"]
+    path = tmp_path / "ha.bindings.sqlite3"
+    path.write_bytes(b"this is not an SQLite database, just garbage " * 100)
+    path.chmod(0o600)
+    net = FakeNet("ha")
+    d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net],
+               manage_kernel=False)
+    with pytest.raises(ConfigError, match="state_dir.*ha.bindings.sqlite3"):
+        d.start()
+    d.close()

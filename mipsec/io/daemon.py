@@ -573,11 +573,16 @@ class Daemon:
     def _restore_bindings(self) -> None:
         """Start: the unexpired bindings back into the role, their routes and proxy ARP back
         into the kernel (the loop's BindingChanged hook)."""
-        records = self.store.load(self.loop.wallclock())
-        actions = self.role.restore(records, self.store.meta(), self.loop.clock())
-        log.info("binding store %s: %d binding(s) restored",
+        try:
+            records = self.store.load(self.loop.wallclock())
+            meta = self.store.meta()
+        except StoreError as exc:     # unreadable (corrupt, not a database): say so, exit 2
+            raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: {exc}") from None
+        actions = self.role.restore(records, meta, self.loop.clock())
+        log.info("binding store %s: %d binding(s) restored%s",
                  self.store_path() if self.cfg.daemon.store == "sqlite" else "(memory)",
-                 len(actions))
+                 len(actions), f", {self.store.skipped} unreadable row(s) left out"
+                 if getattr(self.store, "skipped", 0) else "")
         self.loop.dispatch(actions)
 
     def _dispatch_persisting(self, actions: list[Any]) -> None:
