@@ -138,6 +138,11 @@ class Do(enum.Enum):
     FORGET = "forget"                  # no address: no request, no timers
 
 
+# The table is the logic (h11 style): ``MobileNode._event`` looks (state, event) up, takes the
+# transition and runs the one effect it names (``MobileNode._effects``); a pair that is not here
+# is refused with UsageError and changes nothing (tests/test_mn_table.py enumerates both).  No
+# state is terminal while the configuration is valid: from every state a move or a return home
+# leads on, and an unanswered request is retried for ever with a capped back-off.
 S, E = RegState, RegEvent
 _AWAY_MOVES = {
     (E.MOVED, S.REGISTERING, Do.SEND_NEW),
