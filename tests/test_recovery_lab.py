@@ -80,3 +80,32 @@ def test_a_40_s_outage_with_manual_keys_ends_in_a_registration():
     outcome = _run("outage-40s-manual")
     kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
     assert ("mn", "rrp-received") in kinds, kinds
+
+
+def test_ha_killed_right_after_accepting_a_move_has_it_after_the_restart():
+    """No accepted registration is lost: the MN roams a -> b, and the moment its reply arrives
+    the HA is killed with SIGKILL.  The reply left only after the binding was on disk, so the
+    restarted HA serves b at once, and the MN does not register again."""
+    from mipsec.lab.recovery import Scenario, kill_and_restart
+
+    seen = {}
+
+    def move_then_kill(lab):
+        lab.move("b", wait=True)
+        detail = kill_and_restart("ha")(lab)
+        seen["bindings"] = lab.status("ha")["node"]["bindings"]
+        return detail
+
+    scenario = Scenario("ha-restart-after-move", "-", move_then_kill, after_s=4.0)
+    problem = requirements_problem()
+    needs.need(problem, f"lab tests are required in CI: {problem}")
+    prefix = f"rk{os.getpid() % 100000}-"
+    outcome = run_scenario(scenario, RATE, prefix)
+    assert existing_namespaces(prefix) == []
+    assert outcome.error is None, outcome.error
+    assert seen["bindings"]["10.1.0.100"]["care_of"] == "172.16.2.10", seen
+    for direction, figures in outcome.directions.items():
+        assert figures["recovered"], (direction, figures, outcome.detail.get("timeline"))
+    kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
+    restored = kinds.index(("ha", "binding-restored"))
+    assert ("mn", "rrq-sent") not in kinds[restored:], kinds      # no re-registration needed
