@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import os
 from collections import Counter
 from typing import Any, Callable, Iterable
@@ -100,6 +101,7 @@ UNBOUND_ADDRESS = "0.0.0.0"
 LINEAGE_SPIS = 16          # earlier outbound SPIs per MN an SIU may still name (re-keys)
 RRQ_SOURCES_PER_MOBILE = 4     # outer sources of an MN's recent RRQs an SIU may point the SA at
 RRQ_SOURCE_MAX_AGE_S = 10.0    # ... if the RRQ was seen this recently (the SIU follows in ms)
+STATUS_MOBILES = 256           # MNs shown in detail by status() (all are counted)
 
 
 class BindingState(enum.Enum):
@@ -145,8 +147,6 @@ BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent], tuple[BindingState,
     (S.BOUND, E.MOBIKE_MOVED): (S.BOUND, X.MOBIKE),
 }
 del S, E, X
-
-Binding = BindingState      # the name older code and tests use
 
 
 def classify(siu_type: SiuType, old: str | None, new: str | None,
@@ -876,6 +876,9 @@ class VpnGateway:
             del self._by_spi[spi]
 
     def status(self) -> dict[str, Any]:
+        """Bounded at any size: the first ``STATUS_MOBILES`` MNs in detail, counts for all."""
+        shown = itertools.islice(self.mobiles.values(), STATUS_MOBILES)
+        states = Counter(m.state.value for m in self.mobiles.values())
         return {
             "role": "gw", "name": self.name, "outside": self.outside, "inside": self.inside,
             "mobiles": {
@@ -884,7 +887,8 @@ class VpnGateway:
                     "allowed": list(m.allowed_text), "packets_up": m.packets_up,
                     "packets_down": m.packets_down,
                     "sas": {"inbound": m.inbound.describe(), "outbound": m.outbound.describe()},
-                } for m in self.mobiles.values()},
+                } for m in shown},
+            "mobiles_total": len(self.mobiles), "bindings": dict(states),
             "siu_last_sequence": self.verifier.last_sequence,
             "handover_mode": self.config.handover_mode,
             **({"ike": self.ike.status()} if self.ike is not None else {}),

@@ -20,7 +20,7 @@ from mipsec.node.config import make_lab_configs
 from mipsec.node.gateway import VpnGateway
 from mipsec.node.home_agent import HomeAgent
 from mipsec.node.mobile_node import MobileNode
-from mipsec.node.packet import a2b, b2a, build_udp_packet
+from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.network import Host
 from mipsec.sim.scenario import restart_gateway, start_streams, stream_reports, wait_registered
 from mipsec.sim.topology import build_topology
@@ -412,4 +412,13 @@ def test_udp_to_port_434_flood_keeps_the_timeline_bounded_per_mn_and_status_chea
     # per-MN structures stay small, and status is small whatever the flood
     assert len(gw.mobiles[flooder.home_address].rrq_sources) <= 4
     assert len(json.dumps(gw.status(), default=str)) < 20_000
-    assert b2a(a2b(flooder.care_of)) == flooder.care_of
+
+
+def test_status_is_bounded_whatever_the_number_of_mns():
+    from mipsec.node.gateway import STATUS_MOBILES
+    lab = make_lab_configs(STATUS_MOBILES + 40, keys_from=random.Random(2))
+    gw = VpnGateway(lab.gateway)
+    status = gw.status()
+    assert len(status["mobiles"]) == STATUS_MOBILES
+    assert status["mobiles_total"] == STATUS_MOBILES + 40
+    assert status["bindings"] == {"fresh": STATUS_MOBILES + 40}
