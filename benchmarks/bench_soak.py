@@ -10,7 +10,7 @@ and PASS/FAIL against: zero loss outside handover windows, zero loss at re-keys,
 2 MB/h after warm-up, no growing structure, no SPI left behind (``mipsec/lab/soak.py``).
 
 Usage:  sudo python3 benchmarks/bench_soak.py --minutes 30 [--rate 500] [--child-s 30]
-        [--ike-s 90] [--delay-ms 5] [--seed 1] [--json FILE|-] [--raw FILE]
+        [--ike-s 90] [--delay-ms 5] [--seed 1] [--no-moves] [--json FILE|-] [--raw FILE]
 Exit status 0 when every criterion passes, 1 otherwise.
 """
 
@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--ike-s", type=float, default=90.0, help="IKE SA lifetime")
     ap.add_argument("--delay-ms", type=float, default=5.0, help="one-way Internet delay")
     ap.add_argument("--seed", type=int, default=1, help="move schedule")
+    ap.add_argument("--no-moves", action="store_true",
+                    help="the MN stays at a: re-keys under traffic only")
     ap.add_argument("--sample-s", type=float, default=30.0)
     ap.add_argument("--json", metavar="FILE", help="figures as JSON (- for stdout)")
     ap.add_argument("--raw", metavar="FILE", help="the raw record (samples, timeline, streams)")
@@ -50,7 +52,7 @@ def main() -> int:
         return 2
     plan = SoakPlan(minutes=args.minutes, rate=args.rate, child_lifetime_s=args.child_s,
                     ike_lifetime_s=args.ike_s, delay_ms=args.delay_ms, seed=args.seed,
-                    sample_s=args.sample_s)
+                    sample_s=args.sample_s, schedule=[] if args.no_moves else None)
     record = run_soak(plan)
     if args.raw:
         with open(args.raw, "w") as f:
