@@ -37,6 +37,8 @@ TAIL_S = 0.5          # "recovered": what was sent in this last stretch arrived
 RECEIVER_DRAIN_S = 0.3   # mipsec.lab.stream keeps receiving this long after its duration
 SETTLE_S = 3.0        # the stream goes on at least this long after the restarted part is up
 MAX_EXTRA_S = 60.0    # streams are stopped explicitly; this only bounds a stuck run
+STOP_TIMEOUT_S = 15.0    # a daemon stopping / starting on a busy machine (8 builds on 2 cores
+START_TIMEOUT_S = 30.0   # took up to 10 s to start): generous, these are not measurements
 
 
 @dataclass
@@ -178,10 +180,10 @@ def kill_and_restart(role: str, sig: int = signal.SIGKILL) -> Callable[[Lab], di
     def event(lab: Lab) -> dict[str, Any]:
         pid = lab.pid(role)
         lab.kill(role, sig)
-        _wait_gone(pid)
+        _wait_gone(pid, timeout=STOP_TIMEOUT_S)
         t_down = time.monotonic()
         lab.start_daemon(role)
-        lab.wait_ready(role)
+        lab.wait_ready(role, timeout=START_TIMEOUT_S)
         return {"ready": time.monotonic(), "started": t_down,
                 "down_ms": (time.monotonic() - t_down) * 1000}
     return event
