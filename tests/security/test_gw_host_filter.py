@@ -186,3 +186,38 @@ def test_gw_refuses_to_start_when_the_filter_cannot_be_set(netns):
     assert "Read-only file system" in err
     assert "Traceback" not in err
     assert after == before
+
+
+def test_ha_forwards_only_between_its_home_interface_and_tun_and_restores(netns):
+    """The HA no longer switches on forwarding for the whole machine either: only on its home
+    interface and its TUN device; at exit the values it changed are back."""
+    sh("ip", "-n", NS, "addr", "add", "10.1.0.2/24", "dev", "in0")
+    try:
+        cfg = mconfig.make_key_set(1, mconfig.KeySetLayout(run_dir=str(netns)))["ha"]
+        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(
+            cfg.daemon, tun="sfha0", home_interface="in0", gratuitous_arp=False))
+        path = os.path.join(netns, "ha.toml")
+        mconfig.write_config(cfg, path)
+        keys = ("net.ipv4.ip_forward", "net.ipv4.conf.in0.forwarding",
+                "net.ipv4.conf.out0.forwarding", "net.ipv4.conf.in0.rp_filter",
+                "net.ipv4.neigh.in0.proxy_delay")
+        before = {k: read(k) for k in keys}
+        assert before["net.ipv4.conf.in0.forwarding"] == "0"
+        proc = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m", "mipsec", "ha",
+                                 "--config", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            wait_ready(proc, os.path.join(netns, "ha.sock"))
+            running = {k: read(k) for k in keys}
+            assert running["net.ipv4.conf.in0.forwarding"] == "1"
+            assert read("net.ipv4.conf.sfha0.forwarding") == "1"
+            assert running["net.ipv4.ip_forward"] == "0"             # not the whole machine
+            assert running["net.ipv4.conf.out0.forwarding"] == "0"   # nor its other interfaces
+            assert running["net.ipv4.neigh.in0.proxy_delay"] == "0"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert {k: read(k) for k in keys} == before
+    finally:
+        sh("ip", "-n", NS, "addr", "del", "10.1.0.2/24", "dev", "in0", check=False)
