@@ -6,7 +6,9 @@ between the CN and the MN's home address:
 1. child SAs re-keyed every few seconds under traffic and no move: not one datagram lost, and
    afterwards only the current SPIs are known (one captured packet of every SPI replayed);
 2. two minutes of moves between the visited networks with re-keys under traffic: no loss outside
-   the handover windows, none at re-keys, no SPI left behind.
+   the handover windows, none at re-keys, no SPI left behind;
+3. the same with two returns home, each longer than the child SA lifetime, so that a re-key
+   falls due while the MN is at home: the tunnel comes back after each, with the same checks.
 
 Losses and SPIs are asserted, never timings.  Needs root and network namespaces: in CI
 (CI=true) a missing requirement FAILS, elsewhere skips.
@@ -57,7 +59,7 @@ def test_rekeys_under_traffic_lose_nothing_in_the_lab():
     fig = _run(plan)
     assert fig["child_rekeys"] >= 4, fig
     for name, d in fig["directions"].items():
-        assert d["judged"] > 5000 and d["lost"] == 0, (name, d)
+        assert d["judged"] > 3000 and d["lost"] == 0, (name, d)
     assert fig["rekey_loss"] == 0
     _no_spi_left_behind(fig)
     assert fig["spis_replayed"] >= 2 * fig["child_rekeys"]
@@ -73,6 +75,23 @@ def test_two_minutes_of_moves_and_rekeys_under_traffic():
     assert fig["moves"] == len(schedule) and fig["failed_moves"] == 0, fig
     assert fig["child_rekeys"] >= 8 and fig["ike_rekeys"] >= 1, fig
     for name, d in fig["directions"].items():
-        assert d["judged"] > 50000 and d["lost_outside_handover"] == 0, (name, d)
+        assert d["judged"] > 20000 and d["lost_outside_handover"] == 0, (name, d)
+    assert fig["rekey_loss"] == 0, fig["per_rekey"]
+    _no_spi_left_behind(fig)
+
+
+def test_two_minutes_with_a_return_home_while_a_rekey_falls_due():
+    # a stay at home longer than the child SA lifetime: a re-key falls due while at home; the
+    # downlink must come back after leaving, and no SA may be left behind
+    schedule = [(12.0, "b"), (27.0, "home"), (45.0, "a"), (62.0, "b"), (78.0, "home"),
+                (96.0, "a"), (108.0, "b")]
+    plan = SoakPlan(minutes=2.0, rate=500.0, child_lifetime_s=9.0, ike_lifetime_s=40.0,
+                    delay_ms=5.0, schedule=schedule, sample_s=15.0,
+                    prefix=f"kh{os.getpid() % 100000}-")
+    fig = _run(plan)
+    assert fig["moves"] == len(schedule) and fig["failed_moves"] == 0, fig
+    assert fig["returns_home"] == 2 and fig["child_rekeys"] >= 4, fig
+    for name, d in fig["directions"].items():
+        assert d["judged"] > 20000 and d["lost_outside_handover"] == 0, (name, d)
     assert fig["rekey_loss"] == 0, fig["per_rekey"]
     _no_spi_left_behind(fig)

@@ -305,7 +305,7 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
             streams[node] = lab.popen(
                 node, lab.python, "-m", "mipsec.lab.stream", "--port", str(STREAM_PORT),
                 "--peer", peers[node], "--rate", str(plan.rate), "--duration",
-                str(plan.duration_s), "--out", reports[node])
+                str(plan.duration_s), "--steady", "--out", reports[node])
             procs.append(streams[node])
         t0 = time.monotonic()
         record["start"] = t0
@@ -520,7 +520,8 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
                     break
         total_outside += len(outside)
         figures["directions"][name] = {
-            "judged": judged, "lost": len(lost), "lost_in_handover": len(inside),
+            "judged": judged, "lost": len(lost),
+            "sender_skipped": record[f"stream_{snd}"].get("skipped", 0), "lost_in_handover": len(inside),
             "lost_outside_handover": len(outside),
             "outside_at": [round(t - t0, 2) for t in outside[:50]]}
     for e in rekeys + ike_rekeys:
@@ -611,7 +612,8 @@ def format_report(fig: dict[str, Any], plan: dict[str, Any]) -> str:
     for name, d in fig["directions"].items():
         lines.append(f"  {name}: {d['judged']} judged, lost {d['lost']}: "
                      f"{d['lost_in_handover']} inside handover windows, "
-                     f"{d['lost_outside_handover']} outside")
+                     f"{d['lost_outside_handover']} outside (the sender, held up by a busy "
+                     f"machine, skipped {d['sender_skipped']} send slots)")
     per = [r["lost"] for r in fig["per_rekey"] if not r["in_handover"]]
     if per:
         lines.append(f"  loss per re-key (outside handovers): max {max(per)}, total {sum(per)}, "
