@@ -308,8 +308,24 @@ def throughput(exe: str, labs: dict[str, Any], reps: int, seconds: float) -> lis
     return rows
 
 
+def tx_packets(ns: str, dev: str = "eth0") -> int:
+    out = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", dev], capture_output=True,
+                         text=True).stdout
+    try:
+        return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
+    except (ValueError, IndexError, KeyError):
+        return 0
+
+
+def wait_flowing(ns: str, packets: int, timeout: float = 15.0) -> None:
+    start = tx_packets(ns)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and tx_packets(ns) - start < packets:
+        time.sleep(0.05)
+
+
 def handover(system: str, delay_ms: float, prefix: str, rate: float = 1000.0,
-             dwell: float = 1.2, lab: Any = None) -> dict[str, Any]:
+             dwell: float = 0.5, lab: Any = None) -> dict[str, Any]:
     """One break-before-make move a -> b under a 1,000 pkt/s stream each way."""
     own = lab is None
     if own:
@@ -319,14 +335,17 @@ def handover(system: str, delay_ms: float, prefix: str, rate: float = 1000.0,
             lab.up()
     try:
         base = lab.lab if system == "strongswan" else lab
-        streams = Streams(base, rate, dwell * 2)
+        streams = Streams(base, rate, dwell + 4.0)
         try:
+            # a loaded machine can take seconds to start the stream tools: move only once the
+            # CN has sent a few hundred packets
+            wait_flowing(base.names.ns("cn"), 200)
             time.sleep(dwell)
             if system == "strongswan":
                 t0 = lab.move("b")
             else:
                 t0 = lab.move("b", wait=True)["time"]
-            reports = streams.wait(timeout=dwell * 2 + 20)
+            reports = streams.wait(timeout=dwell + 30)
         finally:
             streams.kill()
         if system == "strongswan":
@@ -341,7 +360,8 @@ def handover(system: str, delay_ms: float, prefix: str, rate: float = 1000.0,
         # packets received between 0.3 s before and 0.7 s after the move: the lost ones are the
         # sequence numbers missing in that range (the sender's own pace does not matter)
         fig = analyse(reports[snd]["sent"], reports[rcv]["received"], t0 - 0.3, t0 + 0.7)
-        out[name] = {"interruption_ms": (fig["longest_gap_s"] - 1.0 / rate) * 1000,
+        out[name] = {"interruption_ms": ((fig["longest_gap_s"] - 1.0 / rate) * 1000
+                                         if fig["received"] > 1 else None),
                      "lost": fig["lost"], "sent": fig["expected"],
                      "arrivals": [(s, t - t0) for s, t in reports[rcv]["received"]
                                   if -0.3 <= t - t0 <= 0.7]}
@@ -432,7 +452,8 @@ def print_handover(results: list[dict], out=sys.stdout) -> None:
     for r in results:
         d, u = r["downlink"], r["uplink"]
         ref = refs.get(r["delay_ms"])
-        ratio = (d["interruption_ms"] / ref) if ref and d["interruption_ms"] is not None else None
+        ratio = (d["interruption_ms"] / ref) if ref and ref > 0 and d["interruption_ms"] is not None \
+            else None
         fmt = lambda v: "-" if v is None else f"{max(0.0, v):.1f}"  # noqa: E731
         print(f"{r['system']:<16}{r['delay_ms']:>5g}ms{fmt(d['interruption_ms']):>10}"
               f"{d['lost']:>6}{fmt(u['interruption_ms']):>9}{u['lost']:>6}"
