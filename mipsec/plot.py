@@ -2,7 +2,7 @@
 MN / GW / HA timeline and the packet arrivals per direction around each move.
 
 ``sequence_chart(events, path, t0)``: one vertical lane per node (MN, GW, HA; the CN's lane
-too when the events name it), time running downwards in milliseconds after ``t0``; every
+too when the events name it), the events in order downwards with their times in ms after ``t0``; every
 timeline event is a dot on its lane with its kind, and the messages the events imply are arrows
 from the sending lane to the receiving one, labelled with the message and its one-way time
 (RRQ MN -> GW -> HA, the SIU HA -> GW, the RRP GW -> MN, MOBIKE's UPDATE_SA_ADDRESSES MN -> GW
@@ -96,19 +96,16 @@ def sequence_chart(events: Iterable[Any], path: str, t0: float | None = None,
     x = {lane: i for i, lane in enumerate(lanes)}
     ms = [(e[0] - t0) * 1000 for e in evs]
     plt = _pyplot()
-    height = max(4.0, min(14.0, 1.5 + 0.32 * len(evs)))
+    height = max(4.0, min(14.0, 1.5 + 0.42 * len(evs)))
     fig, ax = plt.subplots(figsize=(2.6 * len(lanes) + 3.5, height))
-    span = (max(ms) - min(ms)) if ms else 1.0
-    lo, hi = (min(ms) if ms else 0.0) - 0.05 * span - 0.5, (max(ms) if ms else 1.0) + 0.05 * span + 0.5
+    # events in order, evenly spaced (a message sequence chart): a slow step elsewhere must not
+    # squeeze the rest together; the times are in the labels
+    ys = [float(i) for i in range(len(evs))]
+    lo, hi = -1.0, max(1.0, len(evs) + 0.0)
     for lane in lanes:
-        ax.plot([x[lane], x[lane]], [lo, hi], color="0.6", lw=1.2, zorder=1)
-        ax.text(x[lane], lo, lane.upper(), ha="center", va="bottom", fontsize=11,
+        ax.plot([x[lane], x[lane]], [lo + 0.4, hi], color="0.6", lw=1.2, zorder=1)
+        ax.text(x[lane], lo, lane.upper(), ha="center", va="center", fontsize=11,
                 fontweight="bold", bbox=dict(boxstyle="round", fc="0.92", ec="0.5"))
-    # y positions: time, but events closer than a label's height are spread out for legibility
-    ys: list[float] = []
-    min_gap = (hi - lo) / 45.0
-    for m in ms:
-        ys.append(max(m, ys[-1] + min_gap) if ys else m)
     for (t, node, kind, _d), y, m in zip(evs, ys, ms):
         lx = x[lane_of(node)]
         ax.plot([lx], [y], "o", ms=4, color="black", zorder=3)
@@ -124,10 +121,11 @@ def sequence_chart(events: Iterable[Any], path: str, t0: float | None = None,
                 f"{label}\n{(evs[j][0] - evs[i][0]) * 1000:.1f} ms",
                 fontsize=7, color="tab:blue", ha="center", va="bottom", rotation=0, zorder=4,
                 bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
-    ax.set_ylim(hi, lo - (hi - lo) * 0.06)
+    ax.set_ylim(hi, lo - 0.6)
     ax.set_xlim(-0.7, len(lanes) - 0.3)
     ax.set_xticks([])
-    ax.set_ylabel("ms after the move")
+    ax.set_yticks([])
+    ax.set_ylabel("events in order (times: ms after the move)")
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     if title:
