@@ -454,8 +454,10 @@ class Daemon:
                               f"inside interface or the TUN device")
         try:
             self.sysctls.ensure(hostguard.conf_key(outside, "forwarding"), 0)
-            # strict reverse-path filter outside: no home-side source from the Internet
-            self.sysctls.ensure(hostguard.conf_key(outside, "rp_filter"), 1)
+            # loose reverse-path filter outside (a source must be routable at all), not strict:
+            # a visited network may use addresses of the home prefix, and the MN then sends
+            # from such an address (docs/security.md §3.2)
+            self.sysctls.ensure(hostguard.conf_key(outside, "rp_filter"), 2)
             for ifname in (d.inside_interface, self.tun.name):
                 self.sysctls.ensure(hostguard.conf_key(ifname, "forwarding"), 1)
             # asymmetric by design: home-side traffic for care-of addresses enters the TUN
@@ -471,7 +473,7 @@ class Daemon:
             self.forward_filter = None
             log.warning("no netfilter layer (%s): only net.ipv4.conf.%s.forwarding = 0 keeps "
                         "the outside from being forwarded", exc, outside)
-        log.info("outside interface %s: not forwarded (forwarding 0, rp_filter 1%s)", outside,
+        log.info("outside interface %s: not forwarded (forwarding 0, rp_filter 2%s)", outside,
                  ", nftables table ip " + self.forward_filter.table if self.forward_filter else "")
 
     def _protect_ha(self) -> None:
