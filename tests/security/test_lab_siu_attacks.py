@@ -19,9 +19,11 @@ Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -125,6 +127,22 @@ def _hold_sius_on_the_home_bridge(lab, hold: bool) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@contextlib.contextmanager
+def _host_filter_off(lab):
+    """The GW host's protections of its inside address off for the block, then back."""
+    tables = [line.split()[-1] for line in lab.exec("gw", "nft", "list", "tables").stdout.split("\n")
+              if line.startswith("table ip mipsec_gw")]
+    assert len(tables) == 1, tables
+    rule = f'iifname "out0" ip daddr {GW_INSIDE} counter drop'
+    assert lab.exec("gw", "sysctl", "-qw", "net.ipv4.conf.out0.rp_filter=0").returncode == 0
+    assert lab.exec("gw", "nft", "flush", "chain", "ip", tables[0], "input").returncode == 0
+    try:
+        yield
+    finally:
+        lab.exec("gw", "nft", "add", "rule", "ip", tables[0], "input", *rule.split())
+        lab.exec("gw", "sysctl", "-qw", "net.ipv4.conf.out0.rp_filter=1")
+
+
 def test_siu_from_the_outside_is_refused(lab):
     """A genuine SIU the GW never got (held on the home bridge), sent from the outside link to
     the GW's inside address and to its outside address: the host refuses both before the daemon
@@ -161,6 +179,15 @@ def test_siu_from_the_outside_is_refused(lab):
         siu_drops = {r: n - drops_before[r] for r, n in lablib.drops(lab, "gw").items()
                      if r.startswith("siu-") and n != drops_before[r]}
         assert set(siu_drops) <= {"siu-wrong-interface"}, siu_drops
+        # the daemon's own layer, with the host's switched off (reverse-path filter 0, the
+        # nftables input rule gone: a misconfigured machine): its SIU socket listens only on
+        # the inside interface, so the SIU still moves nothing
+        with _host_filter_off(lab):
+            lablib.tool(lab, "rt", "raw", GW_INSIDE, "2", *(p.hex() for p in packets))
+            time.sleep(1.0)       # nothing to wait for: the check is that nothing happened
+            assert lablib.status(lab, "gw")["node"]["siu_last_sequence"] == \
+                gw_before["siu_last_sequence"]
+            assert lablib.state(lab)["gw"] == before["gw"]
     finally:
         _hold_sius_on_the_home_bridge(lab, False)
     # the control: the HA's SIUs, let through on the inside, move the binding to b
