@@ -2,6 +2,8 @@
 
 One lab (IKEv2, MN 1 and MN 2 in visited network a) serves the module, in order:
 
+0. plain UDP to the CN and clear IP-in-IP with MN 1's addresses, from the GW's outside link:
+   nothing arrives, nothing moves;
 1. MN 2 tunnels 5,000 datagrams to the HA's port 434: the GW's timeline holds at most its
    per-MN bound of MN 2's events, and `mipsec status` stays small;
 2. MN 2, authenticated, registers MN 1's care-of address through its own SA (a forged but
@@ -28,7 +30,7 @@ import time
 import pytest
 
 import lablib
-from mipsec.lab.topology import GW_INSIDE, GW_OUTSIDE, HA
+from mipsec.lab.topology import CN, GW_INSIDE, GW_OUTSIDE, HA
 from mipsec.mip.constants import SIU_PORT
 from mipsec.node import timeline as tl
 from mipsec.wire.siu import SiuType, parse_siu
@@ -70,6 +72,31 @@ def to_outside_address(packet: bytes) -> bytes:
     del ip.chksum
     del ip[UDP].chksum
     return bytes(ip)
+
+
+def test_plaintext_and_clear_ipip_from_the_outside_change_nothing(lab):
+    """From the GW's outside link: plain UDP to the CN, and clear IP-in-IP (outer MN 1's care-of
+    address -> HA, inner MN 1's home address -> CN).  Neither reaches the CN; no GW or HA state
+    moves, the HA never sees the IP-in-IP (no reverse-tunnel refusal counted either: the GW
+    forwarded nothing), and MN 1's traffic flows.  (test_host_forwarding.py has the control
+    without the GW daemon.)"""
+    from scapy.all import IP, UDP, Raw
+    assert lab.exec("rt", "ip", "route", "replace", "10.1.0.0/24", "via",
+                    GW_OUTSIDE).returncode == 0
+    before = lablib.state(lab)
+    ha_drops = lablib.drops(lab, "ha")
+    plain = IP(src="172.16.0.254", dst=CN) / UDP(sport=40000, dport=lablib.PORT) / Raw(b"plain 0")
+    inner = IP(src=lab.home_address(1), dst=CN) / UDP(sport=40000, dport=lablib.PORT) \
+        / Raw(b"ipip 0")
+    ipip = IP(src=lab.care_of("a", 1), dst=HA, proto=4) / inner
+    listener = lablib.Listener(lab, "cn", seconds=2.0)
+    lablib.tool(lab, "rt", "raw", CN, "3", bytes(plain).hex())
+    lablib.tool(lab, "rt", "raw", HA, "3", bytes(ipip).hex())
+    assert listener.tokens() == []
+    assert lablib.state(lab) == before
+    assert lablib.drops(lab, "ha") == ha_drops
+    assert lablib.uplink(lab, 1) >= 18
+    assert lablib.downlink(lab, 1) >= 18
 
 
 def test_port_434_flood_keeps_the_gw_timeline_and_status_bounded(lab):
