@@ -161,20 +161,22 @@ def _host_filter_off(lab):
               if line.startswith("table ip mipsec_gw")]
     assert len(tables) == 1, tables
     rule = f'iifname "out0" ip daddr {GW_INSIDE} counter drop'
+    rp_filter = lab.exec("gw", "sysctl", "-n", "net.ipv4.conf.out0.rp_filter").stdout.strip()
+    assert rp_filter, "cannot read the GW's rp_filter"
     assert lab.exec("gw", "sysctl", "-qw", "net.ipv4.conf.out0.rp_filter=0").returncode == 0
     assert lab.exec("gw", "nft", "flush", "chain", "ip", tables[0], "input").returncode == 0
     try:
         yield
     finally:
         lab.exec("gw", "nft", "add", "rule", "ip", tables[0], "input", *rule.split())
-        lab.exec("gw", "sysctl", "-qw", "net.ipv4.conf.out0.rp_filter=1")
+        lab.exec("gw", "sysctl", "-qw", f"net.ipv4.conf.out0.rp_filter={rp_filter}")
 
 
 def test_siu_from_the_outside_is_refused(lab):
     """A genuine SIU the GW never got (held on the home bridge), sent from the outside link to
     the GW's inside address and to its outside address: the host refuses both before the daemon
-    sees them (the first by the outside interface's reverse-path filter, the HA's address being
-    an inside one, or the GW's nftables input rule; no SIU socket exists on the outside address,
+    sees them (the first by the outside interface's reverse-path filter or the GW's nftables
+    input rule; no SIU socket exists on the outside address,
     and the role would count ``siu-wrong-interface``), so no binding moves and no SIU sequence
     advances.  The same SIUs, let through on the inside, move the binding."""
     lablib.require(nft=True)
