@@ -39,6 +39,23 @@ The operations (``BindingStore``):
 Two backends: ``MemoryStore`` (tests, the simulator; "durable" for the life of the object) and
 ``SqliteStore`` (stdlib ``sqlite3``, WAL journal, ``synchronous=FULL``: a committed write
 survives a kill -9 and a power cut).  ``tests/test_store.py`` runs the same contract on both.
+
+How a distributed backend (etcd v3) fits the same interface, without changing the HA:
+
+* a binding is two keys under one prefix, ``<prefix>/bindings/<home>/care_of`` (the care-of
+  address alone) and ``<prefix>/bindings/<home>/record`` (``BindingRecord.to_json()``); metadata
+  is ``<prefix>/meta/<key>``;
+* ``put``: one transaction that puts the record, the care-of key and the metadata;
+* ``compare_and_swap``: one transaction whose compare is ``value(care_of) == expected`` (or
+  ``create_revision(care_of) == 0`` for "none stored"), whose success branch puts (or deletes)
+  the keys and metadata, returning ``succeeded``;
+* ``delete``: one transaction deleting both keys and putting the metadata;
+* ``load``: a range read of ``<prefix>/bindings/`` keeping the records whose ``expires_wall`` is
+  in the future (the lease TTL is never trusted: etcd resets it on a leader change);
+* garbage collection: each binding's keys are attached to a lease a little longer than the
+  lifetime, so a binding nobody refreshes disappears without the HA's help;
+* durability: etcd acknowledges a write once a quorum has it on disk, which is what "durable
+  before it returns" asks.
 """
 
 from mipsec.store.record import (
