@@ -145,3 +145,34 @@ def test_gw_down_for_seconds_manual_keys_is_found_soon_after_it_returns():
     rep = stream_reports(topo, since=t_ok + 0.05, until=19.9)
     for direction in ("uplink", "downlink"):
         assert rep[direction].longest_interruption_s <= 0.0201, (direction, rep)
+
+
+@pytest.mark.parametrize("sa_source", ["manual", "ikev2"])
+def test_without_its_care_of_address_the_mn_sends_nothing_and_resumes_on_its_return(sa_source):
+    """The care-of address goes (the watcher says CareOfAddressChanged(None)) while the
+    application keeps sending: not one packet leaves (no request, no IKE exchange, no liveness
+    check from an address the MN does not have), the binding stands; the address comes back
+    and the MN registers again at once."""
+    from mipsec.node.actions import CareOfAddressChanged
+    topo = _topo(sa_source, ike={"child_lifetime_s": 10.0, "dpd_interval_s": 5.0}
+                 if sa_source == "ikev2" else None)
+    mn, host = topo.mn.role, topo.mn
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    start_streams(topo, interval_s=0.05, start=0.1, stop=45.0)
+    topo.sim.run(until=2.0)
+    topo.detach("a")                                 # the address is gone with its link
+    host.driver.event(CareOfAddressChanged(None, "a"))
+    assert mn.state is RegState.DETACHED
+    t_gone = topo.sim.now
+    topo.sim.run(until=40.0)
+    sent = [a for t, a in host.driver.log if t > t_gone and a.__class__.__name__ == "SendToNet"]
+    assert sent == [] and mn.state is RegState.DETACHED
+    assert topo.ha.role.bindings[mn.home_address].care_of_address == topo.care_of["a"][0]
+    topo.move("a")                                   # the same address is back
+    assert wait_registered(topo, 2.0)
+    t_ok = topo.sim.now
+    topo.sim.run(until=45.0)
+    rep = stream_reports(topo, since=t_ok + 0.1, until=44.9)
+    for direction in ("uplink", "downlink"):
+        assert rep[direction].longest_interruption_s <= 0.101, (direction, rep)

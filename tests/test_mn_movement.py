@@ -60,27 +60,30 @@ def test_visited_network_without_a_route_to_the_gateway_is_waited_on(mc):
     assert default(mc, "vb0") == coa(B, "vb0", mbb=True)        # b's route comes; a still there
 
 
-def test_link_flap_and_renewals_report_nothing(mc):
+def test_link_flap_reports_the_loss_and_the_return_once_and_renewals_nothing(mc):
     default(mc, "va0")
     assert mc.address(RTM_NEWADDR, "va0", A, 24) == coa(A, "va0")
-    assert mc.link("va0", False) == []                           # down: routes flushed
-    assert mc.reaches_gateway("va0") is False
-    assert mc.link("va0", True) == []
-    assert default(mc, "va0") == []                              # the same CoA is usable again
     assert mc.address(RTM_NEWADDR, "va0", A, 24) == []           # DHCP renewal of a known address
+    assert mc.link("va0", False) == coa(None, "va0")             # down: nothing can leave from it
+    assert mc.reaches_gateway("va0") is False                    # (its routes were flushed)
+    assert mc.link("va0", False) == []
+    assert mc.link("va0", True) == []                            # up, but no route yet
+    assert default(mc, "va0") == coa(A, "va0")                   # usable again: once
+    assert default(mc, "va0") == []
 
 
 def test_address_removed_before_the_new_one_is_added(mc):
     default(mc, "va0")
     mc.address(RTM_NEWADDR, "va0", A, 24)
-    assert mc.address(RTM_DELADDR, "va0", A, 24) == []
+    assert mc.address(RTM_DELADDR, "va0", A, 24) == coa(None, "va0")
     assert mc.address(RTM_NEWADDR, "va0", "172.16.1.11", 24) == coa("172.16.1.11", "va0")
 
 
-def test_the_same_care_of_address_reacquired_reports_nothing(mc):
+def test_the_same_care_of_address_reacquired_is_reported_once(mc):
     default(mc, "va0")
     mc.address(RTM_NEWADDR, "va0", A, 24)
-    assert mc.address(RTM_DELADDR, "va0", A, 24) == []
+    assert mc.address(RTM_DELADDR, "va0", A, 24) == coa(None, "va0")
+    assert mc.address(RTM_NEWADDR, "va0", A, 24) == coa(A, "va0")
     assert mc.address(RTM_NEWADDR, "va0", A, 24) == []
 
 
@@ -98,7 +101,7 @@ def test_a_second_address_on_the_same_interface_does_not_move(mc):
     default(mc, "va0")
     mc.address(RTM_NEWADDR, "va0", A, 24)
     assert mc.address(RTM_NEWADDR, "va0", "172.16.1.99", 24) == []
-    assert mc.address(RTM_DELADDR, "va0", A, 24) == coa("172.16.1.99", "va0")
+    assert mc.address(RTM_DELADDR, "va0", A, 24) == coa("172.16.1.99", "va0")   # no loss
 
 
 def test_losing_the_current_interface_falls_back_to_another_usable_one(mc):
@@ -121,7 +124,7 @@ def test_default_route_replaced_to_the_other_interface_moves(mc):
 def test_break_before_make_when_the_old_address_is_gone(mc):
     default(mc, "va0")
     mc.address(RTM_NEWADDR, "va0", A, 24)
-    assert mc.address(RTM_DELADDR, "va0", A, 24) == []
+    assert mc.address(RTM_DELADDR, "va0", A, 24) == coa(None, "va0")
     mc.address(RTM_NEWADDR, "vb0", B, 24)
     assert default(mc, "vb0") == coa(B, "vb0", mbb=False)
 

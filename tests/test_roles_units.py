@@ -155,11 +155,16 @@ def test_gw_siu_for_an_unknown_mobile_or_sa():
 def test_lost_address_then_new_one():
     topo = _lab()
     mn = topo.mn.role
+    coa = mn.care_of
     topo.mn.driver.event(CareOfAddressChanged(None))
-    assert mn.state is RegState.IDLE and mn.care_of is None
+    # detached: nothing is sent from the address that went; the registration stands (it used
+    # to be forgotten: IDLE, so the same address coming back cost a full re-registration
+    # either way, and nothing said the binding was still valid)
+    assert mn.state is RegState.DETACHED and mn.care_of == coa and mn.get_timer() is not None
     pkt = build_udp_packet(a2b(mn.home_address), a2b("10.1.0.10"), 1, 2, b"x")
     assert mn.receive_from_tun(pkt, topo.sim.now) == []
     assert mn.drops == {DropReason.NO_SA: 1}
+    assert "went" in mn.status()["waiting_for"]
     topo.move("b")
     assert wait_registered(topo, 1.0) and mn.care_of == topo.care_of["b"][0]
 

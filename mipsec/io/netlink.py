@@ -15,15 +15,16 @@ after each change, decides (pure: tested without a kernel):
   (``CareOfAddressChanged``) only then, so the Registration Request goes out when it can reach
   the GW: a DHCP client that adds the address before the default route costs nothing (the event
   comes with the route), whatever the order of address, route and link events;
-* the reported care-of address is kept while it stays usable: a link flap, an address removed
-  and added again, a route replaced, DHCP renewals (RTM_NEWADDR for a known address) report
-  nothing (the registration still holds);
+* the reported care-of address is kept while it stays usable: a route replaced, DHCP renewals
+  (RTM_NEWADDR for a known address) report nothing (the registration still holds);
 * a *new* address on another interface that is usable (at once or when its route comes) is a
   move; ``make_before_break`` when the old care-of address is still there on an up link (two
   addresses at once: the new one wins, the old keeps receiving until the registration is done);
 * when the reported address stops being usable and another one is, the MN moves there (break
-  before make); when none is, nothing is reported (the MN keeps its registration until an
-  address is usable again; a visited network with no route to the GW is waited on, logged once);
+  before make); when none is and the address itself went (removed, or its link down),
+  ``CareOfAddressChanged(None)``: the MN sends nothing more from it, its registration stands, and
+  the same or a new address is reported when usable (one registration); a visited network that
+  only lost its route to the GW is waited on (logged once);
 * a home-prefix address on the configured *home* interface with its link up ->
   ``ReturnedHome(ifname)`` (RFC 5944 §3.6.1.1: the MN may be home; the role leaves the tunnel only
   once the HA's authenticated reply arrives); home wins over visited interfaces while it holds;
@@ -219,6 +220,11 @@ class MovementClassifier:
             found = self.usable(ifname)
             if found:
                 return self._report(ifname, found[-1], make_before_break=cur_there)
+        if cur is not None and not cur_there:
+            # the care-of address itself went (removed, or its link down): the MN must not
+            # send from it any more; the same address coming back is reported again
+            self.current = None
+            return [CareOfAddressChanged(care_of_address=None, interface=cur[0])]
         return []
 
     def _report(self, ifname: str, addr: str, make_before_break: bool) -> list:

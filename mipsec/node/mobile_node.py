@@ -101,6 +101,7 @@ class RegState(enum.Enum):
     AWAITING_SAS = "awaiting-sas"      # away, no usable SA pair: IKEv2 is (re)negotiating one
     REGISTERING = "registering"        # an RRQ is outstanding (new CoA, renewal, retry)
     REGISTERED = "registered"          # the HA accepted our current CoA
+    DETACHED = "detached"              # away, but the care-of address is gone: nothing is sent
     DEREGISTERING = "deregistering"    # on the home link, waiting for the HA's direct reply
     AT_HOME = "at-home"                # the HA confirmed: deregistered, on the home link
 
@@ -108,7 +109,7 @@ class RegState(enum.Enum):
 class RegEvent(enum.Enum):
     MOVED = "moved"                    # a new care-of address, with an SA pair in hand
     MOVED_WITHOUT_SAS = "moved-without-sas"   # a new care-of address, no SA pair (IKEv2)
-    LOST_ADDRESS = "lost-address"      # CareOfAddressChanged(None)
+    LOST_ADDRESS = "lost-address"      # CareOfAddressChanged(None): the care-of address went
     RETURNED_HOME = "returned-home"    # ReturnedHome (from the home interface)
     ACCEPTED = "accepted"              # an authenticated accepting RRP for an outstanding RRQ
     DENIED = "denied"                  # an authenticated refusal (not 133): keep backing off
@@ -136,6 +137,7 @@ class Do(enum.Enum):
     RETRY_IKE = "retry-ike"            # arm the IKEv2 back-off timer (the IKE SA ended)
     START_IKE = "start-ike"            # IKEv2 from the current CoA, back-off continues
     FORGET = "forget"                  # no address: no request, no timers
+    PAUSE = "pause"                    # the CoA went: stop sending, keep SAs and registration
 
 
 # The table is the logic (h11 style): ``MobileNode._event`` looks (state, event) up, takes the
@@ -151,14 +153,19 @@ _AWAY_MOVES = {
 }
 TRANSITIONS: dict[tuple[RegState, RegEvent], tuple[RegState, Do]] = {
     **{(st, ev): (new, do) for st in (S.IDLE, S.AWAITING_SAS, S.REGISTERING, S.REGISTERED,
-                                      S.DEREGISTERING, S.AT_HOME)
+                                      S.DETACHED, S.DEREGISTERING, S.AT_HOME)
        for ev, new, do in _AWAY_MOVES},
     (S.AT_HOME, E.RETURNED_HOME): (S.AT_HOME, Do.NOTHING),
-    # losing the address: nothing to register from (a break-before-make move brings the next)
+    # losing the address: nothing can be sent from it (no request, no IKE, no liveness check)
+    # until an address is usable again; the binding and the SAs stay (the same or a new CoA
+    # registers at once)
     (S.IDLE, E.LOST_ADDRESS): (S.IDLE, Do.NOTHING),
-    (S.AWAITING_SAS, E.LOST_ADDRESS): (S.IDLE, Do.FORGET),
-    (S.REGISTERING, E.LOST_ADDRESS): (S.IDLE, Do.FORGET),
-    (S.REGISTERED, E.LOST_ADDRESS): (S.IDLE, Do.FORGET),
+    (S.AWAITING_SAS, E.LOST_ADDRESS): (S.DETACHED, Do.PAUSE),
+    (S.REGISTERING, E.LOST_ADDRESS): (S.DETACHED, Do.PAUSE),
+    (S.REGISTERED, E.LOST_ADDRESS): (S.DETACHED, Do.PAUSE),
+    (S.DETACHED, E.LOST_ADDRESS): (S.DETACHED, Do.NOTHING),
+    (S.DETACHED, E.SAS_INSTALLED): (S.DETACHED, Do.NOTHING),
+    (S.DETACHED, E.SAS_LOST): (S.DETACHED, Do.NOTHING),
     (S.DEREGISTERING, E.LOST_ADDRESS): (S.DEREGISTERING, Do.NOTHING),  # on the home link
     (S.AT_HOME, E.LOST_ADDRESS): (S.AT_HOME, Do.NOTHING),
     # replies to an outstanding request
@@ -300,7 +307,7 @@ class MobileNode:
             return [SendToNet(packet, self._home_link)]
         # away, and also on the home link until the HA's authenticated reply confirms it: in
         # the tunnel or not at all (never in the clear on an unconfirmed guess)
-        if self.care_of is None or self.outbound is None:
+        if self.care_of is None or self.outbound is None or self.state is S.DETACHED:
             return self._drop(DropReason.NO_SA)
         try:
             tunnelled = ipip.encapsulate(packet, self.care_of, self._ha)
@@ -525,6 +532,12 @@ class MobileNode:
                                   max(self.config.retransmit_initial_s, 2 * self._ike_backoff_s))
         return []
 
+    def _do_pause(self, now: float) -> list[Action]:
+        self._pending_id = self._deadline = None
+        self._ike_retry_at = self._liveness_at = self._probe_deadline = None
+        return [Log("info", f"care-of address {self.care_of} gone: nothing is sent until an "
+                            f"address can reach the GW again (the registration stands)")]
+
     def _do_forget(self, now: float) -> list[Action]:
         self._clear_request()
         self.care_of = self._care_of_b = self._old_care_of_b = None
@@ -536,7 +549,7 @@ class MobileNode:
         Do.NOTHING: _do_nothing, Do.SEND_NEW: _do_send_new, Do.SEND_AGAIN: _do_send_again,
         Do.HOLD: _do_hold, Do.CONFIRM: _do_confirm, Do.LEAVE_TUNNEL: _do_leave_tunnel,
         Do.NEGOTIATE: _do_negotiate, Do.START_IKE: _do_start_ike, Do.REESTABLISH: _do_reestablish,
-        Do.RETRY_IKE: _do_retry_ike, Do.FORGET: _do_forget,
+        Do.RETRY_IKE: _do_retry_ike, Do.FORGET: _do_forget, Do.PAUSE: _do_pause,
     }
 
     def _clear_request(self) -> None:
@@ -651,7 +664,15 @@ class MobileNode:
                      outbound_spi=self.outbound.spi, inbound_local=self.inbound.local or "*")
         if self.ike is not None:
             actions += self._ike_moved(coa, now)
+        resumed = self.state is S.DETACHED
         actions += self._event(RegEvent.MOVED, now)
+        sa = self._ike_alive()
+        if resumed and sa is not None and sa.is_established:
+            # back after a time without an address: the GW may have given our IKE SA up
+            # meanwhile; check it beside the registration, re-establish at once if silent
+            self._probe_started = now
+            self._probe_deadline = now + max(PROBE_TIMEOUT_S, 2 * self.rtt.rto)
+            actions += self._ike_outputs(sa.check_liveness(now), now)
         return actions
 
     def _returned_home(self, event: ReturnedHome, now: float) -> list[Action]:
@@ -958,6 +979,9 @@ class MobileNode:
         st = self.state
         if st is S.IDLE:
             return "a care-of address on a visited interface, or the home link"
+        if st is S.DETACHED:
+            return (f"a care-of address that can reach the GW (the last one, {self.care_of}, "
+                    f"went; the registration stands)")
         if st is S.AWAITING_SAS:
             if self._ike_retry_at is not None:
                 return (f"the next IKE SA attempt with the GW {self.config.gateway} "
