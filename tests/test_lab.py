@@ -355,15 +355,20 @@ def test_gw_restart_mn_reestablishes_ikev2_from_its_new_coa():
         noticed, registered = lab.wait_mn_event(t0, ("rrp-received",), timeout=20)
         events = [e for e in mipsec_status(lab, "mn")["timeline"] if e["time"] >= t0]
         kinds = [e["kind"] for e in events]
-        for step in ("rrq-retransmitted", "registration-failed", "reestablish-requested",
-                     "ike-reestablish", "ike-established", "sas-installed", "rrp-received"):
+        # the MN finds the restarted GW silent either by max_attempts unanswered requests or,
+        # sooner, by the liveness check it sends beside the first one (its address went and
+        # came back with the move): either way it re-establishes from b and registers
+        for step in ("rrq-sent", "reestablish-requested", "ike-reestablish", "ike-established",
+                     "sas-installed", "rrp-received"):
             assert step in kinds, (step, kinds)
-        assert kinds.count("rrq-sent") >= 4, kinds        # 3 refused at the GW, 1 that worked
+        assert ("registration-failed" in kinds or "liveness-check" in kinds
+                or any("liveness" in str(e["detail"].get("reason", "")) for e in events)), kinds
+        assert kinds.count("rrq-sent") >= 2, kinds        # refused at the GW, then one that worked
         assert kinds.index("reestablish-requested") < kinds.index("rrp-received")
         reest = next(e for e in events if e["kind"] == "ike-reestablish")
         assert reest["detail"]["care_of"] == MN_COA["b"]
         gw = mipsec_status(lab, "gw")
-        assert gw["node"]["drops"].get("unknown-spi", 0) >= 3, gw["node"]["drops"]
+        assert gw["node"]["drops"].get("unknown-spi", 0) >= 1, gw["node"]["drops"]
         check_location(lab, "b")
         assert ping_cn_to_mn(lab) >= 1
         (ike,) = [sa for sa in gw["node"]["ike"]["ike_sas"] if sa["state"] == "established"]
