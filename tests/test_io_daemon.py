@@ -15,12 +15,11 @@ import pytest
 
 from mipsec.config import KeySetLayout, make_key_set
 from mipsec.io import control
-from mipsec.io.daemon import Daemon
 from mipsec.io.netlink import RTM_DELADDR, RTM_NEWADDR, AddressWatcher
 from mipsec.io.pcap import read_pcap
-from mipsec.io.transports import FakeNet
-from mipsec.io.tun import FakeTun
 from mipsec.node.actions import CareOfAddressChanged, ReturnedHome
+
+from daemon_fakes import close_daemons, pump, start_daemons
 
 
 @pytest.fixture
@@ -28,49 +27,12 @@ def daemons(tmp_path):
     import dataclasses
     sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path), pcap_dir=str(tmp_path)),
                         keys_from=random.Random(3))
-    out = {}
-    for name in ("ha", "gw", "mn"):
+    for name in ("ha", "mn"):                      # only the GW captures
         cfg = sets[name]
-        if name != "gw":
-            cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, pcap=""))
-        net = FakeNet(name)
-        receivers = [net]
-        if name == "gw":
-            # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
-            receivers.append(FakeNet("gw-inside", role_entry="receive_siu"))
-        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=receivers,
-                   manage_kernel=False)
-        d.start()
-        out[name] = d
+        sets[name] = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, pcap=""))
+    out = start_daemons(sets)
     yield out
-    for d in out.values():
-        d.close()
-        d.sender.close()
-
-
-def pump(daemons, rounds=20):
-    """Run every loop and carry packets between them by destination address."""
-    gw_cfg = daemons["gw"].cfg.node
-    where = {gw_cfg.outside_address: "gw", gw_cfg.inside_address: "gw",
-             daemons["ha"].cfg.node.address: "ha"}
-    for _ in range(rounds):
-        moved = False
-        for name, d in daemons.items():
-            d.loop.run_once(max_wait=0.0)
-            packets = [p for p, _ in d.sender.sent]
-            d.sender.sent.clear()
-            if name == "gw":                       # the GW's tun side is the home network
-                packets += d.tun.written
-                d.tun.written.clear()
-            for packet in packets:
-                dst = socket.inet_ntoa(packet[16:20])
-                if dst == gw_cfg.inside_address:
-                    daemons["gw"].receivers[1].inject(packet)      # from the home side
-                else:
-                    daemons[where.get(dst, "mn")].sender.inject(packet)
-                moved = True
-        if not moved:
-            break
+    close_daemons(out)
 
 
 def test_handover_command_runs_the_whole_registration(daemons, tmp_path):

@@ -1,8 +1,8 @@
 """Log lines that explain: lifecycle INFO lines, a WARNING for every key/identity/address
 mismatch on the side that detects it (naming the peer and the reason), DEBUG drops, JSON lines.
 
-Real ``Daemon`` objects around the real roles on in-memory TUN and net fakes (as in
-test_io_daemon), one configuration of the matching set spoiled per mismatch test.  The WARNING
+Real ``Daemon`` objects around the real roles on in-memory TUN and net fakes (from
+daemon_fakes), one configuration of the matching set spoiled per mismatch test.  The WARNING
 must come out in the same loop batch that counted the drop: the daemon's loop then waits at most
 ``HURRY_WAIT_S`` (0.2 s) before the next look, so a real daemon says it within 1 s.
 """
@@ -19,11 +19,10 @@ import pytest
 
 from mipsec.config import KeySetLayout, make_key_set
 from mipsec.io import logs
-from mipsec.io.daemon import Daemon
 from mipsec.io.loop import HURRY_WAIT_S, MAX_IDLE_WAIT_S
-from mipsec.io.transports import FakeNet
-from mipsec.io.tun import FakeTun
 from mipsec.lab.lab import lab_key_kwargs
+
+from daemon_fakes import close_daemons, pump, start_daemons
 
 COA = "172.16.2.10"
 
@@ -36,17 +35,7 @@ def build(tmp_path, spoil=None, sa_source="manual"):
     if spoil is not None:
         name, change = spoil
         sets[name] = change(sets[name])
-    out = {}
-    for name in ("ha", "gw", "mn"):
-        cfg = sets[name]
-        net = FakeNet(name)
-        # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
-        inside = [FakeNet("gw-inside", role_entry="receive_siu")] if name == "gw" else []
-        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net, *inside],
-                   manage_kernel=False)
-        d.start()
-        out[name] = d
-    return out
+    return start_daemons(sets)
 
 
 @pytest.fixture
@@ -59,33 +48,7 @@ def lab(tmp_path):
         return d
     yield make
     for daemons in made:
-        for d in daemons.values():
-            d.close()
-            d.sender.close()
-
-
-def pump(daemons, rounds=40):
-    gw = daemons["gw"].cfg.node
-    where = {gw.outside_address: "gw", gw.inside_address: "gw",
-             daemons["ha"].cfg.node.address: "ha"}
-    for _ in range(rounds):
-        moved = False
-        for name, d in daemons.items():
-            d.loop.run_once(max_wait=0.0)
-            packets = [p for p, _ in d.sender.sent]
-            d.sender.sent.clear()
-            if name == "gw":
-                packets += d.tun.written
-                d.tun.written.clear()
-            for packet in packets:
-                dst = socket.inet_ntoa(packet[16:20])
-                if dst == gw.inside_address:          # from the home side: the SIU socket
-                    daemons["gw"].receivers[1].inject(packet)
-                else:
-                    daemons[where.get(dst, "mn")].sender.inject(packet)
-                moved = True
-        if not moved:
-            break
+        close_daemons(daemons)
 
 
 def node(daemon, **changes):

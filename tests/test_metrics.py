@@ -17,9 +17,8 @@ from mipsec import cli
 from mipsec.config import KeySetLayout, MetricsSettings, config_from_dict, dump_config, \
     make_key_set
 from mipsec.errors import ConfigError
-from mipsec.io.daemon import Daemon
-from mipsec.io.transports import FakeNet
-from mipsec.io.tun import FakeTun
+
+from daemon_fakes import close_daemons, pump, start_daemons
 
 COA = "172.16.2.10"
 
@@ -33,44 +32,10 @@ def free_port() -> int:
 @pytest.fixture
 def daemons(tmp_path):
     sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(8))
-    out = {}
-    for name in ("ha", "gw", "mn"):
-        cfg = dataclasses.replace(sets[name], metrics=MetricsSettings(
-            listen=f"127.0.0.1:{free_port()}"))
-        net = FakeNet(name)
-        # the GW's SIU socket on its inside interface: its datagrams go to receive_siu
-        inside = [FakeNet("gw-inside", role_entry="receive_siu")] if name == "gw" else []
-        d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net, *inside],
-                   manage_kernel=False)
-        d.start()
-        out[name] = d
+    out = start_daemons({name: dataclasses.replace(cfg, metrics=MetricsSettings(
+        listen=f"127.0.0.1:{free_port()}")) for name, cfg in sets.items()})
     yield out
-    for d in out.values():
-        d.close()
-        d.sender.close()
-
-
-def pump(daemons, rounds=30):
-    gw = daemons["gw"].cfg.node
-    where = {gw.outside_address: "gw", gw.inside_address: "gw", daemons["ha"].cfg.node.address: "ha"}
-    for _ in range(rounds):
-        moved = False
-        for name, d in daemons.items():
-            d.loop.run_once(max_wait=0.0)
-            packets = [p for p, _ in d.sender.sent]
-            d.sender.sent.clear()
-            if name == "gw":
-                packets += d.tun.written
-                d.tun.written.clear()
-            for packet in packets:
-                dst = socket.inet_ntoa(packet[16:20])
-                if dst == gw.inside_address:          # from the home side: the SIU socket
-                    daemons["gw"].receivers[1].inject(packet)
-                else:
-                    daemons[where.get(dst, "mn")].sender.inject(packet)
-                moved = True
-        if not moved:
-            break
+    close_daemons(out)
 
 
 def scrape(daemon, path="/metrics"):
