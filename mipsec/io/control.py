@@ -45,16 +45,15 @@ class ControlServer:
         return self._sock.fileno()
 
     def serve_one(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
+        conn = accept_client(self._sock)
+        if conn is None:
             return
         with conn:
-            conn.settimeout(CLIENT_TIMEOUT_S)
             try:
-                request = _read_line(conn)
+                data = read_request(conn, (b"\n",), MAX_REQUEST_BYTES)
             except OSError:
                 return
+            request = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
             words = request.split()
             if not words:
                 reply: dict[str, Any] = {"ok": False, "error": "empty command"}
@@ -76,14 +75,26 @@ class ControlServer:
             pass
 
 
-def _read_line(conn: socket.socket) -> str:
+def accept_client(listening: socket.socket) -> socket.socket | None:
+    """The next client of a non-blocking listening socket, given ``CLIENT_TIMEOUT_S`` to send
+    its request; None when no client is waiting after all."""
+    try:
+        conn, _ = listening.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    conn.settimeout(CLIENT_TIMEOUT_S)
+    return conn
+
+
+def read_request(conn: socket.socket, ends: tuple[bytes, ...], limit: int) -> bytes:
+    """What the client sends until one of ``ends`` is in it, it closes, or ``limit`` bytes came."""
     data = b""
-    while b"\n" not in data and len(data) < MAX_REQUEST_BYTES:
-        chunk = conn.recv(MAX_REQUEST_BYTES)
+    while not any(end in data for end in ends) and len(data) < limit:
+        chunk = conn.recv(4096)
         if not chunk:
             break
         data += chunk
-    return data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    return data
 
 
 def _alive(path: str) -> bool:

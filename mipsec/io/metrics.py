@@ -4,7 +4,7 @@ Off by default.  With ``listen = "127.0.0.1:9474"`` the daemon opens a TCP socke
 ``GET /metrics`` in the Prometheus text format (``prometheus_client``'s exposition).  The HTTP
 server is not a thread: the listening socket is one more source of the event loop, so the role's
 state is read in the loop, between packets, never while it changes.  A request gets
-``CLIENT_TIMEOUT_S`` to arrive.
+``control.CLIENT_TIMEOUT_S`` to arrive (the control socket's accept and read serve here too).
 
 Metrics (labels ``role`` and ``name`` on every one):
 
@@ -24,9 +24,9 @@ from __future__ import annotations
 import socket
 from typing import Any, Callable, Iterable
 
+from mipsec.io.control import accept_client, read_request
 from mipsec.io.logs import ACCEPTED_CODES
 
-CLIENT_TIMEOUT_S = 1.0
 MAX_REQUEST_BYTES = 8192
 HANDOVER_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REKEY_KINDS = {"sas-rekeyed": "child", "gw-sas-rekeyed": "child", "ike-rekeyed": "ike"}
@@ -172,20 +172,12 @@ class MetricsServer:
         return self._sock.fileno()
 
     def serve_one(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
+        conn = accept_client(self._sock)
+        if conn is None:
             return
         with conn:
-            conn.settimeout(CLIENT_TIMEOUT_S)
             try:
-                request = b""
-                while b"\r\n\r\n" not in request and b"\n\n" not in request \
-                        and len(request) < MAX_REQUEST_BYTES:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    request += chunk
+                request = read_request(conn, (b"\r\n\r\n", b"\n\n"), MAX_REQUEST_BYTES)
                 words = request.split(b"\r\n", 1)[0].split()
                 if len(words) >= 2 and words[0] == b"GET" and words[1].split(b"?")[0] in (
                         b"/metrics", b"/"):
