@@ -150,12 +150,15 @@ class _Receiver:
             except (BlockingIOError, InterruptedError):
                 break                        # queue empty, or a signal: the loop comes back
             except OSError as exc:
-                self.errors += 1
-                if exc.errno not in self._logged:
-                    self._logged.add(exc.errno)
-                    log.warning("%s: receive failed: %s (counted; logged once per error)",
-                                self.name, exc)
+                self._receive_failed(exc)
         return out
+
+    def _receive_failed(self, exc: OSError) -> None:
+        """Count a failed receive; log it once per errno."""
+        self.errors += 1
+        if exc.errno not in self._logged:
+            self._logged.add(exc.errno)
+            log.warning("%s: receive failed: %s (counted; logged once per error)", self.name, exc)
 
     def close(self) -> None:
         self._sock.close()
@@ -191,11 +194,7 @@ class RawReceiver(_Receiver):
             try:
                 got = self._multi.receive(MAX_BATCH - len(out))
             except OSError as exc:
-                self.errors += 1
-                if exc.errno not in self._logged:
-                    self._logged.add(exc.errno)
-                    log.warning("%s: receive failed: %s (counted; logged once per error)",
-                                self.name, exc)
+                self._receive_failed(exc)
                 continue
             out += got
             if len(got) < mmsg.MAX_BATCH:
