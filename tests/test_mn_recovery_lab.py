@@ -12,31 +12,17 @@ import time
 
 import pytest
 
-from mipsec.lab.lab import Lab, requirements_problem
-from mipsec.lab.recovery import SCENARIOS, run_scenario
+from mipsec.lab.lab import Lab
 from mipsec.lab.topology import existing_namespaces
 
 import needs
+from recovery_runs import run_recovered
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-RATE = 200.0
-
-
-def _require() -> None:
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-
 
 def _run(name: str):
-    _require()
-    prefix = f"mn{os.getpid() % 100000}-"
-    outcome = run_scenario(SCENARIOS[name], RATE, prefix)
-    assert existing_namespaces(prefix) == []
-    assert outcome.error is None, outcome.error
-    for direction, figures in outcome.directions.items():
-        assert figures["recovered"], (direction, figures, outcome.detail.get("timeline"))
-    return outcome
+    return run_recovered(name, f"mn{os.getpid() % 100000}-")
 
 
 def _kinds(outcome):
@@ -53,7 +39,7 @@ def test_dhcp_order_roam_recovers_without_a_retransmission():
 
 
 def test_dhcp_order_moves_back_and_forth_each_with_one_request():
-    _require()
+    needs.need_lab()
     lab = Lab(prefix=f"mq{os.getpid() % 100000}-")
     lab.down()
     try:

@@ -12,27 +12,17 @@ import os
 
 import pytest
 
-from mipsec.lab.lab import requirements_problem
-from mipsec.lab.recovery import SCENARIOS, run_scenario
+from mipsec.lab.recovery import run_scenario
 from mipsec.lab.topology import existing_namespaces
 
 import needs
+from recovery_runs import RATE, run_recovered
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-RATE = 200.0
-
 
 def _run(name: str):
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-    prefix = f"rc{os.getpid() % 100000}-"
-    outcome = run_scenario(SCENARIOS[name], RATE, prefix)
-    assert existing_namespaces(prefix) == []
-    assert outcome.error is None, outcome.error
-    for direction, figures in outcome.directions.items():
-        assert figures["recovered"], (direction, figures, outcome.detail.get("timeline"))
-    return outcome
+    return run_recovered(name, f"rc{os.getpid() % 100000}-")
 
 
 def test_ha_killed_and_restarted_keeps_its_bindings():
@@ -97,8 +87,7 @@ def test_ha_killed_right_after_accepting_a_move_has_it_after_the_restart():
         return detail
 
     scenario = Scenario("ha-restart-after-move", "-", move_then_kill, after_s=4.0)
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
+    needs.need_lab()
     prefix = f"rk{os.getpid() % 100000}-"
     outcome = run_scenario(scenario, RATE, prefix)
     assert existing_namespaces(prefix) == []
