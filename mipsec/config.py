@@ -55,7 +55,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_RUN_DIR = "/run/mipsec"
 DEFAULT_STATE_DIR = "/var/lib/mipsec"   # what must survive a restart (the HA's bindings)
-STORE_KINDS = ("sqlite", "memory")
+STORE_KINDS = ("sqlite", "memory", "etcd")
 IFNAMSIZ = 15
 
 
@@ -79,6 +79,12 @@ class DaemonSettings:
     rule_priority: int = 1000         # GW: priority of "iif <inside> lookup <route_table>"
     gratuitous_arp: bool = True       # HA / MN: RFC 5944 §4.6 announcements on the home link
     store: str = "sqlite"             # HA: binding store, "sqlite" (on disk) | "memory" (none)
+    #                                   | "etcd" (shared, replicated: the store_* keys below)
+    store_endpoints: tuple[str, ...] = ()   # HA, etcd: client URLs of the members
+    store_prefix: str = "/mipsec/ha"  # HA, etcd: key prefix, one per home network / HA group
+    store_ca_file: str = ""           # HA, etcd over https: CA of the members' certificates
+    store_cert_file: str = ""         # HA, etcd over https: this HA's client certificate
+    store_key_file: str = ""          # HA, etcd over https: its private key
     state_dir: str = DEFAULT_STATE_DIR   # HA: <state_dir>/<name>.bindings.sqlite3 (0700/0600);
     #                                      MN/GW with manual keys: <name>.seq.json (0600)
 
@@ -315,6 +321,8 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
         raise bad("tun", "must not be empty")
     if d.store not in STORE_KINDS:
         raise bad("store", f"unknown binding store {d.store!r} (one of {', '.join(STORE_KINDS)})")
+    if role == "ha" and d.store == "etcd" and not d.store_endpoints:
+        raise bad("store_endpoints", "missing key: store = \"etcd\" needs the members' URLs")
     if role == "ha" and d.store == "sqlite" and not os.path.isabs(d.state_dir):
         raise bad("state_dir", f"must be an absolute path, got {d.state_dir!r}")
     if role == "mn" and not d.interfaces:
@@ -367,9 +375,11 @@ def _is_table_array(value: Any) -> bool:
 
 
 # [daemon] keys that mean nothing for a role are left out of the files we write.
+_STORE_KEYS = {"store_endpoints", "store_prefix", "store_ca_file", "store_cert_file",
+               "store_key_file"}
 _NOT_FOR_ROLE = {
-    "mn": {"inside_interface", "route_table", "rule_priority", "store"},
-    "gw": {"interfaces", "home_interface", "gratuitous_arp", "store"},
+    "mn": {"inside_interface", "route_table", "rule_priority", "store", *_STORE_KEYS},
+    "gw": {"interfaces", "home_interface", "gratuitous_arp", "store", *_STORE_KEYS},
     "ha": {"interfaces", "inside_interface", "route_table", "rule_priority"},
 }
 
@@ -399,7 +409,8 @@ def dump_config(cfg: DaemonConfig, comment: str = "") -> str:
     if comment:
         out += [f"# {line}" if line else "#" for line in comment.splitlines()]
     out.append(f"role = {_scalar(cfg.role)}")
-    _emit(cfg.daemon, "daemon", out, skip=_NOT_FOR_ROLE[cfg.role])
+    skip = _NOT_FOR_ROLE[cfg.role] | (_STORE_KEYS if cfg.daemon.store != "etcd" else set())
+    _emit(cfg.daemon, "daemon", out, skip=skip)
     _emit(cfg.node, ROLE_SECTION[cfg.role], out)
     if cfg.metrics.listen:
         _emit(cfg.metrics, "metrics", out)

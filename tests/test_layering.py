@@ -10,6 +10,9 @@ IO_MODULES = {"socket", "fcntl", "select", "time", "asyncio", "threading", "subp
 # The daemon layer: I/O adapters, the lab, the CLI and the daemon configuration loader (which
 # checks that configured interfaces exist).
 ALLOWED = {"io", "lab", "cli.py", "config.py", "__main__.py"}
+# The etcd binding store's client: a blocking I/O adapter that only the daemon calls (its
+# deadline and retry pause read the clock); the roles see none of it.
+ALLOWED_FILES = {"store/etcd.py"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -26,7 +29,7 @@ def test_no_io_below_the_io_layer():
     offenders = {}
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] in ALLOWED:
+        if rel.parts[0] in ALLOWED or rel.as_posix() in ALLOWED_FILES:
             continue
         bad = _imports(path) & IO_MODULES
         if bad:

@@ -568,9 +568,13 @@ class Daemon:
     def _open_store(self) -> Any:
         kind = self.cfg.daemon.store
         try:
-            return open_store(kind, self.store_path() if kind == "sqlite" else "")
+            d = self.cfg.daemon
+            return open_store(kind, self.store_path() if kind == "sqlite" else "", etcd=dict(
+                endpoints=d.store_endpoints, prefix=d.store_prefix, ca_file=d.store_ca_file,
+                cert_file=d.store_cert_file, key_file=d.store_key_file))
         except StoreError as exc:
-            raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: {exc}") from None
+            key = "store_endpoints" if kind == "etcd" else "state_dir"
+            raise ConfigError(f"{self.cfg.path}: [daemon] {key}: {exc}") from None
 
     def _restore_bindings(self) -> None:
         """Start: the unexpired bindings back into the role, their routes and proxy ARP back
@@ -579,10 +583,12 @@ class Daemon:
             records = self.store.load(self.loop.wallclock())
             meta = self.store.meta()
         except StoreError as exc:     # unreadable (corrupt, not a database): say so, exit 2
-            raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: {exc}") from None
+            key = "store_endpoints" if self.cfg.daemon.store == "etcd" else "state_dir"
+            raise ConfigError(f"{self.cfg.path}: [daemon] {key}: {exc}") from None
         actions = self.role.restore(records, meta, self.loop.clock())
         log.info("binding store %s: %d binding(s) restored%s",
-                 self.store_path() if self.cfg.daemon.store == "sqlite" else "(memory)",
+                 self.store_path() if self.cfg.daemon.store == "sqlite" else
+                 f"({self.cfg.daemon.store})",
                  len(actions), f", {self.store.skipped} unreadable row(s) left out"
                  if getattr(self.store, "skipped", 0) else "")
         self.loop.dispatch(actions)

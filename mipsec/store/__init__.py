@@ -36,21 +36,24 @@ The operations (``BindingStore``):
 ``delete(home, meta)``        remove a binding (and write metadata) durably;
 ``close()``.
 
-Two backends: ``MemoryStore`` (tests, the simulator; "durable" for the life of the object) and
+Three backends: ``MemoryStore`` (tests, the simulator; "durable" for the life of the object),
 ``SqliteStore`` (stdlib ``sqlite3``, WAL journal, ``synchronous=FULL``: a committed write
-survives a kill -9 and a power cut).  ``tests/test_store.py`` runs the same contract on both.
+survives a kill -9 and a power cut), and ``EtcdStore`` (``mipsec.store.etcd``: an etcd v3
+cluster through its JSON gateway; a write returns once Raft has committed it on a majority, so
+it survives the loss of the HA's machine and of a minority of members).
+``tests/test_store.py`` runs the same contract on all three (etcd: a real 3-member cluster).
 
-How a distributed backend (etcd v3) fits the same interface, without changing the HA:
+How the etcd backend fits the same interface, without changing the HA (details in its module):
 
-* a binding is two keys under one prefix, ``<prefix>/bindings/<home>/care_of`` (the care-of
-  address alone) and ``<prefix>/bindings/<home>/record`` (``BindingRecord.to_json()``); metadata
-  is ``<prefix>/meta/<key>``;
+* a binding is two keys under one prefix, ``<prefix>/binding/<home>``
+  (``BindingRecord.to_json()``) and ``<prefix>/care-of/<home>`` (the care-of address alone);
+  metadata is ``<prefix>/meta/<key>``;
 * ``put``: one transaction that puts the record, the care-of key and the metadata;
-* ``compare_and_swap``: one transaction whose compare is ``value(care_of) == expected`` (or
-  ``create_revision(care_of) == 0`` for "none stored"), whose success branch puts (or deletes)
+* ``compare_and_swap``: one transaction whose compare is ``value(care-of) == expected`` (or
+  ``create_revision(care-of) == 0`` for "none stored"), whose success branch puts (or deletes)
   the keys and metadata, returning ``succeeded``;
 * ``delete``: one transaction deleting both keys and putting the metadata;
-* ``load``: a range read of ``<prefix>/bindings/`` keeping the records whose ``expires_wall`` is
+* ``load``: a range read of ``<prefix>/binding/`` keeping the records whose ``expires_wall`` is
   in the future (the lease TTL is never trusted: etcd resets it on a leader change);
 * garbage collection: each binding's keys are attached to a lease a little longer than the
   lifetime, so a binding nobody refreshes disappears without the HA's help;

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-STORE_KINDS = ("sqlite", "memory")
+STORE_KINDS = ("sqlite", "memory", "etcd")
 
 
 class StoreError(Exception):
@@ -115,12 +115,16 @@ def _same_home(home_address: str, record: BindingRecord) -> None:
         raise ValueError(f"record for {record.home_address} stored under {home_address}")
 
 
-def open_store(kind: str, path: str = "") -> Any:
-    """A store by configuration name: ``"sqlite"`` (``path`` is the database file) or
-    ``"memory"``."""
+def open_store(kind: str, path: str = "", etcd: Mapping[str, Any] | None = None) -> Any:
+    """A store by configuration name: ``"sqlite"`` (``path`` is the database file),
+    ``"memory"``, or ``"etcd"`` (``etcd``: the keyword arguments of
+    ``mipsec.store.etcd.store_from_settings``: endpoints, prefix, TLS files)."""
     if kind == "memory":
         return MemoryStore()
     if kind == "sqlite":
         from mipsec.store.sqlite import SqliteStore
         return SqliteStore(path)
+    if kind == "etcd":
+        from mipsec.store.etcd import store_from_settings
+        return store_from_settings(**(etcd or {}))
     raise ValueError(f"unknown binding store {kind!r} (one of {', '.join(STORE_KINDS)})")
