@@ -1,7 +1,8 @@
-"""The binding store: one contract, two backends (memory, SQLite), and the HA's use of it.
+"""The binding store: one contract, three backends (memory, SQLite, etcd), and the HA's use of it.
 
 * the contract (load unexpired, put, compare-and-swap on the old care-of address, delete,
-  metadata written atomically with a binding) holds for both backends;
+  metadata written atomically with a binding) holds for every backend (etcd: a real 3-member
+  cluster, tests/etcd_cluster.py via tests/conftest.py; the etcd-only checks are in tests/test_store_etcd.py);
 * SQLite: a write that returned survives the writer being killed with SIGKILL; its file is 0600
   in a 0700 directory, and a directory others may write is refused;
 * the HA role: every accepted registration, deregistration and expiry is a ``PersistBinding``
@@ -38,9 +39,14 @@ def _record(coa: str = "172.16.1.10", expires: float = 2000.0, home: str = HOME,
                          expires_wall=expires, **kw)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def store(request, tmp_path):
-    s = open_store(request.param, str(tmp_path / "state" / "ha.bindings.sqlite3"))
+    if request.param == "etcd":
+        cluster = request.getfixturevalue("etcd")
+        s = open_store("etcd", etcd={"endpoints": cluster.endpoints,
+                                     "prefix": f"/contract/{request.node.name}"})
+    else:
+        s = open_store(request.param, str(tmp_path / "state" / "ha.bindings.sqlite3"))
     yield s
     s.close()
 

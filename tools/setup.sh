@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 # and gcm plugins for ECP-256, Curve25519 and AES-GCM (the interoperability tests use all three).
 # nftables: the GW's second filter layer (docs/security.md §3.1) and the lab's NAT; util-linux's
 # unshare and mount come with every Debian.  systemd: systemd-analyze verifies the units
-# `mipsec install-units` writes (a container may have no systemd).
+# `mipsec install-units` writes (a container may have no systemd).  etcd-server: the tests of
+# the shared binding store run their own 3-member cluster on loopback.
 DEBS=(python3 python3-venv python3-dev iproute2 iputils-ping procps tshark strongswan
-      libstrongswan-standard-plugins libcharon-extra-plugins nftables gcc libc6-dev systemd)
+      libstrongswan-standard-plugins libcharon-extra-plugins nftables gcc libc6-dev systemd
+      etcd-server)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -28,6 +30,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 # Debian starts the strongSwan service on install; mipsec's tests run their own charon.
 systemctl disable --now strongswan-starter >/dev/null 2>&1 || true
+# Debian starts an etcd service on install too; the tests start their own members.
+systemctl disable --now etcd >/dev/null 2>&1 || true
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

@@ -1,0 +1,170 @@
+"""A real 3-member etcd cluster on loopback, for the tests of the etcd binding store.
+
+Each member listens on its own free loopback ports and keeps its data under the test's temp
+directory; ``--heartbeat-interval=50 --election-timeout=500`` make an election take about a
+second.  ``stop`` always ends every member (SIGTERM, then SIGKILL: a member stopped after its
+peers are gone can hang) and removes the data.  A missing ``etcd`` fails under CI=true
+(tools/setup.sh installs Debian's etcd-server) and skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from needs import need
+
+MEMBERS = 3
+START_TIMEOUT_S = 20.0
+STOP_WAIT_S = 1.0
+
+
+def etcd_binary() -> str:
+    path = shutil.which("etcd")
+    need(None if path else "etcd not installed (Debian package etcd-server)",
+         "etcd is required in CI (tools/setup.sh installs Debian's etcd-server)")
+    return path  # type: ignore[return-value]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _post(endpoint: str, path: str, body: dict, timeout: float = 0.5) -> dict:
+    host, port = endpoint.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body))
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"{}")
+        if resp.status != 200:
+            raise OSError(f"{endpoint}{path}: HTTP {resp.status} {data}")
+        return data
+    finally:
+        conn.close()
+
+
+@dataclass
+class Member:
+    name: str
+    client: str            # http://127.0.0.1:port
+    peer: str
+    data_dir: str
+    proc: subprocess.Popen | None = None
+
+    def status(self) -> dict:
+        return _post(self.client, "/v3/maintenance/status", {})
+
+
+@dataclass
+class EtcdCluster:
+    base: str
+    binary: str
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.client for m in self.members]
+
+    def start(self) -> "EtcdCluster":
+        ports = _free_ports(2 * MEMBERS)
+        token = f"mipsec-test-{os.getpid()}-{ports[0]}"
+        for i in range(MEMBERS):
+            self.members.append(Member(f"m{i}", f"http://127.0.0.1:{ports[2 * i]}",
+                                       f"http://127.0.0.1:{ports[2 * i + 1]}",
+                                       os.path.join(self.base, f"m{i}")))
+        initial = ",".join(f"{m.name}={m.peer}" for m in self.members)
+        for m in self.members:
+            log = open(m.data_dir + ".log", "wb")
+            m.proc = subprocess.Popen(
+                [self.binary, "--name", m.name, "--data-dir", m.data_dir,
+                 "--listen-client-urls", m.client, "--advertise-client-urls", m.client,
+                 "--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer,
+                 "--initial-cluster", initial, "--initial-cluster-token", token,
+                 "--initial-cluster-state", "new",
+                 "--heartbeat-interval=50", "--election-timeout=500",
+                 "--snapshot-count=10000", "--quota-backend-bytes=67108864"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self, members: list[Member] | None = None) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for m in members or self.members:
+            while True:
+                try:
+                    if m.status().get("leader"):
+                        # a linearizable read goes through the leader: the member is serving
+                        _post(m.client, "/v3/kv/range", {"key": "AA=="})
+                        break
+                except (OSError, ValueError, http.client.HTTPException):
+                    pass
+                if m.proc is not None and m.proc.poll() is not None:
+                    raise RuntimeError(f"etcd {m.name} exited: {self.log(m)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd {m.name} not healthy: {self.log(m)}")
+                time.sleep(0.05)
+
+    def log(self, m: Member) -> str:
+        try:
+            with open(m.data_dir + ".log", "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def leader(self) -> Member:
+        for m in self.members:
+            if m.proc is None or m.proc.poll() is not None:
+                continue
+            st = m.status()
+            if st.get("leader") and st["leader"] == st["header"]["member_id"]:
+                return m
+        raise RuntimeError("no leader")
+
+    def kill(self, m: Member) -> None:
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+
+    def stop(self) -> None:
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                m.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for m in self.members:
+            if m.proc is None:
+                continue
+            try:
+                m.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                m.proc.kill()
+                m.proc.wait()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_cluster(base: str) -> EtcdCluster:
+    binary = etcd_binary()
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    cluster = EtcdCluster(base, binary)
+    try:
+        return cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
