@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -46,9 +47,12 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _post(endpoint: str, path: str, body: dict, timeout: float = 0.5) -> dict:
-    host, port = endpoint.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+def _post(endpoint: str, path: str, body: dict, timeout: float = 0.5,
+          context: ssl.SSLContext | None = None) -> dict:
+    scheme, _, hostport = endpoint.partition("://")
+    host, port = hostport.split(":")
+    conn = (http.client.HTTPSConnection(host, int(port), timeout=timeout, context=context)
+            if scheme == "https" else http.client.HTTPConnection(host, int(port), timeout=timeout))
     try:
         conn.request("POST", path, body=json.dumps(body))
         resp = conn.getresponse()
@@ -67,9 +71,10 @@ class Member:
     peer: str
     data_dir: str
     proc: subprocess.Popen | None = None
+    context: ssl.SSLContext | None = None
 
     def status(self) -> dict:
-        return _post(self.client, "/v3/maintenance/status", {})
+        return _post(self.client, "/v3/maintenance/status", {}, context=self.context)
 
 
 @dataclass
@@ -77,18 +82,28 @@ class EtcdCluster:
     base: str
     binary: str
     members: list[Member] = field(default_factory=list)
+    size: int = MEMBERS
+    # TLS on the client URLs: {"cert": server cert, "key": its key, "ca": CA of the clients'
+    # certificates (and of the server's)}; members then require client certificates
+    tls: dict[str, str] | None = None
+    client_context: ssl.SSLContext | None = None
 
     @property
     def endpoints(self) -> list[str]:
         return [m.client for m in self.members]
 
     def start(self) -> "EtcdCluster":
-        ports = _free_ports(2 * MEMBERS)
+        os.makedirs(self.base, mode=0o700, exist_ok=True)
+        ports = _free_ports(2 * self.size)
         token = f"mipsec-test-{os.getpid()}-{ports[0]}"
-        for i in range(MEMBERS):
-            self.members.append(Member(f"m{i}", f"http://127.0.0.1:{ports[2 * i]}",
+        scheme = "https" if self.tls else "http"
+        tls_flags = ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                     "--client-cert-auth", "--trusted-ca-file", self.tls["ca"]] if self.tls else []
+        for i in range(self.size):
+            self.members.append(Member(f"m{i}", f"{scheme}://127.0.0.1:{ports[2 * i]}",
                                        f"http://127.0.0.1:{ports[2 * i + 1]}",
-                                       os.path.join(self.base, f"m{i}")))
+                                       os.path.join(self.base, f"m{i}"),
+                                       context=self.client_context))
         initial = ",".join(f"{m.name}={m.peer}" for m in self.members)
         for m in self.members:
             log = open(m.data_dir + ".log", "wb")
@@ -99,7 +114,7 @@ class EtcdCluster:
                  "--initial-cluster", initial, "--initial-cluster-token", token,
                  "--initial-cluster-state", "new",
                  "--heartbeat-interval=50", "--election-timeout=500",
-                 "--snapshot-count=10000", "--quota-backend-bytes=67108864"],
+                 "--snapshot-count=10000", "--quota-backend-bytes=67108864", *tls_flags],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
         self.wait_healthy()
@@ -112,9 +127,9 @@ class EtcdCluster:
                 try:
                     if m.status().get("leader"):
                         # a linearizable read goes through the leader: the member is serving
-                        _post(m.client, "/v3/kv/range", {"key": "AA=="})
+                        _post(m.client, "/v3/kv/range", {"key": "AA=="}, context=m.context)
                         break
-                except (OSError, ValueError, http.client.HTTPException):
+                except (OSError, ValueError, http.client.HTTPException):   # ssl.SSLError too
                     pass
                 if m.proc is not None and m.proc.poll() is not None:
                     raise RuntimeError(f"etcd {m.name} exited: {self.log(m)}")
@@ -159,10 +174,9 @@ class EtcdCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_cluster(base: str) -> EtcdCluster:
+def start_cluster(base: str, **kw) -> EtcdCluster:
     binary = etcd_binary()
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    cluster = EtcdCluster(base, binary)
+    cluster = EtcdCluster(base, binary, **kw)
     try:
         return cluster.start()
     except BaseException:

@@ -7,6 +7,8 @@ contract runs in tests/test_store.py.  Here what only a replicated store has:
   nothing (the fence between an old and a new active HA);
 * a lease only collects garbage: the record keeps its absolute expiry, and the keys carry a
   lease whose TTL is beyond the binding's lifetime;
+* TLS with client certificates: a client with the right CA and certificate reads and writes;
+  a wrong CA, no client certificate, or plain HTTP gets nothing;
 * errors name the endpoints; configuration: ``store = "etcd"`` needs endpoints, and the
   daemon's settings reach the store (prefix, TLS files).
 """
@@ -14,6 +16,8 @@ contract runs in tests/test_store.py.  Here what only a replicated store has:
 from __future__ import annotations
 
 import base64
+import shutil
+import subprocess
 import time
 
 import etcd_cluster
@@ -22,7 +26,8 @@ import pytest
 from mipsec.config import DaemonSettings, load_config, dump_config
 from mipsec.errors import ConfigError
 from mipsec.store import BindingRecord, StoreError, open_store
-from mipsec.store.etcd import LEASE_GRACE_S, EtcdStore
+from mipsec.store.etcd import LEASE_GRACE_S, EtcdStore, EtcdTls
+from needs import need
 
 HOME = "10.1.0.100"
 
@@ -154,3 +159,69 @@ def test_config_store_etcd(tmp_path):
     with pytest.raises(ConfigError, match="store_endpoints"):
         load_config(path)
     assert DaemonSettings().store == "sqlite"     # the default needs no etcd
+
+
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _certificates(d) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA;
+    and a second CA that signed nothing of this cluster."""
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1", "-subj", f"/CN={ca}",
+                 cwd=d)
+    # etcd's JSON gateway calls its own gRPC server with the member's certificate: the member's
+    # certificate must allow client authentication too
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\n"
+                                 "extendedKeyUsage=serverAuth,clientAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=mipsec-{name}",
+                 cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile",
+                 f"{name}.ext", cwd=d)
+    return {n: str(d / n) for n in ("ca.pem", "other-ca.pem", "server.pem", "server.key",
+                                     "client.pem", "client.key")}
+
+
+def test_tls_with_client_certificates(tmp_path):
+    if shutil.which("openssl") is None:
+        need("openssl not installed (Debian package openssl)")
+    certs_dir = tmp_path / "pki"
+    certs_dir.mkdir()
+    c = _certificates(certs_dir)
+    ctx = EtcdTls(c["ca.pem"], c["client.pem"], c["client.key"]).context()
+    cluster = etcd_cluster.start_cluster(
+        str(tmp_path / "etcd"), size=1, client_context=ctx,
+        tls={"cert": c["server.pem"], "key": c["server.key"], "ca": c["ca.pem"]})
+    try:
+        (endpoint,) = cluster.endpoints
+        assert endpoint.startswith("https://")
+        good = open_store("etcd", etcd={"endpoints": [endpoint], "prefix": "/tls",
+                                        "ca_file": c["ca.pem"], "cert_file": c["client.pem"],
+                                        "key_file": c["client.key"]})
+        good.put(_record("172.16.1.10"), {"id": b"1"})
+        assert good.load(0.0) == [_record("172.16.1.10")]
+        good.close()
+        # a member whose certificate our CA did not sign: refused at once, endpoint named
+        wrong_ca = EtcdStore([endpoint], "/tls", EtcdTls(c["other-ca.pem"], c["client.pem"],
+                                                         c["client.key"]), deadline_s=1.0)
+        with pytest.raises(StoreError, match=f"{endpoint}: TLS"):
+            wrong_ca.load(0.0)
+        wrong_ca.close()
+        # no client certificate: the member refuses us, nothing is read or written
+        anonymous = EtcdStore([endpoint], "/tls", EtcdTls(c["ca.pem"]), deadline_s=1.0)
+        with pytest.raises(StoreError, match=endpoint):
+            anonymous.put(_record("172.16.9.9"))
+        anonymous.close()
+        # plain HTTP to a TLS member gets nothing either
+        plain = EtcdStore([endpoint.replace("https", "http")], "/tls", deadline_s=1.0)
+        with pytest.raises(StoreError):
+            plain.load(0.0)
+        plain.close()
+    finally:
+        cluster.stop()
