@@ -13,3 +13,14 @@ def etcd(tmp_path_factory):
     cluster = etcd_cluster.start_cluster(str(tmp_path_factory.mktemp("etcd")))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def sigpipe_ignored():
+    """Python's default: SIGPIPE ignored, so a write to a socket whose peer died (an etcd member
+    killed under the client) raises EPIPE instead of killing the process.  An in-process
+    ``mipsec status`` test sets it to SIG_DFL (for ``| head``); undo that around our tests."""
+    import signal
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGPIPE, old)

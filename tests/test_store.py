@@ -42,6 +42,7 @@ def _record(coa: str = "172.16.1.10", expires: float = 2000.0, home: str = HOME,
 @pytest.fixture(params=["memory", "sqlite", "etcd"])
 def store(request, tmp_path):
     if request.param == "etcd":
+        request.getfixturevalue("sigpipe_ignored")
         cluster = request.getfixturevalue("etcd")
         s = open_store("etcd", etcd={"endpoints": cluster.endpoints,
                                      "prefix": f"/contract/{request.node.name}"})

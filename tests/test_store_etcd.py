@@ -31,6 +31,8 @@ from needs import need
 
 HOME = "10.1.0.100"
 
+pytestmark = pytest.mark.usefixtures("sigpipe_ignored")
+
 
 def _record(coa: str, n: int = 0, home: str = HOME) -> BindingRecord:
     return BindingRecord(home, coa, 600, 9e9, identification=n)

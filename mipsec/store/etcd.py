@@ -39,6 +39,8 @@ Keys, under a prefix per home network / HA group (``prefix``, e.g. ``/mipsec/ha-
   exactly the record it meant to write counts as done (its own earlier attempt committed).
 
 Errors: every failure is a ``StoreError`` naming the endpoint(s) and what they answered.
+Like every socket user in Python, this relies on SIGPIPE being ignored (the interpreter's
+default, which the daemons keep): a write to a member that died is then an error, not a signal.
 """
 
 from __future__ import annotations
