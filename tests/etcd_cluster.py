@@ -34,6 +34,13 @@ def etcd_binary() -> str:
     return path  # type: ignore[return-value]
 
 
+def _die_with_parent() -> None:
+    """In the member, before exec: SIGKILL when the test process dies (even by SIGKILL), so
+    that a killed test run leaves no members behind (PR_SET_PDEATHSIG, Linux)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:
@@ -115,7 +122,8 @@ class EtcdCluster:
                  "--initial-cluster-state", "new",
                  "--heartbeat-interval=50", "--election-timeout=500",
                  "--snapshot-count=10000", "--quota-backend-bytes=67108864", *tls_flags],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent)
             log.close()
         self.wait_healthy()
         return self
