@@ -9,6 +9,8 @@ contract runs in tests/test_store.py.  Here what only a replicated store has:
   lease whose TTL is beyond the binding's lifetime;
 * TLS with client certificates: a client with the right CA and certificate reads and writes;
   a wrong CA, no client certificate, or plain HTTP gets nothing;
+* an HA daemon configured with ``store = "etcd"`` serves, at start, the bindings it finds in
+  the cluster (nothing on its disk);
 * errors name the endpoints; configuration: ``store = "etcd"`` needs endpoints, and the
   daemon's settings reach the store (prefix, TLS files).
 """
@@ -227,3 +229,35 @@ def test_tls_with_client_certificates(tmp_path):
         plain.close()
     finally:
         cluster.stop()
+
+
+def test_an_ha_daemon_restores_its_bindings_from_etcd(etcd, tmp_path):
+    """``store = "etcd"`` end to end: a binding written by one HA (here: directly) is served by
+    a fresh HA daemon at start, from the cluster, with nothing on its disk."""
+    import dataclasses
+    import random
+
+    from mipsec.config import KeySetLayout, make_key_set
+    from mipsec.io.daemon import Daemon
+    from mipsec.io.transports import FakeNet
+    from mipsec.io.tun import FakeTun
+
+    cfg = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(3))["ha"]
+    cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(
+        cfg.daemon, store="etcd", store_endpoints=tuple(etcd.endpoints),
+        store_prefix="/daemon-home1"))
+    writer = EtcdStore(etcd.endpoints, "/daemon-home1")
+    writer.put(BindingRecord(HOME, "172.16.2.10", 600, time.time() + 600, identification=7))
+    writer.close()
+    net = FakeNet("ha")
+    d = Daemon(cfg, tun=FakeTun(cfg.daemon.tun), sender=net, receivers=[net],
+               manage_kernel=False)
+    try:
+        d.start()
+        assert isinstance(d.store, EtcdStore)
+        status = d.status()
+        assert status["node"]["bindings"][HOME]["care_of"] == "172.16.2.10"
+        assert status["store"]["kind"] == "etcd" and status["store"]["errors"] == 0
+        assert not list(tmp_path.glob("*.sqlite3"))
+    finally:
+        d.close()
