@@ -75,14 +75,7 @@ def test_gw_restart_with_manual_keys_recovers_by_registering_again():
 def test_mn_restart_registers_again():
     outcome = _run("mn-restart")
     assert outcome.detail["mn_registrations"] >= 1
-
-
-def test_forty_second_outage_registers_after_the_path_returns():
-    """Manual keys, the visited networks cut off for 40 s while the MN roams: it never gives up
-    and registers once the path is back."""
-    outcome = _run("outage-40s-manual")
-    kinds = _kinds(outcome)
-    assert ("mn", "rrp-received") in kinds or outcome.detail["mn_registrations"] > 5, kinds
+    assert outcome.detail["rrp_after_start_ms"] is not None, outcome.detail["timeline"]
 
 
 def test_return_home_and_leave_again():
@@ -92,3 +85,4 @@ def test_return_home_and_leave_again():
     kinds = _kinds(outcome)
     assert ("mn", "deregistered") in kinds, kinds
     assert ("mn", "ike-established") in kinds, kinds
+    assert kinds.count(("mn", "rrp-received")) >= 2, kinds
