@@ -19,7 +19,7 @@ For every transform and inner packet size (64, 512, 1400 bytes) this measures, i
     - NULL + HMAC: the HMAC (and compare) alone.
 
 The ratio printed is floor time / our time, i.e. our packets/s as a fraction of the floor's.
-Targets (issue 2): encapsulate >= 0.7 and decapsulate >= 0.6 at 64 bytes for CBC-HMAC and GCM.
+Targets: encapsulate >= 0.7 and decapsulate >= 0.6 at 64 bytes for CBC-HMAC and GCM.
 
     python3 benchmarks/bench_esp.py            # full run (about a minute)
     python3 benchmarks/bench_esp.py --quick    # short run, fewer repeats
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = [r for r in rows if r.size == 64 and r.transform in
                ("AES-CBC-128/HMAC-SHA1-96", "AES-GCM-16-128")]
     if checked:
-        print("# issue 2 targets at 64 bytes (encap >= 0.7, decap >= 0.6 of the floor):",
+        print("# targets at 64 bytes (encap >= 0.7, decap >= 0.6 of the floor):",
               file=text_out)
         for r in checked:
             verdict = "met" if r.ratio >= targets[r.direction] else "MISSED"

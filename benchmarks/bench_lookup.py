@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SPD and SAD lookup cost against table size (issue 2 target: <= 2x from 10 to 10,000 policies
+"""SPD and SAD lookup cost against table size (target: <= 2x from 10 to 10,000 policies
 and from 10 to 100,000 SAs).
 
 SPD (``mipsec.ipsec.spd``): a gateway-shaped SPD, one ``10.1.0.0/24 -> <home address>/32

@@ -1,5 +1,5 @@
 """TOML configuration: a generated set round-trips; each bad case gives one clear message that
-names the file, the key and the problem (issue 4 acceptance)."""
+names the file, the key and the problem."""
 
 from __future__ import annotations
 

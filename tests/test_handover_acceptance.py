@@ -1,4 +1,4 @@
-"""Issue 3 acceptance, in the in-memory network (deterministic, virtual clock).
+"""The handover end to end, in the in-memory network (deterministic, virtual clock).
 
 * a continuous CN <-> MN stream survives two handovers and a return home; the timeline shows every
   step in order; the GW never sends to the new CoA before the SIU nor to the old one after it;

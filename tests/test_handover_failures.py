@@ -1,4 +1,4 @@
-"""Issue 3 acceptance, failure paths and attacks, in the in-memory network.
+"""Handover failure paths and attacks, in the in-memory network.
 
 Lost RRQ, lost SIU and lost RRP each recover by retransmission; an HA that never accepts leads
 to the re-establishment event.  Every attack is refused with its specific reason and changes no

@@ -1,4 +1,4 @@
-"""Hostile input to the ESP data path (issue 2 "Bad input"), beyond byte flips and truncation.
+"""Hostile input to the ESP data path, beyond byte flips and truncation.
 
 Structured attacks on one inbound SA and on the SAD in front of it: authenticated packets whose
 inner datagram is not a usable IPv4 packet, trailers at their limits, reserved SPIs, sequence

@@ -1,4 +1,4 @@
-"""Hostile input to the Mobile IP codecs and their security checks (issue 3 "Failure paths").
+"""Hostile input to the Mobile IP codecs and their security checks.
 
 Mutation-based and structure-aware: signed messages with one field or one byte changed, forged
 messages that try to move replay state, length fields that lie.  Every refusal is a

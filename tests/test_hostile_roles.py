@@ -1,4 +1,4 @@
-"""Structured attacks on the roles' entry points (issue 3 "Failure paths", issue 4 data path).
+"""Structured attacks on the roles' entry points (failure paths and the daemon data path).
 
 The basic refusals (forged / replayed RRQ and SIU, another MN's home address, forbidden
 destination) are in test_handover_failures.py, random mutation in test_roles_fuzz.py.  Here:

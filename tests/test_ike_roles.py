@@ -1,4 +1,4 @@
-"""IKEv2 inside the roles, in the in-memory network (issue 5 item 3; deterministic, virtual clock).
+"""IKEv2 inside the roles, in the in-memory network (deterministic, virtual clock).
 
 The MN negotiates its SA pair with the GW from its care-of address; the GW installs each child
 for the MN named by the IKE identity, with a wildcard inbound source; the HA does not know the
@@ -334,7 +334,7 @@ def test_garbage_on_the_ike_ports_never_raises_and_changes_nothing():
 
 
 def test_ha_refuses_registrations_mn_reestablishes_from_the_new_coa_and_traffic_resumes():
-    """Issue 5 acceptance in the simulator: the HA refuses the MN's registrations (its MN-HA key
+    """The re-establishment fallback in the simulator: the HA refuses the MN's registrations (its MN-HA key
     was changed by mistake: every RRQ fails authentication, RFC 5944 §3.8: no reply); the
     operator fixes it while the MN is still retrying; the MN gives up, re-establishes its
     tunnel with IKEv2 from its new CoA, registers and the stream resumes."""

@@ -1,4 +1,4 @@
-"""The lab acceptance (issue 4): real daemons on TUN devices in network namespaces.
+"""The lab: real daemons on TUN devices in network namespaces.
 
 One lab (unique namespace prefix) serves the module, in order:
 1. traffic CN <-> MN home address through two handovers (a -> b break-before-make, b -> a
