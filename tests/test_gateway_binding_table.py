@@ -48,7 +48,9 @@ class Rig:
                                                     SIU_PORT, data), 0.0)
 
     def into(self, state):
-        if state is not S.FRESH:
+        if state is S.IKE_BOUND:                   # IKE installed the pair from A
+            self.gw._bind_to_ike(self.mobile, (A, 4500), 0.0)
+        elif state is not S.FRESH:
             self.siu(SiuType.UPDATE, None, A)
         if state is S.UNBOUND:
             self.siu(SiuType.DEREGISTER, A, None)
@@ -63,6 +65,10 @@ def _event(rig, event):
     other = B if cur != B else C
     if event is E.MOBIKE_MOVED:
         return rig.gw._mobike_move(rig.mobile, (other, 4500), 0.0), other
+    if event is E.IKE_INSTALLED:       # only ever on a pair just installed (always FRESH)
+        if rig.mobile.state is not S.FRESH:
+            return None
+        return rig.gw._bind_to_ike(rig.mobile, (other, 4500), 0.0), other
     kind, old, new = {
         E.UPDATE_FROM_CURRENT: (SiuType.UPDATE, cur, other),
         E.UPDATE_TO_CURRENT: (SiuType.UPDATE, B if cur == A else A, cur),
@@ -99,7 +105,7 @@ def test_every_pair(state, event):
     sent = [a.packet for a in actions if isinstance(a, SendToNet)
             and a.packet[16:20] != a2b(rig.ha)]               # ESP to the MN (not the ACK)
     rebinds = [a for a in actions if isinstance(a, RebindSa)]
-    if effect in (Effect.REPOINT, Effect.MOBIKE):
+    if effect in (Effect.REPOINT, Effect.MOBIKE, Effect.BIND_IKE):
         assert rig.mobile.care_of == new and sa.remote == new and len(rebinds) == 1
         assert len(sent) == (1 if effect is Effect.REPOINT else 0)   # the reply, after
         if sent:           # re-pointed BEFORE the reply is encrypted and sent (there)

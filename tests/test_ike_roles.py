@@ -371,3 +371,36 @@ def test_ha_refuses_registrations_mn_reestablishes_from_the_new_coa_and_traffic_
     rep = stream_reports(topo, since=t_ok + 0.05, until=44.9)
     assert rep["downlink"].longest_interruption_s <= 0.011, rep
     assert rep["uplink"].longest_interruption_s <= 0.011, rep
+
+
+def test_siu_path_down_reestablished_sas_carry_the_downlink_without_an_siu():
+    """The HA->GW SIU path drops everything: after a move the MN gets no reply, gives up and
+    re-establishes IKE from its new CoA.  The GW binds the new pair to where IKE_AUTH came from,
+    so the downlink flows again through the new SA although no SIU ever reaches the GW."""
+    topo = _topo(ike={"dpd_interval_s": 0})
+    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    b = topo.care_of["b"][0]
+    gw_inside = bytes(int(x) for x in gw.inside.split("."))
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    start_streams(topo, interval_s=0.01, start=0.5, stop=45.0)
+    topo.sim.run(until=1.0)
+    first_out = gw.mobiles[mn.home_address].outbound.spi
+    sius_seen = [e for e in gw.timeline if e.kind == "gw-sa-repointed"]
+    topo.home.drop_next(lambda p: p[9] == 17 and p[16:20] == gw_inside
+                        and int.from_bytes(p[22:24], "big") == SIU_PORT, count=100000)
+    topo.move("b")
+    topo.sim.run(until=45.0)
+    kinds = [e.kind for e in mn.timeline]
+    assert tl.in_order(mn.timeline, ["coa-changed", "registration-failed",
+                                     "reestablish-requested", "ike-reestablish",
+                                     "ike-established", "sas-installed"]), kinds
+    m = gw.mobiles[mn.home_address]
+    assert m.outbound.spi != first_out                       # the re-established pair ...
+    assert m.outbound.remote == b and m.care_of == b         # ... bound by IKE, not by an SIU
+    assert m.state.value == "ike-bound"
+    assert [e for e in gw.timeline if e.kind == "gw-sa-repointed"] == sius_seen
+    bound = [e for e in gw.timeline if e.kind == "gw-sa-bound-by-ike"][-1]
+    assert bound.detail["remote"] == b and bound.detail["spi"] == m.outbound.spi
+    rep = stream_reports(topo, since=bound.time + 0.5, until=44.9)
+    assert rep["downlink"].received > 0 and rep["downlink"].longest_interruption_s <= 0.05, rep

@@ -50,16 +50,28 @@ Binding state machine per MN (``BINDING_TRANSITIONS``, the table IS the logic: `
 names the event, the table gives the next state and the effect, anything not in the table is
 refused as SIU_STALE_CARE_OF and changes nothing):
 
-    FRESH   --UPDATE (any Old CoA)----------> BOUND    REPOINT  (new SAs from IKE/config: the
+    FRESH   --UPDATE (any Old CoA)----------> BOUND    REPOINT  (new SAs from config: the
                                                                  HA may name the CoA it knew)
+    FRESH   --IKE installed-----------------> IKE_BOUND BIND_IKE (new SAs from IKE: to where
+                                                                 the IKE_AUTH came from)
+    IKE_BOUND --UPDATE (any CoAs)-----------> BOUND    REPOINT  (as FRESH: the HA's first SIU)
     UNBOUND --UPDATE (Old CoA 0.0.0.0)------> BOUND    REPOINT
     BOUND   --UPDATE (Old CoA = binding)----> BOUND    REPOINT  (a move: rebind, then RRP)
     BOUND   --UPDATE (New CoA = binding)----> BOUND    CONFIRM  (a repeat: RRP only)
     BOUND   --DEREGISTER (Old = binding)----> UNBOUND  RETIRE   (RRP to the binding, unbind)
-    FRESH/UNBOUND --DEREGISTER-------------> same     NOTHING
+    FRESH/UNBOUND/IKE_BOUND --DEREGISTER---> same     NOTHING
     any     --REJECT------------------------> same     REJECT   (RRP once to New CoA)
-    BOUND   --MOBIKE update (MOBIKE mode)---> BOUND    MOBIKE   (rebind to the IKE address)
+    BOUND/IKE_BOUND --MOBIKE update (MOBIKE mode)--> same MOBIKE (rebind to the IKE address)
     FRESH/UNBOUND --MOBIKE update-----------> same     NOTHING
+
+IKE_BOUND: a pair IKE installed (IKE_AUTH, or a re-establishment after INITIAL_CONTACT) points
+at once at the address and port the IKE_AUTH request came from (behind a NAT: its public
+address and port).  The IKE_AUTH response had to reach that address, so the MN proved it is
+there (the return routability MOBIKE would check); the downlink then flows without waiting for
+an SIU, also when the HA->GW path is down and the MN re-established IKE from a new CoA.  Only
+this first install binds: a later change of the IKE SA's address (a NAT-T float, a relayed
+request) still never moves the ESP SA in SIU mode (ESP_MOVE_NOT_BY_SIU).  Until the HA's
+first SIU the pair takes any Old CoA and any SPI, as FRESH does (the HA cannot know them).
 """
 
 from __future__ import annotations
@@ -105,7 +117,8 @@ STATUS_MOBILES = 256           # MNs shown in detail by status() (all are counte
 
 
 class BindingState(enum.Enum):
-    FRESH = "fresh"          # SAs installed (configuration, IKE), never bound by an SIU
+    FRESH = "fresh"          # SAs installed (configuration), never bound
+    IKE_BOUND = "ike-bound"  # SAs installed by IKE, bound to where IKE_AUTH came from, no SIU yet
     UNBOUND = "unbound"      # was bound; deregistered (downlink: NO_SA)
     BOUND = "bound"          # the outbound SA points at the MN's CoA
 
@@ -118,6 +131,7 @@ class BindingEvent(enum.Enum):
     DEREGISTER_FROM_OTHER = "deregister-from-other"
     REJECT = "reject"
     MOBIKE_MOVED = "mobike-moved"                  # authenticated UPDATE_SA_ADDRESSES
+    IKE_INSTALLED = "ike-installed"                # IKE installed this pair (IKE_AUTH's peer)
 
 
 class Effect(enum.Enum):
@@ -126,6 +140,7 @@ class Effect(enum.Enum):
     RETIRE = "retire"        # RRP to the binding, then unbind
     REJECT = "reject"        # RRP once to New CoA with the SA's keys; nothing moves
     MOBIKE = "mobike"        # rebind to where the IKE SA moved
+    BIND_IKE = "bind-ike"    # bind to where the IKE_AUTH that made the pair came from
     NOTHING = "nothing"
 
 
@@ -136,6 +151,14 @@ BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent], tuple[BindingState,
     (S.FRESH, E.DEREGISTER_FROM_CURRENT): (S.FRESH, X.NOTHING),
     (S.FRESH, E.REJECT): (S.FRESH, X.REJECT),
     (S.FRESH, E.MOBIKE_MOVED): (S.FRESH, X.NOTHING),
+    (S.FRESH, E.IKE_INSTALLED): (S.IKE_BOUND, X.BIND_IKE),
+    (S.IKE_BOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
+    (S.IKE_BOUND, E.UPDATE_FROM_OTHER): (S.BOUND, X.REPOINT),
+    (S.IKE_BOUND, E.UPDATE_TO_CURRENT): (S.BOUND, X.REPOINT),
+    (S.IKE_BOUND, E.DEREGISTER_FROM_CURRENT): (S.IKE_BOUND, X.NOTHING),
+    (S.IKE_BOUND, E.DEREGISTER_FROM_OTHER): (S.IKE_BOUND, X.NOTHING),
+    (S.IKE_BOUND, E.REJECT): (S.IKE_BOUND, X.REJECT),
+    (S.IKE_BOUND, E.MOBIKE_MOVED): (S.IKE_BOUND, X.MOBIKE),
     (S.UNBOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
     (S.UNBOUND, E.DEREGISTER_FROM_CURRENT): (S.UNBOUND, X.NOTHING),
     (S.UNBOUND, E.REJECT): (S.UNBOUND, X.REJECT),
@@ -147,6 +170,10 @@ BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent], tuple[BindingState,
     (S.BOUND, E.MOBIKE_MOVED): (S.BOUND, X.MOBIKE),
 }
 del S, E, X
+
+
+# pairs no SIU has bound yet: their first SIU may name any Old CoA and any SPI
+_UNCONFIRMED = frozenset((BindingState.FRESH, BindingState.IKE_BOUND))
 
 
 def classify(siu_type: SiuType, old: str | None, new: str | None,
@@ -494,7 +521,7 @@ class VpnGateway:
         # earns at most one ACK
         self.verifier.accept(siu)
         before = self.mobiles.get(siu.home_address)
-        mobile_was_fresh = before is not None and before.state is BindingState.FRESH
+        mobile_was_fresh = before is not None and before.state in _UNCONFIRMED
         if reason is not None:
             # SIU_STALE_EPOCH: from before our restart, or the HA has not learnt our epoch yet;
             # the ACK below tells it (docs/protocol.md §2.3)
@@ -525,8 +552,8 @@ class VpnGateway:
         if mobile.home_agent != siu.sender:
             return self._refuse(now, DropReason.SIU_UNKNOWN_SENDER, home_address=siu.home_address,
                                 sender=siu.sender)
-        if not (mobile.names_spi(siu.gateway_spi) or mobile.state is BindingState.FRESH):
-            # a fresh pair (new SAs from IKE, never bound) takes any SPI, as it takes any old
+        if not (mobile.names_spi(siu.gateway_spi) or mobile.state in _UNCONFIRMED):
+            # a fresh pair (new SAs, no SIU yet) takes any SPI, as it takes any old
             # CoA: the HA cannot know the SPI the GW just negotiated
             return self._refuse(now, DropReason.SIU_UNKNOWN_SA, home_address=siu.home_address,
                                 spi=siu.gateway_spi)
@@ -756,7 +783,7 @@ class VpnGateway:
             if cfg is None:               # cannot happen: only configured identities have a PSK
                 return [Log("warning", f"child SA for unknown IKE identity {ev.ike_sa.peer_id}")]
             sin, sout = ev.child.make_sas(now=now, inbound_any_source=True)
-            sout.rebind(remote=UNBOUND_ADDRESS)           # the HA's next SIU binds it
+            sout.rebind(remote=UNBOUND_ADDRESS)           # bound below, through the table
             actions = self.install_mobile(cfg.home_address, sin, sout, home_agent=cfg.home_agent,
                                           allowed_destinations=cfg.allowed_destinations, now=now)
             mobile = self.mobiles[cfg.home_address]
@@ -766,7 +793,7 @@ class VpnGateway:
             tl.record(self.timeline, now, self.name, "gw-sas-installed",
                       home_address=cfg.home_address, ike_id=cfg.ike_id, inbound_spi=sin.spi,
                       outbound_spi=sout.spi, peer=ev.ike_sa.remote[0])
-            return actions
+            return actions + self._bind_to_ike(mobile, ev.ike_sa.remote, now)
         if cls is ChildSaRekeyed:
             mobile = self._ike_mobile(ev.ike_sa)
             if mobile is None or mobile.ike_sa is not ev.ike_sa:
@@ -816,6 +843,27 @@ class VpnGateway:
             return [Log("info", f"IKE SA {ev.ike_sa.name} with {ev.ike_sa.peer_id or '?'} "
                                 f"ended: {ev.reason}")]
         return []
+
+    def _bind_to_ike(self, mobile: Mobile, remote: tuple[str, int], now: float) -> list[Action]:
+        """IKE just installed the MN's pair (the table's IKE_INSTALLED): point its outbound SA
+        at ``remote``, the address (and, with UDP encapsulation, the port) of the authenticated
+        IKE peer: the IKE_AUTH response reached it.  The HA's SIU later moves it as usual."""
+        address = remote[0]
+        if ipip.unusable_care_of(address, self._own_addresses) or mobile.allows(a2b(address)):
+            return self._drop(DropReason.MIP_BAD_CARE_OF)     # stays FRESH: the SIU binds it
+        next_state, effect = BINDING_TRANSITIONS[(mobile.state, BindingEvent.IKE_INSTALLED)]
+        mobile.state = next_state
+        if effect is not Effect.BIND_IKE:
+            return []
+        sa = mobile.outbound
+        if sa.udp_encap is not None:
+            sa.rebind(remote=address, udp_encap=UdpEncap(sa.udp_encap.local_port, remote[1]))
+        else:
+            sa.rebind(remote=address)
+        mobile.care_of = address
+        tl.record(self.timeline, now, self.name, "gw-sa-bound-by-ike",
+                  home_address=mobile.home_address, remote=address, spi=sa.spi)
+        return [RebindSa(sa.spi, sa.local, address)]
 
     def _mobike_move(self, mobile: Mobile, remote: tuple[str, int], now: float) -> list[Action]:
         """MOBIKE (RFC 4555) moved the MN's IKE SA by an authenticated UPDATE_SA_ADDRESSES:
