@@ -34,7 +34,7 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from mipsec.errors import ConfigError
 
 _Q = struct.Struct("!Q")
-_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
            "sha512": hashes.SHA512}
 RANDOM_POOL_BYTES = 4096   # CBC: random blocks are cut from a pool refilled every 256 packets
 _compare = hmac.compare_digest
@@ -140,6 +140,12 @@ class Transform(abc.ABC):
     """Base: the attributes the SA reads to size packets, and the two per-packet operations."""
 
     __slots__ = ("encryption", "integrity", "iv_size", "icv_size", "align", "block_size")
+    encryption: EncryptionSpec
+    integrity: IntegritySpec | None
+    iv_size: int                 # bytes of explicit IV per packet
+    icv_size: int                # bytes of ICV (AEAD tag or truncated HMAC)
+    align: int                   # the padded plaintext is a multiple of this
+    block_size: int              # the cipher's block (1 for stream ciphers and NULL)
 
     @abc.abstractmethod
     def seal(self, header: bytes, seq: int, seq_hi: bytes, plaintext: bytes) -> bytes:

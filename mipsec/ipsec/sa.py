@@ -37,12 +37,13 @@ import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 
 from mipsec.crypto.transforms import (
-    ENCRYPTION, INTEGRITY, RANDOM_POOL_BYTES, Aead, CbcHmac, make_transform,
+    ENCRYPTION, INTEGRITY, RANDOM_POOL_BYTES, Aead, CbcHmac, NullHmac, make_transform,
 )
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
@@ -126,6 +127,11 @@ class SelectorLike(Protocol):
     def matches_outbound(self, packet: bytes) -> bool: ...
 
 
+class PacketFunction(Protocol):
+    """``sa.encapsulate`` / ``sa.decapsulate``: a packet in, a packet out (or ``Dropped``)."""
+    def __call__(self, packet: bytes, /, now: float = 0.0) -> bytes: ...
+
+
 class SaCounters:
     """Per-SA counters.  ``octets`` counts inner packet bytes; ``drops`` counts by reason."""
 
@@ -173,6 +179,12 @@ class SecurityAssociation:
         "_local", "_remote", "_seq_max", "_min_esp", "_ident", "_deadline", "_byte_limit",
         "_inbound", "_kind", "_max_inner", "encapsulate", "decapsulate", "_configure",
     )
+    # the data path: per-SA closures (see _build_data_path)
+    encapsulate: PacketFunction
+    decapsulate: PacketFunction
+    _configure: Callable[[], None]
+    _deadline: float               # next time the lifetime state changes (inf: never)
+    _byte_limit: float             # next octet count at which it changes (inf: never)
 
     def __init__(
         self, *, spi: int, direction: Direction,
@@ -288,12 +300,11 @@ class SecurityAssociation:
         if lt is None:
             self._deadline, self._byte_limit = _INF, _INF
             return
-        times = [lt.hard_seconds] + ([] if self.needs_rekey else [lt.soft_seconds])
-        sizes = [lt.hard_bytes] + ([] if self.needs_rekey else [lt.soft_bytes])
-        times = [self.created + t for t in times if t is not None]
-        sizes = [b for b in sizes if b is not None]
-        self._deadline = min(times, default=_INF)
-        self._byte_limit = min(sizes, default=_INF)
+        time_limits = [lt.hard_seconds] + ([] if self.needs_rekey else [lt.soft_seconds])
+        byte_limits = [lt.hard_bytes] + ([] if self.needs_rekey else [lt.soft_bytes])
+        self._deadline = min((self.created + t for t in time_limits if t is not None),
+                             default=_INF)
+        self._byte_limit = min((b for b in byte_limits if b is not None), default=_INF)
 
     def _update_lifetime(self, now: float) -> None:
         """Set ``needs_rekey`` / ``expired`` for ``now`` and the octets so far."""
@@ -400,14 +411,22 @@ def _selector_plan(selector: Any) -> tuple[int, int, int, int, int]:
             selector.remote_net)
 
 
-def _wrong_direction(sa: SecurityAssociation, direction: str, operation: str):
+
+def _no_selector(packet: bytes) -> bool:
+    """An SA without a selector lets every inner packet through (never called: its plan is
+    _SEL_NONE, so the data path skips the check)."""
+    return True
+
+
+def _wrong_direction(sa: SecurityAssociation, direction: str,
+                     operation: str) -> PacketFunction:
     def refuse(packet: bytes, now: float = 0.0) -> bytes:
         raise UsageError(f"SA 0x{sa.spi:08x} is {direction}: it cannot {operation}")
     refuse.__doc__ = f"Refuses: an {direction} SA cannot {operation}."
     return refuse
 
 
-def _outbound_path(sa: SecurityAssociation):
+def _outbound_path(sa: SecurityAssociation) -> tuple[PacketFunction, Callable[[], None]]:
     """(encapsulate, configure) for an outbound SA."""
     t = sa.transform
     counters = sa.counters
@@ -432,28 +451,33 @@ def _outbound_path(sa: SecurityAssociation):
     fmt = "!HHHHHH8s" + ("HHHH" if udp else "") + ("II" if esn else "Q") + ("Q" if aead else "")
     pack = struct.Struct(fmt).pack
     spi_high = spi << 32
-    if aead:
+    if isinstance(t, Aead):
         aead_encrypt, salt = t.encrypt, t.salt
-    else:
+    elif isinstance(t, CbcHmac):
         hmac_copy = t.hmac.keyed.copy
-        cbc_encrypt, random = (t.encrypt_update, t.random) if cbc else (None, None)
+        cbc_encrypt, random = t.encrypt_update, t.random
+    elif isinstance(t, NullHmac):
+        hmac_copy = t.hmac.keyed.copy
     pool, pool_pos = b"", RANDOM_POOL_BYTES     # CBC random blocks, see mipsec.crypto.transforms
     # set by configure(): addresses, UDP ports, checksum base, selector plan
     addresses = b""
     sport = dport = csum_base = 0
     sel_kind = lmask = lnet = rmask = rnet = 0
-    sel_out: Callable[[bytes], bool] | None = None
+    sel_out: Callable[[bytes], bool] = _no_selector
 
     def configure() -> None:
         nonlocal addresses, sport, dport, csum_base, sel_kind, lmask, lnet, rmask, rnet, sel_out
-        addresses = sa._local + sa._remote
-        if udp:
-            sport, dport = sa.udp_encap.local_port, sa.udp_encap.remote_port
+        local_b, remote_b = sa._local, sa._remote
+        assert local_b is not None and remote_b is not None, "checked by _set_addresses"
+        addresses = local_b + remote_b
+        encap = sa.udp_encap
+        if encap is not None:           # rebind() keeps an SA raw or UDP: same as ``udp``
+            sport, dport = encap.local_port, encap.remote_port
         # RFC 1071 sum of the constant words (version/IHL, TTL/protocol, addresses) plus the
         # constant part of the total length; per packet: + TOS + padded length + ident + DF
         csum_base = sum(struct.unpack("!4H", addresses)) + 0x4500 + ttl_proto + overhead
         sel_kind, lmask, lnet, rmask, rnet = _selector_plan(sa.selector)
-        sel_out = sa.selector.matches_outbound if sa.selector is not None else None
+        sel_out = sa.selector.matches_outbound if sa.selector is not None else _no_selector
 
     def encapsulate(inner_ipv4: bytes, now: float = 0.0) -> bytes:
         """ESP tunnel mode (RFC 4303 §3.1.2): the whole outer IPv4 packet for ``inner_ipv4``."""
@@ -551,7 +575,7 @@ def _outbound_path(sa: SecurityAssociation):
     return encapsulate, configure
 
 
-def _inbound_path(sa: SecurityAssociation):
+def _inbound_path(sa: SecurityAssociation) -> tuple[PacketFunction, Callable[[], None]]:
     """(decapsulate, configure) for an inbound SA."""
     t = sa.transform
     counters = sa.counters
@@ -568,16 +592,18 @@ def _inbound_path(sa: SecurityAssociation):
     cbc = sa._kind == _CBC
     udp = sa.udp_encap is not None
     want_proto = IPPROTO_UDP if udp else IPPROTO_ESP
-    if aead:
+    if isinstance(t, Aead):
         aead_decrypt, salt = t.decrypt, t.salt
-    else:
+    elif isinstance(t, CbcHmac):
         hmac_copy = t.hmac.keyed.copy
-        cbc_decrypt = t.decrypt_update if cbc else None
+        cbc_decrypt = t.decrypt_update
+    elif isinstance(t, NullHmac):
+        hmac_copy = t.hmac.keyed.copy
     # set by configure()
     udp_port = 0
     local = remote = both = None
     sel_kind = lmask = lnet = rmask = rnet = 0
-    sel_in: Callable[[bytes], bool] | None = None
+    sel_in: Callable[[bytes], bool] = _no_selector
 
     def drop(reason: DropReason) -> Dropped:
         drops[reason] += 1
@@ -585,14 +611,15 @@ def _inbound_path(sa: SecurityAssociation):
 
     def configure() -> None:
         nonlocal udp_port, local, remote, both, sel_kind, lmask, lnet, rmask, rnet, sel_in
-        if udp:
-            udp_port = sa.udp_encap.local_port
+        encap = sa.udp_encap
+        if encap is not None:           # rebind() keeps an SA raw or UDP: same as ``udp``
+            udp_port = encap.local_port
         # as integers; inbound packets carry remote (source) then local (destination)
         local = None if sa._local is None else _from_bytes(sa._local, "big")
         remote = None if sa._remote is None else _from_bytes(sa._remote, "big")
         both = remote << 32 | local if remote is not None and local is not None else None
         sel_kind, lmask, lnet, rmask, rnet = _selector_plan(sa.selector)
-        sel_in = sa.selector.matches_inbound if sa.selector is not None else None
+        sel_in = sa.selector.matches_inbound if sa.selector is not None else _no_selector
 
     def decapsulate(outer_ipv4: bytes, now: float = 0.0) -> bytes:
         """The inner IPv4 packet of an ESP tunnel-mode packet, or raises ``Dropped``."""
@@ -764,7 +791,7 @@ def tshark_esp_sa_fields(sa: SecurityAssociation) -> list[str]:
     if sa._inbound:
         src, dst = sa.remote or "*", sa.local or "*"
     else:
-        src, dst = sa.local, sa.remote
+        src, dst = sa.local or "*", sa.remote or "*"     # both set on an outbound SA
     auth = INTEGRITY[sa.integrity].tshark_name if sa.integrity else "NULL"
     return ["IPv4", src, dst, f"0x{sa.spi:08x}", espec.tshark_names[0],
             "0x" + sa._encryption_key.hex(), auth, "0x" + sa._integrity_key.hex()]

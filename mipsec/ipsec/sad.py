@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped, ParseError, UsageError
+
+if TYPE_CHECKING:
+    from mipsec.ipsec.sa import SecurityAssociation
 
 # --- specification constants (RFC 791, RFC 4303, RFC 3948) ------------------------------------
 _IPPROTO_UDP = 17             # RFC 768
@@ -74,7 +78,7 @@ def find_spi(outer_packet: bytes) -> int | DropReason:
         return DropReason.WRONG_PROTOCOL
     if n < offset + 4:
         return DropReason.TRUNCATED
-    spi = _SPI.unpack_from(outer_packet, offset)[0]
+    spi: int = _SPI.unpack_from(outer_packet, offset)[0]
     if spi == 0 and proto == _IPPROTO_UDP:
         return DropReason.WRONG_PROTOCOL       # RFC 3948 §2.2: non-ESP marker, IKE's traffic
     return spi
@@ -83,13 +87,13 @@ def find_spi(outer_packet: bytes) -> int | DropReason:
 class Sad:
     """Inbound SAs keyed by SPI."""
 
-    def __init__(self, sas: list[Any] | None = None):
-        self._sas: dict[int, Any] = {}
+    def __init__(self, sas: list[SecurityAssociation] | None = None):
+        self._sas: dict[int, SecurityAssociation] = {}
         self.drops: Counter[DropReason] = Counter()
         for sa in sas or ():
             self.add(sa)
 
-    def add(self, sa: Any) -> Any:
+    def add(self, sa: SecurityAssociation) -> SecurityAssociation:
         """Install an inbound SA under ``sa.spi``; a second SA with the same SPI is refused."""
         spi = getattr(sa, "spi", None)
         if not isinstance(spi, int) or not _SPI_MIN <= spi <= 0xFFFFFFFF:
@@ -100,20 +104,20 @@ class Sad:
         self._sas[spi] = sa
         return sa
 
-    def remove(self, spi: int) -> Any:
+    def remove(self, spi: int) -> SecurityAssociation:
         """Remove and return the SA with ``spi``."""
         try:
             return self._sas.pop(spi)
         except KeyError:
             raise UsageError(f"Sad.remove: no SA with SPI {spi!r}") from None
 
-    def get(self, spi: int) -> Any | None:
+    def get(self, spi: int) -> SecurityAssociation | None:
         return self._sas.get(spi)
 
-    def lookup(self, outer_packet: bytes) -> Any | DropReason:
+    def lookup(self, outer_packet: bytes) -> SecurityAssociation | DropReason:
         """The SA an outer packet is for, or the DropReason (not counted: no state changes)."""
         spi = find_spi(outer_packet)
-        if spi.__class__ is not int:
+        if isinstance(spi, DropReason):
             return spi
         sa = self._sas.get(spi)
         return DropReason.UNKNOWN_SPI if sa is None else sa
@@ -138,7 +142,7 @@ class Sad:
                     sa = self._sas.get(_unpack_spi(outer_packet, _UDP_SPI_OFFSET)[0])
         if sa is None:
             spi = find_spi(outer_packet)
-            if spi.__class__ is not int:
+            if isinstance(spi, DropReason):
                 self.drops[spi] += 1
                 return spi
             sa = self._sas.get(spi)
@@ -156,7 +160,7 @@ class Sad:
     def __len__(self) -> int:
         return len(self._sas)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[SecurityAssociation]:
         return iter(list(self._sas.values()))
 
     def __contains__(self, spi: object) -> bool:

@@ -119,7 +119,11 @@ def _parse_prefix(field: str, value: str | None) -> tuple[str | None, int, int, 
     return str(net), int(net.network_address), int(net.netmask), net.prefixlen
 
 
-def _parse_ports(field: str, value: Any) -> tuple[int, int] | None:
+# a port range as configured: (low, high), one port, "low-high" or "any" text, or None (any)
+PortRange = tuple[int, int] | int | str | None
+
+
+def _parse_ports(field: str, value: PortRange) -> tuple[int, int] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -186,11 +190,28 @@ class Selector:
         "remote_net", "remote_mask", "remote_prefixlen",
         "_lp_low", "_lp_high", "_rp_low", "_rp_high", "_has_ports", "_hash",
     )
+    # set once in __init__ through object.__setattr__ (the class refuses assignment)
+    local: str | None
+    remote: str | None
+    protocol: int | None
+    local_ports: tuple[int, int] | None
+    remote_ports: tuple[int, int] | None
+    local_net: int
+    local_mask: int
+    local_prefixlen: int
+    remote_net: int
+    remote_mask: int
+    remote_prefixlen: int
+    _lp_low: int
+    _lp_high: int
+    _rp_low: int
+    _rp_high: int
+    _has_ports: bool
+    _hash: int
 
     def __init__(self, local: str | None = None, remote: str | None = None,
                  protocol: int | str | None = None,
-                 local_ports: tuple[int, int] | None = None,
-                 remote_ports: tuple[int, int] | None = None):
+                 local_ports: PortRange = None, remote_ports: PortRange = None):
         set_ = object.__setattr__
         local_text, lnet, lmask, llen = _parse_prefix("local", local)
         remote_text, rnet, rmask, rlen = _parse_prefix("remote", remote)
@@ -382,7 +403,8 @@ class Selector:
     def __repr__(self) -> str:
         return f"Selector.parse({str(self)!r})"
 
-    def _key(self) -> tuple:
+    def _key(self) -> tuple[str | None, str | None, int | None, tuple[int, int] | None,
+                            tuple[int, int] | None]:
         return (self.local, self.remote, self.protocol, self.local_ports, self.remote_ports)
 
     def __eq__(self, other: object) -> bool:
@@ -393,7 +415,7 @@ class Selector:
     def __hash__(self) -> int:
         return self._hash
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Selector], tuple[object, ...]]:
         return (Selector, self._key())
 
 

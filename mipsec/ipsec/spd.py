@@ -38,11 +38,15 @@ from __future__ import annotations
 import enum
 import struct
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
 from mipsec.ipsec.selector import PROTO_TCP, PROTO_UDP, Selector, five_tuple
+
+if TYPE_CHECKING:
+    from mipsec.ipsec.sa import SecurityAssociation
 
 # --- tunables -----------------------------------------------------------------------------------
 DECISION_CACHE_MAX = 65536   # flows remembered between SPD changes (oldest evicted first)
@@ -62,8 +66,14 @@ class Policy:
     """One SPD entry.  ``sa`` is the outbound SA (``SecurityAssociation``) for PROTECT."""
 
     __slots__ = ("name", "selector", "action", "sa")
+    # set in __init__ through object.__setattr__ (only ``sa`` may change afterwards)
+    name: str
+    selector: Selector
+    action: Action
+    sa: SecurityAssociation | None
 
-    def __init__(self, name: str, selector: Selector, action: Action | str, sa: Any = None):
+    def __init__(self, name: str, selector: Selector, action: Action | str,
+                 sa: SecurityAssociation | None = None):
         if not isinstance(name, str) or not name:
             raise ConfigError(f"policy name must be a non-empty string, got {name!r}")
         if isinstance(selector, str):
@@ -106,10 +116,10 @@ class Spd:
     def __init__(self, policies: list[Policy] | None = None):
         self._policies: list[Policy] = []
         self._by_name: dict[str, Policy] = {}
-        self._cache: dict[tuple, Policy | None] = {}
+        self._cache: dict[_FlowKey, Policy | None] = {}
         # [(lowest position, local_mask, remote_mask, {(lnet, rnet): [(position, policy), ...]})]
-        self._groups: list[tuple[int, int, int, dict[tuple[int, int], list]]] = []
-        self._group_of: dict[tuple[int, int], dict[tuple[int, int], list]] = {}
+        self._groups: list[tuple[int, int, int, dict[tuple[int, int], _Bucket]]] = []
+        self._group_of: dict[tuple[int, int], dict[tuple[int, int], _Bucket]] = {}
         self.drops: Counter[DropReason] = Counter()
         if policies:
             self.extend(policies)
@@ -125,7 +135,7 @@ class Spd:
         self._cache.clear()
         return policy
 
-    def extend(self, policies) -> None:
+    def extend(self, policies: Iterable[Policy]) -> None:
         """Append several policies in order (all or none are added)."""
         policies = list(policies)
         names = set()
@@ -262,8 +272,8 @@ class Spd:
                 policy = self._general_lookup(inner_packet)
         else:
             policy = self._general_lookup(inner_packet)
-        if policy.__class__ is not Policy:
-            reason = DropReason.NO_POLICY if policy is None else policy
+        if not isinstance(policy, Policy):
+            reason = policy if isinstance(policy, DropReason) else DropReason.NO_POLICY
             self.drops[reason] += 1
             return reason
         action = policy.action
@@ -317,6 +327,10 @@ _unpack_fast = _FAST.unpack_from
 _FRAGMENT_OFFSET_MASK = 0x1FFF
 _TCP, _UDP = PROTO_TCP, PROTO_UDP
 _MISSING = object()
+# a flow as the decision cache keys it: (src, dst, protocol, sport, dport); ports None = OPAQUE
+_FlowKey = tuple[int, int, int, int | None, int | None]
+# one prefix-index bucket: [(position in the SPD, policy), ...] in SPD order
+_Bucket = list[tuple[int, "Policy"]]
 
 
 def _unparseable_reason(packet: bytes) -> DropReason:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
@@ -128,7 +129,9 @@ class SiuVerifier:
                  floor: int = 0, window: int = SIU_REPLAY_WINDOW):
         self._keys: dict[str, dict[int, hmac.HMAC]] = {}
         for address, entry in keys_by_ha_address.items():
-            pairs = [entry] if isinstance(entry, tuple) and isinstance(entry[0], int) else entry
+            # one (key id, key) pair is itself a sequence: the first item tells the forms apart
+            pairs = ([cast("tuple[int, bytes]", entry)] if isinstance(entry[0], int)
+                     else cast("Sequence[tuple[int, bytes]]", entry))
             keys: dict[int, hmac.HMAC] = {}
             for key_id, key in pairs:
                 if len(key) < MIN_KEY_BYTES:

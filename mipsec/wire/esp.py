@@ -49,7 +49,8 @@ class EspHeader:
 
 
 def build_esp_header(header: EspHeader) -> bytes:
-    return ESP_HEADER.build(dict(spi=header.spi, sequence=header.sequence))
+    built: bytes = ESP_HEADER.build(dict(spi=header.spi, sequence=header.sequence))
+    return built
 
 
 def parse_esp_header(data: bytes) -> EspHeader:
@@ -63,8 +64,8 @@ def build_trailer(payload_length: int, align: int, next_header: int) -> bytes:
     """Padding 1, 2, 3 ... + pad length + next header so that payload + trailer is a multiple
     of ``align`` (RFC 4303 §2.4: at least 4, the cipher block size for CBC)."""
     pad = -(payload_length + TRAILER_BYTES) % align
-    return DEFAULT_PADDING[:pad] + ESP_TRAILER_TAIL.build(dict(pad_length=pad,
-                                                                next_header=next_header))
+    tail: bytes = ESP_TRAILER_TAIL.build(dict(pad_length=pad, next_header=next_header))
+    return DEFAULT_PADDING[:pad] + tail
 
 
 def parse_trailer(plaintext: bytes) -> tuple[bytes, int]:

@@ -165,7 +165,7 @@ def build_ipv4(header: Ipv4Header, payload: bytes = b"") -> bytes:
         checksum=0, source=addr_to_int(header.source),
         destination=addr_to_int(header.destination),
     )
-    raw = IPV4_HEADER.build(fields) + header.options
+    raw: bytes = IPV4_HEADER.build(fields) + header.options
     value = checksum(raw)
     return raw[:OFF_CHECKSUM] + value.to_bytes(2, "big") + raw[OFF_CHECKSUM + 2:] + payload
 
@@ -224,9 +224,10 @@ def parse_ipv4(packet: bytes, *, verify_checksum: bool = True) -> tuple[Ipv4Head
 
 def build_udp(header: UdpHeader, payload: bytes = b"") -> bytes:
     length = header.length or UDP_HEADER_BYTES + len(payload)
-    return UDP_HEADER.build(dict(source_port=header.source_port,
-                                 destination_port=header.destination_port,
-                                 length=length, checksum=header.checksum)) + payload
+    head: bytes = UDP_HEADER.build(dict(source_port=header.source_port,
+                                        destination_port=header.destination_port,
+                                        length=length, checksum=header.checksum))
+    return head + payload
 
 
 def parse_udp(datagram: bytes) -> tuple[UdpHeader, bytes]:

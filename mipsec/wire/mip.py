@@ -184,8 +184,9 @@ class Extension:
         if self.subtype is not None or self.type in LONG_FORMAT_EXTENSION_TYPES:
             if len(self.data) > 0xFFFF:
                 raise UsageError(f"extension type {self.type}: data longer than 65535 bytes")
-            return LONG_EXTENSION.build(dict(type=self.type, subtype=self.subtype or 0,
-                                             length=len(self.data), data=self.data))
+            built: bytes = LONG_EXTENSION.build(dict(type=self.type, subtype=self.subtype or 0,
+                                                     length=len(self.data), data=self.data))
+            return built
         if len(self.data) > 0xFF:
             raise UsageError(f"extension type {self.type}: data longer than 255 bytes")
         return bytes((self.type, len(self.data))) + self.data
@@ -359,7 +360,7 @@ def build_registration_request(rrq: RegistrationRequest) -> bytes:
     """The UDP payload of ``rrq``, extensions in the order given."""
     _check_u(rrq.lifetime, 16, "lifetime")
     _check_u(rrq.identification, 64, "identification")
-    head = RRQ_HEADER.build(dict(
+    head: bytes = RRQ_HEADER.build(dict(
         flags=int(rrq.flags), lifetime=rrq.lifetime, home_address=_pack_addr(rrq.home_address),
         home_agent=_pack_addr(rrq.home_agent), care_of_address=_pack_addr(rrq.care_of_address),
         identification=rrq.identification))
@@ -371,7 +372,7 @@ def build_registration_reply(rrp: RegistrationReply) -> bytes:
     _check_u(int(rrp.code), 8, "code")
     _check_u(rrp.lifetime, 16, "lifetime")
     _check_u(rrp.identification, 64, "identification")
-    head = RRP_HEADER.build(dict(
+    head: bytes = RRP_HEADER.build(dict(
         code=int(rrp.code), lifetime=rrp.lifetime, home_address=_pack_addr(rrp.home_address),
         home_agent=_pack_addr(rrp.home_agent), identification=rrp.identification))
     return head + b"".join(e.encode() for e in rrp.extensions)

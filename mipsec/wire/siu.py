@@ -94,7 +94,7 @@ def build_siu_body(siu: Siu) -> bytes:
                               (siu.gateway_epoch, 64, "gateway_epoch")):
         if not 0 <= value < (1 << bits):
             raise UsageError(f"SIU {name} {value} does not fit {bits} bits")
-    return SIU_HEADER.build(dict(
+    body: bytes = SIU_HEADER.build(dict(
         type=int(siu.type), flags=int(siu.flags), key_id=siu.key_id,
         sender=_pack_addr(siu.sender, "sender"), sequence=siu.sequence, timestamp=siu.timestamp,
         home_address=_pack_addr(siu.home_address, "home_address"),
@@ -102,6 +102,7 @@ def build_siu_body(siu: Siu) -> bytes:
         new_care_of=_pack_addr(siu.new_care_of, "new_care_of"),
         gateway_spi=siu.gateway_spi, lifetime=siu.lifetime, rrp_length=len(siu.rrp),
         gateway_epoch=siu.gateway_epoch, rrp=siu.rrp))
+    return body
 
 
 def build_siu(siu: Siu) -> bytes:
