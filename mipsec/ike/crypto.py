@@ -29,7 +29,7 @@ Random = Callable[[int], bytes]
 
 # --- PRF and prf+ (§2.13) ------------------------------------------------------------------------
 
-PRF_KEY_LEN = {Prf.PRF_HMAC_SHA2_256: 32}       # RFC 4868 §2.1.2: preferred key size = output
+PRF_KEY_LEN: dict[int, int] = {Prf.PRF_HMAC_SHA2_256: 32}       # RFC 4868 §2.1.2: preferred key size = output
 
 
 def prf(algorithm: int, key: bytes, data: bytes) -> bytes:
@@ -63,7 +63,7 @@ MODP_2048_P = int(
     "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA0510"
     "15728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
 MODP_2048_G = 2
-KE_LEN = {DhGroup.MODP_2048: 256, DhGroup.ECP_256: 64, DhGroup.CURVE25519: 32}  # §3.4 data sizes
+KE_LEN: dict[int, int] = {DhGroup.MODP_2048: 256, DhGroup.ECP_256: 64, DhGroup.CURVE25519: 32}  # §3.4 data sizes
 
 
 class DhPrivate:
@@ -76,13 +76,13 @@ class DhPrivate:
             self.public = pow(MODP_2048_G, self._x, MODP_2048_P).to_bytes(256, "big")
         elif self.group == DhGroup.ECP_256:
             x = secret if isinstance(secret, int) else int.from_bytes(secret, "big")
-            self._key = ec.derive_private_key(x, ec.SECP256R1())
-            nums = self._key.public_key().public_numbers()
+            self._ec_key = ec.derive_private_key(x, ec.SECP256R1())
+            nums = self._ec_key.public_key().public_numbers()
             # RFC 5903 §7: the KE data is x | y, without the SEC1 0x04 prefix
             self.public = nums.x.to_bytes(32, "big") + nums.y.to_bytes(32, "big")
         elif self.group == DhGroup.CURVE25519:
-            self._key = x25519.X25519PrivateKey.from_private_bytes(bytes(secret))
-            self.public = self._key.public_key().public_bytes_raw()   # RFC 8031 §2
+            self._x25519_key = x25519.X25519PrivateKey.from_private_bytes(bytes(secret))
+            self.public = self._x25519_key.public_key().public_bytes_raw()   # RFC 8031 §2
         else:  # pragma: no cover - DhGroup() already refused it
             raise UsageError(f"DH group {group} is not implemented")
 
@@ -114,12 +114,12 @@ class DhPrivate:
             try:
                 pub = ec.EllipticCurvePublicKey.from_encoded_point(
                     ec.SECP256R1(), b"\x04" + peer_public)     # checks the point is on the curve
-                shared = self._key.exchange(ec.ECDH(), pub)
+                shared = self._ec_key.exchange(ec.ECDH(), pub)
             except ValueError as e:
                 raise ParseError(f"bad ECP-256 point: {e}", DropReason.MALFORMED) from None
             return shared                                       # RFC 5903 §7: x coordinate only
         try:
-            shared = self._key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+            shared = self._x25519_key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as e:                                  # all-zero result, RFC 8031 §2.3
             raise ParseError(f"bad Curve25519 value: {e}", DropReason.MALFORMED) from None
         return shared
@@ -127,9 +127,9 @@ class DhPrivate:
 
 # --- IKE SA keys (§2.14) ------------------------------------------------------------------------
 
-ENCR_BLOCK = {Encr.ENCR_AES_CBC: 16, Encr.ENCR_AES_GCM_16: 1}
-INTEG_KEY_LEN = {Integ.AUTH_HMAC_SHA2_256_128: 32}
-INTEG_ICV_LEN = {Integ.AUTH_HMAC_SHA2_256_128: 16}
+ENCR_BLOCK: dict[int, int] = {Encr.ENCR_AES_CBC: 16, Encr.ENCR_AES_GCM_16: 1}
+INTEG_KEY_LEN: dict[int, int] = {Integ.AUTH_HMAC_SHA2_256_128: 32}
+INTEG_ICV_LEN: dict[int, int] = {Integ.AUTH_HMAC_SHA2_256_128: 16}
 
 
 def encr_key_len(encr: int, key_bits: int) -> int:

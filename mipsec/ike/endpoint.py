@@ -202,9 +202,9 @@ class IkeEndpoint:
         return out + extra
 
     def _forget(self, sa: IkeSa) -> None:
-        for key in (sa.spi_i, sa.spi_r):
-            if self._by_spi.get(key) is sa:
-                del self._by_spi[key]
+        for spi in (sa.spi_i, sa.spi_r):
+            if self._by_spi.get(spi) is sa:
+                del self._by_spi[spi]
         for key, s in list(self._half_open.items()):
             if s is sa:
                 del self._half_open[key]

@@ -22,9 +22,9 @@ from mipsec.ike.codec import Proposal, Transform
 from mipsec.ike.constants import DhGroup, Encr, Esn, Integ, Prf, ProtocolId, TransformType
 from mipsec.ike.crypto import IkeSuite, encr_key_len
 
-ESP_ENCR_NAMES = {Encr.ENCR_AES_CBC: "ENCR_AES_CBC", Encr.ENCR_AES_GCM_16: "ENCR_AES_GCM_16"}
-ESP_INTEG_NAMES = {Integ.AUTH_HMAC_SHA2_256_128: "AUTH_HMAC_SHA2_256_128"}
-ESP_INTEG_KEY_LEN = {Integ.AUTH_HMAC_SHA2_256_128: 32}
+ESP_ENCR_NAMES: dict[int, str] = {Encr.ENCR_AES_CBC: "ENCR_AES_CBC", Encr.ENCR_AES_GCM_16: "ENCR_AES_GCM_16"}
+ESP_INTEG_NAMES: dict[int, str] = {Integ.AUTH_HMAC_SHA2_256_128: "AUTH_HMAC_SHA2_256_128"}
+ESP_INTEG_KEY_LEN: dict[int, int] = {Integ.AUTH_HMAC_SHA2_256_128: 32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +180,7 @@ def choose_esp(offered: tuple[Proposal, ...], suites, dh_required: int | None
                     esn = True              # the peer insists on ESN; our ESP supports it
                 else:
                     continue
-            dh = DhGroup.NONE
+            dh: int = DhGroup.NONE
             if dh_required:
                 if not _has(p, TransformType.DH, dh_required):
                     continue

@@ -156,8 +156,8 @@ class IkeSa:
         self.drops: Counter[DropReason] = drops if drops is not None else Counter()
         self.suite: IkeSuite | None = None
         self.keys: IkeKeys | None = None
-        self._sk_in: SkCipher | None = None
-        self._sk_out: SkCipher | None = None
+        self._sk_in_cipher: SkCipher | None = None      # from IKE_SA_INIT on (_set_keys)
+        self._sk_out_cipher: SkCipher | None = None
         self.ni = self.nr = b""
         self._dh: DhPrivate | None = None
         self._init_request = b""          # RealMessage1 (§2.15), as last sent / received
@@ -174,7 +174,7 @@ class IkeSa:
         self._mid_in = 0
         self._pending: _Request | None = None
         self._queue: deque[_Request] = deque()
-        self._cached: tuple[int, bytes, list[bytes], Address] | None = None  # mid, req, resp
+        self._cached: tuple[int, bytes, bytes, Address] | None = None  # mid, req, resp
         self._out: list = []
         self.created = now
         self.established_at: float | None = None
@@ -408,14 +408,14 @@ class IkeSa:
                 return self._drop(DropReason.IKE_INVALID_COOKIE)
             n = req.ctx["cookies"] + 1
             self._pending = None
-            out = self.start(now, cookie=cookie[0].data, group=self._dh.group)
-            self._pending.ctx["cookies"] = n
+            out = self.start(now, cookie=cookie[0].data, group=self._own_dh().group)
+            self._in_flight().ctx["cookies"] = n
             return out
         if errors:
             e = errors[0]
             if e.type == NotifyType.INVALID_KE_PAYLOAD and len(e.data) == 2:
                 group = int.from_bytes(e.data, "big")
-                if group != self._dh.group and any(s.dh == group for s in self.config.ike_suites):
+                if group != self._own_dh().group and any(s.dh == group for s in self.config.ike_suites):
                     self._pending = None
                     return self.start(now, group=group)                # §1.2: retry
             # §2.21.1: an unprotected error may be forged; note it and keep waiting for a valid
@@ -429,11 +429,12 @@ class IkeSa:
         suite = P.accept_ike_answer(sa.proposals, self._offered_ike)
         if suite is None:
             return self._drop(DropReason.IKE_NO_PROPOSAL_CHOSEN)
-        if ke.group != suite.dh or ke.group != self._dh.group \
+        own_dh = self._own_dh()
+        if ke.group != suite.dh or ke.group != own_dh.group \
                 or not MIN_NONCE_LEN <= len(nonce.data) <= MAX_NONCE_LEN:
             return self._drop(DropReason.MALFORMED)
         try:
-            shared = self._dh.shared_secret(ke.data)
+            shared = own_dh.shared_secret(ke.data)
         except ParseError as e:
             return self._drop(e.reason)
         # accepted: from here on the SA changes
@@ -466,15 +467,51 @@ class IkeSa:
         if dst:
             self.nat_local = nat_hash(self.spi_i, spi_r, local) not in dst
 
+    # --- what exists only once IKE_SA_INIT has run (the state machine guarantees it) -----------
+
+    def _keyed(self) -> tuple[IkeSuite, IkeKeys]:
+        """The negotiated suite and keys."""
+        if self.suite is None or self.keys is None:
+            raise UsageError(f"IKE SA in state {self.state}: no keys yet")
+        return self.suite, self.keys
+
+    def _prf_sk_d(self) -> tuple[int, bytes]:
+        """(PRF, SK_d): what child keys and a re-keyed IKE SA derive from (§2.17, §2.18)."""
+        suite, keys = self._keyed()
+        return suite.prf, keys.sk_d
+
+    @property
+    def _sk_in(self) -> SkCipher:
+        if self._sk_in_cipher is None:
+            raise UsageError(f"IKE SA in state {self.state}: no SK cipher yet")
+        return self._sk_in_cipher
+
+    @property
+    def _sk_out(self) -> SkCipher:
+        if self._sk_out_cipher is None:
+            raise UsageError(f"IKE SA in state {self.state}: no SK cipher yet")
+        return self._sk_out_cipher
+
+    def _own_dh(self) -> DhPrivate:
+        """Our Diffie-Hellman value of the IKE_SA_INIT we sent."""
+        if self._dh is None:
+            raise UsageError(f"IKE SA in state {self.state}: no DH value")
+        return self._dh
+
+    def _in_flight(self) -> _Request:
+        if self._pending is None:
+            raise UsageError("no IKE request in flight")
+        return self._pending
+
     def _set_keys(self, suite: IkeSuite, seed: bytes) -> None:
         self.suite = suite
         self.keys = k = derive_ike_keys(suite, seed, self.ni, self.nr, self.spi_i, self.spi_r)
         if self.initiator:
-            self._sk_out = SkCipher(suite, k.sk_ei, k.sk_ai, self._random)
-            self._sk_in = SkCipher(suite, k.sk_er, k.sk_ar, self._random)
+            self._sk_out_cipher = SkCipher(suite, k.sk_ei, k.sk_ai, self._random)
+            self._sk_in_cipher = SkCipher(suite, k.sk_er, k.sk_ar, self._random)
         else:
-            self._sk_out = SkCipher(suite, k.sk_er, k.sk_ar, self._random)
-            self._sk_in = SkCipher(suite, k.sk_ei, k.sk_ai, self._random)
+            self._sk_out_cipher = SkCipher(suite, k.sk_er, k.sk_ar, self._random)
+            self._sk_in_cipher = SkCipher(suite, k.sk_ei, k.sk_ai, self._random)
 
     # --- IKE_AUTH (§1.2, §2.15) -------------------------------------------------------------------
 
@@ -484,10 +521,10 @@ class IkeSa:
 
     def _auth_data(self, psk: bytes, ours: bool, id_body: bytes) -> bytes:
         """§2.15: we sign our own INIT message with the peer's nonce and our ID."""
-        k = self.keys
+        suite, k = self._keyed()
         if ours == self.initiator:          # the initiator's AUTH
-            return psk_auth(self.suite.prf, psk, self._init_request, self.nr, k.sk_pi, id_body)
-        return psk_auth(self.suite.prf, psk, self._init_response, self.ni, k.sk_pr, id_body)
+            return psk_auth(suite.prf, psk, self._init_request, self.nr, k.sk_pi, id_body)
+        return psk_auth(suite.prf, psk, self._init_response, self.ni, k.sk_pr, id_body)
 
     def _send_auth(self, now: float) -> None:
         c = self.config
@@ -536,7 +573,7 @@ class IkeSa:
             suite = P.accept_esp_answer(sa.proposals, c.esp_suites, None)
             if suite is not None and _within(tsi.selectors, c.local_ts) \
                     and _within(tsr.selectors, c.remote_ts):
-                keymat = child_keymat(self.suite.prf, self.keys.sk_d, self.ni, self.nr,
+                keymat = child_keymat(*self._prf_sk_d(), self.ni, self.nr,
                                       2 * sum(suite.keymat_lengths()))
                 child = self._make_child(req.ctx["spi_in"], sa.proposals[0].spi, suite,
                                          split_keymat(keymat, suite, True),
@@ -628,10 +665,11 @@ class IkeSa:
         src_hash = nat_hash(self.spi_i, self.spi_r, local)
         if config.force_encap:
             src_hash = random(20)
-        payloads = [SaPayload((answer,)), KePayload(suite.dh, dh.public), NoncePayload(self.nr),
-                    NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP, src_hash),
-                    NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
-                                  nat_hash(self.spi_i, self.spi_r, remote))]
+        payloads: list[codec.Payload] = [
+            SaPayload((answer,)), KePayload(suite.dh, dh.public), NoncePayload(self.nr),
+            NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP, src_hash),
+            NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
+                          nat_hash(self.spi_i, self.spi_r, remote))]
         raw = codec.build_message(self._header(ExchangeType.IKE_SA_INIT, 0, True), payloads)
         self._init_response = raw
         self._set_keys(suite, skeyseed(suite.prf, self.ni, self.nr, shared))
@@ -702,7 +740,7 @@ class IkeSa:
         if remote_ts is None or local_ts is None:
             raise _Refused(NotifyType.TS_UNACCEPTABLE, DropReason.SELECTOR_MISMATCH)
         spi_in = self._alloc_esp_spi()
-        keymat = child_keymat(self.suite.prf, self.keys.sk_d, ni, nr,
+        keymat = child_keymat(*self._prf_sk_d(), ni, nr,
                               2 * sum(suite.keymat_lengths()), shared)
         child = self._make_child(spi_in, peer_prop.spi, suite, split_keymat(keymat, suite, False),
                                  local_ts, remote_ts, now)
@@ -860,7 +898,7 @@ class IkeSa:
             if old in self.children and c.child_lifetime_s:
                 self._child_rekey_at[old] = now + self._retry_delay(c.child_lifetime_s)
             return
-        keymat = child_keymat(self.suite.prf, self.keys.sk_d, req.ctx["ni"], nonce.data,
+        keymat = child_keymat(*self._prf_sk_d(), req.ctx["ni"], nonce.data,
                               2 * sum(suite.keymat_lengths()), shared)
         child = self._make_child(req.ctx["spi_in"], sa.proposals[0].spi, suite,
                                  split_keymat(keymat, suite, True), tsi.selectors,
@@ -979,7 +1017,7 @@ class IkeSa:
                     suite = None
             else:
                 suite = None
-        if suite is None:
+        if suite is None or shared is None:
             self.drops[DropReason.IKE_NO_PROPOSAL_CHOSEN] += 1
             if self.config.ike_lifetime_s:
                 self._rekey_at = now + self._retry_delay(self.config.ike_lifetime_s)
@@ -1030,7 +1068,7 @@ class IkeSa:
                     alloc_esp_spi=self._alloc_esp_spi, drops=self.drops, now=now,
                     release_esp_spi=self._release_esp_spi)
         new.ni, new.nr = ni, nr
-        new._set_keys(suite, rekey_skeyseed(self.suite.prf, self.keys.sk_d, shared, ni, nr))
+        new._set_keys(suite, rekey_skeyseed(*self._prf_sk_d(), shared, ni, nr))
         new.peer_id, new.peer_mobike = self.peer_id, self.peer_mobike
         new.nat_local, new.nat_remote = self.nat_local, self.nat_remote
         new.children, new._child_rekey_at = self.children, self._child_rekey_at
