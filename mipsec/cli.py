@@ -310,7 +310,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if reply is not None:
             print(json.dumps(reply, indent=2, default=str) if args.json else render_status(reply))
         if args.watch is None:
-            return 0 if reply.get("ok") else 1
+            return 0 if reply is not None and reply.get("ok") else 1
         sys.stdout.flush()
         try:
             import time

@@ -224,7 +224,7 @@ def _build(cls: type, table: Any, path: str, name: str) -> Any:
         if key not in fields:
             raise ConfigError(f"{_where(path, name, key)}: unknown key (known: "
                               f"{', '.join(sorted(fields))})")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for fname, f in fields.items():
         if fname not in table:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -253,13 +253,13 @@ def _convert(hint: Any, value: Any, path: str, table: str, key: str) -> Any:
         if len(others) == 1:
             return _convert(others[0], value, path, table, key)
         raise ConfigError(f"{where}: unsupported type {hint}")
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, path, f"{table}.{key}")
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: must be an array, got {_tname(value)}")
         item = args[0]
-        if dataclasses.is_dataclass(item):
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
             return tuple(_build(item, v, path, f"{table}.{key}[{i}]") for i, v in enumerate(value))
         return tuple(_convert(item, v, path, table, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is bytes:
@@ -385,7 +385,7 @@ _NOT_FOR_ROLE = {
 
 
 def _emit(obj: Any, name: str, out: list[str], array: bool = False,
-          skip: set[str] = frozenset()) -> None:
+          skip: frozenset[str] | set[str] = frozenset()) -> None:
     out.append(f"\n[[{name}]]" if array else f"\n[{name}]")
     later = []
     for f in dataclasses.fields(obj):

@@ -19,7 +19,8 @@ Nothing here reads a clock or touches the network.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # (label, kind at the sender, kind at the receiver): a message leaves with the first event and
 # is received with the next second event after it (docs/design.md "Timeline kinds").
@@ -106,14 +107,16 @@ def sequence_chart(events: Iterable[Any], path: str, t0: float | None = None,
         ax.plot([x[lane], x[lane]], [lo + 0.4, hi], color="0.6", lw=1.2, zorder=1)
         ax.text(x[lane], lo, lane.upper(), ha="center", va="center", fontsize=11,
                 fontweight="bold", bbox=dict(boxstyle="round", fc="0.92", ec="0.5"))
+    # the column of each node's lane (every event left in evs has one)
+    column = {e[1]: x[name] for e in evs if (name := lane_of(e[1])) is not None}
     for (t, node, kind, _d), y, m in zip(evs, ys, ms):
-        lx = x[lane_of(node)]
+        lx = column[node]
         ax.plot([lx], [y], "o", ms=4, color="black", zorder=3)
         right = lx >= len(lanes) - 1
         ax.text(lx + (-0.06 if right else 0.06), y, f"{kind}  {m:.1f} ms", fontsize=7,
                 ha="right" if right else "left", va="center", zorder=4)
     for k, (label, i, j) in enumerate(sorted(messages(evs), key=lambda m: m[1])):
-        xi, xj = x[lane_of(evs[i][1])], x[lane_of(evs[j][1])]
+        xi, xj = column[evs[i][1]], column[evs[j][1]]
         ax.annotate("", xy=(xj, ys[j]), xytext=(xi, ys[i]), zorder=2,
                     arrowprops=dict(arrowstyle="-|>", color="tab:blue", lw=1.3))
         f = (0.35, 0.5, 0.65)[k % 3]         # labels of neighbouring arrows do not overlap
@@ -136,7 +139,7 @@ def sequence_chart(events: Iterable[Any], path: str, t0: float | None = None,
     return path
 
 
-def arrivals_plot(streams: dict[str, Sequence[tuple[int, float]]],
+def arrivals_plot(streams: Mapping[str, Sequence[tuple[int, float]]],
                   moves: Sequence[tuple[float, str]], path: str, before_s: float = 0.1,
                   after_s: float = 0.2, title: str = "") -> str:
     """Packet arrivals around each move (``moves``: (time, label)): one row per direction, one
@@ -180,7 +183,7 @@ def _save(fig: Any, path: str) -> None:
 
 def write_demo_plots(directory: str, moves: Sequence[tuple[float, str]],
                      timelines: Sequence[Iterable[Any]],
-                     streams: dict[str, Sequence[tuple[int, float]]], label: str) -> list[str]:
+                     streams: Mapping[str, Sequence[tuple[int, float]]], label: str) -> list[str]:
     """The demo's pictures: ``handover-K-sequence.png`` per move (its events, times after the
     move) and ``arrivals.png``; returns the paths written."""
     paths = []

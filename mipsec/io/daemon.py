@@ -24,10 +24,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
-from mipsec.errors import ConfigError
+from mipsec.errors import ConfigError, UsageError
 from mipsec.io import (arp, control, hostguard, instance, logs, netlink, pcap as pcapmod,
                        seqstate, transports, tun as tunmod)
 from mipsec.io.loop import EventLoop
@@ -66,12 +67,16 @@ def make_role(cfg: DaemonConfig, wallclock=time.time, now: float | None = None) 
     """
     import inspect
 
+    cls: type[Any]
     if cfg.role == "mn":
-        from mipsec.node.mobile_node import MobileNode as cls
+        from mipsec.node.mobile_node import MobileNode
+        cls = MobileNode
     elif cfg.role == "gw":
-        from mipsec.node.gateway import VpnGateway as cls
+        from mipsec.node.gateway import VpnGateway
+        cls = VpnGateway
     else:
-        from mipsec.node.home_agent import HomeAgent as cls
+        from mipsec.node.home_agent import HomeAgent
+        cls = HomeAgent
     params = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = {}
     if "wallclock" in params:
@@ -246,23 +251,24 @@ class Daemon:
         if cfg.keyfile and getattr(self.role, "ike", None) is not None:
             # IKEv2: rewrite the key file whenever SAs appear, keeping every SA ever used, so
             # the whole capture decrypts (docs/operations.md "Captures")
-            dispatch = self.loop.dispatch
+            dispatch = self._loop.dispatch
 
             def dispatch_and_keys(actions: list[Any]) -> None:
                 dispatch(actions)
                 self._update_keyfile()
-            self.loop.dispatch = dispatch_and_keys
+            # the loop calls self.dispatch for every result it does not carry out itself
+            self._loop.dispatch = dispatch_and_keys  # type: ignore[method-assign]
         self.events = logs.RoleWatcher(
             self.role, f"{cfg.role}:{self._name()}",
             sas=role_sas if cfg.role in ("mn", "gw") else (lambda role: ()),
-            recent=lambda: self.loop.last_received)
-        self.loop.on_silent = self.events.on_silent
-        self.loop.after_batch.append(self.events.after_batch)
-        self.loop.hurry = self.events.wants_wakeup
+            recent=lambda: self._loop.last_received)
+        self._loop.on_silent = self.events.on_silent
+        self._loop.after_batch.append(self.events.after_batch)
+        self._loop.hurry = self.events.wants_wakeup
         if cfg.metrics.listen:
             from mipsec.io import metrics
             role_metrics = metrics.RoleMetrics(
-                cfg.role, self._name(), role=self.role, stats=lambda: self.loop.stats,
+                cfg.role, self._name(), role=self.role, stats=lambda: self._loop.stats,
                 sas=lambda: role_sas(self.role) if cfg.role in ("mn", "gw") else (),
                 drops=self.events.drop_totals)
             self.events.observers.append(role_metrics.observe)
@@ -271,26 +277,26 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError(f"{cfg.path}: [metrics] listen: cannot listen on "
                                   f"{cfg.metrics.listen}: {exc.strerror or exc}") from None
-            self.loop.add_reader(self.metrics, lambda srv: srv.serve_one())
+            self._loop.add_reader(self.metrics, lambda srv: srv.serve_one())
         if cfg.role == "gw":
             # The GW's capture is its outside: packets from or to its outside address (ESP and
             # UDP-encapsulated ESP), not the SIUs on the inside.
             outside = socket.inet_aton(cfg.node.outside_address)
-            self.loop.pcap_filter = lambda p: p[12:16] == outside or p[16:20] == outside
+            self._loop.pcap_filter = lambda p: p[12:16] == outside or p[16:20] == outside
         if cfg.role == "ha":
-            self._plain_dispatch = self.loop.dispatch
-            self.loop.dispatch = self._dispatch_persisting
+            self._plain_dispatch = self._loop.dispatch
+            self._loop.dispatch = self._dispatch_persisting  # type: ignore[method-assign]
         if self.manage_kernel:
             self.nl = netlink.Netlink()
             getattr(self, f"_setup_{cfg.role}")()
         if self.store is not None:
             self._restore_bindings()
         self.control = control.ControlServer(cfg.control_socket, self.handle_command)
-        self.loop.add_reader(self.control, lambda srv: srv.serve_one())
+        self._loop.add_reader(self.control, lambda srv: srv.serve_one())
         if self.watcher is not None:
-            self.loop.add_reader(self.watcher, self._on_netlink)
+            self._loop.add_reader(self.watcher, self._on_netlink)
             for event in self.watcher.initial_events():
-                self.loop.feed_event(event)
+                self._loop.feed_event(event)
 
     def _update_keyfile(self) -> None:
         self._update_ike_keyfile()
@@ -332,6 +338,20 @@ class Daemon:
                 pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_lines)
             except OSError as exc:
                 log.warning("key file %s: %s", self._ike_keyfile, exc)
+
+    @property
+    def _loop(self) -> EventLoop:
+        """The event loop: it exists from ``start()`` on."""
+        if self.loop is None:
+            raise UsageError("the daemon has not been started")
+        return self.loop
+
+    @property
+    def _nl(self) -> netlink.Netlink:
+        """The netlink socket: it exists from ``start()`` on when the daemon manages the kernel."""
+        if self.nl is None:
+            raise UsageError("the daemon manages no kernel state (manage_kernel=False)")
+        return self.nl
 
     def _name(self) -> str:
         return getattr(self.cfg.node, "name", self.cfg.role)
@@ -397,8 +417,8 @@ class Daemon:
                                               gateway=node.gateway)
         if d.home_interface and d.gratuitous_arp:
             self.announcer = arp.Announcer(d.home_interface)
-        self.loop.on_event.append(self._mn_before_event)
-        self.loop.on_action[UseHomeLink] = self._mn_use_home_link
+        self._loop.on_event.append(self._mn_before_event)
+        self._loop.on_action[UseHomeLink] = self._mn_use_home_link
         # The MN starts in the tunnel: home-network traffic is never sent in the clear until the
         # HA has confirmed, on the home link, that we are home (UseHomeLink).
         self._mn_enter_tunnel()
@@ -411,9 +431,9 @@ class Daemon:
         if self._tun_home_configured:
             return
         node = self.cfg.node
-        self.nl.add_address(self.tun.name, node.home_address, 32)
+        self._nl.add_address(self.tun.name, node.home_address, 32)
         for half in mn_tunnel_routes(node.home_prefix):
-            self.nl.replace_route(half, self.tun.name, src=node.home_address)
+            self._nl.replace_route(half, self.tun.name, src=node.home_address)
         self._tun_home_configured = True
 
     def _mn_before_event(self, event: Any) -> None:
@@ -428,8 +448,8 @@ class Daemon:
         node, d = self.cfg.node, self.cfg.daemon
         if self._tun_home_configured:
             for half in mn_tunnel_routes(node.home_prefix):
-                self.nl.del_route(half, self.tun.name)
-            self.nl.del_address(self.tun.name, node.home_address, 32)
+                self._nl.del_route(half, self.tun.name)
+            self._nl.del_address(self.tun.name, node.home_address, 32)
             self._tun_home_configured = False
         if self.announcer is not None:
             try:   # RFC 5944 §4.6: the MN announces itself on the home link
@@ -492,14 +512,14 @@ class Daemon:
 
     def _setup_gw(self) -> None:
         d = self.cfg.daemon
-        self.nl.replace_route("0.0.0.0/0", self.tun.name, table=d.route_table)
-        self.nl.add_rule(d.inside_interface, d.route_table, d.rule_priority)
+        self._nl.replace_route("0.0.0.0/0", self.tun.name, table=d.route_table)
+        self._nl.add_rule(d.inside_interface, d.route_table, d.rule_priority)
 
     def _setup_ha(self) -> None:
         d = self.cfg.daemon
         if d.gratuitous_arp:
             self.announcer = arp.Announcer(d.home_interface)
-        self.loop.on_action[BindingChanged] = self._ha_binding_changed
+        self._loop.on_action[BindingChanged] = self._ha_binding_changed
 
     def _ha_binding_changed(self, action: BindingChanged) -> None:
         d = self.cfg.daemon
@@ -508,8 +528,8 @@ class Daemon:
             # Leaving home: intercept the home address (RFC 5944 §4.6 proxy + gratuitous ARP).
             # A move between two care-of addresses changes nothing here.
             self._away.add(home)
-            self.nl.replace_route(f"{home}/32", self.tun.name)
-            self.nl.add_proxy_arp(home, d.home_interface)
+            self._nl.replace_route(f"{home}/32", self.tun.name)
+            self._nl.add_proxy_arp(home, d.home_interface)
             if self.announcer is not None:
                 try:
                     self.announcer.announce(home)
@@ -517,8 +537,8 @@ class Daemon:
                     log.warning("gratuitous ARP for %s failed: %s", home, exc)
         elif not action.care_of_address and home in self._away:
             self._away.discard(home)
-            self.nl.del_proxy_arp(home, d.home_interface)
-            self.nl.del_route(f"{home}/32", self.tun.name)
+            self._nl.del_proxy_arp(home, d.home_interface)
+            self._nl.del_route(f"{home}/32", self.tun.name)
 
     # --- manual keys: sequence numbers and replay windows across restarts ---------------------
 
@@ -580,18 +600,18 @@ class Daemon:
         """Start: the unexpired bindings back into the role, their routes and proxy ARP back
         into the kernel (the loop's BindingChanged hook)."""
         try:
-            records = self.store.load(self.loop.wallclock())
+            records = self.store.load(self._loop.wallclock())
             meta = self.store.meta()
         except StoreError as exc:     # unreadable (corrupt, not a database): say so, exit 2
             key = "store_endpoints" if self.cfg.daemon.store == "etcd" else "state_dir"
             raise ConfigError(f"{self.cfg.path}: [daemon] {key}: {exc}") from None
-        actions = self.role.restore(records, meta, self.loop.clock())
+        actions = self.role.restore(records, meta, self._loop.clock())
         log.info("binding store %s: %d binding(s) restored%s",
                  self.store_path() if self.cfg.daemon.store == "sqlite" else
                  f"({self.cfg.daemon.store})",
                  len(actions), f", {self.store.skipped} unreadable row(s) left out"
                  if getattr(self.store, "skipped", 0) else "")
-        self.loop.dispatch(actions)
+        self._loop.dispatch(actions)
 
     def _dispatch_persisting(self, actions: list[Any]) -> None:
         """Carry out the HA's actions; a ``PersistBinding`` is written to the store first and
@@ -629,13 +649,13 @@ class Daemon:
             return True
         self.store_errors += 1
         log.error("binding store: %s not stored: %s", action.home_address, reason)
-        self.loop.feed_event(BindingNotStored(action.home_address, reason))
+        self._loop.feed_event(BindingNotStored(action.home_address, reason))
         return not action.required
 
     def _on_netlink(self, watcher: netlink.AddressWatcher) -> None:
         for event in watcher.receive():
             log.info("netlink: %s", event)
-            self.loop.feed_event(event)
+            self._loop.feed_event(event)
 
     # --- control commands ------------------------------------------------------------------------
 
@@ -651,9 +671,9 @@ class Daemon:
             "control_socket": self.cfg.control_socket,
             "pcap": self.cfg.daemon.pcap or None, "keyfile": self.cfg.keyfile or None,
             "ike_keyfile": self._ike_keyfile,
-            "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()},
+            "clock": {"monotonic": self._loop.clock(), "wall": self._loop.wallclock()},
             "started": self.started_wall,
-            "io": {**self.loop.stats, "tun_write_errors": getattr(self.tun, "write_errors", 0),
+            "io": {**self._loop.stats, "tun_write_errors": getattr(self.tun, "write_errors", 0),
                    "tun_read_errors": getattr(self.tun, "read_errors", 0),
                    "receive_errors": {r.name: r.errors for r in self.receivers or ()
                                       if getattr(r, "errors", 0)}},
@@ -678,7 +698,7 @@ class Daemon:
             return self.status()
         if command == "timeline":
             return {"ok": True, "timeline": self.timeline(),
-                    "clock": {"monotonic": self.loop.clock(), "wall": self.loop.wallclock()}}
+                    "clock": {"monotonic": self._loop.clock(), "wall": self._loop.wallclock()}}
         if command == "handover":
             if self.cfg.role != "mn":
                 return {"ok": False, "error": "handover: only a mobile node moves"}
@@ -688,12 +708,12 @@ class Daemon:
                 ipaddress.IPv4Address(args[0])
             except ValueError:
                 return {"ok": False, "error": f"handover: not an IPv4 address: {args[0]!r}"}
-            self.loop.feed_event(CareOfAddressChanged(args[0], args[1] if len(args) > 1 else None))
+            self._loop.feed_event(CareOfAddressChanged(args[0], args[1] if len(args) > 1 else None))
             return {"ok": True, "handover": args[0]}
         if command == "home":
             if self.cfg.role != "mn":
                 return {"ok": False, "error": "home: only a mobile node returns home"}
-            self.loop.feed_event(ReturnedHome(args[0] if args else self.cfg.daemon.home_interface
+            self._loop.feed_event(ReturnedHome(args[0] if args else self.cfg.daemon.home_interface
                                               or None))
             return {"ok": True}
         if command == "ping":
@@ -727,7 +747,7 @@ class Daemon:
                 if f.name not in self.RELOADABLE_DAEMON_KEYS and \
                         getattr(new.daemon, f.name) != getattr(self.cfg.daemon, f.name):
                     raise ConfigError(f"{path}: [daemon] {f.name} changed: that needs a restart")
-            actions, changes = reconfigure(self.role, new.node, self.loop.clock())
+            actions, changes = reconfigure(self.role, new.node, self._loop.clock())
         except (ConfigError, NeedsRestart) as exc:
             message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
             log.error("reload refused, the running configuration stays: %s", message)
@@ -744,7 +764,7 @@ class Daemon:
                            self.log_level_override or new.daemon.log_level)
             changes.append("logging")
         if actions:
-            self.loop.dispatch(actions)
+            self._loop.dispatch(actions)
         if new.keyfile and changes:
             known = set(self._key_lines)
             added = [e.uat_line() for e in esp_entries(new) if e.uat_line() not in known]
@@ -759,11 +779,11 @@ class Daemon:
         return {"ok": True, "changes": changes}
 
     def run(self) -> str:
-        self.loop.on_reload = self.reload
-        self.loop.install_signal_handlers()
+        self._loop.on_reload = self.reload
+        self._loop.install_signal_handlers()
         log.info("%s %s running (pid %d, tun %s, control %s)", self.cfg.role, self._name(),
                  os.getpid(), self.tun.name, self.cfg.control_socket)
-        reason = self.loop.run()
+        reason = self._loop.run()
         log.info("%s %s stopping: %s", self.cfg.role, self._name(), reason)
         return reason
 
@@ -771,22 +791,27 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
-        for closer in (lambda: self.seqstore and self.seqstore.close(),
-                       lambda: self.nl and self.nl.undo_all(),
-                       lambda: self.forward_filter and self.forward_filter.remove(),
-                       lambda: self.sysctls.restore(),
-                       lambda: self.nl and self.nl.close(),
-                       lambda: self.watcher and self.watcher.close(),
-                       lambda: self.announcer and self.announcer.close(),
-                       lambda: self.control and self.control.close(),
-                       lambda: self.metrics and self.metrics.close(),
-                       lambda: self.loop and self.loop.close(),
-                       lambda: [r.close() for r in self.receivers or ()],
-                       lambda: self.sender and self.sender.close(),
-                       lambda: self.tun and self.tun.close(),
-                       lambda: self.pcap and self.pcap.close(),
-                       lambda: self.store and self.store.close(),
-                       self.locks.release):
+        # in this order, each step whatever the ones before did
+        steps: list[Callable[[], object] | None] = [
+            self.seqstore.close if self.seqstore else None,
+            self.nl.undo_all if self.nl else None,
+            self.forward_filter.remove if self.forward_filter else None,
+            self.sysctls.restore,
+            self.nl.close if self.nl else None,
+            self.watcher.close if self.watcher else None,
+            self.announcer.close if self.announcer else None,
+            self.control.close if self.control else None,
+            self.metrics.close if self.metrics else None,
+            self.loop.close if self.loop else None,
+            *(r.close for r in self.receivers or ()),
+            self.sender.close if self.sender else None,
+            self.tun.close if self.tun else None,
+            self.pcap.close if self.pcap else None,
+            self.store.close if self.store else None,
+            self.locks.release]
+        for closer in steps:
+            if closer is None:
+                continue
             try:
                 closer()
             except Exception as exc:

@@ -134,7 +134,9 @@ class ForwardFilter:
                 f"    iifname \"{ifname}\" ip daddr {self.inside_address} counter drop\n  }}\n"
                 f"}}\n")
 
-    def _run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    def _run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        if self.nft is None:
+            raise HostSetupError("the nft command is not installed (Debian package nftables)")
         return subprocess.run([self.nft, *args], input=stdin, capture_output=True, text=True,
                               timeout=10)
 

@@ -39,11 +39,17 @@ import selectors
 import signal
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from mipsec.errors import UsageError
 from mipsec.node.actions import BindingChanged, Log, RebindSa, SendToNet, WriteToTun
 
 log = logging.getLogger("mipsec.io.loop")
+
+
+def _no_tun(packet: bytes) -> None:
+    raise UsageError("EventLoop: a packet for the TUN device, but this loop has none")
 
 MAX_IDLE_WAIT_S = 1.0          # wake up at least this often (cheap; keeps shutdown responsive)
 HURRY_WAIT_S = 0.2             # ... and this often while a logging hook has work pending
@@ -51,7 +57,7 @@ TUN_DRAIN_MAX = 1024           # TUN packets read per wake-up at most (then the 
 
 
 class EventLoop:
-    def __init__(self, role: Any, *, tun: Any, sender: Any, receivers: list[Any] = (),
+    def __init__(self, role: Any, *, tun: Any, sender: Any, receivers: Sequence[Any] = (),
                  name: str = "daemon", pcap: Any = None,
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time, batch: bool = True):
@@ -83,7 +89,7 @@ class EventLoop:
         self.after_batch: list[Callable[[float], None]] = []
         self.hurry: Callable[[], bool] | None = None
         # SIGHUP: ``on_reload()`` runs in the loop (not in the signal handler) after the wake-up
-        self.on_reload: Callable[[], None] | None = None
+        self.on_reload: Callable[[], object] | None = None
         self._reload_requested = False
         self.stats = {"from_tun": 0, "to_tun": 0, "from_net": 0, "to_net": 0,
                       "send_errors": 0, "timers": 0, "bugs": 0}
@@ -111,7 +117,7 @@ class EventLoop:
         if self._epoll is not None:
             self._epoll.register(fd, select.EPOLLIN)
         else:
-            self._selector.register(fd, selectors.EVENT_READ)
+            self._fallback_selector().register(fd, selectors.EVENT_READ)
         self._handlers[fd] = (source, callback)
 
     def remove_reader(self, source: Any) -> None:
@@ -125,7 +131,7 @@ class EventLoop:
             if self._epoll is not None:
                 self._epoll.unregister(fd)
             else:
-                self._selector.unregister(fd)
+                self._fallback_selector().unregister(fd)
         except (KeyError, ValueError, OSError):
             pass
 
@@ -135,7 +141,13 @@ class EventLoop:
                 return [fd for fd, _mask in self._epoll.poll(wait)]
             except InterruptedError:
                 return []
-        return [key.fd for key, _mask in self._selector.select(wait)]
+        return [key.fd for key, _mask in self._fallback_selector().select(wait)]
+
+    def _fallback_selector(self) -> selectors.BaseSelector:
+        """The selector used where there is no epoll (it exists exactly then)."""
+        if self._selector is None:
+            raise UsageError("EventLoop: no selector (this loop uses epoll)")
+        return self._selector
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / SIGINT stop the loop cleanly (the wake-up fd makes select return at once)."""
@@ -156,8 +168,11 @@ class EventLoop:
             signal.signal(signal.SIGHUP, reload_handler)
 
     def _on_wake(self, _source: Any) -> None:
+        wake = self._wake_r
+        if wake is None:
+            return
         try:
-            while self._wake_r.recv(64):
+            while wake.recv(64):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
@@ -243,7 +258,7 @@ class EventLoop:
         pcap, pcap_filter = self.pcap, self.pcap_filter
         direct = WriteToTun not in self.on_action
         role_call = fn
-        write = self.tun.write if self.tun is not None else None
+        write: Callable[[bytes], Any] = self.tun.write if self.tun is not None else _no_tun
         to_tun = 0
         for packet in packets:
             if pcap is not None and (pcap_filter is None or pcap_filter(packet)):
@@ -289,8 +304,11 @@ class EventLoop:
         if not pending:
             return
         self._pending = []
+        send_batch = self._send_batch
+        if send_batch is None:          # never: packets queue only when it exists
+            raise UsageError("EventLoop: packets queued for a batched send without send_batch")
         try:
-            results = self._send_batch(pending)
+            results = send_batch(pending)
         except Exception:
             self.stats["bugs"] += 1
             log.exception("BUG: batched send of %d packets failed", len(pending))
@@ -395,7 +413,8 @@ class EventLoop:
         if self._reload_requested:
             self._reload_requested = False
             try:
-                self.on_reload()
+                if self.on_reload is not None:
+                    self.on_reload()
             except Exception:
                 self.stats["bugs"] += 1
                 log.exception("BUG: reload failed")
@@ -439,8 +458,9 @@ class EventLoop:
         if self._wake_r is not None:
             signal.set_wakeup_fd(-1)
             self._wake_r.close()
+        if self._wake_w is not None:
             self._wake_w.close()
         if self._epoll is not None:
             self._epoll.close()
-        else:
+        if self._selector is not None:
             self._selector.close()

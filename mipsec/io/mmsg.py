@@ -78,7 +78,8 @@ class MultiSender:
 
     def __init__(self, sock: socket.socket, use_mmsg: bool | None = None):
         self.sock = sock
-        self._libc = _load() if use_mmsg is None or use_mmsg else False
+        # libc (ctypes.CDLL: its functions are untyped) or False: one send / recv at a time
+        self._libc: Any = _load() if use_mmsg is None or use_mmsg else False
         if use_mmsg and not self._libc:
             raise OSError("sendmmsg is not available here")
         self._names: dict[tuple[str, int], ctypes.Array] = {}
@@ -148,7 +149,8 @@ class MultiReceiver:
         self.sock = sock
         self.size = size
         self.batch = batch
-        self._libc = _load() if use_mmsg is None or use_mmsg else False
+        # libc (ctypes.CDLL: its functions are untyped) or False: one send / recv at a time
+        self._libc: Any = _load() if use_mmsg is None or use_mmsg else False
         if use_mmsg and not self._libc:
             raise OSError("recvmmsg is not available here")
         if self._libc:

@@ -93,7 +93,7 @@ class MovementClassifier:
         return bool(ifname) and (ifname in self.visited or ifname in self.home_interfaces)
 
     def link(self, ifname: str | None, up: bool) -> list:
-        if not self.watched(ifname):
+        if ifname is None or not self.watched(ifname):
             return []
         was = self._up.get(ifname, True)
         self._up[ifname] = up
@@ -103,7 +103,7 @@ class MovementClassifier:
 
     def address(self, kind: int, ifname: str | None, address: str | None,
                 prefixlen: int = 32) -> list:
-        if not self.watched(ifname) or not address:
+        if ifname is None or not self.watched(ifname) or not address:
             return []
         addrs = self._addrs.setdefault(ifname, {})
         if kind == RTM_NEWADDR:
@@ -209,7 +209,7 @@ class MovementClassifier:
         for ifname, addr in reversed(self._fresh):
             if (cur is None or ifname != cur[0]) and addr in self.usable(ifname):
                 return self._report(ifname, addr, make_before_break=cur_there)
-        if cur_ok:
+        if cur is not None and cur_ok:
             self._fresh = [f for f in self._fresh if f[0] != cur[0]]
             return []
         # the current one is gone: another address of the same interface, else the newest
@@ -296,7 +296,8 @@ class AddressWatcher(MovementClassifier):
                     msg.decode()
                     ifname = msg.get_attr("IFLA_IFNAME") or _ifname(msg["index"])
                     up = kind == RTM_NEWLINK and _link_up(msg["flags"])
-                    if self.watched(ifname) and up != self._up.get(ifname, True):
+                    if ifname is not None and self.watched(ifname) \
+                            and up != self._up.get(ifname, True):
                         reread = True
                     events += self.link(ifname, up)
                 elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
@@ -377,10 +378,12 @@ def current_addresses() -> list[tuple[str, str]]:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        out = []
+        out: list[tuple[str, str]] = []
         for msg in ipr.get_addr(family=socket.AF_INET):
             ifname = msg.get_attr("IFA_LABEL") or _ifname(msg["index"])
-            out.append((ifname, msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")))
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if ifname and address:       # an interface gone meanwhile has no name any more
+                out.append((ifname, address))
         return out
 
 

@@ -65,7 +65,7 @@ _RECORD = struct.Struct("=IIII")
 # table with it, so such SAs are left out of key files.
 TSHARK_ENCRYPTION = {name: spec.tshark_names[0] for name, spec in ENCRYPTION.items()
                      if spec.tshark_names}
-TSHARK_INTEGRITY = {None: "NULL", "": "NULL",
+TSHARK_INTEGRITY: dict[str | None, str] = {None: "NULL", "": "NULL",
                     **{name: spec.tshark_name for name, spec in INTEGRITY.items()
                        if spec.tshark_name}}
 
@@ -73,12 +73,12 @@ TSHARK_INTEGRITY = {None: "NULL", "": "NULL",
 # IKEv2 transforms (IANA ENCR id, key bits) / INTEG id -> Wireshark 4.0 ikev2_decryption_table
 # names (packet-isakmp.c vs_ikev2_encr_algs / vs_ikev2_auth_algs).  The ESP table's names differ
 # ("AES-CBC [RFC3602]" there, "AES-CBC-128 [RFC3602]" here): these are the UAT's own strings.
-IKEV2_TSHARK_ENCRYPTION = {
+IKEV2_TSHARK_ENCRYPTION: dict[tuple[int, int], str] = {
     **{(Encr.ENCR_AES_CBC, bits): f"AES-CBC-{bits} [RFC3602]" for bits in (128, 192, 256)},
     **{(Encr.ENCR_AES_GCM_16, bits): f"AES-GCM-{bits} with 16 octet ICV [RFC5282]"
        for bits in (128, 192, 256)},
 }
-IKEV2_TSHARK_INTEGRITY = {
+IKEV2_TSHARK_INTEGRITY: dict[int, str] = {
     Integ.NONE: "NONE [RFC4306]",
     Integ.AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128 [RFC4868]",
 }

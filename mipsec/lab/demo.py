@@ -159,8 +159,8 @@ def run_lab_demo(prefix: str = "mipsec-demo-", delay_ms: float = 10.0, rate: flo
                       "home": "back home"}
             marks = [(m["time"], f"move {i + 1}: {titles[m['to']]}") for i, m in enumerate(moves)]
             parts = [lab.timelines(m["time"] - 0.001, bounds[i + 1]) for i, m in enumerate(moves)]
-            streams_in = {"downlink CN->MN": [tuple(r) for r in reports["mn"]["received"]],
-                          "uplink MN->CN": [tuple(r) for r in reports["cn"]["received"]]}
+            streams_in = {"downlink CN->MN": [(int(s), float(t)) for s, t in reports["mn"]["received"]],
+                          "uplink MN->CN": [(int(s), float(t)) for s, t in reports["cn"]["received"]]}
             label = f"lab, {handover_mode.upper()}, {delay_ms:g} ms one way"
             for path in write_demo_plots(plot_dir, marks, parts, streams_in, label):
                 print(f"plot: {path}", file=out)

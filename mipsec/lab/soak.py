@@ -245,7 +245,7 @@ class Sampler(threading.Thread):
         row: dict[str, Any] = {"time": time.monotonic(), "roles": {}}
         for role in ROLES:
             pid = self.lab.pid(role)
-            fig = process_figures(pid) if pid is not None else {"gone": True}
+            fig: dict[str, Any] = process_figures(pid) if pid is not None else {"gone": True}
             try:
                 st = control.request(self.lab.socket(role), "status", 10.0)
                 fig["sizes"] = sizes_of(role, st)
@@ -397,7 +397,9 @@ def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]]) -> dict[str, Any]:
     current = _current_spis(lab)
     proc = lab.popen("rt", lab.python, "-m", "mipsec.lab.soak", "--replay",
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    results = []
+    stdin, stdout = proc.stdin, proc.stdout
+    assert stdin is not None and stdout is not None, "both are pipes"
+    results: list[dict[str, Any]] = []
     try:
         # newest first: the SPIs of the last traffic are still current when they are replayed
         for spi_hex, entry in sorted(spis.items(), key=lambda kv: -kv[1]["last"]):
@@ -413,9 +415,9 @@ def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]]) -> dict[str, Any]:
             cur_before, grace_before = _allowed_spis(lab, role)
             before_unknown = _unknown_spi_count(lab, role)
             before_any = _any_drop_count(lab, role)
-            proc.stdin.write(packet.hex() + "\n")
-            proc.stdin.flush()
-            answer = proc.stdout.readline().strip()
+            stdin.write(packet.hex() + "\n")
+            stdin.flush()
+            answer = stdout.readline().strip()
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and _any_drop_count(lab, role) == before_any:
                 time.sleep(0.02)
@@ -427,7 +429,7 @@ def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]]) -> dict[str, Any]:
                             "first": entry["first"], "last": entry["last"],
                             "count": entry["count"]})
     finally:
-        proc.stdin.close()
+        stdin.close()
         proc.wait(timeout=10)
     # known is right for a current SPI and for one in its grace period, for no other
     left = [r for r in results if r.get("known") and not r.get("current")

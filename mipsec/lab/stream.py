@@ -53,7 +53,7 @@ def run_stream(bind: str, port: int, peer: str | None, rate: float, duration: fl
     pad = b"\0" * max(0, size - HEADER.size)
     start = time.monotonic()
     end = start + duration
-    interval = 1.0 / rate if rate > 0 else None
+    interval = 1.0 / rate if rate > 0 else 0.0       # 0: no paced sending
     next_send = start
     while not stop[0]:
         now = time.monotonic()

@@ -79,13 +79,14 @@ class Correspondent:
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
-        while self._next is not None and self._next <= now:
+        peer = self._peer
+        while peer is not None and self._next is not None and self._next <= now:
             if (self._stop is not None and self._next > self._stop) or self._remaining == 0:
                 self._next = None
                 break
             payload = _PAYLOAD.pack(STREAM_MAGIC, self.stream_id, self.sent, self._next)
             payload += b"\0" * (self._size - len(payload))
-            actions.append(SendToNet(build_udp_packet(self._src, self._peer, self.port,
+            actions.append(SendToNet(build_udp_packet(self._src, peer, self.port,
                                                       self._peer_port, payload,
                                                       with_checksum=False)))
             self.sent += 1

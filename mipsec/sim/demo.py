@@ -10,7 +10,7 @@ the stream saw: packets lost and the longest interruption per direction.
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, TextIO
 
 from mipsec.node import timeline as tl
 from mipsec.node.mobile_node import RegState
@@ -57,9 +57,9 @@ def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1,
     per move and the packet arrivals around the moves there (PNG, ``mipsec.plot``)."""
     sa_source = "manual" if manual_keys else "ikev2"
     # manual keys only with CBC + HMAC, as the daemons require (docs/security.md §3.6)
+    extra: dict[str, Any] = {"encryption": "ENCR_AES_CBC"} if manual_keys else {}
     topo = build_topology(1, internet_delay_s=internet_delay_s, seed=seed, sa_source=sa_source,
-                          handover_mode=handover_mode,
-                          **({"encryption": "ENCR_AES_CBC"} if manual_keys else {}))
+                          handover_mode=handover_mode, **extra)
     mn = topo.mn.role
     a, b = topo.care_of["a"][0], topo.care_of["b"][0]
     p = lambda *s: print(*s, file=out)  # noqa: E731
@@ -95,7 +95,7 @@ def run_demo(out: TextIO, *, internet_delay_s: float = 0.020, seed: int = 1,
     parts = tl.split_handovers(events)
     p(tl.format_table(parts[0]) if parts else "(no registration)")
     p("")
-    cn_app, mn_app = topo.cn.app, topo.mn.app
+    cn_app, mn_app = topo.cn.app, topo.mn.application
     send_times = [start + i * INTERVAL_S for i in range(max(cn_app.sent, mn_app.sent))]
     bounds = [m[0] for m in moves] + [stop]
     for k, (at, _where, _mbb, title) in enumerate(moves):

@@ -27,6 +27,8 @@ from typing import Any, Callable
 from mipsec.node.actions import (
     BindingChanged, Log, RebindSa, ReestablishRequested, SendToNet, WriteToTun,
 )
+from mipsec.errors import UsageError
+from mipsec.node.correspondent import Correspondent
 from mipsec.sim.core import Simulator
 from mipsec.sim.network import Host, Interface, a2b
 
@@ -97,7 +99,7 @@ class Driver:
 class CorrespondentHost(Host):
     """A plain host whose local traffic is handled by a ``Correspondent``."""
 
-    def __init__(self, sim: Simulator, name: str, app: Any):
+    def __init__(self, sim: Simulator, name: str, app: Correspondent):
         super().__init__(sim, name)
         self.app = app
         self.driver = Driver(sim, app, send=lambda a: self.send(a.packet, a.interface),
@@ -108,7 +110,7 @@ class CorrespondentHost(Host):
 
 
 class MobileHost(Host):
-    def __init__(self, sim: Simulator, name: str, role: Any, app: Any | None = None,
+    def __init__(self, sim: Simulator, name: str, role: Any, app: Correspondent | None = None,
                  record: bool = False):
         super().__init__(sim, name)
         self.role = role
@@ -116,6 +118,19 @@ class MobileHost(Host):
         self.driver = Driver(sim, role, send=self._send_from, tun=self._to_app, record=record)
         self.app_driver = (Driver(sim, app, send=lambda a: self.driver.tun(a.packet),
                                   tun=lambda p: None) if app is not None else None)
+
+    @property
+    def application(self) -> Correspondent:
+        """The MN's application (a ``Correspondent`` behind its home address)."""
+        if self.app is None:
+            raise UsageError(f"{self.name}: this mobile host has no application")
+        return self.app
+
+    @property
+    def application_driver(self) -> Driver:
+        if self.app_driver is None:
+            raise UsageError(f"{self.name}: this mobile host has no application")
+        return self.app_driver
 
     def _send_from(self, action: SendToNet) -> None:
         packet = action.packet

@@ -182,7 +182,7 @@ class Host:
             if iface is None or not iface.up:
                 self.counters["interface-down"] += 1
                 return
-            found = self._route_via(iface, dst)
+            found: tuple[Interface, bytes] | None = self._route_via(iface, dst)
         else:
             found = self.route(dst)
         if found is None:

@@ -19,16 +19,16 @@ def start_streams(topo: Topology, *, interval_s: float, start: float, stop: floa
     mn = topo.mobiles[index]
     topo.cn.app.start_stream(mn.role.home_address, interval_s=interval_s, start=start, stop=stop,
                              size=size)
-    mn.app.start_stream(topo.cn.app.address, interval_s=interval_s, start=start, stop=stop,
+    mn.application.start_stream(topo.cn.app.address, interval_s=interval_s, start=start, stop=stop,
                         size=size)
     topo.cn.driver.rearm()
-    mn.app_driver.rearm()
+    mn.application_driver.rearm()
 
 
 def stream_reports(topo: Topology, index: int = 0, **window: Any) -> dict[str, StreamReport]:
     mn = topo.mobiles[index]
-    return {"downlink": mn.app.report(topo.cn.app.sent, **window),
-            "uplink": topo.cn.app.report(mn.app.sent, **window)}
+    return {"downlink": mn.application.report(topo.cn.app.sent, **window),
+            "uplink": topo.cn.app.report(mn.application.sent, **window)}
 
 
 def wait_registered(topo: Topology, timeout_s: float = 5.0, index: int | None = None,
@@ -66,7 +66,7 @@ def merged_timeline(topo: Topology, index: int = 0) -> list[TimelineEvent]:
 def gw_log(topo: Topology) -> list[tuple[int, float, str, Any]]:
     """The GW's actions in order: (position, time, kind, detail): "send" (ESP to a CoA) and
     "ack" (SIU ACK to the HA), "ike" (IKEv2 to an MN) -> destination, "rebind" -> new remote."""
-    out = []
+    out: list[tuple[int, float, str, Any]] = []
     for pos, (time, action) in enumerate(topo.gw.driver.log or ()):
         if isinstance(action, SendToNet):
             packet = action.packet

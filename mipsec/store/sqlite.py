@@ -18,6 +18,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import Mapping
+from types import TracebackType
 
 from mipsec.store.record import BindingRecord, StoreError
 
@@ -160,17 +161,17 @@ class _Transaction:
         except sqlite3.Error as exc:
             raise StoreError(f"binding store {self._path}: {exc}") from None
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             if kind is None:
                 self._db.execute("COMMIT")
-                return False
+                return
             self._db.execute("ROLLBACK")
         except sqlite3.Error as err:
             raise StoreError(f"binding store {self._path}: {err}") from None
         if isinstance(exc, sqlite3.Error):
             raise StoreError(f"binding store {self._path}: {exc}") from None
-        return False
 
 
 __all__ = ["SqliteStore"]
