@@ -12,7 +12,7 @@ from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
-    BindingChanged, CareOfAddressChanged, Log, PersistBinding, SendToNet,
+    BindingChanged, CareOfAddressChanged, Log, PersistBinding, ReserveSiuSequence, SendToNet,
 )
 from mipsec.node.mobile_node import TRANSITIONS, RegEvent, RegState
 from mipsec.node.packet import a2b, build_udp_packet
@@ -128,11 +128,14 @@ def test_ha_direct_registration_at_home_and_via_the_gateway_rule():
     # from outside the home prefix: it came through the GW: the reply travels in an SIU
     topo.sim.run(until=1.0)                       # a newer identification
     acts = ha.receive_from_net(_rrq_packet(mn, src="172.16.2.10"), 1.0)
-    assert [type(a) for a in acts] == [PersistBinding, SendToNet] and not ha.drops
+    # the first SIU reserves its block of sequence numbers in the store before it leaves
+    assert [type(a) for a in acts] == [PersistBinding, ReserveSiuSequence, SendToNet]
+    assert not ha.drops
     assert acts[0].record.care_of_address == "172.16.1.10"
-    assert acts[1].packet[16:20] == a2b(topo.gw.role.inside)
-    assert int.from_bytes(acts[1].packet[22:24], "big") == SIU_PORT
-    siu = parse_siu(acts[1].packet[28:])
+    assert acts[1].key == "siu-seq/" + topo.gw.role.inside and acts[1].expected is None
+    assert acts[2].packet[16:20] == a2b(topo.gw.role.inside)
+    assert int.from_bytes(acts[2].packet[22:24], "big") == SIU_PORT
+    siu = parse_siu(acts[2].packet[28:])
     assert siu.type == SiuType.UPDATE and siu.new_care_of == "172.16.1.10" and siu.rrp
 
 

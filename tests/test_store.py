@@ -81,6 +81,19 @@ def test_contract_compare_and_swap(store):
         store.compare_and_swap(HOME, None, _record(home="10.1.0.101"))
 
 
+def test_contract_compare_and_swap_meta(store):
+    # the SIU sequence high-water mark: created if absent, then moved only from what it was
+    assert store.compare_and_swap_meta("siu-seq/10.1.0.1", None, b"\x00" * 7 + b"\x10")
+    assert not store.compare_and_swap_meta("siu-seq/10.1.0.1", None, b"\x00" * 7 + b"\x20")
+    assert not store.compare_and_swap_meta("siu-seq/10.1.0.1", b"\x00" * 8, b"\x00" * 7 + b"\x20")
+    assert store.meta() == {"siu-seq/10.1.0.1": b"\x00" * 7 + b"\x10"}
+    assert store.compare_and_swap_meta("siu-seq/10.1.0.1", b"\x00" * 7 + b"\x10",
+                                       b"\x00" * 7 + b"\x20")
+    assert store.meta() == {"siu-seq/10.1.0.1": b"\x00" * 7 + b"\x20"}
+    store.put(_record(), {"mn-ha-id/" + HOME: b"\x01" * 8})     # other entries untouched
+    assert store.meta()["siu-seq/10.1.0.1"] == b"\x00" * 7 + b"\x20"
+
+
 def test_contract_delete(store):
     store.put(_record())
     store.delete(HOME, {"mn-ha-id/" + HOME: b"\x01" * 8})

@@ -108,6 +108,36 @@ def test_a_stale_compare_and_swap_is_refused_across_two_clients(etcd):
         b.close()
 
 
+def test_a_fenced_store_writes_only_while_its_leader_key_names_it(etcd):
+    """Several HAs on one prefix: each write also compares the leader key with the writer's
+    identity, so a deposed active HA writes nothing (not even metadata)."""
+    a = EtcdStore(etcd.endpoints, "/fenced")
+    b = EtcdStore(etcd.endpoints, "/fenced")
+    a.fence, b.fence = "ha-a", "ha-b"
+    try:
+        with pytest.raises(StoreError, match="not the active one"):
+            a.put(_record("172.16.1.10"))                  # no leader key at all
+        etcd_cluster._post(etcd.members[0].client, "/v3/kv/put",
+                           {"key": base64.b64encode(b"/fenced/leader").decode(),
+                            "value": base64.b64encode(b"ha-a").decode()})
+        a.put(_record("172.16.1.10"))
+        assert a.compare_and_swap(HOME, "172.16.1.10", _record("172.16.2.10", 2))
+        assert a.compare_and_swap_meta("siu-seq/gw", None, b"1")
+        for write in (lambda: b.put(_record("172.16.9.9")),
+                      lambda: b.delete(HOME),
+                      lambda: b.compare_and_swap(HOME, "172.16.2.10", _record("172.16.9.9")),
+                      lambda: b.compare_and_swap_meta("siu-seq/gw", b"1", b"2")):
+            with pytest.raises(StoreError, match="not the active one"):
+                write()
+        assert b.load(0.0) == [_record("172.16.2.10", 2)] and b.meta() == {"siu-seq/gw": b"1"}
+        # a stale care-of is still a plain refusal for the active one
+        assert not a.compare_and_swap(HOME, "172.16.1.10", _record("172.16.3.10"))
+        assert not a.compare_and_swap_meta("siu-seq/gw", b"0", b"2")
+    finally:
+        a.close()
+        b.close()
+
+
 def test_the_lease_only_collects_garbage(etcd):
     cluster = etcd
     store = EtcdStore(cluster.endpoints, "/lease")

@@ -33,8 +33,8 @@ from mipsec.io import (arp, control, hostguard, instance, logs, netlink, pcap as
                        seqstate, transports, tun as tunmod)
 from mipsec.io.loop import EventLoop
 from mipsec.node.actions import (
-    BindingChanged, BindingNotStored, CareOfAddressChanged, PersistBinding, ReturnedHome,
-    UseHomeLink,
+    BindingChanged, BindingNotStored, CareOfAddressChanged, PersistBinding,
+    ReserveSiuSequence, ReturnedHome, SiuSequenceNotReserved, UseHomeLink,
 )
 from mipsec.store import StoreError, open_store
 
@@ -614,17 +614,24 @@ class Daemon:
         self._loop.dispatch(actions)
 
     def _dispatch_persisting(self, actions: list[Any]) -> None:
-        """Carry out the HA's actions; a ``PersistBinding`` is written to the store first and
-        synchronously, and if that fails the actions after it (up to the next one) are dropped:
-        no reply leaves for a binding that is not on disk."""
+        """Carry out the HA's actions; a ``PersistBinding`` or ``ReserveSiuSequence`` is
+        written to the store first and synchronously, and if that fails the actions after it
+        (up to the next one) are dropped: no reply leaves for a binding that is not on disk, no
+        SIU with a number that is not reserved."""
         segment: list[Any] = []
         skipping = False
         for action in actions:
-            if type(action) is PersistBinding:
+            kind = type(action)
+            if kind is ReserveSiuSequence and skipping:
+                # the binding write before it failed: the SIU it reserves for is dropped too
+                self.loop.feed_event(SiuSequenceNotReserved(
+                    action.gateway, action.expected, "the binding write before it failed"))
+            elif kind is PersistBinding or kind is ReserveSiuSequence:
                 if segment:
                     self._plain_dispatch(segment)
                     segment = []
-                skipping = not self._persist(action)
+                skipping = not (self._persist(action) if kind is PersistBinding
+                                else self._reserve(action))
             elif not skipping:
                 segment.append(action)
         if segment:
@@ -650,6 +657,21 @@ class Daemon:
         self.store_errors += 1
         log.error("binding store: %s not stored: %s", action.home_address, reason)
         self._loop.feed_event(BindingNotStored(action.home_address, reason))
+        return not action.required
+
+    def _reserve(self, action: ReserveSiuSequence) -> bool:
+        reason, stored = "", None
+        try:
+            if self.store.compare_and_swap_meta(action.key, action.expected,
+                                                action.end.to_bytes(8, "big")):
+                return True
+            stored = self.store.meta().get(action.key)
+            reason = "another home agent reserved numbers meanwhile"
+        except StoreError as exc:
+            reason = str(exc)
+        self.store_errors += 1
+        log.error("binding store: SIU numbers for %s not reserved: %s", action.gateway, reason)
+        self.loop.feed_event(SiuSequenceNotReserved(action.gateway, stored, reason))
         return not action.required
 
     def _on_netlink(self, watcher: netlink.AddressWatcher) -> None:

@@ -76,6 +76,25 @@ class PersistBinding:
 
 
 @dataclass(frozen=True, slots=True)
+class ReserveSiuSequence:
+    """HA: reserve SIU sequence numbers up to ``end`` (exclusive) for the GW ``gateway`` before
+    the actions after it (the SIU that uses the first of them) are carried out.
+
+    The runtime writes the high-water mark ``end`` to the binding store's metadata
+    (``key``) with a compare-and-swap from ``expected`` (8 bytes big-endian; ``None``: absent),
+    synchronously.  If it fails or does not apply (another HA reserved meanwhile), the runtime
+    drops the actions that follow it up to the next store action and tells the role with
+    ``SiuSequenceNotReserved``: no SIU ever carries a number that is not reserved, so an HA that
+    takes over from another never sends a number the GW has already seen.
+    """
+    gateway: str
+    key: str
+    expected: bytes | None
+    end: int
+    required: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """A line for the daemon's log (level is a ``logging`` level name)."""
     level: str
@@ -114,6 +133,15 @@ class BindingNotStored:
     """HA: the runtime could not carry out a ``PersistBinding`` (store error, or the
     compare-and-swap found another care-of address); the actions after it were dropped."""
     home_address: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SiuSequenceNotReserved:
+    """HA: the runtime could not carry out a ``ReserveSiuSequence``; ``stored`` is the
+    high-water mark the store holds now when it could read it (``None``: unknown or absent)."""
+    gateway: str
+    stored: bytes | None = None
     reason: str = ""
 
 

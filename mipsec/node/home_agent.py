@@ -66,6 +66,14 @@ again, the wait doubling, at most ``siu_retransmit_tries`` times: a lost SIU or 
 such timeout instead of the MN's registration retransmission (1 s).  A resend is a fresh SIU
 (new sequence number, same move, same reply), which the GW applies idempotently.
 
+SIU sequence numbers come from blocks reserved in the binding store (``siu-seq/<GW>``, a
+high-water mark moved by compare-and-swap): before the first SIU of a block the role returns a
+``ReserveSiuSequence`` ahead of it, and the runtime makes it durable first (like a binding).  At
+``restore`` the numbering continues above the stored mark (and above the wall-clock start,
+``ntp_from_unix``), so neither a restarted HA nor a standby that took over from another one
+sends a number the GW has seen; when the compare-and-swap finds another HA's reservation
+(``SiuSequenceNotReserved``), the role jumps above it and the SIU goes out with its next resend.
+
 Persistence (``mipsec.store``): every accepted registration, deregistration and expiry returns
 a ``PersistBinding`` ahead of the actions it allows (the reply, the SIU carrying it); the
 runtime makes it durable first and drops what follows if it cannot.  ``restore`` starts an HA
@@ -100,8 +108,8 @@ from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
-    Action, BindingChanged, BindingNotStored, Log, PersistBinding, SendToNet, TimelineEvent,
-    WriteToTun,
+    Action, BindingChanged, BindingNotStored, Log, PersistBinding, ReserveSiuSequence, SendToNet,
+    SiuSequenceNotReserved, TimelineEvent, WriteToTun,
 )
 from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
 from mipsec.node.packet import (
@@ -118,6 +126,8 @@ from mipsec.wire.siu import SiuFlags, SiuType
 REVERSE_TUNNEL_GRACE_S = 1.0
 UNBOUND_ADDRESS = "0.0.0.0"
 META_MN_HA_ID = "mn-ha-id/"            # + home address: the last accepted identification
+META_SIU_SEQUENCE = "siu-seq/"         # + GW address: SIU numbers below it may have been used
+SIU_SEQUENCE_BLOCK = 1 << 12           # tunable: SIU numbers reserved per store write
 
 
 class BindingState(enum.Enum):
@@ -201,6 +211,10 @@ class HomeAgent:
         first = max(1, ntp_from_unix(wallclock()))
         self._signers = {g.address: SiuSigner(config.address, g.key, g.key_id, first_sequence=first)
                          for g in config.gateways}
+        # per GW: the end of the SIU numbers reserved in the store (exclusive; nothing reserved
+        # yet: the first SIU reserves a block) and the mark the store holds as far as we know
+        self._seq_end: dict[str, int] = {g.address: first for g in config.gateways}
+        self._seq_stored: dict[str, bytes | None] = {g.address: None for g in config.gateways}
         self.bindings: dict[str, Binding] = {}
         # SIU ACKs from the GWs (docs/protocol.md §2.1 step 5): where each GW's SA points
         # (an ACK echoes one of our sequence numbers: one below our first is from an earlier run)
@@ -411,9 +425,9 @@ class HomeAgent:
         data_out = msa.sign(build_registration_reply(reply))
         if via_gateway:
             binding = self.bindings.get(rrq.home_address)
-            return logs + [self._siu(now, SiuType.REJECT, mobile,
-                                     binding.care_of_address if binding is not None else None,
-                                     rrq.care_of_address, 0, data_out)]
+            return logs + self._siu(now, SiuType.REJECT, mobile,
+                                    binding.care_of_address if binding is not None else None,
+                                    rrq.care_of_address, 0, data_out)
         return logs + [SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, data_out))]
 
     def _reject(self, now: float, rrq: RegistrationRequest, reason: DropReason,
@@ -449,11 +463,11 @@ class HomeAgent:
             actions.insert(0, self._persist(home, None))
             gw_has = self._gw_has(home, old)
             if via_gateway:
-                actions.append(self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, rrp))
+                actions += self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, rrp)
             else:
                 actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
                 if gw_has is not None:
-                    actions.append(self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, b""))
+                    actions += self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, b"")
             return actions
         coa = rrq.care_of_address
         actions = self._event(home, BindingEvent.ACCEPT, now, care_of=coa, lifetime=lifetime,
@@ -464,8 +478,8 @@ class HomeAgent:
         self._record(now, "rrq-accepted", home_address=home, care_of=coa, lifetime=lifetime,
                      via_gateway=via_gateway)
         if via_gateway:
-            actions.append(self._siu(now, SiuType.UPDATE, mobile,
-                                     self._gw_has(home, binding.gw_old), coa, lifetime, rrp))
+            actions += self._siu(now, SiuType.UPDATE, mobile,
+                                 self._gw_has(home, binding.gw_old), coa, lifetime, rrp)
         else:
             actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
         return actions
@@ -492,6 +506,14 @@ class HomeAgent:
         if self.bindings or self._last_siu:
             raise UsageError(f"HA {self.name}: restore() after the HA has started serving")
         wall = self.wallclock()
+        # SIU numbering continues above every mark reserved before (by us or another HA)
+        marks = {gw: meta.get(META_SIU_SEQUENCE + gw) for gw in self._signers}
+        start = max([s.next_sequence for s in self._signers.values()]
+                    + [int.from_bytes(v, "big") for v in marks.values() if v and len(v) == 8])
+        for gw, signer in self._signers.items():
+            signer.next_sequence = self._seq_end[gw] = start
+            self._seq_stored[gw] = marks[gw]
+        self._ack_verifier.floor = start
         for home, mobile in self._mobiles.items():
             value = meta.get(META_MN_HA_ID + home)
             if value is not None and len(value) == 8:
@@ -556,16 +578,16 @@ class HomeAgent:
                          want=want, sequence=siu.sequence)
             return []
         if want is None:
-            return [self._siu(now, SiuType.DEREGISTER, mobile, reported, None, 0, b"",
-                              correction=True)]
+            return self._siu(now, SiuType.DEREGISTER, mobile, reported, None, 0, b"",
+                             correction=True)
         _seq, last_type, last_new, last_rrp, _correction = last
         rrp = last_rrp if last_type == SiuType.UPDATE and last_new == want else b""
-        return [self._siu(now, SiuType.UPDATE, mobile, reported, want, binding.lifetime, rrp,
-                          correction=True)]
+        return self._siu(now, SiuType.UPDATE, mobile, reported, want, binding.lifetime, rrp,
+                         correction=True)
 
     def _siu(self, now: float, type: SiuType, mobile: HomeAgentMobile, old: str | None,
              new: str | None, lifetime: int, rrp: bytes, correction: bool = False,
-             resends: int = 0) -> SendToNet:
+             resends: int = 0) -> list[Action]:
         """Build, number and sign one SIU; until its ACK arrives it is resent on a short timer
         (``siu_retransmit_s``, doubling, ``siu_retransmit_tries`` times): a lost SIU costs one
         such timeout, not the MN's registration retransmission.  A resend is a fresh SIU (a new
@@ -578,6 +600,9 @@ class HomeAgent:
         else:
             self._resend.pop(mobile.home_address, None)
         signer = self._signers[mobile.gateway]
+        actions: list[Action] = []
+        if signer.next_sequence >= self._seq_end[mobile.gateway]:
+            actions.append(self._reserve(mobile.gateway, signer.next_sequence))
         sequence = signer.next_sequence
         last = self._last_siu.get(mobile.home_address)
         spi = mobile.gateway_spi
@@ -595,8 +620,19 @@ class HomeAgent:
         self._record(now, "siu-sent", home_address=mobile.home_address, type=type.name.lower(),
                      old=old, new=new, gateway=mobile.gateway, sequence=sequence,
                      **({"correction": True} if correction else {}))
-        return SendToNet(build_udp_packet(self._address_b, a2b(mobile.gateway), SIU_PORT, SIU_PORT,
-                                          data))
+        actions.append(SendToNet(build_udp_packet(self._address_b, a2b(mobile.gateway), SIU_PORT,
+                                                  SIU_PORT, data)))
+        return actions
+
+    def _reserve(self, gateway: str, first: int) -> ReserveSiuSequence:
+        """The store write that reserves the next block of SIU numbers for ``gateway``."""
+        end = first + SIU_SEQUENCE_BLOCK
+        action = ReserveSiuSequence(gateway, META_SIU_SEQUENCE + gateway,
+                                    self._seq_stored[gateway], end)
+        self._seq_end[gateway] = end
+        self._seq_stored[gateway] = end.to_bytes(8, "big")
+        self.counters["siu-sequence-reserved"] += 1
+        return action
 
     # --- intercepted packets for home addresses ---------------------------------------------
     def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
@@ -652,8 +688,8 @@ class HomeAgent:
             type_, old, new, lifetime, rrp, correction = args
             self.counters["siu-retransmitted"] += 1
             self._record(now, "siu-retransmitted", home_address=home, attempt=resends + 1)
-            actions.append(self._siu(now, type_, self._mobiles[home], old, new, lifetime, rrp,
-                                     correction, resends=resends + 1))
+            actions += self._siu(now, type_, self._mobiles[home], old, new, lifetime, rrp,
+                                 correction, resends=resends + 1)
         while self._expiry and self._expiry[0][0] <= now:
             expires, home = heapq.heappop(self._expiry)
             binding = self.bindings.get(home)
@@ -667,11 +703,25 @@ class HomeAgent:
             actions += changed
             gw_has = self._gw_has(home, binding.care_of_address)
             if binding.via_gateway and gw_has is not None:
-                actions.append(self._siu(now, SiuType.DEREGISTER, self._mobiles[home],
-                                         gw_has, None, 0, b""))
+                actions += self._siu(now, SiuType.DEREGISTER, self._mobiles[home],
+                                     gw_has, None, 0, b"")
         return actions
 
     def handle_event(self, event: object, now: float) -> list[Action]:
+        if isinstance(event, SiuSequenceNotReserved):
+            # the SIU that needed the block was not sent (its resend timer sends it again);
+            # continue above what the store holds (another HA's reservation), reserving anew
+            stored = event.stored if event.stored and len(event.stored) == 8 else None
+            signer = self._signers[event.gateway]
+            if stored is not None:
+                signer.next_sequence = max(signer.next_sequence, int.from_bytes(stored, "big"))
+            self._seq_stored[event.gateway] = stored
+            self._seq_end[event.gateway] = signer.next_sequence
+            self.counters["siu-sequence-not-reserved"] += 1
+            self._record(now, "siu-sequence-not-reserved", gateway=event.gateway,
+                         reason=event.reason)
+            return [Log("error", f"SIU numbers for {event.gateway} not reserved "
+                                 f"({event.reason}): the SIU waits for its next resend")]
         if isinstance(event, BindingNotStored):
             # the write failed or found another care-of address: what the store holds is
             # unknown now, so the next write for this home address is unconditional
@@ -689,6 +739,7 @@ class HomeAgent:
             "home_prefix": self.config.home_prefix,
             "bindings": {h: b.as_dict(now) for h, b in self.bindings.items()},
             "siu_next_sequence": {g: s.next_sequence for g, s in self._signers.items()},
+            "siu_reserved_until": dict(self._seq_end),
             "drops": {str(k): v for k, v in self.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
         }

@@ -30,6 +30,7 @@ OTHER_KINDS = (
     "siu-correction-refused",       # HA: the GW refused our correcting SIU too; no more
     "binding-restored", "binding-not-stored",   # HA: its binding store (mipsec.store)
     "siu-retransmitted", "siu-unacknowledged",  # HA: an SIU resent / given up on
+    "siu-sequence-not-reserved",    # HA: a block of SIU numbers could not be reserved
 )
 IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
     "ike-initiated", "ike-established", "ike-rekeyed", "ike-ended", "ike-reestablish",

@@ -34,6 +34,12 @@ The operations (``BindingStore``):
                               always matches, with several HAs sharing a store it fences a stale
                               one (an etcd transaction: compare the care-of key, then put);
 ``delete(home, meta)``        remove a binding (and write metadata) durably;
+``compare_and_swap_meta(key, expected, value)``
+                              write one metadata entry only if it holds ``expected`` (``None``:
+                              absent); False, writing nothing, otherwise.  The HA reserves its
+                              SIU sequence numbers in blocks this way (``siu-seq/<GW>``, the
+                              high-water mark): two HAs sharing a store never reserve the same
+                              numbers, so a new active HA never sends one the GW has seen;
 ``close()``.
 
 Three backends: ``MemoryStore`` (tests, the simulator; "durable" for the life of the object),

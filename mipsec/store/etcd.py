@@ -23,12 +23,20 @@ Keys, under a prefix per home network / HA group (``prefix``, e.g. ``/mipsec/ha-
     <prefix>/binding/<home address>   the BindingRecord as JSON (absolute expiry inside)
     <prefix>/care-of/<home address>   its care-of address alone: what compare-and-swap compares
     <prefix>/meta/<key>               a metadata value (bytes), no lease
+    <prefix>/leader                   the active HA's identity, on its election lease
+                                      (several HAs on one prefix: ``mipsec.io.hagroup``)
 
 * every write is one etcd transaction (``/v3/kv/txn``): binding, care-of and metadata change
   together or not at all; etcd answers only after the Raft log entry is committed on a majority
   and applied, so a write is durable when ``put`` returns;
 * ``compare_and_swap`` compares the care-of key's value (or ``create_revision == 0``: absent)
   in the same transaction that writes; a stale expectation writes nothing;
+* fencing (several HAs on one prefix): with ``fence`` set, every write transaction also
+  compares ``<prefix>/leader`` with this HA's identity, so an HA that lost the election (its
+  lease expired, a standby took over) can write nothing: its write fails with a
+  ``StoreError`` saying so, and the reply that waited for it is not sent;
+* ``compare_and_swap_meta`` compares one metadata value (absent: ``create_revision == 0``):
+  the HA's SIU sequence blocks are reserved that way;
 * the lifetime is the record's absolute ``expires_wall``, enforced by the HA.  A lease only
   collects garbage: etcd resets every lease to its full TTL when the leader changes, so a lease
   is no clock.  Records of one lifetime share a lease granted with TTL
@@ -139,6 +147,10 @@ class EtcdStore:
         self._leases: dict[int, tuple[str, float]] = {}   # lifetime -> (lease id, reuse until)
         self.skipped = 0                       # values that did not parse at the last load
         self.failovers = 0                     # times we moved to another member
+        # several HAs on one prefix (mipsec.io.hagroup): every write also compares the leader
+        # key with ``fence`` (this HA's identity) so that a deposed active writes nothing
+        self.leader_key = f"{self.prefix}/leader".encode()
+        self.fence: str | None = None
         self.closed = False
 
     # --- keys -----------------------------------------------------------------------------------
@@ -289,20 +301,45 @@ class EtcdStore:
                 for k, v in meta.items()]
         return ops
 
+    def _fence_compare(self) -> list[dict]:
+        if self.fence is None:
+            return []
+        return [{"key": _b64(self.leader_key), "target": "VALUE", "result": "EQUAL",
+                 "value": _b64(self.fence)}]
+
+    def _fenced(self, answer: dict) -> bool:
+        """Did a failed transaction fail on the fence (the leader key is not ours)?"""
+        if self.fence is None:
+            return False
+        for resp in answer.get("responses", []) or []:
+            for kv in resp.get("response_range", {}).get("kvs", []) or []:
+                if _unb64(kv["key"]) == self.leader_key:
+                    return _unb64(kv.get("value", "")) != self.fence.encode()
+        return True            # no leader key at all: not ours either
+
+    def _not_active(self) -> StoreError:
+        return StoreError(f"etcd store: this home agent is not the active one any more (the "
+                          f"leader key {self.leader_key.decode()} does not name "
+                          f"{self.fence!r}); nothing written")
+
     def _txn(self, compare: list[dict], home: str, record: BindingRecord | None,
              meta: Mapping[str, bytes], ambiguous: list[bool] | None = None) -> dict:
-        failure = [{"request_range": {"key": _b64(self._key("binding", home))}}]
+        failure = [{"request_range": {"key": _b64(self._key("binding", home))}},
+                   {"request_range": {"key": _b64(self.leader_key)}}]
         for attempt in (1, 2):
-            body = {"compare": compare, "success": self._ops(home, record, meta),
-                    "failure": failure}
+            body = {"compare": compare + self._fence_compare(),
+                    "success": self._ops(home, record, meta), "failure": failure}
             try:
-                return self._call("/v3/kv/txn", body, ambiguous)
+                answer = self._call("/v3/kv/txn", body, ambiguous)
             except StoreError as exc:
                 # our cached lease is gone (revoked, or expired while unused): take a new one
                 if attempt == 1 and record is not None and "lease not found" in str(exc):
                     self._leases.pop(record.lifetime, None)
                     continue
                 raise
+            if not answer.get("succeeded") and self._fenced(answer):
+                raise self._not_active()
+            return answer
         raise AssertionError("unreachable")
 
     def put(self, record: BindingRecord, meta: Mapping[str, bytes] = {}) -> None:
@@ -321,7 +358,7 @@ class EtcdStore:
         if answer.get("succeeded"):
             return True
         if ambiguous:     # did our own earlier attempt commit before its answer was lost?
-            (resp,) = answer.get("responses", [{}]) or [{}]
+            resp = (answer.get("responses") or [{}])[0]
             kvs = resp.get("response_range", {}).get("kvs", [])
             stored = _unb64(kvs[0].get("value", "")) if kvs else None
             if stored == (record.to_json().encode() if record is not None else None):
@@ -330,6 +367,29 @@ class EtcdStore:
 
     def delete(self, home_address: str, meta: Mapping[str, bytes] = {}) -> None:
         self._txn([], home_address, None, meta)
+
+    def compare_and_swap_meta(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        name = _b64(self._key("meta", key))
+        if expected is None:
+            compare = [{"key": name, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}]
+        else:
+            compare = [{"key": name, "target": "VALUE", "result": "EQUAL",
+                        "value": _b64(bytes(expected))}]
+        body = {"compare": compare + self._fence_compare(),
+                "success": [{"request_put": {"key": name, "value": _b64(bytes(value))}}],
+                "failure": [{"request_range": {"key": name}},
+                            {"request_range": {"key": _b64(self.leader_key)}}]}
+        ambiguous: list[bool] = []
+        answer = self._call("/v3/kv/txn", body, ambiguous)
+        if answer.get("succeeded"):
+            return True
+        if self._fenced(answer):
+            raise self._not_active()
+        if ambiguous:     # our own earlier attempt may have committed before its answer was lost
+            kvs = (answer.get("responses") or [{}])[0].get("response_range", {}).get("kvs", [])
+            if kvs and _unb64(kvs[0].get("value", "")) == bytes(value):
+                return True
+        return False
 
     def close(self) -> None:
         self._drop_connection()

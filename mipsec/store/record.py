@@ -53,6 +53,8 @@ class BindingStore(Protocol):
 
     def delete(self, home_address: str, meta: Mapping[str, bytes] = ...) -> None: ...
 
+    def compare_and_swap_meta(self, key: str, expected: bytes | None, value: bytes) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -105,6 +107,14 @@ class MemoryStore:
         self._bindings.pop(home_address, None)
         self._meta.update(meta)
         self.writes += 1
+
+    def compare_and_swap_meta(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        self._check_open()
+        if self._meta.get(key) != expected:
+            return False
+        self._meta[key] = bytes(value)
+        self.writes += 1
+        return True
 
     def close(self) -> None:
         self.closed = True

@@ -140,6 +140,14 @@ class SqliteStore:
         with self._transaction():
             self._write(None, home_address, meta)
 
+    def compare_and_swap_meta(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        with self._transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if (bytes(row[0]) if row is not None else None) != expected:
+                return False
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, bytes(value)))
+        return True
+
     def close(self) -> None:
         try:
             self._db.close()
