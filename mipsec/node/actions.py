@@ -169,5 +169,6 @@ class TimelineEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Action = (SendToNet | WriteToTun | RebindSa | BindingChanged | PersistBinding | Log
+Action = (SendToNet | WriteToTun | RebindSa | BindingChanged | PersistBinding | ReserveSiuSequence
+          | Log
           | ReestablishRequested | UseHomeLink)
