@@ -122,7 +122,7 @@ def _state(topo):
         dict(gw.verifier.last_sequence),
         {h: (b.care_of_address, b.expires, b.identification) for h, b in ha.bindings.items()},
         {spi: msa.last_accepted_id for spi, (msa, _o) in ha._msa_by_spi.items()},
-        [(m.state, m.care_of, m._pending_id,
+        [(m.state, m.care_of, m.reg.pending_id,
           m.inbound.spi if m.inbound else None, m.inbound.local if m.inbound else None,
           m.inbound.replay.top if m.inbound else None,
           m.outbound.local if m.outbound else None, m.outbound.remote if m.outbound else None)

@@ -70,7 +70,7 @@ def test_every_pair_follows_the_table_or_is_refused(state, event):
         if effect is BindingEffect.BIND and state is BindingState.BOUND:
             assert binding.gw_old == OLD          # a move remembers where the GW's SA was
     elif effect is BindingEffect.UNBIND:
-        assert ha._retired[HOME][0] == OLD       # reverse-tunnel grace for the old CoA
+        assert ha.machine.retired[HOME][0] == OLD       # reverse-tunnel grace for the old CoA
 
 
 def test_the_table_covers_what_the_ha_does():

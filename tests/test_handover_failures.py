@@ -79,7 +79,7 @@ def test_lost_message_recovers_by_retransmission(lost):
     else:
         topo.outside.drop_next(lambda p: p[16:20] == b_bytes)
     topo.move("b")
-    topo.sim.run(until=topo.mn.role._deadline - 0.001)     # just before the retransmission
+    topo.sim.run(until=topo.mn.role.reg.deadline - 0.001)     # just before the retransmission
     assert topo.mn.role.state is RegState.REGISTERING
     assert wait_registered(topo, 3.0)
     mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
@@ -119,7 +119,7 @@ def test_lost_siu_or_ack_is_resent_by_the_home_agent(lost):
     assert kinds.count("siu-retransmitted") == 1, kinds
     assert kinds.count("gw-sa-repointed") == 1, kinds
     assert kinds.count("rrp-forwarded") == (1 if lost == "siu" else 2), kinds
-    assert ha._resend == {} and ha.get_timer() == ha._expiry[0][0]     # ACKed: no more resends
+    assert ha._resend == {} and ha.get_timer() == ha.machine.next_expiry()     # ACKed: no more resends
     assert not gw.drops
     # the reply forwarded twice after a lost ACK: the MN drops the second copy, counted
     assert mn.drops == ({} if lost == "siu" else {DropReason.MIP_UNEXPECTED_REPLY: 1})

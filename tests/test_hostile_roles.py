@@ -172,7 +172,7 @@ def test_registration_reply_attacks_at_the_mobile_node(topo):
         return build_udp_packet(a2b(src), a2b(a.care_of), 434, 434, payload)
 
     # nothing pending: every reply is unexpected, before any crypto is spent on it
-    assert a._pending_id is None
+    assert a.reg.pending_id is None
     for what, payload in [("B's reply", rrp(b.home_address, b.msa)),
                           ("A's reply, never asked for", rrp(a.home_address, a.msa)),
                           ("garbage", os.urandom(40))]:
@@ -273,12 +273,12 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
     mobile = gw.mobiles[a.home_address]
     b_reply = b.msa.sign(build_registration_reply(RegistrationReply(
         code=ReplyCode.ACCEPTED, home_address=b.home_address, home_agent=ha.address,
-        identification=a._pending_id or 1, lifetime=600)))
+        identification=a.reg.pending_id or 1, lifetime=600)))
     signer = SiuSigner(ha.address, topo.configs.gateway.home_agents[0].key, 1,
                        first_sequence=gw.verifier.last_sequence[ha.address] + 1)
     for pending in (False, True):
         if pending:
-            a._pending_id = a.msa.new_identification(a.wallclock())   # as if an RRQ were out
+            a.reg.pending_id = a.msa.new_identification(a.wallclock())   # as if an RRQ were out
         siu = signer.build(SiuType.UPDATE, home_address=a.home_address,
                            old_care_of=mobile.care_of, new_care_of=mobile.care_of,
                            gateway_spi=mobile.outbound.spi, lifetime=600, rrp=b_reply,
@@ -301,7 +301,7 @@ def test_siu_carrying_another_mns_reply_is_refused_by_the_mobile_node(topo):
             s["sas"]["inbound"].pop("replay_window")
             s["sas"]["inbound"].pop("counters")
         assert after == before
-    a._pending_id = None
+    a.reg.pending_id = None
 
 
 # --- unusable care-of addresses -----------------------------------------------------
@@ -465,7 +465,7 @@ def test_re_registrations_do_not_grow_the_expiry_heap():
         data = mn.msa.sign(build_registration_request(rrq))
         ha.receive_from_net(build_udp_packet(a2b(mn.care_of), a2b(ha.address), 434, 434, data),
                             topo.sim.now)
-        assert len(ha._expiry) <= 2 * len(ha.bindings) + 16, (i, len(ha._expiry))
+        assert len(ha.machine.expiry) <= 2 * len(ha.bindings) + 16, (i, len(ha.machine.expiry))
     assert not ha.drops
     # the live entry is still there: the binding expires at its latest lifetime, not before
     expires = ha.bindings[mn.home_address].expires

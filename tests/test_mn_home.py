@@ -87,7 +87,7 @@ def test_home_is_left_only_after_the_authenticated_reply_and_the_tunnel_carries_
     host.interfaces["home"].bring_up()                # make-before-break to the home link
     host.driver.event(ReturnedHome("home"))
     t_home = topo.sim.now
-    topo.sim.run(until=mn._deadline - 0.001)          # just before the retransmission
+    topo.sim.run(until=mn.reg.deadline - 0.001)          # just before the retransmission
     assert mn.state is RegState.DEREGISTERING and topo.sim.now - t_home > 0.1
     assert not _clear_from_home_address(home_cap, home_b)
     assert all(_is_protected(p) for _t, _s, p in visited_cap)
@@ -136,7 +136,7 @@ def test_a_reply_through_the_tunnel_does_not_confirm_home():
     assert mn.state is RegState.DEREGISTERING
     from mipsec.wire.mip import RegistrationReply, ReplyCode, build_registration_reply
     reply = RegistrationReply(code=ReplyCode.ACCEPTED, lifetime=0, home_address=mn.home_address,
-                              home_agent=topo.ha.role.address, identification=mn._pending_id)
+                              home_agent=topo.ha.role.address, identification=mn.reg.pending_id)
     data = mn.msa.sign(build_registration_reply(reply))
     out = mn._handle_reply(data, topo.sim.now, via="tunnel")
     assert out == [] and mn.state is RegState.DEREGISTERING

@@ -123,7 +123,7 @@ def test_silent_home_agent_with_ikev2_reestablishes_with_backoff_not_in_a_loop()
 def _denial(mn, ha, code=ReplyCode.HA_ADMINISTRATIVELY_PROHIBITED):
     return mn.msa.sign(build_registration_reply(RegistrationReply(
         code=code, home_address=mn.home_address, home_agent=ha.address,
-        identification=mn._pending_id, lifetime=0)))
+        identification=mn.reg.pending_id, lifetime=0)))
 
 
 @pytest.mark.parametrize("sa_source", ["manual", "ikev2"])
@@ -144,7 +144,7 @@ def test_refusing_home_agent_is_logged_once_and_backed_off_from(sa_source):
         out = mn._handle_reply(_denial(mn, ha), topo.sim.now, via="tunnel")
         logs += [a for a in out if isinstance(a, Log) and a.level == "warning"]
         topo.mn.driver.perform(out)
-        topo.sim.run(until=mn._deadline + 1e-6)               # the retransmission
+        topo.sim.run(until=mn.reg.deadline + 1e-6)               # the retransmission
     assert len(logs) == 1 and "refused" in logs[0].message and "code 129" in logs[0].message
     kinds = [e.kind for e in mn.timeline]
     assert "ike-reestablish" not in kinds and "reestablish-requested" not in kinds
@@ -158,7 +158,7 @@ def test_refusing_home_agent_is_logged_once_and_backed_off_from(sa_source):
 def test_every_state_reachable_and_no_state_is_terminal():
     """No state of the machine is a dead end: from each one some event leads elsewhere, and a
     move or a return home is accepted in every state."""
-    from mipsec.node.mobile_node import TRANSITIONS, RegEvent
+    from mipsec.mobility.registration import TRANSITIONS, RegEvent
     for state in RegState:
         assert (state, RegEvent.MOVED) in TRANSITIONS
         assert (state, RegEvent.MOVED_WITHOUT_SAS) in TRANSITIONS

@@ -8,7 +8,7 @@ changes nothing; no state is terminal.
 import pytest
 
 from mipsec.errors import UsageError
-from mipsec.node.mobile_node import TRANSITIONS, Do, RegEvent, RegState
+from mipsec.mobility.registration import TRANSITIONS, Do, RegEvent, RegState
 from mipsec.sim.scenario import wait_registered
 from mipsec.sim.topology import build_topology
 from mipsec.wire.mip import RegistrationReply, ReplyCode
@@ -26,14 +26,14 @@ def _mn_in(state):
     assert wait_registered(topo, 2.0)
     mn = topo.mn.role
     mn.state = state
-    mn._home_link = "home"
+    mn.reg.home_link = "home"
     now = topo.sim.now
-    mn._pending_id = mn.msa.new_identification(mn.wallclock())
-    mn._deadline = now + 1.0
-    mn._refused = int(ReplyCode.HA_ADMINISTRATIVELY_PROHIBITED)
-    mn._accepted_reply = RegistrationReply(code=ReplyCode.ACCEPTED, home_address=mn.home_address,
+    mn.reg.pending_id = mn.msa.new_identification(mn.wallclock())
+    mn.reg.deadline = now + 1.0
+    mn.reg.refused = int(ReplyCode.HA_ADMINISTRATIVELY_PROHIBITED)
+    mn.reg.accepted_reply = RegistrationReply(code=ReplyCode.ACCEPTED, home_address=mn.home_address,
                                            home_agent=topo.ha.role.address,
-                                           identification=mn._pending_id, lifetime=600)
+                                           identification=mn.reg.pending_id, lifetime=600)
     return topo, mn
 
 
@@ -45,16 +45,16 @@ def test_each_transition_lands_where_the_table_says(state, event):
     assert mn.state is new
     sends = [a for a in actions if a.__class__.__name__ == "SendToNet"]
     if do in (Do.SEND_NEW, Do.SEND_AGAIN):
-        assert mn._deadline is not None and mn._attempts >= 1
+        assert mn.reg.deadline is not None and mn.reg.attempts >= 1
         assert sends, actions                   # a request left (through the tunnel or home)
     if do is Do.SEND_NEW:
-        assert mn._attempts == 1
+        assert mn.reg.attempts == 1
     if do is Do.CONFIRM:
-        assert mn._deadline is None and mn._renew_at is not None
+        assert mn.reg.deadline is None and mn.reg.renew_at is not None
     if do is Do.LEAVE_TUNNEL:
         assert mn.care_of is None and any(a.__class__.__name__ == "UseHomeLink" for a in actions)
     if do is Do.FORGET:
-        assert mn.care_of is None and mn._deadline is None
+        assert mn.care_of is None and mn.reg.deadline is None
     if do is Do.NOTHING:
         assert actions == []
 
@@ -62,10 +62,10 @@ def test_each_transition_lands_where_the_table_says(state, event):
 @pytest.mark.parametrize("state, event", MISSING, ids=[f"{s.value}+{e.value}" for s, e in MISSING])
 def test_pairs_not_in_the_table_are_refused_and_change_nothing(state, event):
     topo, mn = _mn_in(state)
-    before = (mn.state, mn.care_of, mn._pending_id, mn._deadline, mn._attempts)
+    before = (mn.state, mn.care_of, mn.reg.pending_id, mn.reg.deadline, mn.reg.attempts)
     with pytest.raises(UsageError, match="not allowed in state"):
         mn._event(event, topo.sim.now)
-    assert (mn.state, mn.care_of, mn._pending_id, mn._deadline, mn._attempts) == before
+    assert (mn.state, mn.care_of, mn.reg.pending_id, mn.reg.deadline, mn.reg.attempts) == before
 
 
 def test_the_table_has_no_dead_end_and_names_an_effect_for_every_entry():

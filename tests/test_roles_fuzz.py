@@ -27,7 +27,7 @@ def _state(topo):
         {h: (b.care_of_address, b.expires, b.gw_old, b.identification)
          for h, b in ha.bindings.items()},
         {spi: msa.last_accepted_id for spi, (msa, _o) in ha._msa_by_spi.items()},
-        [(m.state, m.care_of, m._pending_id, m.inbound.local, m.inbound.replay.top,
+        [(m.state, m.care_of, m.reg.pending_id, m.inbound.local, m.inbound.replay.top,
           m.outbound.local, m.msa.clock_offset_s) for m in mns],
     )
 

@@ -14,7 +14,7 @@ from mipsec.node import timeline as tl
 from mipsec.node.actions import (
     BindingChanged, CareOfAddressChanged, Log, PersistBinding, ReserveSiuSequence, SendToNet,
 )
-from mipsec.node.mobile_node import TRANSITIONS, RegEvent, RegState
+from mipsec.mobility.registration import TRANSITIONS, RegEvent, RegState
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.scenario import merged_timeline, start_streams, stream_reports, wait_registered
 from mipsec.sim.topology import build_topology

@@ -37,8 +37,8 @@ REJECT's new CoA can be a tunnel endpoint (``ipip.unusable_care_of``, MIP_BAD_CA
 the outer source of a recent authenticated Registration Request of this MN
 (SIU_CARE_OF_MISMATCH: an authenticated MN cannot aim its downlink at a third party); an
 embedded RRP is a Registration Reply for this MN from this HA (SIU_RRP_MISMATCH); then the
-binding state machine below.  Refusals before authentication and replays are only counted;
-refusals of authenticated SIUs also record "siu-refused".  A move re-points the SA (address,
+binding machine (``mipsec/mobility/gw_binding.py``).  Refusals before authentication and
+replays are only counted; refusals of authenticated SIUs also record "siu-refused".  A move re-points the SA (address,
 and the UDP port the Registration Request came from) and returns ``RebindSa`` BEFORE the
 embedded Registration Reply is encrypted and sent: the reply can only go out through the
 re-pointed SA.  Every authenticated, non-replayed UPDATE / DEREGISTER / REJECT is answered
@@ -46,38 +46,15 @@ with an ACK to its HA (signed with the HA-GW key, echoing the sequence, reportin
 points now and our epoch), also when it was refused: that tells the HA the GW's real binding
 so it can send a correcting SIU.
 
-Binding state machine per MN (``BINDING_TRANSITIONS``, the table IS the logic: ``_classify``
-names the event, the table gives the next state and the effect, anything not in the table is
-refused as SIU_STALE_CARE_OF and changes nothing):
-
-    FRESH   --UPDATE (any Old CoA)----------> BOUND    REPOINT  (new SAs from config: the
-                                                                 HA may name the CoA it knew)
-    FRESH   --IKE installed-----------------> IKE_BOUND BIND_IKE (new SAs from IKE: to where
-                                                                 the IKE_AUTH came from)
-    IKE_BOUND --UPDATE (any CoAs)-----------> BOUND    REPOINT  (as FRESH: the HA's first SIU)
-    UNBOUND --UPDATE (Old CoA 0.0.0.0)------> BOUND    REPOINT
-    BOUND   --UPDATE (Old CoA = binding)----> BOUND    REPOINT  (a move: rebind, then RRP)
-    BOUND   --UPDATE (New CoA = binding)----> BOUND    CONFIRM  (a repeat: RRP only)
-    BOUND   --DEREGISTER (Old = binding)----> UNBOUND  RETIRE   (RRP to the binding, unbind)
-    FRESH/UNBOUND/IKE_BOUND --DEREGISTER---> same     NOTHING
-    any     --REJECT------------------------> same     REJECT   (RRP once to New CoA)
-    BOUND/IKE_BOUND --MOBIKE update (MOBIKE mode)--> same MOBIKE (rebind to the IKE address)
-    FRESH/UNBOUND --MOBIKE update-----------> same     NOTHING
-
-IKE_BOUND: a pair IKE installed (IKE_AUTH, or a re-establishment after INITIAL_CONTACT) points
-at once at the address and port the IKE_AUTH request came from (behind a NAT: its public
-address and port).  The IKE_AUTH response had to reach that address, so the MN proved it is
-there (the return routability MOBIKE would check); the downlink then flows without waiting for
-an SIU, also when the HA->GW path is down and the MN re-established IKE from a new CoA.  Only
-this first install binds: a later change of the IKE SA's address (a NAT-T float, a relayed
-request) still never moves the ESP SA in SIU mode (ESP_MOVE_NOT_BY_SIU).  Until the HA's
-first SIU the pair takes any Old CoA and any SPI, as FRESH does (the HA cannot know them).
+The binding state machine per MN, the compare-and-swap of the SIU (``BindingState``,
+``BINDING_TRANSITIONS``), and all the state it works on (the binding, the RRQ sources, the last
+SIU sequence applied) are in ``mipsec/mobility/gw_binding.py``: ``Mobile`` is that machine plus
+the MN's SAs and counters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 import os
 from collections import Counter
@@ -101,6 +78,10 @@ from mipsec.ike.config import (
 from mipsec.node.config import MIP_PORT, GatewayConfig, GatewayMobile
 from mipsec.node.ike import RoleIke
 from mipsec.node.mobile_node import make_sa
+from mipsec.mobility.gw_binding import (  # noqa: F401  (re-exported: the role's vocabulary)
+    BINDING_TRANSITIONS, RRQ_SOURCES_PER_MOBILE, BindingEvent, BindingState, Effect, GwBinding,
+    classify,
+)
 from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, parse_prefix,
     parse_udp_packet, peek_ipv4, udp_ports,
@@ -111,101 +92,22 @@ from mipsec.wire.siu import Siu, SiuFlags, SiuType
 
 UNBOUND_ADDRESS = "0.0.0.0"
 LINEAGE_SPIS = 16          # earlier outbound SPIs per MN an SIU may still name (re-keys)
-RRQ_SOURCES_PER_MOBILE = 4     # outer sources of an MN's recent RRQs an SIU may point the SA at
-RRQ_SOURCE_MAX_AGE_S = 10.0    # ... if the RRQ was seen this recently (the SIU follows in ms)
 STATUS_MOBILES = 256           # MNs shown in detail by status() (all are counted)
 
 
-class BindingState(enum.Enum):
-    FRESH = "fresh"          # SAs installed (configuration), never bound
-    IKE_BOUND = "ike-bound"  # SAs installed by IKE, bound to where IKE_AUTH came from, no SIU yet
-    UNBOUND = "unbound"      # was bound; deregistered (downlink: NO_SA)
-    BOUND = "bound"          # the outbound SA points at the MN's CoA
+class Mobile(GwBinding):
+    """What the GW keeps per MN: its binding machine (``GwBinding``: the binding, the RRQ
+    sources, the last SIU applied) plus its SAs and counters (every collection bounded:
+    ``LINEAGE_SPIS``, ``RRQ_SOURCES_PER_MOBILE``; ``old_inbound`` holds re-keyed SAs until
+    their Delete)."""
 
-
-class BindingEvent(enum.Enum):
-    UPDATE_FROM_CURRENT = "update-from-current"    # UPDATE, Old CoA = binding (0.0.0.0: none)
-    UPDATE_TO_CURRENT = "update-to-current"        # UPDATE, New CoA = binding (a repeat)
-    UPDATE_FROM_OTHER = "update-from-other"        # UPDATE, Old CoA is not the binding
-    DEREGISTER_FROM_CURRENT = "deregister-from-current"  # Old CoA = binding, or no binding
-    DEREGISTER_FROM_OTHER = "deregister-from-other"
-    REJECT = "reject"
-    MOBIKE_MOVED = "mobike-moved"                  # authenticated UPDATE_SA_ADDRESSES
-    IKE_INSTALLED = "ike-installed"                # IKE installed this pair (IKE_AUTH's peer)
-
-
-class Effect(enum.Enum):
-    REPOINT = "repoint"      # rebind the outbound SA to New CoA (and the RRQ's port), then RRP
-    CONFIRM = "confirm"      # already there (a NAT's new port is taken): RRP only
-    RETIRE = "retire"        # RRP to the binding, then unbind
-    REJECT = "reject"        # RRP once to New CoA with the SA's keys; nothing moves
-    MOBIKE = "mobike"        # rebind to where the IKE SA moved
-    BIND_IKE = "bind-ike"    # bind to where the IKE_AUTH that made the pair came from
-    NOTHING = "nothing"
-
-
-S, E, X = BindingState, BindingEvent, Effect
-BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent], tuple[BindingState, Effect]] = {
-    (S.FRESH, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
-    (S.FRESH, E.UPDATE_FROM_OTHER): (S.BOUND, X.REPOINT),
-    (S.FRESH, E.DEREGISTER_FROM_CURRENT): (S.FRESH, X.NOTHING),
-    (S.FRESH, E.REJECT): (S.FRESH, X.REJECT),
-    (S.FRESH, E.MOBIKE_MOVED): (S.FRESH, X.NOTHING),
-    (S.FRESH, E.IKE_INSTALLED): (S.IKE_BOUND, X.BIND_IKE),
-    (S.IKE_BOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
-    (S.IKE_BOUND, E.UPDATE_FROM_OTHER): (S.BOUND, X.REPOINT),
-    (S.IKE_BOUND, E.UPDATE_TO_CURRENT): (S.BOUND, X.REPOINT),
-    (S.IKE_BOUND, E.DEREGISTER_FROM_CURRENT): (S.IKE_BOUND, X.NOTHING),
-    (S.IKE_BOUND, E.DEREGISTER_FROM_OTHER): (S.IKE_BOUND, X.NOTHING),
-    (S.IKE_BOUND, E.REJECT): (S.IKE_BOUND, X.REJECT),
-    (S.IKE_BOUND, E.MOBIKE_MOVED): (S.IKE_BOUND, X.MOBIKE),
-    (S.UNBOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
-    (S.UNBOUND, E.DEREGISTER_FROM_CURRENT): (S.UNBOUND, X.NOTHING),
-    (S.UNBOUND, E.REJECT): (S.UNBOUND, X.REJECT),
-    (S.UNBOUND, E.MOBIKE_MOVED): (S.UNBOUND, X.NOTHING),
-    (S.BOUND, E.UPDATE_FROM_CURRENT): (S.BOUND, X.REPOINT),
-    (S.BOUND, E.UPDATE_TO_CURRENT): (S.BOUND, X.CONFIRM),
-    (S.BOUND, E.DEREGISTER_FROM_CURRENT): (S.UNBOUND, X.RETIRE),
-    (S.BOUND, E.REJECT): (S.BOUND, X.REJECT),
-    (S.BOUND, E.MOBIKE_MOVED): (S.BOUND, X.MOBIKE),
-}
-del S, E, X
-
-
-# pairs no SIU has bound yet: their first SIU may name any Old CoA and any SPI
-_UNCONFIRMED = frozenset((BindingState.FRESH, BindingState.IKE_BOUND))
-
-
-def classify(siu_type: SiuType, old: str | None, new: str | None,
-             current: str | None) -> BindingEvent | None:
-    """The binding event an authenticated SIU is (None: no SIU event, e.g. an UPDATE without a
-    New CoA).  ``old``/``new``/``current``: None for 0.0.0.0 / no binding."""
-    if siu_type == SiuType.UPDATE and new is not None:
-        if current is not None and new == current:
-            return BindingEvent.UPDATE_TO_CURRENT
-        if old == current:
-            return BindingEvent.UPDATE_FROM_CURRENT
-        return BindingEvent.UPDATE_FROM_OTHER
-    if siu_type == SiuType.DEREGISTER:
-        if current is None or old == current:
-            return BindingEvent.DEREGISTER_FROM_CURRENT
-        return BindingEvent.DEREGISTER_FROM_OTHER
-    if siu_type == SiuType.REJECT and new is not None:
-        return BindingEvent.REJECT
-    return None
-
-
-class Mobile:
-    """What the GW keeps per MN (every collection bounded: ``LINEAGE_SPIS``,
-    ``RRQ_SOURCES_PER_MOBILE``; ``old_inbound`` holds re-keyed SAs until their Delete)."""
-
-    __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed", "care_of",
-                 "allowed_text", "packets_up", "packets_down", "state", "home_bytes",
-                 "old_inbound", "lineage", "mobike_moved", "ike_sa", "installed_at",
-                 "rrq_sources", "siu_sequence", "next_outbound")
+    __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed",
+                 "allowed_text", "packets_up", "packets_down", "home_bytes",
+                 "old_inbound", "lineage", "ike_sa", "installed_at", "next_outbound")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
+        super().__init__(f"GW binding of {home_address}")
         self.home_address = home_address
         self.home_bytes = a2b(home_address)
         self.home_agent = home_agent
@@ -213,49 +115,13 @@ class Mobile:
         self.outbound = outbound
         self.allowed_text = tuple(allowed)
         self.allowed = tuple(parse_prefix(p) for p in self.allowed_text)
-        self.care_of: str | None = None
-        self.state = BindingState.FRESH
         self.packets_up = 0
         self.packets_down = 0
         self.old_inbound: dict[int, SecurityAssociation] = {}  # re-keyed, kept until deleted
         self.next_outbound: SecurityAssociation | None = None  # re-key we answered: after Delete
         self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
-        self.mobike_moved = False         # MOBIKE moved the SA; the HA's SIU has not confirmed
         self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
         self.installed_at = 0.0
-        # care-of address a recent authenticated RRQ registered -> (the outer source address it
-        # came from, its UDP source port or None for raw ESP, when), oldest first
-        self.rrq_sources: dict[bytes, tuple[bytes, int | None, float]] = {}
-        self.siu_sequence = 0             # the latest SIU sequence number applied to this MN
-
-    @property
-    def fresh(self) -> bool:
-        return self.state is BindingState.FRESH
-
-    @property
-    def binding(self) -> BindingState:
-        return self.state
-
-    def note_rrq_source(self, care_of: bytes, source: bytes, port: int | None,
-                        now: float) -> None:
-        """An authenticated Registration Request of this MN for ``care_of`` came from
-        ``source``:``port`` (outer header).  Raw ESP must come from the CoA it registers;
-        ESP in UDP (NAT-T) may come from a NAT's public address and port instead."""
-        if port is None and source != care_of:
-            return
-        sources = self.rrq_sources
-        sources.pop(care_of, None)
-        sources[care_of] = (source, port, now)
-        if len(sources) > RRQ_SOURCES_PER_MOBILE:
-            del sources[next(iter(sources))]
-
-    def rrq_source(self, care_of: str, now: float) -> tuple[str, int | None] | None:
-        """Where a recent authenticated RRQ of this MN for ``care_of`` came from: (address,
-        UDP port or None); None if there was none (SIU_CARE_OF_MISMATCH)."""
-        entry = self.rrq_sources.get(a2b(care_of))
-        if entry is None or now - entry[2] > RRQ_SOURCE_MAX_AGE_S:
-            return None
-        return b2a(entry[0]), entry[1]
 
     def names_spi(self, spi: int) -> bool:
         """docs/protocol.md §2.2 step 2: the SIU's Gateway SA Identifier names this MN's SA pair
@@ -521,7 +387,7 @@ class VpnGateway:
         # earns at most one ACK
         self.verifier.accept(siu)
         before = self.mobiles.get(siu.home_address)
-        mobile_was_fresh = before is not None and before.state in _UNCONFIRMED
+        mobile_was_fresh = before is not None and before.unconfirmed
         if reason is not None:
             # SIU_STALE_EPOCH: from before our restart, or the HA has not learnt our epoch yet;
             # the ACK below tells it (docs/protocol.md §2.3)
@@ -552,7 +418,7 @@ class VpnGateway:
         if mobile.home_agent != siu.sender:
             return self._refuse(now, DropReason.SIU_UNKNOWN_SENDER, home_address=siu.home_address,
                                 sender=siu.sender)
-        if not (mobile.names_spi(siu.gateway_spi) or mobile.state in _UNCONFIRMED):
+        if not (mobile.names_spi(siu.gateway_spi) or mobile.unconfirmed):
             # a fresh pair (new SAs, no SIU yet) takes any SPI, as it takes any old
             # CoA: the HA cannot know the SPI the GW just negotiated
             return self._refuse(now, DropReason.SIU_UNKNOWN_SA, home_address=siu.home_address,
@@ -560,13 +426,11 @@ class VpnGateway:
         old = None if siu.old_care_of == UNBOUND_ADDRESS else siu.old_care_of
         new = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
         current = mobile.care_of
-        if siu.sequence < mobile.siu_sequence:
-            # the replay window lets SIUs for different MNs overtake each other; for one MN an
-            # SIU older than the one last applied is outdated and must not move the SA back
+        if mobile.outdated(siu.sequence):
             return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
                                 home_address=mobile.home_address, current=current, old=old,
                                 new=new, outdated=True)
-        event = classify(siu.type, old, new, current)
+        event = mobile.classify(siu.type, old, new)
         if event is None:
             return self._refuse(now, DropReason.MALFORMED, home_address=mobile.home_address,
                                 type=int(siu.type))
@@ -581,12 +445,12 @@ class VpnGateway:
             # SIU's MN from its HA (defence in depth: the MN checks it again), before any move
             return self._refuse(now, DropReason.SIU_RRP_MISMATCH,
                                 home_address=mobile.home_address)
-        step = BINDING_TRANSITIONS.get((mobile.state, event))
-        if step is None:
+        if not mobile.permits(event):
+            # the compare-and-swap failed: the SIU's Old CoA is not our binding
             return self._refuse(now, DropReason.SIU_STALE_CARE_OF,
                                 home_address=mobile.home_address, current=current, old=old,
                                 new=new)
-        next_state, effect = step
+        effect = mobile.table[(mobile.state, event)][1]
         target: tuple[str, int | None] | None = None
         if new is not None:
             target = mobile.rrq_source(new, now)
@@ -595,6 +459,7 @@ class VpnGateway:
                 # may not aim its downlink (or a reply) at a third party (docs/security.md)
                 return self._refuse(now, DropReason.SIU_CARE_OF_MISMATCH,
                                     home_address=mobile.home_address, current=current, new=new)
+        mobile.fire(event)
         mobile.siu_sequence = siu.sequence
         rrp = siu.rrp if siu.flags & SiuFlags.FORWARD_RRP else b""
         actions: list[Action] = []
@@ -624,7 +489,6 @@ class VpnGateway:
             rrp = b""
         elif effect is Effect.NOTHING:
             rrp = b""
-        mobile.state = next_state
         if rrp:
             actions += self._forward_rrp(mobile, rrp, now)
         return actions
@@ -851,8 +715,7 @@ class VpnGateway:
         address = remote[0]
         if ipip.unusable_care_of(address, self._own_addresses) or mobile.allows(a2b(address)):
             return self._drop(DropReason.MIP_BAD_CARE_OF)     # stays FRESH: the SIU binds it
-        next_state, effect = BINDING_TRANSITIONS[(mobile.state, BindingEvent.IKE_INSTALLED)]
-        mobile.state = next_state
+        effect = mobile.fire(BindingEvent.IKE_INSTALLED)
         if effect is not Effect.BIND_IKE:
             return []
         sa = mobile.outbound
@@ -875,8 +738,7 @@ class VpnGateway:
             return []
         if ipip.unusable_care_of(new, self._own_addresses) or mobile.allows(a2b(new)):
             return self._drop(DropReason.MIP_BAD_CARE_OF)
-        next_state, effect = BINDING_TRANSITIONS[(mobile.state, BindingEvent.MOBIKE_MOVED)]
-        mobile.state = next_state
+        effect = mobile.fire(BindingEvent.MOBIKE_MOVED)
         if effect is not Effect.MOBIKE:
             return []        # never bound: the SIU binds it (the HA has not heard of it yet)
         old = mobile.care_of

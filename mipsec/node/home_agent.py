@@ -95,8 +95,6 @@ reply still goes); NONE --restore--> BOUND (from the binding store at start); an
 from __future__ import annotations
 
 import dataclasses
-import enum
-import heapq
 from collections import Counter
 from typing import Any, Callable
 
@@ -121,75 +119,16 @@ from mipsec.wire.mip import (
     build_registration_reply, parse_registration_request,
 )
 from mipsec.store.record import BindingRecord
+from mipsec.mobility.ha_binding import (  # noqa: F401  (re-exported: the role's vocabulary)
+    BINDING_TRANSITIONS, REVERSE_TUNNEL_GRACE_S, Binding, BindingEffect, BindingEvent,
+    BindingState, HaBindings,
+)
 from mipsec.wire.siu import SiuFlags, SiuType
 
-REVERSE_TUNNEL_GRACE_S = 1.0
 UNBOUND_ADDRESS = "0.0.0.0"
 META_MN_HA_ID = "mn-ha-id/"            # + home address: the last accepted identification
 META_SIU_SEQUENCE = "siu-seq/"         # + GW address: SIU numbers below it may have been used
 SIU_SEQUENCE_BLOCK = 1 << 12           # tunable: SIU numbers reserved per store write
-
-
-class BindingState(enum.Enum):
-    NONE = "none"
-    BOUND = "bound"
-
-
-class BindingEvent(enum.Enum):
-    RESTORE = "restore"
-    ACCEPT = "accept"
-    DEREGISTER = "deregister"
-    EXPIRE = "expire"
-
-
-class BindingEffect(enum.Enum):
-    BIND = "bind"            # make or update the binding from the accepted request
-    RESTORE = "restore"      # re-create it as the binding store kept it (a restart)
-    UNBIND = "unbind"        # remove it: the home address is served on the home link again
-    NOTHING = "nothing"      # nothing to change (a deregistration with no binding)
-
-
-# (state, event) -> (new state, effect).  ``HomeAgent._event`` looks the pair up, carries out
-# the effect and checks it reached the new state; a pair that is not here is refused
-# (UsageError: a bug in the caller, never remote input).  Refused requests never get here.
-BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent],
-                          tuple[BindingState, BindingEffect]] = {
-    (BindingState.NONE, BindingEvent.RESTORE): (BindingState.BOUND, BindingEffect.RESTORE),
-    (BindingState.NONE, BindingEvent.ACCEPT): (BindingState.BOUND, BindingEffect.BIND),
-    (BindingState.BOUND, BindingEvent.ACCEPT): (BindingState.BOUND, BindingEffect.BIND),
-    (BindingState.BOUND, BindingEvent.DEREGISTER): (BindingState.NONE, BindingEffect.UNBIND),
-    (BindingState.NONE, BindingEvent.DEREGISTER): (BindingState.NONE, BindingEffect.NOTHING),
-    (BindingState.BOUND, BindingEvent.EXPIRE): (BindingState.NONE, BindingEffect.UNBIND),
-}
-
-
-class Binding:
-    __slots__ = ("home_address", "care_of_address", "gw_old", "changed_at", "expires",
-                 "expires_wall", "lifetime", "identification", "via_gateway")
-
-    def __init__(self, home_address: str):
-        self.home_address = home_address
-        self.care_of_address: str | None = None
-        self.gw_old: str | None = None        # the CoA before the latest change
-        self.changed_at = 0.0
-        self.expires = 0.0
-        self.expires_wall = 0.0               # the same instant on the wall clock (stored)
-        self.lifetime = 0
-        self.identification = 0
-        self.via_gateway = True
-
-    def as_dict(self, now: float | None = None) -> dict[str, Any]:
-        return {"care_of": self.care_of_address, "lifetime": self.lifetime,
-                "expires": self.expires, "previous_care_of": self.gw_old,
-                "via_gateway": self.via_gateway,
-                **({"remaining_s": max(0.0, self.expires - now)} if now is not None else {})}
-
-    def record(self) -> BindingRecord:
-        return BindingRecord(
-            home_address=self.home_address, care_of_address=self.care_of_address or "",
-            lifetime=self.lifetime, expires_wall=self.expires_wall,
-            previous_care_of=self.gw_old, identification=self.identification,
-            via_gateway=self.via_gateway)
 
 
 class HomeAgent:
@@ -215,7 +154,9 @@ class HomeAgent:
         # yet: the first SIU reserves a block) and the mark the store holds as far as we know
         self._seq_end: dict[str, int] = {g.address: first for g in config.gateways}
         self._seq_stored: dict[str, bytes | None] = {g.address: None for g in config.gateways}
-        self.bindings: dict[str, Binding] = {}
+        # the binding machine and its state (bindings, expiry heap, retired CoAs)
+        self.machine = HaBindings(f"HA {config.name}")
+        self.bindings = self.machine.bindings
         # SIU ACKs from the GWs (docs/protocol.md §2.1 step 5): where each GW's SA points
         # (an ACK echoes one of our sequence numbers: one below our first is from an earlier run)
         self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways},
@@ -228,8 +169,6 @@ class HomeAgent:
         self._acked: dict[str, int] = {}       # home -> sequence of the GW's latest ACK
         # home -> (deadline, resends so far, SIU arguments) of our latest SIU until its ACK
         self._resend: dict[str, tuple[float, int, tuple[Any, ...]]] = {}
-        self._retired: dict[str, tuple[str, float]] = {}   # home -> (last CoA, when), for the grace
-        self._expiry: list[tuple[float, str]] = []
         # home -> the care-of address our binding store holds as far as we know (absent:
         # unknown, e.g. after a failed write: the next write is unconditional)
         self._stored: dict[str, str | None] = {}
@@ -249,57 +188,27 @@ class HomeAgent:
         tl.record(self.timeline, now, self.name, kind, **detail)
 
     def binding_state(self, home_address: str) -> BindingState:
-        return BindingState.BOUND if home_address in self.bindings else BindingState.NONE
+        return self.machine.state(home_address)
 
     def _event(self, home: str, event: BindingEvent, now: float, **ctx: Any) -> list[Action]:
         """The binding machine: look (state, event) up in BINDING_TRANSITIONS, carry out the
         effect it names, and return what the effect asks of the runtime (BindingChanged)."""
-        entry = BINDING_TRANSITIONS.get((self.binding_state(home), event))
-        if entry is None:
-            raise UsageError(f"HA {self.name}: {event.value} is not allowed for {home} in "
-                             f"state {self.binding_state(home).value}")
-        new, effect = entry
+        new, effect = self.machine.fire(home, event)
         actions = self._effects[effect](self, home, now, **ctx)
         if self.binding_state(home) is not new:
             raise AssertionError(f"HA: {effect.value} left {home} {self.binding_state(home)}")
         return actions
 
-    def _effect_bind(self, home: str, now: float, *, care_of: str, lifetime: int,
-                     identification: int, via_gateway: bool) -> list[Action]:
-        actions: list[Action] = []
-        binding = self.bindings.get(home)
-        if binding is None:
-            binding = self.bindings[home] = Binding(home)
-            self._retired.pop(home, None)
-        if binding.care_of_address != care_of:
-            binding.gw_old = binding.care_of_address
-            binding.care_of_address = care_of
-            binding.changed_at = now
-            actions.append(BindingChanged(home, care_of))
-        binding.lifetime = lifetime
-        binding.expires = now + lifetime
-        binding.expires_wall = self.wallclock() + lifetime
-        binding.identification = identification
-        binding.via_gateway = via_gateway
-        self._schedule_expiry(binding)
-        return actions
+    def _effect_bind(self, home: str, now: float, **request: Any) -> list[Action]:
+        changed = self.machine.bind(home, now, self.wallclock(), **request)
+        return [BindingChanged(home, request["care_of"])] if changed else []
 
     def _effect_restore(self, home: str, now: float, *, record: BindingRecord) -> list[Action]:
-        binding = self.bindings[home] = Binding(home)
-        binding.care_of_address = record.care_of_address
-        binding.gw_old = record.previous_care_of
-        binding.changed_at = now - REVERSE_TUNNEL_GRACE_S     # no grace for the old CoA
-        binding.lifetime = record.lifetime
-        binding.expires_wall = record.expires_wall
-        binding.expires = now + (record.expires_wall - self.wallclock())
-        binding.identification = record.identification
-        binding.via_gateway = record.via_gateway
-        self._schedule_expiry(binding)
+        self.machine.restore(home, now, self.wallclock(), record)
         return [BindingChanged(home, record.care_of_address)]
 
     def _effect_unbind(self, home: str, now: float) -> list[Action]:
-        binding = self.bindings.pop(home)
-        self._retired[home] = (binding.care_of_address, now)
+        self.machine.unbind(home, now)
         return [BindingChanged(home, None)]
 
     def _effect_nothing(self, home: str, now: float) -> list[Action]:
@@ -307,14 +216,6 @@ class HomeAgent:
 
     _effects = {BindingEffect.BIND: _effect_bind, BindingEffect.RESTORE: _effect_restore,
                 BindingEffect.UNBIND: _effect_unbind, BindingEffect.NOTHING: _effect_nothing}
-
-    def _schedule_expiry(self, binding: Binding) -> None:
-        heapq.heappush(self._expiry, (binding.expires, binding.home_address))
-        if len(self._expiry) > 2 * len(self.bindings) + 16:
-            # superseded entries stay until their own expiry: an MN re-registering fast would
-            # grow the heap by rate x lifetime; keep it O(bindings) (amortised O(1) a push)
-            self._expiry = [(b.expires, h) for h, b in self.bindings.items()]
-            heapq.heapify(self._expiry)
 
     # --- from the network: registrations and reverse-tunnelled packets ---------------------------
     def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
@@ -340,13 +241,9 @@ class HomeAgent:
         inner_src = ipip.inner_source(inner)
         binding = self.bindings.get(inner_src)
         reason = ipip.check_reverse_tunnel(outer_src, inner_src, binding)
-        if reason is DropReason.REVERSE_TUNNEL_SOURCE_MISMATCH and binding is not None:
-            if (outer_src == binding.gw_old and inner_src == binding.home_address
-                    and now - binding.changed_at <= REVERSE_TUNNEL_GRACE_S):
-                reason = None
-        elif reason is DropReason.IPIP_UNKNOWN_TUNNEL and binding is None:
-            retired = self._retired.get(inner_src)
-            if retired is not None and retired[0] == outer_src and now - retired[1] <= REVERSE_TUNNEL_GRACE_S:
+        if ((reason is DropReason.REVERSE_TUNNEL_SOURCE_MISMATCH and binding is not None)
+                or (reason is DropReason.IPIP_UNKNOWN_TUNNEL and binding is None)):
+            if self.machine.in_grace(inner_src, outer_src, now):     # the previous CoA, just now
                 reason = None
         if reason is None and binding is not None and not binding.via_gateway:
             # only the GW forwards packets with a care-of source onto the home link, and only
@@ -671,8 +568,9 @@ class HomeAgent:
     # --- timers: binding expiry ------------------------------------------------------------------
     def get_timer(self) -> float | None:
         deadlines = [d for d, _n, _a in self._resend.values()]
-        if self._expiry:
-            deadlines.append(self._expiry[0][0])
+        expiry = self.machine.next_expiry()
+        if expiry is not None:
+            deadlines.append(expiry)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Action]:
@@ -690,11 +588,8 @@ class HomeAgent:
             self._record(now, "siu-retransmitted", home_address=home, attempt=resends + 1)
             actions += self._siu(now, type_, self._mobiles[home], old, new, lifetime, rrp,
                                  correction, resends=resends + 1)
-        while self._expiry and self._expiry[0][0] <= now:
-            expires, home = heapq.heappop(self._expiry)
-            binding = self.bindings.get(home)
-            if binding is None or binding.expires != expires:
-                continue                     # superseded by a later registration
+        for binding in self.machine.expired(now):
+            home = binding.home_address
             changed = self._event(home, BindingEvent.EXPIRE, now)
             self._record(now, "binding-expired", home_address=home, care_of=binding.care_of_address)
             # an expired record is dead on disk too (its absolute expiry is stored): a failed

@@ -50,7 +50,6 @@ state.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 from typing import Any, Callable
 
@@ -77,131 +76,17 @@ from mipsec.node.packet import (
     IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, build_udp_packet, in_prefix,
     parse_prefix, parse_udp_packet, peek_ipv4, udp_ports,
 )
-from mipsec.wire.mip import (
-    RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags, build_registration_request,
+from mipsec.mobility.registration import (
+    AWAY, Do, RegEvent, Registration, RegState, reply_code_name,
 )
+from mipsec.wire.mip import RegistrationReply, ReplyCode, build_registration_request
 
 UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
-SENT_IDS_KEPT = 16           # transmissions of one request whose reply we still accept
 LIVENESS_IDLE_S = 1.0        # sending, nothing received for this long: is the GW still there?
 LIVENESS_MAX_S = 30.0        # the check's interval doubles up to this while the GW answers
 PROBE_TIMEOUT_S = 0.5        # IKEv2: no answer to the liveness check by then: re-establish
 ACTIVE_RETRY_MAX_S = 2.0     # manual keys, application traffic waiting: retry at least this often
-
-
-def _reply_code_name(code: int | None) -> str:
-    try:
-        return ReplyCode(code).name.lower().replace("_", " ")
-    except ValueError:
-        return "unknown code"
-
-
-class RegState(enum.Enum):
-    IDLE = "idle"                      # no care-of address, not known to be at home
-    AWAITING_SAS = "awaiting-sas"      # away, no usable SA pair: IKEv2 is (re)negotiating one
-    REGISTERING = "registering"        # an RRQ is outstanding (new CoA, renewal, retry)
-    REGISTERED = "registered"          # the HA accepted our current CoA
-    DETACHED = "detached"              # away, but the care-of address is gone: nothing is sent
-    DEREGISTERING = "deregistering"    # on the home link, waiting for the HA's direct reply
-    AT_HOME = "at-home"                # the HA confirmed: deregistered, on the home link
-
-
-class RegEvent(enum.Enum):
-    MOVED = "moved"                    # a new care-of address, with an SA pair in hand
-    MOVED_WITHOUT_SAS = "moved-without-sas"   # a new care-of address, no SA pair (IKEv2)
-    LOST_ADDRESS = "lost-address"      # CareOfAddressChanged(None): the care-of address went
-    RETURNED_HOME = "returned-home"    # ReturnedHome (from the home interface)
-    ACCEPTED = "accepted"              # an authenticated accepting RRP for an outstanding RRQ
-    DENIED = "denied"                  # an authenticated refusal (not 133): keep backing off
-    RESYNC = "resync"                  # an authenticated 133: clock adopted, send again now
-    TIMED_OUT = "timed-out"            # no reply within the retransmission timer
-    NO_REPLY_ROUND = "no-reply-round"  # max_attempts in a row unanswered (IKEv2: re-establish)
-    RENEW_DUE = "renew-due"            # renew_fraction of the granted lifetime passed
-    SAS_INSTALLED = "sas-installed"    # a new SA pair (IKEv2 child SA)
-    SAS_LOST = "sas-lost"              # the IKE SA we used ended (its children with it)
-    IKE_RETRY_DUE = "ike-retry-due"    # the back-off after a failed IKE SA ran out
-    LIVENESS_DUE = "liveness-due"      # sending but nothing received: re-register (manual keys)
-    PEER_SILENT = "peer-silent"        # IKEv2: the GW did not answer a liveness check
-
-
-class Do(enum.Enum):
-    """What a transition does (``MobileNode._effects``); the table names one per transition."""
-    NOTHING = "nothing"
-    SEND_NEW = "send-new"              # a new request: fresh back-off, send now
-    SEND_AGAIN = "send-again"          # the same request again, now (back-off continues)
-    HOLD = "hold"                      # a refusal: log it, the back-off timer stays armed
-    CONFIRM = "confirm"                # registered: renewal timer, pin make-before-break
-    LEAVE_TUNNEL = "leave-tunnel"      # home confirmed: UseHomeLink
-    NEGOTIATE = "negotiate"            # IKEv2 from the current CoA (a move: fresh back-off)
-    REESTABLISH = "reestablish"        # IKEv2 anew (INITIAL_CONTACT), back-off continues
-    RETRY_IKE = "retry-ike"            # arm the IKEv2 back-off timer (the IKE SA ended)
-    START_IKE = "start-ike"            # IKEv2 from the current CoA, back-off continues
-    FORGET = "forget"                  # no address: no request, no timers
-    PAUSE = "pause"                    # the CoA went: stop sending, keep SAs and registration
-
-
-# The table is the logic (h11 style): ``MobileNode._event`` looks (state, event) up, takes the
-# transition and runs the one effect it names (``MobileNode._effects``); a pair that is not here
-# is refused with UsageError and changes nothing (tests/test_mn_table.py enumerates both).  No
-# state is terminal while the configuration is valid: from every state a move or a return home
-# leads on, and an unanswered request is retried for ever with a capped back-off.
-S, E = RegState, RegEvent
-_AWAY_MOVES = {
-    (E.MOVED, S.REGISTERING, Do.SEND_NEW),
-    (E.MOVED_WITHOUT_SAS, S.AWAITING_SAS, Do.NEGOTIATE),
-    (E.RETURNED_HOME, S.DEREGISTERING, Do.SEND_NEW),
-}
-TRANSITIONS: dict[tuple[RegState, RegEvent], tuple[RegState, Do]] = {
-    **{(st, ev): (new, do) for st in (S.IDLE, S.AWAITING_SAS, S.REGISTERING, S.REGISTERED,
-                                      S.DETACHED, S.DEREGISTERING, S.AT_HOME)
-       for ev, new, do in _AWAY_MOVES},
-    (S.AT_HOME, E.RETURNED_HOME): (S.AT_HOME, Do.NOTHING),
-    # losing the address: nothing can be sent from it (no request, no IKE, no liveness check)
-    # until an address is usable again; the binding and the SAs stay (the same or a new CoA
-    # registers at once)
-    (S.IDLE, E.LOST_ADDRESS): (S.IDLE, Do.NOTHING),
-    (S.AWAITING_SAS, E.LOST_ADDRESS): (S.DETACHED, Do.PAUSE),
-    (S.REGISTERING, E.LOST_ADDRESS): (S.DETACHED, Do.PAUSE),
-    (S.REGISTERED, E.LOST_ADDRESS): (S.DETACHED, Do.PAUSE),
-    (S.DETACHED, E.LOST_ADDRESS): (S.DETACHED, Do.NOTHING),
-    (S.DETACHED, E.SAS_INSTALLED): (S.DETACHED, Do.NOTHING),
-    (S.DETACHED, E.SAS_LOST): (S.DETACHED, Do.NOTHING),
-    (S.DEREGISTERING, E.LOST_ADDRESS): (S.DEREGISTERING, Do.NOTHING),  # on the home link
-    (S.AT_HOME, E.LOST_ADDRESS): (S.AT_HOME, Do.NOTHING),
-    # replies to an outstanding request
-    (S.REGISTERING, E.ACCEPTED): (S.REGISTERED, Do.CONFIRM),
-    (S.REGISTERING, E.DENIED): (S.REGISTERING, Do.HOLD),
-    (S.REGISTERING, E.RESYNC): (S.REGISTERING, Do.SEND_AGAIN),
-    (S.DEREGISTERING, E.ACCEPTED): (S.AT_HOME, Do.LEAVE_TUNNEL),
-    (S.DEREGISTERING, E.DENIED): (S.DEREGISTERING, Do.HOLD),
-    (S.DEREGISTERING, E.RESYNC): (S.DEREGISTERING, Do.SEND_AGAIN),
-    # no reply: retransmit for ever with a capped back-off; IKEv2 also renews the tunnel
-    (S.REGISTERING, E.TIMED_OUT): (S.REGISTERING, Do.SEND_AGAIN),
-    (S.REGISTERING, E.NO_REPLY_ROUND): (S.AWAITING_SAS, Do.REESTABLISH),
-    (S.DEREGISTERING, E.TIMED_OUT): (S.DEREGISTERING, Do.SEND_AGAIN),
-    (S.DEREGISTERING, E.NO_REPLY_ROUND): (S.DEREGISTERING, Do.SEND_AGAIN),  # never a guess
-    (S.REGISTERED, E.RENEW_DUE): (S.REGISTERING, Do.SEND_NEW),
-    # SA pairs come and go (IKEv2)
-    (S.IDLE, E.SAS_INSTALLED): (S.IDLE, Do.NOTHING),
-    (S.AWAITING_SAS, E.SAS_INSTALLED): (S.REGISTERING, Do.SEND_AGAIN),
-    (S.REGISTERING, E.SAS_INSTALLED): (S.REGISTERING, Do.SEND_AGAIN),
-    (S.REGISTERED, E.SAS_INSTALLED): (S.REGISTERING, Do.SEND_NEW),
-    (S.DEREGISTERING, E.SAS_INSTALLED): (S.DEREGISTERING, Do.NOTHING),
-    (S.AT_HOME, E.SAS_INSTALLED): (S.AT_HOME, Do.NOTHING),
-    (S.IDLE, E.SAS_LOST): (S.IDLE, Do.NOTHING),
-    (S.AWAITING_SAS, E.SAS_LOST): (S.AWAITING_SAS, Do.RETRY_IKE),
-    (S.REGISTERING, E.SAS_LOST): (S.AWAITING_SAS, Do.RETRY_IKE),
-    (S.REGISTERED, E.SAS_LOST): (S.AWAITING_SAS, Do.RETRY_IKE),
-    (S.DEREGISTERING, E.SAS_LOST): (S.DEREGISTERING, Do.NOTHING),
-    (S.AT_HOME, E.SAS_LOST): (S.AT_HOME, Do.NOTHING),
-    (S.AWAITING_SAS, E.IKE_RETRY_DUE): (S.AWAITING_SAS, Do.START_IKE),
-    # our traffic gets no answer: a GW that restarted lost our binding (manual keys: the
-    # registration re-binds it) or our SAs (IKEv2: a fresh IKE SA with INITIAL_CONTACT)
-    (S.REGISTERED, E.LIVENESS_DUE): (S.REGISTERING, Do.SEND_NEW),
-    (S.REGISTERED, E.PEER_SILENT): (S.AWAITING_SAS, Do.REESTABLISH),
-    (S.REGISTERING, E.PEER_SILENT): (S.AWAITING_SAS, Do.REESTABLISH),
-}
-AWAY = frozenset({S.AWAITING_SAS, S.REGISTERING, S.REGISTERED})
+S = RegState
 
 
 def make_sa(cfg: EspSaConfig, direction: Direction, *, local: str | None, remote: str | None,
@@ -253,23 +138,11 @@ class MobileNode:
                 psks={ike.remote_id: ike.psk}, mobike=config.handover_mode == "mobike",
                 local_ts=("0.0.0.0/0",), remote_ts=(config.home_prefix,),
                 initiator_of=ike.remote_id), random=random)
-        self.state = RegState.IDLE
+        self.reg = Registration(f"MN {config.name}")   # the registration machine, its state
         self.care_of: str | None = None
         self._care_of_b: bytes | None = None
         self.interface: str | None = None
-        self._home_link: str | None = None            # where ReturnedHome said the home link is
-        self._old_care_of_b: bytes | None = None      # make-before-break: still accepted
         self._awaiting_first_downlink = False
-        # the outstanding request: its latest identification, every transmission's send time,
-        # how many, the retransmission deadline, what came back this round
-        self._pending_id: int | None = None
-        self._sent: dict[int, float] = {}
-        self._attempts = 0
-        self._deadline: float | None = None
-        self._replied = False
-        self._refused: int | None = None
-        self._refusal_logged: int | None = None
-        self._accepted_reply: RegistrationReply | None = None
         self.rtt = RetransmitTimer(initial_s=config.retransmit_initial_s,
                                    floor_s=min(config.retransmit_min_s, config.retransmit_initial_s),
                                    cap_s=config.retransmit_max_s)
@@ -281,13 +154,17 @@ class MobileNode:
         self._liveness_interval = LIVENESS_IDLE_S
         self._probe_started: float | None = None
         self._probe_deadline: float | None = None
-        # the accepted registration
-        self.lifetime_granted: int | None = None
-        self.registered_until: float | None = None
-        self._renew_at: float | None = None
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.counters: Counter[str] = Counter()
+
+    @property
+    def state(self) -> RegState:
+        return self.reg.state
+
+    @state.setter
+    def state(self, state: RegState) -> None:
+        self.reg.state = state
 
     def _record(self, now: float, kind: str, **detail: Any) -> None:
         tl.record(self.timeline, now, self.name, kind, home_address=self.home_address, **detail)
@@ -304,7 +181,7 @@ class MobileNode:
         except ParseError as exc:
             return self._drop(exc.reason)
         if self.state is S.AT_HOME:
-            return [SendToNet(packet, self._home_link)]
+            return [SendToNet(packet, self.reg.home_link)]
         # away, and also on the home link until the HA's authenticated reply confirms it: in
         # the tunnel or not at all (never in the clear on an unconfirmed guess)
         if self.care_of is None or self.outbound is None or self.state is S.DETACHED:
@@ -339,7 +216,8 @@ class MobileNode:
                 return self._direct(packet, src, now)
         elif proto != IPPROTO_ESP:
             return self._drop(DropReason.WRONG_PROTOCOL)
-        if self._old_care_of_b is not None and dst != self._care_of_b and dst != self._old_care_of_b:
+        old_coa = self.reg.old_care_of_b
+        if old_coa is not None and dst != self._care_of_b and dst != old_coa:
             # make-before-break: the SA takes any destination, we only the old and the new CoA
             return self._drop(DropReason.OUTER_DESTINATION_MISMATCH)
         sa = self.inbound
@@ -387,7 +265,7 @@ class MobileNode:
 
     # --- registration ------------------------------------------------------------------------
     def _handle_reply(self, data: bytes, now: float, via: str) -> list[Action]:
-        if self._pending_id is None:
+        if self.reg.pending_id is None:
             return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
         try:
             reply = self.msa.verify(data)
@@ -397,8 +275,7 @@ class MobileNode:
             return self._drop(DropReason.MALFORMED)
         # any transmission of the outstanding request: each has its own identification, so the
         # reply names the one it answers (and gives an unambiguous round-trip sample)
-        ident = next((i for i in (self._pending_id, *self._sent)
-                      if self.msa.reply_matches(i, reply)), None)
+        ident = self.reg.answered_by(self.msa, reply)
         if ident is None or reply.home_address != self.home_address or reply.home_agent != self._ha:
             return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
         if self.state is S.DEREGISTERING and via != "direct":
@@ -406,12 +283,12 @@ class MobileNode:
             return self._drop(DropReason.MIP_UNEXPECTED_REPLY)
         code = reply.code
         self._record(now, "rrp-received", code=int(code), lifetime=reply.lifetime, via=via)
-        self._replied = True
+        self.reg.replied = True
         if code in (ReplyCode.ACCEPTED, ReplyCode.ACCEPTED_NO_SIMULTANEOUS_BINDINGS):
-            sent_at = self._sent.get(ident)
+            sent_at = self.reg.sent.get(ident)
             if sent_at is not None:
                 self.rtt.sample(now - sent_at)
-            self._accepted_reply = reply
+            self.reg.accepted_reply = reply
             return self._event(RegEvent.ACCEPTED, now)
         if code == ReplyCode.HA_IDENTIFICATION_MISMATCH:
             # RFC 5944 §5.7: adopt the HA's clock from the authenticated reply and try again now
@@ -419,67 +296,55 @@ class MobileNode:
             self._record(now, "registration-failed", code=int(code), action="resynchronised")
             return self._event(RegEvent.RESYNC, now)
         self._record(now, "registration-failed", code=int(code))
-        self._refused = int(code)
+        self.reg.refused = int(code)
         return self._event(RegEvent.DENIED, now)
 
     def _event(self, event: RegEvent, now: float) -> list[Action]:
-        """Look the event up in the table, take the transition, do what it names."""
-        entry = TRANSITIONS.get((self.state, event))
-        if entry is None:
-            raise UsageError(f"MN {self.name}: {event.value} is not allowed in state "
-                             f"{self.state.value}")
-        self.state, do = entry
-        return self._effects[do](self, now)
+        """The machine takes the transition the table names; we do what it names."""
+        return self._effects[self.reg.fire(event)](self, now)
 
     def _do_nothing(self, now: float) -> list[Action]:
         return []
 
     def _do_send_new(self, now: float) -> list[Action]:
-        self._attempts = 0
-        self._sent.clear()
-        self._replied = False
-        self._refused = None
-        self._renew_at = None
+        self.reg.new_request()
         return self._do_send_again(now)
 
     def _do_send_again(self, now: float) -> list[Action]:
-        self._attempts += 1
-        timeout = self.rtt.timeout(self._attempts)
+        self.reg.attempts += 1
+        timeout = self.rtt.timeout(self.reg.attempts)
         if self.ike is None and now - self._last_out <= 2 * ACTIVE_RETRY_MAX_S:
             # manual keys and an application waiting on the tunnel: a restarted GW or a path
             # that came back is found within ACTIVE_RETRY_MAX_S (one small request each time;
             # IKEv2 finds a restarted GW by its liveness check instead)
             timeout = min(timeout, ACTIVE_RETRY_MAX_S)
-        self._deadline = now + timeout
+        self.reg.deadline = now + timeout
         return [self._send_rrq(now)]
 
     def _do_hold(self, now: float) -> list[Action]:
         """An authenticated refusal: the path works and the HA said no.  Say so clearly (once
         per code) and keep to the back-off; re-establishing the tunnel would not help."""
-        code = self._refused
-        if code == self._refusal_logged:
+        code = self.reg.refused
+        if code == self.reg.refusal_logged:
             return []
-        self._refusal_logged = code
+        self.reg.refusal_logged = code
         return [Log("warning", f"home agent {self._ha} refused the registration of "
-                               f"{self.home_address}: code {code} ({_reply_code_name(code)}); "
-                               f"asking again in {self._deadline - now:.1f} s, backing off up to "
+                               f"{self.home_address}: code {code} ({reply_code_name(code)}); "
+                               f"asking again in {self.reg.deadline - now:.1f} s, backing off "
+                               f"up to "
                                f"{self.config.retransmit_max_s:g} s")]
 
     def _do_confirm(self, now: float) -> list[Action]:
-        reply = self._accepted_reply
+        reply = self.reg.accepted_reply
         actions: list[Action] = []
-        if self._refusal_logged is not None or self._attempts > self.config.max_attempts:
+        if self.reg.refusal_logged is not None or self.reg.attempts > self.config.max_attempts:
             actions.append(Log("info", f"registered via {self.care_of} after "
-                                       f"{self._attempts} requests"))
-        self._clear_request()
-        self.lifetime_granted = reply.lifetime
-        self.registered_until = now + reply.lifetime
-        # a zero lifetime (never granted by our HA to a request with one) must not spin renewals
-        self._renew_at = (now + reply.lifetime * self.config.renew_fraction) if reply.lifetime else None
+                                       f"{self.reg.attempts} requests"))
+        self.reg.confirm(reply, now, self.config.renew_fraction)
         self._ike_backoff_s = 0.0
-        if self._old_care_of_b is not None and self.inbound is not None:
+        if self.reg.old_care_of_b is not None and self.inbound is not None:
             # make-before-break done: from now on only the new CoA
-            self._old_care_of_b = None
+            self.reg.old_care_of_b = None
             for sa in self._inbound_sas.values():
                 if sa is not self.inbound:
                     sa.rebind(local=self.care_of)
@@ -490,19 +355,19 @@ class MobileNode:
     def _do_leave_tunnel(self, now: float) -> list[Action]:
         # RFC 5944 §3.6.1.1: the HA's authenticated direct reply is the proof we are home;
         # only now does traffic leave the tunnel
-        self._clear_request()
-        self.lifetime_granted = self.registered_until = self._renew_at = None
-        self.care_of = self._care_of_b = self._old_care_of_b = None
-        self.interface = self._home_link
-        self._record(now, "deregistered", interface=self._home_link)
-        actions: list[Action] = [Log("info", f"at home on {self._home_link}: the home agent "
+        self.reg.clear()
+        self.reg.forget_registration()
+        self.care_of = self._care_of_b = self.reg.old_care_of_b = None
+        self.interface = self.reg.home_link
+        self._record(now, "deregistered", interface=self.reg.home_link)
+        actions: list[Action] = [Log("info", f"at home on {self.reg.home_link}: the home agent "
                                              f"confirmed the deregistration of {self.home_address}"),
-                                 UseHomeLink(self._home_link)]
+                                 UseHomeLink(self.reg.home_link)]
         return actions + self._ike_at_home(now)
 
     def _do_negotiate(self, now: float) -> list[Action]:
-        self._clear_request()
-        self._renew_at = None
+        self.reg.clear()
+        self.reg.renew_at = None
         self._ike_backoff_s = 0.0
         return self._ike_start(now)
 
@@ -510,9 +375,8 @@ class MobileNode:
         return self._ike_start(now)
 
     def _do_reestablish(self, now: float) -> list[Action]:
-        attempts = self._attempts
-        self._pending_id = None
-        self._deadline = None
+        attempts = self.reg.attempts
+        self.reg.stop_sending()
         why, self._why = self._why, ""
         if not why:
             self._record(now, "registration-failed", attempts=attempts, reason="no reply")
@@ -525,23 +389,22 @@ class MobileNode:
                 *self._ike_reestablish(now)]
 
     def _do_retry_ike(self, now: float) -> list[Action]:
-        self._pending_id = None
-        self._deadline = None
+        self.reg.stop_sending()
         self._ike_retry_at = now + self._ike_backoff_s
         self._ike_backoff_s = min(self.config.retransmit_max_s,
                                   max(self.config.retransmit_initial_s, 2 * self._ike_backoff_s))
         return []
 
     def _do_pause(self, now: float) -> list[Action]:
-        self._pending_id = self._deadline = None
+        self.reg.stop_sending()
         self._ike_retry_at = self._liveness_at = self._probe_deadline = None
         return [Log("info", f"care-of address {self.care_of} gone: nothing is sent until an "
                             f"address can reach the GW again (the registration stands)")]
 
     def _do_forget(self, now: float) -> list[Action]:
-        self._clear_request()
-        self.care_of = self._care_of_b = self._old_care_of_b = None
-        self._renew_at = self._ike_retry_at = None
+        self.reg.clear()
+        self.care_of = self._care_of_b = self.reg.old_care_of_b = None
+        self.reg.renew_at = self._ike_retry_at = None
         self._liveness_at = self._probe_deadline = None
         return []
 
@@ -552,63 +415,46 @@ class MobileNode:
         Do.RETRY_IKE: _do_retry_ike, Do.FORGET: _do_forget, Do.PAUSE: _do_pause,
     }
 
-    def _clear_request(self) -> None:
-        self._pending_id = self._deadline = None
-        self._sent.clear()
-        self._attempts = 0
-        self._replied = False
-        self._refused = self._refusal_logged = None
-
     def _timed_out(self, now: float) -> list[Action]:
         """The retransmission timer ran out: send again; with IKEv2, every ``max_attempts``
         unanswered transmissions the tunnel is re-established first (the GW may have lost it).
         An authenticated refusal in the round means the tunnel works: no re-establishment."""
-        self._deadline = None
-        round_over = self._attempts % self.config.max_attempts == 0
-        if round_over and self.state is S.REGISTERING and not self._replied:
+        self.reg.deadline = None
+        round_over = self.reg.round_over(self.config.max_attempts)
+        if round_over and self.state is S.REGISTERING and not self.reg.replied:
             if self.ike is not None and self.care_of is not None:
                 return self._event(RegEvent.NO_REPLY_ROUND, now)
             actions: list[Action] = []
-            if self._attempts == self.config.max_attempts:
+            if self.reg.attempts == self.config.max_attempts:
                 # manual keys: nothing to re-establish; say it once, keep asking for ever
-                self._record(now, "registration-failed", attempts=self._attempts,
+                self._record(now, "registration-failed", attempts=self.reg.attempts,
                              reason="no reply")
-                self._record(now, "reestablish-requested", attempts=self._attempts)
-                actions += [Log("warning", f"no reply to {self._attempts} registration requests "
+                self._record(now, "reestablish-requested", attempts=self.reg.attempts)
+                actions += [Log("warning", f"no reply to {self.reg.attempts} registration requests "
                                            f"for {self.home_address} via {self.care_of}: the GW "
                                            f"or the HA may be down; asking again, backing off "
                                            f"up to {self.config.retransmit_max_s:g} s"),
-                            ReestablishRequested(self.home_address, self.care_of, self._attempts)]
-            self._record(now, "rrq-retransmitted", attempt=self._attempts + 1)
+                            ReestablishRequested(self.home_address, self.care_of,
+                                                 self.reg.attempts)]
+            self._record(now, "rrq-retransmitted", attempt=self.reg.attempts + 1)
             return actions + self._event(RegEvent.TIMED_OUT, now)
         if round_over:
-            self._replied = False
-        self._record(now, "rrq-retransmitted", attempt=self._attempts + 1)
+            self.reg.replied = False
+        self._record(now, "rrq-retransmitted", attempt=self.reg.attempts + 1)
         return self._event(RegEvent.TIMED_OUT, now)
 
     def _send_rrq(self, now: float) -> SendToNet | Log:
         ident = self.msa.new_identification(self.wallclock())
-        self._pending_id = ident
-        self._sent[ident] = now
-        if len(self._sent) > SENT_IDS_KEPT:
-            del self._sent[next(iter(self._sent))]
+        self.reg.note_sent(ident, now)
         dereg = self.state is S.DEREGISTERING
-        if dereg:
-            # RFC 5944 §3.6.1.1: at home, lifetime 0 and care-of address = home address
-            rrq = RegistrationRequest(home_address=self.home_address, home_agent=self._ha,
-                                      care_of_address=self.home_address, identification=ident,
-                                      lifetime=0)
-        else:
-            rrq = RegistrationRequest(home_address=self.home_address, home_agent=self._ha,
-                                      care_of_address=self.care_of, identification=ident,
-                                      lifetime=self.config.lifetime_s,
-                                      flags=RequestFlags.D | RequestFlags.T)
+        rrq = self.reg.request(home_address=self.home_address, home_agent=self._ha,
+                               care_of=self.care_of, ident=ident, lifetime=self.config.lifetime_s)
         data = self.msa.sign(build_registration_request(rrq))
-        self._record(now, "rrq-sent", attempt=self._attempts, care_of=rrq.care_of_address,
+        self._record(now, "rrq-sent", attempt=self.reg.attempts, care_of=rrq.care_of_address,
                      lifetime=rrq.lifetime, identification=ident)
         if dereg:
             return SendToNet(build_udp_packet(self._home_b, self._ha_b, MIP_PORT, MIP_PORT, data),
-                             self._home_link)
+                             self.reg.home_link)
         inner = build_udp_packet(self._care_of_b, self._ha_b, MIP_PORT, MIP_PORT, data)
         if self.outbound is None:        # IKEv2: the SAs are gone (deleted); the retry will tell
             self.drops[DropReason.NO_SA] += 1
@@ -648,7 +494,7 @@ class MobileNode:
         self.care_of, self._care_of_b, self.interface = coa, coa_b, event.interface
         self._record(now, "coa-changed", old=old, new=coa, make_before_break=event.make_before_break)
         keep_old = event.make_before_break and old is not None and old != coa
-        self._old_care_of_b = a2b(old) if keep_old else None
+        self.reg.old_care_of_b = a2b(old) if keep_old else None
         self._awaiting_first_downlink = True
         if self.outbound is None:
             # IKEv2 and no SA pair yet: negotiate from this CoA; register once the child is up
@@ -681,12 +527,12 @@ class MobileNode:
         self._record(now, "returned-home", old=self.care_of, interface=event.interface)
         # the care-of address and the SAs stay: traffic keeps using the tunnel until the HA
         # confirms (Do.LEAVE_TUNNEL)
-        self._home_link = event.interface
+        self.reg.home_link = event.interface
         self._awaiting_first_downlink = False
         return self._event(RegEvent.RETURNED_HOME, now)
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self._deadline, self._renew_at, self._ike_retry_at,
+        times = [t for t in (self.reg.deadline, self.reg.renew_at, self._ike_retry_at,
                              self._liveness_at, self._probe_deadline) if t is not None]
         if self._grace:
             times.append(next(iter(self._grace.values())))
@@ -714,10 +560,11 @@ class MobileNode:
                 self._ike_retry_at = None
                 if self.state is S.AWAITING_SAS:
                     actions += self._event(RegEvent.IKE_RETRY_DUE, now)
-        if self._deadline is not None and now >= self._deadline:
+        if self.reg.deadline is not None and now >= self.reg.deadline:
             actions += self._timed_out(now)
-        if self._renew_at is not None and now >= self._renew_at and self.state is S.REGISTERED:
-            self._renew_at = None
+        renew_at = self.reg.renew_at
+        if renew_at is not None and now >= renew_at and self.state is S.REGISTERED:
+            self.reg.renew_at = None
             actions += self._event(RegEvent.RENEW_DUE, now)
         if self._liveness_at is not None and now >= self._liveness_at:
             self._liveness_at = None
@@ -767,7 +614,7 @@ class MobileNode:
         self.inbound, self.outbound = inbound, outbound
         actions: list[Action] = []
         if self.care_of is not None:
-            self._old_care_of_b = None
+            self.reg.old_care_of_b = None
             inbound.rebind(local=self.care_of)
             outbound.rebind(local=self.care_of)
             actions += [RebindSa(outbound.spi, self.care_of, outbound.remote),
@@ -919,7 +766,7 @@ class MobileNode:
             self.outbound = outbound
         actions: list[Action] = []
         if self.care_of is not None:
-            inbound.rebind(local=None if self._old_care_of_b is not None else self.care_of)
+            inbound.rebind(local=None if self.reg.old_care_of_b is not None else self.care_of)
             outbound.rebind(local=self.care_of)
             actions += [RebindSa(outbound.spi, self.care_of, outbound.remote),
                         RebindSa(inbound.spi, inbound.local, inbound.remote)]
@@ -989,13 +836,14 @@ class MobileNode:
             return f"an IKE SA and child SA with the GW {self.config.gateway}"
         if st in (S.REGISTERING, S.DEREGISTERING):
             what = "deregistration" if st is S.DEREGISTERING else "registration"
-            refused = (f"; last refused with code {self._refused} "
-                       f"({_reply_code_name(self._refused)})" if self._refused is not None else "")
-            return (f"the home agent's reply to {what} request {self._attempts} "
-                    f"(next try at t={self._deadline:.3f}){refused}"
-                    if self._deadline is not None else f"the home agent's {what} reply{refused}")
+            refused = (f"; last refused with code {self.reg.refused} "
+                       f"({reply_code_name(self.reg.refused)})"
+                       if self.reg.refused is not None else "")
+            return (f"the home agent's reply to {what} request {self.reg.attempts} "
+                    f"(next try at t={self.reg.deadline:.3f}){refused}"
+                    if self.reg.deadline is not None else f"the home agent's {what} reply{refused}")
         if st is S.REGISTERED:
-            return (f"the renewal at t={self._renew_at:.3f}" if self._renew_at is not None
+            return (f"the renewal at t={self.reg.renew_at:.3f}" if self.reg.renew_at is not None
                     else "nothing")
         return "nothing (at home)"
 
@@ -1005,11 +853,7 @@ class MobileNode:
             "waiting_for": self.waiting_for(),
             "home_address": self.home_address, "home_agent": self._ha,
             "gateway": self.config.gateway, "care_of": self.care_of,
-            "registration": {"lifetime_granted": self.lifetime_granted,
-                             "registered_until": self.registered_until,
-                             "attempts": self._attempts, "pending": self._pending_id is not None,
-                             "next_try": self._deadline, "last_refusal": self._refused,
-                             "retransmit": self.rtt.status()},
+            "registration": {**self.reg.status(), "retransmit": self.rtt.status()},
             "sas": {"inbound": self.inbound.describe() if self.inbound is not None else None,
                     "outbound": self.outbound.describe() if self.outbound is not None else None},
             "handover_mode": self.config.handover_mode,
