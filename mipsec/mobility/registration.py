@@ -26,6 +26,7 @@ import enum
 from typing import Any
 
 from mipsec.mip.security import MobilitySecurityAssociation
+from mipsec.errors import UsageError
 from mipsec.mobility.machine import Machine
 from mipsec.wire.mip import RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags
 
@@ -33,6 +34,8 @@ SENT_IDS_KEPT = 16           # transmissions of one request whose reply we still
 
 
 def reply_code_name(code: int | None) -> str:
+    if code is None:
+        return "no code"
     try:
         return ReplyCode(code).name.lower().replace("_", " ")
     except ValueError:
@@ -233,7 +236,9 @@ class Registration(Machine[RegState, RegEvent, Do]):
         """The request the current state sends: at home a deregistration (RFC 5944 §3.6.1.1:
         lifetime 0, care-of address = home address), away a registration of ``care_of`` with a
         co-located CoA (D) and reverse tunnelling (T)."""
-        if self.state is RegState.DEREGISTERING:
+        if self.state is RegState.DEREGISTERING or care_of is None:
+            if self.state is not RegState.DEREGISTERING:
+                raise UsageError(f"{self.who}: a registration needs a care-of address")
             return RegistrationRequest(home_address=home_address, home_agent=home_agent,
                                        care_of_address=home_address, identification=ident,
                                        lifetime=0)
