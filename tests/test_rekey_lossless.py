@@ -104,3 +104,60 @@ def test_rekeys_under_a_stream_both_ways_lose_nothing(initiator, late, pfs):
         sizes = role.status()["sizes"]
         assert sizes["ike_esp_spis"] == sizes["ike_children"] == 1, sizes
     assert len(spis_used) >= 7
+
+
+def _nonces(sa, *firsts: bytes):
+    """``sa``'s next nonces start with ``firsts`` (then random): which of two colliding re-keys
+    used the lowest nonce, and so which new pair is closed (RFC 7296 §2.8.1), is then known."""
+    import os
+    from mipsec.ike.constants import NONCE_LEN
+    queue = list(firsts)
+
+    def random(n: int) -> bytes:
+        if n == NONCE_LEN and queue:
+            return queue.pop(0) + os.urandom(n - 1)
+        return os.urandom(n)
+    sa._random = random
+
+
+@pytest.mark.parametrize("closed", ["gw", "mn"])
+def test_simultaneous_rekeys_of_one_child_keep_the_mobile_on_the_gw(closed):
+    # both ends re-key the same child at once: two new pairs; the one whose exchange used the
+    # lowest nonce is closed by whoever made it.  "gw": the GW's own re-key loses (the GW
+    # deletes the pair it initiated); "mn": the MN's loses (the MN deletes the pair it
+    # initiated, the GW's newest one when the GW's own answer came first)
+    topo = build_topology(1, sa_source="ikev2", seed=3, internet_delay_s=0.010,
+                          ike={"child_lifetime_s": 3600, "ike_lifetime_s": 7200,
+                               "dpd_interval_s": 0})
+    mn, gw = topo.mn.role, topo.gw.role
+    topo.move("a")
+    assert wait_registered(topo, 2.0)
+    (gw_sa,) = [s for s in gw.ike.endpoint.ike_sas if s.is_established]
+    (mn_sa,) = [s for s in mn.ike.endpoint.ike_sas if s.is_established]
+    low, high = b"\x00", b"\xff"
+    # the GW draws the nonce of its own request first, then the one of its answer to the MN
+    _nonces(gw_sa, *((low, high) if closed == "gw" else (high, low)))
+    _nonces(mn_sa, high)
+    start_streams(topo, interval_s=0.005, start=0.5, stop=3.0)
+    topo.sim.run(until=1.0)
+    _rekey(topo, topo.mn)
+    _rekey(topo, topo.gw)
+    topo.sim.run(until=3.5)
+
+    assert [e.kind for e in gw.timeline].count("gw-sas-rekeyed") == 2
+    assert "mobile-removed" not in [e.kind for e in gw.timeline]
+    m = gw.mobiles[mn.home_address]
+    assert mn.outbound.spi == m.inbound.spi and mn.inbound.spi == m.outbound.spi
+    rep = stream_reports(topo, since=0.5, until=3.0)
+    assert rep["downlink"].lost == 0 and rep["uplink"].lost == 0, rep
+    assert rep["downlink"].received > 400 and rep["uplink"].received > 400, rep
+    assert sum(mn.drops.values()) == 0 and sum(gw.drops.values()) == 0, (mn.drops, gw.drops)
+    # one child survives, the same on both ends, and nothing else is kept once the grace
+    # period is over
+    topo.sim.run(until=3.5 + CHILD_SA_DELETE_GRACE_S + 0.1)
+    gw_spis, mn_spis = _known_spis(topo)
+    assert gw_spis == {m.inbound.spi} and mn_spis == {mn.inbound.spi}
+    assert set(gw_sa.children) == {m.inbound.spi} and set(mn_sa.children) == {mn.inbound.spi}
+    for role in (mn, gw):
+        sizes = role.status()["sizes"]
+        assert sizes["ike_esp_spis"] == sizes["ike_children"] == sizes["pairs"] == 1, sizes

@@ -103,7 +103,8 @@ class Mobile(GwBinding):
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed",
                  "allowed_text", "packets_up", "packets_down", "home_bytes",
-                 "old_inbound", "lineage", "ike_sa", "installed_at", "next_outbound")
+                 "old_inbound", "lineage", "ike_sa", "installed_at", "next_outbound",
+                 "pair_outbound")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str]):
@@ -119,6 +120,10 @@ class Mobile(GwBinding):
         self.packets_down = 0
         self.old_inbound: dict[int, SecurityAssociation] = {}  # re-keyed, kept until deleted
         self.next_outbound: SecurityAssociation | None = None  # re-key we answered: after Delete
+        # the outbound SA of every pair IKE made and has not deleted, by the pair's inbound SPI:
+        # after simultaneous re-keys (RFC 7296 §2.8.1) the newest pair may be the one deleted,
+        # and the survivor, re-keyed away a moment before, carries on (``retire_inbound``)
+        self.pair_outbound: dict[int, SecurityAssociation] = {inbound.spi: outbound}
         self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
         self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
         self.installed_at = 0.0
@@ -204,7 +209,7 @@ class VpnGateway:
         # start (its Timestamp)
         self._epoch_floor = ntp_from_unix(self.wallclock()) if wallclock is not None else 0
         self.drops: Counter[DropReason] = Counter()
-        self.timeline: list[TimelineEvent] = []
+        self.timeline: list[TimelineEvent] = tl.Timeline(tl.limit_for(len(config.mobiles) + 1))
         self.record_data_path = False      # timeline is for the control plane only
         self._random = random
         # IKEv2 responder (docs/ikev2.md "Integration"): MNs known by identity, PSK per MN
@@ -267,6 +272,7 @@ class VpnGateway:
             self.sad.remove(spi)
             self._by_spi.pop(spi, None)
         mobile.old_inbound.clear()
+        mobile.pair_outbound.clear()
         mobile.care_of = None
 
     def _drop(self, reason: DropReason) -> list[Action]:
@@ -565,6 +571,7 @@ class VpnGateway:
         old_in = mobile.inbound
         mobile.old_inbound[old_in.spi] = old_in
         mobile.inbound = inbound_sa
+        mobile.pair_outbound[inbound_sa.spi] = outbound_sa
         self.sad.add(inbound_sa)
         self._by_spi[inbound_sa.spi] = mobile
         old_out = mobile.outbound
@@ -602,15 +609,44 @@ class VpnGateway:
         mobile = self._by_spi.get(spi)
         if mobile is None:
             return []
+        deleted_out = mobile.pair_outbound.pop(spi, None)
         if spi in mobile.old_inbound:
             if spi not in self._grace:
                 self._grace[spi] = now + CHILD_SA_DELETE_GRACE_S
+            if deleted_out is not None and mobile.next_outbound is deleted_out:
+                mobile.next_outbound = None        # a pair that lost a re-key collision
             return self._send_on_next(mobile)
-        if mobile.inbound.spi == spi and self.mobiles.get(mobile.home_address) is mobile:
-            self.remove_mobile(mobile.home_address)
-            tl.record(self.timeline, now, self.name, "mobile-removed",
-                      home_address=mobile.home_address, spi=spi)
+        if mobile.inbound.spi != spi or self.mobiles.get(mobile.home_address) is not mobile:
+            return []
+        survivor = next((s for s in reversed(mobile.old_inbound)
+                         if s in mobile.pair_outbound and s not in self._grace), None)
+        if survivor is not None:
+            return self._fall_back(mobile, survivor, deleted_out, now)
+        self.remove_mobile(mobile.home_address)
+        tl.record(self.timeline, now, self.name, "mobile-removed",
+                  home_address=mobile.home_address, spi=spi)
         return []
+
+    def _fall_back(self, mobile: Mobile, survivor: int,
+                   deleted_out: SecurityAssociation | None, now: float) -> list[Action]:
+        """Both ends re-keyed the same child (RFC 7296 §2.8.1) and the pair the later re-key
+        made here is the one deleted: the pair the other re-key made, not deleted, carries the
+        MN's traffic again.  The deleted inbound SA keeps its grace period."""
+        deleted = mobile.inbound
+        mobile.old_inbound[deleted.spi] = deleted
+        self._grace[deleted.spi] = now + CHILD_SA_DELETE_GRACE_S
+        mobile.inbound = mobile.old_inbound.pop(survivor)
+        out = mobile.pair_outbound[survivor]
+        if mobile.next_outbound is deleted_out:
+            mobile.next_outbound = None
+        actions: list[Action] = []
+        if mobile.outbound is not out:
+            mobile.next_outbound = out
+            actions = self._send_on_next(mobile)
+        tl.record(self.timeline, now, self.name, "gw-rekey-collision",
+                  home_address=mobile.home_address, deleted_spi=deleted.spi,
+                  inbound_spi=mobile.inbound.spi, outbound_spi=mobile.outbound.spi)
+        return actions
 
     def _ike_outputs(self, outputs: list, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -782,6 +818,7 @@ class VpnGateway:
         """The grace period of a deleted inbound SA is over: its SPI is unknown from now on."""
         mobile = self._by_spi.get(spi)
         if mobile is not None and mobile.old_inbound.pop(spi, None) is not None:
+            mobile.pair_outbound.pop(spi, None)
             self.sad.remove(spi)
             del self._by_spi[spi]
 
@@ -817,5 +854,6 @@ class VpnGateway:
                 "timeline": len(self.timeline),
                 "rrq_sources": sum(len(m.rrq_sources) for m in self.mobiles.values()),
                 "old_inbound": sum(len(m.old_inbound) for m in self.mobiles.values()),
+                "pairs": sum(len(m.pair_outbound) for m in self.mobiles.values()),
                 **({f"ike_{k}": v for k, v in self.ike.endpoint.sizes().items()}
                    if self.ike is not None else {})}

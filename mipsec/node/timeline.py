@@ -38,6 +38,7 @@ IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
     "gw-sa-moved-by-mobike", "gw-siu-confirms-mobike", "mobile-removed", "gateway-spi-learned",
     "gw-esp-not-moved",             # GW: an IKE address change that may not move an ESP SA
     "gw-sa-bound-by-ike",           # GW: a pair IKE installed points at the IKE peer
+    "gw-rekey-collision",           # GW: simultaneous re-keys, the surviving pair carries on
 )
 MOBILE_KINDS = (  # the MN's robustness: where it is, what it waits for
     "home-prefix-address-ignored",  # a home-prefix address on a visited interface
