@@ -18,7 +18,8 @@ import gc
 import json
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 Batch = Callable[[int], object]
 

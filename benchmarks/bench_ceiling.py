@@ -27,13 +27,24 @@ try:
 except ImportError:  # run from a source tree without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _timing import interleaved
+from bench_esp import (
+    COA,
+    GW_OUTSIDE,
+    HASHES,
+    INBOUND_SELECTOR,
+    TRANSFORMS,
+    DecapBatch,
+    Direction,
+    floor_batches,
+    inner_packet,
+    ip,
+    make_sa,
+)
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from _timing import interleaved
-from bench_esp import (COA, GW_OUTSIDE, HASHES, INBOUND_SELECTOR, TRANSFORMS, DecapBatch,
-                       Direction, floor_batches, inner_packet, ip, make_sa)
 from mipsec.ipsec.replay import ReplayWindow
 
 SPI = 0x1001   # bench_esp.make_sa's SPI, so the SA and the probe interoperate

@@ -44,12 +44,12 @@ except ImportError:  # run from a source tree without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cryptography
+from _timing import interleaved, write_json
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from _timing import interleaved, write_json
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.ipsec.sad import Sad
 from mipsec.ipsec.selector import Selector

@@ -71,7 +71,7 @@ def handover_figures(lab: Lab, rate: float = 1000.0, dwell: float = 1.5) -> list
         streams.kill()
     out = []
     ends = [moves[1]["time"], reports["cn"]["start"] + dwell * 3]
-    for move, end in zip(moves, ends):
+    for move, end in zip(moves, ends, strict=False):   # the first two moves
         row = {"to": move["to"], "make_before_break": move["make_before_break"],
                "registration_ms": (move["registered"] - move["noticed"]) * 1000}
         for name, snd, rcv in (("downlink", "cn", "mn"), ("uplink", "mn", "cn")):

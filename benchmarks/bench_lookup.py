@@ -37,6 +37,7 @@ except ImportError:  # run from a source tree without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _timing import interleaved, write_json
+
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.ipsec.sad import Sad
 from mipsec.ipsec.selector import Selector

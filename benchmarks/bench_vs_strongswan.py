@@ -75,7 +75,7 @@ STRONGSWAN_CONF = """charon {
     }
   }
 }
-"""
+"""  # noqa: E501 (charon reads its plugin list from one line)
 IPSEC_CONF = """config setup
 
 conn mip
@@ -148,7 +148,7 @@ def run_load(exe: str, ns_src: str, ns_dst: str, dst: str, size: int, rate: int,
             else None,
             "cpu_kernel_share": system / (user + system) if user + system else None,
             "cpu_us_by_process": [(b - a) / HZ * 1e6 / received if received else None
-                                  for a, b in zip(per0, per1)],
+                                  for a, b in zip(per0, per1, strict=True)],
             "sender_cpu_us_per_pkt": sent["cpu_s"] * 1e6 / max(1, sent["sent"]),
             "sink_cpu_us_per_pkt": got["cpu_s"] * 1e6 / max(1, received)}
 
@@ -427,7 +427,7 @@ def print_table(metrics: dict[str, Any], reps: int, out=sys.stdout) -> None:
         ratios = []
         if _lower_better is not None:
             for mine in ("mipsec-esp", "mipsec-udp"):
-                rs = [a / b for a, b in zip(metrics[mine][key], metrics[ref][key])
+                rs = [a / b for a, b in zip(metrics[mine][key], metrics[ref][key], strict=False)
                       if a is not None and b]
                 ratios.append(f"{median(rs):>10.2f}x" if rs else f"{'-':>11}")
         print(f"{label:<40}" + "".join(cells) + "".join(ratios), file=out)
@@ -438,7 +438,7 @@ def print_table(metrics: dict[str, Any], reps: int, out=sys.stdout) -> None:
                               ("strongswan", PROCESSES["strongswan"])):
             per = metrics[system][f"cpu_by_process_{rate}"]
             cells = [median([r[i] for r in per if len(r) > i]) for i in range(len(names))]
-            parts.append(f"{system} " + " / ".join(f"{n} {v:.1f}" for n, v in zip(names, cells)))
+            parts.append(f"{system} " + " / ".join(f"{n} {v:.1f}" for n, v in zip(names, cells, strict=True)))
         print(f"CPU us/packet per process at {rate / 1000:g}k pps (64 B): " + "; ".join(parts),
               file=out)
     print("ratios: mipsec / strongSwan formed within each repetition, then the median; pps and"
@@ -471,7 +471,7 @@ def plot(metrics: dict[str, Any], handovers: list[dict], out_dir: str) -> list[s
     os.makedirs(out_dir, exist_ok=True)
     written = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (title, keys) in zip(axes, (
+    for ax, (title, keys) in zip(axes, (  # noqa: B905 (three axes, three panels)
             ("delivered packets/s, maximum rate", ("blast_pps_64", "blast_pps_1372")),
             ("highest rate with <= 1 % loss", ("loss_free_64", "loss_free_1372")),
             ("IPsec CPU us per packet (64 B)", ("cpu_5000", "cpu_20000")))):

@@ -24,8 +24,9 @@ Keys are compared, never printed.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from mipsec.config import DaemonConfig, load_config
 from mipsec.errors import ConfigError

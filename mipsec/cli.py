@@ -437,8 +437,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"mipsec demo: {problem}; running the same scenario in the in-memory simulator "
               f"instead (`mipsec demo --sim`).\n", flush=True)
     from mipsec.sim.demo import run_demo
+    delay = {} if args.delay_ms is None else {"internet_delay_s": args.delay_ms / 1000}
     return run_demo(sys.stdout, manual_keys=args.manual_keys, handover_mode=args.handover_mode,
-                    plot_dir=args.plot, **({} if args.delay_ms is None else {"internet_delay_s": args.delay_ms / 1000}))
+                    plot_dir=args.plot, **delay)
 
 
 def _lab(args: argparse.Namespace):
@@ -694,7 +695,7 @@ def _wall(monotonic: float, offset: float | None) -> str:
     if offset is None:
         return f"{monotonic:.3f}"
     import datetime
-    moment = datetime.datetime.fromtimestamp(monotonic + offset, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(monotonic + offset, datetime.UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 

@@ -14,11 +14,11 @@ A daemon's file has three parts (docs/operations.md has the full reference)::
     [mobile_node.msa]              # dataclasses as sub-tables, tuples of them as arrays of tables,
     key = "00112233..."            # byte strings as hex
 
-The role part is mapped onto the roles' frozen dataclasses (mipsec.node.config) by their type hints, so the TOML keys are
-exactly the dataclass field names, and the dataclasses' own checks (key length for the transform,
-known transform, address syntax ...) run at load time.  Every error raises ``ConfigError`` whose
-message names the file, the key (``[mobile_node.esp_in] encryption_key``) and the problem; one
-bad file gives exactly one message.
+The role part is mapped onto the roles' frozen dataclasses (mipsec.node.config) by their type
+hints, so the TOML keys are exactly the dataclass field names, and the dataclasses' own checks
+(key length for the transform, known transform, address syntax ...) run at load time.  Every
+error raises ``ConfigError`` whose message names the file, the key (``[mobile_node.esp_in]
+encryption_key``) and the problem; one bad file gives exactly one message.
 
 Things that can only be checked on the machine (the interfaces exist) are checked by
 ``check_runtime()``, which a daemon calls at start-up.

@@ -109,7 +109,7 @@ def sequence_chart(events: Iterable[Any], path: str, t0: float | None = None,
                 fontweight="bold", bbox=dict(boxstyle="round", fc="0.92", ec="0.5"))
     # the column of each node's lane (every event left in evs has one)
     column = {e[1]: x[name] for e in evs if (name := lane_of(e[1])) is not None}
-    for (t, node, kind, _d), y, m in zip(evs, ys, ms):
+    for (_t, node, kind, _d), y, m in zip(evs, ys, ms, strict=True):
         lx = column[node]
         ax.plot([lx], [y], "o", ms=4, color="black", zorder=3)
         right = lx >= len(lanes) - 1
@@ -187,7 +187,7 @@ def write_demo_plots(directory: str, moves: Sequence[tuple[float, str]],
     """The demo's pictures: ``handover-K-sequence.png`` per move (its events, times after the
     move) and ``arrivals.png``; returns the paths written."""
     paths = []
-    for k, ((at, title), events) in enumerate(zip(moves, timelines), start=1):
+    for k, ((at, title), events) in enumerate(zip(moves, timelines, strict=True), start=1):
         paths.append(sequence_chart(events, os.path.join(directory, f"handover-{k}-sequence.png"),
                                     t0=at, title=f"{title} ({label})"))
     paths.append(arrivals_plot(streams, moves, os.path.join(directory, "arrivals.png"),

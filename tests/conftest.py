@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import etcd_cluster
 import pytest
+
+import etcd_cluster
 
 
 @pytest.fixture(scope="session")

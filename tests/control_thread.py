@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import select
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.client for m in self.members]
 
-    def start(self) -> "EtcdCluster":
+    def start(self) -> EtcdCluster:
         os.makedirs(self.base, mode=0o700, exist_ok=True)
         ports = _free_ports(2 * self.size)
         token = f"mipsec-test-{os.getpid()}-{ports[0]}"

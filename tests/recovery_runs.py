@@ -3,10 +3,9 @@ recovery lab test checks it: the namespaces are gone, no error, and traffic reco
 
 from __future__ import annotations
 
+import needs
 from mipsec.lab.recovery import SCENARIOS, run_scenario
 from mipsec.lab.topology import existing_namespaces
-
-import needs
 
 RATE = 200.0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -62,7 +62,7 @@ def _during(topo, start: Callable[[], None], run_s: float):
     t0 = topo.sim.now
     start()
     topo.sim.run(until=t0 + run_s)
-    return tl.merge(*(r.timeline[m:] for r, m in zip(roles, marks)))
+    return tl.merge(*(r.timeline[m:] for r, m in zip(roles, marks, strict=True)))
 
 
 def _move_to_b(topo, run_s: float = 0.5):

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 
+from control_thread import serving
 from mipsec import cli
 from mipsec.config import load_config
 from mipsec.io import control
-
-from control_thread import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

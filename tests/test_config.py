@@ -12,8 +12,15 @@ import tomllib
 import pytest
 
 from mipsec import config as mconfig
-from mipsec.config import (DaemonConfig, check_runtime, config_from_dict, dump_config, load_config,
-                           make_key_set, write_key_set)
+from mipsec.config import (
+    DaemonConfig,
+    check_runtime,
+    config_from_dict,
+    dump_config,
+    load_config,
+    make_key_set,
+    write_key_set,
+)
 from mipsec.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,14 +80,14 @@ def _message(path) -> str:
 
 def test_missing_key_names_file_table_and_key(key_set, tmp_path):
     path = _mutate(key_set["mn1"], tmp_path,
-                   lambda t: "\n".join(l for l in t.splitlines() if not l.startswith("home_agent =")))
+                   lambda t: "\n".join(ln for ln in t.splitlines() if not ln.startswith("home_agent =")))
     msg = _message(path)
     assert path in msg and "[mobile_node] home_agent" in msg and "missing key" in msg
 
 
 def test_wrong_key_length_for_the_transform(key_set, tmp_path):
     data = open(key_set["mn1"]).read()
-    old = [l for l in data.splitlines() if l.startswith("encryption_key")][0]
+    old = [ln for ln in data.splitlines() if ln.startswith("encryption_key")][0]
     # (manual keys are AES-CBC: 16, 24 or 32 bytes)
     path = _write(tmp_path, data.replace(old, 'encryption_key = "00112233445566778899aabb"', 1))
     msg = _message(path)
@@ -129,7 +136,7 @@ def test_each_bad_case_gives_one_named_message(key_set, tmp_path, edit, expect):
 
 def test_bad_hex_key(key_set, tmp_path):
     data = open(key_set["ha"]).read()
-    old = [l for l in data.splitlines() if l.startswith("key = ")][0]
+    old = [ln for ln in data.splitlines() if ln.startswith("key = ")][0]
     path = _write(tmp_path, data.replace(old, 'key = "not-hex"', 1))
     msg = _message(path)
     assert "not a hex string" in msg and "[home_agent.gateways[0]] key" in msg
@@ -154,12 +161,12 @@ def test_config_from_dict_needs_role_table():
 def test_daemon_stops_at_start_up_with_one_message(key_set, tmp_path):
     """`mipsec mn --config bad.toml`: exit status 2, exactly one error line naming file and key."""
     data = open(key_set["mn1"]).read()
-    old = [l for l in data.splitlines() if l.startswith("encryption_key")][0]
+    old = [ln for ln in data.splitlines() if ln.startswith("encryption_key")][0]
     path = _write(tmp_path, data.replace(old, 'encryption_key = "0011"', 1))
     proc = subprocess.run([sys.executable, "-m", "mipsec", "mn", "--config", path],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert path in lines[0] and "[mobile_node.esp_in] esp.encryption_key" in lines[0]
 

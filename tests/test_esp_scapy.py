@@ -13,12 +13,11 @@ from scapy.layers.ipsec import ESP
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
 from scapy.utils import wrpcap
 
+import needs
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap, esp_sa_uat_record
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
-
-import needs
 
 MN, GW = "172.16.1.10", "172.16.0.1"
 SCAPY_NAMES = {

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from mipsec.crypto.transforms import INTEGRITY, Aead, CbcHmac, HmacTruncated, make_transform
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.wire.esp import build_trailer, parse_trailer
-from mipsec.wire.ipv4 import build_ipv4, Ipv4Header
+from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
 
 h = bytes.fromhex
 

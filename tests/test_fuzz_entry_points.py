@@ -36,15 +36,16 @@ import struct
 import time
 from collections import Counter
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
+from mipsec.mip.constants import SIU_PORT
 from mipsec.node.actions import SendToNet, WriteToTun
 from mipsec.sim.scenario import start_streams, wait_registered
 from mipsec.sim.topology import build_topology
-from mipsec.mip.constants import SIU_PORT
 from mipsec.wire.mip import MIP_PORT, parse_registration_reply, parse_registration_request
 from mipsec.wire.siu import parse_siu
 

@@ -15,7 +15,16 @@ from mipsec.mip.siu import SiuSigner
 from mipsec.node.actions import RebindSa, SendToNet
 from mipsec.node.config import make_lab_configs
 from mipsec.node.gateway import (
-    BINDING_TRANSITIONS, BindingEvent as E, BindingState as S, Effect, VpnGateway, classify,
+    BINDING_TRANSITIONS,
+    Effect,
+    VpnGateway,
+    classify,
+)
+from mipsec.node.gateway import (
+    BindingEvent as E,
+)
+from mipsec.node.gateway import (
+    BindingState as S,
 )
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.wire.mip import RegistrationReply, ReplyCode, build_registration_reply

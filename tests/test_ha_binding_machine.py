@@ -15,7 +15,10 @@ import pytest
 from mipsec.errors import UsageError
 from mipsec.node.actions import BindingChanged
 from mipsec.node.home_agent import (
-    BINDING_TRANSITIONS, BindingEffect, BindingEvent, BindingState,
+    BINDING_TRANSITIONS,
+    BindingEffect,
+    BindingEvent,
+    BindingState,
 )
 from mipsec.sim.topology import build_topology
 from mipsec.store import BindingRecord

@@ -21,7 +21,10 @@ from mipsec.node.actions import PersistBinding, SendToNet
 from mipsec.node.packet import a2b, build_udp_packet, parse_udp_packet
 from mipsec.sim.topology import build_topology
 from mipsec.wire.mip import (
-    RegistrationRequest, ReplyCode, RequestFlags, build_registration_request,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    build_registration_request,
     parse_registration_reply,
 )
 from mipsec.wire.siu import SiuType, parse_siu

@@ -19,14 +19,23 @@ import random
 import pytest
 
 from mipsec.errors import ConfigError, UsageError
+from mipsec.node import home_agent as ha_module
 from mipsec.node.actions import (
-    PersistBinding, ReserveSiuSequence, SendToNet, SiuSequenceNotReserved,
+    PersistBinding,
+    ReserveSiuSequence,
+    SendToNet,
+    SiuSequenceNotReserved,
 )
 from mipsec.node.election import (
-    ELECTION_TRANSITIONS, Campaign, ElectionEvent, ElectionState, HaElection, RenewLease,
-    StartServing, StopServing,
+    ELECTION_TRANSITIONS,
+    Campaign,
+    ElectionEvent,
+    ElectionState,
+    HaElection,
+    RenewLease,
+    StartServing,
+    StopServing,
 )
-from mipsec.node import home_agent as ha_module
 from mipsec.node.home_agent import META_SIU_SEQUENCE, HomeAgent
 from mipsec.sim.topology import build_topology
 from mipsec.store import MemoryStore
@@ -274,7 +283,7 @@ def test_a_new_active_never_sends_a_number_the_gw_has_seen(monkeypatch):
     # the old active sends more SIUs than one block holds (resends of an unacknowledged SIU)
     acts = old._siu(0.0, SiuType.UPDATE,
                     old._mobiles[home], None, "172.16.1.10", 600, b"")
-    for i in range(SIU_SEQUENCE_BLOCK + 10):
+    for _ in range(SIU_SEQUENCE_BLOCK + 10):
         sent += [parse_siu(d).sequence for d in _carry(old, store, acts, 0.0)]
         acts = old._siu(0.0, SiuType.UPDATE, old._mobiles[home],
                         None, "172.16.1.10", 600, b"")

@@ -7,6 +7,7 @@ SA and no binding.
 
 import dataclasses
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -67,7 +68,7 @@ def _inject(topo, iface, packet):
 @pytest.mark.parametrize("lost", ["rrq", "siu-not-resent", "rrp"])
 def test_lost_message_recovers_by_retransmission(lost):
     topo = _registered_at_a()
-    a, b = topo.care_of["a"][0], topo.care_of["b"][0]
+    b = topo.care_of["b"][0]
     b_bytes = a2b(b)
     if lost == "rrq":
         topo.visited["b"].drop_next(lambda p: p[12:16] == b_bytes)
@@ -168,7 +169,7 @@ def test_home_agent_that_never_accepts_leads_to_reestablishment():
     move = tl.split_handovers(merged_timeline(topo))[-1]
     sent = [e.time for e in move if e.kind == "rrq-sent"]
     assert len(sent) > mn.config.max_attempts + 2
-    gaps = [round(y - x, 6) for x, y in zip(sent, sent[1:])]
+    gaps = [round(y - x, 6) for x, y in pairwise(sent)]
     rto = mn.rtt.rto                                     # from the round trips measured at a
     assert rto < 1.0
     cap = mn.config.retransmit_max_s

@@ -15,7 +15,8 @@ import struct
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason as R
 from mipsec.errors import Dropped

@@ -14,9 +14,8 @@ import struct
 from mipsec.drops import DropReason as R
 from mipsec.ike import codec
 from mipsec.ike.config import SendDatagram
-from mipsec.ike.constants import ExchangeType, NON_ESP_MARKER, NotifyType, PayloadType
+from mipsec.ike.constants import NON_ESP_MARKER, ExchangeType, NotifyType, PayloadType
 from mipsec.ike.endpoint import IkeEndpoint
-
 from test_ike_harness import GW_ADDR, MN_ADDR, configs
 
 LOCAL, PEER = (GW_ADDR, 500), (MN_ADDR, 500)
@@ -219,7 +218,6 @@ def test_invalid_key_exchange_values_create_nothing():
 # --- values an authenticated peer (or an on-path rewrite) controls -----------------
 from mipsec.ike.book import ChildSaBook  # noqa: E402
 from mipsec.ike.config import ChildSaEstablished, PeerAddressChanged  # noqa: E402
-
 from test_ike_harness import Net  # noqa: E402
 
 

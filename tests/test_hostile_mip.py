@@ -12,15 +12,22 @@ import hashlib
 import hmac
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason as R
 from mipsec.errors import ParseError
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.wire.mip import (
-    EXT_MN_HA_AUTH, Extension, RegistrationReply, RegistrationRequest, ReplyCode,
-    build_registration_reply, build_registration_request, nai_extension,
+    EXT_MN_HA_AUTH,
+    Extension,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    build_registration_reply,
+    build_registration_request,
+    nai_extension,
     parse_registration_request,
 )
 from mipsec.wire.siu import SIU_FIXED_BYTES, Siu, SiuType, build_siu_body

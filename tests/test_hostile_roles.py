@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason as R
 from mipsec.mip import ipip
@@ -22,12 +23,20 @@ from mipsec.node.actions import SendToNet
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.scenario import wait_registered
 from mipsec.sim.topology import build_topology
+from mipsec.wire.ipv4 import Ipv4Header, build_ipv4, checksum
 from mipsec.wire.mip import (
-    EXT_MN_HA_AUTH, EXT_NAI, Extension, RegistrationReply, RegistrationRequest, ReplyCode,
-    RequestFlags, auth_extension, build_registration_reply, build_registration_request,
+    EXT_MN_HA_AUTH,
+    EXT_NAI,
+    Extension,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    auth_extension,
+    build_registration_reply,
+    build_registration_request,
     nai_extension,
 )
-from mipsec.wire.ipv4 import Ipv4Header, build_ipv4, checksum
 
 _VOLATILE = ("drops", "sad_drops", "timeline")
 
@@ -355,10 +364,9 @@ def test_gateway_refuses_an_siu_naming_an_unusable_care_of(topo):
     gw, ha = topo.gw.role, topo.ha.role
     home = topo.mobiles[0].role.home_address
     mobile = gw.mobiles[home]
-    for i, (kind, bad) in enumerate([(SiuType.UPDATE, "224.0.0.1"), (SiuType.UPDATE, "172.16.0.1"),
-                                     (SiuType.UPDATE, "127.0.0.1"), (SiuType.REJECT, "10.1.0.1"),
-                                     (SiuType.REJECT, "255.255.255.255"),
-                                     (SiuType.UPDATE, "10.1.0.10")]):
+    for kind, bad in [(SiuType.UPDATE, "224.0.0.1"), (SiuType.UPDATE, "172.16.0.1"),
+                      (SiuType.UPDATE, "127.0.0.1"), (SiuType.REJECT, "10.1.0.1"),
+                      (SiuType.REJECT, "255.255.255.255"), (SiuType.UPDATE, "10.1.0.10")]:
         signer = _ha_signer(topo)
         data = signer.build(kind, home_address=home, old_care_of=mobile.care_of, new_care_of=bad,
                             gateway_spi=mobile.outbound.spi, lifetime=600,

@@ -2,7 +2,6 @@
 
 from mipsec.ike.book import ChildSaBook
 from mipsec.ike.sa import State
-
 from test_ike_exchanges import INNER_DOWN, INNER_UP
 from test_ike_harness import GW_ADDR, MN_ADDR, establish
 

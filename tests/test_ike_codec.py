@@ -3,14 +3,27 @@
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
 from mipsec.ike.codec import (
-    AuthPayload, DeletePayload, Header, IdPayload, KePayload, NoncePayload, NotifyPayload,
-    Proposal, SaPayload, TrafficSelector, Transform, TsPayload, Unknown, UnknownCriticalPayload,
+    AuthPayload,
+    DeletePayload,
+    Header,
+    IdPayload,
+    KePayload,
+    NoncePayload,
+    NotifyPayload,
+    Proposal,
+    SaPayload,
+    TrafficSelector,
+    Transform,
+    TsPayload,
+    Unknown,
+    UnknownCriticalPayload,
     VendorIdPayload,
 )
 from mipsec.ike.constants import ExchangeType, Flag, PayloadType, TransformType

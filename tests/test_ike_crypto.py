@@ -6,12 +6,20 @@ import hmac
 import pytest
 
 from mipsec.drops import DropReason
-from mipsec.errors import ParseError
+from mipsec.errors import ParseError, UsageError
 from mipsec.ike import codec
 from mipsec.ike.constants import DhGroup, Encr, ExchangeType, Flag, Integ, PayloadType, Prf
 from mipsec.ike.crypto import (
-    DhPrivate, IkeSuite, SkCipher, child_keymat, derive_ike_keys, prf, prf_plus, psk_auth,
-    rekey_skeyseed, skeyseed,
+    DhPrivate,
+    IkeSuite,
+    SkCipher,
+    child_keymat,
+    derive_ike_keys,
+    prf,
+    prf_plus,
+    psk_auth,
+    rekey_skeyseed,
+    skeyseed,
 )
 
 H = bytes.fromhex
@@ -45,7 +53,7 @@ def test_prf_plus_matches_independent_computation(length):
 
 
 def test_prf_plus_refuses_more_than_255_blocks():
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError):
         prf_plus(SHA256, b"k", b"s", 255 * 32 + 1)
     assert len(prf_plus(SHA256, b"k", b"s", 255 * 32)) == 255 * 32
 

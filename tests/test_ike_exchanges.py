@@ -8,14 +8,20 @@ from mipsec.drops import DropReason
 from mipsec.ike import codec
 from mipsec.ike.codec import TrafficSelector as TS
 from mipsec.ike.config import (
-    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
-    IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    PeerAddressChanged,
+    SendDatagram,
 )
-from mipsec.ike.constants import DhGroup, ExchangeType, NON_ESP_MARKER, NotifyType, PayloadType
+from mipsec.ike.constants import NON_ESP_MARKER, DhGroup, ExchangeType, NotifyType, PayloadType
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
 from mipsec.ike.sa import State
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
-
 from test_ike_harness import GW_ADDR, MN_ADDR, configs, establish
 
 INNER_UP = build_ipv4(Ipv4Header("10.1.0.100", "10.1.0.10", 17), b"\x12\x34\x56\x78\x00\x0c\x00\x00up!!")
@@ -174,7 +180,7 @@ def test_cookie_flow():
 def test_forged_cookie_is_refused():
     net, I, R = establish(r_cookie_threshold=0, tap=None)
     first = [d for d in net.sent if d.remote == (GW_ADDR, 500)][1]
-    m = codec.parse_message(first.data)
+    codec.parse_message(first.data)                      # a well-formed message to start from
     bad = bytearray(first.data)
     off = 28 + 8                                         # inside the cookie data
     bad[off] ^= 0xFF
@@ -298,7 +304,7 @@ def test_garbage_never_raises():
     import random
     rnd = random.Random(7)
     good = _auth_request(net).data
-    for n in range(500):
+    for _ in range(500):
         data = bytearray(good[:rnd.randrange(len(good))])
         for _ in range(3):
             if data:
@@ -438,9 +444,10 @@ def test_mobike_refused_when_not_negotiated():
 
 
 def test_gateway_serves_many_initiators_with_one_endpoint():
+    from dataclasses import replace
+
     from mipsec.ike.endpoint import IkeEndpoint
     from test_ike_harness import Net
-    from dataclasses import replace
     ci, cr = configs(r_psks={"*": b"correct horse battery staple"})
     R = IkeEndpoint(cr)
     eps = {GW_ADDR: R}

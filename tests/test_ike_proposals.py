@@ -6,8 +6,16 @@ from mipsec.errors import ConfigError
 from mipsec.ike.codec import Proposal, Transform
 from mipsec.ike.constants import DhGroup, Encr, Esn, Integ, ProtocolId, TransformType
 from mipsec.ike.proposals import (
-    EspSuite, accept_esp_answer, accept_ike_answer, choose_esp, choose_ike, esp_answer,
-    esp_proposals, ike_proposals, parse_esp_suite, parse_ike_suite,
+    EspSuite,
+    accept_esp_answer,
+    accept_ike_answer,
+    choose_esp,
+    choose_ike,
+    esp_answer,
+    esp_proposals,
+    ike_proposals,
+    parse_esp_suite,
+    parse_ike_suite,
 )
 
 T = TransformType

@@ -53,7 +53,7 @@ def _check_esp_follows_binding(topo):
 def test_ike_negotiated_stream_two_handovers_and_return_home():
     topo = _topo()
     mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
-    a, b = topo.care_of["a"][0], topo.care_of["b"][0]
+    a = topo.care_of["a"][0]
     capture = topo.home.start_capture()
     assert mn.inbound is None and mn.outbound is None and gw.mobiles == {}
     topo.move("a")
@@ -169,7 +169,7 @@ def test_stale_gateway_spi_after_a_rekey_is_accepted_and_corrected_by_the_ack():
 
 def test_a_lost_siu_makes_the_ha_name_the_current_sa_by_zero():
     topo = _topo()
-    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    mn, gw = topo.mn.role, topo.gw.role
     capture = topo.home.start_capture()
     topo.move("a")
     assert wait_registered(topo, 2.0)
@@ -245,7 +245,7 @@ def test_mobike_mode_handover_gw_moves_by_mobike_and_the_siu_confirms():
     topo.sim.run(until=3.0)
 
     moves = tl.split_handovers(merged_timeline(topo))
-    for move, (old, new) in zip(moves[1:3], [(a, b), (b, a)]):
+    for move, (old, new) in zip(moves[1:3], [(a, b), (b, a)], strict=True):
         assert tl.in_order(move, ["coa-changed", "sa-repointed", "mobike-update-sent",
                                   "gw-sa-moved-by-mobike", "rrq-forwarded", "rrq-accepted",
                                   "siu-sent", "gw-siu-confirms-mobike", "rrp-forwarded",
@@ -306,6 +306,7 @@ def test_home_and_away_again_ends_the_ike_sa_at_home_and_starts_one_on_leaving()
 
 def test_garbage_on_the_ike_ports_never_raises_and_changes_nothing():
     import random as _random
+
     from mipsec.node.packet import a2b, build_udp_packet
     topo = _topo()
     mn, gw = topo.mn.role, topo.gw.role
@@ -316,7 +317,8 @@ def test_garbage_on_the_ike_ports_never_raises_and_changes_nothing():
     before = (ike_gw.state, ike_gw._mid_in, dict(ike_gw.children), gw.mobiles[mn.home_address].care_of,
               mn.outbound.spi, mn.state)
     cases = [b"", b"\x00\x00\x00\x00", b"\xff", bytes(28), rnd.randbytes(27), rnd.randbytes(300),
-             ike_gw.spi_i + ike_gw.spi_r + bytes([0x2E, 0x20, 0x25, 0x08]) + bytes(4) + (28).to_bytes(4, "big")]
+             ike_gw.spi_i + ike_gw.spi_r + bytes([0x2E, 0x20, 0x25, 0x08]) + bytes(4)
+             + (28).to_bytes(4, "big")]
     for data in cases:
         for dport, payload in ((500, data), (4500, b"\x00\x00\x00\x00" + data), (4500, data)):
             for role, src, dst in ((gw, "172.16.1.10", gw.outside), (mn, gw.outside, "172.16.1.10")):
@@ -378,7 +380,7 @@ def test_siu_path_down_reestablished_sas_carry_the_downlink_without_an_siu():
     re-establishes IKE from its new CoA.  The GW binds the new pair to where IKE_AUTH came from,
     so the downlink flows again through the new SA although no SIU ever reaches the GW."""
     topo = _topo(ike={"dpd_interval_s": 0})
-    mn, gw, ha = topo.mn.role, topo.gw.role, topo.ha.role
+    mn, gw = topo.mn.role, topo.gw.role
     b = topo.care_of["b"][0]
     gw_inside = bytes(int(x) for x in gw.inside.split("."))
     topo.move("a")

@@ -6,12 +6,11 @@ Binding port 500 needs root: in CI (CI=true) a missing privilege FAILS; elsewher
 import socket
 import time
 
+import needs
 from mipsec.ike.config import ChildSaEstablished
 from mipsec.ike.endpoint import IkeEndpoint
 from mipsec.io.ike_udp import IkeUdpAdapter
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
-
-import needs
 from test_ike_harness import configs
 
 A, B = "127.0.0.2", "127.0.0.3"

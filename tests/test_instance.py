@@ -18,12 +18,11 @@ import time
 
 import pytest
 
+import needs
 from mipsec.config import KeySetLayout, make_key_set, write_config
 from mipsec.errors import ConfigError
 from mipsec.io import control, instance
 from mipsec.lab.lab import requirements_problem
-
-import needs
 
 NS = f"ops-inst{os.getpid()}"
 

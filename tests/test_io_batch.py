@@ -12,14 +12,13 @@ import socket
 
 import pytest
 
+import needs
 from mipsec.io import mmsg
 from mipsec.io.loop import EventLoop
 from mipsec.io.transports import FakeNet, RawReceiver, RawSender, build_udp_packet
 from mipsec.io.tun import FakeTun
 from mipsec.node.actions import SendToNet, WriteToTun
 from mipsec.sim.topology import build_topology
-
-import needs
 
 CN, HOME = "10.1.0.10", "10.1.0.100"
 

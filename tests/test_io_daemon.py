@@ -13,13 +13,12 @@ import threading
 
 import pytest
 
+from daemon_fakes import close_daemons, pump, start_daemons
 from mipsec.config import KeySetLayout, make_key_set
 from mipsec.io import control
 from mipsec.io.netlink import RTM_DELADDR, RTM_NEWADDR, AddressWatcher
 from mipsec.io.pcap import read_pcap
 from mipsec.node.actions import CareOfAddressChanged, ReturnedHome
-
-from daemon_fakes import close_daemons, pump, start_daemons
 
 
 @pytest.fixture
@@ -60,8 +59,8 @@ def test_handover_command_runs_the_whole_registration(daemons, tmp_path):
     assert len(records) >= 2
     assert all(p[12:16] == outside or p[16:20] == outside for _, p in records)
     # ... and the key file names the two SAs of the MN.
-    lines = [l for l in open(tmp_path / "gw.pcap.esp_sa") if not l.startswith("#")]
-    assert sorted(l.split(",")[3] for l in lines) == ['"0x10000000"', '"0x20000000"']
+    lines = [ln for ln in open(tmp_path / "gw.pcap.esp_sa") if not ln.startswith("#")]
+    assert sorted(ln.split(",")[3] for ln in lines) == ['"0x10000000"', '"0x20000000"']
     # Home again: the MN deregisters directly with the HA.
     assert daemons["mn"].handle_command("home", [])["ok"]
     pump(daemons)
@@ -127,6 +126,7 @@ def test_address_events(watcher, kind, ifname, address, expected):
 def test_run_daemon_without_privileges_says_so_in_one_line(tmp_path, monkeypatch, caplog):
     """No root: one error line naming the file and what is missing, exit status 1, nothing left."""
     import dataclasses
+
     from mipsec.config import write_config
     from mipsec.io import daemon as daemon_module
 

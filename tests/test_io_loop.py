@@ -8,15 +8,13 @@ import os
 
 import pytest
 
+from control_thread import serving
 from mipsec.io import control
 from mipsec.io.loop import EventLoop
-from mipsec.io.pcap import read_pcap, PcapWriter
+from mipsec.io.pcap import PcapWriter, read_pcap
 from mipsec.io.transports import FakeNet, build_udp_packet
 from mipsec.io.tun import FakeTun
-from mipsec.node.actions import (BindingChanged, CareOfAddressChanged, Log, RebindSa, SendToNet,
-                                 WriteToTun)
-
-from control_thread import serving
+from mipsec.node.actions import BindingChanged, CareOfAddressChanged, Log, RebindSa, SendToNet, WriteToTun
 
 PKT = build_udp_packet("10.1.0.10", 5000, "10.1.0.100", 6000, b"payload")
 

@@ -10,13 +10,10 @@ import select
 import socket
 
 import pytest
-
 from scapy.layers.inet import IP, UDP
 
-from mipsec.io.transports import (IPPROTO_ESP, RawReceiver, RawSender, UdpReceiver,
-                                  build_udp_packet)
-
 import needs
+from mipsec.io.transports import IPPROTO_ESP, RawReceiver, RawSender, UdpReceiver, build_udp_packet
 
 
 def _need_root():

@@ -27,12 +27,11 @@ import time
 
 import pytest
 
+import needs
 from mipsec.io.pcap import ike_keyfile_path
 from mipsec.lab.demo import Streams, phase_figures
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.lab.topology import MN_COA, existing_namespaces
-
-import needs
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -150,7 +149,7 @@ def test_stream_through_two_handovers_and_home(lab):
     finally:
         streams.kill()
     ends = [m["time"] for m in moves[1:]] + [reports["cn"]["start"] + duration]
-    for move, end in zip(moves, ends):
+    for move, end in zip(moves, ends, strict=True):
         for snd, rcv in (("cn", "mn"), ("mn", "cn")):
             # Packets flow after the move: the last half second of the phase arrived.
             tail = phase_figures(reports[snd], reports[rcv], end - 0.5, end, RATE)

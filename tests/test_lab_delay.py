@@ -16,12 +16,11 @@ import time
 
 import pytest
 
-from mipsec.lab import delay
-from mipsec.lab.lab import Lab, requirements_problem
-from mipsec.lab import topology as topo
-from mipsec.wire.ipv4 import checksum
-
 import needs
+from mipsec.lab import delay
+from mipsec.lab import topology as topo
+from mipsec.lab.lab import Lab, requirements_problem
+from mipsec.wire.ipv4 import checksum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

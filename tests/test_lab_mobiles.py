@@ -20,11 +20,10 @@ import time
 
 import pytest
 
+import needs
 from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.lab.topology import existing_namespaces
-
-import needs
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

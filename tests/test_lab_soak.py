@@ -20,11 +20,10 @@ import os
 
 import pytest
 
+import needs
 from mipsec.lab.lab import requirements_problem
 from mipsec.lab.soak import SoakPlan, analyse, format_report, run_soak
 from mipsec.lab.topology import existing_namespaces
-
-import needs
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -17,12 +17,11 @@ import socket
 
 import pytest
 
+from daemon_fakes import close_daemons, pump, start_daemons
 from mipsec.config import KeySetLayout, make_key_set
 from mipsec.io import logs
 from mipsec.io.loop import HURRY_WAIT_S, MAX_IDLE_WAIT_S
 from mipsec.lab.lab import lab_key_kwargs
-
-from daemon_fakes import close_daemons, pump, start_daemons
 
 COA = "172.16.2.10"
 
@@ -198,6 +197,7 @@ def test_log_format_in_config_and_refused_when_unknown(tmp_path):
     from mipsec.errors import ConfigError
     sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(1))
     import tomllib
+
     from mipsec.config import dump_config
     data = tomllib.loads(dump_config(sets["ha"]))
     data["daemon"]["log_format"] = "json"

@@ -13,12 +13,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mipsec import cli
-from mipsec.config import KeySetLayout, MetricsSettings, config_from_dict, dump_config, \
-    make_key_set
-from mipsec.errors import ConfigError
-
 from daemon_fakes import close_daemons, pump, start_daemons
+from mipsec import cli
+from mipsec.config import KeySetLayout, MetricsSettings, config_from_dict, dump_config, make_key_set
+from mipsec.errors import ConfigError
 
 COA = "172.16.2.10"
 
@@ -74,7 +72,8 @@ def test_scraped_metrics_parse_and_count_what_happened(daemons):
     daemons["mn"].handle_command("handover", ["172.16.3.10", "va0"])
     pump(daemons)
     # one bogus ESP packet at the GW: an unknown SPI
-    bogus = bytes.fromhex("4500002c0000400040320000c0000209ac100001") + (0xdead).to_bytes(4, "big") + bytes(20)
+    bogus = (bytes.fromhex("4500002c0000400040320000c0000209ac100001")
+             + (0xdead).to_bytes(4, "big") + bytes(20))
     daemons["gw"].sender.inject(bogus)
     pump(daemons)
     mn = families(scrape(daemons["mn"])["body"])
@@ -114,8 +113,9 @@ def test_metrics_off_by_default_and_listen_checked(tmp_path):
 
 
 def test_status_instance_and_watch(daemons, monkeypatch, capsys):
-    import mipsec.config as mconfig
     import os
+
+    import mipsec.config as mconfig
     gw = daemons["gw"]
     monkeypatch.setattr(mconfig, "DEFAULT_RUN_DIR", os.path.dirname(gw.cfg.control_socket))
     result = {}

@@ -8,12 +8,17 @@ from scapy.packet import Raw
 
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.wire.mip import (
-    RegistrationReply, RegistrationRequest, RequestFlags, build_registration_reply,
-    build_registration_request, nai_extension, parse_registration_reply,
+    RegistrationReply,
+    RegistrationRequest,
+    RequestFlags,
+    build_registration_reply,
+    build_registration_request,
+    nai_extension,
+    parse_registration_reply,
     parse_registration_request,
 )
 
-addresses = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: "%d.%d.%d.%d" % t)
+addresses = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 MSA = MobilitySecurityAssociation(0x1000, b"0123456789abcdef")
 
 

@@ -12,8 +12,14 @@ from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix, unix_from_ntp
 from mipsec.wire.mip import (
-    RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags, build_registration_reply,
-    build_registration_request, nai_extension, parse_registration_request,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    build_registration_reply,
+    build_registration_request,
+    nai_extension,
+    parse_registration_request,
 )
 
 KEY = bytes(range(16))

@@ -12,13 +12,18 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.utils import wrpcap
 
+import needs
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.wire.mip import (
-    Extension, RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags,
-    build_registration_reply, build_registration_request, nai_extension,
+    Extension,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    build_registration_reply,
+    build_registration_request,
+    nai_extension,
 )
-
-import needs
 
 FIELDS = ["mip.type", "mip.flags", "mip.s", "mip.d", "mip.t", "mip.code", "mip.life",
           "mip.homeaddr", "mip.haaddr", "mip.coa", "mip.ident", "mip.ext.type", "mip.auth.spi",
@@ -39,14 +44,14 @@ def dissect(tshark, tmp_path, payloads):
     for f in FIELDS:
         cmd += ["-e", f]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
-    return [dict(zip(FIELDS, line.split("|"))) for line in out.splitlines()]
+    return [dict(zip(FIELDS, line.split("|"), strict=True)) for line in out.splitlines()]
 
 
 def ntp_as_wireshark(ident):
     """Wireshark shows the NTP identification as an absolute UTC time (nanoseconds)."""
     seconds = (ident >> 32) - 2_208_988_800
     nanos = ((ident & 0xFFFFFFFF) * 1_000_000_000) >> 32
-    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return when.strftime("%b %d, %Y %H:%M:%S") + f".{nanos:09d} UTC"
 
 

@@ -8,9 +8,19 @@ from hypothesis import strategies as st
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.wire.mip import (
-    EXT_MN_HA_AUTH, EXT_NAI, Extension, RegistrationReply, RegistrationRequest, ReplyCode,
-    RequestFlags, auth_extension, build_registration_reply, build_registration_request,
-    nai_extension, parse_registration_reply, parse_registration_request,
+    EXT_MN_HA_AUTH,
+    EXT_NAI,
+    Extension,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    auth_extension,
+    build_registration_reply,
+    build_registration_request,
+    nai_extension,
+    parse_registration_reply,
+    parse_registration_request,
 )
 
 # A Registration Request written field by field from the RFC 5944 §3.3 figure (not by our code)
@@ -64,7 +74,7 @@ def test_building_from_dataclasses_gives_the_vector():
 
 def test_every_flag_has_its_rfc_bit():
     base = bytearray.fromhex(RRQ_HEX)
-    for flag, bit in zip("SBDMGRTX", range(7, -1, -1)):
+    for flag, bit in zip("SBDMGRTX", range(7, -1, -1), strict=True):
         base[1] = 1 << bit
         assert parse_registration_request(bytes(base)).flags == RequestFlags[flag]
 
@@ -176,10 +186,10 @@ def test_build_refuses_bad_values():
     with pytest.raises(UsageError):
         build_registration_request(RegistrationRequest("10.1.0.3", "10.1.0.2", "1.2.3.4", 1 << 64))
     with pytest.raises(UsageError):
-        Extension(EXT_NAI, b"x").spi
+        _ = Extension(EXT_NAI, b"x").spi
 
 
-addresses = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: "%d.%d.%d.%d" % t)
+addresses = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 short_ext = st.one_of(
     st.builds(lambda spi, a: auth_extension(spi, a), st.integers(0, 2**32 - 1),
               st.binary(min_size=0, max_size=32)),

@@ -72,9 +72,9 @@ def test_home_prefix_address_on_a_visited_link_is_ignored_and_traffic_stays_in_t
 @pytest.mark.parametrize("sa_source", ["manual", "ikev2"])
 def test_home_is_left_only_after_the_authenticated_reply_and_the_tunnel_carries_on_until_then(sa_source):
     """On the home link with the visited link still up: the first deregistration reply is lost,
-    so for one retransmission timeout (at least the timer's floor) the MN is on the home link but not confirmed home; its
-    stream keeps flowing through the tunnel, and no application packet leaves in the clear on
-    either link until the reply that authenticates arrives."""
+    so for one retransmission timeout (at least the timer's floor) the MN is on the home link but
+    not confirmed home; its stream keeps flowing through the tunnel, and no application packet
+    leaves in the clear on either link until the reply that authenticates arrives."""
     topo = _registered(sa_source=sa_source)
     mn, host = topo.mn.role, topo.mn
     home_b = a2b(mn.home_address)

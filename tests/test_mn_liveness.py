@@ -7,6 +7,8 @@ again (the HA's SIU re-binds the GW), with IKEv2 it sends a liveness check and, 
 re-establishes at once.  At home no IKE exchange is sent from the care-of address it left.
 """
 
+from itertools import pairwise
+
 import pytest
 
 from mipsec.ike.sa import State as IkeState
@@ -79,7 +81,7 @@ def test_one_way_traffic_to_a_live_gw_backs_the_check_off(sa_source):
     topo.sim.run(until=120.0)
     checks = [e.time for e in mn.timeline if e.kind == "liveness-check"]
     assert 2 <= len(checks) <= 8, checks
-    gaps = [round(y - x, 3) for x, y in zip(checks, checks[1:])]
+    gaps = [round(y - x, 3) for x, y in pairwise(checks)]
     assert gaps == sorted(gaps) and max(gaps) <= LIVENESS_MAX_S + 2.0, gaps
     kinds = [e.kind for e in mn.timeline]
     assert "reestablish-requested" not in kinds and mn.state is RegState.REGISTERED
@@ -138,7 +140,7 @@ def test_gw_down_for_seconds_manual_keys_is_found_soon_after_it_returns():
     t_up = topo.sim.now
     topo.sim.run(until=20.0)
     sent = [e.time for e in mn.timeline if e.kind == "rrq-sent" and 2.0 < e.time < t_up]
-    assert len(sent) >= 4 and max(y - x for x, y in zip(sent, sent[1:])) <= ACTIVE_RETRY_MAX_S
+    assert len(sent) >= 4 and max(y - x for x, y in pairwise(sent)) <= ACTIVE_RETRY_MAX_S
     t_ok = tl.first([e for e in mn.timeline if e.time >= t_up], "rrp-received").time
     assert t_ok - t_up <= ACTIVE_RETRY_MAX_S + 0.1
     assert mn.state is RegState.REGISTERED

@@ -9,7 +9,11 @@ renewals and re-acquired addresses report nothing; a new usable address elsewher
 import pytest
 
 from mipsec.io.netlink import (
-    RTM_DELADDR, RTM_DELROUTE, RTM_NEWADDR, RTM_NEWROUTE, MovementClassifier,
+    RTM_DELADDR,
+    RTM_DELROUTE,
+    RTM_NEWADDR,
+    RTM_NEWROUTE,
+    MovementClassifier,
 )
 from mipsec.node.actions import CareOfAddressChanged, ReturnedHome
 

@@ -6,6 +6,8 @@ the tunnel when a whole round of requests goes unanswered, but not again at once
 refuses is logged clearly and backed off from, not looped on.
 """
 
+from itertools import pairwise
+
 import pytest
 
 from mipsec.node import timeline as tl
@@ -15,7 +17,6 @@ from mipsec.node.retransmit import RetransmitTimer
 from mipsec.sim.scenario import start_streams, stream_reports, wait_registered
 from mipsec.sim.topology import build_topology
 from mipsec.wire.mip import RegistrationReply, ReplyCode, build_registration_reply
-
 
 # --- the timer's arithmetic (RFC 6298 §2) ----------------------------------------------------
 
@@ -89,7 +90,7 @@ def test_forty_second_outage_of_the_visited_network_registers_within_one_backoff
     assert t_ok - t_back <= cap_s
     sent = [e.time for e in mn.timeline if e.kind == "rrq-sent" and e.time >= t_move]
     assert len(sent) > mn.config.max_attempts           # it went on after max_attempts
-    assert max(y - x for x, y in zip(sent, sent[1:])) <= cap_s + 1e-9
+    assert max(y - x for x, y in pairwise(sent)) <= cap_s + 1e-9
     assert [type(a) for _t, a in topo.mn.driver.reestablish] == [ReestablishRequested]
 
 
@@ -112,7 +113,7 @@ def test_silent_home_agent_with_ikev2_reestablishes_with_backoff_not_in_a_loop()
     topo.sim.run_for(300.0)
     reest = [e.time - t0 for e in mn.timeline if e.kind == "ike-reestablish"]
     assert 1 <= len(reest) <= 3, reest
-    assert all(y - x >= 60.0 for x, y in zip(reest, reest[1:])), reest
+    assert all(y - x >= 60.0 for x, y in pairwise(reest)), reest
     assert mn.state in (RegState.REGISTERING, RegState.AWAITING_SAS)
     ha._msa_by_spi[spi] = good                     # fixed: registered within one back-off
     t_fix = topo.sim.now
@@ -149,7 +150,7 @@ def test_refusing_home_agent_is_logged_once_and_backed_off_from(sa_source):
     kinds = [e.kind for e in mn.timeline]
     assert "ike-reestablish" not in kinds and "reestablish-requested" not in kinds
     assert not topo.mn.driver.reestablish
-    gaps = [y - x for x, y in zip(sent, sent[1:])]
+    gaps = [y - x for x, y in pairwise(sent)]
     assert gaps == sorted(gaps) and gaps[-1] == pytest.approx(mn.config.retransmit_max_s)
     assert mn.state is RegState.REGISTERING
     assert "code 129" in mn.status()["waiting_for"]

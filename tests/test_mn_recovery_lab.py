@@ -8,14 +8,12 @@ Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
+import needs
 from mipsec.lab.lab import Lab
 from mipsec.lab.topology import existing_namespaces
-
-import needs
 from recovery_runs import run_recovered
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

@@ -10,19 +10,26 @@ import os
 
 import pytest
 
+import needs
 from mipsec.ike.constants import Encr, Integ
 from mipsec.ike.proposals import parse_ike_suite
 from mipsec.io.pcap import (
-    EspSaEntry, IkeSaEntry, PcapWriter, entry_from_sa, ike_entry_from_sa, ike_keyfile_path,
-    read_pcap, tshark_options, write_esp_sa_file, write_ike_key_file,
+    EspSaEntry,
+    IkeSaEntry,
+    PcapWriter,
+    entry_from_sa,
+    ike_entry_from_sa,
+    ike_keyfile_path,
+    read_pcap,
+    tshark_options,
+    write_esp_sa_file,
+    write_ike_key_file,
 )
 from mipsec.io.transports import build_udp_packet
 from mipsec.ipsec.sa import Direction, SecurityAssociation
-from mipsec.node.packet import a2b, build_udp_packet as build_udp_raw
-
-import needs
-from test_ike_harness import GW_ADDR, MN_ADDR, establish
-
+from mipsec.node.packet import a2b
+from mipsec.node.packet import build_udp_packet as build_udp_raw
+from test_ike_harness import MN_ADDR, establish
 
 CASES = [
     ("ENCR_AES_GCM_16", 20, None, 0),
@@ -76,7 +83,7 @@ def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
     rows = needs.tshark_fields(tshark, pcap, keys, ["esp.spi", "esp.icv_good", "udp.dstport",
                                                     "ip.dst"])
     assert len(rows) == 3 * len(CASES)
-    for spi, icv_good, dport, dst in rows:
+    for _spi, icv_good, dport, dst in rows:
         assert icv_good == "1", rows
         assert dport == "5001" and dst.endswith("10.1.0.100"), rows
 
@@ -163,7 +170,7 @@ def _ike_problems(tshark, pcap, keys):
     problems = []
     exchanges = [int(r[0]) for r in rows]
     assert exchanges == [m[0] for m in EXPECTED], exchanges
-    for n, ((exch, want), row) in enumerate(zip(EXPECTED, rows)):
+    for n, ((exch, want), row) in enumerate(zip(EXPECTED, rows, strict=True)):
         _exch, types, pad, icd, expert, fqdn, user_fqdn, deleted = row
         if exch == IKE_SA_INIT:
             continue

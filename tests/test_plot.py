@@ -18,11 +18,10 @@ import zlib
 
 import pytest
 
+import needs
 from mipsec import cli
 from mipsec.node.actions import TimelineEvent
 from mipsec.plot import messages, sequence_chart
-
-import needs
 
 EXPECTED = ["arrivals.png", "handover-1-sequence.png", "handover-2-sequence.png",
             "handover-3-sequence.png"]

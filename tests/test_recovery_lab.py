@@ -13,10 +13,9 @@ import os
 
 import pytest
 
+import needs
 from mipsec.lab.recovery import run_scenario
 from mipsec.lab.topology import existing_namespaces
-
-import needs
 from recovery_runs import RATE, run_recovered
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

@@ -236,8 +236,8 @@ def test_reload_command_line(net, capsys):
 
 
 def test_sighup_reloads_a_real_daemon(tmp_path):
-    from mipsec.lab.lab import requirements_problem
     import needs
+    from mipsec.lab.lab import requirements_problem
     problem = requirements_problem()
     needs.need(problem, f"reload test needs root and namespaces in CI: {problem}")
     ns = f"ops-hup{os.getpid()}"

@@ -10,7 +10,8 @@ as they were.
 
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.sim.network import b2a
 from mipsec.sim.scenario import start_streams, wait_registered

@@ -8,13 +8,14 @@ ever points at a CoA the HA bound at some time.
 
 import random as _random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node.config import make_lab_configs
 from mipsec.node.gateway import VpnGateway
 from mipsec.node.home_agent import HomeAgent
 from mipsec.node.packet import a2b, build_udp_packet
-from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.wire.mip import RegistrationRequest, RequestFlags, build_registration_request
 
 COAS = ["172.16.1.10", "172.16.2.10", "172.16.3.10", "172.16.4.10"]

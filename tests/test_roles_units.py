@@ -10,11 +10,16 @@ from mipsec.errors import UsageError
 from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation
+from mipsec.mobility.registration import TRANSITIONS, RegEvent, RegState
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
-    BindingChanged, CareOfAddressChanged, Log, PersistBinding, ReserveSiuSequence, SendToNet,
+    BindingChanged,
+    CareOfAddressChanged,
+    Log,
+    PersistBinding,
+    ReserveSiuSequence,
+    SendToNet,
 )
-from mipsec.mobility.registration import TRANSITIONS, RegEvent, RegState
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.scenario import merged_timeline, start_streams, stream_reports, wait_registered
 from mipsec.sim.topology import build_topology
@@ -53,7 +58,7 @@ def test_renewal_before_the_lifetime_ends():
     sent = [e.time for e in mn.timeline if e.kind == "rrq-sent"]
     accepted = [e.time for e in mn.timeline if e.kind == "rrp-received"]
     assert len(sent) == 5 and len(accepted) == 5
-    for reply, renewal in zip(accepted, sent[1:]):
+    for reply, renewal in zip(accepted, sent[1:], strict=False):   # the last has no renewal
         assert abs(renewal - reply - 8.0) < 1e-9          # 0.8 x the granted 10 s
     assert mn.state is RegState.REGISTERED
     assert not any(e.kind == "binding-expired" for e in ha.timeline)
@@ -206,6 +211,7 @@ def test_status_is_json():
 def _ha_gw_pair():
     """An HA and a GW wired by hand (no simulator): deliver SIUs and ACKs explicitly."""
     import random
+
     from mipsec.node.config import make_lab_configs
     from mipsec.node.gateway import VpnGateway
     from mipsec.node.home_agent import HomeAgent
@@ -231,7 +237,8 @@ def _ha_gw_pair():
         out = []
         for p in packets:
             out += [a.packet for a in gw.receive_siu(p, clock[0]) if isinstance(a, SendToNet)]
-        return [p for p in out if p[16:20] == a2b(ha.address)], [p for p in out if p[16:20] != a2b(ha.address)]
+        to_ha = a2b(ha.address)
+        return [p for p in out if p[16:20] == to_ha], [p for p in out if p[16:20] != to_ha]
 
     def to_ha(acks):
         out = []

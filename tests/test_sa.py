@@ -11,8 +11,7 @@ import pytest
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
 from mipsec.ipsec.constants import SEQ_MAX_32
-from mipsec.ipsec.sa import (Direction, Lifetime, SecurityAssociation, UdpEncap,
-                             esp_sa_uat_record)
+from mipsec.ipsec.sa import Direction, Lifetime, SecurityAssociation, UdpEncap, esp_sa_uat_record
 from mipsec.ipsec.selector import Selector
 from mipsec.wire.esp import build_trailer
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4, checksum, parse_ipv4, parse_udp

@@ -6,7 +6,8 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.drops import DropReason
 from mipsec.errors import UsageError

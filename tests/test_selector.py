@@ -6,7 +6,8 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.errors import ConfigError
 from mipsec.ipsec.selector import ANY, Selector, five_tuple

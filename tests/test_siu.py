@@ -13,7 +13,13 @@ from mipsec.mip.constants import SIU_REPLAY_WINDOW
 from mipsec.mip.security import ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
 from mipsec.wire.siu import (
-    SIU_FIXED_BYTES, Siu, SiuFlags, SiuType, build_siu, build_siu_body, parse_siu,
+    SIU_FIXED_BYTES,
+    Siu,
+    SiuFlags,
+    SiuType,
+    build_siu,
+    build_siu_body,
+    parse_siu,
 )
 
 HA = "10.1.0.2"

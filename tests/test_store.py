@@ -251,7 +251,6 @@ def test_a_write_that_fails_makes_the_next_one_unconditional():
 # --- the daemon carries it out --------------------------------------------------------------------
 
 def test_daemon_keeps_bindings_across_a_restart_and_drops_replies_it_cannot_store(tmp_path):
-    import dataclasses
     import socket
 
     from mipsec.config import KeySetLayout, make_key_set

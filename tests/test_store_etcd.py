@@ -22,10 +22,10 @@ import shutil
 import subprocess
 import time
 
-import etcd_cluster
 import pytest
 
-from mipsec.config import DaemonSettings, load_config, dump_config
+import etcd_cluster
+from mipsec.config import DaemonSettings, dump_config, load_config
 from mipsec.errors import ConfigError
 from mipsec.store import BindingRecord, StoreError, open_store
 from mipsec.store.etcd import LEASE_GRACE_S, EtcdStore, EtcdTls
@@ -175,9 +175,10 @@ def test_errors_name_the_endpoints():
 
 
 def test_config_store_etcd(tmp_path):
-    from mipsec.config import KeySetLayout, make_key_set
     import dataclasses
     import random
+
+    from mipsec.config import KeySetLayout, make_key_set
     cfg = make_key_set(1, KeySetLayout(run_dir=str(tmp_path)), keys_from=random.Random(3))["ha"]
     assert "store_endpoints" not in dump_config(cfg)       # sqlite: no etcd keys written
     etcd = dataclasses.replace(cfg, daemon=dataclasses.replace(

@@ -88,7 +88,7 @@ class Lab:
                     "cookie_threshold": 0 if cookies else None}}
 
     # --- set-up -----------------------------------------------------------------------------
-    def start(self) -> "Lab":
+    def start(self) -> Lab:
         for ns in (self.ns_s, self.ns_m):
             _run("ip", "netns", "add", ns)
             self._netns_made.append(ns)

@@ -34,10 +34,9 @@ import time
 
 import pytest
 
+import needs
 from mipsec.lab.lab import requirements_problem
 from mipsec.units import unit_text
-
-import needs
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -245,7 +244,7 @@ def test_operations_section_6_as_written(machines, tmp_path):
     assert pings(m, "ha", INTERNET_HOST) >= 1
     # 4. the daemons, started as the units start them
     for machine in ("ha", "gw", "mn"):
-        (line,) = [l for l in unit_text(machine).splitlines() if l.startswith("ExecStart=")]
+        (line,) = [ln for ln in unit_text(machine).splitlines() if ln.startswith("ExecStart=")]
         cmd = shlex.split(line.removeprefix("ExecStart=").replace("%i", machine))
         m.start(machine, cmd)
     for machine in ("ha", "gw", "mn"):
@@ -290,6 +289,7 @@ def test_real_daemons_warn_about_a_psk_and_an_mn_ha_key_mismatch(machines, tmp_p
     and the MN's care-of address; then the MN restarts with the right PSK but a spoiled MN-HA
     key: the HA logs its WARNING (as JSON: log_format = "json" in its file)."""
     import dataclasses
+
     from mipsec.config import load_config, write_config
     m = machines
     py = [sys.executable, "-m", "mipsec"]
@@ -315,7 +315,7 @@ def test_real_daemons_warn_about_a_psk_and_an_mn_ha_key_mismatch(machines, tmp_p
         m.start(machine, py + [machine, "--config", f"/etc/mipsec/{machine}.toml"])
     time.sleep(2.0)
     coa = roam(m, "a")
-    line = wait_for_line(m, "gw", lambda l: "WARNING" in l and "ike-authentication-failed" in l)
+    line = wait_for_line(m, "gw", lambda ln: "WARNING" in ln and "ike-authentication-failed" in ln)
     assert coa in line and "PSK or identity mismatch" in line
     # the MN again, with the right PSK and a wrong MN-HA key
     proc = m.procs.pop("mn")
@@ -323,7 +323,7 @@ def test_real_daemons_warn_about_a_psk_and_an_mn_ha_key_mismatch(machines, tmp_p
     proc.wait(timeout=20)
     write_config(bad_msa, os.path.join(m.dir("mn", "etc"), "mn.toml"))
     m.start("mn", py + ["mn", "--config", "/etc/mipsec/mn.toml"])
-    line = wait_for_line(m, "ha", lambda l: '"mip-authentication-failed"' in l)
+    line = wait_for_line(m, "ha", lambda ln: '"mip-authentication-failed"' in ln)
     record = json.loads(line)
     assert record["level"] == "WARNING" and record["reason"] == "mip-authentication-failed"
     assert coa in record["peer"] and "MN-HA key mismatch" in record["message"]

@@ -24,11 +24,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ike.config import (
-    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaFailed, IkeSaRekeyed,
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaDeleted,
+    IkeSaFailed,
+    IkeSaRekeyed,
     PeerAddressChanged,
 )
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 
 
 class ChildSaBook:
@@ -71,7 +76,7 @@ class ChildSaBook:
             for spi, owner in list(self._owner.items()):
                 if owner is event.ike_sa:
                     out += self._remove(spi)
-            for spi, (_at, entry, owner) in list(self.retired.items()):
+            for spi, (_at, _entry, owner) in list(self.retired.items()):
                 if owner is event.ike_sa:
                     out += self._forget(spi)
             return out

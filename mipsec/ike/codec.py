@@ -25,8 +25,17 @@ import construct as cs
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike.constants import (
-    ATTR_FORMAT_TV, ATTR_KEY_LENGTH, GENERIC_PAYLOAD_HEADER_LEN, IKE_HEADER_LEN, IKE_VERSION,
-    KNOWN_PAYLOADS, Flag, PayloadType, ProtocolId, TransformType, TsType,
+    ATTR_FORMAT_TV,
+    ATTR_KEY_LENGTH,
+    GENERIC_PAYLOAD_HEADER_LEN,
+    IKE_HEADER_LEN,
+    IKE_VERSION,
+    KNOWN_PAYLOADS,
+    Flag,
+    PayloadType,
+    ProtocolId,
+    TransformType,
+    TsType,
 )
 
 # --- construct specifications (§3.1 - §3.15) ---------------------------------------------------
@@ -173,18 +182,18 @@ class TrafficSelector:
     end_port: int = 65535
 
     @classmethod
-    def from_network(cls, network: str, ip_protocol: int = 0) -> "TrafficSelector":
+    def from_network(cls, network: str, ip_protocol: int = 0) -> TrafficSelector:
         net = ipaddress.IPv4Network(network, strict=False)
         return cls(str(net.network_address), str(net.broadcast_address), ip_protocol)
 
-    def contains(self, other: "TrafficSelector") -> bool:
+    def contains(self, other: TrafficSelector) -> bool:
         a = ipaddress.IPv4Address
         return (a(self.start_address) <= a(other.start_address)
                 and a(other.end_address) <= a(self.end_address)
                 and self.start_port <= other.start_port and other.end_port <= self.end_port
                 and self.ip_protocol in (0, other.ip_protocol))
 
-    def intersect(self, other: "TrafficSelector") -> "TrafficSelector | None":
+    def intersect(self, other: TrafficSelector) -> TrafficSelector | None:
         a = ipaddress.IPv4Address
         if self.ip_protocol and other.ip_protocol and self.ip_protocol != other.ip_protocol:
             return None

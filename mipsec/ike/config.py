@@ -19,7 +19,10 @@ from typing import Any
 from mipsec.errors import ConfigError
 from mipsec.ike.codec import TrafficSelector
 from mipsec.ike.constants import (
-    COOKIE_THRESHOLD_HALF_OPEN, DPD_INTERVAL_S, NAT_KEEPALIVE_INTERVAL_S, IdType,
+    COOKIE_THRESHOLD_HALF_OPEN,
+    DPD_INTERVAL_S,
+    NAT_KEEPALIVE_INTERVAL_S,
+    IdType,
 )
 from mipsec.ike.crypto import IkeSuite
 from mipsec.ike.proposals import EspSuite, parse_esp_suite, parse_ike_suite
@@ -83,7 +86,7 @@ class IkeConfig:
         return self.psks.get(peer_id, self.psks.get("*"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IkeConfig":
+    def from_dict(cls, data: dict[str, Any]) -> IkeConfig:
         """From a config mapping: proposals as text (``aes256-sha256-ecp256``), TS as prefixes,
         PSKs as text."""
         d = dict(data)

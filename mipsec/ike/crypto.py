@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
-from typing import Callable
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.exceptions import InvalidTag
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.ike import codec
 from mipsec.ike.constants import (
-    GENERIC_PAYLOAD_HEADER_LEN, IKE_HEADER_LEN, KEY_PAD, DhGroup, Encr, Integ, PayloadType, Prf,
+    GENERIC_PAYLOAD_HEADER_LEN,
+    IKE_HEADER_LEN,
+    KEY_PAD,
+    DhGroup,
+    Encr,
+    Integ,
+    PayloadType,
+    Prf,
 )
 
 Random = Callable[[int], bytes]
@@ -63,7 +70,8 @@ MODP_2048_P = int(
     "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA0510"
     "15728E5A8AACAA68FFFFFFFFFFFFFFFF", 16)
 MODP_2048_G = 2
-KE_LEN: dict[int, int] = {DhGroup.MODP_2048: 256, DhGroup.ECP_256: 64, DhGroup.CURVE25519: 32}  # §3.4 data sizes
+# §3.4: KE data sizes
+KE_LEN: dict[int, int] = {DhGroup.MODP_2048: 256, DhGroup.ECP_256: 64, DhGroup.CURVE25519: 32}
 
 
 class DhPrivate:
@@ -87,7 +95,7 @@ class DhPrivate:
             raise UsageError(f"DH group {group} is not implemented")
 
     @classmethod
-    def generate(cls, group: int, random: Random = os.urandom) -> "DhPrivate":
+    def generate(cls, group: int, random: Random = os.urandom) -> DhPrivate:
         group = DhGroup(group)
         if group == DhGroup.MODP_2048:
             # a 256-bit exponent is ample for a 2048-bit group (RFC 3526 §8, 2 x strength)

@@ -33,17 +33,29 @@ import hmac
 import ipaddress
 import os
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
 from mipsec.ike.config import (
-    Address, ChildSaDeleted, IkeConfig, IkeSaDeleted, IkeSaEstablished, IkeSaFailed,
-    IkeSaRekeyed, SendDatagram,
+    Address,
+    ChildSaDeleted,
+    IkeConfig,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    SendDatagram,
 )
 from mipsec.ike.constants import (
-    COOKIE_SECRET_LIFETIME_S, NAT_KEEPALIVE, NON_ESP_MARKER, ExchangeType, Flag, NotifyType,
+    COOKIE_SECRET_LIFETIME_S,
+    NAT_KEEPALIVE,
+    NON_ESP_MARKER,
+    ExchangeType,
+    Flag,
+    NotifyType,
 )
 from mipsec.ike.sa import IkeSa, State
 

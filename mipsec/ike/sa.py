@@ -40,32 +40,72 @@ import hashlib
 import hmac
 import os
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.ike import codec
+from mipsec.ike import proposals as P
 from mipsec.ike.child import ChildSa, split_keymat
 from mipsec.ike.codec import (
-    AuthPayload, DeletePayload, Header, IdPayload, KePayload, Message, NoncePayload,
-    NotifyPayload, SaPayload, TrafficSelector, TsPayload,
+    AuthPayload,
+    DeletePayload,
+    Header,
+    IdPayload,
+    KePayload,
+    Message,
+    NoncePayload,
+    NotifyPayload,
+    SaPayload,
+    TrafficSelector,
+    TsPayload,
 )
 from mipsec.ike.config import (
-    Address, ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeConfig, IkeSaDeleted,
-    IkeSaEstablished, IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram, identity,
+    Address,
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeConfig,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    PeerAddressChanged,
+    SendDatagram,
+    identity,
     identity_text,
 )
 from mipsec.ike.constants import (
-    HALF_OPEN_TIMEOUT_S, MAX_NONCE_LEN, MIN_NONCE_LEN, NAT_KEEPALIVE, NAT_T_PORT, NON_ESP_MARKER,
-    NONCE_LEN, RETRANSMIT_INITIAL_S, RETRANSMIT_TRIES, SETUP_RETRANSMIT_MAX_S, AuthMethod, ExchangeType, Flag, NotifyType,
-    PayloadType, ProtocolId,
+    HALF_OPEN_TIMEOUT_S,
+    MAX_NONCE_LEN,
+    MIN_NONCE_LEN,
+    NAT_KEEPALIVE,
+    NAT_T_PORT,
+    NON_ESP_MARKER,
+    NONCE_LEN,
+    RETRANSMIT_INITIAL_S,
+    RETRANSMIT_TRIES,
+    SETUP_RETRANSMIT_MAX_S,
+    AuthMethod,
+    ExchangeType,
+    Flag,
+    NotifyType,
+    PayloadType,
+    ProtocolId,
 )
 from mipsec.ike.crypto import (
-    DhPrivate, IkeKeys, IkeSuite, SkCipher, child_keymat, derive_ike_keys, psk_auth,
-    rekey_skeyseed, skeyseed,
+    DhPrivate,
+    IkeKeys,
+    IkeSuite,
+    SkCipher,
+    child_keymat,
+    derive_ike_keys,
+    psk_auth,
+    rekey_skeyseed,
+    skeyseed,
 )
-from mipsec.ike import proposals as P
 
 Random = Callable[[int], bytes]
 
@@ -182,14 +222,14 @@ class IkeSa:
         self._last_sent = now
         self._rekey_at: float | None = None
         self._closing_at: float | None = None if initiator else now + HALF_OPEN_TIMEOUT_S
-        self.successor: "IkeSa | None" = None
+        self.successor: IkeSa | None = None
         self.initial_contact = False      # the peer said it has no other IKE SA with us (§2.4)
 
     # --- construction ----------------------------------------------------------------------
 
     @classmethod
     def new_initiator(cls, config: IkeConfig, local: Address, remote: Address, *, now: float,
-                      random: Random = os.urandom, **kw) -> "IkeSa":
+                      random: Random = os.urandom, **kw) -> IkeSa:
         spi = b""
         while not any(spi):
             spi = random(8)
@@ -626,7 +666,7 @@ class IkeSa:
     @classmethod
     def respond_init(cls, config: IkeConfig, m: Message, local: Address, remote: Address,
                      now: float, *, spi_r: bytes, random: Random, drops: Counter,
-                     alloc_esp_spi=None, release_esp_spi=None) -> tuple["IkeSa | None", list]:
+                     alloc_esp_spi=None, release_esp_spi=None) -> tuple[IkeSa | None, list]:
         """Answer an IKE_SA_INIT request: a new half-open SA, or (None, [error response])."""
         sa_p, ke, nonce = m.find(SaPayload), m.find(KePayload), m.find(NoncePayload)
         h = m.header
@@ -930,7 +970,6 @@ class IkeSa:
                                             {"spis": [ours[2]]}))
 
     def _on_create_child_request(self, m: Message, local, remote, now) -> None:
-        c = self.config
         sa, nonce, ke = m.find(SaPayload), m.find(NoncePayload), m.find(KePayload)
         try:
             if sa is None or nonce is None or not MIN_NONCE_LEN <= len(nonce.data) <= MAX_NONCE_LEN:
@@ -1062,7 +1101,7 @@ class IkeSa:
         self._out.append(IkeSaRekeyed(self, new))
 
     def _successor(self, *, initiator: bool, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes,
-                   suite: IkeSuite, shared: bytes, now: float) -> "IkeSa":
+                   suite: IkeSuite, shared: bytes, now: float) -> IkeSa:
         new = IkeSa(self.config, initiator=initiator, local=self.local, remote=self.remote,
                     spi_i=spi_i, spi_r=spi_r, random=self._random,
                     alloc_esp_spi=self._alloc_esp_spi, drops=self.drops, now=now,

@@ -15,7 +15,8 @@ import json
 import os
 import socket
 import stat
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CLIENT_TIMEOUT_S = 1.0
 MAX_REQUEST_BYTES = 4096

@@ -4,11 +4,18 @@ The daemon does not fork the role's logic: it builds the same sans-I/O object th
 drives (``mipsec.node``) from the TOML file and wires it to the machine (docs/design.md,
 "What net and tun mean"):
 
-| role | TUN device | receives on the net side | reacts to |
-|------|------------|--------------------------|-----------|
-| MN | home address on the TUN while away, home prefix routed into it | raw ESP (50), UDP 4500 if UDP-encapsulated, UDP 434 (direct RRP at home) | netlink: a new address on a visited interface -> ``CareOfAddressChanged``; an address in the home prefix -> ``ReturnedHome`` (TUN address and routes removed, gratuitous ARP) |
-| GW | ``ip rule iif <inside> lookup <table>``, table: default dev TUN (home-side traffic for care-of addresses goes to the role) | raw ESP (50), UDP 4500 if any MN uses it, UDP SIU port on the inside address | ``RebindSa`` is logged (the key file uses ``*`` addresses and stays valid) |
-| HA | home addresses of MNs away are routed into it | UDP 434, raw IP-in-IP (4), UDP SIU port (the GWs' ACKs) | ``BindingChanged``: host route into the TUN + proxy ARP + gratuitous ARP while away; removed at home |
+* MN.  TUN device: the home address on it while away, the home prefix routed into it.
+  Receives raw ESP (50), UDP 4500 if UDP-encapsulated, UDP 434 (the direct RRP at home).
+  Reacts to netlink: a new address on a visited interface -> ``CareOfAddressChanged``; an
+  address in the home prefix -> ``ReturnedHome`` (TUN address and routes removed, gratuitous
+  ARP).
+* GW.  TUN device: ``ip rule iif <inside> lookup <table>``, table: default dev TUN (home-side
+  traffic for care-of addresses goes to the role).  Receives raw ESP (50), UDP 4500 if any MN
+  uses it, the UDP SIU port on the inside address.  ``RebindSa`` is logged (the key file uses
+  ``*`` addresses and stays valid).
+* HA.  TUN device: the home addresses of MNs away are routed into it.  Receives UDP 434, raw
+  IP-in-IP (4), the UDP SIU port (the GWs' ACKs).  ``BindingChanged``: a host route into the
+  TUN + proxy ARP + gratuitous ARP while away; removed at home.
 
 Start-up validates everything first (file, keys, interfaces) and stops with one message on the
 first problem.  SIGTERM / SIGINT stop the loop; shutdown removes the routes, rules, proxy-ARP
@@ -29,12 +36,19 @@ from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError, UsageError
-from mipsec.io import (arp, control, hostguard, instance, logs, netlink, pcap as pcapmod,
-                       seqstate, transports, tun as tunmod)
+from mipsec.io import arp, control, hostguard, instance, logs, netlink, seqstate, transports
+from mipsec.io import pcap as pcapmod
+from mipsec.io import tun as tunmod
 from mipsec.io.loop import EventLoop
 from mipsec.node.actions import (
-    BindingChanged, BindingNotStored, CareOfAddressChanged, PersistBinding,
-    ReserveSiuSequence, ReturnedHome, SiuSequenceNotReserved, UseHomeLink,
+    BindingChanged,
+    BindingNotStored,
+    CareOfAddressChanged,
+    PersistBinding,
+    ReserveSiuSequence,
+    ReturnedHome,
+    SiuSequenceNotReserved,
+    UseHomeLink,
 )
 from mipsec.store import StoreError, open_store
 
@@ -193,7 +207,7 @@ class Daemon:
     # --- start ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        cfg, d = self.cfg, self.cfg.daemon
+        cfg = self.cfg
         if self.manage_kernel:
             check_runtime(cfg)
         try:

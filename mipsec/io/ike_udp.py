@@ -21,7 +21,7 @@ from __future__ import annotations
 import select
 import socket
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from mipsec.ike.config import SendDatagram
 from mipsec.ike.constants import IKE_PORT, NAT_T_PORT
@@ -65,7 +65,7 @@ class IkeUdpAdapter:
             s.close()
         self._socks.clear()
 
-    def __enter__(self) -> "IkeUdpAdapter":
+    def __enter__(self) -> IkeUdpAdapter:
         return self
 
     def __exit__(self, *exc) -> None:

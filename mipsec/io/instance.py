@@ -6,8 +6,8 @@
 * with kernel wiring, one lock per kernel resource it creates, per network namespace (the lab
   runs daemons of the same role in several namespaces): its TUN name, at the GW the policy
   routing rule priority and the routing table, and every UDP port it binds (434, 500, 4500,
-  4343: a second SO_REUSEADDR bind would succeed and silently take the first one's datagrams).  They live in ``/run/mipsec/locks``, named
-  ``<netns inode>-<resource>.lock``.
+  4343: a second SO_REUSEADDR bind would succeed and silently take the first one's datagrams).
+  They live in ``/run/mipsec/locks``, named ``<netns inode>-<resource>.lock``.
 
 A lock held by another process is a conflict: the daemon refuses to start (``ConfigError``: exit
 status 2) with the file, the key, the resource and the pid and configuration of the holder
@@ -73,7 +73,7 @@ class Locks:
         self._fds.append((path, fd))
 
     def release(self) -> None:
-        for path, fd in reversed(self._fds):
+        for _path, fd in reversed(self._fds):
             try:
                 os.ftruncate(fd, 0)
             except OSError:

@@ -22,7 +22,8 @@ Metrics (labels ``role`` and ``name`` on every one):
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mipsec.io.control import accept_client, read_request
 from mipsec.io.logs import ACCEPTED_CODES

@@ -45,7 +45,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 from mipsec.node.actions import CareOfAddressChanged, ReturnedHome
 

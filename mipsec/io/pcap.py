@@ -13,7 +13,8 @@ Protocols > ESP > ESP SAs).  As a file (``esp_sa`` in a profile directory, e.g.
 ``~/.config/wireshark/esp_sa``) or on tshark's command line (``-o 'uat:esp_sa:<line>'``, once per
 SA) every SA is one line of eight double-quoted, comma-separated fields, checked with tshark 4.0:
 
-    "IPv4","<src or *>","<dst or *>","0x<SPI 8 hex digits>","<encryption>","0x<key hex>","<auth>","0x<key hex>"
+    "IPv4","<src or *>","<dst or *>","0x<SPI 8 hex digits>","<encryption>","0x<key hex>",
+    "<auth>","0x<key hex>"                      (one line)
 
 The algorithm fields take Wireshark's own names (packet-ipsec.c ``esp_encryption_type_vals``
 and ``esp_authentication_type_vals``); ``TSHARK_ENCRYPTION`` / ``TSHARK_INTEGRITY`` map our IANA
@@ -45,8 +46,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 
 from mipsec.crypto.transforms import ENCRYPTION, INTEGRITY
 from mipsec.ike.constants import Encr, Integ

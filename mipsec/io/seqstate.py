@@ -29,7 +29,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipsec.io.files import write_private
 

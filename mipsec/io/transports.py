@@ -26,7 +26,8 @@ import collections
 import logging
 import socket
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipsec.errors import ConfigError
 from mipsec.io import mmsg
@@ -99,7 +100,7 @@ class RawSender:
                 continue
             items.append((pkt, address(pkt[16:20])))
             index.append(i)
-        for i, ok in zip(index, self._multi.send_batch(items)):
+        for i, ok in zip(index, self._multi.send_batch(items), strict=True):
             results[i] = ok
         sent = sum(1 for ok in results if ok)
         self.sent += sent

@@ -36,20 +36,35 @@ import math
 import os
 import struct
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 
 from mipsec.crypto.transforms import (
-    ENCRYPTION, INTEGRITY, RANDOM_POOL_BYTES, Aead, CbcHmac, NullHmac, make_transform,
+    ENCRYPTION,
+    INTEGRITY,
+    RANDOM_POOL_BYTES,
+    Aead,
+    CbcHmac,
+    NullHmac,
+    make_transform,
 )
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, SaExhausted, UsageError
 from mipsec.ipsec.constants import (
-    ESP_HEADER_BYTES, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, NEXT_HEADER_NO_NEXT,
-    NON_ESP_MARKER, OUTER_TTL, REPLAY_WINDOW_BITS, SEQ_MAX_32, SEQ_MAX_64,
+    ESP_HEADER_BYTES,
+    IPPROTO_ESP,
+    IPPROTO_IPIP,
+    IPPROTO_UDP,
+    NAT_T_PORT,
+    NEXT_HEADER_NO_NEXT,
+    NON_ESP_MARKER,
+    OUTER_TTL,
+    REPLAY_WINDOW_BITS,
+    SEQ_MAX_32,
+    SEQ_MAX_64,
 )
 from mipsec.ipsec.replay import ReplayWindow
 from mipsec.ipsec.selector import Selector

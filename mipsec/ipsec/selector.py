@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mipsec.errors import ConfigError
 
@@ -341,7 +342,7 @@ class Selector:
         """The local address as an int when ``local`` is a single host (/32), else None."""
         return self.local_net if self.local_prefixlen == 32 else None
 
-    def reversed(self) -> "Selector":
+    def reversed(self) -> Selector:
         """The same traffic seen from the other end (local and remote swapped)."""
         return Selector(self.remote, self.local, self.protocol, self.remote_ports,
                         self.local_ports)
@@ -349,7 +350,7 @@ class Selector:
     # --- text and dict forms ----------------------------------------------------------------
 
     @classmethod
-    def parse(cls, text: str) -> "Selector":
+    def parse(cls, text: str) -> Selector:
         """Parse the text form documented in the module docstring."""
         if not isinstance(text, str):
             raise ConfigError(f"selector: expected a string, got {text!r}")
@@ -374,7 +375,7 @@ class Selector:
         return cls(local, remote, proto_text if comma else None, local_ports, remote_ports)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Selector":
+    def from_dict(cls, data: Mapping[str, Any]) -> Selector:
         """Build from a mapping with the constructor's keys (all optional)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"selector: expected a mapping, got {data!r}")

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from typing import Any, TextIO
 
 from mipsec.io.pcap import ike_keyfile_path
@@ -97,7 +98,7 @@ def phase_figures(sender: dict[str, Any], receiver: dict[str, Any], start: float
     arrivals = [(s, t) for s, t in receiver["received"] if first <= s < last]
     seqs = {s for s, _ in arrivals}
     times = sorted(t for _, t in arrivals)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     return {"sent": max(0, last - first), "received": len(seqs),
             "lost": max(0, last - first - len(seqs)),
             "interruption_ms": (max(gaps) - 1.0 / rate) * 1000 if gaps else None}

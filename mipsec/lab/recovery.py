@@ -24,8 +24,10 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from itertools import pairwise
+from typing import Any
 
 from mipsec.lab import topology as topo
 from mipsec.lab.demo import STREAM_PORT, Streams
@@ -78,7 +80,7 @@ def direction_figures(sender: dict[str, Any], receiver: dict[str, Any], rate: fl
     seqs = {s for s, _ in receiver["received"] if first <= s < last_counted}
     tail = {s for s, _ in receiver["received"] if last_counted <= s < last_all}
     points = [t_event] + arrivals + [max(t_stop, arrivals[-1] if arrivals else t_stop)]
-    gaps = [(b - a, a, b) for a, b in zip(points, points[1:])]
+    gaps = [(b - a, a, b) for a, b in pairwise(points)]
     longest, g_from, g_to = max(gaps) if gaps else (0.0, t_event, t_event)
     back = None
     if t_ready is not None:

@@ -36,11 +36,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from mipsec.io import control
-from mipsec.lab import stop_on_signals, topology as topo
+from mipsec.lab import stop_on_signals
+from mipsec.lab import topology as topo
 from mipsec.lab.lab import ROLES, Lab, LabError
 
 HANDOVER_BEFORE_S = 0.2      # a handover window opens this long before the move command
@@ -324,7 +326,7 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
                 move.update(time=time.monotonic(), registered=None, error=str(exc)[:300])
                 say(f"move to {where} did not complete: {str(exc).splitlines()[0]}")
             record["moves"].append(move)
-        for node, proc in streams.items():
+        for _node, proc in streams.items():
             proc.wait(timeout=max(1.0, t0 + plan.duration_s - time.monotonic()) + 60)
         record["end"] = time.monotonic()
         sampler.stop()

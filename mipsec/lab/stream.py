@@ -26,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+from itertools import pairwise
 from typing import Any
 
 from mipsec.lab import stop_on_signals
@@ -123,7 +124,7 @@ def analyse(sent: int, received: list[tuple[int, float]], start: float | None = 
     lo = min(seqs) if seqs else 0
     hi = max(seqs) if seqs else -1
     expected = (hi - lo + 1) if start is not None else sent
-    gaps = [(b[1] - a[1], a[1], b[1]) for a, b in zip(got, got[1:])]
+    gaps = [(b[1] - a[1], a[1], b[1]) for a, b in pairwise(got)]
     longest = max(gaps) if gaps else (0.0, 0.0, 0.0)
     return {"expected": expected, "received": len(seqs),
             "lost": max(0, expected - len(seqs)),

@@ -6,17 +6,31 @@ Names carry units (``_S`` seconds, ``_BYTES``).
 from __future__ import annotations
 
 # --- specification constants ------------------------------------------------------------------
-
 # The wire-format numbers live beside their codecs (mipsec.wire may not import mipsec.mip); they
 # are re-exported here so roles have one place to import constants from.
 from mipsec.wire.mip import (  # noqa: F401  (re-exported)
-    AUTH_SPI_BYTES, EXT_CVSE, EXT_FA_HA_AUTH, EXT_GENERIC_AUTH, EXT_MN_FA_AUTH, EXT_MN_HA_AUTH,
-    EXT_NAI, EXT_NVSE, EXT_SKIPPABLE_MIN, HMAC_MD5_BYTES, HMAC_SHA256_BYTES,
-    LONG_FORMAT_EXTENSION_TYPES, MIP_PORT, MSG_REGISTRATION_REPLY, MSG_REGISTRATION_REQUEST,
-    RRP_FIXED_BYTES, RRQ_FIXED_BYTES,
+    AUTH_SPI_BYTES,
+    EXT_CVSE,
+    EXT_FA_HA_AUTH,
+    EXT_GENERIC_AUTH,
+    EXT_MN_FA_AUTH,
+    EXT_MN_HA_AUTH,
+    EXT_NAI,
+    EXT_NVSE,
+    EXT_SKIPPABLE_MIN,
+    HMAC_MD5_BYTES,
+    HMAC_SHA256_BYTES,
+    LONG_FORMAT_EXTENSION_TYPES,
+    MIP_PORT,
+    MSG_REGISTRATION_REPLY,
+    MSG_REGISTRATION_REQUEST,
+    RRP_FIXED_BYTES,
+    RRQ_FIXED_BYTES,
 )
 from mipsec.wire.siu import (  # noqa: F401  (re-exported)
-    SIU_AUTHENTICATOR_BYTES, SIU_FIXED_BYTES, SIU_VERSION,
+    SIU_AUTHENTICATOR_BYTES,
+    SIU_FIXED_BYTES,
+    SIU_VERSION,
 )
 
 # RFC 5905 §6: NTP era 0 starts 1900-01-01; the Unix epoch is 2,208,988,800 s later.

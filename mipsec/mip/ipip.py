@@ -23,8 +23,19 @@ from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.mip.constants import IPIP_OUTER_TTL, IPPROTO_IPIP
 from mipsec.wire.ipv4 import (
-    FLAG_DF, IPV4_MIN_HEADER_BYTES, OFF_DESTINATION, OFF_FLAGS_FRAGMENT, OFF_SOURCE, OFF_TOS,
-    OFF_TOTAL_LENGTH, VERSION_IHL_20, addr_to_bytes, bytes_to_addr, check_ipv4, checksum, pack_ipv4,
+    FLAG_DF,
+    IPV4_MIN_HEADER_BYTES,
+    OFF_DESTINATION,
+    OFF_FLAGS_FRAGMENT,
+    OFF_SOURCE,
+    OFF_TOS,
+    OFF_TOTAL_LENGTH,
+    VERSION_IHL_20,
+    addr_to_bytes,
+    bytes_to_addr,
+    check_ipv4,
+    checksum,
+    pack_ipv4,
 )
 
 _MAX_TOTAL = 0xFFFF

@@ -41,12 +41,18 @@ from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
 from mipsec.mip.constants import IDENTIFICATION_SKEW_S, NTP_FRACTION, NTP_UNIX_OFFSET_S
 from mipsec.wire.mip import (
-    EXT_MN_HA_AUTH, HMAC_MD5_BYTES, HMAC_SHA256_BYTES, MSG_REGISTRATION_REPLY,
+    EXT_MN_HA_AUTH,
+    HMAC_MD5_BYTES,
+    HMAC_SHA256_BYTES,
+    MSG_REGISTRATION_REPLY,
     MSG_REGISTRATION_REQUEST,
-)
-from mipsec.wire.mip import (
-    RegistrationReply, RegistrationRequest, ReplyCode, auth_extension, auth_extension_offset,
-    parse_registration_reply, parse_registration_request,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    auth_extension,
+    auth_extension_offset,
+    parse_registration_reply,
+    parse_registration_request,
 )
 
 ALGORITHMS = {"hmac-md5": (hashlib.md5, HMAC_MD5_BYTES),

@@ -41,7 +41,13 @@ from mipsec.ipsec.replay import ReplayWindow
 from mipsec.mip.constants import SIU_REPLAY_WINDOW
 from mipsec.mip.security import ntp_from_unix
 from mipsec.wire.siu import (
-    SIU_AUTHENTICATOR_BYTES, Siu, SiuFlags, SiuType, build_siu_body, parse_siu, siu_sender,
+    SIU_AUTHENTICATOR_BYTES,
+    Siu,
+    SiuFlags,
+    SiuType,
+    build_siu_body,
+    parse_siu,
+    siu_sender,
 )
 
 MIN_KEY_BYTES = 16       # RFC 2104 §3: a key shorter than the hash output weakens HMAC; 16+ B

@@ -44,7 +44,8 @@ from __future__ import annotations
 import enum
 
 from mipsec.mobility.machine import Machine
-from mipsec.wire.ipv4 import addr_to_bytes as a2b, bytes_to_addr as b2a
+from mipsec.wire.ipv4 import addr_to_bytes as a2b
+from mipsec.wire.ipv4 import bytes_to_addr as b2a
 from mipsec.wire.siu import SiuType
 
 RRQ_SOURCES_PER_MOBILE = 4     # outer sources of an MN's recent RRQs an SIU may point the SA at

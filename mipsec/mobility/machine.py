@@ -10,7 +10,8 @@ it passed their checks) and the state does not change.
 from __future__ import annotations
 
 import enum
-from typing import Generic, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Generic, TypeVar
 
 from mipsec.errors import UsageError
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.errors import UsageError
+from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.mobility.machine import Machine
 from mipsec.wire.mip import RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags
 

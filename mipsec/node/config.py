@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from mipsec.errors import ConfigError
 
@@ -121,7 +122,8 @@ class EspSaConfig:
         _check_bytes("esp.encryption_key", self.encryption_key)
         if len(self.encryption_key) not in ENCRYPTION_KEY_BYTES[self.encryption]:
             raise ConfigError(f"esp.encryption_key: {self.encryption} needs "
-                              f"{ENCRYPTION_KEY_BYTES[self.encryption]} bytes, got {len(self.encryption_key)}")
+                              f"{ENCRYPTION_KEY_BYTES[self.encryption]} bytes, "
+                              f"got {len(self.encryption_key)}")
         if self.encryption in AEAD_TRANSFORMS:
             if self.integrity is not None:
                 raise ConfigError(f"esp.integrity: {self.encryption} is AEAD, integrity must be None")
@@ -132,7 +134,8 @@ class EspSaConfig:
             _check_bytes("esp.integrity_key", self.integrity_key)
             if len(self.integrity_key) != INTEGRITY_KEY_BYTES[self.integrity]:
                 raise ConfigError(f"esp.integrity_key: {self.integrity} needs "
-                                  f"{INTEGRITY_KEY_BYTES[self.integrity]} bytes, got {len(self.integrity_key)}")
+                                  f"{INTEGRITY_KEY_BYTES[self.integrity]} bytes, "
+                                  f"got {len(self.integrity_key)}")
 
 
 HANDOVER_MODES = ("siu", "mobike")
@@ -325,7 +328,8 @@ class GatewayConfig:
         has = {h.address for h in self.home_agents}
         for m in self.mobiles:
             if m.home_agent not in has:
-                raise ConfigError(f"mobile {m.home_address}: home_agent {m.home_agent} is not a configured HA")
+                raise ConfigError(f"mobile {m.home_address}: home_agent {m.home_agent} is not "
+                                  f"a configured HA")
 
 
 @dataclass(frozen=True)

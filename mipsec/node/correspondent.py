@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from mipsec.drops import DropReason
@@ -138,7 +139,7 @@ class Correspondent:
         times = [a[3] for a in self.arrivals
                  if (since is None or a[3] >= since) and (until is None or a[3] <= until)]
         gap, start, end = 0.0, None, None
-        for before, after in zip(times, times[1:]):
+        for before, after in pairwise(times):
             if after - before > gap:
                 gap, start, end = after - before, before, after
         return StreamReport(sent=sent, received=len(seen), lost=sent - len(seen),

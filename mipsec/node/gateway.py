@@ -31,20 +31,20 @@ inside address and SIU port; ``SiuVerifier.authenticate`` (source is a configure
 SIU_UNKNOWN_SENDER / SIU_AUTH_FAILED); ``freshness``: the sequence number is new in that HA's
 replay window (SIU_REPLAYED) and the SIU echoes our epoch, a random number drawn at start, or
 carries epoch 0 and a Timestamp from after our start (else SIU_STALE_EPOCH: from before our
-restart; answered with an ACK that tells the HA the epoch, flag E); the MN is known and served by that HA (SIU_UNKNOWN_MOBILE,
-SIU_UNKNOWN_SENDER); the SIU names this MN's outbound SPI (SIU_UNKNOWN_SA); an UPDATE's or
-REJECT's new CoA can be a tunnel endpoint (``ipip.unusable_care_of``, MIP_BAD_CARE_OF) and is
-the outer source of a recent authenticated Registration Request of this MN
-(SIU_CARE_OF_MISMATCH: an authenticated MN cannot aim its downlink at a third party); an
-embedded RRP is a Registration Reply for this MN from this HA (SIU_RRP_MISMATCH); then the
-binding machine (``mipsec/mobility/gw_binding.py``).  Refusals before authentication and
-replays are only counted; refusals of authenticated SIUs also record "siu-refused".  A move re-points the SA (address,
-and the UDP port the Registration Request came from) and returns ``RebindSa`` BEFORE the
-embedded Registration Reply is encrypted and sent: the reply can only go out through the
-re-pointed SA.  Every authenticated, non-replayed UPDATE / DEREGISTER / REJECT is answered
-with an ACK to its HA (signed with the HA-GW key, echoing the sequence, reporting where the SA
-points now and our epoch), also when it was refused: that tells the HA the GW's real binding
-so it can send a correcting SIU.
+restart; answered with an ACK that tells the HA the epoch, flag E); the MN is known and served by
+that HA (SIU_UNKNOWN_MOBILE, SIU_UNKNOWN_SENDER); the SIU names this MN's outbound SPI
+(SIU_UNKNOWN_SA); an UPDATE's or REJECT's new CoA can be a tunnel endpoint
+(``ipip.unusable_care_of``, MIP_BAD_CARE_OF) and is the outer source of a recent authenticated
+Registration Request of this MN (SIU_CARE_OF_MISMATCH: an authenticated MN cannot aim its
+downlink at a third party); an embedded RRP is a Registration Reply for this MN from this HA
+(SIU_RRP_MISMATCH); then the binding machine (``mipsec/mobility/gw_binding.py``).  Refusals
+before authentication and replays are only counted; refusals of authenticated SIUs also record
+"siu-refused".  A move re-points the SA (address, and the UDP port the Registration Request came
+from) and returns ``RebindSa`` BEFORE the embedded Registration Reply is encrypted and sent: the
+reply can only go out through the re-pointed SA.  Every authenticated, non-replayed UPDATE /
+DEREGISTER / REJECT is answered with an ACK to its HA (signed with the HA-GW key, echoing the
+sequence, reporting where the SA points now and our epoch), also when it was refused: that tells
+the HA the GW's real binding so it can send a correcting SIU.
 
 The binding state machine per MN, the compare-and-swap of the SIU (``BindingState``,
 ``BINDING_TRANSITIONS``), and all the state it works on (the binding, the RRQ sources, the last
@@ -58,33 +58,54 @@ import dataclasses
 import itertools
 import os
 from collections import Counter
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
+from mipsec.ike.config import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    PeerAddressChanged,
+    SendDatagram,
+)
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.ipsec.sad import Sad
 from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
+from mipsec.mobility.gw_binding import (  # noqa: F401  (re-exported: the role's vocabulary)
+    BINDING_TRANSITIONS,
+    RRQ_SOURCES_PER_MOBILE,
+    BindingEvent,
+    BindingState,
+    Effect,
+    GwBinding,
+    classify,
+)
 from mipsec.node import timeline as tl
 from mipsec.node.actions import Action, Log, RebindSa, SendToNet, TimelineEvent, WriteToTun
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
-from mipsec.ike.config import (
-    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
-    IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
-)
 from mipsec.node.config import MIP_PORT, GatewayConfig, GatewayMobile
 from mipsec.node.ike import RoleIke
 from mipsec.node.mobile_node import make_sa
-from mipsec.mobility.gw_binding import (  # noqa: F401  (re-exported: the role's vocabulary)
-    BINDING_TRANSITIONS, RRQ_SOURCES_PER_MOBILE, BindingEvent, BindingState, Effect, GwBinding,
-    classify,
-)
 from mipsec.node.packet import (
-    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, parse_prefix,
-    parse_udp_packet, peek_ipv4, udp_ports,
+    IPPROTO_ESP,
+    IPPROTO_IPIP,
+    IPPROTO_UDP,
+    a2b,
+    b2a,
+    build_udp_packet,
+    parse_prefix,
+    parse_udp_packet,
+    peek_ipv4,
+    udp_ports,
 )
 from mipsec.wire.ipv4 import checksum
 from mipsec.wire.mip import MSG_REGISTRATION_REQUEST, parse_registration_reply

@@ -96,7 +96,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
@@ -104,24 +105,49 @@ from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
 from mipsec.mip.siu import SiuSigner, SiuVerifier
+from mipsec.mobility.ha_binding import (  # noqa: F401  (re-exported: the role's vocabulary)
+    BINDING_TRANSITIONS,
+    REVERSE_TUNNEL_GRACE_S,
+    Binding,
+    BindingEffect,
+    BindingEvent,
+    BindingState,
+    HaBindings,
+)
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
-    Action, BindingChanged, BindingNotStored, Log, PersistBinding, ReserveSiuSequence, SendToNet,
-    SiuSequenceNotReserved, TimelineEvent, WriteToTun,
+    Action,
+    BindingChanged,
+    BindingNotStored,
+    Log,
+    PersistBinding,
+    ReserveSiuSequence,
+    SendToNet,
+    SiuSequenceNotReserved,
+    TimelineEvent,
+    WriteToTun,
 )
 from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
 from mipsec.node.packet import (
-    IPPROTO_IPIP, IPPROTO_UDP, a2b, b2a, build_udp_packet, in_prefix, parse_prefix,
-    parse_udp_packet, peek_ipv4,
-)
-from mipsec.wire.mip import (
-    MSG_REGISTRATION_REQUEST, RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags,
-    build_registration_reply, parse_registration_request,
+    IPPROTO_IPIP,
+    IPPROTO_UDP,
+    a2b,
+    b2a,
+    build_udp_packet,
+    in_prefix,
+    parse_prefix,
+    parse_udp_packet,
+    peek_ipv4,
 )
 from mipsec.store.record import BindingRecord
-from mipsec.mobility.ha_binding import (  # noqa: F401  (re-exported: the role's vocabulary)
-    BINDING_TRANSITIONS, REVERSE_TUNNEL_GRACE_S, Binding, BindingEffect, BindingEvent,
-    BindingState, HaBindings,
+from mipsec.wire.mip import (
+    MSG_REGISTRATION_REQUEST,
+    RegistrationReply,
+    RegistrationRequest,
+    ReplyCode,
+    RequestFlags,
+    build_registration_reply,
+    parse_registration_request,
 )
 from mipsec.wire.siu import SiuFlags, SiuType
 

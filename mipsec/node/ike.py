@@ -15,7 +15,8 @@ actions out.  Both the simulator and the daemons get IKE this way, unchanged:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
@@ -87,7 +88,7 @@ class RoleIke:
         """For ``mipsec status``: each IKE SA (SPIs, state, peer, addresses, children), when it
         was established, the last re-key (child or IKE SA) and the last IKE events."""
         st = self.endpoint.status()
-        for sa, entry in zip(self.endpoint.ike_sas, st["ike_sas"]):
+        for sa, entry in zip(self.endpoint.ike_sas, st["ike_sas"], strict=True):
             entry["established_time"] = sa.established_at
         st["last_rekey_time"] = self.last_rekey
         st["events"] = [{"time": t, "event": w} for t, w in self.last_events]

@@ -51,34 +51,64 @@ state.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
+from mipsec.ike.config import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    PeerAddressChanged,
+    SendDatagram,
+)
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+from mipsec.ike.sa import State as IkeState
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.mip import ipip
 from mipsec.mip.security import MobilitySecurityAssociation
+from mipsec.mobility.registration import (
+    AWAY,
+    Do,
+    RegEvent,
+    Registration,
+    RegState,
+    reply_code_name,
+)
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
-    Action, CareOfAddressChanged, Log, RebindSa, ReestablishRequested, ReturnedHome, SendToNet,
-    TimelineEvent, UseHomeLink, WriteToTun,
+    Action,
+    CareOfAddressChanged,
+    Log,
+    RebindSa,
+    ReestablishRequested,
+    ReturnedHome,
+    SendToNet,
+    TimelineEvent,
+    UseHomeLink,
+    WriteToTun,
 )
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
-from mipsec.ike.config import (
-    ChildSaDeleted, ChildSaEstablished, ChildSaRekeyed, IkeSaDeleted, IkeSaEstablished,
-    IkeSaFailed, IkeSaRekeyed, PeerAddressChanged, SendDatagram,
-)
-from mipsec.ike.sa import State as IkeState
 from mipsec.node.config import MIP_PORT, EspSaConfig, MobileNodeConfig
 from mipsec.node.ike import IKE_PORT, RoleIke
-from mipsec.node.retransmit import RetransmitTimer
 from mipsec.node.packet import (
-    IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_UDP, NAT_T_PORT, a2b, build_udp_packet, in_prefix,
-    parse_prefix, parse_udp_packet, peek_ipv4, udp_ports,
+    IPPROTO_ESP,
+    IPPROTO_IPIP,
+    IPPROTO_UDP,
+    NAT_T_PORT,
+    a2b,
+    build_udp_packet,
+    in_prefix,
+    parse_prefix,
+    parse_udp_packet,
+    peek_ipv4,
+    udp_ports,
 )
-from mipsec.mobility.registration import (
-    AWAY, Do, RegEvent, Registration, RegState, reply_code_name,
-)
+from mipsec.node.retransmit import RetransmitTimer
 from mipsec.wire.mip import RegistrationReply, ReplyCode, build_registration_request
 
 UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
@@ -408,7 +438,7 @@ class MobileNode:
         self._liveness_at = self._probe_deadline = None
         return []
 
-    _effects: dict[Do, Callable[["MobileNode", float], list[Action]]] = {
+    _effects: dict[Do, Callable[[MobileNode, float], list[Action]]] = {
         Do.NOTHING: _do_nothing, Do.SEND_NEW: _do_send_new, Do.SEND_AGAIN: _do_send_again,
         Do.HOLD: _do_hold, Do.CONFIRM: _do_confirm, Do.LEAVE_TUNNEL: _do_leave_tunnel,
         Do.NEGOTIATE: _do_negotiate, Do.START_IKE: _do_start_ike, Do.REESTABLISH: _do_reestablish,

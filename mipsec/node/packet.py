@@ -11,8 +11,15 @@ import struct
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.wire.ipv4 import (
-    IPV4_MIN_HEADER_BYTES, UDP_HEADER_BYTES, VERSION_IHL_20, addr_to_bytes, bytes_to_addr,
-    check_ipv4, checksum, pack_ipv4, udp_checksum_packed,
+    IPV4_MIN_HEADER_BYTES,
+    UDP_HEADER_BYTES,
+    VERSION_IHL_20,
+    addr_to_bytes,
+    bytes_to_addr,
+    check_ipv4,
+    checksum,
+    pack_ipv4,
+    udp_checksum_packed,
 )
 
 IPPROTO_IPIP = 4        # RFC 2003

@@ -15,7 +15,8 @@ splits them per handover and prints them; it never reads a clock.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from mipsec.node.actions import TimelineEvent
 

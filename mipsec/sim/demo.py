@@ -3,9 +3,10 @@
 The MN attaches to visited network A, negotiates its ESP SAs with the GW by IKEv2 (RFC 7296,
 as the lab demo does; ``manual_keys=True`` for pre-shared ESP keys) and registers; the demo
 prints the IKE set-up (time to the IKE SA and to the first child SA) and that first
-registration.  A CN <-> MN UDP stream starts (one datagram per millisecond each way), then: a break-before-make handover A -> B, a make-before-break handover
-B -> A, and a return home.  For each move it prints the merged timeline of MN, GW and HA and what
-the stream saw: packets lost and the longest interruption per direction.
+registration.  A CN <-> MN UDP stream starts (one datagram per millisecond each way), then: a
+break-before-make handover A -> B, a make-before-break handover B -> A, and a return home.
+For each move it prints the merged timeline of MN, GW and HA and what the stream saw: packets
+lost and the longest interruption per direction.
 """
 
 from __future__ import annotations

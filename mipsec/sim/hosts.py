@@ -14,7 +14,8 @@ What "net" and "tun" mean follows the table of docs/design.md "Roles":
 * ``GatewayHost``: packets arriving on the inside interface for its inside address go to
   ``receive_siu`` (the daemon's inside-bound SIU socket); other packets for its own addresses go
   to ``receive_from_net``; packets arriving on the inside interface for anyone else (a CoA) go
-  to ``receive_from_tun`` (the lab's policy routing into the TUN).  ``WriteToTun`` routes the inner packet into the home network.
+  to ``receive_from_tun`` (the lab's policy routing into the TUN).  ``WriteToTun`` routes the
+  inner packet into the home network.
 * ``HomeAgentHost``: packets for its address go to ``receive_from_net``; a ``BindingChanged``
   makes it claim (proxy ARP) the home address on the home segment, and packets so caught go to
   ``receive_from_tun``.  ``WriteToTun`` routes the decapsulated packet into the home network.
@@ -22,12 +23,18 @@ What "net" and "tun" mean follows the table of docs/design.md "Roles":
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from mipsec.node.actions import (
-    BindingChanged, Log, RebindSa, ReestablishRequested, SendToNet, WriteToTun,
-)
 from mipsec.errors import UsageError
+from mipsec.node.actions import (
+    BindingChanged,
+    Log,
+    RebindSa,
+    ReestablishRequested,
+    SendToNet,
+    WriteToTun,
+)
 from mipsec.node.correspondent import Correspondent
 from mipsec.sim.core import Simulator
 from mipsec.sim.network import Host, Interface, a2b

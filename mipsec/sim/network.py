@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from mipsec.sim.core import Simulator
 from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
@@ -60,26 +60,26 @@ class Segment:
         return self.capture
 
     # --- address ownership ---------------------------------------------------------------------
-    def attach(self, iface: "Interface") -> None:
+    def attach(self, iface: Interface) -> None:
         self.owners[iface.address_bytes] = iface
 
-    def detach(self, iface: "Interface") -> None:
+    def detach(self, iface: Interface) -> None:
         if self.owners.get(iface.address_bytes) is iface:
             del self.owners[iface.address_bytes]
 
-    def claim(self, address: str, iface: "Interface") -> None:
+    def claim(self, address: str, iface: Interface) -> None:
         """Proxy ARP: ``iface`` answers for ``address`` (takes precedence over the owner)."""
         self.proxies[a2b(address)] = iface
 
-    def unclaim(self, address: str, iface: "Interface") -> None:
+    def unclaim(self, address: str, iface: Interface) -> None:
         if self.proxies.get(a2b(address)) is iface:
             del self.proxies[a2b(address)]
 
-    def resolve(self, address: bytes) -> "Interface | None":
+    def resolve(self, address: bytes) -> Interface | None:
         return self.proxies.get(address) or self.owners.get(address)
 
     # --- transmission --------------------------------------------------------------------------
-    def transmit(self, packet: bytes, next_hop: bytes, sender: "Interface") -> None:
+    def transmit(self, packet: bytes, next_hop: bytes, sender: Interface) -> None:
         self.counters["sent"] += 1
         if self.capture is not None:
             self.capture.append((self.sim.now, sender.host.name, packet))
@@ -112,7 +112,7 @@ class Segment:
 
 
 class Interface:
-    def __init__(self, host: "Host", name: str, address: str, segment: Segment):
+    def __init__(self, host: Host, name: str, address: str, segment: Segment):
         self.host = host
         self.name = name
         self.address = address
@@ -131,7 +131,8 @@ class Interface:
         self.host._refresh()
 
     def __repr__(self) -> str:
-        return f"<{self.host.name}:{self.name} {self.address} on {self.segment.name} {'up' if self.up else 'down'}>"
+        state = "up" if self.up else "down"
+        return f"<{self.host.name}:{self.name} {self.address} on {self.segment.name} {state}>"
 
 
 class Host:

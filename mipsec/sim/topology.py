@@ -143,7 +143,7 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
 
     router = Router(sim, "router")
     router.add_interface("outside", "172.16.0.254", outside)
-    for k, (prefix, raddr, _first) in plan.items():
+    for k, (_prefix, raddr, _first) in plan.items():
         router.add_interface(k, raddr, visited[k])
 
     mobiles: list[MobileHost] = []
@@ -154,7 +154,7 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
         host = MobileHost(sim, mcfg.name, role, app, record=record)
         host.add_interface("home", mcfg.home_address, home, up=False)
         host.add_route("0.0.0.0/0", gw_cfg.inside_address, "home")
-        for k, (prefix, raddr, first) in plan.items():
+        for k, (_prefix, raddr, first) in plan.items():
             coa = str(ipaddress.IPv4Address(first + i))
             care_of[k].append(coa)
             host.add_interface(k, coa, visited[k], up=False)

@@ -68,7 +68,12 @@ How the etcd backend fits the same interface, without changing the HA (details i
 """
 
 from mipsec.store.record import (
-    BindingRecord, BindingStore, MemoryStore, StoreError, open_store, STORE_KINDS,
+    STORE_KINDS,
+    BindingRecord,
+    BindingStore,
+    MemoryStore,
+    StoreError,
+    open_store,
 )
 
 __all__ = ["BindingRecord", "BindingStore", "MemoryStore", "StoreError", "open_store",

@@ -33,7 +33,7 @@ class BindingRecord:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "BindingRecord":
+    def from_json(cls, text: str | bytes) -> BindingRecord:
         data = json.loads(text)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 

@@ -107,7 +107,7 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------------
 
-    def _transaction(self) -> "_Transaction":
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self.path)
 
     def _write(self, record: BindingRecord | None, home: str, meta: Mapping[str, bytes]) -> None:

@@ -116,7 +116,7 @@ def addr_to_bytes(address: str) -> bytes:
 def bytes_to_addr(raw: bytes) -> str:
     if len(raw) != 4:
         raise ValueError(f"an IPv4 address has 4 bytes, not {len(raw)}")
-    return "%d.%d.%d.%d" % tuple(raw)
+    return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
 
 
 def addr_to_int(address: str) -> int:

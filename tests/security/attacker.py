@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
             sock.settimeout(left)
             try:
                 data, addr = sock.recvfrom(2048)
-            except socket.timeout:
+            except TimeoutError:
                 break
             print(f"{addr[0]} {data.decode(errors='replace')}", flush=True)
     else:

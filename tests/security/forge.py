@@ -21,7 +21,10 @@ from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.wire.mip import (
-    MIP_PORT, RegistrationRequest, RequestFlags, build_registration_request,
+    MIP_PORT,
+    RegistrationRequest,
+    RequestFlags,
+    build_registration_request,
 )
 
 FAR_SEQUENCE = 2 ** 31

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from itertools import pairwise
+from typing import Any
 
 import needs
 from mipsec.lab.lab import Lab, requirements_problem
@@ -194,7 +196,7 @@ def host_refusals(lab: Lab, node: str, address: str) -> int:
     assert proc.returncode == 0, proc.stderr
     rp = 0
     lines = [line.split() for line in proc.stdout.splitlines()]
-    for keys, values in zip(lines, lines[1:]):
+    for keys, values in pairwise(lines):
         if keys and keys[0] == "TcpExt:" and values and values[0] == "TcpExt:" \
                 and "IPReversePathFilter" in keys and keys != values:
             rp = int(values[keys.index("IPReversePathFilter")])

@@ -38,7 +38,7 @@ def listen(port: int, seconds: float) -> None:
         sock.settimeout(left)
         try:
             data, addr = sock.recvfrom(4096)
-        except socket.timeout:
+        except TimeoutError:
             break
         print(f"{addr[0]} {data.decode(errors='replace')}", flush=True)
 

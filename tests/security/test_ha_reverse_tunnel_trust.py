@@ -15,8 +15,8 @@ from mipsec.node.actions import WriteToTun
 from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.scenario import wait_registered
 from mipsec.sim.topology import build_topology
-from mipsec.wire.mip import RegistrationRequest, RequestFlags, build_registration_request
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
+from mipsec.wire.mip import RegistrationRequest, RequestFlags, build_registration_request
 
 CN = "10.1.0.10"
 ELSEWHERE = "172.16.2.77"

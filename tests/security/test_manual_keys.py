@@ -13,7 +13,11 @@ import pytest
 
 from mipsec import cli
 from mipsec.config import (
-    DaemonConfig, DaemonSettings, dump_config, load_config, make_key_set,
+    DaemonConfig,
+    DaemonSettings,
+    dump_config,
+    load_config,
+    make_key_set,
 )
 from mipsec.errors import ConfigError
 from mipsec.io.files import write_private

@@ -57,7 +57,7 @@ class Peer:
         name = type(ev).__name__
         self.counts[name] = self.counts.get(name, 0) + 1
         self.log.append({"event": name, "detail": getattr(ev, "reason", "")})
-        for change, child, sin, sout in self.book.apply(ev, self.adapter.now()):
+        for change, _child, sin, sout in self.book.apply(ev, self.adapter.now()):
             if change == "installed":
                 self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa)) for sa in (sin, sout)]
 
@@ -126,7 +126,7 @@ class Peer:
             for seq in range(cmd.get("count", 3)):
                 key = (cmd["dst"], ident, 1000 + seq + self.esp_out)
                 self.send_inner(icmp_echo(cmd["src"], cmd["dst"], ident, key[2]))
-                if self.wait(lambda: key in self.echo_replies, cmd.get("timeout", 3)):
+                if self.wait(lambda key=key: key in self.echo_replies, cmd.get("timeout", 3)):
                     got += 1
             return {"ok": got == cmd.get("count", 3), "received": got}
         if op == "status":
