@@ -21,8 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mipsec.io.loop import EventLoop  # noqa: E402
-from mipsec.io.transports import build_udp_packet  # noqa: E402
 from mipsec.node.actions import SendToNet  # noqa: E402
+from mipsec.node.packet import a2b, build_udp_packet  # noqa: E402
 from mipsec.sim.topology import build_topology  # noqa: E402
 
 CN, HOME = "10.1.0.10", "10.1.0.100"
@@ -69,9 +69,9 @@ def setup(n: int):
     topo.move("a")
     topo.sim.run(until=1.0)
     ha, gw, mn = topo.ha.role, topo.gw.role, topo.mn.role
-    down = [build_udp_packet(CN, 5000, HOME, 6000, bytes(36), ident=i) for i in range(n)]
+    down = [build_udp_packet(a2b(CN), a2b(HOME), 5000, 6000, bytes(36), identification=i) for i in range(n)]
     tunnelled = [ha.tun_fast_path(p, 1.0) for p in down]
-    up = [build_udp_packet(HOME, 6000, CN, 5000, bytes(36), ident=i) for i in range(n)]
+    up = [build_udp_packet(a2b(HOME), a2b(CN), 6000, 5000, bytes(36), identification=i) for i in range(n)]
     esp = [a.packet for p in up for a in mn.receive_from_tun(p, 1.5) if isinstance(a, SendToNet)]
     return ha, gw, down, tunnelled, esp
 

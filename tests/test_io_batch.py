@@ -15,9 +15,10 @@ import pytest
 import needs
 from mipsec.io import mmsg
 from mipsec.io.loop import EventLoop
-from mipsec.io.transports import FakeNet, RawReceiver, RawSender, build_udp_packet
+from mipsec.io.transports import FakeNet, RawReceiver, RawSender
 from mipsec.io.tun import FakeTun
 from mipsec.node.actions import SendToNet, WriteToTun
+from mipsec.node.packet import a2b, build_udp_packet
 from mipsec.sim.topology import build_topology
 
 CN, HOME = "10.1.0.10", "10.1.0.100"
@@ -35,15 +36,17 @@ def traffic(topo):
     """Packets for the HA's TUN, the GW's TUN and the GW's net side: valid ones, truncated and
     malformed ones, some for nobody, and replays."""
     ha, mn = topo.ha.role, topo.mn.role
-    down = [build_udp_packet(CN, 5000, HOME, 6000, bytes([i]) * (10 + 7 * i), ident=i)
+    down = [build_udp_packet(a2b(CN), a2b(HOME), 5000, 6000, bytes([i]) * (10 + 7 * i),
+                             identification=i)
             for i in range(40)]
-    ha_in = down + [down[0][:15], build_udp_packet(CN, 1, "10.1.0.99", 2, b"nobody"),
+    ha_in = down + [down[0][:15], build_udp_packet(a2b(CN), a2b("10.1.0.99"), 1, 2, b"nobody"),
                     down[0][:2] + b"\x00\x10" + down[0][4:]] + down[:3]
     gw_in = [a.packet for p in down for a in ha.receive_from_tun(p, 1.0)]
     # (the GW matches the HA's IP-in-IP by the home address inside: one for nobody has an
     # inner destination no MN has)
     gw_in += [gw_in[0][:10], gw_in[1][:36] + bytes([10, 1, 0, 99]) + gw_in[1][40:]]
-    up = [build_udp_packet(HOME, 6000, CN, 5000, bytes([i]) * (5 + 11 * i), ident=i)
+    up = [build_udp_packet(a2b(HOME), a2b(CN), 6000, 5000, bytes([i]) * (5 + 11 * i),
+                           identification=i)
           for i in range(40)]
     esp = [a.packet for p in up for a in mn.receive_from_tun(p, 1.0)
            if isinstance(a, SendToNet)]
@@ -168,7 +171,8 @@ def test_mmsg_equals_one_call_per_packet():
 @pytest.mark.skipif(not mmsg.available(), reason="sendmmsg/recvmmsg are Linux system calls")
 def test_raw_sender_and_receiver_batches_equal_single_calls():
     needs.need(None if os.geteuid() == 0 else "raw sockets need root")
-    packets = [build_udp_packet("127.0.0.1", 4000, "127.0.0.1", 4001, bytes([i]) * i, ident=i)
+    packets = [build_udp_packet(a2b("127.0.0.1"), a2b("127.0.0.1"), 4000, 4001, bytes([i]) * i,
+                                identification=i)
                for i in range(1, 90)]
     packets.insert(7, b"short")
     outcomes = {}

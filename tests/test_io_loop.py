@@ -12,11 +12,12 @@ from control_thread import serving
 from mipsec.io import control
 from mipsec.io.loop import EventLoop
 from mipsec.io.pcap import PcapWriter, read_pcap
-from mipsec.io.transports import FakeNet, build_udp_packet
+from mipsec.io.transports import FakeNet
 from mipsec.io.tun import FakeTun
 from mipsec.node.actions import BindingChanged, CareOfAddressChanged, Log, RebindSa, SendToNet, WriteToTun
+from mipsec.node.packet import a2b, build_udp_packet
 
-PKT = build_udp_packet("10.1.0.10", 5000, "10.1.0.100", 6000, b"payload")
+PKT = build_udp_packet(a2b("10.1.0.10"), a2b("10.1.0.100"), 5000, 6000, b"payload")
 
 
 class ScriptedRole:

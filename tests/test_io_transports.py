@@ -13,7 +13,9 @@ import pytest
 from scapy.layers.inet import IP, UDP
 
 import needs
-from mipsec.io.transports import IPPROTO_ESP, RawReceiver, RawSender, UdpReceiver, build_udp_packet
+from mipsec.constants import IPPROTO_ESP
+from mipsec.io.transports import RawReceiver, RawSender, UdpReceiver
+from mipsec.node.packet import a2b, build_udp_packet
 
 
 def _need_root():
@@ -21,7 +23,8 @@ def _need_root():
 
 
 def test_build_udp_packet_checks_out_with_scapy():
-    pkt = build_udp_packet("10.1.0.2", 434, "172.16.1.10", 434, b"\x03" + b"x" * 23, ident=7)
+    pkt = build_udp_packet(a2b("10.1.0.2"), a2b("172.16.1.10"), 434, 434, b"\x03" + b"x" * 23,
+                           identification=7)
     parsed = IP(pkt)
     assert parsed.src == "10.1.0.2" and parsed.dst == "172.16.1.10" and parsed.id == 7
     assert parsed[UDP].sport == 434 and parsed[UDP].dport == 434

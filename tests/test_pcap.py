@@ -25,7 +25,6 @@ from mipsec.io.pcap import (
     write_esp_sa_file,
     write_ike_key_file,
 )
-from mipsec.io.transports import build_udp_packet
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.node.packet import a2b
 from mipsec.node.packet import build_udp_packet as build_udp_raw
@@ -60,7 +59,7 @@ def test_pcap_header_and_records_round_trip(tmp_path):
 def _one_packet(path, sa):
     """A capture of one ESP packet from ``sa`` (MN to CN, UDP "up")."""
     w = PcapWriter(path)
-    w.write(sa.encapsulate(build_udp_packet("10.1.0.100", 1, "10.1.0.10", 2, b"up")), 5.0)
+    w.write(sa.encapsulate(build_udp_raw(a2b("10.1.0.100"), a2b("10.1.0.10"), 1, 2, b"up")), 5.0)
     w.close()
     return path
 
@@ -76,7 +75,8 @@ def test_tshark_decodes_every_esp_packet_with_a_good_icv(tmp_path):
         entries.append(EspSaEntry(spi=spi, encryption=enc, encryption_key=sa._encryption_key,
                                   integrity=integ, integrity_key=sa._integrity_key))
         for i in range(3):
-            inner = build_udp_packet("10.1.0.10", 5001, "10.1.0.100", 5001, b"m%d-%d" % (n, i))
+            inner = build_udp_raw(a2b("10.1.0.10"), a2b("10.1.0.100"), 5001, 5001,
+                                  b"m%d-%d" % (n, i))
             writer.write(sa.encapsulate(inner), 1000.0 + n + i / 10)
     writer.close()
     write_esp_sa_file(keys, entries)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
+from mipsec.constants import IKE_PORT, IPPROTO_ESP, IPPROTO_IPIP, MIP_PORT, NAT_T_PORT
 from mipsec.errors import ConfigError, UsageError
 from mipsec.io import arp, control, hostguard, instance, logs, netlink, seqstate, transports
 from mipsec.io import pcap as pcapmod
@@ -54,9 +55,6 @@ from mipsec.store import StoreError, open_store
 
 log = logging.getLogger("mipsec.daemon")
 
-MIP_PORT = 434                 # RFC 5944 §3.1
-NAT_T_PORT = 4500              # RFC 3948
-IKE_PORT = 500                 # RFC 7296 §2
 STATUS_TIMELINE_EVENTS = 1000  # status carries the latest events; `timeline` has them all
 
 
@@ -374,7 +372,7 @@ class Daemon:
         cfg = self.cfg
         out: list[Any] = []
         if cfg.role in ("mn", "gw"):
-            out.append(transports.RawReceiver(transports.IPPROTO_ESP, "esp"))
+            out.append(transports.RawReceiver(IPPROTO_ESP, "esp"))
             if self._uses_ike():
                 # IKEv2 (RFC 7296 §2): UDP 500, and 4500 for NAT-T (IKE with the non-ESP
                 # marker and ESP in UDP, RFC 3948), both rebuilt into whole IPv4 + UDP packets
@@ -393,8 +391,8 @@ class Daemon:
                 role_entry="receive_siu"))
         if cfg.role == "ha":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
-            out.append(transports.RawReceiver(transports.IPPROTO_IPIP, "ipip",
-                                              sock=self._home_link_raw(transports.IPPROTO_IPIP)))
+            out.append(transports.RawReceiver(IPPROTO_IPIP, "ipip",
+                                              sock=self._home_link_raw(IPPROTO_IPIP)))
             # the GWs' SIU ACKs (docs/protocol.md) come to the HA's address, SIU port
             out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack"))
         return out

@@ -30,6 +30,7 @@ import os
 import socket
 from typing import Any
 
+from mipsec.constants import IKE_PORT, MIP_PORT, NAT_T_PORT, SIU_PORT
 from mipsec.errors import ConfigError
 
 LOCK_DIR = "/run/mipsec/locks"
@@ -108,7 +109,6 @@ def claim_kernel_resources(cfg: Any, locks: Locks, lock_dir: str = LOCK_DIR) -> 
                       f"{_where(cfg, table, key)}: UDP port {port}")
 
 
-MIP_PORT, IKE_PORT, NAT_T_PORT, SIU_PORT = 434, 500, 4500, 4343   # RFC 5944, 7296, 3948; SIU
 
 
 def udp_ports(cfg: Any) -> list[tuple[int, str, str]]:

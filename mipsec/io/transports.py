@@ -33,9 +33,6 @@ from mipsec.errors import ConfigError
 from mipsec.io import mmsg
 from mipsec.node import packet
 
-IPPROTO_ESP = 50               # RFC 4303
-IPPROTO_IPIP = 4               # RFC 2003
-IPPROTO_UDP = 17
 RECV_SIZE = 65535
 MAX_BATCH = 256                # packets taken from one socket per wake-up (fairness between fds)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)   # ip(7); Python < 3.12 lacks the constant
@@ -44,13 +41,6 @@ REBUILT_TTL = 64               # TTL of a rebuilt IPv4 header (the real one is n
 _PKTINFO = struct.Struct("=I4s4s")        # struct in_pktinfo: ifindex, spec_dst, addr
 
 log = logging.getLogger(__name__)
-
-
-def build_udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes,
-                     ident: int = 0) -> bytes:
-    """An IPv4 + UDP packet around ``payload`` with valid header and UDP checksums."""
-    return packet.build_udp_packet(socket.inet_aton(src), socket.inet_aton(dst), sport, dport,
-                                   payload, ttl=REBUILT_TTL, identification=ident)
 
 
 class RawSender:
@@ -242,7 +232,9 @@ class UdpReceiver(_Receiver):
                 _ifindex, _spec_dst, header_dst = _PKTINFO.unpack_from(value)
                 local = socket.inet_ntoa(header_dst)
         self._ident = (self._ident + 1) & 0xFFFF
-        return build_udp_packet(src[0], src[1], local, self.port, data, self._ident)
+        return packet.build_udp_packet(socket.inet_aton(src[0]), socket.inet_aton(local), src[1],
+                                       self.port, data, ttl=REBUILT_TTL,
+                                       identification=self._ident)
 
 
 class FakeNet:

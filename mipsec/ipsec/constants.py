@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from mipsec.constants import IPPROTO_ESP as IPPROTO_ESP
+from mipsec.constants import IPPROTO_IPIP as IPPROTO_IPIP
+from mipsec.constants import IPPROTO_UDP as IPPROTO_UDP
+from mipsec.constants import NAT_T_PORT as NAT_T_PORT
+
 # --- specification constants -----------------------------------------------------------------
-IPPROTO_IPIP = 4              # RFC 2003 / RFC 4303 §2.6: next header of a tunnelled IPv4 packet
-IPPROTO_UDP = 17              # RFC 768
-IPPROTO_ESP = 50              # RFC 4303 §2
 NEXT_HEADER_NO_NEXT = 59      # RFC 4303 §2.6: "no next header", a dummy (TFC) packet
-NAT_T_PORT = 4500             # RFC 3948 §2: UDP-encapsulated ESP
 NAT_KEEPALIVE = b"\xff"       # RFC 3948 §2.3: a one-octet 0xFF UDP payload
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2: IKE on port 4500, not ESP
 ESP_HEADER_BYTES = 8          # RFC 4303 §2: SPI (4) + sequence number (4)

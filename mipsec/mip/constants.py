@@ -5,6 +5,10 @@ Names carry units (``_S`` seconds, ``_BYTES``).
 
 from __future__ import annotations
 
+from mipsec.constants import IPPROTO_IPIP as IPPROTO_IPIP  # RFC 2003 §3.1
+from mipsec.constants import IPPROTO_UDP as IPPROTO_UDP
+from mipsec.constants import SIU_PORT as SIU_PORT  # on the GW's inside address (docs/protocol.md)
+
 # --- specification constants ------------------------------------------------------------------
 # The wire-format numbers live beside their codecs (mipsec.wire may not import mipsec.mip); they
 # are re-exported here so roles have one place to import constants from.
@@ -37,13 +41,9 @@ from mipsec.wire.siu import (  # noqa: F401  (re-exported)
 NTP_UNIX_OFFSET_S = 2_208_988_800
 NTP_FRACTION = 1 << 32
 
-# RFC 2003 §3.1: IP protocol number 4 is IP-in-IP
-IPPROTO_IPIP = 4
-IPPROTO_UDP = 17
 
 # --- the SIU message (docs/protocol.md) ----------------------------------------------------------
 
-SIU_PORT = 4343                     # UDP port on the GW's inside address (docs/protocol.md)
 
 # --- tunables -------------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import hmac
 from collections.abc import Mapping, Sequence
 from typing import cast
 
+from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
 from mipsec.ipsec.replay import ReplayWindow
@@ -51,7 +52,7 @@ from mipsec.wire.siu import (
 )
 
 MIN_KEY_BYTES = 16       # RFC 2104 §3: a key shorter than the hash output weakens HMAC; 16+ B
-ZERO_ADDRESS = "0.0.0.0"
+ZERO_ADDRESS = UNSPECIFIED_ADDRESS
 
 
 def _mac(key: bytes) -> hmac.HMAC:

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mipsec.constants import MIP_PORT as MIP_PORT
 from mipsec.errors import ConfigError
 
 # --- specification constants -------------------------------------------------------------------
 
-MIP_PORT = 434                      # RFC 5944 §3.1: registration messages, UDP port 434
 MIP_SPI_MIN = 256                   # RFC 5944 §1.8: SPI values 0-255 are reserved
 MSA_ALGORITHMS = ("hmac-md5", "hmac-sha256")   # RFC 5944 §3.5.1 default, and the stronger option
 

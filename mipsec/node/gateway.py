@@ -61,6 +61,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
 from mipsec.ike.config import (
@@ -111,7 +112,7 @@ from mipsec.wire.ipv4 import checksum
 from mipsec.wire.mip import MSG_REGISTRATION_REQUEST, parse_registration_reply
 from mipsec.wire.siu import Siu, SiuFlags, SiuType
 
-UNBOUND_ADDRESS = "0.0.0.0"
+UNBOUND_ADDRESS = UNSPECIFIED_ADDRESS    # the outer destination of an SA no SIU has bound
 LINEAGE_SPIS = 16          # earlier outbound SPIs per MN an SIU may still name (re-keys)
 STATUS_MOBILES = 256           # MNs shown in detail by status() (all are counted)
 

@@ -99,6 +99,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.mip import ipip
@@ -151,7 +152,7 @@ from mipsec.wire.mip import (
 )
 from mipsec.wire.siu import SiuFlags, SiuType
 
-UNBOUND_ADDRESS = "0.0.0.0"
+UNBOUND_ADDRESS = UNSPECIFIED_ADDRESS    # an SIU's "no care-of address"
 META_MN_HA_ID = "mn-ha-id/"            # + home address: the last accepted identification
 META_SIU_SEQUENCE = "siu-seq/"         # + GW address: SIU numbers below it may have been used
 SIU_SEQUENCE_BLOCK = 1 << 12           # tunable: SIU numbers reserved per store write

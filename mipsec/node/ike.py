@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from mipsec.constants import IKE_PORT as IKE_PORT
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike.config import IkeConfig, SendDatagram
@@ -25,8 +26,6 @@ from mipsec.ike.constants import NAT_KEEPALIVE, NON_ESP_MARKER
 from mipsec.ike.endpoint import IkeEndpoint
 from mipsec.node.actions import Action, SendToNet
 from mipsec.node.packet import IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_udp_packet
-
-IKE_PORT = 500          # RFC 7296 §2
 
 
 class RoleIke:

@@ -54,6 +54,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, ParseError, SaExhausted, UsageError
 from mipsec.ike.config import (
@@ -111,7 +112,7 @@ from mipsec.node.packet import (
 from mipsec.node.retransmit import RetransmitTimer
 from mipsec.wire.mip import RegistrationReply, ReplyCode, build_registration_request
 
-UNSPECIFIED = "0.0.0.0"     # placeholder outer source of the outbound SA before the first CoA
+UNSPECIFIED = UNSPECIFIED_ADDRESS   # the outbound SA's outer source before the first CoA
 LIVENESS_IDLE_S = 1.0        # sending, nothing received for this long: is the GW still there?
 LIVENESS_MAX_S = 30.0        # the check's interval doubles up to this while the GW answers
 PROBE_TIMEOUT_S = 0.5        # IKEv2: no answer to the liveness check by then: re-establish

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import struct
 
+from mipsec.constants import IPPROTO_ESP as IPPROTO_ESP
+from mipsec.constants import IPPROTO_IPIP as IPPROTO_IPIP
+from mipsec.constants import IPPROTO_UDP as IPPROTO_UDP
+from mipsec.constants import NAT_T_PORT as NAT_T_PORT
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.wire.ipv4 import (
@@ -21,11 +25,6 @@ from mipsec.wire.ipv4 import (
     pack_ipv4,
     udp_checksum_packed,
 )
-
-IPPROTO_IPIP = 4        # RFC 2003
-IPPROTO_UDP = 17        # RFC 768
-IPPROTO_ESP = 50        # RFC 4303
-NAT_T_PORT = 4500       # RFC 3948
 
 _UDP = struct.Struct("!HHHH")
 _ZERO = b"\0\0\0\0"

@@ -25,13 +25,13 @@ from typing import Any
 
 from construct import Bytes, Const, Int8ub, Int16ub, Int64ub, StreamError, Struct
 
+from mipsec.constants import MIP_PORT as MIP_PORT
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.wire.ipv4 import bytes_to_addr
 
 # --- specification constants ------------------------------------------------------------------
 
-MIP_PORT = 434                      # RFC 5944 §3.3: registration messages go to UDP port 434
 
 MSG_REGISTRATION_REQUEST = 1        # RFC 5944 §3.3
 MSG_REGISTRATION_REPLY = 3          # RFC 5944 §3.4

@@ -1,0 +1,25 @@
+"""Protocol numbers, ports and addresses every layer shares, defined once (with their RFC).
+
+Each package keeps its own specification constants and tunables (``mipsec.ipsec.constants``,
+``mipsec.mip.constants``, ``mipsec.ike.constants``); what more than one layer needs is here,
+and those modules re-export it, so ``IPPROTO_UDP`` has one value in one place.
+"""
+
+from __future__ import annotations
+
+# --- IP protocol numbers (IANA "Assigned Internet Protocol Numbers") ---------------------------
+IPPROTO_IPIP = 4              # RFC 2003: IP in IP (the Mobile IP tunnel)
+IPPROTO_UDP = 17              # RFC 768
+IPPROTO_ESP = 50              # RFC 4303 §2
+
+# --- UDP ports --------------------------------------------------------------------------------
+MIP_PORT = 434                # RFC 5944 §3.1: registration messages
+IKE_PORT = 500                # RFC 7296 §2
+NAT_T_PORT = 4500             # RFC 3948 §2: UDP-encapsulated ESP (and IKE after NAT detection)
+SIU_PORT = 4343               # ours: the SIU on the GW's inside address (docs/protocol.md §2)
+
+# --- addresses --------------------------------------------------------------------------------
+# 0.0.0.0 (RFC 1122 §3.2.1.3: "this host on this network", never a destination): in an SIU's
+# Old/New CoA "none", the outer destination of a GW SA no SIU has bound, the outer source of the
+# MN's outbound SA before its first care-of address
+UNSPECIFIED_ADDRESS = "0.0.0.0"
