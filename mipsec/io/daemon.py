@@ -51,6 +51,7 @@ from mipsec.node.actions import (
     SiuSequenceNotReserved,
     UseHomeLink,
 )
+from mipsec.node.role import build_role
 from mipsec.store import StoreError, open_store
 
 log = logging.getLogger("mipsec.daemon")
@@ -74,28 +75,11 @@ def mn_tunnel_routes(home_prefix: str) -> list[str]:
 def make_role(cfg: DaemonConfig, wallclock=time.time, now: float | None = None) -> Any:
     """The sans-I/O role object for a configuration (the same classes the simulator uses).
 
-    Roles that take them get the injected wall clock (MIPv4 identification) and ``now`` (the
-    loop's monotonic clock: SA lifetimes start there).
+    It gets the injected wall clock (MIPv4 identification) and ``now`` (the loop's monotonic
+    clock: SA lifetimes start there); see ``mipsec.node.role``.
     """
-    import inspect
-
-    cls: type[Any]
-    if cfg.role == "mn":
-        from mipsec.node.mobile_node import MobileNode
-        cls = MobileNode
-    elif cfg.role == "gw":
-        from mipsec.node.gateway import VpnGateway
-        cls = VpnGateway
-    else:
-        from mipsec.node.home_agent import HomeAgent
-        cls = HomeAgent
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    if "wallclock" in params:
-        kwargs["wallclock"] = wallclock
-    if "now" in params:
-        kwargs["now"] = time.monotonic() if now is None else now
-    return cls(cfg.node, **kwargs)
+    return build_role(cfg.role, cfg.node, wallclock=wallclock,
+                      now=time.monotonic() if now is None else now)
 
 
 def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
@@ -122,15 +106,7 @@ def esp_entries(cfg: DaemonConfig) -> list[pcapmod.EspSaEntry]:
 
 def role_sas(role: Any) -> list[Any]:
     """Every ESP SA object the role holds now (current pairs, re-keyed inbound SAs)."""
-    sas: list[Any] = []
-    if hasattr(role, "mobiles"):                  # GW
-        for m in role.mobiles.values():
-            sas += [m.inbound, m.outbound, *m.old_inbound.values()]
-    else:                                         # MN
-        sas += [role.inbound, role.outbound]
-        for _child, sin, sout in getattr(role, "_pairs", {}).values():
-            sas += [sin, sout]
-    return [sa for sa in sas if sa is not None]
+    return list(role.esp_sas())
 
 
 def sa_key_line(sa: Any) -> str | None:

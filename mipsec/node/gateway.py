@@ -869,6 +869,13 @@ class VpnGateway:
             "inbound_retiring": [f"0x{spi:08x}" for spi in self._grace],
         }
 
+    def esp_sas(self) -> list[SecurityAssociation]:
+        """Every ESP SA we hold: each MN's pair and its re-keyed inbound SAs (``Role``)."""
+        sas: list[SecurityAssociation] = []
+        for m in self.mobiles.values():
+            sas += [m.inbound, m.outbound, *m.old_inbound.values()]
+        return sas
+
     def sizes(self) -> dict[str, int]:
         """Entries per table (a soak test watches that none grows)."""
         return {"mobiles": len(self.mobiles), "sad": len(self.sad), "by_spi": len(self._by_spi),

@@ -655,6 +655,10 @@ class HomeAgent:
                                  f"its reply was not sent; the mobile node will retransmit")]
         raise UsageError(f"HA {self.name}: unknown event {event!r}")
 
+    def esp_sas(self) -> list[Any]:
+        """The HA holds no ESP SA (``Role``)."""
+        return []
+
     def status(self, now: float | None = None) -> dict[str, Any]:
         return {
             "role": "ha", "name": self.name, "address": self.address,

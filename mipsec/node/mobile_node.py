@@ -852,6 +852,13 @@ class MobileNode:
                                         "SA when the MN leaves")
         return self._ike_outputs(out, now)
 
+    def esp_sas(self) -> list[SecurityAssociation]:
+        """Every ESP SA we hold: the current pair and every IKE child pair (``Role``)."""
+        sas = [self.inbound, self.outbound]
+        for _child, sin, sout in self._pairs.values():
+            sas += [sin, sout]
+        return [sa for sa in sas if sa is not None]
+
     def waiting_for(self) -> str:
         """What the MN is waiting for, in words (``mipsec status``)."""
         st = self.state
