@@ -37,6 +37,9 @@ def row(o: Outcome) -> str:
     status = "recovered" if o.recovered else "NOT recovered"
     if o.detail.get("rrp_after_start_ms") is not None:
         status += f", registered {_ms(o.detail['rrp_after_start_ms'])} after the start"
+    if o.detail.get("mn_reestablishments"):
+        status += (f", {o.detail['mn_reestablishments']} new tunnel(s), GW bound by IKE "
+                   f"{_ms(o.detail.get('ike_bound_after_event_ms'))} after the event")
     return (f"{o.name:<19} down {_ms(d['interruption_ms']):>9} {d['lost']:>6} lost | "
             f"up {_ms(u['interruption_ms']):>9} {u['lost']:>6} lost | "
             f"back after up {_ms(max(back)) if back else '-':>9} | "

@@ -141,3 +141,23 @@ def test_table_covers_only_known_states_and_events():
     # FRESH is left only by binding; nothing ever goes back to FRESH
     assert all(n is not S.FRESH for (s, _e), (n, _x) in BINDING_TRANSITIONS.items()
                if s is not S.FRESH)
+
+
+@pytest.mark.parametrize("state", list(S))
+def test_downlink_uses_the_sa_only_where_it_has_a_destination(state):
+    """The HA's IP-in-IP for the MN leaves through its outbound SA in the states that gave the
+    SA a destination (an SIU, or IKE at install), and is NO_SA where none did."""
+    from mipsec.mip import ipip
+    from mipsec.mobility.gw_binding import CARRIES_DOWNLINK
+
+    rig = Rig().into(state)
+    home = rig.mobile.home_address
+    inner = build_udp_packet(a2b("10.1.0.1"), a2b(home), 9000, 9000, b"x" * 32)
+    packet = ipip.encapsulate(inner, rig.ha, rig.mobile.care_of or A)
+    actions = rig.gw.receive_from_tun(packet, 0.0)
+    if state in CARRIES_DOWNLINK:
+        assert [a.packet[16:20] for a in actions] == [a2b(rig.mobile.care_of)], actions
+        assert rig.mobile.packets_down == 1 and not rig.gw.drops
+    else:
+        assert actions == [] and rig.gw.drops == {R.NO_SA: 1}
+    assert CARRIES_DOWNLINK == {S.BOUND, S.IKE_BOUND}

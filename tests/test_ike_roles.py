@@ -9,6 +9,7 @@ from mipsec.drops import DropReason
 from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ike.sa import State as IkeState
 from mipsec.mip.constants import SIU_PORT
+from mipsec.mobility.registration import IKE_FALLBACK_ATTEMPTS
 from mipsec.node import timeline as tl
 from mipsec.node.config import LAB_SPI_GW_TO_MN, LAB_SPI_MN_TO_GW
 from mipsec.node.mobile_node import RegState
@@ -188,8 +189,9 @@ def test_a_lost_siu_makes_the_ha_name_the_current_sa_by_zero():
 
 def test_gw_restart_registrations_fail_then_reestablishment_from_the_new_coa_repairs():
     """The GW daemon restarts and loses its IKE and ESP SAs.  The MN moves: its RRQs die at the
-    GW as unknown SPI, it retransmits, gives up after max_attempts, re-establishes IKE from its
-    new CoA (INITIAL_CONTACT), registers through the new SAs and the stream resumes."""
+    GW as unknown SPI, it retransmits, gives up after IKE_FALLBACK_ATTEMPTS (its SAs date from
+    the old CoA), re-establishes IKE from its new CoA (INITIAL_CONTACT), registers through the
+    new SAs and the stream resumes."""
     from mipsec.sim.scenario import restart_gateway
     topo = _topo(ike={"dpd_interval_s": 0})
     mn, ha = topo.mn.role, topo.ha.role
@@ -207,12 +209,13 @@ def test_gw_restart_registrations_fail_then_reestablishment_from_the_new_coa_rep
     kinds = [e.kind for e in events]
     i_move = kinds.index("coa-changed", 1)
     after = kinds[i_move:]
-    assert after.count("rrq-sent") >= mn.config.max_attempts + 1
+    fallback = min(IKE_FALLBACK_ATTEMPTS, mn.config.max_attempts)
+    assert after.count("rrq-sent") == fallback + 1        # then one through the new SAs
     assert tl.in_order(events[i_move:], ["coa-changed", "rrq-sent", "rrq-retransmitted",
                                          "registration-failed", "reestablish-requested",
                                          "ike-reestablish", "ike-established", "sas-installed",
                                          "rrq-sent", "rrp-received"]), after
-    assert gw.drops[DropReason.UNKNOWN_SPI] >= mn.config.max_attempts
+    assert gw.drops[DropReason.UNKNOWN_SPI] >= fallback
     t_fail = next(e.time for e in events if e.kind == "reestablish-requested")
     t_ok = next(e.time for e in events if e.kind == "rrp-received" and e.time > t_fail)
     assert mn.state is RegState.REGISTERED
@@ -404,5 +407,10 @@ def test_siu_path_down_reestablished_sas_carry_the_downlink_without_an_siu():
     assert [e for e in gw.timeline if e.kind == "gw-sa-repointed"] == sius_seen
     bound = [e for e in gw.timeline if e.kind == "gw-sa-bound-by-ike"][-1]
     assert bound.detail["remote"] == b and bound.detail["spi"] == m.outbound.spi
-    rep = stream_reports(topo, since=bound.time + 0.5, until=44.9)
-    assert rep["downlink"].received > 0 and rep["downlink"].longest_interruption_s <= 0.05, rep
+    since = bound.time + 0.5
+    rep = stream_reports(topo, since=since, until=44.9)
+    # the downlink flows through the IKE-bound pair: (nearly) every datagram of the window
+    # arrives, without a gap (an SA that is bound but not used for the downlink gives none)
+    arrived = [at for _sid, _seq, _st, at in topo.mn.app.arrivals if since <= at <= 44.9]
+    assert len(arrived) >= 0.95 * (44.9 - since) / 0.01, (len(arrived), dict(gw.drops))
+    assert rep["downlink"].longest_interruption_s <= 0.05, rep

@@ -1,8 +1,9 @@
 """Recovery scenarios in the live lab (mipsec/lab/recovery.py): each one must recover by itself.
 
-The home-agent side of benchmarks/bench_recovery.py's scenarios, and the 40 s outage, at a
-lower rate (the mobile node's scenarios are in test_mn_recovery_lab.py); these tests assert that
-traffic flows again both ways and what must (not) have happened on the way — never a timing.
+The home-agent side of benchmarks/bench_recovery.py's scenarios (HA restart, lost SIU, the
+SIU path down), and the 40 s outage, at a lower rate (the mobile node's scenarios are in
+test_mn_recovery_lab.py); these tests assert that traffic flows again both ways and what must
+(not) have happened on the way — never a timing.
 
 Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, elsewhere skips.
 """
@@ -50,6 +51,22 @@ def test_a_40_s_outage_with_manual_keys_ends_in_a_registration():
     outcome = _run("outage-40s-manual")
     kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
     assert ("mn", "rrp-received") in kinds, kinds
+
+
+def test_siu_path_down_the_new_tunnel_carries_the_downlink_without_an_siu():
+    """Every SIU from the HA is dropped on its way out while the MN roams a -> b (IKEv2): the
+    HA's replies never arrive, so the MN re-establishes its tunnel from b once; the GW binds the
+    new SAs to where IKE came from and the downlink flows again although no SIU reached it."""
+    outcome = _run("siu-path-down")
+    timeline = outcome.detail["timeline"]
+    kinds = [(node, kind) for _t, node, kind in timeline]
+    assert kinds.count(("mn", "ike-reestablish")) == 1, kinds
+    assert ("gw", "gw-sa-bound-by-ike") in kinds, kinds
+    assert ("gw", "gw-sa-repointed") not in kinds, kinds         # no SIU moved anything
+    assert ("mn", "rrp-received") not in kinds, kinds            # no reply came back either
+    bound = next(t for t, node, kind in timeline if (node, kind) == ("gw", "gw-sa-bound-by-ike"))
+    assert any(t > bound and (node, kind) == ("mn", "first-downlink-at-new-coa")
+               for t, node, kind in timeline), kinds
 
 
 def test_ha_killed_right_after_accepting_a_move_has_it_after_the_restart():

@@ -133,6 +133,12 @@ def run_scenario(scenario: Scenario, rate: float, prefix: str,
             detail["rrp_after_start_ms"] = None if rrp is None else (rrp - started) * 1000
         detail["mn_registrations"] = sum(1 for e in events if e.get("node") == lab_mn_name(lab)
                                          and e.get("kind") == "rrq-sent")
+        detail["mn_reestablishments"] = sum(1 for e in events if e.get("node") == lab_mn_name(lab)
+                                            and e.get("kind") == "ike-reestablish")
+        # the GW bound a new SA pair to where its IKE_AUTH came from (no SIU needed)
+        bound = next((e["time"] for e in events if e.get("node") == "gw"
+                      and e.get("kind") == "gw-sa-bound-by-ike"), None)
+        detail["ike_bound_after_event_ms"] = None if bound is None else (bound - t_event) * 1000
         detail["timeline"] = [(round((e["time"] - t_event) * 1000, 1), e["node"], e["kind"])
                               for e in events]
         out.detail = detail
@@ -289,8 +295,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              kill_and_restart("mn"), after_s=5.0),
     Scenario("outage-40s-manual", "registers <= one backoff period (capped) after the path "
              "returns", outage(40.0), after_s=75.0, lab={"sa_source": "manual"}),
-    Scenario("siu-path-down", "IKE-time binding: the fallback works without the SIU",
-             siu_path_down_roam, after_s=12.0),
+    Scenario("siu-path-down", "re-established SAs bound at IKE time: the fallback works "
+             "without the SIU; one new tunnel, no re-IKE loop", siu_path_down_roam, after_s=12.0),
     Scenario("lost-siu", "a lost SIU costs <= 1 SIU timeout (not the MN's 1 s)",
              lost_siu_roam, after_s=3.0),
     Scenario("return-home-leave", "leaving again resumes or re-establishes at once",

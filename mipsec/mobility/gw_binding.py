@@ -110,6 +110,9 @@ del S, E, X
 
 # pairs no SIU has bound yet: their first SIU may name any Old CoA and any SPI
 _UNCONFIRMED = frozenset((BindingState.FRESH, BindingState.IKE_BOUND))
+# the outbound SA has an outer destination, so the downlink may use it: an SIU bound it, or IKE
+# did at install, to where the authenticated IKE_AUTH came from (FRESH, UNBOUND: NO_SA)
+CARRIES_DOWNLINK = frozenset((BindingState.BOUND, BindingState.IKE_BOUND))
 
 
 def classify(siu_type: SiuType, old: str | None, new: str | None,
@@ -152,6 +155,11 @@ class GwBinding(Machine[BindingState, BindingEvent, Effect]):
     @property
     def binding(self) -> BindingState:
         return self.state
+
+    @property
+    def carries_downlink(self) -> bool:
+        """The outbound SA has an outer destination the downlink may be sent to."""
+        return self.state in CARRIES_DOWNLINK
 
     @property
     def unconfirmed(self) -> bool:

@@ -6,10 +6,19 @@ While away the MN registers its care-of address (CoA) with its home agent throug
 (RFC 5944 §3.6): a Registration Request inside the SA pair it re-pointed at the new CoA (keys,
 sequence numbers and replay windows kept), retransmitted with a capped back-off and a new
 identification each time (RFC 5944 §5.7) until the HA's reply arrives, forwarded by the GW.
-``max_attempts`` unanswered transmissions in a row mean the tunnel itself may be gone: with IKEv2
-the MN re-establishes it (``Do.REESTABLISH``) and registers again.  At home it deregisters
-directly with the HA, outside the tunnel (RFC 5944 §3.6.1.1), and only the HA's authenticated
-reply takes traffic out of the tunnel.
+Unanswered transmissions mean the tunnel itself may be what fails.  With IKEv2 the MN knows the
+GW's outbound SA points at its CoA when IKE installed the pair from there (the GW binds a new
+pair to where its IKE_AUTH came from) or the HA accepted that CoA (``gw_points_at``); after a
+move it does not (the reply travels in the HA's SIU, and with that path down nothing re-points
+the old pair).  So ``IKE_FALLBACK_ATTEMPTS`` (at most ``max_attempts``) unanswered transmissions
+through a pair that may point elsewhere are ``NO_REPLY_ROUND``: the MN re-establishes
+(``Do.REESTABLISH``, the patent's fallback: a new tunnel that does not rely on the SIU) and
+registers again through it.  A round of ``max_attempts`` unanswered through a pair that points
+here is ``NO_REPLY_HERE``: the MN checks the GW (``Do.CHECK_GW``, an IKE liveness check beside
+the next request); a silent GW is ``PEER_SILENT`` (re-establish), an answering one means the HA's
+reply is what is missing: logged once per CoA and backed off from, never a new IKE SA per round.
+At home it deregisters directly with the HA, outside the tunnel (RFC 5944 §3.6.1.1), and only
+the HA's authenticated reply takes traffic out of the tunnel.
 
 ``TRANSITIONS`` is the logic: ``Registration.fire`` looks ``(state, event)`` up, moves and
 returns the one effect (``Do``) the role carries out (``MobileNode._effects``); any other pair is
@@ -31,6 +40,8 @@ from mipsec.mobility.machine import Machine
 from mipsec.wire.mip import RegistrationReply, RegistrationRequest, ReplyCode, RequestFlags
 
 SENT_IDS_KEPT = 16           # transmissions of one request whose reply we still accept
+IKE_FALLBACK_ATTEMPTS = 3    # IKEv2: unanswered through SAs the GW may point elsewhere (at most
+                             # max_attempts, 1.4 s at the timer's 0.2 s floor), then a new tunnel
 
 
 def reply_code_name(code: int | None) -> str:
@@ -62,7 +73,8 @@ class RegEvent(enum.Enum):
     DENIED = "denied"                  # an authenticated refusal (not 133): keep backing off
     RESYNC = "resync"                  # an authenticated 133: clock adopted, send again now
     TIMED_OUT = "timed-out"            # no reply within the retransmission timer
-    NO_REPLY_ROUND = "no-reply-round"  # max_attempts in a row unanswered (IKEv2: re-establish)
+    NO_REPLY_ROUND = "no-reply-round"  # IKEv2: unanswered through SAs the GW may point elsewhere
+    NO_REPLY_HERE = "no-reply-here"    # IKEv2: a round unanswered through SAs that point here
     RENEW_DUE = "renew-due"            # renew_fraction of the granted lifetime passed
     SAS_INSTALLED = "sas-installed"    # a new SA pair (IKEv2 child SA)
     SAS_LOST = "sas-lost"              # the IKE SA we used ended (its children with it)
@@ -78,6 +90,7 @@ class Do(enum.Enum):
     SEND_AGAIN = "send-again"          # the same request again, now (back-off continues)
     HOLD = "hold"                      # a refusal: log it, the back-off timer stays armed
     CONFIRM = "confirm"                # registered: renewal timer, pin make-before-break
+    CHECK_GW = "check-gw"              # IKEv2: a liveness check of the GW, and send again
     LEAVE_TUNNEL = "leave-tunnel"      # home confirmed: UseHomeLink
     NEGOTIATE = "negotiate"            # IKEv2 from the current CoA (a move: fresh back-off)
     REESTABLISH = "reestablish"        # IKEv2 anew (INITIAL_CONTACT), back-off continues
@@ -125,6 +138,7 @@ TRANSITIONS: dict[tuple[RegState, RegEvent], tuple[RegState, Do]] = {
     # no reply: retransmit for ever with a capped back-off; IKEv2 also renews the tunnel
     (S.REGISTERING, E.TIMED_OUT): (S.REGISTERING, Do.SEND_AGAIN),
     (S.REGISTERING, E.NO_REPLY_ROUND): (S.AWAITING_SAS, Do.REESTABLISH),
+    (S.REGISTERING, E.NO_REPLY_HERE): (S.REGISTERING, Do.CHECK_GW),
     (S.DEREGISTERING, E.TIMED_OUT): (S.DEREGISTERING, Do.SEND_AGAIN),
     (S.DEREGISTERING, E.NO_REPLY_ROUND): (S.DEREGISTERING, Do.SEND_AGAIN),  # never a guess
     (S.REGISTERED, E.RENEW_DUE): (S.REGISTERING, Do.SEND_NEW),
@@ -157,7 +171,7 @@ class Registration(Machine[RegState, RegEvent, Do]):
 
     __slots__ = ("pending_id", "sent", "attempts", "deadline", "replied", "refused",
                  "refusal_logged", "accepted_reply", "lifetime_granted", "registered_until",
-                 "renew_at", "old_care_of_b", "home_link")
+                 "renew_at", "old_care_of_b", "home_link", "gw_points_at", "unanswered_logged")
 
     def __init__(self, who: str):
         super().__init__(TRANSITIONS, RegState.IDLE, who)
@@ -178,6 +192,10 @@ class Registration(Machine[RegState, RegEvent, Do]):
         # make-before-break: the old CoA still accepted until the registration is confirmed
         self.old_care_of_b: bytes | None = None
         self.home_link: str | None = None          # where ReturnedHome said the home link is
+        # IKEv2: the CoA the GW's outbound SA is known to point at (IKE installed the pair from
+        # there, or the HA accepted it); None after a move until one of them happens
+        self.gw_points_at: str | None = None
+        self.unanswered_logged: str | None = None  # the CoA "the HA's reply is missing" was for
 
     @property
     def away(self) -> bool:
@@ -213,6 +231,20 @@ class Registration(Machine[RegState, RegEvent, Do]):
         """``max_attempts`` transmissions of this request so far, or a multiple of it."""
         return self.attempts % max_attempts == 0
 
+    def no_reply_event(self, care_of: str, max_attempts: int) -> RegEvent | None:
+        """IKEv2, the retransmission timer ran out with no reply this round: the event that
+        is (None: just send again).  Through SAs the GW may point elsewhere, give up after
+        ``IKE_FALLBACK_ATTEMPTS``; through SAs that point at ``care_of``, check the GW after
+        each round of ``max_attempts``."""
+        if self.state is not RegState.REGISTERING or self.replied:
+            return None
+        if (self.gw_points_at != care_of
+                and self.attempts >= min(IKE_FALLBACK_ATTEMPTS, max_attempts)):
+            return RegEvent.NO_REPLY_ROUND
+        if self.round_over(max_attempts):
+            return RegEvent.NO_REPLY_HERE
+        return None
+
     def answered_by(self, msa: MobilitySecurityAssociation, reply: RegistrationReply) -> int | None:
         """The identification of the transmission ``reply`` answers (each has its own), or None."""
         if self.pending_id is None:
@@ -220,9 +252,13 @@ class Registration(Machine[RegState, RegEvent, Do]):
         return next((i for i in (self.pending_id, *self.sent) if msa.reply_matches(i, reply)),
                     None)
 
-    def confirm(self, reply: RegistrationReply, now: float, renew_fraction: float) -> None:
-        """The HA accepted: the request is done, the renewal is due at ``renew_fraction``."""
+    def confirm(self, reply: RegistrationReply, now: float, renew_fraction: float,
+                care_of: str | None = None) -> None:
+        """The HA accepted: the request is done, the renewal is due at ``renew_fraction``; the
+        reply came through the GW's SA, which the HA's SIU pointed at ``care_of``."""
         self.clear()
+        self.gw_points_at = care_of
+        self.unanswered_logged = None
         self.lifetime_granted = reply.lifetime
         self.registered_until = now + reply.lifetime
         # a zero lifetime (never granted by our HA to a request with one) must not spin renewals

@@ -57,7 +57,8 @@ HA_MAX_LIFETIME_S = 1800            # the HA grants min(requested, this)
 RETRANSMIT_INITIAL_S = 1.0          # RFC 5944 §3.6.3: first timeout before any RTT is measured
 RETRANSMIT_MIN_S = 0.2              # floor of the measured timeout (mipsec/node/retransmit.py)
 RETRANSMIT_MAX_S = 30.0             # cap of the back-off: the MN retries for ever at this pace
-RETRANSMIT_MAX_ATTEMPTS = 5         # unanswered transmissions before re-establishing (IKEv2)
+RETRANSMIT_MAX_ATTEMPTS = 5         # a round of unanswered transmissions (IKEv2: then a
+                                    # liveness check; registration.IKE_FALLBACK_ATTEMPTS)
 SIU_RETRANSMIT_INITIAL_S = 0.05     # HA: an SIU not ACKed after this (home link scale) is resent,
 SIU_RETRANSMIT_TRIES = 4            # doubling each time, at most this many times (0.75 s in all)
 RENEW_FRACTION = 0.8                # re-register at this fraction of the granted lifetime

@@ -383,7 +383,7 @@ class VpnGateway:
         mobile = self._by_home.get(packet[ihl + 16:ihl + 20]) if proto == IPPROTO_IPIP else None
         if mobile is None:
             return self._drop(DropReason.NO_POLICY)
-        if mobile.state is not BindingState.BOUND:
+        if not mobile.carries_downlink:
             # never bound, or deregistered / expired: the SA has no outer binding
             return self._drop(DropReason.NO_SA)
         try:

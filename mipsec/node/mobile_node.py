@@ -21,10 +21,14 @@ see it and the HA answers through the GW).  Without a reply it retransmits after
 measured from its registration round trips (``mipsec/node/retransmit.py``, RFC 6298 style),
 doubling up to ``retransmit_max_s`` (RFC 5944 §3.6.3), each time with a new identification
 (RFC 5944 §5.7: a timestamp must increase), for ever: no state is terminal while the
-configuration is valid.  After ``max_attempts`` unanswered transmissions it records
-``reestablish-requested`` and returns a ``ReestablishRequested`` action: the SAs may be dead;
-with IKEv2 it makes new ones itself (``install_sas``) and registers through them, its back-off
-going on (so a silent HA costs one new IKE SA per ``max_attempts`` capped timeouts, not a loop).
+configuration is valid.  Manual keys: after ``max_attempts`` unanswered transmissions it
+records ``reestablish-requested`` and returns a ``ReestablishRequested`` action once, and goes
+on asking.  IKEv2 ("no reply through this tunnel", ``mipsec/mobility/registration.py``): after
+``IKE_FALLBACK_ATTEMPTS`` unanswered through SAs the GW may still point at an old CoA it makes
+new ones itself from the current CoA (``install_sas``; the GW binds them there at IKE time) and
+registers through them, its back-off going on; through SAs that point here, each round of
+``max_attempts`` only checks the GW (IKE liveness): silent, re-establish; answering, the HA's
+reply is what is missing, logged once per CoA and backed off from (capped), no re-IKE loop.
 An authenticated refusal is logged once and backed off from; it proves the tunnel works, so
 nothing is re-established.  An accepted registration is renewed at ``renew_fraction`` of the granted
 lifetime.  A 133 reply (identification mismatch) that authenticates resynchronises the
@@ -185,6 +189,7 @@ class MobileNode:
         self._liveness_interval = LIVENESS_IDLE_S
         self._probe_started: float | None = None
         self._probe_deadline: float | None = None
+        self._probe_for_registration = False  # the running check follows unanswered requests
         self.drops: Counter[DropReason] = Counter()
         self.timeline: list[TimelineEvent] = []
         self.counters: Counter[str] = Counter()
@@ -260,8 +265,11 @@ class MobileNode:
             return self._drop(DropReason.NO_SA)
         try:
             inner = sa.decapsulate(packet, now)
-            # authenticated ESP from the GW: it is alive and has our SAs
-            self._liveness_at = self._probe_deadline = None
+            # authenticated ESP from the GW: it is alive and has our SAs (a check after
+            # unanswered requests waits for IKE's answer: it tells what is missing)
+            self._liveness_at = None
+            if not self._probe_for_registration:
+                self._probe_deadline = None
             iproto, isrc, idst, iihl = peek_ipv4(inner)
             if iproto == IPPROTO_IPIP:
                 outer_src, _outer_dst, innermost = ipip.decapsulate(inner)
@@ -371,7 +379,7 @@ class MobileNode:
         if self.reg.refusal_logged is not None or self.reg.attempts > self.config.max_attempts:
             actions.append(Log("info", f"registered via {self.care_of} after "
                                        f"{self.reg.attempts} requests"))
-        self.reg.confirm(reply, now, self.config.renew_fraction)
+        self.reg.confirm(reply, now, self.config.renew_fraction, care_of=self.care_of)
         self._ike_backoff_s = 0.0
         if self.reg.old_care_of_b is not None and self.inbound is not None:
             # make-before-break done: from now on only the new CoA
@@ -389,6 +397,7 @@ class MobileNode:
         self.reg.clear()
         self.reg.forget_registration()
         self.care_of = self._care_of_b = self.reg.old_care_of_b = None
+        self.reg.gw_points_at = None
         self.interface = self.reg.home_link
         self._record(now, "deregistered", interface=self.reg.home_link)
         actions: list[Action] = [Log("info", f"at home on {self.reg.home_link}: the home agent "
@@ -404,6 +413,38 @@ class MobileNode:
 
     def _do_start_ike(self, now: float) -> list[Action]:
         return self._ike_start(now)
+
+    def _do_check_gw(self, now: float) -> list[Action]:
+        """A round of requests unanswered through SAs that point here: the next request, and
+        beside it an IKE liveness check of the GW (RFC 7296 §2.4).  Silent: the GW lost our
+        SAs, re-establish; answering: the HA's reply is what is missing (``_probe_expired``)."""
+        actions = self._do_send_again(now)
+        sa = self._ike_alive()
+        if sa is None:
+            return actions
+        self._probe_for_registration = True
+        if self._probe_deadline is None:
+            self._record(now, "liveness-check", via="ike", attempts=self.reg.attempts,
+                         reason="registration unanswered")
+            self._probe_started = now
+            self._probe_deadline = now + max(PROBE_TIMEOUT_S, 2 * self.rtt.rto)
+            actions += self._ike_outputs(sa.check_liveness(now), now)
+        return actions
+
+    def _registration_unanswered(self, now: float) -> list[Action]:
+        """The GW answered a liveness check but the HA's reply never came through it: say so
+        once per care-of address; the back-off (capped) goes on, nothing is re-established."""
+        self._record(now, "registration-unanswered", care_of=self.care_of,
+                     attempts=self.reg.attempts, gateway_alive=True)
+        if self.reg.unanswered_logged == self.care_of:
+            return []
+        self.reg.unanswered_logged = self.care_of
+        return [Log("warning", f"the GW {self.config.gateway} answers through the tunnel from "
+                               f"{self.care_of}, but {self.reg.attempts} registration requests "
+                               f"for {self.home_address} got no reply from the home agent "
+                               f"{self._ha}: it is down or refuses them, or its SIU path to the "
+                               f"GW is down; the tunnel stays (the GW bound it here), asking "
+                               f"again, backing off up to {self.config.retransmit_max_s:g} s")]
 
     def _do_reestablish(self, now: float) -> list[Action]:
         attempts = self.reg.attempts
@@ -429,6 +470,7 @@ class MobileNode:
     def _do_pause(self, now: float) -> list[Action]:
         self.reg.stop_sending()
         self._ike_retry_at = self._liveness_at = self._probe_deadline = None
+        self._probe_for_registration = False
         return [Log("info", f"care-of address {self.care_of} gone: nothing is sent until an "
                             f"address can reach the GW again (the registration stands)")]
 
@@ -437,6 +479,8 @@ class MobileNode:
         self.care_of = self._care_of_b = self.reg.old_care_of_b = None
         self.reg.renew_at = self._ike_retry_at = None
         self._liveness_at = self._probe_deadline = None
+        self._probe_for_registration = False
+        self.reg.gw_points_at = None
         return []
 
     _effects: dict[Do, Callable[[MobileNode, float], list[Action]]] = {
@@ -444,19 +488,25 @@ class MobileNode:
         Do.HOLD: _do_hold, Do.CONFIRM: _do_confirm, Do.LEAVE_TUNNEL: _do_leave_tunnel,
         Do.NEGOTIATE: _do_negotiate, Do.START_IKE: _do_start_ike, Do.REESTABLISH: _do_reestablish,
         Do.RETRY_IKE: _do_retry_ike, Do.FORGET: _do_forget, Do.PAUSE: _do_pause,
+        Do.CHECK_GW: _do_check_gw,
     }
 
     def _timed_out(self, now: float) -> list[Action]:
-        """The retransmission timer ran out: send again; with IKEv2, every ``max_attempts``
-        unanswered transmissions the tunnel is re-established first (the GW may have lost it).
-        An authenticated refusal in the round means the tunnel works: no re-establishment."""
+        """The retransmission timer ran out: send again.  IKEv2: a new tunnel, or a liveness
+        check beside the request (``Registration.no_reply_event``).  An authenticated refusal
+        in the round means the tunnel works: neither."""
         self.reg.deadline = None
+        if self.ike is not None and self.care_of is not None:
+            event = self.reg.no_reply_event(self.care_of, self.config.max_attempts)
+            if event is RegEvent.NO_REPLY_ROUND:
+                return self._event(event, now)
+            if event is RegEvent.NO_REPLY_HERE:
+                self._record(now, "rrq-retransmitted", attempt=self.reg.attempts + 1)
+                return self._event(event, now)
         round_over = self.reg.round_over(self.config.max_attempts)
         if round_over and self.state is S.REGISTERING and not self.reg.replied:
-            if self.ike is not None and self.care_of is not None:
-                return self._event(RegEvent.NO_REPLY_ROUND, now)
             actions: list[Action] = []
-            if self.reg.attempts == self.config.max_attempts:
+            if self.ike is None and self.reg.attempts == self.config.max_attempts:
                 # manual keys: nothing to re-establish; say it once, keep asking for ever
                 self._record(now, "registration-failed", attempts=self.reg.attempts,
                              reason="no reply")
@@ -522,6 +572,8 @@ class MobileNode:
         if coa == self.care_of and self.state in AWAY:
             return []            # the same address reported again
         old = self.care_of if self.state in AWAY or self.state is S.IDLE else None
+        if coa != self.care_of:
+            self.reg.gw_points_at = None     # until IKE binds a pair here or the HA accepts coa
         self.care_of, self._care_of_b, self.interface = coa, coa_b, event.interface
         self._record(now, "coa-changed", old=old, new=coa, make_before_break=event.make_before_break)
         keep_old = event.make_before_break and old is not None and old != coa
@@ -627,7 +679,10 @@ class MobileNode:
     def _probe_expired(self, now: float) -> list[Action]:
         sa = self._ike_alive()
         started, self._probe_started = self._probe_started, None
+        for_registration, self._probe_for_registration = self._probe_for_registration, False
         if sa is not None and started is not None and sa.last_heard >= started:
+            if for_registration and self.state is S.REGISTERING:
+                return self._registration_unanswered(now)
             return []                  # it answered: alive (the interval grew)
         if self.state not in (S.REGISTERED, S.REGISTERING) or self.care_of is None:
             return []
@@ -650,6 +705,9 @@ class MobileNode:
             outbound.rebind(local=self.care_of)
             actions += [RebindSa(outbound.spi, self.care_of, outbound.remote),
                         RebindSa(inbound.spi, self.care_of, inbound.remote)]
+        # the GW binds a pair IKE installs to where its IKE_AUTH came from (``_ike_event`` names
+        # that address); a pair installed otherwise points wherever the GW was told
+        self.reg.gw_points_at = None
         self._record(now, "sas-installed", inbound_spi=inbound.spi, outbound_spi=outbound.spi)
         if self.state in AWAY and self.care_of is not None:
             actions += self._event(RegEvent.SAS_INSTALLED, now)
@@ -744,7 +802,10 @@ class MobileNode:
         if cls is ChildSaEstablished:
             sin, sout = self._child_sas(ev.child, now)
             self.ike.note(now, f"child {ev.child.spi_in:08x}/{ev.child.spi_out:08x} up")
-            return self.install_sas(sin, sout, now)
+            installed = self.install_sas(sin, sout, now)
+            # the GW bound the new pair to where the IKE_AUTH came from (docs/protocol.md §2.2)
+            self.reg.gw_points_at = ev.ike_sa.local[0]
+            return installed
         if cls is ChildSaRekeyed:
             sin, sout = self._child_sas(ev.new, now)
             self.ike.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}",
@@ -817,6 +878,7 @@ class MobileNode:
             newest = next(reversed(self._pairs.values()), None)
             if newest is None:
                 self.inbound = self.outbound = None
+                self.reg.gw_points_at = None
             else:
                 if self.outbound is not newest[2] and self.care_of is not None:
                     # a re-key we answered: the GW has the new pair now (it deletes the old
@@ -877,6 +939,9 @@ class MobileNode:
             refused = (f"; last refused with code {self.reg.refused} "
                        f"({reply_code_name(self.reg.refused)})"
                        if self.reg.refused is not None else "")
+            if self.reg.refused is None and self.reg.unanswered_logged == self.care_of:
+                refused = ("; the GW answers, the home agent's reply does not come (down, "
+                           "refusing, or its SIU path to the GW is down)")
             return (f"the home agent's reply to {what} request {self.reg.attempts} "
                     f"(next try at t={self.reg.deadline:.3f}){refused}"
                     if self.reg.deadline is not None else f"the home agent's {what} reply{refused}")

@@ -44,6 +44,7 @@ IKE_KINDS = (     # IKEv2 in the roles (docs/ikev2.md "Integration")
 MOBILE_KINDS = (  # the MN's robustness: where it is, what it waits for
     "home-prefix-address-ignored",  # a home-prefix address on a visited interface
     "liveness-check",               # sending, nothing received: is the GW still there?
+    "registration-unanswered",      # the GW answers a check, the HA's reply does not come
 )
 KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS + MOBILE_KINDS)
 # Bounds (a timeline is what ``mipsec status`` / ``timeline`` show, and what an authenticated MN
