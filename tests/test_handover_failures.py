@@ -120,7 +120,7 @@ def test_lost_siu_or_ack_is_resent_by_the_home_agent(lost):
     assert kinds.count("siu-retransmitted") == 1, kinds
     assert kinds.count("gw-sa-repointed") == 1, kinds
     assert kinds.count("rrp-forwarded") == (1 if lost == "siu" else 2), kinds
-    assert ha._resend == {} and ha.get_timer() == ha.machine.next_expiry()     # ACKed: no more resends
+    assert ha.siu.resend == {} and ha.get_timer() == ha.machine.next_expiry()     # ACKed: no more resends
     assert not gw.drops
     # the reply forwarded twice after a lost ACK: the MN drops the second copy, counted
     assert mn.drops == ({} if lost == "siu" else {DropReason.MIP_UNEXPECTED_REPLY: 1})
@@ -147,7 +147,7 @@ def test_an_siu_never_acked_is_resent_a_bounded_number_of_times():
     kinds = [e.kind for e in ha.timeline]
     assert kinds.count("siu-retransmitted") == ha.config.siu_retransmit_tries
     assert kinds[-1] == "siu-unacknowledged"
-    assert ha._resend == {}
+    assert ha.siu.resend == {}
 
 
 def test_home_agent_that_never_accepts_leads_to_reestablishment():

@@ -115,6 +115,7 @@ from mipsec.mobility.ha_binding import (  # noqa: F401  (re-exported: the role's
     BindingState,
     HaBindings,
 )
+from mipsec.mobility.siu_exchange import AckOutcome, SentSiu, SiuExchange
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
     Action,
@@ -188,14 +189,8 @@ class HomeAgent:
         # (an ACK echoes one of our sequence numbers: one below our first is from an earlier run)
         self._ack_verifier = SiuVerifier({g.address: (g.key_id, g.key) for g in config.gateways},
                                          floor=first)
-        # each GW's epoch from its latest ACK, echoed in our SIUs (docs/protocol.md §2.3)
-        self._gw_epoch: dict[str, int] = {}
-        self._gw_care_of: dict[str, str | None] = {}
-        # home -> (sequence, type, new CoA, RRP, was a correction) of our latest SIU
-        self._last_siu: dict[str, tuple[int, SiuType, str | None, bytes, bool]] = {}
-        self._acked: dict[str, int] = {}       # home -> sequence of the GW's latest ACK
-        # home -> (deadline, resends so far, SIU arguments) of our latest SIU until its ACK
-        self._resend: dict[str, tuple[float, int, tuple[Any, ...]]] = {}
+        # the SIU exchange: what each GW has (its ACKs), its epoch, our last SIUs and resends
+        self.siu = SiuExchange()
         # home -> the care-of address our binding store holds as far as we know (absent:
         # unknown, e.g. after a failed write: the next write is unconditional)
         self._stored: dict[str, str | None] = {}
@@ -385,7 +380,7 @@ class HomeAgent:
                          deregistration=True, via_gateway=via_gateway)
             self._record(now, "binding-deregistered", home_address=home, old=old)
             actions.insert(0, self._persist(home, None))
-            gw_has = self._gw_has(home, old)
+            gw_has = self.siu.gw_has(home, old)
             if via_gateway:
                 actions += self._siu(now, SiuType.DEREGISTER, mobile, gw_has, None, 0, rrp)
             else:
@@ -403,7 +398,7 @@ class HomeAgent:
                      via_gateway=via_gateway)
         if via_gateway:
             actions += self._siu(now, SiuType.UPDATE, mobile,
-                                 self._gw_has(home, binding.gw_old), coa, lifetime, rrp)
+                                 self.siu.gw_has(home, binding.gw_old), coa, lifetime, rrp)
         else:
             actions.append(SendToNet(build_udp_packet(self._address_b, src, MIP_PORT, sport, rrp)))
         return actions
@@ -427,7 +422,7 @@ class HomeAgent:
         mobile nodes and their identification replay state.  Returns a ``BindingChanged`` per
         binding, so the runtime re-installs its routes and proxy-ARP entries.  Call once,
         before any packet."""
-        if self.bindings or self._last_siu:
+        if self.bindings or self.siu.last:
             raise UsageError(f"HA {self.name}: restore() after the HA has started serving")
         wall = self.wallclock()
         # SIU numbering continues above every mark reserved before (by us or another HA)
@@ -461,11 +456,6 @@ class HomeAgent:
             self._stored.setdefault(home, None)       # the store was read: nothing there
         return actions
 
-    def _gw_has(self, home: str, fallback: str | None) -> str | None:
-        """Where we believe the GW's SA for ``home`` points: its last ACK, else ``fallback``
-        (the binding's previous CoA: right unless an SIU was lost before a second move)."""
-        return self._gw_care_of[home] if home in self._gw_care_of else fallback
-
     def _siu_ack(self, src: bytes, data: bytes, now: float) -> list[Action]:
         """An ACK from a GW: remember its binding; if it is not ours, send a correcting SIU."""
         siu = self._ack_verifier.verify(b2a(src), data)
@@ -476,36 +466,30 @@ class HomeAgent:
         if mobile is None or mobile.gateway != siu.sender:
             return self._drop(DropReason.SIU_UNKNOWN_MOBILE)
         reported = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
-        self._gw_care_of[home] = reported
-        self._gw_epoch[siu.sender] = siu.gateway_epoch
-        self._acked[home] = siu.sequence
         if siu.gateway_spi and siu.gateway_spi != mobile.gateway_spi:
             # docs/protocol.md §2.2: the ACK names the SA that serves the MN now (IKEv2 re-keys
             # and re-establishment change it): name that one from now on
             mobile = self._mobiles[home] = dataclasses.replace(mobile, gateway_spi=siu.gateway_spi)
             self._record(now, "gateway-spi-learned", home_address=home, spi=siu.gateway_spi)
-        last = self._last_siu.get(home)
-        if last is None or last[0] != siu.sequence:
-            return []                    # an older SIU's ACK: the latest one's will follow
-        self._resend.pop(home, None)
         binding = self.bindings.get(home)
         want = binding.care_of_address if binding is not None else None
         # E: our SIU carried an epoch the GW refused (it restarted): nothing was applied; send
         # it again, as a correction, with the epoch just learnt
-        refused_epoch = bool(siu.flags & SiuFlags.STALE_EPOCH)
-        if reported == want and not refused_epoch:
+        outcome = self.siu.acknowledged(home, siu.sender, reported, siu.gateway_epoch,
+                                        siu.sequence, want,
+                                        bool(siu.flags & SiuFlags.STALE_EPOCH))
+        if outcome is AckOutcome.OLDER or outcome is AckOutcome.AGREES:
             return []
-        if last[4]:
-            # the GW refused our correction too (e.g. it cannot use that CoA): one correction
-            # per SIU we originated, never a correction of a correction, so no SIU/ACK loop
+        if outcome is AckOutcome.CORRECTION_REFUSED:
+            # the GW refused our correction too (e.g. it cannot use that CoA): no SIU/ACK loop
             self._record(now, "siu-correction-refused", home_address=home, gw_has=reported,
                          want=want, sequence=siu.sequence)
             return []
-        if want is None:
+        if binding is None or want is None:
             return self._siu(now, SiuType.DEREGISTER, mobile, reported, None, 0, b"",
                              correction=True)
-        _seq, last_type, last_new, last_rrp, _correction = last
-        rrp = last_rrp if last_type == SiuType.UPDATE and last_new == want else b""
+        last = self.siu.last[home]
+        rrp = last.rrp if last.type == SiuType.UPDATE and last.new == want else b""
         return self._siu(now, SiuType.UPDATE, mobile, reported, want, binding.lifetime, rrp,
                          correction=True)
 
@@ -517,25 +501,16 @@ class HomeAgent:
         such timeout, not the MN's registration retransmission.  A resend is a fresh SIU (a new
         sequence number, the same content), so the GW's replay check accepts it and applies it
         idempotently (a move it already made is a repeat: it only forwards the reply again)."""
-        if self.config.siu_retransmit_s > 0:
-            self._resend[mobile.home_address] = (
-                now + self.config.siu_retransmit_s * (2 ** resends), resends,
-                (type, old, new, lifetime, rrp, correction))
-        else:
-            self._resend.pop(mobile.home_address, None)
         signer = self._signers[mobile.gateway]
         actions: list[Action] = []
         if signer.next_sequence >= self._seq_end[mobile.gateway]:
             actions.append(self._reserve(mobile.gateway, signer.next_sequence))
         sequence = signer.next_sequence
-        last = self._last_siu.get(mobile.home_address)
-        spi = mobile.gateway_spi
-        if last is not None and self._acked.get(mobile.home_address) != last[0]:
-            # our last SIU for this MN went unanswered (lost, or the GW no longer knows that
-            # SPI: a restarted GW): name "the SA that serves this home address" (0) instead
-            spi = 0
-        self._last_siu[mobile.home_address] = (sequence, type, new, rrp, correction)
-        epoch = self._gw_epoch.get(mobile.gateway, 0)
+        spi = self.siu.spi_to_name(mobile.home_address, mobile.gateway_spi)
+        self.siu.sent(mobile.home_address, SentSiu(sequence, type, old, new, lifetime, rrp,
+                                                   correction),
+                      now, self.config.siu_retransmit_s, resends)
+        epoch = self.siu.epoch(mobile.gateway)
         data = signer.build(type, home_address=mobile.home_address,
                             old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
                             gateway_spi=spi, lifetime=lifetime, rrp=rrp,
@@ -594,27 +569,22 @@ class HomeAgent:
 
     # --- timers: binding expiry ------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        deadlines = [d for d, _n, _a in self._resend.values()]
-        expiry = self.machine.next_expiry()
-        if expiry is not None:
-            deadlines.append(expiry)
+        deadlines = [d for d in (self.siu.next_deadline(), self.machine.next_expiry())
+                     if d is not None]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
-        for home, (deadline, resends, args) in list(self._resend.items()):
-            if deadline > now:
-                continue
+        for home, last, resends in self.siu.due(now):
             if resends >= self.config.siu_retransmit_tries:
-                del self._resend[home]
+                self.siu.give_up(home)
                 self._record(now, "siu-unacknowledged", home_address=home,
-                             sequence=self._last_siu[home][0])
+                             sequence=last.sequence)
                 continue
-            type_, old, new, lifetime, rrp, correction = args
             self.counters["siu-retransmitted"] += 1
             self._record(now, "siu-retransmitted", home_address=home, attempt=resends + 1)
-            actions += self._siu(now, type_, self._mobiles[home], old, new, lifetime, rrp,
-                                 correction, resends=resends + 1)
+            actions += self._siu(now, last.type, self._mobiles[home], last.old, last.new,
+                                 last.lifetime, last.rrp, last.correction, resends=resends + 1)
         for binding in self.machine.expired(now):
             home = binding.home_address
             changed = self._event(home, BindingEvent.EXPIRE, now)
@@ -623,7 +593,7 @@ class HomeAgent:
             # delete must not keep the routes and the GW's binding
             actions.append(dataclasses.replace(self._persist(home, None), required=False))
             actions += changed
-            gw_has = self._gw_has(home, binding.care_of_address)
+            gw_has = self.siu.gw_has(home, binding.care_of_address)
             if binding.via_gateway and gw_has is not None:
                 actions += self._siu(now, SiuType.DEREGISTER, self._mobiles[home],
                                      gw_has, None, 0, b"")

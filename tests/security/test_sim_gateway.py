@@ -81,7 +81,7 @@ def test_mn_registering_another_mns_care_of_cannot_take_its_downlink():
     rep = stream_reports(topo, 0)["downlink"]
     assert rep.sent == 50 and rep.received == 50, rep
     # the HA learnt from the ACK where the GW's SA really points
-    assert ha._gw_care_of[attacker.home_address] == attacker.care_of
+    assert ha.siu.gw_care_of[attacker.home_address] == attacker.care_of
 
 
 def test_downlink_is_matched_by_the_home_address_inside_the_ip_in_ip():
@@ -240,7 +240,7 @@ def test_recorded_siu_replayed_after_a_gw_restart_is_refused():
     assert mobile.state.value == "fresh" and mobile.outbound.remote == "0.0.0.0"
     # the refusals were ACKed with the new epoch (flag E): the HA knows it now, and the MN's
     # next registration binds the SA at once
-    assert topo.ha.role._gw_epoch[gw.inside] == gw.epoch
+    assert topo.ha.role.siu.gw_epoch[gw.inside] == gw.epoch
     topo.move("b")
     assert wait_registered(topo, 3.0)
     assert mobile.care_of == topo.care_of["b"][0] and mobile.outbound.remote == mobile.care_of
@@ -308,7 +308,7 @@ def test_ha_restart_its_new_sius_are_neither_replays_nor_stale():
     assert set(gw.drops) <= {R.SIU_STALE_CARE_OF}
     move = tl.split_handovers(tl.merge(mn.timeline, gw.timeline, new.timeline))[-1]
     assert [e.kind for e in move].count("rrq-sent") == 1
-    assert new._gw_epoch[gw.inside] == gw.epoch               # learnt from the first ACK
+    assert new.siu.gw_epoch[gw.inside] == gw.epoch               # learnt from the first ACK
 
 
 # --- reordering on the home link -----------------------------------------------------------------
