@@ -21,10 +21,12 @@ The data path (``batch=True``, the default).  Each ready descriptor is drained i
 TUN device until it is empty, up to ``TUN_DRAIN_MAX``; receivers read until EAGAIN) and the
 clock is read once per drain.  A role may offer ``tun_fast_path(packet, now)``, the same work
 as ``receive_from_tun`` without action objects: it returns the packet to send (bytes), None
-(dropped and counted by the role), or a list of actions for the general path.  A result that is
-exactly one ``SendToNet`` without an interface (from the TUN) or one ``WriteToTun`` (from the
-net) is data: it is carried out directly, without ``dispatch`` (so wrappers of ``dispatch``
-see every result but these), unless a hook is registered for its type.  Packets to send are
+(dropped and counted by the role), or a list of actions for the general path; likewise
+``net_fast_path(packet, now)`` for ``receive_from_net`` (its bytes go into the TUN; used
+unless a hook is registered for ``WriteToTun``).  A result that is exactly one ``SendToNet``
+without an interface (from the TUN) or one ``WriteToTun`` (from the net) is data: it is
+carried out directly, without ``dispatch`` (so wrappers of ``dispatch`` see every result but
+these), unless a hook is registered for its type.  Packets to send are
 queued and leave in one batched send (``sender.send_batch``: sendmmsg) at the end of the drain,
 and before any other action is carried out, so the order on the wire is that of the
 single-packet path (``batch=False``), as are the bytes, the drops and every counter.
@@ -66,6 +68,7 @@ class EventLoop:
         self._pending: list[bytes] = []        # data packets waiting for one batched send
         self._send_batch = getattr(sender, "send_batch", None) if batch else None
         self._tun_fast = getattr(role, "tun_fast_path", None) if batch else None
+        self._net_fast = getattr(role, "net_fast_path", None) if batch else None
         self.tun = tun
         self.sender = sender
         self.name = name
@@ -258,6 +261,8 @@ class EventLoop:
         pcap, pcap_filter = self.pcap, self.pcap_filter
         direct = WriteToTun not in self.on_action
         role_call = fn
+        if direct and entry == "receive_from_net" and self._net_fast is not None:
+            role_call = self._net_fast
         write: Callable[[bytes], Any] = self.tun.write if self.tun is not None else _no_tun
         to_tun = 0
         for packet in packets:
@@ -270,6 +275,10 @@ class EventLoop:
                 log.exception("BUG: %s.%s raised (the packet is dropped, the daemon goes on)",
                               type(self.role).__name__, entry)
                 actions = None
+            if actions.__class__ is bytes:         # the fast path's packet for the TUN
+                to_tun += 1
+                write(actions)
+                continue
             if actions:
                 if direct and len(actions) == 1 and actions[0].__class__ is WriteToTun:
                     to_tun += 1

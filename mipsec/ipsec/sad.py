@@ -114,6 +114,12 @@ class Sad:
     def get(self, spi: int) -> SecurityAssociation | None:
         return self._sas.get(spi)
 
+    @property
+    def by_spi(self) -> dict[int, SecurityAssociation]:
+        """The SPI -> SA table itself, for a data path that looks SPIs up without a call
+        (read it only: ``add`` and ``remove`` keep it)."""
+        return self._sas
+
     def lookup(self, outer_packet: bytes) -> SecurityAssociation | DropReason:
         """The SA an outer packet is for, or the DropReason (not counted: no state changes)."""
         spi = find_spi(outer_packet)
