@@ -155,3 +155,25 @@ def test_unreadable_config_is_a_config_error(tmp_path):
     path.mkdir()
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(path)
+
+
+def test_timeline_command_gives_what_is_new_or_the_newest(daemons):
+    # pollers (the lab's move waits, the soak's sampler) ask for what is new: each whole copy
+    # of a long timeline raised the daemon's memory high-water mark with the timeline
+    mn = daemons["mn"]
+    mn.handle_command("handover", ["172.16.2.10", "vb0"])
+    pump(daemons)
+    whole = mn.handle_command("timeline", [])["timeline"]
+    assert len(whole) >= 4
+    times = [e["time"] for e in whole]
+    later = [e for e in whole if e["time"] >= times[-1]]
+    assert 0 < len(later) < len(whole)
+    assert mn.handle_command("timeline", ["since", repr(times[-1])])["timeline"] == later
+    assert mn.handle_command("timeline", ["since", repr(times[-1] + 1.0)])["timeline"] == []
+    assert mn.handle_command("timeline", ["last", "2"])["timeline"] == whole[-2:]
+    assert mn.handle_command("timeline", ["last", "0"])["timeline"] == []
+    assert mn.handle_command("timeline", ["since", repr(times[1]), "last", "1"]
+                             )["timeline"] == whole[-1:]
+    for bad in (["since"], ["since", "soon"], ["last", "x"], ["first", "3"]):
+        reply = mn.handle_command("timeline", bad)
+        assert not reply["ok"] and reply["error"].startswith("usage: timeline"), bad

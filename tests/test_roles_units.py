@@ -1,6 +1,7 @@
 """Role behaviour in detail: the MN's transition table, renewal, HA binding expiry, the refusal
 reasons of each check, ESP-in-UDP / CBC / HMAC-SHA-256 variants, and JSON-able status."""
 
+import collections
 import json
 
 import pytest
@@ -272,3 +273,37 @@ def test_ack_of_a_stale_siu_makes_the_ha_correct_the_gw():
     assert gw.mobiles[mn.home_address].care_of == "172.16.3.10"
     assert len(rrps) == 1                                          # the reply the MN waits for
     assert to_ha(acks) == [] and not ha.drops
+
+
+def test_each_roles_timeline_is_bounded_by_the_mns_it_serves():
+    # a daemon left running reaches its steady timeline size: an MN keeps at most twice one
+    # MN's share, a GW or HA twice the shares of its MNs (and of events without one)
+    import random as _random
+    from mipsec.node import timeline as tl
+    from mipsec.node.gateway import VpnGateway
+    from mipsec.node.home_agent import HomeAgent
+    from mipsec.node.mobile_node import MobileNode
+    from mipsec.node.config import make_lab_configs
+    lab = make_lab_configs(3, keys_from=_random.Random(1))
+    share = tl.TIMELINE_EVENTS_PER_MOBILE
+    roles = {"mn": MobileNode(lab.mobiles[0], wallclock=lambda: 0.0),
+             "gw": VpnGateway(lab.gateway), "ha": HomeAgent(lab.home_agent, wallclock=lambda: 0.0)}
+    assert roles["mn"].timeline.max_events == 2 * share
+    assert roles["gw"].timeline.max_events == roles["ha"].timeline.max_events == 2 * share * 4
+    homes = [m.home_address for m in lab.mobiles]
+    for name, role in roles.items():
+        limit = role.timeline.max_events
+        for i in range(5 * limit):
+            home = homes[0] if name == "mn" else homes[i % 3]
+            tl.record(role.timeline, float(i), name, "rrq-sent", home_address=home)
+            assert len(role.timeline) <= limit
+        per_mn = collections.Counter(e.detail["home_address"] for e in role.timeline)
+        assert max(per_mn.values()) <= share + (limit - limit // 2), (name, per_mn)
+        assert role.timeline[-1].time == 5 * limit - 1          # the newest is always kept
+    # a plain list (tests, old callers) keeps the global bound
+    events: list = []
+    for i in range(tl.TIMELINE_MAX_EVENTS + 10):
+        tl.record(events, float(i), "gw", "rrq-sent", home_address="10.1.0.100")
+    assert len(events) <= tl.TIMELINE_MAX_EVENTS
+    with pytest.raises(ValueError):
+        tl.Timeline(1)

@@ -56,7 +56,7 @@ from mipsec.store import StoreError, open_store
 
 log = logging.getLogger("mipsec.daemon")
 
-STATUS_TIMELINE_EVENTS = 1000  # status carries the latest events; `timeline` has them all
+STATUS_TIMELINE_EVENTS = 256   # status carries the latest events; `timeline` has them all
 
 
 def siu_port() -> int:
@@ -695,20 +695,47 @@ class Daemon:
             "timeline": self.timeline(STATUS_TIMELINE_EVENTS),
         }
 
-    def timeline(self, last: int | None = None) -> list[dict[str, Any]]:
-        """The role's timeline as JSON-able dicts; only the ``last`` events when given (status:
-        serialising a long-running daemon's whole timeline took seconds in the loop)."""
+    def timeline(self, last: int | None = None, since: float | None = None
+                 ) -> list[dict[str, Any]]:
+        """The role's timeline as JSON-able dicts; only the ``last`` events, or those stamped
+        at or after ``since`` (monotonic seconds), when given.  Serialising a long-running
+        daemon's whole timeline took seconds in the loop, and each whole copy raised the
+        process's memory high-water mark with the timeline: pollers ask for what is new."""
         events = getattr(self.role, "timeline", [])
+        if not isinstance(events, list):
+            events = list(events)
+        if since is not None:
+            start = len(events)
+            while start > 0 and events[start - 1].time >= since:
+                start -= 1
+            events = events[start:]
         if last is not None:
-            events = events[-last:] if isinstance(events, list) else list(events)[-last:]
+            events = events[-last:] if last > 0 else []
         return [_jsonable(ev) for ev in events]
+
+    def _timeline_command(self, args: list[str]) -> dict[str, Any]:
+        """``timeline`` (all), ``timeline last <n>``, ``timeline since <monotonic seconds>``."""
+        kw: dict[str, Any] = {}
+        try:
+            for key, value in zip(args[::2], args[1::2]):
+                if key == "last":
+                    kw["last"] = int(value)
+                elif key == "since":
+                    kw["since"] = float(value)
+                else:
+                    raise ValueError(key)
+            if len(args) % 2:
+                raise ValueError(args[-1])
+        except ValueError:
+            return {"ok": False, "error": "usage: timeline [last <n>] [since <monotonic seconds>]"}
+        return {"ok": True, "timeline": self.timeline(**kw),
+                "clock": {"monotonic": self._loop.clock(), "wall": self._loop.wallclock()}}
 
     def handle_command(self, command: str, args: list[str]) -> dict[str, Any]:
         if command == "status":
             return self.status()
         if command == "timeline":
-            return {"ok": True, "timeline": self.timeline(),
-                    "clock": {"monotonic": self._loop.clock(), "wall": self._loop.wallclock()}}
+            return self._timeline_command(args)
         if command == "handover":
             if self.cfg.role != "mn":
                 return {"ok": False, "error": "handover: only a mobile node moves"}

@@ -328,7 +328,8 @@ class Lab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                events = control.request(self.socket(name), "timeline", 2.0).get("timeline", [])
+                events = control.request(self.socket(name), f"timeline since {since!r}",
+                                         2.0).get("timeline", [])
             except (OSError, ValueError):
                 events = []
             noticed = next((ev["time"] for ev in events if ev.get("time", 0) >= since
@@ -350,7 +351,8 @@ class Lab:
         out = []
         for role in self.daemons:
             try:
-                events = control.request(self.socket(role), "timeline", 2.0).get("timeline", [])
+                events = control.request(self.socket(role), f"timeline since {since!r}",
+                                         2.0).get("timeline", [])
             except (OSError, ValueError):
                 continue
             for ev in events:

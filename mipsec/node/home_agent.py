@@ -199,7 +199,7 @@ class HomeAgent:
             [config.address] + [g.address for g in config.gateways]
             + [g.outside_address for g in config.gateways if g.outside_address])
         self.drops: Counter[DropReason] = Counter()
-        self.timeline: list[TimelineEvent] = []
+        self.timeline: list[TimelineEvent] = tl.Timeline(tl.limit_for(len(config.mobiles) + 1))
         self.counters: Counter[str] = Counter()
 
     def _drop(self, reason: DropReason) -> list[Action]:

@@ -199,7 +199,7 @@ class MobileNode:
         self._probe_deadline: float | None = None
         self._probe_for_registration = False  # the running check follows unanswered requests
         self.drops: Counter[DropReason] = Counter()
-        self.timeline: list[TimelineEvent] = []
+        self.timeline: list[TimelineEvent] = tl.Timeline(tl.limit_for(1))
         self.counters: Counter[str] = Counter()
 
     @property

@@ -27,6 +27,7 @@ from typing import Any
 
 from mipsec.errors import MipsecError
 from mipsec.node.actions import Action, BindingChanged
+from mipsec.node import timeline as tl
 
 
 class NeedsRestart(MipsecError):
@@ -51,10 +52,11 @@ def _changed_fields(old: Any, new: Any) -> list[str]:
 
 def reconfigure(role: Any, new: Any, now: float) -> tuple[list[Action], list[str]]:
     kind = type(role).__name__
-    if kind == "VpnGateway":
-        return _gateway(role, new, now)
-    if kind == "HomeAgent":
-        return _home_agent(role, new, now)
+    if kind in ("VpnGateway", "HomeAgent"):
+        result = (_gateway if kind == "VpnGateway" else _home_agent)(role, new, now)
+        if hasattr(role.timeline, "max_events"):     # its bound follows the number of MNs
+            role.timeline.max_events = tl.limit_for(len(new.mobiles) + 1)
+        return result
     return _mobile_node(role, new, now)
 
 

@@ -52,10 +52,32 @@ KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS + MOBILE_KINDS)
 # never holds more than TIMELINE_MAX_EVENTS; when it reaches that it is compacted to at most
 # TIMELINE_KEEP_EVENTS, keeping the newest TIMELINE_EVENTS_PER_MOBILE of each MN (events
 # without a home address count as one more MN).  So one MN's flood cannot push another MN's
-# handovers out, and memory stays about TIMELINE_MAX_EVENTS x ~350 bytes per role.
+# handovers out, and memory stays about TIMELINE_MAX_EVENTS x ~500 bytes per role.  A role
+# that serves few MNs (an MN serves itself) keeps a ``Timeline`` with a lower limit
+# (``limit_for``): twice its MNs' shares, so that a daemon left running reaches its steady
+# size within hours, not weeks.
 TIMELINE_MAX_EVENTS = 8192
 TIMELINE_KEEP_EVENTS = TIMELINE_MAX_EVENTS // 2
 TIMELINE_EVENTS_PER_MOBILE = 512
+
+
+class Timeline(list):
+    """A role's timeline: a list of events that ``record`` compacts when it reaches
+    ``max_events`` (to half of that, and the newest TIMELINE_EVENTS_PER_MOBILE of each MN)."""
+
+    __slots__ = ("max_events",)
+
+    def __init__(self, max_events: int = TIMELINE_MAX_EVENTS):
+        super().__init__()
+        if max_events < 2:
+            raise ValueError(f"a timeline needs room for at least 2 events, not {max_events}")
+        self.max_events = max_events
+
+
+def limit_for(mobiles: int) -> int:
+    """The event limit of a role that records events of ``mobiles`` MNs (an MN: 1; a GW or HA:
+    its configured MNs, plus one for events without a home address)."""
+    return min(TIMELINE_MAX_EVENTS, 2 * TIMELINE_EVENTS_PER_MOBILE * max(1, mobiles))
 
 
 def compact(timeline: list[TimelineEvent], per_mobile: int = TIMELINE_EVENTS_PER_MOBILE,
@@ -82,8 +104,9 @@ def record(timeline: list[TimelineEvent], now: float, node: str, kind: str,
     if kind not in KINDS:
         raise ValueError(f"unknown timeline kind {kind!r}")
     event = TimelineEvent(now, node, kind, detail)
-    if len(timeline) >= TIMELINE_MAX_EVENTS:
-        compact(timeline)
+    limit = getattr(timeline, "max_events", TIMELINE_MAX_EVENTS)
+    if len(timeline) >= limit:
+        compact(timeline, keep=limit // 2)
     timeline.append(event)
     return event
 
