@@ -1,16 +1,18 @@
 """Soak benchmark (root): the lab left running with short SA lifetimes, moves and traffic.
 
-The network-namespace lab with IKEv2 child SAs re-keyed every ``--child-s`` seconds and the IKE
-SA every ``--ike-s``, a steady UDP stream each way between the CN and the MN's home address
-(``--rate`` datagrams/s), the MN moving between the visited networks and home every 10-20 s
-(seeded), for ``--minutes``.  Every 30 s it samples each daemon's RSS, fds, CPU and status
-counters; at the end it replays one captured packet of every SPI ever used.  It prints loss
-inside and outside handover windows, loss per re-key, the RSS slope after warm-up, table sizes,
-and PASS/FAIL against: zero loss outside handover windows, zero loss at re-keys, RSS slope below
-2 MB/h after warm-up, no growing structure, no SPI left behind (``mipsec/lab/soak.py``).
+The network-namespace lab with ``--mobiles`` MNs, IKEv2 child SAs re-keyed every ``--child-s``
+seconds and the IKE SA every ``--ike-s``, a steady UDP stream each way between the CN and each
+MN's home address (``--rate`` datagrams/s each), each MN moving between the visited networks
+and home every 10-20 s on its own seeded schedule, for ``--minutes``.  Every 30 s it samples
+each daemon's RSS, fds, CPU and status counters; at the end it replays one captured packet of
+every SPI ever used.  It prints loss per MN inside and outside its handover windows, loss per
+re-key, the RSS slope after warm-up, table sizes, and PASS/FAIL against: zero loss outside
+handover windows, zero loss at re-keys, RSS slope below 2 MB/h after warm-up, no growing
+structure, no SPI left behind (``mipsec/lab/soak.py``).
 
-Usage:  sudo python3 benchmarks/bench_soak.py --minutes 30 [--rate 500] [--child-s 30]
-        [--ike-s 90] [--delay-ms 5] [--seed 1] [--no-moves] [--json FILE|-] [--raw FILE]
+Usage:  sudo python3 benchmarks/bench_soak.py --minutes 30 [--mobiles 2] [--rate 500]
+        [--child-s 30] [--ike-s 90] [--delay-ms 5] [--seed 1] [--no-moves] [--json FILE|-]
+        [--raw FILE]
 Exit status 0 when every criterion passes, 1 otherwise.
 """
 
@@ -31,14 +33,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--mobiles", type=int, default=1,
-                    help="mobile nodes (more than one needs a multi-MN lab)")
+                    help="mobile nodes, each with its own streams and move schedule")
     ap.add_argument("--rate", type=float, default=500.0, help="datagrams/s each way")
     ap.add_argument("--child-s", type=float, default=30.0, help="child SA lifetime")
     ap.add_argument("--ike-s", type=float, default=90.0, help="IKE SA lifetime")
     ap.add_argument("--delay-ms", type=float, default=5.0, help="one-way Internet delay")
     ap.add_argument("--seed", type=int, default=1, help="move schedule")
     ap.add_argument("--no-moves", action="store_true",
-                    help="the MN stays at a: re-keys under traffic only")
+                    help="the MNs stay at a: re-keys under traffic only")
     ap.add_argument("--sample-s", type=float, default=30.0)
     ap.add_argument("--json", metavar="FILE", help="figures as JSON (- for stdout)")
     ap.add_argument("--raw", metavar="FILE", help="the raw record (samples, timeline, streams)")
@@ -47,12 +49,13 @@ def main() -> int:
     if problem:
         print(f"bench_soak: {problem}", file=sys.stderr)
         return 2
-    if args.mobiles != 1:
-        print("bench_soak: this lab runs one mobile node", file=sys.stderr)
+    if not 1 <= args.mobiles <= 16:
+        print(f"bench_soak: --mobiles: 1..16, got {args.mobiles}", file=sys.stderr)
         return 2
     plan = SoakPlan(minutes=args.minutes, rate=args.rate, child_lifetime_s=args.child_s,
                     ike_lifetime_s=args.ike_s, delay_ms=args.delay_ms, seed=args.seed,
-                    sample_s=args.sample_s, schedule=[] if args.no_moves else None)
+                    sample_s=args.sample_s, schedule=[] if args.no_moves else None,
+                    mobiles=args.mobiles)
     record = run_soak(plan)
     if args.raw:
         with open(args.raw, "w") as f:

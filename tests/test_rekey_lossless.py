@@ -110,6 +110,7 @@ def _nonces(sa, *firsts: bytes):
     """``sa``'s next nonces start with ``firsts`` (then random): which of two colliding re-keys
     used the lowest nonce, and so which new pair is closed (RFC 7296 §2.8.1), is then known."""
     import os
+
     from mipsec.ike.constants import NONCE_LEN
     queue = list(firsts)
 

@@ -279,11 +279,12 @@ def test_each_roles_timeline_is_bounded_by_the_mns_it_serves():
     # a daemon left running reaches its steady timeline size: an MN keeps at most twice one
     # MN's share, a GW or HA twice the shares of its MNs (and of events without one)
     import random as _random
+
     from mipsec.node import timeline as tl
+    from mipsec.node.config import make_lab_configs
     from mipsec.node.gateway import VpnGateway
     from mipsec.node.home_agent import HomeAgent
     from mipsec.node.mobile_node import MobileNode
-    from mipsec.node.config import make_lab_configs
     lab = make_lab_configs(3, keys_from=_random.Random(1))
     share = tl.TIMELINE_EVENTS_PER_MOBILE
     roles = {"mn": MobileNode(lab.mobiles[0], wallclock=lambda: 0.0),

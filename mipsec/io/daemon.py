@@ -717,15 +717,15 @@ class Daemon:
         """``timeline`` (all), ``timeline last <n>``, ``timeline since <monotonic seconds>``."""
         kw: dict[str, Any] = {}
         try:
-            for key, value in zip(args[::2], args[1::2]):
+            if len(args) % 2:
+                raise ValueError(args[-1])
+            for key, value in zip(args[::2], args[1::2], strict=True):
                 if key == "last":
                     kw["last"] = int(value)
                 elif key == "since":
                     kw["since"] = float(value)
                 else:
                     raise ValueError(key)
-            if len(args) % 2:
-                raise ValueError(args[-1])
         except ValueError:
             return {"ok": False, "error": "usage: timeline [last <n>] [since <monotonic seconds>]"}
         return {"ok": True, "timeline": self.timeline(**kw),

@@ -1,19 +1,21 @@
 """A soak run of the lab: the daemons left running as a user would, and what must hold over time.
 
-``run_soak(SoakPlan(...))`` builds a lab (IKEv2 with short child and IKE SA lifetimes), runs a
-steady UDP stream each way between the CN and the MN's home address, moves the MN between the
-two visited networks and home on a seeded schedule, and every ``sample_s`` records each daemon's
-RSS, open fds, CPU time and status counters (drops, table sizes).  A sniffer in the GW's
+``run_soak(SoakPlan(...))`` builds a lab (IKEv2 with short child and IKE SA lifetimes) with
+``mobiles`` MNs, runs a steady UDP stream each way between the CN and each MN's home address
+(one port per MN), moves each MN between the two visited networks and home on its own seeded
+schedule (one thread per MN), and every ``sample_s`` records each daemon's RSS, open fds, CPU
+time and status counters (drops, table sizes).  A sniffer in the GW's
 namespace keeps the first ESP packet of every SPI seen on the GW's outside link (one packet per
 SPI: bounded).  At the end it replays each of those packets to its receiver, with the outer
-destination set to where the MN is now, and asks which were still known.
+destination set to where that MN is now, and asks which were still known.
 
 ``analyse`` turns that into the figures the acceptance criteria name (``verdict``):
 
-* loss inside handover windows (from a move to its registration, plus ``HANDOVER_TAIL_S``) and
-  outside them; a lost datagram's time is interpolated from the arrivals of its neighbours;
-* loss per child SA re-key (the GW's ``gw-sas-rekeyed`` events; IKE SA re-keys too), counted in
-  ``[t - REKEY_BEFORE_S, t + REKEY_AFTER_S]`` outside handover windows;
+* per MN and in all: loss inside that MN's handover windows (from a move to its registration,
+  plus ``HANDOVER_TAIL_S``) and outside them (another MN's handover does not excuse a loss); a
+  lost datagram's time is interpolated from the arrivals of its neighbours;
+* loss per child SA re-key (the GW's ``gw-sas-rekeyed`` events of that MN; its IKE SA re-keys
+  too), counted in ``[t - REKEY_BEFORE_S, t + REKEY_AFTER_S]`` outside handover windows;
 * the RSS slope of each daemon after the warm-up (least squares, MB/h);
 * every table size after the warm-up: growing if its smallest value in the last third of the
   samples is above its largest in the first third (timelines are bounded by their cap);
@@ -43,7 +45,7 @@ from typing import Any, TextIO
 from mipsec.io import control
 from mipsec.lab import stop_on_signals
 from mipsec.lab import topology as topo
-from mipsec.lab.lab import ROLES, Lab, LabError
+from mipsec.lab.lab import Lab, LabError
 
 HANDOVER_BEFORE_S = 0.2      # a handover window opens this long before the move command
 HANDOVER_TAIL_S = 1.0        # and closes this long after the registration completed
@@ -71,6 +73,8 @@ class SoakPlan:
     prefix: str = ""
     schedule: list[tuple[float, str]] | None = None   # (seconds from start, place): fixed plan
     ike: dict[str, Any] = field(default_factory=dict)  # more IKE settings
+    mobiles: int = 1
+    stagger_s: float = 5.0                # a fixed plan: MN k moves (k - 1) x stagger_s later
 
     @property
     def duration_s(self) -> float:
@@ -83,12 +87,19 @@ class SoakPlan:
         return min(300.0, self.duration_s / 4)
 
 
-def make_schedule(plan: SoakPlan) -> list[tuple[float, str]]:
-    """Moves (seconds from the start, place), seeded: the MN starts at ``a``; never home twice
-    in a row; the last move leaves the MN away."""
+def make_schedule(plan: SoakPlan, k: int = 1) -> list[tuple[float, str]]:
+    """MN ``k``'s moves (seconds from the start, place), seeded (MN 1 with ``plan.seed``, the
+    others with seeds of their own): each MN starts at ``a``; never home twice in a row; the
+    last move leaves it away.  A fixed ``plan.schedule`` is MN 1's; MN ``k`` follows it
+    ``(k - 1) x stagger_s`` later (moves that would come too late are left out)."""
     if plan.schedule is not None:
-        return list(plan.schedule)
-    rng = random.Random(plan.seed)
+        shift = (k - 1) * plan.stagger_s
+        last = plan.duration_s - EDGE_S - 1.0
+        fixed = [(t + shift, w) for t, w in plan.schedule if t + shift < last]
+        while fixed and fixed[-1][1] == "home":
+            fixed.pop()
+        return fixed
+    rng = random.Random(plan.seed if k == 1 else plan.seed * 7919 + k)
     out: list[tuple[float, str]] = []
     t, here = 0.0, "a"
     end = plan.duration_s - EDGE_S - plan.dwell_s[0]
@@ -234,28 +245,34 @@ def counters_of(status: dict[str, Any]) -> dict[str, Any]:
 
 class Sampler(threading.Thread):
     """Every ``period`` s: process figures, sizes and counters of each daemon; the timelines
-    accumulate (deduplicated) so that nothing is missed if a daemon bounds its own."""
+    accumulate (deduplicated) so that nothing is missed if a daemon bounds its own.  Each
+    daemon is asked only for the events since the newest one already seen (a whole copy of a
+    long timeline costs the daemon memory and time)."""
 
     def __init__(self, lab: Lab, period: float):
         super().__init__(daemon=True)
         self.lab, self.period = lab, period
         self.samples: list[dict[str, Any]] = []
         self.events: dict[tuple, dict[str, Any]] = {}
+        self._since: dict[str, float] = {}
         self._stop = threading.Event()
 
     def sample(self) -> dict[str, Any]:
         row: dict[str, Any] = {"time": time.monotonic(), "roles": {}}
-        for role in ROLES:
+        for role in self.lab.daemons:
             pid = self.lab.pid(role)
             fig: dict[str, Any] = process_figures(pid) if pid is not None else {"gone": True}
             try:
                 st = control.request(self.lab.socket(role), "status", 10.0)
                 fig["sizes"] = sizes_of(role, st)
                 fig.update(counters_of(st))
-                tl = control.request(self.lab.socket(role), "timeline", 10.0).get("timeline", [])
+                since = self._since.get(role, 0.0)
+                tl = control.request(self.lab.socket(role), f"timeline since {since!r}",
+                                     10.0).get("timeline", [])
                 for ev in tl:
                     key = (ev.get("time"), ev.get("node"), ev.get("kind"))
                     self.events.setdefault(key, ev)
+                    self._since[role] = max(self._since.get(role, 0.0), ev.get("time", 0.0))
             except (OSError, ValueError) as exc:
                 fig["status_error"] = str(exc)
             row["roles"][role] = fig
@@ -289,67 +306,100 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
     lab = Lab(prefix=plan.prefix or f"sk{os.getpid() % 100000}-")
     ike = {"child_lifetime_s": plan.child_lifetime_s, "ike_lifetime_s": plan.ike_lifetime_s,
            **plan.ike}
-    record: dict[str, Any] = {"plan": {**asdict(plan), "schedule": None}, "moves": []}
+    record: dict[str, Any] = {"plan": {**asdict(plan), "schedule": None}, "mobiles": {}}
     procs: list[subprocess.Popen] = []
     sampler = None
+    finished = threading.Event()
     try:
-        lab.up(delay_ms=plan.delay_ms, place="a", ike=ike, **(lab_kwargs or {}))
-        say(f"lab {lab.prefix} up; {plan.minutes:g} min, {plan.rate:g} datagrams/s each way, "
-            f"child SA {plan.child_lifetime_s:g} s, IKE SA {plan.ike_lifetime_s:g} s")
+        lab.up(delay_ms=plan.delay_ms, place="a", ike=ike, mobiles=plan.mobiles,
+               **(lab_kwargs or {}))
+        names = [lab.mn(k) for k in range(1, plan.mobiles + 1)]
+        record["daemons"] = list(lab.daemons)
+        say(f"lab {lab.prefix} up with {plan.mobiles} MN(s); {plan.minutes:g} min, "
+            f"{plan.rate:g} datagrams/s each way per MN, child SA {plan.child_lifetime_s:g} s, "
+            f"IKE SA {plan.ike_lifetime_s:g} s")
         spi_file = lab.path("spis.json")
         sniffer = lab.popen("gw", lab.python, "-m", "mipsec.lab.soak", "--sniff", "out0",
                             "--out", spi_file)
         procs.append(sniffer)
-        reports = {"cn": lab.path("soak-cn.json"), "mn": lab.path("soak-mn.json")}
-        peers = {"cn": topo.MN_HOME_ADDRESS, "mn": topo.CN}
-        streams = {}
-        for node in ("cn", "mn"):
-            streams[node] = lab.popen(
-                node, lab.python, "-m", "mipsec.lab.stream", "--port", str(STREAM_PORT),
-                "--peer", peers[node], "--rate", str(plan.rate), "--duration",
-                str(plan.duration_s), "--steady", "--out", reports[node])
-            procs.append(streams[node])
+        reports: dict[str, dict[str, str]] = {}
+        streams: list[subprocess.Popen] = []
+        for k, name in enumerate(names, 1):
+            port = str(STREAM_PORT + k - 1)          # one stream pair per MN
+            reports[name] = {"cn": lab.path(f"soak-cn-{name}.json"),
+                             "mn": lab.path(f"soak-{name}.json")}
+            record["mobiles"][name] = {"k": k, "home": lab.home_address(k), "moves": []}
+            for node, peer in (("cn", lab.home_address(k)), (name, topo.CN)):
+                streams.append(lab.popen(
+                    node, lab.python, "-m", "mipsec.lab.stream", "--port", port,
+                    "--peer", peer, "--rate", str(plan.rate), "--duration",
+                    str(plan.duration_s), "--steady",
+                    "--out", reports[name]["cn" if node == "cn" else "mn"]))
+                procs.append(streams[-1])
         t0 = time.monotonic()
         record["start"] = t0
         sampler = Sampler(lab, plan.sample_s)
         sampler.sample()
         sampler.start()
-        for at, where in make_schedule(plan):
-            delay = t0 + at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            move: dict[str, Any] = {"to": where}
-            try:
-                got = lab.move(where, wait=True, timeout=30.0)
-                move.update(time=got["time"], registered=got["registered"])
-            except LabError as exc:
-                move.update(time=time.monotonic(), registered=None, error=str(exc)[:300])
-                say(f"move to {where} did not complete: {str(exc).splitlines()[0]}")
-            record["moves"].append(move)
-        for _node, proc in streams.items():
+        places = {name: "a" for name in names}
+        state_lock = threading.Lock()           # the lab's state file is read and rewritten
+
+        def mover(k: int, name: str) -> None:
+            """MN ``k``'s schedule; each move waits for its registration, other MNs move on
+            their own schedules meanwhile."""
+            for at, where in make_schedule(plan, k):
+                if finished.wait(max(0.0, t0 + at - time.monotonic())):
+                    return
+                move: dict[str, Any] = {"to": where}
+                try:
+                    with state_lock:
+                        got = lab.move(where, wait=False, k=k)
+                        places[name] = where
+                    _noticed, done = lab.wait_mn_event(
+                        got["time"], ("rrp-received", "deregistered"), 30.0, k)
+                    move.update(time=got["time"], registered=done)
+                except (LabError, OSError, subprocess.SubprocessError) as exc:
+                    move.update(time=time.monotonic(), registered=None,
+                                error=str(exc)[:300])
+                    say(f"{name}: move to {where} did not complete: "
+                        f"{str(exc).splitlines()[0]}")
+                record["mobiles"][name]["moves"].append(move)
+
+        movers = [threading.Thread(target=mover, args=(k, name), daemon=True)
+                  for k, name in enumerate(names, 1)]
+        for th in movers:
+            th.start()
+        for proc in streams:
             proc.wait(timeout=max(1.0, t0 + plan.duration_s - time.monotonic()) + 60)
+        finished.set()
+        for th in movers:
+            th.join(timeout=60)
         record["end"] = time.monotonic()
         sampler.stop()
         sampler.sample()
-        for node, path in reports.items():
-            with open(path) as f:
-                record[f"stream_{node}"] = json.load(f)
+        for name, paths in reports.items():
+            for node, path in paths.items():
+                with open(path) as f:
+                    record["mobiles"][name][f"stream_{node}"] = json.load(f)
         say("streams done; waiting out the grace period of the last re-keyed SAs")
         from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
         time.sleep(CHILD_SA_DELETE_GRACE_S + 1.0)
         # a few datagrams each way on the SAs of now, so that the replay has a current SPI
         # of each receiver to show it tells known from unknown
-        lab.exec("cn", "ping", "-c", "3", "-i", "0.2", "-W", "1", topo.MN_HOME_ADDRESS)
+        for k in range(1, plan.mobiles + 1):
+            lab.exec("cn", "ping", "-c", "3", "-i", "0.2", "-W", "1", lab.home_address(k))
         time.sleep(0.5)
         sniffer.send_signal(signal.SIGTERM)
         sniffer.wait(timeout=10)
         with open(spi_file) as f:
             spis = json.load(f)
-        record["replay"] = replay_spis(lab, spis)
+        record["places"] = dict(places)
+        record["replay"] = replay_spis(lab, spis, places)
         record["samples"] = sampler.samples
         record["timeline"] = sampler.timeline()
         say(f"replayed one packet of each of {len(spis)} SPIs")
     finally:
+        finished.set()
         if sampler is not None:
             sampler.stop()
         for proc in procs:
@@ -360,22 +410,19 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
     return record
 
 
-def _current_spis(lab: Lab) -> dict[str, set[int]]:
-    gw = lab.status("gw").get("node", {})
-    mn = lab.status("mn").get("node", {})
-    return {"gw": {int(m["sas"]["inbound"]["spi"], 16) for m in gw.get("mobiles", {}).values()},
-            "mn": {int(mn["sas"]["inbound"]["spi"], 16)} if (mn.get("sas") or {}).get("inbound")
-            else set()}
+def _mn_inbound(node: dict[str, Any]) -> set[int]:
+    sa = (node.get("sas") or {}).get("inbound")
+    return {int(sa["spi"], 16)} if sa else set()
 
 
 def _allowed_spis(lab: Lab, role: str) -> tuple[set[int], set[int]]:
-    """(current inbound SPIs, re-keyed ones still in their grace period) of ``role``."""
+    """(current inbound SPIs, re-keyed ones still in their grace period) of ``role`` (the GW:
+    of every MN)."""
     node = lab.status(role).get("node", {})
     if role == "gw":
         current = {int(m["sas"]["inbound"]["spi"], 16) for m in node.get("mobiles", {}).values()}
     else:
-        sa = (node.get("sas") or {}).get("inbound")
-        current = {int(sa["spi"], 16)} if sa else set()
+        current = _mn_inbound(node)
     return current, {int(s, 16) for s in node.get("inbound_retiring", [])}
 
 
@@ -390,36 +437,43 @@ def _any_drop_count(lab: Lab, role: str) -> int:
     return sum(node.get("drops", {}).values()) + sum(node.get("sad_drops", {}).values())
 
 
-def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]],
+                places: dict[str, str] | None = None) -> dict[str, Any]:
     """Send one captured packet of every SPI again (from the router's namespace) to whoever
-    received it, the MN at its current care-of address; which SPIs are still known?"""
-    state = lab.load_state()
-    place = state.get("place")
-    coa = topo.MN_COA.get(place or "")
-    current = _current_spis(lab)
+    received it: the GW, or the MN whose care-of address it went to, at that MN's current
+    care-of address (``places``: where each MN is now); which SPIs are still known?"""
+    places = places if places is not None else {lab.mn(1): lab.load_state().get("place", "a")}
+    mn_of = {lab.care_of(p, k): lab.mn(k) for k in range(1, lab.mobiles + 1)
+             for p in lab.places}
+    number = {lab.mn(k): k for k in range(1, lab.mobiles + 1)}
+    current = {role: _allowed_spis(lab, role)[0] for role in lab.daemons if role != "ha"}
     proc = lab.popen("rt", lab.python, "-m", "mipsec.lab.soak", "--replay",
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    stdin, stdout = proc.stdin, proc.stdout
-    assert stdin is not None and stdout is not None, "both are pipes"
+    assert proc.stdin is not None and proc.stdout is not None
     results: list[dict[str, Any]] = []
     try:
         # newest first: the SPIs of the last traffic are still current when they are replayed
         for spi_hex, entry in sorted(spis.items(), key=lambda kv: -kv[1]["last"]):
             spi = int(spi_hex, 16)
             to_gw = entry["dst"] == topo.GW_OUTSIDE
-            role = "gw" if to_gw else "mn"
+            role = "gw" if to_gw else mn_of.get(entry["dst"])
             packet = bytes.fromhex(entry["packet"])
+            if role is None:
+                results.append({"spi": spi_hex, "role": None,
+                                "skipped": f"sent to {entry['dst']}, no MN's care-of address"})
+                continue
             if not to_gw:
-                if coa is None:
+                where = places.get(role)
+                if where not in lab.places:
                     results.append({"spi": spi_hex, "role": role, "skipped": "MN at home"})
                     continue
-                packet = redirect(packet, coa)
+                packet = redirect(packet, lab.care_of(where, number[role]))
             cur_before, grace_before = _allowed_spis(lab, role)
             before_unknown = _unknown_spi_count(lab, role)
             before_any = _any_drop_count(lab, role)
-            stdin.write(packet.hex() + "\n")
-            stdin.flush()
-            answer = stdout.readline().strip()
+            proc.stdin.write(packet.hex() + "\n")
+            proc.stdin.flush()
+            answer = proc.stdout.readline().strip()
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and _any_drop_count(lab, role) == before_any:
                 time.sleep(0.02)
@@ -431,7 +485,7 @@ def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]]) -> dict[str, Any]:
                             "first": entry["first"], "last": entry["last"],
                             "count": entry["count"]})
     finally:
-        stdin.close()
+        proc.stdin.close()
         proc.wait(timeout=10)
     # known is right for a current SPI and for one in its grace period, for no other
     left = [r for r in results if r.get("known") and not r.get("current")
@@ -486,35 +540,34 @@ def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx * 3600.0
 
 
-def analyse(record: dict[str, Any]) -> dict[str, Any]:
-    plan = record["plan"]
-    rate = plan["rate"]
-    t0 = record["start"]
-    warm = t0 + (plan["warmup_s"] if plan.get("warmup_s") is not None
-                 else min(300.0, plan["minutes"] * 15.0))
+def _analyse_mobile(mobile: dict[str, Any], events: list[dict[str, Any]], rate: float,
+                    t0: float, end: float) -> dict[str, Any]:
+    """One MN's figures: its moves, its streams judged against its own handover windows, and
+    its re-keys (events that name its home address)."""
+    moves = mobile["moves"]
     windows = []
-    moves = record["moves"]
     for i, mv in enumerate(moves):
-        nxt = moves[i + 1]["time"] if i + 1 < len(moves) else record["end"]
-        end = (mv["registered"] + HANDOVER_TAIL_S) if mv.get("registered") else nxt
-        windows.append((mv["time"] - HANDOVER_BEFORE_S, min(end, nxt), mv["to"]))
+        nxt = moves[i + 1]["time"] if i + 1 < len(moves) else end
+        stop = (mv["registered"] + HANDOVER_TAIL_S) if mv.get("registered") else nxt
+        windows.append((mv["time"] - HANDOVER_BEFORE_S, min(stop, nxt), mv["to"]))
 
     def in_handover(t: float) -> bool:
         return any(a <= t <= b for a, b, _ in windows)
 
-    events = record.get("timeline", [])
-    rekeys = [e for e in events if e.get("kind") == "gw-sas-rekeyed"]
-    ike_rekeys = [e for e in events if e.get("kind") == "ike-rekeyed"]
-    ends = [e for e in events if e.get("kind") == "ike-ended"]
-    figures: dict[str, Any] = {"moves": len(moves), "returns_home": sum(
-        1 for m in moves if m["to"] == "home"), "failed_moves": sum(
-        1 for m in moves if m.get("error")), "child_rekeys": len(rekeys),
+    home = mobile["home"]
+    mine = [e for e in events if (e.get("detail") or {}).get("home_address") == home]
+    rekeys = [e for e in mine if e.get("kind") == "gw-sas-rekeyed"]
+    ike_rekeys = [e for e in mine if e.get("kind") == "ike-rekeyed"]
+    ends = [e for e in mine if e.get("kind") == "ike-ended"]
+    fig: dict[str, Any] = {
+        "moves": len(moves), "returns_home": sum(1 for m in moves if m["to"] == "home"),
+        "failed_moves": sum(1 for m in moves if m.get("error")), "child_rekeys": len(rekeys),
         "ike_rekeys": len(ike_rekeys), "ike_sas_ended": len(ends), "directions": {},
         "per_rekey": []}
     per_rekey = {id(e): 0 for e in rekeys + ike_rekeys}
-    total_outside = 0
     for name, snd, rcv in (("downlink", "cn", "mn"), ("uplink", "mn", "cn")):
-        lost, judged = lost_with_times(record[f"stream_{snd}"], record[f"stream_{rcv}"], rate)
+        sender, receiver = mobile[f"stream_{snd}"], mobile[f"stream_{rcv}"]
+        lost, judged = lost_with_times(sender, receiver, rate)
         inside = [t for _s, t in lost if in_handover(t)]
         outside = [t for _s, t in lost if not in_handover(t)]
         for t in outside:
@@ -522,22 +575,45 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
                 if e["time"] - REKEY_BEFORE_S <= t <= e["time"] + REKEY_AFTER_S:
                     per_rekey[id(e)] += 1
                     break
-        total_outside += len(outside)
-        figures["directions"][name] = {
-            "judged": judged, "lost": len(lost),
-            "sender_skipped": record[f"stream_{snd}"].get("skipped", 0), "lost_in_handover": len(inside),
-            "lost_outside_handover": len(outside),
+        fig["directions"][name] = {
+            "judged": judged, "lost": len(lost), "sender_skipped": sender.get("skipped", 0),
+            "lost_in_handover": len(inside), "lost_outside_handover": len(outside),
             "outside_at": [round(t - t0, 2) for t in outside[:50]]}
     for e in rekeys + ike_rekeys:
-        figures["per_rekey"].append({"at_s": round(e["time"] - t0, 2), "kind": e["kind"],
-                                     "in_handover": in_handover(e["time"]),
-                                     "lost": per_rekey[id(e)]})
-    figures["rekey_loss"] = sum(per_rekey.values())
-    figures["rekeys_in_handover"] = sum(1 for r in figures["per_rekey"] if r["in_handover"])
+        fig["per_rekey"].append({"at_s": round(e["time"] - t0, 2), "kind": e["kind"],
+                                 "in_handover": in_handover(e["time"]),
+                                 "lost": per_rekey[id(e)]})
+    fig["rekey_loss"] = sum(per_rekey.values())
+    fig["rekeys_in_handover"] = sum(1 for r in fig["per_rekey"] if r["in_handover"])
+    return fig
+
+
+def analyse(record: dict[str, Any]) -> dict[str, Any]:
+    plan = record["plan"]
+    rate = plan["rate"]
+    t0 = record["start"]
+    warm = t0 + (plan["warmup_s"] if plan.get("warmup_s") is not None
+                 else min(300.0, plan["minutes"] * 15.0))
+    events = record.get("timeline", [])
+    per_mobile = {name: _analyse_mobile(m, events, rate, t0, record["end"])
+                  for name, m in record["mobiles"].items()}
+    figures: dict[str, Any] = {"mobiles": per_mobile, "directions": {}, "per_rekey": []}
+    for key in ("moves", "returns_home", "failed_moves", "child_rekeys", "ike_rekeys",
+                "ike_sas_ended", "rekey_loss", "rekeys_in_handover"):
+        figures[key] = sum(m[key] for m in per_mobile.values())
+    for name in ("downlink", "uplink"):
+        rows = [m["directions"][name] for m in per_mobile.values()]
+        figures["directions"][name] = {
+            key: sum(r[key] for r in rows) for key in
+            ("judged", "lost", "sender_skipped", "lost_in_handover", "lost_outside_handover")}
+        figures["directions"][name]["outside_at"] = [
+            t for r in rows for t in r["outside_at"]][:50]
+    for mobile_name, m in per_mobile.items():
+        figures["per_rekey"] += [{**r, "mobile": mobile_name} for r in m["per_rekey"]]
     # processes
     samples = record.get("samples", [])
     procs: dict[str, Any] = {}
-    for role in ROLES:
+    for role in record.get("daemons", ("ha", "gw", "mn")):
         pts = [(s["time"], s["roles"][role]["rss_kb"] / 1024.0) for s in samples
                if role in s["roles"] and "rss_kb" in s["roles"][role]]
         after = [p for p in pts if p[0] >= warm]
@@ -556,7 +632,7 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
                 vals = [d.get(k, 0) for _t, d in sizes]
                 table[k] = {"first": vals[0], "max": max(vals), "last": vals[-1]}
                 if k == "timeline":
-                    continue                 # bounded by its cap (mipsec.node.timeline)
+                    continue                 # bounded by its limit (mipsec.node.timeline)
                 if len(vals) >= 3 and min(vals[-third:]) > max(vals[:third]):
                     growing.append(k)
         procs[role] = {
@@ -574,10 +650,11 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
     figures["spis_left_behind"] = [r["spi"] for r in replay.get("left_behind", [])]
     figures["spis_current"] = replay.get("current", {})
     # the replay tells known from unknown: a current (or retiring) SPI of each receiver was known
+    receivers = [r for r in record.get("daemons", ("gw", "mn")) if r != "ha"]
     figures["replay_control"] = {
         role: any(r.get("known") and (r.get("current") or r.get("in_grace"))
                   for r in replay.get("results", []) if r["role"] == role)
-        for role in ("gw", "mn")}
+        for role in receivers}
     figures["duration_s"] = record["end"] - t0
     return figures
 
@@ -585,7 +662,10 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
 def verdict(fig: dict[str, Any]) -> list[tuple[str, bool, str]]:
     out = []
     outside = sum(d["lost_outside_handover"] for d in fig["directions"].values())
-    out.append(("zero loss outside handover windows", outside == 0, f"{outside} lost"))
+    per_mn = "; ".join(f"{name} {sum(d['lost_outside_handover'] for d in m['directions'].values())}"
+                       for name, m in fig["mobiles"].items()) if len(fig["mobiles"]) > 1 else ""
+    out.append(("zero loss outside handover windows", outside == 0,
+                f"{outside} lost" + (f" ({per_mn})" if per_mn else "")))
     out.append(("zero loss at re-keys", fig["rekey_loss"] == 0,
                 f"{fig['rekey_loss']} lost over {fig['child_rekeys']} child and "
                 f"{fig['ike_rekeys']} IKE SA re-keys"))
@@ -601,23 +681,36 @@ def verdict(fig: dict[str, Any]) -> list[tuple[str, bool, str]]:
     out.append(("no SPI left behind", not left and all(control.values()),
                 f"{fig['spis_replayed']} SPIs replayed, known: {len(fig['spis_known'])} "
                 f"(each a current or retiring one), left behind: {', '.join(left) or 'none'}; "
-                f"a current SPI known at the GW: {control['gw']}, at the MN: {control['mn']}"))
+                f"a current SPI known: "
+                + ", ".join(f"{role} {ok}" for role, ok in control.items())))
     return out
 
 
 def format_report(fig: dict[str, Any], plan: dict[str, Any]) -> str:
-    lines = [f"soak: {fig['duration_s'] / 60:.1f} min, {plan['rate']:g} datagrams/s each way, "
+    n = len(fig["mobiles"])
+    lines = [f"soak: {fig['duration_s'] / 60:.1f} min, {n} MN{'s' if n > 1 else ''}, "
+             f"{plan['rate']:g} datagrams/s each way per MN, "
              f"child SA {plan['child_lifetime_s']:g} s, IKE SA {plan['ike_lifetime_s']:g} s, "
              f"one-way delay {plan['delay_ms']:g} ms",
              f"  {fig['moves']} moves ({fig['returns_home']} returns home, "
              f"{fig['failed_moves']} not completed), {fig['child_rekeys']} child and "
              f"{fig['ike_rekeys']} IKE SA re-keys ({fig['rekeys_in_handover']} inside a handover "
-             f"window), {fig['ike_sas_ended']} IKE SAs ended"]
+             f"window), {fig['ike_sas_ended']} IKE SA ends logged"]
     for name, d in fig["directions"].items():
         lines.append(f"  {name}: {d['judged']} judged, lost {d['lost']}: "
                      f"{d['lost_in_handover']} inside handover windows, "
                      f"{d['lost_outside_handover']} outside (the sender, held up by a busy "
                      f"machine, skipped {d['sender_skipped']} send slots)")
+    if n > 1:
+        for name, m in fig["mobiles"].items():
+            dl, ul = m["directions"]["downlink"], m["directions"]["uplink"]
+            lines.append(f"    {name}: {m['moves']} moves ({m['returns_home']} home, "
+                         f"{m['failed_moves']} not completed), {m['child_rekeys']} child / "
+                         f"{m['ike_rekeys']} IKE SA re-keys; downlink lost "
+                         f"{dl['lost_in_handover']} in / {dl['lost_outside_handover']} outside "
+                         f"handovers of {dl['judged']}, uplink {ul['lost_in_handover']} / "
+                         f"{ul['lost_outside_handover']} of {ul['judged']}; at re-keys "
+                         f"{m['rekey_loss']}")
     per = [r["lost"] for r in fig["per_rekey"] if not r["in_handover"]]
     if per:
         lines.append(f"  loss per re-key (outside handovers): max {max(per)}, total {sum(per)}, "
@@ -625,7 +718,9 @@ def format_report(fig: dict[str, Any], plan: dict[str, Any]) -> str:
     for role, p in fig["processes"].items():
         slope = p["rss_slope_mb_h"]
         cpu = p["cpu_share"]
-        lines.append(f"  {role}: RSS {p['rss_mb_first']:.1f} -> {p['rss_mb_last']:.1f} MB, slope "
+        first = "n/a" if p["rss_mb_first"] is None else f"{p['rss_mb_first']:.1f}"
+        last = "n/a" if p["rss_mb_last"] is None else f"{p['rss_mb_last']:.1f}"
+        lines.append(f"  {role}: RSS {first} -> {last} MB, slope "
                      f"after warm-up {'n/a' if slope is None else f'{slope:+.2f} MB/h'}; fds "
                      f"{p['fds_first']} -> {p['fds_last']} (max {p['fds_max']}); CPU "
                      f"{'n/a' if cpu is None else f'{100 * cpu:.0f} %'}")

@@ -26,8 +26,8 @@ import dataclasses
 from typing import Any
 
 from mipsec.errors import MipsecError
-from mipsec.node.actions import Action, BindingChanged
 from mipsec.node import timeline as tl
+from mipsec.node.actions import Action, BindingChanged
 
 
 class NeedsRestart(MipsecError):
