@@ -552,6 +552,7 @@ def render_status(reply: dict[str, Any]) -> str:
         lines += render_ike(reply["node"]["ike"], now)
     timeline = reply.get("timeline") or []
     if timeline:
+        from mipsec.node.timeline import format_timeline
         lines.append("  last handover timeline:")
         lines += ["    " + line for line in format_timeline(last_handover(timeline),
                                                          omit=("identification",))]
@@ -590,22 +591,6 @@ def last_handover(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
     starts = [i for i, ev in enumerate(timeline) if ev.get("kind") in ("coa-changed",
                                                                          "rrq-accepted")]
     return timeline[starts[-1]:] if starts else timeline[-10:]
-
-
-def format_timeline(events: list[dict[str, Any]], t0: float | None = None,
-                    omit: tuple[str, ...] = ("home_address", "identification", "sequence")
-                    ) -> list[str]:
-    from mipsec.node.timeline import format_detail
-    if not events:
-        return ["(no events)"]
-    base = events[0].get("time", 0.0) if t0 is None else t0
-    out = []
-    for ev in events:
-        detail = ev.get("detail") or {}
-        extra = format_detail(detail, omit)
-        out.append(f"{(ev.get('time', 0.0) - base) * 1000:9.2f} ms  {ev.get('node', ''):<6} "
-                   f"{ev.get('kind', ''):<26} {extra}")
-    return out
 
 
 def _is_sa(value: Any) -> bool:

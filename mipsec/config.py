@@ -36,8 +36,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from mipsec import files
 from mipsec.errors import ConfigError
-from mipsec.io import files
 from mipsec.node import config as node_config
 
 ROLES = ("mn", "gw", "ha")
@@ -420,7 +420,7 @@ def dump_config(cfg: DaemonConfig, comment: str = "") -> str:
 def write_config(cfg: DaemonConfig, path: str | os.PathLike[str], comment: str = "", *,
                  exclusive: bool = False) -> None:
     """Write ``cfg`` as TOML, mode 0600, atomically through a fresh O_EXCL temporary file
-    (``mipsec.io.files.write_private``); ``exclusive``: never replace an existing file."""
+    (``mipsec.files.write_private``); ``exclusive``: never replace an existing file."""
     files.write_private(path, dump_config(cfg, comment), exclusive=exclusive)
 
 

@@ -282,7 +282,7 @@ def _write_private(path: str | os.PathLike[str], header: str, entries: Iterable[
             lines.append(line)
     # a fresh O_EXCL|O_NOFOLLOW 0600 temporary file renamed over the target: the keys are never
     # readable by others, and nothing planted at a predictable name is written through
-    from mipsec.io.files import write_private
+    from mipsec.files import write_private
     write_private(path, header + "".join(line + "\n" for line in lines))
 
 

@@ -6,7 +6,7 @@ keys, docs/security.md §3.6), but the peer's anti-replay window remembers the h
 accepted: a restarted sender was dropped as a replay until it passed that number, so all traffic
 to the peer was silently lost; and a restarted receiver accepted again the packets it had accepted
 before (a replay).  The SA stays sans-I/O; this adapter keeps, per manual SA, in one state file
-(JSON, mode 0600, written with ``mipsec.io.files.write_private``):
+(JSON, mode 0600, written with ``mipsec.files.write_private``):
 
 * **outbound**: ``reserved``, a number at least as high as every sequence number ever sent.  It is
   written *ahead*, in blocks of ``SEQ_PERSIST_BLOCK``, before the first packet of each block
@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from mipsec.io.files import write_private
+from mipsec.files import write_private
 
 log = logging.getLogger("mipsec.io.seqstate")
 

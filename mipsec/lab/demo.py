@@ -28,7 +28,7 @@ MOVES = ("b", "a", "home")
 
 
 def print_timeline(events: list[dict[str, Any]], t0: float, out: TextIO) -> None:
-    from mipsec.cli import format_timeline
+    from mipsec.node.timeline import format_timeline
     print(f"    {'after move':>12}  {'node':<6} {'event':<26} details", file=out)
     for line in format_timeline(events, t0):
         print("    " + line, file=out)

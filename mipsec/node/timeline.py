@@ -179,6 +179,21 @@ def format_table(events: Sequence[TimelineEvent], t0: float | None = None) -> st
     return "\n".join(lines)
 
 
+def format_timeline(events: Sequence[dict[str, Any]], t0: float | None = None,
+                    omit: Sequence[str] = TABLE_OMITS) -> list[str]:
+    """Lines for timeline events in their JSON form (``as_dicts``, ``mipsec status``): time
+    since ``t0`` (ms), node, kind, details."""
+    if not events:
+        return ["(no events)"]
+    base = events[0].get("time", 0.0) if t0 is None else t0
+    out = []
+    for ev in events:
+        extra = format_detail(ev.get("detail") or {}, omit)
+        out.append(f"{(ev.get('time', 0.0) - base) * 1000:9.2f} ms  {ev.get('node', ''):<6} "
+                   f"{ev.get('kind', ''):<26} {extra}")
+    return out
+
+
 def as_dicts(events: Iterable[TimelineEvent]) -> list[dict[str, Any]]:
     """JSON-able form for ``status()`` and ``mipsec status --json``."""
     return [{"time": e.time, "node": e.node, "kind": e.kind,

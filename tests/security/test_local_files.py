@@ -14,10 +14,10 @@ import tempfile
 import pytest
 
 import needs
-from mipsec import cli
+from mipsec import cli, files
 from mipsec.config import load_config, make_key_set, write_config
 from mipsec.errors import ConfigError
-from mipsec.io import files, pcap
+from mipsec.io import pcap
 from mipsec.lab import demo
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.lab.topology import existing_namespaces

@@ -20,7 +20,7 @@ from mipsec.config import (
     make_key_set,
 )
 from mipsec.errors import ConfigError
-from mipsec.io.files import write_private
+from mipsec.files import write_private
 from mipsec.node.config import make_lab_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
