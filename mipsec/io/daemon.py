@@ -612,7 +612,7 @@ class Daemon:
             kind = type(action)
             if kind is ReserveSiuSequence and skipping:
                 # the binding write before it failed: the SIU it reserves for is dropped too
-                self.loop.feed_event(SiuSequenceNotReserved(
+                self._loop.feed_event(SiuSequenceNotReserved(
                     action.gateway, action.expected, "the binding write before it failed"))
             elif kind is PersistBinding or kind is ReserveSiuSequence:
                 if segment:
@@ -659,7 +659,7 @@ class Daemon:
             reason = str(exc)
         self.store_errors += 1
         log.error("binding store: SIU numbers for %s not reserved: %s", action.gateway, reason)
-        self.loop.feed_event(SiuSequenceNotReserved(action.gateway, stored, reason))
+        self._loop.feed_event(SiuSequenceNotReserved(action.gateway, stored, reason))
         return not action.required
 
     def _on_netlink(self, watcher: netlink.AddressWatcher) -> None:

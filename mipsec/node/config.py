@@ -317,9 +317,11 @@ class GatewayConfig:
         for m in self.mobiles:
             if m.esp_in is None and self.ike is None:
                 raise ConfigError(f"mobile {m.home_address}: no esp_in/esp_out and no [ike]")
-            keys = [("home", m.home_address)]
+            keys: list[tuple[str, object]] = [("home", m.home_address)]
             if m.esp_in is not None:
-                keys += [("spi", m.esp_in.spi), ("spi", m.esp_out.spi)]
+                keys.append(("spi", m.esp_in.spi))
+            if m.esp_out is not None:
+                keys.append(("spi", m.esp_out.spi))
             if m.ike_id:
                 keys.append(("ike_id", m.ike_id))
             for key in keys:

@@ -236,8 +236,10 @@ class HomeAgent:
     def _effect_nothing(self, home: str, now: float) -> list[Action]:
         return []
 
-    _effects = {BindingEffect.BIND: _effect_bind, BindingEffect.RESTORE: _effect_restore,
-                BindingEffect.UNBIND: _effect_unbind, BindingEffect.NOTHING: _effect_nothing}
+    # each effect: (role, home address, now, **what the event carried) -> actions
+    _effects: dict[BindingEffect, Callable[..., list[Action]]] = {
+        BindingEffect.BIND: _effect_bind, BindingEffect.RESTORE: _effect_restore,
+        BindingEffect.UNBIND: _effect_unbind, BindingEffect.NOTHING: _effect_nothing}
 
     # --- from the network: registrations and reverse-tunnelled packets ---------------------------
     def receive_from_net(self, packet: bytes, now: float) -> list[Action]:

@@ -170,6 +170,8 @@ class MobileNode:
         self.inbound: SecurityAssociation | None
         self.outbound: SecurityAssociation | None
         if config.ike is None:
+            if config.esp_in is None or config.esp_out is None:
+                raise ConfigError(f"MN {config.name}: manual keys need esp_in and esp_out")
             self.inbound = make_sa(config.esp_in, Direction.INBOUND, local=None,
                                    remote=config.gateway, now=now, random=random)
             self.outbound = make_sa(config.esp_out, Direction.OUTBOUND, local=UNSPECIFIED,
@@ -232,7 +234,8 @@ class MobileNode:
             return self._drop(DropReason.NO_SA)
         try:
             tunnelled = ipip.encapsulate(packet, self.care_of, self._ha)
-            out = [SendToNet(self.outbound.encapsulate(tunnelled, now), self.interface)]
+            out: list[Action] = [SendToNet(self.outbound.encapsulate(tunnelled, now),
+                                           self.interface)]
             self._last_out = now
             if self._liveness_at is None and self.state is S.REGISTERED:
                 self._liveness_at = now + self._liveness_interval
@@ -449,7 +452,7 @@ class MobileNode:
         self.reg.refusal_logged = code
         return [Log("warning", f"home agent {self._ha} refused the registration of "
                                f"{self.home_address}: code {code} ({reply_code_name(code)}); "
-                               f"asking again in {self.reg.deadline - now:.1f} s, backing off "
+                               f"asking again in {(self.reg.deadline or now) - now:.1f} s, backing off "
                                f"up to "
                                f"{self.config.retransmit_max_s:g} s")]
 
@@ -459,6 +462,8 @@ class MobileNode:
         if self.reg.refusal_logged is not None or self.reg.attempts > self.config.max_attempts:
             actions.append(Log("info", f"registered via {self.care_of} after "
                                        f"{self.reg.attempts} requests"))
+        if reply is None:
+            raise UsageError(f"MN {self.name}: registration confirmed without an accepted reply")
         self.reg.confirm(reply, now, self.config.renew_fraction, care_of=self.care_of)
         self._ike_backoff_s = 0.0
         if self.reg.old_care_of_b is not None and self.inbound is not None:
@@ -616,6 +621,9 @@ class MobileNode:
         if dereg:
             return SendToNet(build_udp_packet(self._home_b, self._ha_b, MIP_PORT, MIP_PORT, data),
                              self.reg.home_link)
+        if self._care_of_b is None:      # never: away means a care-of address
+            raise UsageError(f"MN {self.name}: a registration request away without a care-of "
+                             f"address")
         inner = build_udp_packet(self._care_of_b, self._ha_b, MIP_PORT, MIP_PORT, data)
         if self.outbound is None:        # IKEv2: the SAs are gone (deleted); the retry will tell
             self.drops[DropReason.NO_SA] += 1
@@ -657,9 +665,9 @@ class MobileNode:
         self.care_of, self._care_of_b, self.interface = coa, coa_b, event.interface
         self._record(now, "coa-changed", old=old, new=coa, make_before_break=event.make_before_break)
         keep_old = event.make_before_break and old is not None and old != coa
-        self.reg.old_care_of_b = a2b(old) if keep_old else None
+        self.reg.old_care_of_b = a2b(old) if keep_old and old is not None else None
         self._awaiting_first_downlink = True
-        if self.outbound is None:
+        if self.outbound is None or self.inbound is None:
             # IKEv2 and no SA pair yet: negotiate from this CoA; register once the child is up
             return self._event(RegEvent.MOVED_WITHOUT_SAS, now)
         self.outbound.rebind(local=coa)
@@ -702,7 +710,7 @@ class MobileNode:
         if self.ike is not None and self.state in AWAY:
             # IKE speaks only from a care-of address we have: not on the home link, not
             # without an address (its timers wait until we are away again)
-            t = self.ike.get_timer()
+            t = self._ikev2.get_timer()
             if t is not None:
                 times.append(t)
         return min(times) if times else None
@@ -716,9 +724,9 @@ class MobileNode:
             del self._grace[spi]
             self._inbound_sas.pop(spi, None)        # its SPI is unknown from now on
         if self.ike is not None and self.state in AWAY:
-            t = self.ike.get_timer()
+            t = self._ikev2.get_timer()
             if t is not None and now >= t:
-                actions += self._ike_outputs(self.ike.handle_timer(now), now)
+                actions += self._ike_outputs(self._ikev2.handle_timer(now), now)
             if self._ike_retry_at is not None and now >= self._ike_retry_at:
                 self._ike_retry_at = None
                 if self.state is S.AWAITING_SAS:
@@ -795,7 +803,7 @@ class MobileNode:
 
     # --- IKEv2 (docs/ikev2.md "Integration") ---------------------------------------------------
     def _ike_packet(self, packet: bytes, now: float) -> list[Action]:
-        outputs, reason = self.ike.receive(packet, now)
+        outputs, reason = self._ikev2.receive(packet, now)
         if reason is not None:
             return self._drop(reason)
         return self._ike_outputs(outputs, now)
@@ -820,6 +828,19 @@ class MobileNode:
                                            self.interface)[0]
         return actions
 
+    @property
+    def _ikev2(self) -> RoleIke:
+        """The MN's IKEv2 side: only the IKE paths use it, and they run only with IKEv2."""
+        if self.ike is None:
+            raise UsageError(f"MN {self.name}: manual keys, no IKEv2")
+        return self.ike
+
+    def _coa(self) -> str:
+        """The care-of address IKE runs from (IKE starts only once there is one)."""
+        if self.care_of is None:
+            raise UsageError(f"MN {self.name}: no care-of address")
+        return self.care_of
+
     def _ike_alive(self) -> Any:
         sa = self._ike_sa
         return sa if sa is not None and sa.state != IkeState.CLOSED else None
@@ -828,7 +849,7 @@ class MobileNode:
         """Negotiate from the current CoA: follow with the IKE SA we have (still setting up, or
         up but without children), else start one."""
         sa = self._ike_alive()
-        local = (self.care_of, IKE_PORT)
+        local = (self._coa(), IKE_PORT)
         if sa is not None and (sa.children or sa.state != IkeState.ESTABLISHED):
             sa.follow_addresses(local=(self.care_of, sa.local[1]))
             return []
@@ -836,19 +857,19 @@ class MobileNode:
             # up but its child SAs are gone: a fresh IKE SA, whose INITIAL_CONTACT makes the GW
             # drop this one too (both ends then agree on what exists)
             return self._ike_reestablish(now)
-        self.ike.note(now, f"initiate from {self.care_of}")
+        self._ikev2.note(now, f"initiate from {self.care_of}")
         self._record(now, "ike-initiated", care_of=self.care_of, gateway=self.config.gateway)
-        out = self.ike.endpoint.initiate(local, (self.config.gateway, IKE_PORT), now)
+        out = self._ikev2.endpoint.initiate(local, (self.config.gateway, IKE_PORT), now)
         self._ike_sa = self._newest_ike_sa()
         return self._ike_outputs(out, now)
 
     def _ike_reestablish(self, now: float) -> list[Action]:
         """After ``max_attempts`` failed registrations: a new IKE SA and child SAs from the
         current CoA (INITIAL_CONTACT makes the GW drop the old ones), then register again."""
-        self.ike.note(now, f"re-establish from {self.care_of}")
+        self._ikev2.note(now, f"re-establish from {self.care_of}")
         self._record(now, "ike-reestablish", care_of=self.care_of)
         self._ike_sa = None                   # its deletion below must not start another
-        out = self.ike.endpoint.reestablish((self.care_of, IKE_PORT),
+        out = self._ikev2.endpoint.reestablish((self._coa(), IKE_PORT),
                                             (self.config.gateway, IKE_PORT), now)
         new = self._newest_ike_sa()
         actions = self._ike_outputs(out, now)
@@ -856,7 +877,7 @@ class MobileNode:
         return actions
 
     def _newest_ike_sa(self) -> Any:
-        live = [sa for sa in self.ike.endpoint.ike_sas if sa.state != IkeState.CLOSED]
+        live = [sa for sa in self._ikev2.endpoint.ike_sas if sa.state != IkeState.CLOSED]
         return max(live, key=lambda sa: sa.created) if live else None
 
     def _ike_moved(self, coa: str, now: float) -> list[Action]:
@@ -875,20 +896,20 @@ class MobileNode:
     def _ike_event(self, ev: Any, now: float) -> list[Action]:
         cls = ev.__class__
         if cls is IkeSaEstablished:
-            self.ike.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id}")
+            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id}")
             self._record(now, "ike-established", peer=ev.peer_id, remote=ev.remote[0])
             self._ike_sa = ev.ike_sa
             return []
         if cls is ChildSaEstablished:
             sin, sout = self._child_sas(ev.child, now)
-            self.ike.note(now, f"child {ev.child.spi_in:08x}/{ev.child.spi_out:08x} up")
+            self._ikev2.note(now, f"child {ev.child.spi_in:08x}/{ev.child.spi_out:08x} up")
             installed = self.install_sas(sin, sout, now)
             # the GW bound the new pair to where the IKE_AUTH came from (docs/protocol.md §2.2)
             self.reg.gw_points_at = ev.ike_sa.local[0]
             return installed
         if cls is ChildSaRekeyed:
             sin, sout = self._child_sas(ev.new, now)
-            self.ike.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}",
+            self._ikev2.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}",
                           rekey=True)
             return self._swap_sas(sin, sout, now, ev.send_on_new)
         if cls is ChildSaDeleted:
@@ -896,14 +917,14 @@ class MobileNode:
         if cls is IkeSaRekeyed:
             if ev.new is not None and ev.old is self._ike_sa:
                 self._ike_sa = ev.new
-            self.ike.note(now, "IKE SA re-keyed", rekey=True)
+            self._ikev2.note(now, "IKE SA re-keyed", rekey=True)
             self._record(now, "ike-rekeyed", care_of=self.care_of,
                          local=ev.new.local[0] if ev.new is not None else None)
             return []
         if cls is IkeSaDeleted or cls is IkeSaFailed:
             # its child SAs were reported deleted just before (RFC 7296 §1.4.1: they never
             # outlive it), so nothing of it is left in use here
-            self.ike.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
+            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
             self._record(now, "ike-ended", reason=ev.reason, ike_sa=ev.ike_sa.name)
             actions: list[Action] = [Log("info", f"IKE SA {ev.ike_sa.name} with the GW ended: "
                                                  f"{ev.reason}")]
@@ -989,7 +1010,7 @@ class MobileNode:
         self._liveness_at = self._probe_deadline = None
         if self.ike is None:
             return []
-        out = self.ike.endpoint.abandon(self.config.gateway,
+        out = self._ikev2.endpoint.abandon(self.config.gateway,
                                         "at home: no care-of address to speak from; a new IKE "
                                         "SA when the MN leaves")
         return self._ike_outputs(out, now)
@@ -1040,12 +1061,12 @@ class MobileNode:
             "sas": {"inbound": self.inbound.describe() if self.inbound is not None else None,
                     "outbound": self.outbound.describe() if self.outbound is not None else None},
             "handover_mode": self.config.handover_mode,
-            **({"ike": self.ike.status()} if self.ike is not None else {}),
+            **({"ike": self._ikev2.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
             "inbound_retiring": [f"0x{spi:08x}" for spi in self._grace],
             "sizes": {"inbound_sas": len(self._inbound_sas), "pairs": len(self._pairs),
                       "grace": len(self._grace), "timeline": len(self.timeline),
-                      **({f"ike_{k}": v for k, v in self.ike.endpoint.sizes().items()}
+                      **({f"ike_{k}": v for k, v in self._ikev2.endpoint.sizes().items()}
                          if self.ike is not None else {})},
         }
