@@ -101,6 +101,25 @@ def test_batch_path_equals_single_packet_path(which):
     assert drops >= 3                                 # the bad packets were dropped and counted
 
 
+def test_mn_uplink_batch_path_equals_single_packet_path():
+    """The MN's uplink (its tun_fast_path, sent on its interface in one batch) against one
+    packet at a time: the same packets, on the same interface, the same state."""
+    results = {}
+    for batch in (False, True):
+        topo = registered_topology()
+        mn = topo.mn.role
+        up = [build_udp_packet(a2b(HOME), a2b(CN), 6000, 5000, bytes([i]) * (5 + 11 * i),
+                               identification=i) for i in range(30)]
+        up[3:3] = [up[0][:12], up[1] + b"x", b"\x65" + up[2][1:]]
+        out = run_loop(mn, up, [], batch)
+        results[batch] = (out, role_state(mn))
+    (single, single_state), (batched, batched_state) = results[False], results[True]
+    assert batched["sent"] == single["sent"]
+    assert len(single["sent"]) == 30 and {i for _p, i in single["sent"]} == {topo.mn.role.interface}
+    assert batched["stats"] == single["stats"]
+    assert batched_state == single_state
+
+
 def test_tun_fast_path_is_receive_from_tun():
     topo = registered_topology()
     ha = topo.ha.role
@@ -169,7 +188,8 @@ def test_mmsg_equals_one_call_per_packet():
 
 
 @pytest.mark.skipif(not mmsg.available(), reason="sendmmsg/recvmmsg are Linux system calls")
-def test_raw_sender_and_receiver_batches_equal_single_calls():
+@pytest.mark.parametrize("interface", [None, "lo"])
+def test_raw_sender_and_receiver_batches_equal_single_calls(interface):
     needs.need(None if os.geteuid() == 0 else "raw sockets need root")
     packets = [build_udp_packet(a2b("127.0.0.1"), a2b("127.0.0.1"), 4000, 4001, bytes([i]) * i,
                                 identification=i)
@@ -181,9 +201,10 @@ def test_raw_sender_and_receiver_batches_equal_single_calls():
         sender = RawSender(use_mmsg=use)
         try:
             if use:
-                results = sender.send_batch(packets)
+                results = (sender.send_batch(packets) if interface is None
+                           else sender.send_batch(packets, interface))
             else:
-                results = [sender.send(p) for p in packets]
+                results = [sender.send(p, interface) for p in packets]
             got = []
             for _ in range(20):
                 chunk = receiver.receive()

@@ -20,16 +20,18 @@ the key file rewritten on ``RebindSa`` ...) are hooks: ``on_action[ActionType] =
 The data path (``batch=True``, the default).  Each ready descriptor is drained in one go (the
 TUN device until it is empty, up to ``TUN_DRAIN_MAX``; receivers read until EAGAIN) and the
 clock is read once per drain.  A role may offer ``tun_fast_path(packet, now)``, the same work
-as ``receive_from_tun`` without action objects: it returns the packet to send (bytes), None
-(dropped and counted by the role), or a list of actions for the general path; likewise
-``net_fast_path(packet, now)`` for ``receive_from_net`` (its bytes go into the TUN; used
-unless a hook is registered for ``WriteToTun``).  A result that is exactly one ``SendToNet``
-without an interface (from the TUN) or one ``WriteToTun`` (from the net) is data: it is
-carried out directly, without ``dispatch`` (so wrappers of ``dispatch`` see every result but
-these), unless a hook is registered for its type.  Packets to send are
-queued and leave in one batched send (``sender.send_batch``: sendmmsg) at the end of the drain,
-and before any other action is carried out, so the order on the wire is that of the
-single-packet path (``batch=False``), as are the bytes, the drops and every counter.
+as ``receive_from_tun`` without action objects: it returns the packet to send (bytes, on the
+role's ``data_interface`` if it has one, else by routing), None (dropped and counted by the
+role), or a list of actions for the general path; likewise ``net_fast_path(packet, now)`` for
+``receive_from_net`` (its bytes go into the TUN; used unless a hook is registered for
+``WriteToTun``).  A result that is exactly one ``SendToNet`` (from the TUN) or one
+``WriteToTun`` (from the net) is data: it is carried out directly, without ``dispatch`` (so
+wrappers of ``dispatch`` see every result but these), unless a hook is registered for its
+type.  Packets to send are queued and leave in one batched send per interface
+(``sender.send_batch(packets[, interface])``: sendmmsg) at the end of the drain, before a
+packet for another interface and before any other action is carried out, so the order on the
+wire is that of the single-packet path (``batch=False``), as are the bytes, the drops and
+every counter.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class EventLoop:
         self.role = role
         self.batch = batch
         self._pending: list[bytes] = []        # data packets waiting for one batched send
+        self._pending_if: str | None = None    # ... all on this interface (None: by routing)
         self._send_batch = getattr(sender, "send_batch", None) if batch else None
         self._tun_fast = getattr(role, "tun_fast_path", None) if batch else None
         self._net_fast = getattr(role, "net_fast_path", None) if batch else None
@@ -216,7 +219,8 @@ class EventLoop:
         now = self.clock()
         direct = SendToNet not in self.on_action
         fast = self._tun_fast if direct else None
-        slow = self.role.receive_from_tun
+        role = self.role
+        slow = role.receive_from_tun
         queue = self._queue_send
         for packet in packets:
             try:
@@ -229,10 +233,9 @@ class EventLoop:
             if not out:
                 continue
             if out.__class__ is not list:
-                queue(out)
-            elif (direct and len(out) == 1 and out[0].__class__ is SendToNet
-                  and out[0].interface is None):
-                queue(out[0].packet)
+                queue(out, getattr(role, "data_interface", None))
+            elif direct and len(out) == 1 and out[0].__class__ is SendToNet:
+                queue(out[0].packet, out[0].interface)
             else:
                 self._flush()
                 self.dispatch(out)
@@ -295,16 +298,20 @@ class EventLoop:
         self.stats["to_tun"] += to_tun
         self._flush()
 
-    def _queue_send(self, packet: bytes) -> None:
-        """A data packet to the net (default route): captured now, sent in the batch."""
+    def _queue_send(self, packet: bytes, interface: str | None = None) -> None:
+        """A data packet to the net (on ``interface``, None: by routing): captured now, sent
+        in the batch (a packet for another interface sends the queued ones first)."""
         if self.pcap is not None and (self.pcap_filter is None or self.pcap_filter(packet)):
             self.pcap.write(packet, self.wallclock())
         if self._send_batch is None:
-            if self.sender.send(packet, None):
+            if self.sender.send(packet, interface):
                 self.stats["to_net"] += 1
             else:
                 self.stats["send_errors"] += 1
             return
+        if interface != self._pending_if:
+            self._flush()
+            self._pending_if = interface
         self._pending.append(packet)
 
     def _flush(self) -> None:
@@ -316,8 +323,9 @@ class EventLoop:
         send_batch = self._send_batch
         if send_batch is None:          # never: packets queue only when it exists
             raise UsageError("EventLoop: packets queued for a batched send without send_batch")
+        interface = self._pending_if
         try:
-            results = send_batch(pending)
+            results = send_batch(pending) if interface is None else send_batch(pending, interface)
         except Exception:
             self.stats["bugs"] += 1
             log.exception("BUG: batched send of %d packets failed", len(pending))

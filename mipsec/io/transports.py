@@ -45,13 +45,15 @@ log = logging.getLogger(__name__)
 
 class RawSender:
     """Sends complete IPv4 packets (header included) through raw sockets; ``send_batch`` sends
-    many by routing in one system call per 64 (sendmmsg; one sendto each where unavailable),
-    with the same result per packet as ``send``."""
+    many (by routing, or on one interface) in one system call per 64 (sendmmsg; one sendto each
+    where unavailable), with the same result per packet as ``send``."""
 
     def __init__(self, use_mmsg: bool | None = None) -> None:
         self._default = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self._use_mmsg = use_mmsg
         self._multi = mmsg.MultiSender(self._default, use_mmsg)
         self._by_interface: dict[str, socket.socket] = {}
+        self._multi_by_interface: dict[str, mmsg.MultiSender] = {}
         self._dst: dict[bytes, tuple[str, int]] = {}    # outer destination -> sendto address
         self.sent = 0
         self.errors = 0
@@ -78,9 +80,18 @@ class RawSender:
             dst = self._dst[raw_dst] = (socket.inet_ntoa(raw_dst), 0)
         return dst
 
-    def send_batch(self, packets: list[bytes]) -> list[bool]:
-        """Send packets by routing, in order; per packet True, or False (counted in
-        ``errors``) if it was too short or the kernel refused it, like ``send``."""
+    def send_batch(self, packets: list[bytes], interface: str | None = None) -> list[bool]:
+        """Send packets in order, by routing or on ``interface`` as ``send`` does; per packet
+        True, or False (counted in ``errors``) if it was too short or the kernel refused it."""
+        multi = self._multi
+        if interface is not None:
+            sock = self._socket_for(interface)
+            if sock is not self._default:
+                bound = self._multi_by_interface.get(interface)
+                if bound is None or bound.sock is not sock:
+                    bound = self._multi_by_interface[interface] = mmsg.MultiSender(
+                        sock, self._use_mmsg)
+                multi = bound
         address = self._address
         items = []
         index = []
@@ -90,7 +101,7 @@ class RawSender:
                 continue
             items.append((pkt, address(pkt[16:20])))
             index.append(i)
-        for i, ok in zip(index, self._multi.send_batch(items), strict=True):
+        for i, ok in zip(index, multi.send_batch(items), strict=True):
             results[i] = ok
         sent = sum(1 for ok in results if ok)
         self.sent += sent
@@ -118,6 +129,7 @@ class RawSender:
         for sock in self._by_interface.values():
             sock.close()
         self._by_interface.clear()
+        self._multi_by_interface.clear()
 
 
 class _Receiver:
@@ -270,9 +282,9 @@ class FakeNet:
         self.sent.append((bytes(packet), interface))
         return True
 
-    def send_batch(self, packets: list[bytes]) -> list[bool]:
+    def send_batch(self, packets: list[bytes], interface: str | None = None) -> list[bool]:
         for pkt in packets:
-            self.sent.append((bytes(pkt), None))
+            self.sent.append((bytes(pkt), interface))
         return [True] * len(packets)
 
     def close(self) -> None:

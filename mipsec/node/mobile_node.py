@@ -247,6 +247,41 @@ class MobileNode:
         except ValueError:                               # too large to tunnel
             return self._drop(DropReason.MALFORMED)
 
+    @property
+    def data_interface(self) -> str | None:
+        """The interface the packets of ``tun_fast_path`` leave on (None: by routing)."""
+        return self.interface
+
+    def tun_fast_path(self, packet: bytes, now: float) -> bytes | list[Action] | None:
+        """``receive_from_tun`` for the event loop's data path: the ESP packet to send on
+        ``data_interface`` (bytes), None when the packet was dropped (counted), or that method's
+        actions.  Only an option-less, unfragmented, whole application packet while away with
+        an SA is handled here; anything else (at home, no SA, a header ``peek_ipv4`` refuses)
+        goes through ``receive_from_tun``, so the result is the same for any input."""
+        n = len(packet)
+        if n < 20 or packet[0] != 0x45 or self.state is S.AT_HOME:
+            return self.receive_from_tun(packet, now)
+        total, frag = _unpack_total_frag(packet, 2)
+        sa = self.outbound
+        if (total != n or frag & 0x3FFF or self.care_of is None or sa is None
+                or self.state is S.DETACHED):
+            return self.receive_from_tun(packet, now)
+        try:
+            out = sa.encapsulate(ipip.encapsulate(packet, self.care_of, self._ha), now)
+        except Dropped as exc:
+            self.drops[exc.reason] += 1
+            return None
+        except SaExhausted:
+            self.drops[DropReason.SA_EXHAUSTED] += 1
+            return None
+        except ValueError:                               # too large to tunnel
+            self.drops[DropReason.MALFORMED] += 1
+            return None
+        self._last_out = now
+        if self._liveness_at is None and self.state is S.REGISTERED:
+            self._liveness_at = now + self._liveness_interval
+        return out
+
     def receive_from_net(self, packet: bytes, now: float) -> list[Action]:
         """ESP for our CoA, or (at home) the HA's direct Registration Reply."""
         try:
