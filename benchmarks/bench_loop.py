@@ -1,10 +1,11 @@
 """The event loop's data path without the kernel: batched (the default) against one packet at a
 time (``EventLoop(batch=False)``, the reference), for the HA's IP-in-IP downlink, the GW's ESP
-downlink (TUN side) and the GW's ESP uplink (net side).
+downlink (TUN side), the GW's ESP uplink (net side) and the MN's uplink (TUN side, sent on its
+interface).
 
 Roles come registered from the simulator (same seed each time), the TUN and the net are
 in-memory stubs that cost the same in both modes, so the difference is the loop's own work per
-packet (drain, dispatch, action objects, counters) plus what the HA's fast-path hook saves.
+packet (drain, dispatch, action objects, counters) plus what the roles' fast paths save.
 Runs are interleaved (each mode in turn, best of N), timed with the thread's CPU time (the
 periods in which other jobs had the core are left out).
 
@@ -53,7 +54,7 @@ class Net:
         self.sent += 1
         return True
 
-    def send_batch(self, packets: list[bytes]) -> list[bool]:
+    def send_batch(self, packets: list[bytes], interface: str | None = None) -> list[bool]:
         self.sent += len(packets)
         return [True] * len(packets)
 
@@ -74,7 +75,9 @@ def setup(n: int):
     tunnelled = [ha.tun_fast_path(p, 1.0) for p in down]
     up = [build_udp_packet(a2b(HOME), a2b(CN), 6000, 5000, bytes(36), identification=i) for i in range(n)]
     esp = [a.packet for p in up for a in mn.receive_from_tun(p, 1.5) if isinstance(a, SendToNet)]
-    return ha, gw, down, tunnelled, esp
+    app = [build_udp_packet(a2b(HOME), a2b(CN), 6000, 5000, bytes(36), identification=i)
+           for i in range(n)]
+    return ha, gw, mn, down, tunnelled, esp, app
 
 
 def time_one(role, tun_packets, net_packets, batch: bool) -> float:
@@ -103,10 +106,11 @@ def main() -> int:
     for _ in range(args.runs):
         for batch in (False, True):
             # fresh roles each run: the GW's uplink SA must see every sequence number once
-            ha, gw, down, tunnelled, esp = setup(args.packets)
+            ha, gw, mn, down, tunnelled, esp, app = setup(args.packets)
             for name, role, tun_in, net_in in (("HA downlink (TUN -> IP-in-IP)", ha, down, []),
                                                ("GW downlink (TUN -> ESP)", gw, tunnelled, []),
-                                               ("GW uplink (ESP -> TUN)", gw, [], esp)):
+                                               ("GW uplink (ESP -> TUN)", gw, [], esp),
+                                               ("MN uplink (TUN -> ESP)", mn, app, [])):
                 us = time_one(role, tun_in, net_in, batch)
                 best[(name, batch)] = min(best.get((name, batch), us), us)
     print(f"{'path':<32}{'single us/pkt':>15}{'batched us/pkt':>16}{'ratio':>8}")
