@@ -237,7 +237,7 @@ class VpnGateway(GatewayIke):
                 mobike=config.handover_mode == "mobike", local_ts=("0.0.0.0/0",),
                 remote_ts=("0.0.0.0/0",)), random=random)
         for m in config.mobiles:
-            if m.esp_in is None:
+            if m.esp_in is None or m.esp_out is None:
                 continue                     # its SAs come from IKEv2
             inbound = make_sa(m.esp_in, Direction.INBOUND, local=self.outside, remote=None,
                               now=now, random=random)
@@ -246,7 +246,7 @@ class VpnGateway(GatewayIke):
             self.install_mobile(m.home_address, inbound, outbound, home_agent=m.home_agent,
                                 allowed_destinations=m.allowed_destinations, now=now)
             if self.ike is not None:
-                self.ike.endpoint.reserve_esp_spi(inbound.spi)   # IKE never allocates it
+                self._ikev2.endpoint.reserve_esp_spi(inbound.spi)   # IKE never allocates it
 
     # --- configuration / IKE hook ---------------------------------------------------------------
     def install_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
@@ -314,7 +314,7 @@ class VpnGateway(GatewayIke):
         if dst != self._outside_b:
             return self._drop(DropReason.MIP_NOT_FOR_US)
         if self.ike is not None and RoleIke.is_ike(packet, proto, ihl):
-            outputs, reason = self.ike.receive(packet, now)
+            outputs, reason = self._ikev2.receive(packet, now)
             if reason is not None:
                 return self._drop(reason)
             return self._ike_outputs(outputs, now)
@@ -570,10 +570,12 @@ class VpnGateway(GatewayIke):
         rrp = siu.rrp if siu.flags & SiuFlags.FORWARD_RRP else b""
         actions: list[Action] = []
         if effect is Effect.REPOINT:
+            # an UPDATE names a New CoA, and the check above refused it without a registration
+            assert new is not None and target is not None
             actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)
             mobile.mobike_moved = False
         elif effect is Effect.CONFIRM:
-            if target is not None and target != _points_at(mobile.outbound):
+            if new is not None and target is not None and target != _points_at(mobile.outbound):
                 # the same CoA from a new NAT mapping: the SA follows the registration
                 actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)
             if mobile.mobike_moved:
@@ -591,6 +593,8 @@ class VpnGateway(GatewayIke):
         elif effect is Effect.REJECT:
             # docs/protocol.md: no compare, no change: the (rejecting) RRP once to New CoA
             if rrp:
+                # a REJECT names a New CoA, and the check above refused it without a registration
+                assert new is not None and target is not None
                 actions += self._forward_rrp(mobile, rrp, now, to=(new, target))
             rrp = b""
         elif effect is Effect.NOTHING:
@@ -633,7 +637,7 @@ class VpnGateway(GatewayIke):
         return reply.home_address == siu.home_address and reply.home_agent == siu.sender
 
     def _forward_rrp(self, mobile: Mobile, rrp: bytes, now: float,
-                     to: tuple[str, int | None] | None = None) -> list[Action]:
+                     to: tuple[str, tuple[str, int | None]] | None = None) -> list[Action]:
         """Encrypt the HA's Registration Reply to the bound CoA (UDP HA:434 -> CoA:434).
 
         ``to`` (a REJECT SIU): (care-of address, (outer address, UDP port or None)) to send
@@ -641,6 +645,8 @@ class VpnGateway(GatewayIke):
         touched (the outer header of the one packet is rewritten: ESP does not cover it).
         """
         care_of = to[0] if to is not None else mobile.care_of
+        if care_of is None:
+            return self._drop(DropReason.NO_SA)      # no outer binding to send it to
         inner = build_udp_packet(a2b(mobile.home_agent), a2b(care_of), MIP_PORT, MIP_PORT, rrp)
         try:
             outer = mobile.outbound.encapsulate(inner, now)
@@ -660,7 +666,7 @@ class VpnGateway(GatewayIke):
         raise UsageError(f"GW {self.name}: unknown event {event!r}")
 
     def get_timer(self) -> float | None:
-        t = self.ike.get_timer() if self.ike is not None else None
+        t = self._ikev2.get_timer() if self.ike is not None else None
         if self._grace:
             first = next(iter(self._grace.values()))
             t = first if t is None else min(t, first)
@@ -675,10 +681,10 @@ class VpnGateway(GatewayIke):
             self._forget_inbound(spi)
         if self.ike is None:
             return []
-        t = self.ike.get_timer()
+        t = self._ikev2.get_timer()
         if t is None or now < t:
             return []
-        return self._ike_outputs(self.ike.handle_timer(now), now)
+        return self._ike_outputs(self._ikev2.handle_timer(now), now)
 
     def status(self) -> dict[str, Any]:
         """Bounded at any size: the first ``STATUS_MOBILES`` MNs in detail, counts for all."""
@@ -696,7 +702,7 @@ class VpnGateway(GatewayIke):
             "mobiles_total": len(self.mobiles), "bindings": dict(states),
             "siu_last_sequence": self.verifier.last_sequence,
             "handover_mode": self.config.handover_mode,
-            **({"ike": self.ike.status()} if self.ike is not None else {}),
+            **({"ike": self._ikev2.status()} if self.ike is not None else {}),
             "drops": {str(k): v for k, v in self.drops.items()},
             "sad_drops": {str(k): v for k, v in self.sad.drops.items()},
             "timeline": tl.as_dicts(self.timeline[-32:]),
@@ -720,5 +726,5 @@ class VpnGateway(GatewayIke):
                 "rrq_sources": sum(len(m.rrq_sources) for m in self.mobiles.values()),
                 "old_inbound": sum(len(m.old_inbound) for m in self.mobiles.values()),
                 "pairs": sum(len(m.pair_outbound) for m in self.mobiles.values()),
-                **({f"ike_{k}": v for k, v in self.ike.endpoint.sizes().items()}
+                **({f"ike_{k}": v for k, v in self._ikev2.endpoint.sizes().items()}
                    if self.ike is not None else {})}

@@ -188,6 +188,13 @@ class GatewayIke:
             actions += RoleIke.run(ev.ike_sa.delete_child(child.spi_in, now))[0]
         return actions
 
+    @property
+    def _ikev2(self) -> RoleIke:
+        """The GW's IKEv2 side: only the IKE paths use it, and they run only with IKEv2."""
+        if self.ike is None:
+            raise UsageError(f"GW {self.name}: manual keys, no IKEv2")
+        return self.ike
+
     def _ike_mobile(self, ike_sa: Any) -> Mobile | None:
         cfg = self._by_ike_id.get(ike_sa.peer_id or "")
         return self.mobiles.get(cfg.home_address) if cfg is not None else None
@@ -202,20 +209,20 @@ class GatewayIke:
             sout.rebind(remote=UNBOUND_ADDRESS)           # bound below, through the table
             actions = self.install_mobile(cfg.home_address, sin, sout, home_agent=cfg.home_agent,
                                           allowed_destinations=cfg.allowed_destinations, now=now)
-            mobile = self.mobiles[cfg.home_address]
-            mobile.ike_sa = ev.ike_sa
-            self.ike.note(now, f"{cfg.ike_id}: child {ev.child.spi_in:08x}/"
+            installed = self.mobiles[cfg.home_address]
+            installed.ike_sa = ev.ike_sa
+            self._ikev2.note(now, f"{cfg.ike_id}: child {ev.child.spi_in:08x}/"
                                f"{ev.child.spi_out:08x} installed")
             tl.record(self.timeline, now, self.name, "gw-sas-installed",
                       home_address=cfg.home_address, ike_id=cfg.ike_id, inbound_spi=sin.spi,
                       outbound_spi=sout.spi, peer=ev.ike_sa.remote[0])
-            return actions + self._bind_to_ike(mobile, ev.ike_sa.remote, now)
+            return actions + self._bind_to_ike(installed, ev.ike_sa.remote, now)
         if cls is ChildSaRekeyed:
             mobile = self._ike_mobile(ev.ike_sa)
             if mobile is None or mobile.ike_sa is not ev.ike_sa:
                 return []
             sin, sout = ev.new.make_sas(now=now, inbound_any_source=True)
-            self.ike.note(now, f"{ev.ike_sa.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
+            self._ikev2.note(now, f"{ev.ike_sa.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
                                f"{ev.new.spi_out:08x}", rekey=True)
             return self.rekey_mobile(mobile.home_address, sin, sout, now,
                                      send_on_new=ev.send_on_new)
@@ -228,7 +235,7 @@ class GatewayIke:
             for m in self.mobiles.values():
                 if m.ike_sa is ev.old and ev.new is not None:
                     m.ike_sa = ev.new
-            self.ike.note(now, f"IKE SA {ev.old.name} re-keyed", rekey=True)
+            self._ikev2.note(now, f"IKE SA {ev.old.name} re-keyed", rekey=True)
             return []
         if cls is PeerAddressChanged:
             mobile = self._ike_mobile(ev.ike_sa)
@@ -245,12 +252,12 @@ class GatewayIke:
                 return []
             return self._mobike_move(mobile, ev.remote, now)
         if cls is IkeSaEstablished:
-            self.ike.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id} at {ev.remote[0]}")
+            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id} at {ev.remote[0]}")
             return []
         if cls is IkeSaDeleted or cls is IkeSaFailed:
             # every IKE SA that ends is logged and, for a known MN, in its timeline (its child
             # SAs were reported deleted just before: RFC 7296 §1.4.1)
-            self.ike.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
+            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
             mobile = self._ike_mobile(ev.ike_sa)
             if mobile is not None:
                 tl.record(self.timeline, now, self.name, "ike-ended",
