@@ -19,6 +19,7 @@ from mipsec.io import control
 from mipsec.io.netlink import RTM_DELADDR, RTM_NEWADDR, AddressWatcher
 from mipsec.io.pcap import read_pcap
 from mipsec.node.actions import CareOfAddressChanged, ReturnedHome
+from mipsec.node.packet import build_udp_packet
 
 
 @pytest.fixture
@@ -177,3 +178,67 @@ def test_timeline_command_gives_what_is_new_or_the_newest(daemons):
     for bad in (["since"], ["since", "soon"], ["last", "x"], ["first", "3"]):
         reply = mn.handle_command("timeline", bad)
         assert not reply["ok"] and reply["error"].startswith("usage: timeline"), bad
+
+
+def _esp_spis_in(path) -> set[int]:
+    """SPIs of the ESP packets (raw ESP, protocol 50) in a capture file."""
+    if not path.exists():
+        return set()
+    out = set()
+    for _ts, p in read_pcap(path):
+        ihl = (p[0] & 0x0F) * 4
+        if p[9] == 50:
+            out.add(int.from_bytes(p[ihl:ihl + 4], "big"))
+    return out
+
+
+def test_key_files_follow_the_kept_captures_not_every_rekey(tmp_path, monkeypatch):
+    # with IKEv2 every re-key adds an SA; a bounded capture keeps only its newest files, so the
+    # key files keep the SAs those files can hold (each one still decrypts), not every SA ever
+    import dataclasses
+
+    import mipsec.node.gateway_ike
+    monkeypatch.setattr(mipsec.node.gateway_ike, "CHILD_SA_DELETE_GRACE_S", 0.0)  # no waiting here
+    sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path), pcap_dir=str(tmp_path)),
+                        keys_from=random.Random(5), sa_source="ikev2",
+                        ike={"child_lifetime_s": 3600, "ike_lifetime_s": 7200,
+                             "dpd_interval_s": 0})
+    for name in ("ha", "mn"):
+        cfg = sets[name]
+        sets[name] = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, pcap=""))
+    cfg = sets["gw"]
+    sets["gw"] = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, pcap_keep=1))
+    daemons = start_daemons(sets)
+    try:
+        gw, mn = daemons["gw"], daemons["mn"]
+        gw.pcap.max_bytes = 1500                  # rotate every exchange or two
+        mn.handle_command("handover", ["172.16.2.10", "vb0"])
+        pump(daemons)
+        assert mn.status()["node"]["state"] == "registered"
+        spis_used = set()
+        for _ in range(30):
+            (sa,) = [s for s in gw.role.ike.endpoint.ike_sas if s.is_established]
+            newest = max(sa.children.values(), key=lambda c: c.created)
+            spis_used |= {newest.spi_in, newest.spi_out}
+            now = gw.loop.clock()
+            gw.loop.dispatch(gw.role._ike_outputs(sa.rekey_child(newest.spi_in, now), now))
+            pump(daemons)
+            # traffic on the SAs of now, so that every capture file holds ESP
+            for _ in range(3):
+                mn.tun.inject(build_udp_packet(socket.inet_aton("10.1.0.100"),
+                                               socket.inet_aton("10.1.0.10"), 5000, 5000,
+                                               b"x" * 100))
+            pump(daemons)
+        assert gw.pcap.rotations >= 20, gw.pcap.rotations
+        pcap = tmp_path / "gw.pcap"
+        lines = [line for line in open(str(pcap) + ".esp_sa") if not line.startswith("#")]
+        in_file = {int(line.split(",")[3].strip('"'), 16) for line in lines}
+        captured = _esp_spis_in(pcap) | _esp_spis_in(tmp_path / "gw.pcap.1")
+        assert captured and captured <= in_file            # every kept capture decrypts
+        assert len(spis_used) >= 60 and len(in_file) < len(spis_used) / 2, (in_file, spis_used)
+        assert len(gw._esp_keys) == len(in_file)
+        ike_lines = [line for line in open(str(pcap) + ".ikev2_decryption_table")
+                     if not line.startswith("#")]
+        assert 1 <= len(ike_lines) <= 3
+    finally:
+        close_daemons(daemons)

@@ -160,11 +160,12 @@ class Daemon:
         self.started_wall = time.time()
         self._tun_home_configured = False
         self._away: set[str] = set()          # HA: home addresses currently steered into the TUN
-        self._key_lines: list[str] = []       # every SA ever used (IKEv2): the key file keeps all
-        self._key_spis: set[int] = set()
+        # the key files' lines: every SA whose packets the kept capture files may hold (IKEv2:
+        # pruned as the capture rotates, pcap.KeyLines), ESP SAs by SPI, IKE SAs by SPI pair
+        self._esp_keys = pcapmod.KeyLines()
+        self._key_rotation = 0                # the capture file the keys' tags were last set in
         self._ike_keyfile: str | None = None  # IKEv2: the ikev2_decryption_table beside keyfile
-        self._ike_lines: list[str] = []
-        self._ike_spis: set[tuple[bytes, bytes]] = set()
+        self._ike_keys = pcapmod.KeyLines()
         self.announcer: arp.Announcer | None = None
         self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
         self.metrics: Any = None                      # the Prometheus endpoint ([metrics])
@@ -222,23 +223,28 @@ class Daemon:
             self.pcap = pcapmod.PcapWriter(d.pcap, max_bytes=d.pcap_max_mb * 1_000_000,
                                            keep=d.pcap_keep)
         if cfg.keyfile:
-            self._key_lines = [e.uat_line() for e in esp_entries(cfg)]
             if self._uses_ike():
                 # negotiated SAs of an earlier run of this daemon may still be in use by the
-                # peer (a restart: the MN's packets on its old SA are in the capture too)
-                self._key_lines = _read_key_lines(cfg.keyfile) + self._key_lines
+                # peer (a restart: the MN's packets on its old SA are in the capture too); its
+                # capture is the rotated file -1
+                for i, line in enumerate(_read_key_lines(cfg.keyfile)):
+                    self._esp_keys.add(("earlier", i), line, -1)
                 # and the IKE SAs' keys beside them (ikev2_decryption_table), kept the same way
                 self._ike_keyfile = pcapmod.ike_keyfile_path(cfg.keyfile)
-                self._ike_lines = _read_key_lines(self._ike_keyfile)
-                pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_lines)
-            pcapmod.write_esp_sa_file(cfg.keyfile, self._key_lines)
+                for i, line in enumerate(_read_key_lines(self._ike_keyfile)):
+                    self._ike_keys.add(("earlier", i), line, -1)
+                pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_keys.lines())
+            for entry in esp_entries(cfg):
+                self._esp_keys.add(entry.spi, entry.uat_line(), 0)
+            pcapmod.write_esp_sa_file(cfg.keyfile, self._esp_keys.lines())
         self._attach_sequence_state()      # before the first packet can be sent
         self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
                               pcap=self.pcap)
         if cfg.keyfile and getattr(self.role, "ike", None) is not None:
-            # IKEv2: rewrite the key file whenever SAs appear, keeping every SA ever used, so
-            # the whole capture decrypts (docs/operations.md "Captures")
+            # IKEv2: rewrite the key file whenever SAs appear, keeping every SA the kept
+            # capture files may hold, so the whole capture decrypts (docs/operations.md
+            # "Captures"); SAs of capture files already rotated away leave it
             dispatch = self._loop.dispatch
 
             def dispatch_and_keys(actions: list[Any]) -> None:
@@ -287,43 +293,67 @@ class Daemon:
                 self._loop.feed_event(event)
 
     def _update_keyfile(self) -> None:
-        self._update_ike_keyfile()
+        rotation = self.pcap.rotations if self.pcap is not None else 0
+        rotated = rotation != self._key_rotation
+        self._key_rotation = rotation
+        self._update_ike_keyfile(rotation, rotated)
         new = False
+        held = []
         for sa in role_sas(self.role):
-            if sa.spi in self._key_spis:
+            held.append(sa.spi)
+            if sa.spi in self._esp_keys:
                 continue
-            self._key_spis.add(sa.spi)
             line = sa_key_line(sa)
-            if line is not None:
-                self._key_lines.append(line)
-                new = True
+            # an SA Wireshark cannot decrypt gets no line, only its place (never looked at again)
+            self._esp_keys.add(sa.spi, line or "", rotation)
+            new = new or line is not None
+        if rotated:
+            self._esp_keys.held(held, rotation)
+            new = self._prune_keys(self._esp_keys, rotation) or new
         if new:
             try:
-                pcapmod.write_esp_sa_file(self.cfg.keyfile, self._key_lines)
+                pcapmod.write_esp_sa_file(self.cfg.keyfile,
+                                          [line for line in self._esp_keys.lines() if line])
             except OSError as exc:
                 log.warning("key file %s: %s", self.cfg.keyfile, exc)
 
-    def _update_ike_keyfile(self) -> None:
+    def _prune_keys(self, keys: pcapmod.KeyLines, rotation: int) -> bool:
+        """The capture rotated: drop the lines of SAs last in use in a capture file that is
+        gone (the current file and ``keep`` rotated ones are kept; one more file's worth of
+        margin for an SA that ended in the batch that rotated)."""
+        if self.pcap is None or not self.pcap.max_bytes:
+            return False
+        return keys.prune(rotation - self.pcap.keep - 1)
+
+    def _update_ike_keyfile(self, rotation: int, rotated: bool) -> None:
         """Add every IKE SA whose keys now exist (after IKE_SA_INIT, or a re-key's successor) to
-        the ikev2_decryption_table file, so IKE_AUTH and everything after it decrypts."""
+        the ikev2_decryption_table file, so IKE_AUTH and everything after it decrypts; when the
+        capture rotated, drop the IKE SAs no kept file can hold."""
         if self._ike_keyfile is None:
             return
         new = False
+        held = []
         for sa in self.role.ike.endpoint.ike_sas:
-            if (sa.spi_i, sa.spi_r) in self._ike_spis:
+            key = (sa.spi_i, sa.spi_r)
+            held.append(key)
+            if key in self._ike_keys:
                 continue
             entry = pcapmod.ike_entry_from_sa(sa)
             if entry is None:                 # no keys yet (IKE_SA_INIT not answered)
                 continue
-            self._ike_spis.add((sa.spi_i, sa.spi_r))
             try:
-                self._ike_lines.append(entry.uat_line())
+                self._ike_keys.add(key, entry.uat_line(), rotation)
                 new = True
             except ValueError as exc:         # a transform Wireshark 4.0 has no name for
+                self._ike_keys.add(key, "", rotation)
                 log.warning("IKE key file: %s; IKE SA %s left out", exc, sa.name)
+        if rotated:
+            self._ike_keys.held(held, rotation)
+            new = self._prune_keys(self._ike_keys, rotation) or new
         if new:
             try:
-                pcapmod.write_ike_key_file(self._ike_keyfile, self._ike_lines)
+                pcapmod.write_ike_key_file(self._ike_keyfile,
+                                           [line for line in self._ike_keys.lines() if line])
             except OSError as exc:
                 log.warning("key file %s: %s", self._ike_keyfile, exc)
 
@@ -803,12 +833,13 @@ class Daemon:
         if actions:
             self._loop.dispatch(actions)
         if new.keyfile and changes:
-            known = set(self._key_lines)
-            added = [e.uat_line() for e in esp_entries(new) if e.uat_line() not in known]
+            added = [e for e in esp_entries(new) if e.spi not in self._esp_keys]
             if added:
-                self._key_lines += added
+                for entry in added:
+                    self._esp_keys.add(entry.spi, entry.uat_line(), self._key_rotation)
                 try:
-                    pcapmod.write_esp_sa_file(new.keyfile, self._key_lines)
+                    pcapmod.write_esp_sa_file(new.keyfile,
+                                              [line for line in self._esp_keys.lines() if line])
                 except OSError as exc:
                     log.warning("key file %s: %s", new.keyfile, exc)
         log.info("%s %s reloaded %s: %s", new.role, self._name(), path,

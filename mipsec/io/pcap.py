@@ -208,6 +208,44 @@ class _RawLine(str):
         return str(self)
 
 
+class KeyLines:
+    """The lines of a key file (``esp_sa`` or ``ikev2_decryption_table``), one per SA, each
+    tagged with the newest capture file the SA was in use during (``PcapWriter.rotations``:
+    0 is the first file of this run, -1 an earlier run's).  A bounded capture keeps the
+    current file and ``keep`` rotated ones, so a line whose SA was last in use in a file that
+    is gone decrypts nothing any more: ``prune`` drops it, and the key files stop growing with
+    every re-key.  With an unbounded capture nothing is pruned."""
+
+    def __init__(self) -> None:
+        self._lines: dict[Any, tuple[str, int]] = {}
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def add(self, key: Any, line: str, tag: int) -> None:
+        self._lines[key] = (line, tag)
+
+    def held(self, keys: Iterable[Any], tag: int) -> None:
+        """The SAs ``keys`` are in use during capture file ``tag``."""
+        for key in keys:
+            entry = self._lines.get(key)
+            if entry is not None and entry[1] < tag:
+                self._lines[key] = (entry[0], tag)
+
+    def prune(self, oldest: int) -> bool:
+        """Drop the lines of SAs last in use before capture file ``oldest``; True if any went."""
+        gone = [key for key, (_line, tag) in self._lines.items() if tag < oldest]
+        for key in gone:
+            del self._lines[key]
+        return bool(gone)
+
+    def lines(self) -> list[str]:
+        return [line for line, _tag in self._lines.values()]
+
+
 def write_esp_sa_file(path: str | os.PathLike[str], entries: Iterable[Any]) -> None:
     """(Re)write the esp_sa key file atomically; entries are EspSaEntry or formatted lines."""
     _write_private(path, "# mipsec ESP SAs for Wireshark/tshark (esp_sa UAT): keys, keep private\n",
