@@ -160,7 +160,12 @@ def config_from_dict(data: dict[str, Any], path: str = "<memory>") -> DaemonConf
         raise ConfigError(f"{path}: missing table [{section}]")
     daemon = _build(DaemonSettings, data.get("daemon", {}), path, "daemon")
     _check_daemon(daemon, role, path)
-    node = _build(ROLE_CLASS[role], data[section], path, section)
+    table = data[section]
+    if (role == "mn" and isinstance(table, dict) and "gateway" not in table
+            and isinstance(table.get("gateways"), list) and table["gateways"]):
+        # an ordered GW list alone: the first one is the one in use first
+        table = {**table, "gateway": table["gateways"][0]}
+    node = _build(ROLE_CLASS[role], table, path, section)
     _check_sa_source(daemon, role, node, path, section)
     metrics = _build(MetricsSettings, data.get("metrics", {}), path, "metrics")
     _check_metrics(metrics, path)
@@ -444,7 +449,8 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
                  **lab_kwargs: Any) -> dict[str, DaemonConfig]:
     """Fresh keys for an HA, a GW and ``n_mobiles`` MNs that match each other.
 
-    Returns {"ha": ..., "gw": ..., "mn" (or "mn1", "mn2" ...): ...}; built on
+    Returns {"ha": ..., "gw": ..., "mn" (or "mn1", "mn2" ...): ...} (and "gw2" ... with
+    ``n_gateways=2`` ...); built on
     ``mipsec.node.config.make_lab_configs`` so the sim, the lab and generated files agree.
     """
     lay = layout or KeySetLayout()
@@ -472,6 +478,10 @@ def make_key_set(n_mobiles: int = 1, layout: KeySetLayout | None = None, keys_fr
         "gw": DaemonConfig("gw", settings("gw", "gw", inside_interface=lay.gw_inside_interface,
                                           state_dir=state_dir), lab.gateway),
     }
+    for gw in lab.more_gateways:           # a GW pool (n_gateways > 1): gw2, gw3 ...
+        out[gw.name] = DaemonConfig("gw", settings("gw", gw.name,
+                                                   inside_interface=lay.gw_inside_interface,
+                                                   state_dir=state_dir), gw)
     for mn in lab.mobiles:
         out[mn.name] = DaemonConfig("mn", settings("mn", mn.name, interfaces=lay.mn_interfaces,
                                                    home_interface=lay.mn_home_interface,

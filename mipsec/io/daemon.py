@@ -160,6 +160,7 @@ class Daemon:
         self.started_wall = time.time()
         self._tun_home_configured = False
         self._away: set[str] = set()          # HA: home addresses currently steered into the TUN
+        self._care_of_routes: dict[str, str] = {}   # HA, GW pool: home -> CoA routed via its GW
         # the key files' lines: every SA whose packets the kept capture files may hold (IKEv2:
         # pruned as the capture rotates, pcap.KeyLines), ESP SAs by SPI, IKE SAs by SPI pair
         self._esp_keys = pcapmod.KeyLines()
@@ -557,6 +558,23 @@ class Daemon:
             self._away.discard(home)
             self._nl.del_proxy_arp(home, d.home_interface)
             self._nl.del_route(f"{home}/32", self.tun.name)
+        self._route_care_of(action)
+
+    def _route_care_of(self, action: BindingChanged) -> None:
+        """GW pool: the tunnelled downlink to a care-of address leaves via the GW that holds
+        the MN's SAs (the HA learnt it from the path of the registration), by a host route on
+        the home link.  Two MNs behind one NAT (one public CoA) served by two different GWs
+        would need one route each: they share the last one (docs/scaling.md)."""
+        d = self.cfg.daemon
+        home = action.home_address
+        old = self._care_of_routes.pop(home, None)
+        if old is not None and old != action.care_of_address and \
+                old not in self._care_of_routes.values():
+            self._nl.del_route(f"{old}/32", d.home_interface)
+        if action.care_of_address and action.gateway:
+            self._nl.replace_route(f"{action.care_of_address}/32", d.home_interface,
+                                  via=action.gateway)
+            self._care_of_routes[home] = action.care_of_address
 
     # --- manual keys: sequence numbers and replay windows across restarts ---------------------
 

@@ -425,13 +425,15 @@ class Netlink:
             log.debug("del address %s/%s on %s: %s", address, prefixlen, ifname, exc)
 
     def replace_route(self, dst: str, ifname: str, table: int | None = None,
-                      src: str | None = None) -> None:
+                      src: str | None = None, via: str | None = None) -> None:
         kw: dict = dict(dst=dst, oif=self._index(ifname))
         if table is not None:
             kw["table"] = table
         if src is not None:
             kw["prefsrc"] = src
-        self._forget("route", kw)
+        if via is not None:
+            kw["gateway"] = via
+        self._forget("route", kw, match=("dst", "oif", "table"))
         self._do("route", "replace", "del", **kw)
 
     def del_route(self, dst: str, ifname: str, table: int | None = None) -> None:

@@ -61,7 +61,7 @@ BINDING_TRANSITIONS: dict[tuple[BindingState, BindingEvent],
 
 class Binding:
     __slots__ = ("home_address", "care_of_address", "gw_old", "changed_at", "expires",
-                 "expires_wall", "lifetime", "identification", "via_gateway")
+                 "expires_wall", "lifetime", "identification", "via_gateway", "gateway")
 
     def __init__(self, home_address: str):
         self.home_address = home_address
@@ -73,11 +73,13 @@ class Binding:
         self.lifetime = 0
         self.identification = 0
         self.via_gateway = True
+        self.gateway: str | None = None       # GW pool: the GW it was registered through
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
         return {"care_of": self.care_of_address, "lifetime": self.lifetime,
                 "expires": self.expires, "previous_care_of": self.gw_old,
                 "via_gateway": self.via_gateway,
+                **({"gateway": self.gateway} if self.gateway is not None else {}),
                 **({"remaining_s": max(0.0, self.expires - now)} if now is not None else {})}
 
     def record(self) -> BindingRecord:
@@ -113,13 +115,16 @@ class HaBindings:
         return entry
 
     def bind(self, home: str, now: float, wall: float, *, care_of: str, lifetime: int,
-             identification: int, via_gateway: bool) -> bool:
-        """BIND: make or update the binding; whether its CoA changed."""
+             identification: int, via_gateway: bool, gateway: str | None = None) -> bool:
+        """BIND: make or update the binding; whether its CoA changed (or, in a GW pool, the GW
+        that serves it: the downlink route changes either way)."""
         binding = self.bindings.get(home)
         if binding is None:
             binding = self.bindings[home] = Binding(home)
             self.retired.pop(home, None)
         changed = binding.care_of_address != care_of
+        moved_gw = binding.gateway != gateway
+        binding.gateway = gateway
         if changed:
             binding.gw_old = binding.care_of_address
             binding.care_of_address = care_of
@@ -130,9 +135,10 @@ class HaBindings:
         binding.identification = identification
         binding.via_gateway = via_gateway
         self._schedule_expiry(binding)
-        return changed
+        return changed or moved_gw
 
-    def restore(self, home: str, now: float, wall: float, record: BindingRecord) -> None:
+    def restore(self, home: str, now: float, wall: float, record: BindingRecord,
+                gateway: str | None = None) -> None:
         """RESTORE: re-create the binding as the store kept it (a restart)."""
         binding = self.bindings[home] = Binding(home)
         binding.care_of_address = record.care_of_address
@@ -143,6 +149,7 @@ class HaBindings:
         binding.expires = now + (record.expires_wall - wall)
         binding.identification = record.identification
         binding.via_gateway = record.via_gateway
+        binding.gateway = gateway
         self._schedule_expiry(binding)
 
     def unbind(self, home: str, now: float) -> Binding:

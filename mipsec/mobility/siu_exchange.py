@@ -108,3 +108,13 @@ class SiuExchange:
 
     def give_up(self, home: str) -> None:
         self.resend.pop(home, None)
+
+    def gateway_changed(self, home: str) -> None:
+        """A GW pool: ``home`` registered through another GW, which holds its SAs now.  What the
+        old GW's ACKs said (its binding, the SIU it acknowledged, the resend timer of an SIU
+        sent to it) is not about that GW's SA: forget it (the new GW's SA was bound by IKE and
+        takes the HA's first SIU whatever its Old CoA)."""
+        self.gw_care_of.pop(home, None)
+        self.acked.pop(home, None)
+        self.last.pop(home, None)
+        self.resend.pop(home, None)

@@ -48,10 +48,12 @@ class BindingChanged:
     """HA: a home address is now bound to ``care_of_address`` (``None``: deregistered or expired).
 
     The daemon uses it to steer the home address's host route into its TUN device while the MN is
-    away and back to the home link when it is at home.
+    away and back to the home link when it is at home; with several GWs it also routes the
+    care-of address via ``gateway``, so the tunnelled downlink reaches the GW with the MN's SAs.
     """
     home_address: str
     care_of_address: str | None
+    gateway: str | None = None       # the inside address of the GW that serves it (GW pools)
 
 
 @dataclass(frozen=True, slots=True)

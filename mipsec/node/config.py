@@ -225,11 +225,30 @@ class MobileNodeConfig:
     renew_fraction: float = RENEW_FRACTION
     ike: IkeSettings | None = None        # IKEv2 negotiates the SA pair with the GW
     handover_mode: str = "siu"            # "siu" | "mobike" (needs ike)
+    # the GWs to use, in order of preference (outside addresses; the first is ``gateway``):
+    # when the one in use is gone the MN re-establishes IKEv2 with the next (docs/scaling.md)
+    gateways: tuple[str, ...] = ()
+
+    @property
+    def gateway_list(self) -> tuple[str, ...]:
+        """The GWs in order of preference: ``gateways``, or just ``gateway``."""
+        return self.gateways or (self.gateway,)
 
     def __post_init__(self) -> None:
         _check_address("home_address", self.home_address)
         _check_address("home_agent", self.home_agent)
         _check_address("gateway", self.gateway)
+        for i, gw in enumerate(self.gateways):
+            _check_address(f"gateways[{i}]", gw)
+        if self.gateways:
+            if self.gateways[0] != self.gateway:
+                raise ConfigError(f"gateways: the first entry is the GW in use first and must be "
+                                  f"gateway ({self.gateway}), got {self.gateways[0]}")
+            if len(set(self.gateways)) != len(self.gateways):
+                raise ConfigError(f"gateways: an address is listed twice: {list(self.gateways)}")
+            if len(self.gateways) > 1 and self.ike is None:
+                raise ConfigError("gateways: several GWs need IKEv2 ([ike]): with manual keys "
+                                  "the MN has one SA pair, shared with one GW")
         _check_prefix("home_prefix", self.home_prefix)
         net = ipaddress.IPv4Network(self.home_prefix)
         if ipaddress.IPv4Address(self.home_address) not in net:
@@ -421,6 +440,24 @@ class LabConfigs:
     home_agent: HomeAgentConfig
     gateway: GatewayConfig
     mobiles: tuple[MobileNodeConfig, ...] = field(default_factory=tuple)
+    more_gateways: tuple[GatewayConfig, ...] = ()     # GW 2, 3 ... of a GW pool
+
+    @property
+    def gateways(self) -> tuple[GatewayConfig, ...]:
+        return (self.gateway, *self.more_gateways)
+
+
+MAX_LAB_GATEWAYS = 8
+
+
+def lab_gateway_addresses(k: int) -> tuple[str, str]:
+    """(inside, outside) address of lab GW ``k`` (1-based): GW 1 is 10.1.0.1 / 172.16.0.1,
+    GW k > 1 is 10.1.0.(20 + k) / 172.16.0.k (docs/design.md addressing plan)."""
+    if not 1 <= k <= MAX_LAB_GATEWAYS:
+        raise ConfigError(f"gateways: 1..{MAX_LAB_GATEWAYS}, got GW {k}")
+    if k == 1:
+        return LAB_GW_INSIDE, LAB_GW_OUTSIDE
+    return f"10.1.0.{20 + k}", f"172.16.0.{k}"
 
 
 def lab_home_address(index: int, n_mobiles: int = 1) -> str:
@@ -448,7 +485,7 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
                      max_attempts: int = RETRANSMIT_MAX_ATTEMPTS, sa_source: str = "manual",
                      retransmit_max_s: float = RETRANSMIT_MAX_S,
                      handover_mode: str = "siu",
-                     ike: dict[str, Any] | None = None) -> LabConfigs:
+                     ike: dict[str, Any] | None = None, n_gateways: int = 1) -> LabConfigs:
     """A matching HA / GW / MN config set on the docs/design.md addressing plan.
 
     ``keys_from`` is where key bytes come from: ``None`` (os.urandom), a ``random.Random``
@@ -458,6 +495,11 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
     ``sa_source="ikev2"``: no ESP keys; the MN and the GW get ``IkeSettings`` (identities
     ``mn<i>@mipsec.lab`` and ``gw.mipsec.lab``, one random PSK per MN; ``ike`` overrides
     ``IkeSettings`` fields, e.g. ``{"child_lifetime_s": 60}``), the HA ``gateway_spi=0``.
+
+    ``n_gateways > 1`` (IKEv2 only): a GW pool sharing one IKE identity, each GW knowing every
+    MN (PSKs included) and holding its own HA-GW key; MN ``i``'s ordered ``gateways`` list starts
+    at GW ``i mod n`` and goes round, so the MNs are spread over the GWs and each has the others
+    to fall back on.
     """
     if sa_source not in ("manual", "ikev2"):
         raise ConfigError(f"sa_source: 'manual' or 'ikev2', got {sa_source!r}")
@@ -465,6 +507,12 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
     ike_extra = dict(ike or {})
     if not isinstance(n_mobiles, int) or not 1 <= n_mobiles <= 60000:
         raise ConfigError(f"n_mobiles: in [1, 60000], got {n_mobiles!r}")
+    if not isinstance(n_gateways, int) or not 1 <= n_gateways <= MAX_LAB_GATEWAYS:
+        raise ConfigError(f"n_gateways: in [1, {MAX_LAB_GATEWAYS}], got {n_gateways!r}")
+    if n_gateways > 1 and not use_ike:
+        raise ConfigError("n_gateways: several GWs need sa_source='ikev2' (manual keys are one "
+                          "SA pair with one GW)")
+    gw_addrs = [lab_gateway_addresses(k) for k in range(1, n_gateways + 1)]
     rnd = _key_source(keys_from)
     prefix = LAB_HOME_PREFIX if n_mobiles <= 150 else LAB_HOME_PREFIX_LARGE
     enc_len = encryption_key_bytes or ENCRYPTION_KEY_BYTES.get(encryption, (16,))[0]
@@ -477,7 +525,7 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
                            integrity=integrity, integrity_key=rnd(int_len) if int_len else b"",
                            udp_encap=udp_encap)
 
-    siu_key = rnd(SIU_KEY_BYTES)
+    siu_keys = [rnd(SIU_KEY_BYTES) for _ in gw_addrs]
     mns, gw_mobiles, ha_mobiles = [], [], []
     for i in range(n_mobiles):
         home = lab_home_address(i, n_mobiles)
@@ -490,26 +538,33 @@ def make_lab_configs(n_mobiles: int = 1, keys_from: Any = None, *,
         else:
             to_gw, to_mn = esp(LAB_SPI_MN_TO_GW + i), esp(LAB_SPI_GW_TO_MN + i)
             ike_id, psk, mn_ike = "", b"", None
+        first = i % n_gateways
+        order = [gw_addrs[(first + j) % n_gateways] for j in range(n_gateways)]
         mns.append(MobileNodeConfig(
             name=name, home_address=home, home_agent=LAB_HA,
-            gateway=LAB_GW_OUTSIDE, home_prefix=prefix, msa=msa, esp_in=to_mn, esp_out=to_gw,
+            gateway=order[0][1], gateways=tuple(o for _i, o in order) if n_gateways > 1 else (),
+            home_prefix=prefix, msa=msa, esp_in=to_mn, esp_out=to_gw,
             lifetime_s=lifetime_s, retransmit_initial_s=retransmit_initial_s,
             retransmit_max_s=max(retransmit_max_s, retransmit_initial_s), max_attempts=max_attempts,
             ike=mn_ike, handover_mode=handover_mode))
         gw_mobiles.append(GatewayMobile(home_address=home, home_agent=LAB_HA, esp_in=to_gw, esp_out=to_mn,
                                         allowed_destinations=(f"{LAB_HA}/32", prefix),
                                         ike_id=ike_id, psk=psk))
-        ha_mobiles.append(HomeAgentMobile(home_address=home, msa=msa, gateway=LAB_GW_INSIDE,
+        ha_mobiles.append(HomeAgentMobile(home_address=home, msa=msa, gateway=order[0][0],
                                           gateway_spi=to_mn.spi if to_mn else 0))
-    gw = GatewayConfig(name="gw", outside_address=LAB_GW_OUTSIDE, inside_address=LAB_GW_INSIDE,
-                       mobiles=tuple(gw_mobiles),
-                       home_agents=(GatewayHomeAgent(address=LAB_HA, key_id=1, key=siu_key),),
-                       ike=(IkeSettings(local_id=LAB_GW_IKE_ID,
-                                        **{k: v for k, v in ike_extra.items() if k != "psk"})
-                            if use_ike else None),
-                       handover_mode=handover_mode)
+    gws = [GatewayConfig(name="gw" if g == 0 else f"gw{g + 1}", outside_address=outside,
+                         inside_address=inside, mobiles=tuple(gw_mobiles),
+                         home_agents=(GatewayHomeAgent(address=LAB_HA, key_id=g + 1,
+                                                       key=siu_keys[g]),),
+                         ike=(IkeSettings(local_id=LAB_GW_IKE_ID,
+                                          **{k: v for k, v in ike_extra.items() if k != "psk"})
+                              if use_ike else None),
+                         handover_mode=handover_mode)
+           for g, (inside, outside) in enumerate(gw_addrs)]
     ha = HomeAgentConfig(name="ha", address=LAB_HA, home_prefix=prefix,
-                         gateways=(HomeAgentGateway(address=LAB_GW_INSIDE, key_id=1, key=siu_key,
-                                                    outside_address=LAB_GW_OUTSIDE),),
+                         gateways=tuple(HomeAgentGateway(address=inside, key_id=k + 1,
+                                                         key=siu_keys[k], outside_address=outside)
+                                        for k, (inside, outside) in enumerate(gw_addrs)),
                          mobiles=tuple(ha_mobiles))
-    return LabConfigs(home_agent=ha, gateway=gw, mobiles=tuple(mns))
+    return LabConfigs(home_agent=ha, gateway=gws[0], mobiles=tuple(mns),
+                      more_gateways=tuple(gws[1:]))

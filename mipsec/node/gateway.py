@@ -10,8 +10,11 @@ address on the home network.  Each mobile node (MN) has one ESP SA pair with it:
   must go to one of the MN's allowed destinations (its HA, its home prefix), else it is dropped
   as FORBIDDEN_DESTINATION, and must not claim to come from another home-side address
   (FORBIDDEN_SOURCE, ``Mobile.may_send_from``).  Allowed packets go on into the home network
-  (``WriteToTun``).  A Registration Request seen inside is forwarded unchanged (the GW never
-  acts on it); the care-of address it registers is remembered for that MN with the *outer*
+  (``WriteToTun``).  A Registration Request seen inside is forwarded with its MIP message
+  unchanged (the GW never acts on it) but from the GW's inside address (UDP from our inside
+  address, the request's ports kept): so the HA learns from the request's path which GW of a
+  pool holds this MN's SAs, and sends its SIU there; the care-of address it registers is
+  remembered for that MN with the *outer*
   source address and UDP port the request came from (``Mobile.rrq_sources``, the last
   ``RRQ_SOURCES_PER_MOBILE`` for ``RRQ_SOURCE_MAX_AGE_S``; raw ESP only from that very
   address, ESP in UDP also from a NAT's public address): an SIU naming that CoA may point
@@ -337,15 +340,18 @@ class VpnGateway(GatewayIke):
             return self._drop(DropReason.FORBIDDEN_SOURCE)
         mobile.packets_up += 1
         if iproto == IPPROTO_UDP:
-            self._note_rrq(mobile, sa, packet, proto, ihl, inner, iihl, now)
+            forwarded = self._note_rrq(mobile, sa, packet, proto, ihl, inner, iihl, now)
+            if forwarded is not None:
+                return forwarded
         return [WriteToTun(inner)]
 
     def _note_rrq(self, mobile: Mobile, sa: SecurityAssociation, packet: bytes, proto: int,
-                  ihl: int, inner: bytes, iihl: int, now: float) -> None:
+                  ihl: int, inner: bytes, iihl: int, now: float) -> list[Action] | None:
         """An authenticated UDP packet of ``mobile`` going home: if it is a Registration
         Request, remember the care-of address it registers (RFC 5944 §3.3, offset 12) and
         where it came from: the only place an SIU naming that CoA may point the MN's SA at
-        (bounded per MN, like its timeline events)."""
+        (bounded per MN, like its timeline events); and return it as sent from our inside
+        address (the HA learns the GW from the path: module doc).  None: not a request."""
         ports = udp_ports(inner, iihl)
         if (ports is not None and ports[1] == MIP_PORT and len(inner) >= iihl + 8 + 24
                 and inner[iihl + 8] == MSG_REGISTRATION_REQUEST):
@@ -355,6 +361,11 @@ class VpnGateway(GatewayIke):
             tl.record(self.timeline, now, self.name, "rrq-forwarded",
                       home_address=mobile.home_address, source=b2a(src),
                       **({"port": port} if port is not None else {}), spi=sa.spi)
+            ulen = int.from_bytes(inner[iihl + 4:iihl + 6], "big")
+            if 8 <= ulen <= len(inner) - iihl:
+                return [SendToNet(build_udp_packet(self._inside_b, inner[16:20], ports[0],
+                                                   ports[1], inner[iihl + 8:iihl + ulen]))]
+        return None
 
     def net_fast_path(self, packet: bytes, now: float) -> bytes | list[Action] | None:
         """``receive_from_net`` for the event loop's data path: the inner packet for the TUN
@@ -407,7 +418,9 @@ class VpnGateway(GatewayIke):
             return None
         mobile.packets_up += 1
         if iproto == IPPROTO_UDP:
-            self._note_rrq(mobile, sa, packet, proto, 20, inner, iihl, now)
+            forwarded = self._note_rrq(mobile, sa, packet, proto, 20, inner, iihl, now)
+            if forwarded is not None:
+                return forwarded
         return inner
 
     def receive_siu(self, packet: bytes, now: float) -> list[Action]:

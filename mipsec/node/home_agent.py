@@ -47,6 +47,12 @@ or CoA = home address deregisters (RFC 5944 §3.8.2).  Then:
   GW's outbound SA (its SPI), the old CoA the GW should have (compare-and-swap) and the new one.
 * a source on the home prefix is the MN at home: the reply goes directly to it, and for a
   deregistration an SIU DEREGISTER (without the reply) tells the GW to retire the binding.
+* a source that is a configured GW's inside address: the GW forwarded it (a GW forwards
+  requests from its inside address, ``mipsec.node.gateway``).  That is how the HA learns which GW
+  of a pool holds the MN's SAs: an accepted request through another GW than the MN's current one
+  makes that GW the MN's GW (SIUs, ACKs, the downlink route of ``BindingChanged.gateway``); the
+  SA it names is then unknown (SPI 0) until that GW's ACK tells it.  A refused request is
+  answered through the GW it came by and moves nothing.
 
 The "old CoA" of an SIU is where the GW's SA points as far as we know: what the GW's last ACK
 reported (docs/protocol.md §2.1 step 5), else the CoA the binding had before its latest change
@@ -195,6 +201,7 @@ class HomeAgent:
         # unknown, e.g. after a failed write: the next write is unconditional)
         self._stored: dict[str, str | None] = {}
         # addresses that can never be a CoA besides the unusable ranges: ours and the GWs'
+        self._gateway_addresses = frozenset(g.address for g in config.gateways)
         self._own_addresses = frozenset(
             [config.address] + [g.address for g in config.gateways]
             + [g.outside_address for g in config.gateways if g.outside_address])
@@ -222,12 +229,19 @@ class HomeAgent:
         return actions
 
     def _effect_bind(self, home: str, now: float, **request: Any) -> list[Action]:
-        changed = self.machine.bind(home, now, self.wallclock(), **request)
-        return [BindingChanged(home, request["care_of"])] if changed else []
+        gateway = self._pool_gateway(home)
+        changed = self.machine.bind(home, now, self.wallclock(), gateway=gateway, **request)
+        return [BindingChanged(home, request["care_of"], gateway)] if changed else []
 
     def _effect_restore(self, home: str, now: float, *, record: BindingRecord) -> list[Action]:
-        self.machine.restore(home, now, self.wallclock(), record)
-        return [BindingChanged(home, record.care_of_address)]
+        gateway = self._pool_gateway(home)
+        self.machine.restore(home, now, self.wallclock(), record, gateway=gateway)
+        return [BindingChanged(home, record.care_of_address, gateway)]
+
+    def _pool_gateway(self, home: str) -> str | None:
+        """With several GWs, the inside address of the one serving ``home`` (the runtime routes
+        its care-of address there); with one GW, None: routing needs nothing per MN."""
+        return self._mobiles[home].gateway if len(self._gateway_addresses) > 1 else None
 
     def _effect_unbind(self, home: str, now: float) -> list[Action]:
         self.machine.unbind(home, now)
@@ -309,7 +323,12 @@ class HomeAgent:
             # another address of the home network, which an MN away never has): refused before
             # identification, nothing moves, and no reply (see module doc)
             return self._reject(now, rrq, DropReason.MIP_BAD_CARE_OF)
-        via_gateway = not in_prefix(src, *self._home_net)
+        via = b2a(src)
+        through = via if via in self._gateway_addresses else None
+        via_gateway = through is not None or not in_prefix(src, *self._home_net)
+        if through is not None and through != mobile.gateway:
+            # answered through the GW it came by; made the MN's GW only if accepted (_accept)
+            mobile = dataclasses.replace(mobile, gateway=through, gateway_spi=0)
         try:
             msa.check_identification(rrq.identification, self.wallclock())
         except ParseError as exc:
@@ -329,7 +348,19 @@ class HomeAgent:
                               ReplyCode.HA_POORLY_FORMED_REQUEST,
                               DropReason.MIP_NOT_CO_LOCATED)
         msa.accept_identification(rrq.identification)
+        if mobile is not self._mobiles[rrq.home_address]:
+            self._gateway_changed(mobile, now)
         return self._accept(rrq, msa, mobile, src, sport, via_gateway, now)
+
+    def _gateway_changed(self, mobile: HomeAgentMobile, now: float) -> None:
+        """An accepted request came through another GW of the pool: it holds the MN's SAs now."""
+        home = mobile.home_address
+        old = self._mobiles[home].gateway
+        self._mobiles[home] = mobile
+        # what the old GW's ACKs said is no longer about the SA that serves the MN
+        self.siu.gateway_changed(home)
+        self.counters["gateway-changed"] += 1
+        self._record(now, "gateway-learnt", home_address=home, old=old, new=mobile.gateway)
 
     def _deny(self, now: float, rrq: RegistrationRequest, msa: MobilitySecurityAssociation,
               mobile: HomeAgentMobile, src: bytes, sport: int, via_gateway: bool,

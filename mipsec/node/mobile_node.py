@@ -42,6 +42,17 @@ only then does the MN return ``UseHomeLink`` and send in the clear.  A home-pref
 visited interface is logged and ignored: it cannot be a care-of address (the home network routes
 it to the home link) and it proves nothing about where the MN is.
 
+Several GWs (``gateways``, IKEv2 only): the MN uses one GW at a time, the first of its ordered
+list to begin with.  When that GW is gone (its liveness check unanswered: PEER_SILENT, also after
+a round of unanswered registrations; or an IKE SA with it that could not be set up: IkeSaFailed)
+it abandons its IKE SAs with that GW and negotiates with the next GW in the list (after the last:
+the first again), then registers through it (a re-establishment for another reason, e.g. the
+SIU path down after a move, stays with the same GW); the HA learns the new GW from the path of that request.
+It goes back to its first GW by one deliberate rule only: a new start from scratch, i.e. when it
+leaves home again (its IKE SAs ended at home) or the daemon restarts.  Never on a timer: an MN
+that moved to the next GW stays there while that GW answers, so a flapping GW does not drag its
+MNs back and forth.  With one GW all of this is the single-GW behaviour above.
+
 Make-before-break: when the event says the old address still works, the inbound SA accepts any
 outer destination while the registration is pending and the MN itself admits only the old and
 the new CoA; once the RRP is accepted the inbound SA is pinned to the new CoA.  So packets the GW
@@ -162,6 +173,8 @@ class MobileNode:
         # IKEv2 (docs/ikev2.md "Integration"): no SAs until the first child SA is up
         self.ike: RoleIke | None = None
         self._ike_sa: Any = None                 # the IKE SA we use with the GW
+        self.gateways = config.gateway_list      # in order of preference (docs/scaling.md)
+        self._gw_index = 0                       # the one in use: self.gateways[self._gw_index]
         self._ike_retry_at: float | None = None
         self._inbound_sas: dict[int, SecurityAssociation] = {}   # IKE: re-keyed ones too
         self._pairs: dict[int, tuple[Any, SecurityAssociation, SecurityAssociation]] = {}
@@ -193,6 +206,7 @@ class MobileNode:
                                    cap_s=config.retransmit_max_s)
         self._ike_backoff_s = 0.0           # before the next IKE SA after one failed
         self._why = ""                      # why the tunnel is being re-established
+        self._gw_silent = False             # ... because the GW did not answer (PEER_SILENT)
         # liveness: traffic sent and nothing received for a while -> check the GW
         self._liveness_at: float | None = None
         self._last_out = -1e9                # last application packet into the tunnel
@@ -211,6 +225,35 @@ class MobileNode:
     @state.setter
     def state(self, state: RegState) -> None:
         self.reg.state = state
+
+    @property
+    def gateway(self) -> str:
+        """The outside address of the GW in use."""
+        return self.gateways[self._gw_index]
+
+    def _next_gateway(self, now: float, why: str) -> list[Action]:
+        """The GW in use is gone: abandon our IKE SAs with it and use the next in the list
+        (round; nothing changes with one GW).  The caller negotiates with the new one."""
+        if len(self.gateways) < 2:
+            return []
+        old = self.gateway
+        self._gw_index = (self._gw_index + 1) % len(self.gateways)
+        self._record(now, "gateway-changed", old=old, new=self.gateway, reason=why)
+        self._ikev2.note(now, f"GW {old} gone ({why}): next GW {self.gateway}")
+        saved, self._ike_sa = self._ike_sa, None      # its deletion must not start another
+        actions: list[Action] = [Log("warning", f"GW {old} is gone ({why}): re-establishing "
+                                                f"with the next GW in the list, {self.gateway}")]
+        actions += self._ike_outputs(self._ikev2.endpoint.abandon(old, f"GW gone: {why}"), now)
+        if saved is not None and saved.state != IkeState.CLOSED and saved.remote[0] != old:
+            self._ike_sa = saved
+        return actions
+
+    def _first_gateway(self, now: float) -> None:
+        """The deliberate way back to the preferred GW: a start from scratch (leaving home)."""
+        if self._gw_index:
+            self._record(now, "gateway-changed", old=self.gateway, new=self.gateways[0],
+                         reason="a new start: back to the first GW in the list")
+            self._gw_index = 0
 
     def _record(self, now: float, kind: str, **detail: Any) -> None:
         tl.record(self.timeline, now, self.name, kind, home_address=self.home_address, **detail)
@@ -559,7 +602,7 @@ class MobileNode:
         if self.reg.unanswered_logged == self.care_of:
             return []
         self.reg.unanswered_logged = self.care_of
-        return [Log("warning", f"the GW {self.config.gateway} answers through the tunnel from "
+        return [Log("warning", f"the GW {self.gateway} answers through the tunnel from "
                                f"{self.care_of}, but {self.reg.attempts} registration requests "
                                f"for {self.home_address} got no reply from the home agent "
                                f"{self._ha}: it is down or refuses them, or its SIU path to the "
@@ -570,6 +613,7 @@ class MobileNode:
         attempts = self.reg.attempts
         self.reg.stop_sending()
         why, self._why = self._why, ""
+        silent, self._gw_silent = self._gw_silent, False
         if not why:
             self._record(now, "registration-failed", attempts=attempts, reason="no reply")
             why = (f"no reply to {attempts} registration requests for {self.home_address} via "
@@ -578,6 +622,8 @@ class MobileNode:
         return [Log("warning", f"{why}; re-establishing the tunnel with IKEv2 and registering "
                                f"again, backing off up to {self.config.retransmit_max_s:g} s"),
                 ReestablishRequested(self.home_address, self.care_of, attempts),
+                *(self._next_gateway(now, "it did not answer a liveness check") if silent
+                  else []),
                 *self._ike_reestablish(now)]
 
     def _do_retry_ike(self, now: float) -> list[Action]:
@@ -812,6 +858,7 @@ class MobileNode:
         self._why = (f"the GW did not answer a liveness check within "
                      f"{now - (started or now):.1f} s while our traffic got no reply "
                      f"(a GW restart loses our SAs)")
+        self._gw_silent = True             # a GW pool: the next GW of the list (_do_reestablish)
         return self._event(RegEvent.PEER_SILENT, now)
 
     # --- hooks ---------------------------------------------------------------------------------
@@ -893,8 +940,8 @@ class MobileNode:
             # drop this one too (both ends then agree on what exists)
             return self._ike_reestablish(now)
         self._ikev2.note(now, f"initiate from {self.care_of}")
-        self._record(now, "ike-initiated", care_of=self.care_of, gateway=self.config.gateway)
-        out = self._ikev2.endpoint.initiate(local, (self.config.gateway, IKE_PORT), now)
+        self._record(now, "ike-initiated", care_of=self.care_of, gateway=self.gateway)
+        out = self._ikev2.endpoint.initiate(local, (self.gateway, IKE_PORT), now)
         self._ike_sa = self._newest_ike_sa()
         return self._ike_outputs(out, now)
 
@@ -905,7 +952,7 @@ class MobileNode:
         self._record(now, "ike-reestablish", care_of=self.care_of)
         self._ike_sa = None                   # its deletion below must not start another
         out = self._ikev2.endpoint.reestablish((self._coa(), IKE_PORT),
-                                            (self.config.gateway, IKE_PORT), now)
+                                               (self.gateway, IKE_PORT), now)
         new = self._newest_ike_sa()
         actions = self._ike_outputs(out, now)
         self._ike_sa = new
@@ -968,6 +1015,8 @@ class MobileNode:
                 if cls is IkeSaFailed:
                     self._ike_backoff_s = max(self._ike_backoff_s,
                                               self.config.retransmit_initial_s)
+                    if ev.ike_sa.remote[0] == self.gateway:
+                        actions += self._next_gateway(now, f"IKE SA failed: {ev.reason}")
                 if self.care_of is not None and self.state in AWAY:
                     actions += self._event(RegEvent.SAS_LOST, now)
             return actions
@@ -1045,10 +1094,13 @@ class MobileNode:
         self._liveness_at = self._probe_deadline = None
         if self.ike is None:
             return []
-        out = self._ikev2.endpoint.abandon(self.config.gateway,
-                                        "at home: no care-of address to speak from; a new IKE "
-                                        "SA when the MN leaves")
-        return self._ike_outputs(out, now)
+        out: list[Any] = []
+        for gw in self.gateways:
+            out += self._ikev2.endpoint.abandon(gw, "at home: no care-of address to speak from; "
+                                                    "a new IKE SA when the MN leaves")
+        actions = self._ike_outputs(out, now)
+        self._first_gateway(now)
+        return actions
 
     def esp_sas(self) -> list[SecurityAssociation]:
         """Every ESP SA we hold: the current pair and every IKE child pair (``Role``)."""
@@ -1067,9 +1119,9 @@ class MobileNode:
                     f"went; the registration stands)")
         if st is S.AWAITING_SAS:
             if self._ike_retry_at is not None:
-                return (f"the next IKE SA attempt with the GW {self.config.gateway} "
+                return (f"the next IKE SA attempt with the GW {self.gateway} "
                         f"(backing off, at t={self._ike_retry_at:.3f})")
-            return f"an IKE SA and child SA with the GW {self.config.gateway}"
+            return f"an IKE SA and child SA with the GW {self.gateway}"
         if st in (S.REGISTERING, S.DEREGISTERING):
             what = "deregistration" if st is S.DEREGISTERING else "registration"
             refused = (f"; last refused with code {self.reg.refused} "
@@ -1091,7 +1143,7 @@ class MobileNode:
             "role": "mn", "name": self.name, "state": self.state.value,
             "waiting_for": self.waiting_for(),
             "home_address": self.home_address, "home_agent": self._ha,
-            "gateway": self.config.gateway, "care_of": self.care_of,
+            "gateway": self.gateway, "gateways": list(self.gateways), "care_of": self.care_of,
             "registration": {**self.reg.status(), "retransmit": self.rtt.status()},
             "sas": {"inbound": self.inbound.describe() if self.inbound is not None else None,
                     "outbound": self.outbound.describe() if self.outbound is not None else None},

@@ -46,7 +46,11 @@ MOBILE_KINDS = (  # the MN's robustness: where it is, what it waits for
     "liveness-check",               # sending, nothing received: is the GW still there?
     "registration-unanswered",      # the GW answers a check, the HA's reply does not come
 )
-KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS + MOBILE_KINDS)
+POOL_KINDS = (    # several GWs (docs/scaling.md)
+    "gateway-changed",              # MN: the next GW of its list (or back to the first)
+    "gateway-learnt",               # HA: a request came through another GW: the MN's GW now
+)
+KINDS = frozenset(HANDOVER_ORDER + OTHER_KINDS + IKE_KINDS + MOBILE_KINDS + POOL_KINDS)
 # Bounds (a timeline is what ``mipsec status`` / ``timeline`` show, and what an authenticated MN
 # can make a role record: every Registration Request it tunnels, for one): a role's timeline
 # never holds more than TIMELINE_MAX_EVENTS; when it reaches that it is compacted to at most

@@ -55,6 +55,7 @@ class Driver:
         self._tun = tun
         self._other = on_other
         self._armed: float | None = None
+        self.stopped = False                 # the host is gone (a killed GW): no more timers
         self.log: list[tuple[float, Any]] | None = [] if record else None
         self.reestablish: list[tuple[float, ReestablishRequested]] = []
 
@@ -97,7 +98,7 @@ class Driver:
         self.sim.at(t, self._fire, t)
 
     def _fire(self, t: float) -> None:
-        if self._armed != t:
+        if self._armed != t or self.stopped:
             return                       # superseded by an earlier deadline
         self._armed = None
         self.perform(self.role.handle_timer(self.sim.now))
@@ -195,18 +196,33 @@ class HomeAgentHost(Host):
         self.role = role
         self.home_iface = home_iface
         self._claimed: set[bytes] = set()
+        self._care_of_routes: dict[str, tuple] = {}   # home address -> its care-of route
         self.driver = Driver(sim, role, send=lambda a: self.send(a.packet, a.interface),
                              tun=self.send, on_other=self._other, record=record)
 
     def _other(self, action: Any) -> None:
         if isinstance(action, BindingChanged):
             iface = self.interfaces[self.home_iface]
+            self._route_care_of(action)
             if action.care_of_address is None:
                 self._claimed.discard(a2b(action.home_address))
                 iface.segment.unclaim(action.home_address, iface)
             else:
                 self._claimed.add(a2b(action.home_address))
                 iface.segment.claim(action.home_address, iface)
+
+    def _route_care_of(self, action: BindingChanged) -> None:
+        """GW pool: the care-of address is routed via the GW that serves the MN (as the HA
+        daemon does with a host route), so the tunnelled downlink reaches its SAs."""
+        old = self._care_of_routes.pop(action.home_address, None)
+        if old is not None:
+            self._routes = [r for r in self._routes if r is not old]
+        if action.care_of_address is None or action.gateway is None:
+            return
+        self.add_route(f"{action.care_of_address}/32", action.gateway, self.home_iface)
+        self._care_of_routes[action.home_address] = next(
+            r for r in self._routes if r[2] == 32 and r[0] == int.from_bytes(
+                a2b(action.care_of_address), "big") and r[3] == a2b(action.gateway))
 
     def claims(self, dst: bytes) -> bool:
         return dst in self._claimed

@@ -7,6 +7,7 @@ from typing import Any
 from mipsec.mip.constants import SIU_PORT
 from mipsec.node import timeline as tl
 from mipsec.node.actions import RebindSa, SendToNet, TimelineEvent
+from mipsec.node.config import MIP_PORT
 from mipsec.node.correspondent import StreamReport
 from mipsec.node.mobile_node import RegState
 from mipsec.sim.network import b2a
@@ -65,7 +66,8 @@ def merged_timeline(topo: Topology, index: int = 0) -> list[TimelineEvent]:
 
 def gw_log(topo: Topology) -> list[tuple[int, float, str, Any]]:
     """The GW's actions in order: (position, time, kind, detail): "send" (ESP to a CoA) and
-    "ack" (SIU ACK to the HA), "ike" (IKEv2 to an MN) -> destination, "rebind" -> new remote."""
+    "ack" (SIU ACK to the HA), "rrq" (a Registration Request forwarded to the HA), "ike" (IKEv2
+    to an MN) -> destination, "rebind" -> new remote."""
     out: list[tuple[int, float, str, Any]] = []
     for pos, (time, action) in enumerate(topo.gw.driver.log or ()):
         if isinstance(action, SendToNet):
@@ -74,6 +76,8 @@ def gw_log(topo: Topology) -> list[tuple[int, float, str, Any]]:
             dport = int.from_bytes(packet[ihl + 2:ihl + 4], "big") if packet[9] == 17 else None
             if dport == SIU_PORT:
                 kind = "ack"
+            elif dport == MIP_PORT:
+                kind = "rrq"          # a Registration Request forwarded to the HA
             elif dport == 500 or (dport == 4500 and packet[ihl + 8:ihl + 12] == bytes(4)):
                 kind = "ike"
             else:

@@ -16,6 +16,11 @@ MN-GW-HA-GW round trip (``Topology.round_trip_s``) ``2 * (internet_delay_s + lan
 2 * lan_delay_s``.  With more than 200 MNs the visited networks become 172.20.0.0/16 and
 172.21.0.0/16 (CoA of MN i: .0.10 + i) and the home prefix 10.1.0.0/16.
 
+A GW pool (``n_gateways=2`` ..., IKEv2): GW k > 1 sits beside GW 1 on the home link
+(10.1.0.(20 + k)) and on the outside segment (172.16.0.k); ``Topology.gateways`` lists them,
+``Topology.gw`` is GW 1.  ``Topology.kill_gateway(k)`` takes GW k off both links at once (a
+machine gone): its role stops, its links deliver nothing to it.
+
 Wall-clock time for MIPv4 identification is ``wallclock_epoch + sim.now`` (injected).
 """
 
@@ -53,6 +58,19 @@ class Topology:
     internet_delay_s: float
     lan_delay_s: float
     care_of: dict[str, list[str]] = field(default_factory=dict)   # "a"/"b" -> CoA per MN
+    more_gateways: list[GatewayHost] = field(default_factory=list)  # GW 2, 3 ... of a pool
+
+    @property
+    def gateways(self) -> list[GatewayHost]:
+        return [self.gw, *self.more_gateways]
+
+    def kill_gateway(self, k: int) -> GatewayHost:
+        """GW ``k`` (1-based) is gone: both its interfaces go down and its timers stop."""
+        host = self.gateways[k - 1]
+        for iface in host.interfaces.values():
+            iface.bring_down()
+        host.driver.stopped = True
+        return host
 
     # --- convenient handles ---------------------------------------------------------------
     @property
@@ -65,7 +83,8 @@ class Topology:
         return 2 * (self.internet_delay_s + self.lan_delay_s) + 2 * self.lan_delay_s
 
     def roles(self) -> list[Any]:
-        return [self.gw.role, self.ha.role] + [m.role for m in self.mobiles]
+        return ([g.role for g in self.gateways[:1]] + [self.ha.role] + [m.role for m in self.mobiles]
+                + [g.role for g in self.more_gateways])
 
     # --- moving a mobile node ------------------------------------------------------------
     def move(self, where: str, index: int = 0, *, make_before_break: bool = False) -> None:
@@ -103,12 +122,16 @@ def _visited_plan(n: int) -> dict[str, tuple[str, str, int]]:
 def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
                    lan_delay_s: float = 0.0001, seed: int = 0, configs: LabConfigs | None = None,
                    keys_from: Any = None, record: bool = True, with_apps: bool = True,
-                   wallclock_epoch: float = WALLCLOCK_EPOCH, **config_kwargs: Any) -> Topology:
+                   wallclock_epoch: float = WALLCLOCK_EPOCH, sim: Simulator | None = None,
+                   **config_kwargs: Any) -> Topology:
     """Build the network, the roles and (``with_apps``) a stream endpoint on CN and each MN.
 
-    MNs start with no interface up; call ``topology.move("a")`` to attach one.
+    MNs start with no interface up; call ``topology.move("a")`` to attach one.  ``sim``: build
+    into an existing simulator (several independent GW/HA pairs, each with its own segments, in
+    one virtual time: ``benchmarks/bench_scale.py --pairs``).
     """
-    sim = Simulator(seed)
+    if sim is None:
+        sim = Simulator(seed)
     if configs is None:
         import random as _random
         configs = make_lab_configs(n_mobiles, keys_from if keys_from is not None
@@ -125,11 +148,15 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
     visited = {k: Segment(sim, f"visited-{k}", p[0], delay_s=lan_delay_s) for k, p in plan.items()}
 
     gw_cfg, ha_cfg = configs.gateway, configs.home_agent
-    gw = GatewayHost(sim, "gw", VpnGateway(gw_cfg, wallclock=wallclock), inside="inside",
-                     record=record)
-    gw.add_interface("inside", gw_cfg.inside_address, home)
-    gw.add_interface("outside", gw_cfg.outside_address, outside)
-    gw.add_route("0.0.0.0/0", "172.16.0.254", "outside")
+    gw_hosts = []
+    for g_cfg in configs.gateways:
+        g = GatewayHost(sim, g_cfg.name, VpnGateway(g_cfg, wallclock=wallclock), inside="inside",
+                        record=record)
+        g.add_interface("inside", g_cfg.inside_address, home)
+        g.add_interface("outside", g_cfg.outside_address, outside)
+        g.add_route("0.0.0.0/0", "172.16.0.254", "outside")
+        gw_hosts.append(g)
+    gw = gw_hosts[0]
 
     ha = HomeAgentHost(sim, "ha", HomeAgent(ha_cfg, wallclock=wallclock), home_iface="home",
                        record=record)
@@ -163,4 +190,5 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
 
     return Topology(sim=sim, configs=configs, home=home, outside=outside, visited=visited,
                     cn=cn, ha=ha, gw=gw, router=router, mobiles=mobiles,
-                    internet_delay_s=internet_delay_s, lan_delay_s=lan_delay_s, care_of=care_of)
+                    internet_delay_s=internet_delay_s, lan_delay_s=lan_delay_s, care_of=care_of,
+                    more_gateways=gw_hosts[1:])

@@ -136,7 +136,8 @@ def test_two_mns_behind_one_nat_each_get_their_own_downlink():
     for mn, coa, esp in mns:
         # uplink: through the NAT, into the GW, the RRQ out to the HA, its SIU back to the GW
         actions = gw.receive_from_net(_nat(esp, public, ports[mn.home_address]), 0.0)
-        (rrq,) = [a.packet for a in actions if isinstance(a, WriteToTun)]
+        # the GW forwards the request from its inside address (the HA learns the GW from it)
+        (rrq,) = [a.packet for a in actions if isinstance(a, SendToNet)]
         sius = [a.packet for a in ha.receive_from_net(rrq, 0.0) if isinstance(a, SendToNet)]
         (siu,) = sius
         out = gw.receive_siu(siu, 0.0)
