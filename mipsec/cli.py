@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--nat", action="store_true",
                     help="add visited network n: a private network behind the router's NAT "
                          "(nftables masquerade; the MNs there share one public address)")
+    lp.add_argument("--gateways", type=int, default=1, metavar="N",
+                    help="a GW pool of N GWs (gw, gw2 ...; IKEv2, no --delay-ms): each MN has "
+                         "an ordered GW list, their first GWs spread over the pool (default 1)")
     lp.add_argument("--encryption", default=None,
                     choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"),
                     help="ESP transform (default ENCR_AES_GCM_16 with IKEv2, ENCR_AES_CBC with "
@@ -463,8 +466,11 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     lab = _lab(args)
     lab.up(delay_ms=args.delay_ms, place=args.at, encryption=args.encryption,
            udp_encap=args.udp_encap, sa_source="manual" if args.manual_keys else "ikev2",
-           handover_mode=args.handover_mode, mobiles=args.mobiles, nat=args.nat)
+           handover_mode=args.handover_mode, mobiles=args.mobiles, nat=args.nat,
+           gateways=args.gateways)
     who = "MN" if args.mobiles == 1 else f"{args.mobiles} MNs"
+    if args.gateways > 1:
+        who += f" over {args.gateways} GWs"
     print(f"lab {args.prefix} up: state in {lab.state_dir}; {who} at {args.at}; "
           f"capture {lab.pcap} (keys {lab.keyfile})")
     return 0

@@ -14,6 +14,11 @@ Several MNs (``up(mobiles=N)``, ``mipsec lab up --mobiles N``): daemons, configs
 logs are named ``mn1`` ... ``mnN`` (one namespace each, see ``topology``); ``move``,
 ``wait_mn_event`` and ``mn`` take the MN's number ``k`` (1-based).  ``up(nat=True)`` adds the
 visited network ``n`` behind the router's NAT.
+
+A GW pool (``up(gateways=N)``, ``mipsec lab up --gateways N``, IKEv2): daemons ``gw``, ``gw2``
+... each in its own namespace, all on the home link and the Internet side; MN ``k``'s ordered GW
+list starts at GW ``(k - 1) mod N + 1`` (``make_lab_configs``), so the MNs are spread over the
+GWs and each can fall back on the others.
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ class Lab:
     def __post_init__(self) -> None:
         if not self.prefix or "/" in self.prefix or len(self.prefix) > 24:
             raise LabError(f"bad lab prefix {self.prefix!r} (1-24 characters, no '/')")
-        state = self.load_state()      # a lab that is up already: its MNs and NAT
-        self.names = Names(self.prefix, int(state.get("mobiles", 1)))
+        state = self.load_state()      # a lab that is up already: its MNs, GWs and NAT
+        self.names = Names(self.prefix, int(state.get("mobiles", 1)),
+                           int(state.get("gateways", 1)))
         self.nat = bool(state.get("nat", False))
 
     # --- the MNs --------------------------------------------------------------------------------
@@ -87,8 +93,19 @@ class Lab:
         return topo.mn_node(k, self.mobiles)
 
     @property
+    def gateways(self) -> int:
+        return self.names.gateways
+
+    def gw(self, k: int = 1) -> str:
+        """GW ``k``'s node name (namespace suffix, daemon, config and socket name)."""
+        if not 1 <= k <= self.gateways:
+            raise LabError(f"no GW {k}: the lab has {self.gateways} (1..{self.gateways})")
+        return topo.gw_node(k)
+
+    @property
     def daemons(self) -> tuple[str, ...]:
-        return ("ha", "gw", *(self.mn(k) for k in range(1, self.mobiles + 1)))
+        return ("ha", *(self.gw(k) for k in range(1, self.gateways + 1)),
+                *(self.mn(k) for k in range(1, self.mobiles + 1)))
 
     @property
     def places(self) -> tuple[str, ...]:
@@ -140,7 +157,7 @@ class Lab:
     def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str | None = None,
            udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
            handover_mode: str = "siu", ike: dict[str, Any] | None = None,
-           mobiles: int = 1, nat: bool = False, **config_kw: Any) -> None:
+           mobiles: int = 1, nat: bool = False, gateways: int = 1, **config_kw: Any) -> None:
         """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
         (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
         written into the configs (``"manual"``, ``mipsec lab up --manual-keys``; CBC: manual
@@ -148,22 +165,28 @@ class Lab:
         defaults to AES-GCM with IKEv2 and AES-CBC with manual keys.
         ``ike`` overrides IKE settings; ``config_kw`` goes to ``make_lab_configs`` (e.g.
         ``retransmit_initial_s``, ``max_attempts``).  ``mobiles`` MNs, each attached to
-        ``place``; ``nat`` adds the visited network ``n`` behind the router's NAT."""
+        ``place``; ``nat`` adds the visited network ``n`` behind the router's NAT; ``gateways``
+        GWs form a pool (IKEv2 only, no ``delay_ms``)."""
         left = topo.existing_namespaces(self.prefix)
         if left:   # refuse before touching anything: a second `up` must not break the first lab
             raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
                            f"run `mipsec lab down --prefix {self.prefix}` first")
         if not isinstance(mobiles, int) or not 1 <= mobiles <= topo.MAX_MOBILES:
             raise LabError(f"mobiles: 1..{topo.MAX_MOBILES}, got {mobiles!r}")
-        self.names, self.nat = Names(self.prefix, mobiles), nat
+        if gateways > 1 and sa_source != "ikev2":
+            raise LabError("a GW pool (gateways > 1) needs IKEv2: with manual keys an MN has "
+                           "one SA pair, shared with one GW")
+        self.names, self.nat = Names(self.prefix, mobiles, gateways), nat
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         try:
             topo.build(self.names, delay_ms, nat=nat)
             self.save_state(prefix=self.prefix, delay_ms=delay_ms, mobiles=mobiles, nat=nat,
-                            place=None, places={}, moves=[])
+                            gateways=gateways, place=None, places={}, moves=[])
             if delay_ms > 0:
                 self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
                                            "--delay-ms", str(delay_ms)])
+            if gateways > 1:
+                config_kw["n_gateways"] = gateways
             self.write_configs(**lab_key_kwargs(encryption, udp_encap, sa_source, handover_mode,
                                                 ike), **config_kw)
             self.save_state(sa_source=sa_source, handover_mode=handover_mode)
@@ -219,7 +242,7 @@ class Lab:
 
     def start_daemon(self, role: str) -> int:
         """Start daemon ``role`` (``ha``, ``gw`` or an MN's name) in its namespace."""
-        kind = "mn" if role in self.daemons[2:] else role
+        kind = "mn" if role in self.daemons[1 + self.gateways:] else role[:2]
         return self._spawn(role, NS_OF.get(role, role), ["-m", "mipsec", kind, "--config",
                                                          self.path(f"{role}.toml")])
 

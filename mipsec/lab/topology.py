@@ -27,6 +27,12 @@ home address 10.1.0.(99 + k); in the router each visited network becomes a bridg
 single-MN link, ``va0`` / ``vb0``, so the router keeps its addresses) with one port per MN, and
 MN ``k``'s care-of address there is 172.16.x.(9 + k).  With one MN nothing changes.
 
+A GW pool (``gateways > 1``): GW ``k`` lives in ``{p}gw<k>`` (k >= 2) with a port ``in0`` on the
+home bridge (10.1.0.(20 + k)) and its ``out0`` on the Internet side: the router's ``out0`` becomes
+a bridge (named like the single-GW link, so it keeps 172.16.0.254) with one port per GW, GW k's
+outside address 172.16.0.k.  The delaying forwarder sits on one GW's link, so a pool has no
+``delay_ms``.  With one GW nothing changes.
+
 NAT (``nat``): a third visited network ``n``, private 192.168.0.0/24 behind the router's bridge
 ``vn0`` (192.168.0.1), which the router masquerades (nftables, ``masquerade`` in a ``srcnat``
 postrouting chain) to its own outside address 172.16.0.254 on ``out0``: every MN there reaches
@@ -42,7 +48,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from mipsec.node.config import lab_home_address
+from mipsec.node.config import MAX_LAB_GATEWAYS, lab_gateway_addresses, lab_home_address
 
 HOME_PREFIX = "10.1.0.0/24"
 CN = "10.1.0.10"
@@ -109,8 +115,15 @@ def mn_node(k: int, mobiles: int) -> str:
     return "mn" if mobiles == 1 else f"mn{k}"
 
 
-def nodes(mobiles: int = 1) -> tuple[str, ...]:
-    return (*NODES[:-1], *(mn_node(k, mobiles) for k in range(1, mobiles + 1)))
+def gw_node(k: int) -> str:
+    """The node of GW ``k`` (1-based): ``gw``, then ``gw2`` ... (the names ``make_key_set``
+    gives them)."""
+    return "gw" if k == 1 else f"gw{k}"
+
+
+def nodes(mobiles: int = 1, gateways: int = 1) -> tuple[str, ...]:
+    return (*NODES[:-1], *(gw_node(k) for k in range(2, gateways + 1)),
+            *(mn_node(k, mobiles) for k in range(1, mobiles + 1)))
 
 
 def places(nat: bool = False) -> tuple[str, ...]:
@@ -134,6 +147,7 @@ def mn_home_address(k: int = 1) -> str:
 class Names:
     prefix: str
     mobiles: int = 1
+    gateways: int = 1
 
     def ns(self, node: str) -> str:
         return f"{self.prefix}{node}"
@@ -144,7 +158,7 @@ class Names:
 
     @property
     def all(self) -> list[str]:
-        return [self.ns(n) for n in nodes(self.mobiles)]
+        return [self.ns(n) for n in nodes(self.mobiles, self.gateways)]
 
 
 def is_lab_namespace(prefix: str, name: str) -> bool:
@@ -171,22 +185,29 @@ def build(names: Names, delay_ms: float = 0.0, nat: bool = False) -> None:
     visited network when ``nat``.  Raises LabError if any step fails."""
     if not 1 <= names.mobiles <= MAX_MOBILES:
         raise LabError(f"mobiles: 1..{MAX_MOBILES}, got {names.mobiles}")
+    if not 1 <= names.gateways <= MAX_LAB_GATEWAYS:
+        raise LabError(f"gateways: 1..{MAX_LAB_GATEWAYS}, got {names.gateways}")
+    if names.gateways > 1 and delay_ms > 0:
+        raise LabError("a GW pool (gateways > 1) has no Internet delay: the delaying forwarder "
+                       "sits on one GW's link")
     if nat and shutil.which(NFT) is None:
         raise LabError("the NAT'd visited network needs nftables' `nft` (Debian package nftables)")
     left = existing_namespaces(names.prefix)
     if left:
         raise LabError(f"namespaces with prefix {names.prefix!r} exist already ({', '.join(left)}):"
                        f" run `mipsec lab down --prefix {names.prefix}` first")
-    for node in nodes(names.mobiles):
+    for node in nodes(names.mobiles, names.gateways):
         run("netns", "add", names.ns(node))
         run("link", "set", "lo", "up", ns=names.ns(node))
     sw, cn, ha, gw, rt = (names.ns(n) for n in NODES[:-1])
     mns = [names.mn(k) for k in range(1, names.mobiles + 1)]
+    pool = [names.ns(gw_node(k)) for k in range(2, names.gateways + 1)]
 
     # Home link: a bridge in the switch namespace, one port per host.
     run("link", "add", "br0", "type", "bridge", ns=sw)
     run("link", "set", "br0", "up", ns=sw)
     ports = [("p-cn", cn, "eth0"), ("p-ha", ha, "eth0"), ("p-gw", gw, "in0")]
+    ports += [(f"p-{gw_node(k)}", g, "in0") for k, g in enumerate(pool, 2)]
     ports += [(f"p-{mn_node(k, names.mobiles)}", mn, MN_HOME_INTERFACE)
               for k, mn in enumerate(mns, 1)]
     for port, host, ifname in ports:
@@ -198,6 +219,8 @@ def build(names: Names, delay_ms: float = 0.0, nat: bool = False) -> None:
     run("addr", "add", f"{HA}/24", "dev", "eth0", ns=ha)
     run("route", "add", "default", "via", GW_INSIDE, ns=ha)
     run("addr", "add", f"{GW_INSIDE}/24", "dev", "in0", ns=gw)
+    for k, g in enumerate(pool, 2):
+        run("addr", "add", f"{lab_gateway_addresses(k)[0]}/24", "dev", "in0", ns=g)
 
     # GW outside -> router (through the delaying forwarder when asked).
     if delay_ms > 0:
@@ -205,10 +228,20 @@ def build(names: Names, delay_ms: float = 0.0, nat: bool = False) -> None:
         _veth(rt, "dl1", rt, "out0")
         for dev in ("dl0", "dl1"):
             sysctl(rt, f"net.ipv6.conf.{dev}.disable_ipv6", 1)
+    elif pool:
+        # the Internet side of a GW pool: a bridge in the router, one port per GW
+        run("link", "add", "out0", "mtu", str(LINK_MTU), "type", "bridge", ns=rt)
+        run("link", "set", "out0", "up", ns=rt)
+        for k, g in enumerate([gw, *pool], 1):
+            _veth(g, "out0", rt, f"out0p{k}")
+            run("link", "set", f"out0p{k}", "master", "out0", ns=rt)
     else:
         _veth(gw, "out0", rt, "out0")
     run("addr", "add", f"{GW_OUTSIDE}/24", "dev", "out0", ns=gw)
     run("route", "add", "default", "via", ROUTER["out0"], ns=gw)
+    for k, g in enumerate(pool, 2):
+        run("addr", "add", f"{lab_gateway_addresses(k)[1]}/24", "dev", "out0", ns=g)
+        run("route", "add", "default", "via", ROUTER["out0"], ns=g)
 
     # Router with the outside and the visited networks: one MN hangs on a veth of the router,
     # several on a bridge of the same name.
@@ -221,9 +254,9 @@ def build(names: Names, delay_ms: float = 0.0, nat: bool = False) -> None:
         run("addr", "add", f"{NAT_ROUTER}/24", "dev", NAT_IFACE, ns=rt)
         masquerade(rt)
 
-    for node in (gw, rt, ha):
+    for node in (gw, *pool, rt, ha):
         sysctl(node, "net.ipv4.ip_forward", 1)
-    for node in (gw, ha, rt, *mns):
+    for node in (gw, *pool, ha, rt, *mns):
         for scope in ("all", "default"):
             sysctl(node, f"net.ipv4.conf.{scope}.rp_filter", 0)
     # The MNs start detached: no address anywhere until `handover a|b` or `home`.
