@@ -27,7 +27,8 @@ def dist(tmp_path_factory):
     base = tmp_path_factory.mktemp("pkg")
     src = base / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache"))
+        ".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache",
+        ".mypy_cache", ".ruff_cache"))
     out = base / "dist"
     for what in ("sdist", "wheel"):        # one process each: setuptools keeps state
         code = f"import sys; from setuptools import build_meta as b; b.build_{what}(sys.argv[1])"
