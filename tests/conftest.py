@@ -1,10 +1,43 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the test levels.
+
+The tests are grouped by level, one folder each (README.md, "Developing"): ``vectors``
+(published vectors and codecs), ``unit`` (one part at a time), ``sim`` (the roles in the
+in-memory network), ``io`` (daemons and adapters on fakes and loopback), ``lab`` (network
+namespaces, root), ``interop`` (strongSwan, Scapy, tshark, etcd, the packaging tools) and
+``security`` (attacks; its namespace tests count as lab too).  Each test gets its folder's
+marker, so ``pytest -m "not lab and not interop"`` runs the fast levels; a test that needs
+namespaces (``netns``) is also ``lab`` and one that needs strongSwan is also ``interop``,
+wherever it lives.  The helpers beside this file (``needs``, ``daemon_fakes``, ...) are
+importable from every level.
+"""
 
 from __future__ import annotations
+
+import pathlib
 
 import pytest
 
 import etcd_cluster
+
+TESTS = pathlib.Path(__file__).resolve().parent
+LEVELS = ("vectors", "unit", "sim", "io", "lab", "interop", "security")
+
+
+def level_of(path: pathlib.Path) -> str | None:
+    """The level folder a test file is in (None for a file directly in tests/)."""
+    parts = path.resolve().relative_to(TESTS).parts
+    return parts[0] if len(parts) > 1 and parts[0] in LEVELS else None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        level = level_of(pathlib.Path(item.path))
+        if level is not None:
+            item.add_marker(level)
+        if item.get_closest_marker("netns") is not None and level != "lab":
+            item.add_marker("lab")
+        if item.get_closest_marker("strongswan") is not None and level != "interop":
+            item.add_marker("interop")
 
 
 @pytest.fixture(scope="session")
