@@ -55,6 +55,27 @@ def test_udp_receiver_rebuilds_ipv4_udp_with_local_address():
         tx.close()
 
 
+def test_udp_receiver_can_leave_the_udp_checksum_out():
+    rxs = [UdpReceiver(0, "127.0.0.1"), UdpReceiver(0, "127.0.0.1", udp_checksum=False)]
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    try:
+        got = []
+        for rx in rxs:
+            tx.sendto(b"\x00\x00\x10\x01esp", ("127.0.0.1", rx.port))
+            assert select.select([rx], [], [], 2.0)[0]
+            [pkt] = rx.receive()
+            got.append(pkt)
+        with_sum, without = (IP(p) for p in got)
+        assert with_sum[UDP].chksum != 0 and without[UDP].chksum == 0
+        assert got[0][:22] == got[1][:22] and got[0][28:] == got[1][28:]    # but the ports
+        assert IP(bytes(without)).chksum == without.chksum                   # header still valid
+    finally:
+        for rx in rxs:
+            rx.close()
+        tx.close()
+
+
 def test_raw_esp_round_trip_on_loopback():
     _need_root()
     rx = RawReceiver(IPPROTO_ESP)

@@ -385,9 +385,12 @@ class Daemon:
                 # marker and ESP in UDP, RFC 3948), both rebuilt into whole IPv4 + UDP packets
                 where = cfg.node.outside_address if cfg.role == "gw" else "0.0.0.0"
                 out.append(transports.UdpReceiver(IKE_PORT, where, name="ike"))
-                out.append(transports.UdpReceiver(NAT_T_PORT, where, name="ike-esp-udp"))
+                out.append(transports.UdpReceiver(NAT_T_PORT, where, name="ike-esp-udp",
+                                                  udp_checksum=False))
             elif self._uses_udp_encap():
-                out.append(transports.UdpReceiver(NAT_T_PORT, name="esp-udp"))
+                # ESP in UDP: the rebuilt packet carries UDP checksum 0 (RFC 3948 §2.1)
+                out.append(transports.UdpReceiver(NAT_T_PORT, name="esp-udp",
+                                                  udp_checksum=False))
         if cfg.role == "mn":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
         if cfg.role == "gw":

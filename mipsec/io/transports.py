@@ -11,7 +11,9 @@ Roles take and return complete IPv4 packets (docs/design.md, "What net and tun m
 * **receiving UDP** (4500 for UDP-encapsulated ESP, RFC 3948; 434 for Mobile IP registration,
   RFC 5944 §3.1; the SIU port) uses ordinary UDP sockets, whose datagrams are rebuilt into
   IPv4 + UDP packets: the source comes from ``recvfrom``, the local (destination) address from
-  ``IP_PKTINFO`` (ip(7)), TTL 64, checksums valid.
+  ``IP_PKTINFO`` (ip(7)), TTL 64, checksums valid (``udp_checksum=False``: UDP checksum 0, "none"
+  in IPv4, RFC 768: for ESP in UDP, whose checksum the kernel has verified and no one reads again,
+  RFC 3948 §2.1; computing it in Python cost more than the rest of the rebuild).
 
 Every receiver has ``fileno()`` and ``receive() -> list[bytes]`` (everything queued, non-blocking),
 which is all the event loop needs; ``FakeNet`` implements the same for tests.  ``receive`` never
@@ -210,8 +212,9 @@ class UdpReceiver(_Receiver):
 
     def __init__(self, port: int, address: str = "0.0.0.0", name: str | None = None, *,
                  sock: Any = None, interface: str | None = None,
-                 role_entry: str = "receive_from_net"):
+                 role_entry: str = "receive_from_net", udp_checksum: bool = True):
         super().__init__()
+        self.udp_checksum = udp_checksum
         # the role method the loop hands this socket's datagrams to (the GW's SIU socket:
         # "receive_siu"); ``interface``: only datagrams that arrived on it (SO_BINDTODEVICE)
         self.role_entry = role_entry
@@ -246,7 +249,8 @@ class UdpReceiver(_Receiver):
         self._ident = (self._ident + 1) & 0xFFFF
         return packet.build_udp_packet(socket.inet_aton(src[0]), socket.inet_aton(local), src[1],
                                        self.port, data, ttl=REBUILT_TTL,
-                                       identification=self._ident)
+                                       identification=self._ident,
+                                       with_checksum=self.udp_checksum)
 
 
 class FakeNet:

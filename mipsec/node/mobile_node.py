@@ -417,7 +417,8 @@ class MobileNode:
             return self.receive_from_net(packet, now)
         if proto == IPPROTO_ESP:
             at = 20
-        elif proto == IPPROTO_UDP and self.ike is None and packet[22:24] == _NAT_T_PORT_B:
+        elif (proto == IPPROTO_UDP and packet[22:24] == _NAT_T_PORT_B
+              and (self.ike is None or not RoleIke.is_ike(packet, proto, 20))):
             at = 28
         else:
             return self.receive_from_net(packet, now)
