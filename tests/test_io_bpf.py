@@ -83,6 +83,7 @@ def test_the_kernel_verifies_both_programs():
         bpf.attach(s, bpf.udp_shard_selector(4), reuseport=True)
 
 
+@pytest.mark.netns
 def test_shards_by_spi_in_a_namespace():
     needs.need_lab()
     ns = f"bpf{os.getpid()}"
