@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--gateways", type=int, default=1, metavar="N",
                     help="a GW pool of N GWs (gw, gw2 ...; IKEv2, no --delay-ms): each MN has "
                          "an ordered GW list, their first GWs spread over the pool (default 1)")
+    lp.add_argument("--ha-standbys", type=int, default=0, metavar="K",
+                    help="K standby HAs (ha2 ...) beside ha, one active by election through a "
+                         "3-member etcd cluster the lab starts (needs etcd; default 0: one HA, "
+                         "no etcd)")
     lp.add_argument("--encryption", default=None,
                     choices=("ENCR_AES_GCM_16", "ENCR_CHACHA20_POLY1305", "ENCR_AES_CBC"),
                     help="ESP transform (default ENCR_AES_GCM_16 with IKEv2, ENCR_AES_CBC with "
@@ -467,10 +471,12 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     lab.up(delay_ms=args.delay_ms, place=args.at, encryption=args.encryption,
            udp_encap=args.udp_encap, sa_source="manual" if args.manual_keys else "ikev2",
            handover_mode=args.handover_mode, mobiles=args.mobiles, nat=args.nat,
-           gateways=args.gateways)
+           gateways=args.gateways, ha_standbys=args.ha_standbys)
     who = "MN" if args.mobiles == 1 else f"{args.mobiles} MNs"
     if args.gateways > 1:
         who += f" over {args.gateways} GWs"
+    if args.ha_standbys:
+        who += f", HA group {', '.join(lab.has)} (active: {lab.active_ha()})"
     print(f"lab {args.prefix} up: state in {lab.state_dir}; {who} at {args.at}; "
           f"capture {lab.pcap} (keys {lab.keyfile})")
     return 0

@@ -85,6 +85,13 @@ class DaemonSettings:
     store_ca_file: str = ""           # HA, etcd over https: CA of the members' certificates
     store_cert_file: str = ""         # HA, etcd over https: this HA's client certificate
     store_key_file: str = ""          # HA, etcd over https: its private key
+    ha_group: bool = False            # HA, etcd: several HAs share store_prefix and the HA's
+    #                                   address; one is active (leader election), see hagroup
+    ha_lease_ttl_s: float = 2.0       # HA group: the leader key's lease (a dead active is
+    #                                   replaced after about this)
+    ha_renew_every_s: float = 0.4     # HA group: the active's keep-alive period
+    ha_fence_margin_s: float = 0.6    # HA group: stop serving this long before the lease can
+    #                                   expire at the earliest
     state_dir: str = DEFAULT_STATE_DIR   # HA: <state_dir>/<name>.bindings.sqlite3 (0700/0600);
     #                                      MN/GW with manual keys: <name>.seq.json (0600)
 
@@ -328,6 +335,16 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
         raise bad("store", f"unknown binding store {d.store!r} (one of {', '.join(STORE_KINDS)})")
     if role == "ha" and d.store == "etcd" and not d.store_endpoints:
         raise bad("store_endpoints", "missing key: store = \"etcd\" needs the members' URLs")
+    if role == "ha" and d.ha_group and d.store != "etcd":
+        raise bad("ha_group", "needs store = \"etcd\": the HAs of a group share their bindings "
+                              "and elect the active one there")
+    if role == "ha" and d.ha_group:
+        from mipsec.node.election import HaElection
+        try:
+            HaElection("check", ttl_s=d.ha_lease_ttl_s, renew_every_s=d.ha_renew_every_s,
+                       fence_margin_s=d.ha_fence_margin_s)
+        except ConfigError as exc:
+            raise ConfigError(f"{_where(path, 'daemon', 'ha_lease_ttl_s')}: {exc}") from None
     if role == "ha" and d.store == "sqlite" and not os.path.isabs(d.state_dir):
         raise bad("state_dir", f"must be an absolute path, got {d.state_dir!r}")
     if role == "mn" and not d.interfaces:
@@ -381,7 +398,8 @@ def _is_table_array(value: Any) -> bool:
 
 # [daemon] keys that mean nothing for a role are left out of the files we write.
 _STORE_KEYS = {"store_endpoints", "store_prefix", "store_ca_file", "store_cert_file",
-               "store_key_file"}
+               "store_key_file", "ha_group", "ha_lease_ttl_s", "ha_renew_every_s",
+               "ha_fence_margin_s"}
 _NOT_FOR_ROLE = {
     "mn": {"inside_interface", "route_table", "rule_priority", "store", *_STORE_KEYS},
     "gw": {"interfaces", "home_interface", "gratuitous_arp", "store", *_STORE_KEYS},

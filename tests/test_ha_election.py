@@ -112,6 +112,17 @@ def test_pairs_not_in_the_table_are_refused():
     assert ((ElectionState.STANDBY, ElectionEvent.RENEWED) not in ELECTION_TRANSITIONS)
 
 
+def test_a_lagging_watch_does_not_fence_a_new_active():
+    e = _election()
+    e.handle_timer(0.0)
+    e.campaign_result(True, 0.0, 0.01, revision=42)
+    # the watch's range read from before our win still showed no leader key
+    assert e.leader_seen(None, 0.02, revision=40) == [] and e.may_serve(0.02)
+    # once it reports our own key's revision or later, a change is news
+    assert e.leader_seen("a", 0.03, revision=42) == [] and e.may_serve(0.03)
+    assert e.leader_seen("b", 0.04, revision=43) == [StopServing("the leader key names 'b'")]
+
+
 def test_settings_that_would_fence_a_healthy_active_are_refused():
     with pytest.raises(ConfigError, match="ha_renew_every_s"):
         HaElection("a", ttl_s=2.0, renew_every_s=1.5, fence_margin_s=0.6)

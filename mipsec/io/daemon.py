@@ -56,6 +56,8 @@ from mipsec.store import StoreError, open_store
 
 log = logging.getLogger("mipsec.daemon")
 
+IP_FREEBIND = 15               # linux/in.h: bind an address not (yet) on an interface
+FENCED_EXIT_STATUS = 3         # an HA group member that lost its lease: restart it (standby)
 STATUS_TIMELINE_EVENTS = 256   # status carries the latest events; `timeline` has them all
 
 
@@ -175,6 +177,13 @@ class Daemon:
         self.forward_filter: hostguard.ForwardFilter | None = None
         self.store: Any = None                # HA: its binding store (mipsec.store)
         self.store_errors = 0
+        # HA group (ha_group = true): the election and the warm copy (mipsec.io.hagroup)
+        self.group: Any = None                # the ElectionRunner thread
+        self.watcher_thread: Any = None       # the StoreWatcher thread
+        self.wakeup: Any = None
+        self.serving = True                   # False while a standby (or fenced)
+        self.standby_dropped = 0              # actions a standby did not carry out
+        self.exit_status = 0
         self.locks = instance.Locks(f"pid {os.getpid()}, config {cfg.path}")
         self.log_level_override: str | None = None      # --log-level / --log-format win over
         self.log_format_override: str | None = None     # the file, also on reload
@@ -201,6 +210,8 @@ class Daemon:
             if cfg.role == "ha":
                 self.store = self._open_store()
             self._start_io()
+            if cfg.role == "ha" and cfg.daemon.ha_group:
+                self._start_group()
         except Exception:
             self.close()
             raise
@@ -284,8 +295,8 @@ class Daemon:
         if self.manage_kernel:
             self.nl = netlink.Netlink()
             getattr(self, f"_setup_{cfg.role}")()
-        if self.store is not None:
-            self._restore_bindings()
+        if self.store is not None and not d.ha_group:
+            self._restore_bindings()      # (a group member restores when it becomes active)
         self.control = control.ControlServer(cfg.control_socket, self.handle_command)
         self._loop.add_reader(self.control, lambda srv: srv.serve_one())
         if self.watcher is not None:
@@ -403,8 +414,22 @@ class Daemon:
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
             out.append(transports.RawReceiver(IPPROTO_IPIP, "ipip",
                                               sock=self._home_link_raw(IPPROTO_IPIP)))
-            # the GWs' SIU ACKs (docs/protocol.md) come to the HA's address, SIU port
-            out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack"))
+            # the GWs' SIU ACKs (docs/protocol.md) come to the HA's address, SIU port (in an HA
+            # group a standby does not hold that address yet: bind it all the same, FREEBIND)
+            sock = None
+            if cfg.daemon.ha_group:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_IP, transports.IP_PKTINFO, 1)
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+                try:
+                    sock.bind((cfg.node.address, siu_port()))
+                except OSError as exc:
+                    sock.close()
+                    raise ConfigError(f"cannot bind UDP {cfg.node.address}:{siu_port()}: "
+                                      f"{exc}") from exc
+            out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack",
+                                              sock=sock))
         return out
 
     def _home_link_raw(self, protocol: int) -> socket.socket | None:
@@ -657,6 +682,10 @@ class Daemon:
         written to the store first and synchronously, and if that fails the actions after it
         (up to the next one) are dropped: no reply leaves for a binding that is not on disk, no
         SIU with a number that is not reserved."""
+        if not self.serving or (self.group is not None and not self.group.may_serve()):
+            # a standby, or an active past its fence deadline: answer nothing
+            self.standby_dropped += len(actions)
+            return
         segment: list[Any] = []
         skipping = False
         for action in actions:
@@ -675,6 +704,104 @@ class Daemon:
                 segment.append(action)
         if segment:
             self._plain_dispatch(segment)
+
+    # --- HA group: one active among several (mipsec.io.hagroup) --------------------------------
+
+    def _identity(self) -> str:
+        return f"{self._name()}@{socket.gethostname()}/{os.getpid()}"
+
+    def _start_group(self) -> None:
+        from mipsec.io import hagroup
+        from mipsec.node.election import HaElection
+        d = self.cfg.daemon
+        self.serving = False
+        identity = self._identity()
+        self.store.fence = identity
+        tls = self.store._tls
+        election = HaElection(identity, ttl_s=d.ha_lease_ttl_s, renew_every_s=d.ha_renew_every_s,
+                              fence_margin_s=d.ha_fence_margin_s, now=time.monotonic())
+        self.wakeup = hagroup.Wakeup()
+        address = None
+        if self.manage_kernel:
+            address = hagroup.ServiceAddress(d.home_interface, self.cfg.node.address,
+                                             self._service_prefixlen())
+            address.drop()        # left by an earlier run killed while active: a standby has none
+        self.group = hagroup.ElectionRunner(
+            election, hagroup.election_store(d.store_endpoints, d.store_prefix, tls),
+            self.wakeup, self._fence_now, address)
+        self.watcher_thread = hagroup.StoreWatcher(
+            hagroup.election_store(d.store_endpoints, d.store_prefix, tls),
+            self.group.leader_seen)
+        self._loop.add_reader(self.wakeup, self._on_group)
+        log.info("HA group %s: %s starts as a standby", d.store_prefix, identity)
+        self.watcher_thread.start()
+        self.group.start()
+
+    def _service_prefixlen(self) -> int:
+        return ipaddress.IPv4Network(self.cfg.node.home_prefix, strict=False).prefixlen
+
+    def _fence_now(self, reason: str) -> None:
+        """From the election thread, at once (after it removed the service address): nothing
+        is answered, the proxy-ARP entries leave the home interface (its own netlink socket:
+        the loop may be busy)."""
+        self.serving = False
+        d = self.cfg.daemon
+        log.error("HA group: fenced (%s): service address %s removed, nothing answered",
+                  reason, self.cfg.node.address)
+        if not self.manage_kernel or not self._away:
+            return
+        nl = netlink.Netlink()
+        try:
+            for home in list(self._away):
+                nl.del_proxy_arp(home, d.home_interface)
+        finally:
+            nl.close()
+
+    def _on_group(self, wakeup: Any) -> None:
+        from mipsec.node.election import StartServing, StopServing
+        for item in wakeup.drain():
+            if isinstance(item, StartServing):
+                self._take_over()
+            elif isinstance(item, StopServing) and not item.resign:
+                log.error("HA group: lost the lease (%s): stopping, to come back as a standby",
+                          item.reason)
+                if self.nl is not None:
+                    self.nl.undo_all()
+                self._away.clear()
+                self.exit_status = FENCED_EXIT_STATUS
+                self._loop.stop(f"fenced: {item.reason}")
+
+    def _take_over(self) -> None:
+        from mipsec.io import hagroup
+        node = self.cfg.node
+        started = time.monotonic()
+        wall = self._loop.wallclock()
+        source = "warm copy"
+        if self.watcher_thread.wait_revision(self.group.won_revision, hagroup.CATCH_UP_WAIT_S):
+            records, meta, revision = self.watcher_thread.snapshot(wall)
+        else:
+            source = "store (the warm copy lagged)"
+            try:
+                records, meta = self.store.load(wall), self.store.meta()
+            except StoreError as exc:
+                log.error("HA group: cannot read the store at takeover (%s): resigning", exc)
+                self.group.stop()
+                self.exit_status = FENCED_EXIT_STATUS
+                self._loop.stop("takeover failed")
+                return
+        actions = self.role.restore(records, meta, self._loop.clock())
+        if self.manage_kernel:
+            # the election thread added the service address (with its lifetime): announce it
+            if self.announcer is not None:
+                try:
+                    self.announcer.announce(node.address)
+                except OSError as exc:
+                    log.warning("gratuitous ARP for %s failed: %s", node.address, exc)
+        self.serving = True
+        self._loop.dispatch(actions)
+        log.info("HA group: active now; %d binding(s) from the %s, service address %s, in "
+                 "%.1f ms", len(actions), source, node.address,
+                 (time.monotonic() - started) * 1000)
 
     def _persist(self, action: PersistBinding) -> bool:
         meta = dict(action.meta)
@@ -739,6 +866,13 @@ class Daemon:
                    "receive_errors": {r.name: r.errors for r in self.receivers or ()
                                       if getattr(r, "errors", 0)}},
             "drops": {str(k): v for k, v in getattr(self.role, "drops", {}).items()},
+            **({"ha_group": {
+                "state": self.group.election.state.value, "identity": self.group.election.identity,
+                "serving": self.serving, "standby_dropped": self.standby_dropped,
+                "warm_keys": len(self.watcher_thread.kv), "revision": self.watcher_thread.revision,
+                "watch_reconnects": self.watcher_thread.reconnects,
+                "history": self.group.election.history[-16:]}}
+               if self.group is not None else {}),
             **({"store": {"kind": self.cfg.daemon.store, "errors": self.store_errors,
                           "path": self.store_path() if self.cfg.daemon.store == "sqlite"
                           else None}} if self.store is not None else {}),
@@ -937,4 +1071,4 @@ def run_daemon(config_path: str, expected_role: str, log_level: str | None = Non
         daemon.run()
     finally:
         daemon.close()
-    return 0
+    return daemon.exit_status

@@ -172,6 +172,8 @@ def check_machine(cfg: Any) -> None:
     d, node = cfg.daemon, cfg.node
     section = {"mn": "mobile_node", "gw": "gateway", "ha": "home_agent"}[cfg.role]
     keys = {"gw": ("outside_address", "inside_address"), "ha": ("address",)}.get(cfg.role, ())
+    if cfg.role == "ha" and getattr(d, "ha_group", False):
+        keys = ()      # the service address: only the active HA of a group holds it
     for key in keys:
         address = getattr(node, key)
         if not _is_local(address):

@@ -19,6 +19,12 @@ A GW pool (``up(gateways=N)``, ``mipsec lab up --gateways N``, IKEv2): daemons `
 ... each in its own namespace, all on the home link and the Internet side; MN ``k``'s ordered GW
 list starts at GW ``(k - 1) mod N + 1`` (``make_lab_configs``), so the MNs are spread over the
 GWs and each can fall back on the others.
+
+HA group (``up(ha_standbys=K)``, ``mipsec lab up --ha-standbys K``): the lab starts a 3-member
+etcd cluster in ``{p}db`` (data under ``<state dir>/etcd``, members ``etcd1`` ... with pid files
+and logs like the daemons, removed by ``down``) and K more HA daemons ``ha2`` ... in their own
+namespaces, all with ``store = "etcd"`` and ``ha_group = true``; one of them becomes active
+(``wait_active``).  Without ``ha_standbys`` nothing changes and no etcd is needed.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ NS_OF = {"ha": "ha", "gw": "gw", "mn": "mn"}
 READY_TIMEOUT_S = 10.0
 LAB_PCAP_MAX_MB = 32             # the GW capture rotates at this size; one old file kept
 REGISTER_TIMEOUT_S = 10.0
+MAX_HA_STANDBYS = 4
+ACTIVE_TIMEOUT_S = 20.0          # an HA group: etcd up, one HA elected
 
 
 def requirements_problem() -> str | None:
@@ -81,6 +89,7 @@ class Lab:
         self.names = Names(self.prefix, int(state.get("mobiles", 1)),
                            int(state.get("gateways", 1)))
         self.nat = bool(state.get("nat", False))
+        self.ha_standbys = int(state.get("ha_standbys", 0))
 
     # --- the MNs --------------------------------------------------------------------------------
 
@@ -105,7 +114,17 @@ class Lab:
     @property
     def daemons(self) -> tuple[str, ...]:
         return ("ha", *(self.gw(k) for k in range(1, self.gateways + 1)),
-                *(self.mn(k) for k in range(1, self.mobiles + 1)))
+                *(self.mn(k) for k in range(1, self.mobiles + 1)), *self.has[1:])
+
+    @property
+    def has(self) -> tuple[str, ...]:
+        """The HA daemons: ``ha``, and with an HA group its standbys ``ha2`` ..."""
+        return tuple(topo.ha_node(i) for i in range(self.ha_standbys + 1))
+
+    @property
+    def etcd_members(self) -> tuple[str, ...]:
+        return tuple(f"etcd{i + 1}" for i in range(len(topo.ETCD_CLIENT_PORTS))) \
+            if self.ha_standbys else ()
 
     @property
     def places(self) -> tuple[str, ...]:
@@ -157,7 +176,8 @@ class Lab:
     def up(self, delay_ms: float = 0.0, place: str = "a", encryption: str | None = None,
            udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
            handover_mode: str = "siu", ike: dict[str, Any] | None = None,
-           mobiles: int = 1, nat: bool = False, gateways: int = 1, **config_kw: Any) -> None:
+           mobiles: int = 1, nat: bool = False, gateways: int = 1, ha_standbys: int = 0,
+           **config_kw: Any) -> None:
         """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
         (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
         written into the configs (``"manual"``, ``mipsec lab up --manual-keys``; CBC: manual
@@ -166,7 +186,8 @@ class Lab:
         ``ike`` overrides IKE settings; ``config_kw`` goes to ``make_lab_configs`` (e.g.
         ``retransmit_initial_s``, ``max_attempts``).  ``mobiles`` MNs, each attached to
         ``place``; ``nat`` adds the visited network ``n`` behind the router's NAT; ``gateways``
-        GWs form a pool (IKEv2 only, no ``delay_ms``)."""
+        GWs form a pool (IKEv2 only, no ``delay_ms``); ``ha_standbys`` more HAs and an etcd
+        cluster make an HA group (module doc)."""
         left = topo.existing_namespaces(self.prefix)
         if left:   # refuse before touching anything: a second `up` must not break the first lab
             raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
@@ -176,12 +197,19 @@ class Lab:
         if gateways > 1 and sa_source != "ikev2":
             raise LabError("a GW pool (gateways > 1) needs IKEv2: with manual keys an MN has "
                            "one SA pair, shared with one GW")
+        if not isinstance(ha_standbys, int) or not 0 <= ha_standbys <= MAX_HA_STANDBYS:
+            raise LabError(f"ha_standbys: 0..{MAX_HA_STANDBYS}, got {ha_standbys!r}")
         self.names, self.nat = Names(self.prefix, mobiles, gateways), nat
+        self.ha_standbys = ha_standbys
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         try:
             topo.build(self.names, delay_ms, nat=nat)
             self.save_state(prefix=self.prefix, delay_ms=delay_ms, mobiles=mobiles, nat=nat,
-                            gateways=gateways, place=None, places={}, moves=[])
+                            gateways=gateways, place=None, places={}, moves=[],
+                            ha_standbys=ha_standbys)
+            if ha_standbys:
+                topo.build_ha_group(self.names, ha_standbys)
+                self.start_etcd()
             if delay_ms > 0:
                 self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
                                            "--delay-ms", str(delay_ms)])
@@ -194,6 +222,8 @@ class Lab:
                 self.start_daemon(role)
             for role in self.daemons:
                 self.wait_ready(role)
+            if ha_standbys:
+                self.wait_active()
             if place:
                 for k in range(1, mobiles + 1):
                     self.move(place, wait=wait, k=k)
@@ -217,6 +247,17 @@ class Lab:
         interfaces = tuple(topo.PLACE_IFACE[p] for p in self.places)
         layout = mconfig.KeySetLayout(run_dir=self.state_dir, mn_interfaces=interfaces)
         sets = mconfig.make_key_set(self.mobiles, layout, **kw)
+        if self.ha_standbys:
+            ha = sets["ha"]
+            group = dataclasses.replace(ha.daemon, store="etcd",
+                                        store_endpoints=topo.etcd_endpoints(),
+                                        store_prefix=f"/mipsec/lab-{self.prefix.rstrip('-')}",
+                                        ha_group=True)
+            sets["ha"] = dataclasses.replace(ha, daemon=group)
+            for name in self.has[1:]:
+                sets[name] = dataclasses.replace(
+                    ha, daemon=dataclasses.replace(group, control_socket=self.socket(name)),
+                    node=dataclasses.replace(ha.node, name=name))
         paths = {}
         for name, cfg in sets.items():
             settings = dataclasses.replace(cfg.daemon, mtu=topo.LAB_TUN_MTU)
@@ -229,9 +270,10 @@ class Lab:
             paths[name] = path
         return paths
 
-    def _spawn(self, name: str, node: str, args: list[str]) -> int:
+    def _spawn(self, name: str, node: str, args: list[str], program: str | None = None) -> int:
         log = open(self.path(f"{name}.log"), "ab")
-        proc = subprocess.Popen([topo.IP, "netns", "exec", self.names.ns(node), self.python, *args],
+        proc = subprocess.Popen([topo.IP, "netns", "exec", self.names.ns(node),
+                                 program or self.python, *args],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd="/",
                                 env={**os.environ, "PYTHONPATH": _package_root()})
@@ -240,9 +282,58 @@ class Lab:
             f.write(f"{proc.pid}\n")
         return proc.pid
 
+    def start_etcd(self) -> None:
+        """The HA group's 3-member etcd cluster in ``{p}db`` (fast elections: heartbeat
+        50 ms, election timeout 500 ms; small data directories under the state dir)."""
+        etcd = shutil.which("etcd")
+        if etcd is None:
+            raise LabError("an HA group needs etcd (Debian package etcd-server; tools/setup.sh)")
+        base = self.path("etcd")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        peers = [f"http://127.0.0.1:{p}" for p in topo.ETCD_PEER_PORTS]
+        initial = ",".join(f"m{i + 1}={u}" for i, u in enumerate(peers))
+        for i, (name, client) in enumerate(zip(self.etcd_members, topo.etcd_endpoints(),
+                                                strict=True)):
+            self._spawn(name, "db", [
+                "--name", f"m{i + 1}", "--data-dir", os.path.join(base, f"m{i + 1}"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
+                "--initial-cluster", initial, "--initial-cluster-token", f"lab-{self.prefix}",
+                "--initial-cluster-state", "new", "--heartbeat-interval=50",
+                "--election-timeout=500", "--snapshot-count=10000",
+                "--quota-backend-bytes=67108864"], program=etcd)
+
+    def ha_status(self) -> dict[str, dict[str, Any]]:
+        """Each HA of the group: its ``ha_group`` status (``{}`` when it does not answer)."""
+        out = {}
+        for name in self.has:
+            try:
+                out[name] = control.request(self.socket(name), "status",
+                                            timeout=1.0).get("ha_group", {})
+            except (OSError, ValueError):
+                out[name] = {}
+        return out
+
+    def active_ha(self) -> str | None:
+        serving = [n for n, st in self.ha_status().items() if st.get("serving")]
+        if len(serving) > 1:
+            raise LabError(f"two HAs serve at once: {serving}")
+        return serving[0] if serving else None
+
+    def wait_active(self, timeout: float = ACTIVE_TIMEOUT_S, not_: str | None = None) -> str:
+        """Wait until one HA of the group serves (another than ``not_``); its name."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = self.active_ha()
+            if active is not None and active != not_:
+                return active
+            time.sleep(0.05)
+        raise LabError(f"no HA active after {timeout} s:\n" +
+                       "\n".join(self.log_tail(n) for n in self.has))
+
     def start_daemon(self, role: str) -> int:
         """Start daemon ``role`` (``ha``, ``gw`` or an MN's name) in its namespace."""
-        kind = "mn" if role in self.daemons[1 + self.gateways:] else role[:2]
+        kind = role[:2]           # ha, ha2 ..., gw, gw2 ..., mn, mn1 ...
         return self._spawn(role, NS_OF.get(role, role), ["-m", "mipsec", kind, "--config",
                                                          self.path(f"{role}.toml")])
 
@@ -285,13 +376,13 @@ class Lab:
     def down(self) -> list[str]:
         """Remove everything of this prefix, whatever state it is in; returns what was removed."""
         removed = []
-        for name in (*self.daemons, "delay"):
+        for name in (*self.daemons, "delay", *self.etcd_members):
             pid = self.pid(name)
             if pid is not None and _alive(pid):
                 os.kill(pid, signal.SIGTERM)
                 removed.append(f"{name} (pid {pid})")
         deadline = time.monotonic() + 3.0
-        for name in (*self.daemons, "delay"):
+        for name in (*self.daemons, "delay", *self.etcd_members):
             pid = self.pid(name)
             while pid is not None and _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)

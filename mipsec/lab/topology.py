@@ -33,6 +33,13 @@ a bridge (named like the single-GW link, so it keeps 172.16.0.254) with one port
 outside address 172.16.0.k.  The delaying forwarder sits on one GW's link, so a pool has no
 ``delay_ms``.  With one GW nothing changes.
 
+HA group (``build_ha_group``, ``mipsec lab up --ha-standbys K``): the HA and K standbys
+``{p}ha2`` ... each on the home link with an address of their own 10.1.0.(3 + i) and none of
+them with the HA service address 10.1.0.2 (the active one holds it, mipsec.io.hagroup); a
+private store network 10.2.0.0/24 (bridge ``br1`` in the switch namespace) joins each HA's
+``st0`` (10.2.0.(10 + i)) to ``{p}db`` (10.2.0.1), where the lab's 3-member etcd cluster runs.
+Cutting an HA off its store is ``ip link set st0 down`` in its namespace.
+
 NAT (``nat``): a third visited network ``n``, private 192.168.0.0/24 behind the router's bridge
 ``vn0`` (192.168.0.1), which the router masquerades (nftables, ``masquerade`` in a ``srcnat``
 postrouting chain) to its own outside address 172.16.0.254 on ``out0``: every MN there reaches
@@ -75,7 +82,11 @@ PLACE_ROUTER = {"a": ROUTER["va0"], "b": ROUTER["vb0"], NAT_PLACE: NAT_ROUTER}
 PLACE_IFACE = {**MN_IFACE, NAT_PLACE: NAT_IFACE}
 MAX_MOBILES = 100
 # every namespace name a lab gives a node (after its prefix): the nodes above, mn<N> for more MNs
-LAB_NODE = re.compile("(?:" + "|".join(NODES) + r")[0-9]*")
+LAB_NODE = re.compile("(?:" + "|".join((*NODES, "db")) + r")[0-9]*")
+# the HA group's store network and etcd members (``build_ha_group``)
+STORE_DB = "10.2.0.1"
+ETCD_CLIENT_PORTS = (2379, 2389, 2399)
+ETCD_PEER_PORTS = (2380, 2390, 2400)
 # Lab links carry 1600-byte frames and the lab's TUN devices have MTU 1500, so a 1400-byte UDP
 # payload crosses the tunnels (inner 1428 + IP-in-IP 20 + ESP ~40 + outer 20) unfragmented.
 LINK_MTU = 1600
@@ -262,6 +273,54 @@ def build(names: Names, delay_ms: float = 0.0, nat: bool = False) -> None:
     # The MNs start detached: no address anywhere until `handover a|b` or `home`.
     for mn in mns:
         run("link", "set", MN_HOME_INTERFACE, "down", ns=mn)
+
+
+def ha_node(i: int) -> str:
+    """The namespace suffix of HA ``i`` of a group (0: the lab's ``ha``)."""
+    return "ha" if i == 0 else f"ha{i + 1}"
+
+
+def ha_link_address(i: int) -> str:
+    return f"10.1.0.{3 + i}"
+
+
+def ha_store_address(i: int) -> str:
+    return f"10.2.0.{10 + i}"
+
+
+def etcd_endpoints() -> tuple[str, ...]:
+    return tuple(f"http://{STORE_DB}:{p}" for p in ETCD_CLIENT_PORTS)
+
+
+def build_ha_group(names: Names, standbys: int) -> None:
+    """Turn the lab's single HA into a group of ``1 + standbys`` HAs with a store network and
+    the ``db`` namespace (see the module doc); after ``build``."""
+    sw = names.ns("sw")
+    run("link", "add", "br1", "type", "bridge", ns=sw)
+    run("link", "set", "br1", "up", ns=sw)
+    db = names.ns("db")
+    run("netns", "add", db)
+    run("link", "set", "lo", "up", ns=db)
+    _veth(sw, "s-db", db, "st0")
+    run("link", "set", "s-db", "master", "br1", ns=sw)
+    run("addr", "add", f"{STORE_DB}/24", "dev", "st0", ns=db)
+    for i in range(standbys + 1):
+        node = names.ns(ha_node(i))
+        if i > 0:
+            run("netns", "add", node)
+            run("link", "set", "lo", "up", ns=node)
+            _veth(sw, f"p-{ha_node(i)}", node, "eth0")
+            run("link", "set", f"p-{ha_node(i)}", "master", "br0", ns=sw)
+            sysctl(node, "net.ipv4.ip_forward", 1)
+            for scope in ("all", "default"):
+                sysctl(node, f"net.ipv4.conf.{scope}.rp_filter", 0)
+        else:
+            run("addr", "del", f"{HA}/24", "dev", "eth0", ns=node)   # the active will hold it
+        run("addr", "add", f"{ha_link_address(i)}/24", "dev", "eth0", ns=node)
+        run("route", "replace", "default", "via", GW_INSIDE, ns=node)
+        _veth(sw, f"s-{ha_node(i)}", node, "st0")
+        run("link", "set", f"s-{ha_node(i)}", "master", "br1", ns=sw)
+        run("addr", "add", f"{ha_store_address(i)}/24", "dev", "st0", ns=node)
 
 
 def _visited_link(rt: str, ifname: str, mns: list[str], bridge: bool = False) -> None:

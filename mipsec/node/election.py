@@ -148,6 +148,7 @@ class HaElection:
         self.campaign_at = now                 # standby: next campaign (inf: one in flight)
         self.renew_at = math.inf               # active: next keep-alive (inf: one in flight)
         self.serve_until = -math.inf           # active: fence at this instant
+        self.won_revision = 0                  # the store revision at which we became active
         self.history: list[tuple[float, str, str]] = []     # (now, event, new state)
 
     # --- the machine --------------------------------------------------------------------------
@@ -220,10 +221,14 @@ class HaElection:
         it answers anything, so a loop that was late to its timer still answers nothing)."""
         return self.state is ElectionState.ACTIVE and now < self.serve_until
 
-    def campaign_result(self, won: bool, sent_at: float, now: float) -> list[object]:
+    def campaign_result(self, won: bool, sent_at: float, now: float,
+                        revision: int = 0) -> list[object]:
+        """``revision``: the store's revision of our leader key when we won."""
         if self.state is not ElectionState.STANDBY:
             return []                          # stopped meanwhile: nothing to do
         self.campaign_at = 0.0                 # no campaign in flight any more
+        if won:
+            self.won_revision = revision
         return self._event(ElectionEvent.WON if won else ElectionEvent.LOST, now, sent_at)
 
     def renew_result(self, alive: bool | None, sent_at: float, now: float) -> list[object]:
@@ -235,8 +240,11 @@ class HaElection:
         return self._event(ElectionEvent.RENEWED if alive else ElectionEvent.LEASE_LOST, now,
                            sent_at, "the lease is gone" if not alive else "")
 
-    def leader_seen(self, holder: str | None, now: float) -> list[object]:
-        """The watch saw the leader key change: ``holder`` is its value (None: deleted)."""
+    def leader_seen(self, holder: str | None, now: float, revision: int = 0) -> list[object]:
+        """The watch saw the leader key change: ``holder`` is its value (None: deleted) as of
+        store ``revision``.  What it saw before our own win (a watch that lags) is no news."""
+        if self.state is ElectionState.ACTIVE and revision < self.won_revision:
+            return []
         if self.state is ElectionState.STANDBY and holder is None:
             return self._event(ElectionEvent.LEADER_GONE, now)
         if self.state is ElectionState.ACTIVE and holder != self.identity:
