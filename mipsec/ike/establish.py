@@ -56,6 +56,7 @@ from mipsec.ike.constants import (
 from mipsec.ike.crypto import DhPrivate, child_keymat, psk_auth, skeyseed
 from mipsec.ike.sa_state import (
     AuthState,
+    CachedResponse,
     InitState,
     Kind,
     Refused,
@@ -80,8 +81,9 @@ class Establish(MessageWindow):
             raise UsageError(f"IKE SA {self.name}: start() in state {self.state.value}")
         c = self.config
         group = group or c.ike_suites[0].dh
-        if self._dh is None or self._dh.group != group:
-            self._dh = DhPrivate.generate(group, self._random)
+        hs = self.handshake
+        if hs.dh is None or hs.dh.group != group:
+            hs.dh = DhPrivate.generate(group, self._random)
         if not self.ni:
             self.ni = self._random(NONCE_LEN)
         # Offer the suites with the KE group first (§1.2: KE must match the first choice...)
@@ -92,15 +94,15 @@ class Establish(MessageWindow):
         src_hash = nat_hash(self.spi_i, bytes(8), self.local)
         if c.force_encap:
             src_hash = self._random(20)       # RFC 3948 trick: make the peer see a NAT on us
-        payloads += [SaPayload(P.ike_proposals(suites)), KePayload(group, self._dh.public),
+        payloads += [SaPayload(P.ike_proposals(suites)), KePayload(group, hs.dh.public),
                      NoncePayload(self.ni),
                      NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP, src_hash),
                      NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
                                    nat_hash(self.spi_i, bytes(8), self.remote))]
-        self._offered_ike = tuple(suites)
+        hs.offered = tuple(suites)
         h = self._header(ExchangeType.IKE_SA_INIT, 0, False)
         raw = codec.build_message(h, payloads)
-        self._init_request = raw
+        hs.init_request = raw
         if self.state == State.IDLE:
             self._goto(State.INIT_SENT)
         self._mid_out = 0
@@ -136,7 +138,7 @@ class Establish(MessageWindow):
         sa, ke, nonce = m.find(SaPayload), m.find(KePayload), m.find(NoncePayload)
         if sa is None or ke is None or nonce is None or not any(m.header.spi_r):
             return self._drop(DropReason.MALFORMED)
-        suite = P.accept_ike_answer(sa.proposals, self._offered_ike)
+        suite = P.accept_ike_answer(sa.proposals, self.handshake.offered)
         if suite is None:
             return self._drop(DropReason.IKE_NO_PROPOSAL_CHOSEN)
         own_dh = self._own_dh()
@@ -151,7 +153,7 @@ class Establish(MessageWindow):
         self._pending = None
         self.spi_r = m.header.spi_r
         self.nr = nonce.data
-        self._init_response = m.raw
+        self.handshake.init_response = m.raw
         self._nat_detect(m, local, remote, request=False)
         self._set_keys(suite, skeyseed(suite.prf, self.ni, self.nr, shared))
         self._mid_out = 1
@@ -176,8 +178,9 @@ class Establish(MessageWindow):
         """§2.15: we sign our own INIT message with the peer's nonce and our ID."""
         suite, k = self._keyed()
         if ours == self.initiator:          # the initiator's AUTH
-            return psk_auth(suite.prf, psk, self._init_request, self.nr, k.sk_pi, id_body)
-        return psk_auth(suite.prf, psk, self._init_response, self.ni, k.sk_pr, id_body)
+            return psk_auth(suite.prf, psk, self.handshake.init_request, self.nr, k.sk_pi,
+                            id_body)
+        return psk_auth(suite.prf, psk, self.handshake.init_response, self.ni, k.sk_pr, id_body)
 
     def _send_auth(self, now: float) -> None:
         c = self.config
@@ -296,9 +299,9 @@ class Establish(MessageWindow):
         self = cls(config, initiator=False, local=local, remote=remote, spi_i=h.spi_i,
                    spi_r=spi_r, random=random, drops=drops, alloc_esp_spi=alloc_esp_spi, now=now,
                    release_esp_spi=release_esp_spi)
-        self._dh = dh
+        self.handshake.dh = dh
         self.ni, self.nr = nonce.data, random(NONCE_LEN)
-        self._init_request = m.raw
+        self.handshake.init_request = m.raw
         self._nat_detect(m, local, remote, request=True)
         src_hash = nat_hash(self.spi_i, self.spi_r, local)
         if config.force_encap:
@@ -309,21 +312,22 @@ class Establish(MessageWindow):
             NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
                           nat_hash(self.spi_i, self.spi_r, remote))]
         raw = codec.build_message(self._header(ExchangeType.IKE_SA_INIT, 0, True), payloads)
-        self._init_response = raw
+        self.handshake.init_response = raw
         self._set_keys(suite, skeyseed(suite.prf, self.ni, self.nr, shared))
         self._goto(State.INIT_ANSWERED)
         self._mid_in = 1
-        self._cached = (0, m.raw, raw, remote)
+        self._cached = CachedResponse(0, m.raw, raw, remote)
         self._emit_datagram(raw, local, remote, now)
         return self, self._flush()
 
     def retransmitted_init(self, m: Message, local: Address, remote: Address, now: float) -> list:
         """An IKE_SA_INIT request for this half-open SA again: the same octets get the same
         answer (§2.1), anything else is dropped."""
-        if self.state == State.INIT_ANSWERED and self._cached and self._cached[0] == 0 \
-                and m.raw == self._cached[1]:
+        cached = self._cached
+        if self.state == State.INIT_ANSWERED and cached is not None and cached.mid == 0 \
+                and m.raw == cached.request:
             self.drops[DropReason.IKE_RETRANSMISSION] += 1
-            self._emit_datagram(self._cached[2], local, remote, now)
+            self._emit_datagram(cached.response, local, remote, now)
             return self._flush()
         return self._drop(DropReason.IKE_BAD_MESSAGE_ID)
 

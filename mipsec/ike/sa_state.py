@@ -145,6 +145,26 @@ class Request:
 
 
 @dataclass
+class Handshake:
+    """What IKE_SA_INIT leaves for IKE_AUTH (§2.15 signs both INIT messages) and for its own
+    retries: our Diffie-Hellman value, the suites we offered, the two messages."""
+    dh: DhPrivate | None = None
+    offered: tuple[IkeSuite, ...] = ()
+    init_request: bytes = b""        # RealMessage1, as last sent / received
+    init_response: bytes = b""       # RealMessage2
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    """The peer's last request we answered and our answer (§2.1: a retransmission of that
+    request, byte for byte, gets the same answer again)."""
+    mid: int
+    request: bytes
+    response: bytes
+    remote: Address
+
+
+@dataclass
 class Collision:
     """§2.8.1: both ends re-keyed one child: (Ni, Nr, new child's inbound SPI) of each side's
     exchange, until both are known."""

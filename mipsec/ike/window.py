@@ -57,8 +57,10 @@ from mipsec.ike.sa_state import (
     ACCEPTS_REQUEST,
     MAY_REQUEST,
     TRANSITIONS,
+    CachedResponse,
     ChildState,
     Collision,
+    Handshake,
     InitState,
     Kind,
     Refused,
@@ -118,10 +120,7 @@ class MessageWindow:
         self._sk_in_cipher: SkCipher | None = None      # from IKE_SA_INIT on (_set_keys)
         self._sk_out_cipher: SkCipher | None = None
         self.ni = self.nr = b""
-        self._dh: DhPrivate | None = None
-        self._offered_ike: tuple[IkeSuite, ...] = ()   # the suites of our IKE_SA_INIT
-        self._init_request = b""          # RealMessage1 (§2.15), as last sent / received
-        self._init_response = b""         # RealMessage2
+        self.handshake = Handshake()      # IKE_SA_INIT's DH value, offer and messages
         self.peer_id: str | None = None
         self.peer_mobike = False
         self.nat_local = False            # we are behind a NAT (§2.23)
@@ -134,7 +133,7 @@ class MessageWindow:
         self._mid_in = 0
         self._pending: Request | None = None
         self._queue: deque[Request] = deque()
-        self._cached: tuple[int, bytes, bytes, Address] | None = None  # mid, req, resp
+        self._cached: CachedResponse | None = None
         self._out: list = []
         self.created = now
         self.established_at: float | None = None
@@ -225,9 +224,9 @@ class MessageWindow:
 
     def _own_dh(self) -> DhPrivate:
         """Our Diffie-Hellman value of the IKE_SA_INIT we sent."""
-        if self._dh is None:
+        if self.handshake.dh is None:
             raise UsageError(f"IKE SA in state {self.state}: no DH value")
-        return self._dh
+        return self.handshake.dh
 
     def _in_flight(self) -> Request:
         if self._pending is None:
@@ -389,7 +388,7 @@ class MessageWindow:
                  now: float) -> None:
         h = self._header(request.header.exchange, request.header.message_id, True)
         raw = self._sk_out.protect(h, list(payloads))
-        self._cached = (request.header.message_id, request.raw, raw, remote)
+        self._cached = CachedResponse(request.header.message_id, request.raw, raw, remote)
         self._emit_datagram(raw, local, remote, now)
 
     # --- receiving -------------------------------------------------------------------------------
@@ -439,11 +438,11 @@ class MessageWindow:
         h = m.header
         if h.spi_r != self.spi_r:
             return self._drop(DropReason.IKE_UNKNOWN_SA)
-        if self._cached is not None and h.message_id == self._cached[0]:
-            if m.raw == self._cached[1]:
+        if self._cached is not None and h.message_id == self._cached.mid:
+            if m.raw == self._cached.request:
                 # §2.1: a retransmitted request gets the same response again
                 self.drops[DropReason.IKE_RETRANSMISSION] += 1
-                self._emit_datagram(self._cached[2], local, remote, now)
+                self._emit_datagram(self._cached.response, local, remote, now)
                 return self._flush()
             return self._drop(DropReason.IKE_BAD_MESSAGE_ID)
         if h.message_id != self._mid_in:
