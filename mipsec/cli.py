@@ -555,6 +555,13 @@ def render_status(reply: dict[str, Any]) -> str:
                      + (f", {reply['ike_keyfile']}" if reply.get("ike_keyfile") else ""))
     if reply.get("drops"):
         lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reply["drops"].items())))
+    group = reply.get("ha_group")
+    if group:
+        lines.append(f"  ha group: {group.get('state')}"
+                     f"{' (serving)' if group.get('serving') else ''}, identity "
+                     f"{group.get('identity')}, warm copy {group.get('warm_keys')} keys at "
+                     f"revision {group.get('revision')}, watch reconnects "
+                     f"{group.get('watch_reconnects')}")
     node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline", "ike")}
     wall = reply.get("clock", {}).get("wall")
     offset = wall - now if isinstance(wall, (int, float)) and isinstance(now, (int, float)) \

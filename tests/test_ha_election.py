@@ -130,6 +130,16 @@ def test_settings_that_would_fence_a_healthy_active_are_refused():
         HaElection("a", ttl_s=2.0, fence_margin_s=2.0)
 
 
+def test_a_standbys_lost_campaigns_are_recorded_once_per_run():
+    e = _election()
+    for i in range(10):
+        e.handle_timer(i * CAMPAIGN)
+        e.campaign_result(False, i * CAMPAIGN, i * CAMPAIGN)
+    e.leader_seen(None, 6.0)
+    e.campaign_result(False, 6.0, 6.0)
+    assert [h[1] for h in e.history] == ["lost", "leader-gone", "lost"]
+
+
 def test_a_late_answer_never_moves_the_deadline_back():
     e = _in_state(ElectionState.ACTIVE)
     e.renew_result(True, 1.0, 1.05)

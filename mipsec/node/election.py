@@ -42,6 +42,7 @@ HA_LEASE_TTL_S = 2.0            # tunable: the leader key's lease (etcd's minimu
 HA_RENEW_EVERY_S = 0.4          # tunable: keep-alive period of the active
 HA_FENCE_MARGIN_S = 0.6         # tunable: the active stops serving this long before its lease
 #                                 can expire at the earliest
+HISTORY_MAX = 64                # election events kept for status
 HA_CAMPAIGN_EVERY_S = 0.5       # tunable: a standby's campaign period (it also campaigns at once
 #                                 when it sees the leader key deleted)
 
@@ -161,7 +162,11 @@ class HaElection:
                              f"{self.state.value}")
         new, effect = entry
         self.state = new
-        self.history.append((now, event.value, new.value))
+        # a standby's lost campaigns (two a second) are recorded once per run
+        if not (self.history and event is ElectionEvent.LOST
+                and self.history[-1][1:] == (event.value, new.value)):
+            self.history.append((now, event.value, new.value))
+            del self.history[:-HISTORY_MAX]
         return self._effects[effect](self, now, sent_at, reason or event.value)
 
     def _serve(self, now: float, sent_at: float, reason: str) -> list[object]:
