@@ -22,6 +22,7 @@ from mipsec.drops import DropReason
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.mobility.registration import IKE_FALLBACK_ATTEMPTS, TRANSITIONS, Do, RegEvent, RegState
 from mipsec.node import gateway as gateway_module
+from mipsec.node import gateway_siu as gateway_siu_module
 from mipsec.node import home_agent as home_agent_module
 from mipsec.node import mobile_node as mobile_node_module
 from mipsec.node import timeline as tl
@@ -39,13 +40,16 @@ def _mutate(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType, cls_name:
     """Replace ``cls_name.method`` by its version from a copy of ``module`` in which ``old``
     (which must occur exactly once) reads ``new``."""
     source = inspect.getsource(module)
-    assert source.count(old) == 1, f"mutation target not unique in {module.__name__}: {old!r}"
+    if source.count(old) != 1:
+        # not an AssertionError: a mutation that does not apply must never pass as "caught"
+        raise LookupError(f"mutation target not found once in {module.__name__}: {old!r}")
     mutant = types.ModuleType(module.__name__ + "_mutant")
     mutant.__file__ = module.__file__
     monkeypatch.setitem(sys.modules, mutant.__name__, mutant)
     exec(compile(source.replace(old, new), f"{module.__file__} (mutant)", "exec"), mutant.__dict__)
-    monkeypatch.setattr(getattr(module, cls_name), method,
-                        getattr(mutant, cls_name).__dict__[method])
+    if method not in vars(getattr(module, cls_name)):
+        raise LookupError(f"{cls_name}.{method} is not defined in {module.__name__}")
+    monkeypatch.setattr(getattr(module, cls_name), method, vars(getattr(mutant, cls_name))[method])
 
 
 def _registered_at_a(**kw):
@@ -79,17 +83,19 @@ def check_wildcard_source_inbound_sa(breaking: Callable[[], None]) -> None:
     breaking()
     gw, mn = topo.gw.role, topo.mn.role
     b = topo.care_of["b"][0]
-    move = _move_to_b(topo)
-    forwarded = _kinds(move, "rrq-forwarded")
-    assert forwarded and forwarded[0].detail["source"] == b, tl.format_table(move)
-    assert DropReason.OUTER_SOURCE_MISMATCH not in gw.sad.drops
-    assert mn.state is RegState.REGISTERED and mn.care_of == b
+    a = topo.care_of["a"][0]
+    for coa, where in ((b, "b"), (a, "a")):              # away and back: any source, each time
+        move = _during(topo, lambda where=where: topo.move(where), 0.5)
+        forwarded = _kinds(move, "rrq-forwarded")
+        assert forwarded and forwarded[0].detail["source"] == coa, tl.format_table(move)
+        assert DropReason.OUTER_SOURCE_MISMATCH not in gw.sad.drops
+        assert mn.state is RegState.REGISTERED and mn.care_of == coa
     assert gw.mobiles[mn.home_address].inbound.remote is None     # no outer source in the SA
 
 
 def mutate_check_outer_source(monkeypatch):
     """The GW pins the inbound SA's outer source to the bound CoA (a source-checked SA)."""
-    _mutate(monkeypatch, gateway_module, "VpnGateway", "_repoint",
+    _mutate(monkeypatch, gateway_siu_module, "GatewaySiu", "_repoint",
             "        mobile.care_of = new\n        if mobile.ike_sa is not None:",
             "        mobile.care_of = new\n        mobile.inbound.rebind(remote=address)\n"
             "        if mobile.ike_sa is not None:")
@@ -157,11 +163,11 @@ def check_gw_forwards_without_acting(breaking: Callable[[], None]) -> None:
 
 def mutate_gw_acts_on_rrq(monkeypatch):
     """The GW moves the MN's SA to where a Registration Request came from, unasked."""
-    _mutate(monkeypatch, gateway_module, "VpnGateway", "receive_from_net",
-            "                mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n",
-            "                mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n"
-            "                mobile.outbound.rebind(remote=b2a(src))\n"
-            "                mobile.care_of = b2a(src)\n")
+    _mutate(monkeypatch, gateway_module, "VpnGateway", "_note_rrq",
+            "            mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n",
+            "            mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n"
+            "            mobile.outbound.rebind(remote=b2a(src))\n"
+            "            mobile.care_of = b2a(src)\n")
 
 
 # --- claim 5: the HA validates and sends an SIU (old CoA, new CoA, RRP) to the GW -------------
@@ -184,7 +190,8 @@ def check_ha_sends_siu_with_reply(breaking: Callable[[], None]) -> None:
 def mutate_ha_replies_directly(monkeypatch):
     """The HA answers a request that came through the GW directly, with no SIU."""
     _mutate(monkeypatch, home_agent_module, "HomeAgent", "_registration",
-            "via_gateway = not in_prefix(src, *self._home_net)", "via_gateway = False")
+            "via_gateway = through is not None or not in_prefix(src, *self._home_net)",
+            "via_gateway = False")
 
 
 # --- claim 6: the GW re-points its outbound SA BEFORE it sends the RRP -------------------------
@@ -207,14 +214,14 @@ def check_gw_repoints_before_reply(breaking: Callable[[], None]) -> None:
 
 def mutate_repoint_after_forwarding(monkeypatch):
     """The GW sends the embedded reply first and re-points the SA afterwards."""
-    _mutate(monkeypatch, gateway_module, "VpnGateway", "_apply_siu",
-            "        if effect is Effect.REPOINT:\n"
-            "            actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)\n",
-            "        if effect is Effect.REPOINT:\n"
+    _mutate(monkeypatch, gateway_siu_module, "GatewaySiu", "_apply_siu",
+            "            actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)\n"
+            "            mobile.mobike_moved = False\n",
             "            if rrp and mobile.care_of is not None:   # a move\n"
             "                actions += self._forward_rrp(mobile, rrp, now)\n"
             "            rrp = b''\n"
-            "            actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)\n")
+            "            actions += self._repoint(mobile, new, target, now, sequence=siu.sequence)\n"
+            "            mobile.mobike_moved = False\n")
 
 
 # --- claim 7: an invalid RRQ gets no reply and changes nothing ---------------------------------
@@ -285,7 +292,8 @@ def check_mn_at_home_direct_reply(breaking: Callable[[], None]) -> None:
 def mutate_reply_through_gw_at_home(monkeypatch):
     """The HA sends every reply through the GW, also to an MN on the home link."""
     _mutate(monkeypatch, home_agent_module, "HomeAgent", "_registration",
-            "via_gateway = not in_prefix(src, *self._home_net)", "via_gateway = True")
+            "via_gateway = through is not None or not in_prefix(src, *self._home_net)",
+            "via_gateway = True")
 
 
 CLAIMS: dict[str, tuple[Callable[[], None], Callable[[pytest.MonkeyPatch], None]]] = {
