@@ -15,7 +15,7 @@ import pytest
 import needs
 from mipsec.io import bpf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPIS = list(range(0x1000, 0x1000 + 12)) + [0xFFFFFFFF, 0x12345679]
 
 PROBE = r"""

@@ -27,7 +27,7 @@ from mipsec.node.config import lab_gateway_addresses
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = f"mg{os.getpid()}-"
 MOBILES = 4
 RECOVERY_BOUND_S = 60.0      # generous: a bound for the test to end, not a figure

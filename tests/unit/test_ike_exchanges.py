@@ -4,6 +4,7 @@ retransmission, message-ID window, tampering, re-keys, delete, liveness, NAT, MO
 
 import pytest
 
+from ike_harness import GW_ADDR, MN_ADDR, configs, establish
 from mipsec.drops import DropReason
 from mipsec.ike import codec
 from mipsec.ike.codec import TrafficSelector as TS
@@ -22,7 +23,6 @@ from mipsec.ike.constants import NON_ESP_MARKER, DhGroup, ExchangeType, NotifyTy
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
 from mipsec.ike.sa import State
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
-from test_ike_harness import GW_ADDR, MN_ADDR, configs, establish
 
 INNER_UP = build_ipv4(Ipv4Header("10.1.0.100", "10.1.0.10", 17), b"\x12\x34\x56\x78\x00\x0c\x00\x00up!!")
 INNER_DOWN = build_ipv4(Ipv4Header("10.1.0.10", "10.1.0.100", 17), b"\x56\x78\x12\x34\x00\x0c\x00\x00down")
@@ -446,8 +446,8 @@ def test_mobike_refused_when_not_negotiated():
 def test_gateway_serves_many_initiators_with_one_endpoint():
     from dataclasses import replace
 
+    from ike_harness import Net
     from mipsec.ike.endpoint import IkeEndpoint
-    from test_ike_harness import Net
     ci, cr = configs(r_psks={"*": b"correct horse battery staple"})
     R = IkeEndpoint(cr)
     eps = {GW_ADDR: R}

@@ -40,7 +40,7 @@ from mipsec.units import unit_text
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 P = f"wk{os.getpid() % 100000}-"
 MACHINES = ("ha", "gw", "mn")
 INTERNET_HOST = "198.51.100.1"

@@ -22,7 +22,7 @@ from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.wire.ipv4 import checksum
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ECHO = r"""
 import socket, sys

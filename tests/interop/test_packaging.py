@@ -17,7 +17,7 @@ import pytest
 
 import needs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.slow
 
 
@@ -46,7 +46,7 @@ def test_the_sdist_carries_license_docs_and_test_helpers(dist, tmp_path):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         tar.extractall(tmp_path, filter="data")
     for needed in ("LICENSE", "README.md", "docs/operations.md", "tests/needs.py",
-                   "tests/control_thread.py", "tests/strongswan/peer.py", "tools/test.sh",
+                   "tests/control_thread.py", "tests/interop/strongswan/peer.py", "tools/test.sh",
                    "mipsec/units.py"):
         assert needed in names, needed
     (top,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -56,7 +56,7 @@ def test_the_sdist_carries_license_docs_and_test_helpers(dist, tmp_path):
         "License: MIT" in (top / "PKG-INFO").read_text()
     # the sdist's own tests run from it (a quick subset; the whole suite is tools/test.sh)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_config.py", "tests/test_check.py"], cwd=top,
+                           "tests/unit/test_config.py", "tests/unit/test_check.py"], cwd=top,
                           env={**os.environ, "PYTHONPATH": str(top)}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]

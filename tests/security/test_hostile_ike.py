@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import struct
 
+from ike_harness import GW_ADDR, MN_ADDR, configs
 from mipsec.drops import DropReason as R
 from mipsec.ike import codec
 from mipsec.ike.config import SendDatagram
 from mipsec.ike.constants import NON_ESP_MARKER, ExchangeType, NotifyType, PayloadType
 from mipsec.ike.endpoint import IkeEndpoint
-from test_ike_harness import GW_ADDR, MN_ADDR, configs
 
 LOCAL, PEER = (GW_ADDR, 500), (MN_ADDR, 500)
 
@@ -216,9 +216,9 @@ def test_invalid_key_exchange_values_create_nothing():
 
 
 # --- values an authenticated peer (or an on-path rewrite) controls -----------------
+from ike_harness import Net  # noqa: E402
 from mipsec.ike.book import ChildSaBook  # noqa: E402
 from mipsec.ike.config import ChildSaEstablished, PeerAddressChanged  # noqa: E402
-from test_ike_harness import Net  # noqa: E402
 
 
 def _children(net, who):

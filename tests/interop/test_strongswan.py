@@ -34,7 +34,7 @@ import needs
 pytestmark = [pytest.mark.strongswan, pytest.mark.timeout(180)]
 
 HERE = Path(__file__).parent / "strongswan"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PSK = "correct horse battery staple"
 CHARON_ADDR, MIPSEC_ADDR, MIPSEC_MOVED = "10.99.0.1", "10.99.0.2", "10.99.0.3"
 CHARON_INNER, MIPSEC_INNER = "10.98.1.1", "10.98.2.1"

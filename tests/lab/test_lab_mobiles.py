@@ -27,7 +27,7 @@ from mipsec.lab.topology import existing_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = f"mm{os.getpid()}-"
 NAT_PREFIX = f"mz{os.getpid()}-"
 

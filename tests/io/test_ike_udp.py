@@ -7,11 +7,11 @@ import socket
 import time
 
 import needs
+from ike_harness import configs
 from mipsec.ike.config import ChildSaEstablished
 from mipsec.ike.endpoint import IkeEndpoint
 from mipsec.io.ike_udp import IkeUdpAdapter
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
-from test_ike_harness import configs
 
 A, B = "127.0.0.2", "127.0.0.3"
 

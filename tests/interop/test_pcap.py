@@ -11,6 +11,7 @@ import os
 import pytest
 
 import needs
+from ike_harness import MN_ADDR, establish
 from mipsec.ike.constants import Encr, Integ
 from mipsec.ike.proposals import parse_ike_suite
 from mipsec.io.pcap import (
@@ -28,7 +29,6 @@ from mipsec.io.pcap import (
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.node.packet import a2b
 from mipsec.node.packet import build_udp_packet as build_udp_raw
-from test_ike_harness import MN_ADDR, establish
 
 CASES = [
     ("ENCR_AES_GCM_16", 20, None, 0),

@@ -33,7 +33,7 @@ from recovery_runs import RATE
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _require() -> None:

@@ -15,7 +15,7 @@ from mipsec import cli
 from mipsec.config import load_config
 from mipsec.io import control
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COMMANDS = [
     ([], ["mn", "gw", "ha", "status", "handover", "keys", "demo", "lab"]),

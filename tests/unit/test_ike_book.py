@@ -1,9 +1,9 @@
 """ChildSaBook: IKE events in, the right ESP SA pairs installed, moved and removed."""
 
+from ike_harness import GW_ADDR, MN_ADDR, establish
 from mipsec.ike.book import ChildSaBook
 from mipsec.ike.sa import State
 from test_ike_exchanges import INNER_DOWN, INNER_UP
-from test_ike_harness import GW_ADDR, MN_ADDR, establish
 
 
 def books(net, **kw):

@@ -16,7 +16,7 @@ import sys
 
 import needs
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _tool(module: str) -> None:

@@ -264,7 +264,7 @@ def test_diagram_in_docs_matches_the_construct_offsets():
         if sub.name != "rrp":
             pos += sub.sizeof()
     row_starts = sorted({offsets[n] for n in offsets if offsets[n] % 4 == 0})
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
     diagram = doc.split("```")[1]
     numbers = [int(m) for m in re.findall(r"\|\s+(\d+)\s*$", diagram, re.M)]
     assert numbers == row_starts == [0, 4, 8, 16, 24, 28, 32, 36, 40, 44, 52]

@@ -35,7 +35,7 @@ from mipsec.lab.topology import MN_COA, existing_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = f"mt{os.getpid()}-"
 RATE = 200.0
 DWELL_S = 1.2
