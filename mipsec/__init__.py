@@ -2,7 +2,7 @@
 
 Dependency direction (one line): wire -> crypto -> ipsec / mip -> node -> sim / io -> cli.
 Nothing below ``mipsec.io`` touches sockets, TUN devices, threads or the clock; see
-tests/test_layering.py.
+tests/unit/test_layering.py.
 """
 
 __version__ = "0.1.0"

@@ -18,15 +18,7 @@ import pathlib
 import pytest
 
 import etcd_cluster
-
-TESTS = pathlib.Path(__file__).resolve().parent
-LEVELS = ("vectors", "unit", "sim", "io", "lab", "interop", "security")
-
-
-def level_of(path: pathlib.Path) -> str | None:
-    """The level folder a test file is in (None for a file directly in tests/)."""
-    parts = path.resolve().relative_to(TESTS).parts
-    return parts[0] if len(parts) > 1 and parts[0] in LEVELS else None
+from levels import level_of
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,7 @@ lets the stream run on.  Per direction it reports:
   traffic came back (0 when it never stopped that long).
 
 ``benchmarks/bench_recovery.py`` prints every scenario beside its target in one run; the lab
-tests (tests/test_recovery_lab.py) assert that scenarios recover, never their timing.
+tests (tests/lab/test_recovery_lab.py) assert that scenarios recover, never their timing.
 """
 
 from __future__ import annotations

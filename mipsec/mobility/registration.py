@@ -102,7 +102,7 @@ class Do(enum.Enum):
 
 # The table is the logic (h11 style): ``Registration.fire`` looks (state, event) up and takes the
 # transition; the role runs the one effect it names (``MobileNode._effects``); a pair that is not
-# here is refused with IllegalTransition and changes nothing (tests/test_mn_table.py enumerates
+# here is refused with IllegalTransition and changes nothing (tests/unit/test_mn_table.py enumerates
 # both).  No state is terminal while the configuration is valid: from every state a move or a return home
 # leads on, and an unanswered request is retried for ever with a capped back-off.
 S, E = RegState, RegEvent

@@ -47,7 +47,7 @@ Three backends: ``MemoryStore`` (tests, the simulator; "durable" for the life of
 survives a kill -9 and a power cut), and ``EtcdStore`` (``mipsec.store.etcd``: an etcd v3
 cluster through its JSON gateway; a write returns once Raft has committed it on a majority, so
 it survives the loss of the HA's machine and of a minority of members).
-``tests/test_store.py`` runs the same contract on all three (etcd: a real 3-member cluster).
+``tests/unit/test_store.py`` runs the same contract on all three (etcd: a real 3-member cluster).
 
 How the etcd backend fits the same interface, without changing the HA (details in its module):
 

@@ -2,7 +2,7 @@
 
 The header is SPI (§2.1) and sequence number (§2.2); the trailer, inside the encrypted part,
 is padding (§2.4), pad length (§2.5) and next header (§2.6).  ``mipsec.ipsec.sa`` reads and
-writes these with ``struct`` at the offsets below; ``tests/test_wire_ipv4.py`` checks that the
+writes these with ``struct`` at the offsets below; ``tests/vectors/test_wire_ipv4.py`` checks that the
 construct definitions and the struct paths agree on random inputs.
 """
 

@@ -2,7 +2,7 @@
 
 The construct definitions (``IPV4_HEADER``, ``UDP_HEADER``) are the specification and serve the
 control plane and tests; the per-packet ESP path uses ``struct`` at the named offsets below.
-``tests/test_wire_ipv4.py`` checks on random inputs that both read and write the same bytes.
+``tests/vectors/test_wire_ipv4.py`` checks on random inputs that both read and write the same bytes.
 """
 
 from __future__ import annotations

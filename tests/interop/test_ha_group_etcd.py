@@ -1,5 +1,5 @@
 """The HA group's election and warm copy (mipsec/io/hagroup.py) against a real etcd cluster,
-without the daemons (the live lab runs them: tests/test_lab_ha_group.py).
+without the daemons (the live lab runs them: tests/lab/test_lab_ha_group.py).
 
 * two HAs campaign: exactly one wins; the other's watch keeps a warm copy of what the winner
   writes, and stays a standby;

@@ -1,5 +1,5 @@
 """The etcd binding store against a real 3-member cluster (tests/etcd_cluster.py); the common
-contract runs in tests/test_store.py.  Here what only a replicated store has:
+contract runs in tests/unit/test_store.py.  Here what only a replicated store has:
 
 * kill -9 the leader while writing: no acknowledged write is lost, and writes succeed again
   after the election, through the same store object (it moves to another member by itself);

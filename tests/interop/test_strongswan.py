@@ -1,7 +1,7 @@
 """mipsec's IKEv2 and ESP against strongSwan's charon, both directions, in network namespaces.
 
 Topology (names carry the pid):  [ns s<pid>: charon, 10.99.0.1, inner 10.98.1.1 on lo]
-  --veth--  [ns m<pid>: tests/strongswan/peer.py = IkeEndpoint + mipsec ESP, 10.99.0.2].
+  --veth--  [ns m<pid>: tests/interop/strongswan/peer.py = IkeEndpoint + mipsec ESP, 10.99.0.2].
 charon runs with kernel-libipsec (userspace ESP over its TUN ipsec0, always ESP in UDP 4500), so
 the child SA routes 10.98.2.0/24 into ipsec0; mipsec's peer answers ICMP echo for 10.98.2.0/24
 that arrives through its ESP and pings 10.98.1.1 through its ESP.  Each test checks: the IKE and

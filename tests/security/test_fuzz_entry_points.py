@@ -22,7 +22,7 @@ After every input:
 
 The run lasts ``MIPSEC_FUZZ_SECONDS`` (default 40 s, what CI runs); a longer run is one command::
 
-    MIPSEC_FUZZ_MINUTES=30 python -m pytest -q -p no:cacheprovider tests/test_fuzz_entry_points.py
+    MIPSEC_FUZZ_MINUTES=30 python -m pytest -q -p no:cacheprovider tests/security/test_fuzz_entry_points.py
 
 (docs/security.md, "Fuzzing").  A failure prints the falsifying example: the seed packet, the
 mutations and the entry point.

@@ -1,5 +1,5 @@
 """The soak's bookkeeping without a lab: per-MN move schedules and per-MN loss accounting
-(``mipsec.lab.soak``; the runs themselves are tests/test_lab_soak.py and bench_soak.py)."""
+(``mipsec.lab.soak``; the runs themselves are tests/lab/test_lab_soak.py and bench_soak.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 * the contract (load unexpired, put, compare-and-swap on the old care-of address, delete,
   metadata written atomically with a binding) holds for every backend (etcd: a real 3-member
-  cluster, tests/etcd_cluster.py via tests/conftest.py; the etcd-only checks are in tests/test_store_etcd.py);
+  cluster, tests/etcd_cluster.py via tests/conftest.py; the etcd-only checks are in
+  tests/interop/test_store_etcd.py);
 * SQLite: a write that returned survives the writer being killed with SIGKILL; its file is 0600
   in a 0700 directory, and a directory others may write is refused;
 * the HA role: every accepted registration, deregistration and expiry is a ``PersistBinding``
