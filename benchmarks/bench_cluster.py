@@ -120,7 +120,7 @@ def print_failover(fig: dict[str, Any], rate: float, runs: int) -> None:
 # --- 2. registrations with each store ---------------------------------------------------------
 
 def _carry(store: Any, actions: list[Any]) -> None:
-    """The daemon's store actions (mipsec.io.daemon._dispatch_persisting), synchronously."""
+    """The daemon's store actions (mipsec.io.daemon_store: the loop's steps), synchronously."""
     from mipsec.node.actions import PersistBinding, ReserveSiuSequence
     for a in actions:
         if isinstance(a, PersistBinding):

@@ -26,8 +26,8 @@ role), or a list of actions for the general path; likewise ``net_fast_path(packe
 ``receive_from_net`` (its bytes go into the TUN; used unless a hook is registered for
 ``WriteToTun``).  A result that is exactly one ``SendToNet`` (from the TUN) or one
 ``WriteToTun`` (from the net) is data: it is carried out directly, without ``dispatch`` (so
-wrappers of ``dispatch`` see every result but these), unless a hook is registered for its
-type.  Packets to send are queued and leave in one batched send per interface
+its ``admit``, ``steps`` and ``after_dispatch`` see every result but these), unless a hook is
+registered for its type.  Packets to send are queued and leave in one batched send per interface
 (``sender.send_batch(packets[, interface])``: sendmmsg) at the end of the drain, before a
 packet for another interface and before any other action is carried out, so the order on the
 wire is that of the single-packet path (``batch=False``), as are the bytes, the drops and
@@ -87,6 +87,15 @@ class EventLoop:
         self.defer_hook: Callable[[Any], bool] = (
             lambda a: type(a) is BindingChanged and a.care_of_address is not None)
         self.on_event: list[Callable[[Any], None]] = []   # observers of events fed to the role
+        # Steps that must complete before the actions after them (the HA's binding store):
+        # ``steps[ActionType] = step(action, after_failure) -> bool`` runs when ``dispatch``
+        # reaches such an action, once the actions before it are carried out; False (it failed)
+        # drops the actions after it up to the next step, whose ``after_failure`` is then True.
+        # ``admit(actions)`` false drops a whole result (a standby HA answers nothing);
+        # ``after_dispatch`` hooks run after each result (the IKEv2 key file).
+        self.steps: dict[type, Callable[[Any, bool], bool]] = {}
+        self.admit: Callable[[list[Any]], bool] | None = None
+        self.after_dispatch: list[Callable[[], None]] = []
         # Logging hooks (mipsec.io.logs): ``on_silent(packet)`` for a net packet the role
         # answered with nothing (a drop, usually); ``after_batch(now)`` after every wake-up;
         # while ``hurry()`` is true the loop waits at most ``HURRY_WAIT_S``.
@@ -347,6 +356,31 @@ class EventLoop:
     # --- actions --------------------------------------------------------------------------------
 
     def dispatch(self, actions: list[Any]) -> None:
+        """Carry out a role's result in order, through ``admit``, ``steps`` and
+        ``after_dispatch`` when they are set."""
+        if self.admit is not None and not self.admit(actions):
+            return
+        steps = self.steps
+        if steps:
+            segment: list[Any] = []
+            failed = False
+            for action in actions:
+                step = steps.get(type(action))
+                if step is not None:
+                    if segment:
+                        self._carry_out_all(segment)
+                        segment = []
+                    failed = not step(action, failed)
+                elif not failed:
+                    segment.append(action)
+            if segment:
+                self._carry_out_all(segment)
+        else:
+            self._carry_out_all(actions)
+        for hook in self.after_dispatch:
+            hook()
+
+    def _carry_out_all(self, actions: list[Any]) -> None:
         self._flush()
         later = []
         for action in actions:
