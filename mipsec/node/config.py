@@ -288,10 +288,19 @@ class GatewayMobile:
     allowed_destinations: tuple[str, ...]   # prefixes, e.g. ("10.1.0.2/32", "10.1.0.0/24")
     ike_id: str = ""                 # IKEv2: the MN's identity (IDi) ...
     psk: bytes = field(default=b"", repr=False)   # ... and its pre-shared key
+    # a plain IPsec client without Mobile IPv4 (e.g. a strongSwan road warrior): home_address
+    # is its inner address, home_agent = "" (no HA), and the home side's packets for that address go
+    # through its SA as they are (no IP-in-IP from an HA, no SIU ever moves it)
+    road_warrior: bool = False
 
     def __post_init__(self) -> None:
         _check_address("mobile.home_address", self.home_address)
-        _check_address("mobile.home_agent", self.home_agent)
+        if self.road_warrior:
+            if self.home_agent:
+                raise ConfigError(f"mobile {self.home_address}: a road warrior has no home "
+                                  f"agent: home_agent = \"\", got {self.home_agent!r}")
+        else:
+            _check_address("mobile.home_agent", self.home_agent)
         _check_bytes("mobile.psk", self.psk)
         if (self.esp_in is None) != (self.esp_out is None):
             raise ConfigError(f"mobile {self.home_address}: esp_in and esp_out go together")
@@ -349,7 +358,7 @@ class GatewayConfig:
                 seen.add(key)
         has = {h.address for h in self.home_agents}
         for m in self.mobiles:
-            if m.home_agent not in has:
+            if m.home_agent not in has and not m.road_warrior:
                 raise ConfigError(f"mobile {m.home_address}: home_agent {m.home_agent} is not "
                                   f"a configured HA")
 

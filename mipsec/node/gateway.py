@@ -117,11 +117,15 @@ class Mobile(GwBinding):
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed",
                  "allowed_text", "packets_up", "packets_down", "home_bytes",
                  "old_inbound", "lineage", "ike_sa", "installed_at", "next_outbound",
-                 "pair_outbound")
+                 "pair_outbound", "road_warrior")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
-                 outbound: SecurityAssociation, allowed: Iterable[str]):
+                 outbound: SecurityAssociation, allowed: Iterable[str],
+                 road_warrior: bool = False):
         super().__init__(f"GW binding of {home_address}")
+        # no Mobile IPv4 (GatewayMobile.road_warrior): the downlink is the home side's plain
+        # packets for home_address, not an HA's IP-in-IP
+        self.road_warrior = road_warrior
         self.home_address = home_address
         self.home_bytes = a2b(home_address)
         self.home_agent = home_agent
@@ -226,26 +230,32 @@ class VpnGateway(GatewaySiu, GatewayIke):
             outbound = make_sa(m.esp_out, Direction.OUTBOUND, local=self.outside,
                                remote=UNBOUND_ADDRESS, now=now, random=random)
             self.install_mobile(m.home_address, inbound, outbound, home_agent=m.home_agent,
-                                allowed_destinations=m.allowed_destinations, now=now)
+                                allowed_destinations=m.allowed_destinations, now=now,
+                                road_warrior=m.road_warrior)
             if self.ike is not None:
                 self._ikev2.endpoint.reserve_esp_spi(inbound.spi)   # IKE never allocates it
 
     # --- configuration / IKE hook ---------------------------------------------------------------
     def install_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
                        outbound_sa: SecurityAssociation, *, home_agent: str,
-                       allowed_destinations: Iterable[str], now: float = 0.0) -> list[Action]:
+                       allowed_destinations: Iterable[str], now: float = 0.0,
+                       road_warrior: bool = False) -> list[Action]:
         """Install (or replace) an MN's SA pair.  The outbound SA starts unbound: the next SIU
         binds it (the MN re-registers after new SAs)."""
         if inbound_sa.direction is not Direction.INBOUND or outbound_sa.direction is not Direction.OUTBOUND:
             raise UsageError("install_mobile: inbound/outbound SA directions swapped")
         if inbound_sa.remote is not None:
             raise UsageError("install_mobile: the inbound SA must have a wildcard source (remote=None)")
-        if home_agent not in self._home_agents:
+        if road_warrior:
+            if home_agent:
+                raise UsageError(f"install_mobile: road warrior {home_address} has no home agent")
+        elif home_agent not in self._home_agents:
             raise UsageError(f"install_mobile: {home_agent} is not a configured home agent")
         old = self.mobiles.get(home_address)
         if old is not None:
             self.remove_mobile(home_address)
-        mobile = Mobile(home_address, home_agent, inbound_sa, outbound_sa, allowed_destinations)
+        mobile = Mobile(home_address, home_agent, inbound_sa, outbound_sa, allowed_destinations,
+                        road_warrior)
         mobile.installed_at = now
         if old is not None:
             mobile.lineage = (old.lineage + [old.outbound.spi])[-LINEAGE_SPIS:]
@@ -420,12 +430,18 @@ class VpnGateway(GatewaySiu, GatewayIke):
 
     def receive_from_tun(self, packet: bytes, now: float) -> list[Action]:
         """A packet from the home side routed towards a CoA: the HA's IP-in-IP, protected with
-        the SA of the MN whose home address is its inner destination."""
+        the SA of the MN whose home address is its inner destination; or, for a road warrior
+        (no Mobile IPv4), any packet whose destination is its address."""
         try:
-            proto, _src, _dst, ihl = peek_ipv4(packet)
+            proto, _src, dst, ihl = peek_ipv4(packet)
         except ParseError as exc:
             return self._drop(exc.reason)
-        mobile = self._by_home.get(packet[ihl + 16:ihl + 20]) if proto == IPPROTO_IPIP else None
+        if proto == IPPROTO_IPIP:
+            mobile = self._by_home.get(packet[ihl + 16:ihl + 20])
+        else:
+            mobile = self._by_home.get(dst)
+            if mobile is not None and not mobile.road_warrior:
+                mobile = None                 # an MN's downlink comes from its HA only
         if mobile is None:
             return self._drop(DropReason.NO_POLICY)
         if not mobile.carries_downlink:

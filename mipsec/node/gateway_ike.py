@@ -69,7 +69,7 @@ class GatewayIke:
         def install_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
                            outbound_sa: SecurityAssociation, *, home_agent: str,
                            allowed_destinations: Iterable[str],
-                           now: float = 0.0) -> list[Action]: ...
+                           now: float = 0.0, road_warrior: bool = False) -> list[Action]: ...
         def remove_mobile(self, home_address: str) -> None: ...
 
     def rekey_mobile(self, home_address: str, inbound_sa: SecurityAssociation,
@@ -208,7 +208,8 @@ class GatewayIke:
             sin, sout = ev.child.make_sas(now=now, inbound_any_source=True)
             sout.rebind(remote=UNBOUND_ADDRESS)           # bound below, through the table
             actions = self.install_mobile(cfg.home_address, sin, sout, home_agent=cfg.home_agent,
-                                          allowed_destinations=cfg.allowed_destinations, now=now)
+                                          allowed_destinations=cfg.allowed_destinations, now=now,
+                                          road_warrior=cfg.road_warrior)
             installed = self.mobiles[cfg.home_address]
             installed.ike_sa = ev.ike_sa
             self._ikev2.note(now, f"{cfg.ike_id}: child {ev.child.spi_in:08x}/"

@@ -79,7 +79,7 @@ def _gateway(gw: Any, new: Any, now: float) -> tuple[list[Action], list[str]]:
     before = {m.home_address: m for m in old.mobiles}
     after = {m.home_address: m for m in new.mobiles}
     for home, m in after.items():
-        if m.home_agent not in gw._home_agents:
+        if m.home_agent not in gw._home_agents and not m.road_warrior:
             raise NeedsRestart(f"[[gateway.mobiles]] {home}: home_agent {m.home_agent} is not "
                                f"one of the running [[gateway.home_agents]]")
         if m.esp_in is None and gw.ike is None:
@@ -100,13 +100,14 @@ def _gateway(gw: Any, new: Any, now: float) -> tuple[list[Action], list[str]]:
             outbound = make_sa(m.esp_out, Direction.OUTBOUND, local=gw.outside,
                                remote=UNBOUND_ADDRESS, now=now, random=gw._random)
             gw.install_mobile(home, inbound, outbound, home_agent=m.home_agent,
-                              allowed_destinations=m.allowed_destinations, now=now)
+                              allowed_destinations=m.allowed_destinations, now=now,
+                              road_warrior=m.road_warrior)
             if gw.ike is not None:
                 gw.ike.endpoint.reserve_esp_spi(inbound.spi)
         elif was is not None and was.esp_in is not None and home in gw.mobiles:
             gw.remove_mobile(home)            # manual keys -> IKEv2: its SAs come from IKE now
         elif home in gw.mobiles and was is not None and (
-                was.home_agent != m.home_agent
+                was.home_agent != m.home_agent or was.road_warrior != m.road_warrior
                 or was.allowed_destinations != m.allowed_destinations):
             gw.remove_mobile(home)            # IKE's next child SA installs it anew
         changes.append(f"mobile {home} {'added' if was is None else 'changed'}")
