@@ -118,7 +118,7 @@ class Namespaces:
 
 class Charon:
     """One charon through the ``ipsec`` starter, private /run and /etc/ipsec.* (as in
-    tests/test_strongswan.py), with the given ipsec.conf and one PSK line."""
+    tests/interop/test_strongswan.py), with the given ipsec.conf and one PSK line."""
 
     def __init__(self, nss: Namespaces, ns: str, tmp: Path, ipsec_conf: str, secrets: str):
         self.ns, self.tmp = ns, tmp
