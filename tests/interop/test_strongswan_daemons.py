@@ -14,6 +14,24 @@ through its SA).  Checked: the tunnel comes up, pings pass both ways (each end s
 charon re-keys the child (``ipsec stroke rekey``), the GW then holds the new SPIs (equal to
 charon's) and pings pass again, counted on the new SAs.
 
+MOBIKE MN (``test_mn_mobike_against_a_strongswan_gateway``)::
+
+    [mn<tag>: mipsec mn, CoA 10.94.0.2 on link a, later 10.94.2.2 on link b] --two veths--
+    [cg<tag>: charon, 10.94.0.1 (a), 10.94.2.1 (b), 10.95.1.1 home link] --veth--
+    [ha<tag>: mipsec ha, 10.95.1.2 on the home link 10.95.1.0/24]
+
+The MN (handover_mode "mobike") initiates from its CoA (TSi 0.0.0.0/0 narrowed by charon to
+10.94.0.0/16, TSr the home prefix).  Its reverse tunnel (IP-in-IP CoA -> HA) and the HA's
+downlink (IP-in-IP HA -> CoA) go through the child SA and charon's routing to the real HA
+daemon.  charon has no Mobile IPv4 side: the HA's registration reply travels only in the HA-GW
+protocol's SIU (docs/protocol.md), which charon does not speak, so the MN's registrations stay
+unanswered (the HA binds it all the same, and the data path does not wait for the reply).
+Because the tunnel's inner source is the CoA, which is also the IKE peer, charon runs with
+``kernel-libipsec.allow_peer_ts`` and fwmarks keeping its own IKE/ESP datagrams out of the
+routes to its TUN.  Checked: tunnel up, pings both ways between the home address and charon's
+home-link address, the MN's address moves to link b, its UPDATE_SA_ADDRESSES makes charon's SA
+show the new address (``ipsec statusall``) and pings pass again.
+
 Needs root, iproute2 and Debian's strongswan + libcharon-extra-plugins: in CI (CI=true) a
 missing requirement FAILS the test; elsewhere it skips with the reason (tests/needs.py).
 """
@@ -274,3 +292,125 @@ def test_gw_accepts_a_strongswan_road_warrior(nss, tmp_path):
     assert after["packets_up"] >= up + 6 and after["packets_down"] >= down + 6, (mobile, after)
     st = _gw_status(sock)
     assert not st["drops"] and not st["sad_drops"], st
+
+
+CG_A, CG_B, COA_A, COA_B = "10.94.0.1", "10.94.2.1", "10.94.0.2", "10.94.2.2"
+CN, HA_ADDR, MN_HOME, MN_HOME_NET = "10.95.1.1", "10.95.1.2", "10.95.1.100", "10.95.1.0/24"
+
+GW_IPSEC_CONF = f"""# charon as the IKEv2 gateway of a mipsec MN in MOBIKE mode
+config setup
+  charondebug="chd 4"
+
+conn mn
+  keyexchange=ikev2
+  left={CG_A}
+  leftid=@gw.example
+  leftsubnet={MN_HOME_NET}
+  right=%any
+  rightid=mn@example
+  rightsubnet=10.94.0.0/16
+  authby=secret
+  ike=aes256-sha256-ecp256!
+  esp=aes128-sha256!
+  forceencaps=yes
+  mobike=yes
+  auto=add
+"""
+# the MN's tunnel source (its CoA) is also its IKE address: charon's own datagrams carry a
+# fwmark that keeps them out of the routes to its TUN (strongSwan's kernel-libipsec docs)
+PEER_TS_PLUGINS = """    kernel-libipsec {
+      allow_peer_ts = yes
+    }
+    socket-default {
+      fwmark = 0x42
+    }
+    kernel-netlink {
+      fwmark = !0x42
+"""
+
+
+def _retry_ping(ns: str, dst: str, src: str, timeout: float = 20) -> None:
+    """Pings until one is answered (the first packets may meet an SA being set up), then
+    three that must all be."""
+    end = time.monotonic() + timeout
+    while True:
+        r = _run("ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "1", "-I", src, dst,
+                 check=False, timeout=10)
+        if r.returncode == 0 or time.monotonic() > end:
+            break
+    _ping(ns, dst, src=src)
+
+
+def test_mn_mobike_against_a_strongswan_gateway(nss, tmp_path):
+    mn, cg, ha = nss.ns("mn"), nss.ns("cg"), nss.ns("ha")
+    nss.link(mn, "mna", COA_A + "/24", cg, "cga", CG_A + "/24")
+    nss.link(mn, "mnb", "10.94.3.2/32", cg, "cgb", CG_B + "/24")
+    _run("ip", "-n", mn, "addr", "flush", "dev", nss.dev("mnb"))    # link b up, no address yet
+    nss.link(cg, "cgh", CN + "/24", ha, "hah", HA_ADDR + "/24")
+    _run("ip", "-n", ha, "route", "add", "default", "via", CN)
+    _run("ip", "netns", "exec", cg, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    charon = Charon(nss, cg, tmp_path / "charon", GW_IPSEC_CONF,
+                    f'@gw.example mn@example : PSK "{PSK}"\n')
+    conf = (tmp_path / "charon" / "strongswan.conf")
+    conf.write_text(conf.read_text().replace("    kernel-netlink {\n", PEER_TS_PLUGINS, 1))
+    charon.wait(lambda: "added configuration 'mn'" in charon.text(), 15, "charon start")
+
+    msa = {"spi": 300, "key": "11" * 16}
+    ha_cfg = {
+        "role": "ha",
+        "daemon": {"tun": nss.dev("htun"), "home_interface": nss.dev("hah"),
+                   "control_socket": str(tmp_path / "ha.sock"), "store": "memory",
+                   "state_dir": str(tmp_path)},
+        "home_agent": {
+            "name": "ha", "address": HA_ADDR, "home_prefix": MN_HOME_NET,
+            # the GW of the HA-GW protocol would be charon: it never answers an SIU
+            "gateways": [{"address": CN, "key_id": 1, "key": "22" * 16}],
+            "mobiles": [{"home_address": MN_HOME, "msa": msa, "gateway": CN}]}}
+    _daemon(nss, ha, "ha", ha_cfg, tmp_path)
+    mn_cfg = {
+        "role": "mn",
+        "daemon": {"tun": nss.dev("mtun"), "interfaces": [nss.dev("mna"), nss.dev("mnb")],
+                   "control_socket": str(tmp_path / "mn.sock"), "sa_source": "ikev2",
+                   "state_dir": str(tmp_path), "gratuitous_arp": False, "log_level": "debug"},
+        "mobile_node": {
+            "name": "mn", "home_address": MN_HOME, "home_agent": HA_ADDR, "gateway": CG_A,
+            "home_prefix": MN_HOME_NET, "handover_mode": "mobike", "msa": msa,
+            "ike": {"local_id": "mn@example", "remote_id": "gw.example",
+                    "psk": PSK.encode().hex(),
+                    "ike_proposals": ["aes256-sha256-prfsha256-ecp256"],
+                    "esp_proposals": ["aes128-sha256"], "force_encap": True}}}
+    sock, mn_log = _daemon(nss, mn, "mn", mn_cfg, tmp_path)
+    charon.wait(lambda: re.search(r"CHILD_SA mn\{\d+\} established", charon.text()), 20,
+                "child SA from the MN")
+    sas = charon.ipsec("statusall")
+    assert f"{CG_A}[gw.example]...{COA_A}[mn@example]" in sas, sas
+
+    _retry_ping(mn, CN, MN_HOME)            # reverse tunnel through the MN's ESP
+    _ping(cg, MN_HOME, src=CN)              # the HA's IP-in-IP through charon's ESP
+    first = charon.child_spis()
+    assert len(first) == 2, charon.ipsec("statusall")
+
+    # move: the CoA on link b, link a's address gone; the MN's MOBIKE update follows
+    _run("ip", "-n", mn, "addr", "add", COA_B + "/24", "dev", nss.dev("mnb"))
+    _run("ip", "-n", mn, "route", "replace", CG_A + "/32", "via", CG_B)
+    _run("ip", "-n", mn, "addr", "flush", "dev", nss.dev("mna"))
+    charon.wait(lambda: f"{CG_A}[gw.example]...{COA_B}[mn@example]"
+                in charon.ipsec("statusall"), 20, "charon following the MN")
+    assert re.search(r"parsed INFORMATIONAL request \d+ \[ N\(UPD_SA_ADDR\)", charon.text()), \
+        charon.text()[-3000:]
+    _retry_ping(mn, CN, MN_HOME)
+    _ping(cg, MN_HOME, src=CN)
+    # the same IKE SA, moved: its local address is the new CoA; charon re-keyed the child onto
+    # the new path (kernel-libipsec cannot move an SA) and both ends hold the same SPIs
+    node = control.request(sock, "status")["node"]
+    (ike,) = node["ike"]["ike_sas"]
+    assert ike["state"] == "established" and ike["mobike"] and ike["local"] == COA_B + ":4500"
+    assert f"{ike['spi_i']}_i" in charon.ipsec("statusall")
+    spis = {int(node["sas"]["inbound"]["spi"], 0), int(node["sas"]["outbound"]["spi"], 0)}
+    assert spis == charon.child_spis() and spis.isdisjoint(first), (spis, first)
+    assert node["care_of"] == COA_B and not node["drops"], node
+    # the registration from the new CoA went through the moved tunnel: the HA bound it there
+    ha_node = control.request(str(tmp_path / "ha.sock"), "status")["node"]
+    binding = ha_node["bindings"][MN_HOME]
+    assert binding["care_of"] == COA_B and binding["previous_care_of"] == COA_A, binding
