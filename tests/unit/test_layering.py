@@ -17,7 +17,7 @@ DESIGN = ROOT.parent / "docs" / "design.md"
 IO_MODULES = {"socket", "fcntl", "select", "time", "asyncio", "threading", "subprocess", "signal"}
 # The daemon layer: I/O adapters, the lab, the CLI and the daemon configuration loader (which
 # checks that configured interfaces exist).
-ALLOWED = {"io", "lab", "cli.py", "config.py", "__main__.py"}
+ALLOWED = {"io", "lab", "cli", "config.py", "__main__.py"}
 # The etcd binding store's client: a blocking I/O adapter that only the daemon calls (its
 # deadline and retry pause read the clock); the roles see none of it.
 ALLOWED_FILES = {"store/etcd.py"}
