@@ -4,6 +4,7 @@ import in mipsec/ checked against it, no cycle between packages, and no I/O belo
 from __future__ import annotations
 
 import ast
+import functools
 import pathlib
 import re
 import shutil
@@ -81,7 +82,7 @@ def mipsec_imports(path: pathlib.Path, root: pathlib.Path) -> Iterator[tuple[int
         here = here[:-1]
     else:
         here = here[:-1]                   # the package that holds the module
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _import_nodes(path.read_text()):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -103,6 +104,14 @@ def mipsec_imports(path: pathlib.Path, root: pathlib.Path) -> Iterator[tuple[int
             if target and not ((root / target).is_dir() or (root / f"{target}.py").is_file()):
                 target = ""                         # an attribute of mipsec itself (__version__)
             yield node.lineno, target
+
+
+@functools.cache
+def _import_nodes(source: str) -> tuple[ast.Import | ast.ImportFrom, ...]:
+    """The import statements of a module, at any depth (cached by source: the copies of the
+    tree the tests below make parse once)."""
+    return tuple(node for node in ast.walk(ast.parse(source))
+                 if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
 def layering_problems(root: pathlib.Path, design_text: str) -> list[str]:
