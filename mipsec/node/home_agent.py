@@ -105,7 +105,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.mip import ipip
@@ -121,7 +120,7 @@ from mipsec.mobility.ha_binding import (  # noqa: F401  (re-exported: the role's
     BindingState,
     HaBindings,
 )
-from mipsec.mobility.siu_exchange import AckOutcome, SentSiu, SiuExchange
+from mipsec.mobility.siu_exchange import SiuExchange
 from mipsec.node import timeline as tl
 from mipsec.node.actions import (
     Action,
@@ -136,6 +135,7 @@ from mipsec.node.actions import (
     WriteToTun,
 )
 from mipsec.node.config import MIP_PORT, HomeAgentConfig, HomeAgentMobile
+from mipsec.node.home_agent_siu import HomeAgentSiu
 from mipsec.node.packet import (
     IPPROTO_IPIP,
     IPPROTO_UDP,
@@ -157,16 +157,16 @@ from mipsec.wire.mip import (
     build_registration_reply,
     parse_registration_request,
 )
-from mipsec.wire.siu import SiuFlags, SiuType
+from mipsec.wire.siu import SiuType
 
-UNBOUND_ADDRESS = UNSPECIFIED_ADDRESS    # an SIU's "no care-of address"
 META_MN_HA_ID = "mn-ha-id/"            # + home address: the last accepted identification
 META_SIU_SEQUENCE = "siu-seq/"         # + GW address: SIU numbers below it may have been used
 SIU_SEQUENCE_BLOCK = 1 << 12           # tunable: SIU numbers reserved per store write
 
 
-class HomeAgent:
-    """The HA role: see the module docstring; API in docs/design.md "Roles"."""
+class HomeAgent(HomeAgentSiu):
+    """The HA role: see the module docstring; API in docs/design.md "Roles".  The SIU exchange
+    with the GWs (``_siu``, ``_siu_ack``) is in ``mipsec.node.home_agent_siu``."""
 
     def __init__(self, config: HomeAgentConfig, *, wallclock: Callable[[], float]):
         self.config = config
@@ -487,73 +487,6 @@ class HomeAgent:
                          remaining_s=round(self.bindings[home].expires - now, 3))
         for home in self._mobiles:
             self._stored.setdefault(home, None)       # the store was read: nothing there
-        return actions
-
-    def _siu_ack(self, src: bytes, data: bytes, now: float) -> list[Action]:
-        """An ACK from a GW: remember its binding; if it is not ours, send a correcting SIU."""
-        siu = self._ack_verifier.verify(b2a(src), data)
-        if siu.type != SiuType.ACK:
-            return self._drop(DropReason.MALFORMED)
-        home = siu.home_address
-        mobile = self._mobiles.get(home)
-        if mobile is None or mobile.gateway != siu.sender:
-            return self._drop(DropReason.SIU_UNKNOWN_MOBILE)
-        reported = None if siu.new_care_of == UNBOUND_ADDRESS else siu.new_care_of
-        if siu.gateway_spi and siu.gateway_spi != mobile.gateway_spi:
-            # docs/protocol.md §2.2: the ACK names the SA that serves the MN now (IKEv2 re-keys
-            # and re-establishment change it): name that one from now on
-            mobile = self._mobiles[home] = dataclasses.replace(mobile, gateway_spi=siu.gateway_spi)
-            self._record(now, "gateway-spi-learned", home_address=home, spi=siu.gateway_spi)
-        binding = self.bindings.get(home)
-        want = binding.care_of_address if binding is not None else None
-        # E: our SIU carried an epoch the GW refused (it restarted): nothing was applied; send
-        # it again, as a correction, with the epoch just learnt
-        outcome = self.siu.acknowledged(home, siu.sender, reported, siu.gateway_epoch,
-                                        siu.sequence, want,
-                                        bool(siu.flags & SiuFlags.STALE_EPOCH))
-        if outcome is AckOutcome.OLDER or outcome is AckOutcome.AGREES:
-            return []
-        if outcome is AckOutcome.CORRECTION_REFUSED:
-            # the GW refused our correction too (e.g. it cannot use that CoA): no SIU/ACK loop
-            self._record(now, "siu-correction-refused", home_address=home, gw_has=reported,
-                         want=want, sequence=siu.sequence)
-            return []
-        if binding is None or want is None:
-            return self._siu(now, SiuType.DEREGISTER, mobile, reported, None, 0, b"",
-                             correction=True)
-        last = self.siu.last[home]
-        rrp = last.rrp if last.type == SiuType.UPDATE and last.new == want else b""
-        return self._siu(now, SiuType.UPDATE, mobile, reported, want, binding.lifetime, rrp,
-                         correction=True)
-
-    def _siu(self, now: float, type: SiuType, mobile: HomeAgentMobile, old: str | None,
-             new: str | None, lifetime: int, rrp: bytes, correction: bool = False,
-             resends: int = 0) -> list[Action]:
-        """Build, number and sign one SIU; until its ACK arrives it is resent on a short timer
-        (``siu_retransmit_s``, doubling, ``siu_retransmit_tries`` times): a lost SIU costs one
-        such timeout, not the MN's registration retransmission.  A resend is a fresh SIU (a new
-        sequence number, the same content), so the GW's replay check accepts it and applies it
-        idempotently (a move it already made is a repeat: it only forwards the reply again)."""
-        signer = self._signers[mobile.gateway]
-        actions: list[Action] = []
-        if signer.next_sequence >= self._seq_end[mobile.gateway]:
-            actions.append(self._reserve(mobile.gateway, signer.next_sequence))
-        sequence = signer.next_sequence
-        spi = self.siu.spi_to_name(mobile.home_address, mobile.gateway_spi)
-        self.siu.sent(mobile.home_address, SentSiu(sequence, type, old, new, lifetime, rrp,
-                                                   correction),
-                      now, self.config.siu_retransmit_s, resends)
-        epoch = self.siu.epoch(mobile.gateway)
-        data = signer.build(type, home_address=mobile.home_address,
-                            old_care_of=old or UNBOUND_ADDRESS, new_care_of=new or UNBOUND_ADDRESS,
-                            gateway_spi=spi, lifetime=lifetime, rrp=rrp,
-                            wallclock=self.wallclock(), forward_rrp=bool(rrp),
-                            gateway_epoch=epoch)
-        self._record(now, "siu-sent", home_address=mobile.home_address, type=type.name.lower(),
-                     old=old, new=new, gateway=mobile.gateway, sequence=sequence,
-                     **({"correction": True} if correction else {}))
-        actions.append(SendToNet(build_udp_packet(self._address_b, a2b(mobile.gateway), SIU_PORT,
-                                                  SIU_PORT, data)))
         return actions
 
     def _reserve(self, gateway: str, first: int) -> ReserveSiuSequence:
