@@ -515,6 +515,7 @@ class VpnGateway(GatewaySiu, GatewayIke):
             "mobiles": {
                 m.home_address: {
                     "binding": m.state.value, "care_of": m.care_of, "home_agent": m.home_agent,
+                    **({"road_warrior": True} if m.road_warrior else {}),
                     "allowed": list(m.allowed_text), "packets_up": m.packets_up,
                     "packets_down": m.packets_down,
                     "sas": {"inbound": m.inbound.describe(), "outbound": m.outbound.describe()},

@@ -262,6 +262,7 @@ def test_gw_accepts_a_strongswan_road_warrior(nss, tmp_path):
     st = _gw_status(sock)
     mobile = st["mobiles"][RW_INNER]
     assert mobile["binding"] == "ike-bound" and mobile["care_of"] == RW_OUTER, mobile
+    assert mobile["road_warrior"] and mobile["home_agent"] == "", mobile
     spis = charon.child_spis()
     first = {int(mobile["sas"]["inbound"]["spi"], 0), int(mobile["sas"]["outbound"]["spi"], 0)}
     assert first == spis, (first, spis)

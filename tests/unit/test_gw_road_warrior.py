@@ -93,6 +93,7 @@ def test_road_warrior_traffic_both_ways_through_its_sa():
     inbound, outbound = pair.children[0].make_sas(now=0.0)
     mobile = gw.mobiles[RW_INNER]
     assert mobile.road_warrior and mobile.care_of == RW       # bound to where IKE came from
+    assert gw.status()["mobiles"][RW_INNER]["road_warrior"] is True
     # uplink: the client's inner packet to a home-side host reaches the TUN unchanged
     up = _icmp(RW_INNER, HOST)
     assert gw.receive_from_net(outbound.encapsulate(up, 1.0), 1.0) == [WriteToTun(up)]
@@ -110,6 +111,7 @@ def test_plain_packet_for_an_ordinary_mobile_node_is_refused():
     gw = VpnGateway(_gw_config(road_warrior=False), now=0.0)
     pair = _established(gw)
     assert not gw.mobiles[RW_INNER].road_warrior
+    assert "road_warrior" not in gw.status()["mobiles"][RW_INNER]
     # the same entry without road_warrior: its downlink is the HA's IP-in-IP only
     assert gw.receive_from_tun(_icmp(HOST, RW_INNER), 1.0) == []
     assert gw.drops[DropReason.NO_POLICY] == 1
