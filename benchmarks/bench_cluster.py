@@ -22,8 +22,15 @@
    latency (median, p99) with the memory (reference), SQLite and etcd stores, round-robin in
    small rounds so a noisy moment hits all three.
 
+3. **A GW of a pool killed** (root, the live lab with ``--gateways 2 --mobiles 4``, IKEv2, SIU
+   mode; ``mipsec.lab.gateways.gw_killed``): every MN pings the CN every 50 ms, GW 1 gets
+   SIGKILL, and the run waits until its MNs are registered through the next GW of their lists.
+   Per MN group: the longest gap between two ping replies and the replies lost (the liveness
+   check noticing the silence, a new IKE SA with the next GW, the registration through it),
+   beside the MNs whose GW stayed up (the reference: they should lose nothing).
+
     sudo python3 benchmarks/bench_cluster.py [--runs 3] [--rate 200] [--registrations 600]
-        [--mobiles 50] [--skip-failover] [--skip-stores] [--json FILE|-]
+        [--mobiles 50] [--skip-failover] [--skip-stores] [--skip-gateways] [--json FILE|-]
 
 Needs ``etcd`` (Debian ``etcd-server``, tools/setup.sh).
 """
@@ -215,6 +222,48 @@ def print_registrations(fig: dict[str, Any], mobiles: int) -> None:
         print(f"{label:<22} {f['per_s']:>16.0f} {f['median_ms']:>12.3f} ms {f['p99_ms']:>6.2f} ms")
 
 
+def gateway_failover(runs: int, log) -> dict[str, Any]:
+    """Section 3: a fresh ``--gateways 2 --mobiles 4`` lab per run, GW 1 killed in each."""
+    from mipsec.lab.gateways import gw_killed
+    from mipsec.lab.lab import Lab
+    rows: list[dict[str, Any]] = []
+    prefix = f"bcg{os.getpid()}-"
+    for run in range(runs):
+        log(f"gateways: run {run + 1}/{runs}")
+        lab = Lab(prefix=prefix)
+        lab.down()
+        try:
+            lab.up(mobiles=4, gateways=2)
+            outcomes = gw_killed(lab, 1)
+        finally:
+            lab.down()
+        rows += [{"run": run + 1, "mn": o.mn, "on_killed_gw": o.on_killed_gw,
+                  "gateway_before": o.gateway_before, "gateway_after": o.gateway_after,
+                  "longest_gap_ms": o.longest_gap_s * 1e3, "sent": o.sent,
+                  "lost": o.sent - o.received, "recovered": o.recovered} for o in outcomes]
+    return {"runs": runs, "rows": rows}
+
+
+def print_gateway_failover(fig: dict[str, Any]) -> None:
+    print(f"\na GW of a pool of 2 killed (SIGKILL), 4 MNs pinging the CN every 50 ms, "
+          f"{fig['runs']} run(s)")
+    for r in fig["rows"]:
+        print(f"  run {r['run']} {r['mn']:>4} {'GW killed' if r['on_killed_gw'] else 'GW kept  '} "
+              f"{r['gateway_before']} -> {r['gateway_after']}: longest gap "
+              f"{r['longest_gap_ms']:7.0f} ms, lost {r['lost']:3d} of {r['sent']}, "
+              f"recovered {r['recovered']}")
+    for name, killed in (("MNs of the killed GW", True), ("MNs of the other GW (reference)", False)):
+        group = [r for r in fig["rows"] if r["on_killed_gw"] is killed]
+        if not group:
+            continue
+        print(f"{name:>32}: longest gap median "
+              f"{statistics.median(r['longest_gap_ms'] for r in group):.0f} ms "
+              f"(max {max(r['longest_gap_ms'] for r in group):.0f}), lost median "
+              f"{statistics.median(r['lost'] for r in group):.0f} pings of "
+              f"{statistics.median(r['sent'] for r in group):.0f}, all recovered "
+              f"{all(r['recovered'] for r in group)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs of each fault (a fresh lab each)")
@@ -223,6 +272,7 @@ def main() -> int:
     ap.add_argument("--mobiles", type=int, default=50)
     ap.add_argument("--skip-failover", action="store_true")
     ap.add_argument("--skip-stores", action="store_true")
+    ap.add_argument("--skip-gateways", action="store_true")
     ap.add_argument("--json", help="write the figures as JSON to FILE ('-': stdout)")
     args = ap.parse_args()
 
@@ -239,6 +289,13 @@ def main() -> int:
         figures["failover"] = failover(args.runs, args.rate, log)
     if not args.skip_stores:
         figures["registrations"] = registrations(args.registrations, args.mobiles, log)
+    if not args.skip_gateways:
+        from mipsec.lab.lab import requirements_problem
+        problem = requirements_problem()
+        if problem:
+            print(f"gateways: {problem}", file=sys.stderr)
+            return 1
+        figures["gateways"] = gateway_failover(args.runs, log)
     figures["load_average_end"] = os.getloadavg()[0]
     print(f"load average {figures['load_average_start']:.1f} at start, "
           f"{figures['load_average_end']:.1f} at the end")
@@ -246,6 +303,8 @@ def main() -> int:
         print_failover(figures["failover"], args.rate, args.runs)
     if "registrations" in figures:
         print_registrations(figures["registrations"], args.mobiles)
+    if "gateways" in figures:
+        print_gateway_failover(figures["gateways"])
     if args.json:
         text = json.dumps(figures, indent=1, default=str)
         if args.json == "-":
@@ -253,7 +312,8 @@ def main() -> int:
         else:
             with open(args.json, "w") as fh:
                 fh.write(text + "\n")
-    return 0
+    recovered = all(r["recovered"] for r in figures.get("gateways", {}).get("rows", []))
+    return 0 if recovered else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A GW of a pool killed under traffic, measured in the lab (``benchmarks/bench_gateways.py``).
+"""A GW of a pool killed under traffic, measured in the lab (``benchmarks/bench_cluster.py``).
 
 ``gw_killed(lab)`` needs a lab that is up with ``gateways >= 2`` and its MNs registered
 (``mipsec lab up --gateways 2 --mobiles 4``).  Every MN pings the CN (``ping -D``: each reply
