@@ -25,6 +25,7 @@ from mipsec.node import gateway as gateway_module
 from mipsec.node import gateway_siu as gateway_siu_module
 from mipsec.node import home_agent as home_agent_module
 from mipsec.node import mobile_node as mobile_node_module
+from mipsec.node import mobile_node_registration as mn_registration_module
 from mipsec.node import timeline as tl
 from mipsec.node.actions import RebindSa, SendToNet
 from mipsec.node.packet import a2b, build_udp_packet
@@ -138,7 +139,7 @@ def check_rrq_inside_the_tunnel(breaking: Callable[[], None]) -> None:
 
 def mutate_rrq_in_the_clear(monkeypatch):
     """The MN sends its Registration Request next to the tunnel instead of inside it."""
-    _mutate(monkeypatch, mobile_node_module, "MobileNode", "_send_rrq",
+    _mutate(monkeypatch, mn_registration_module, "MobileNodeRegistration", "_send_rrq",
             "            return SendToNet(self.outbound.encapsulate(inner, now), self.interface)",
             "            return SendToNet(inner, self.interface)")
 
