@@ -82,6 +82,13 @@ class Streams:
                 out[node] = json.load(f)
         return out
 
+    def stop(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+        """End both streams now (SIGTERM: each writes its report) and read the reports."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
     def kill(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
