@@ -30,8 +30,10 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mipsec.constants import IPPROTO_UDP, MIP_PORT
 from mipsec.drops import DropReason
 from mipsec.node.timeline import format_detail
+from mipsec.wire.mip import MSG_REGISTRATION_REQUEST
 
 log = logging.getLogger("mipsec.events")
 
@@ -136,9 +138,22 @@ def ike_suite_text(suite: Any) -> str:
 
 
 def _ip(packet: bytes) -> str | None:
+    """Who sent a packet, for a log line: its IPv4 source, and for a Registration Request the
+    MN it speaks for (a GW forwards requests from its own inside address, so the source alone
+    would name the GW, not the MN whose key or request is wrong)."""
     if len(packet) < 20:
         return None
-    return socket.inet_ntoa(packet[12:16])
+    source = socket.inet_ntoa(packet[12:16])
+    ihl = (packet[0] & 0x0F) * 4
+    # RFC 5944 §3.3: type 1, flags, lifetime, home address, home agent, care-of address
+    if packet[9] == IPPROTO_UDP and len(packet) >= ihl + 8 + 16 \
+            and packet[ihl + 2:ihl + 4] == MIP_PORT.to_bytes(2, "big") \
+            and packet[ihl + 8] == MSG_REGISTRATION_REQUEST:
+        mip = ihl + 8
+        home = socket.inet_ntoa(packet[mip + 4:mip + 8])
+        care_of = socket.inet_ntoa(packet[mip + 12:mip + 16])
+        return f"{source} (registration of {home}, care-of {care_of})"
+    return source
 
 
 class RoleWatcher:
