@@ -19,7 +19,7 @@ import random
 import pytest
 
 from mipsec.errors import ConfigError, UsageError
-from mipsec.node import home_agent as ha_module
+from mipsec.node import home_agent_store as ha_store_module
 from mipsec.node.actions import (
     PersistBinding,
     ReserveSiuSequence,
@@ -36,7 +36,8 @@ from mipsec.node.election import (
     StartServing,
     StopServing,
 )
-from mipsec.node.home_agent import META_SIU_SEQUENCE, HomeAgent
+from mipsec.node.home_agent import HomeAgent
+from mipsec.node.home_agent_store import META_SIU_SEQUENCE
 from mipsec.sim.topology import build_topology
 from mipsec.store import MemoryStore
 from mipsec.wire.siu import SiuType, parse_siu
@@ -291,7 +292,7 @@ def _carry(ha: HomeAgent, store: MemoryStore, actions: list, now: float) -> list
 
 
 def test_a_new_active_never_sends_a_number_the_gw_has_seen(monkeypatch):
-    monkeypatch.setattr(ha_module, "SIU_SEQUENCE_BLOCK", 16)     # small blocks, same logic
+    monkeypatch.setattr(ha_store_module, "SIU_SEQUENCE_BLOCK", 16)     # small blocks, same logic
     SIU_SEQUENCE_BLOCK = 16
     topo = build_topology(1, seed=5)
     config, gw = topo.ha.role.config, topo.ha.role.config.gateways[0].address
