@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--instance", "-i", metavar="NAME", help="/run/mipsec/NAME.sock")
     p.set_defaults(func=_cmd_reload)
 
+    p = sub.add_parser("memory", help="where a running daemon's memory goes (debugging)",
+                       formatter_class=Formatter,
+                       description="Ask a running daemon for its memory figures (JSON): RSS, allocated\n"
+                       "blocks, and, when it was started with MIPSEC_TRACEMALLOC=<frames> in its\n"
+                       "environment, the source lines holding the most and those grown most since\n"
+                       "the previous `mipsec memory` (mipsec/io/memory.py).")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
+    where.add_argument("--role", choices=("mn", "gw", "ha"),
+                       help="use the default socket /run/mipsec/<role>.sock")
+    where.add_argument("--instance", "-i", metavar="NAME", help="/run/mipsec/NAME.sock")
+    p.add_argument("--top", type=int, default=15, metavar="N", help="lines of each list (15)")
+    p.set_defaults(func=_cmd_memory)
+
     p = sub.add_parser("install-units", help="write systemd units for this installation",
                        formatter_class=Formatter,
                        description="Write mipsec-mn@.service, mipsec-gw@.service and mipsec-ha@.service\n"
@@ -246,6 +260,23 @@ def _cmd_reload(args: argparse.Namespace) -> int:
         print(f"mipsec reload: {reply.get('error')}", file=sys.stderr)
         return 1
     print("mipsec reload: " + ("; ".join(reply.get("changes") or []) or "nothing changed"))
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from mipsec.io import control
+    path = _socket_for(args)
+    try:
+        reply = control.request(path, f"memory top {args.top}", timeout=30.0)
+    except (OSError, ValueError) as exc:
+        print(f"mipsec memory: cannot reach {path}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"mipsec memory: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=1))
     return 0
 
 

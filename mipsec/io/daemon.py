@@ -34,7 +34,7 @@ from typing import Any
 
 from mipsec.config import DaemonConfig, check_runtime, load_config
 from mipsec.errors import ConfigError
-from mipsec.io import control, instance, logs, netlink, transports
+from mipsec.io import control, instance, logs, memory, netlink, transports
 from mipsec.io import pcap as pcapmod
 from mipsec.io import tun as tunmod
 from mipsec.io.daemon_control import STATUS_TIMELINE_EVENTS, ControlCommands
@@ -81,6 +81,12 @@ class Daemon(CaptureKeys, KernelWiring, HaStore, ControlCommands):
         except Exception:
             self.locks.release()
             raise
+        try:
+            # before the role is built, so that its tables are traced too (mipsec.io.memory)
+            self.memory.start(memory.frames_from_env())
+        except ValueError as exc:
+            self.locks.release()
+            raise ConfigError(str(exc)) from None
         if self.role is None:
             self.role = make_role(cfg)
         try:

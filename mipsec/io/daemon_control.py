@@ -1,5 +1,5 @@
 """A role daemon's control socket commands (``mipsec status|timeline|handover|home|ping|
-reload``) and the configuration reload that SIGHUP also triggers."""
+memory|reload``) and the configuration reload that SIGHUP also triggers."""
 
 from __future__ import annotations
 
@@ -136,10 +136,12 @@ class ControlCommands(DaemonState):
             return {"ok": True}
         if command == "ping":
             return {"ok": True, "pid": os.getpid()}
+        if command == "memory":
+            return self.memory.command(args)
         if command == "reload":
             return self.reload()
         return {"ok": False, "error": f"unknown command {command!r} "
-                                      f"(status, timeline, handover, home, ping, reload)"}
+                                      f"(status, timeline, handover, home, ping, memory, reload)"}
 
     # --- reload ----------------------------------------------------------------------------------
 

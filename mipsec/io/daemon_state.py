@@ -19,6 +19,7 @@ from mipsec.errors import ConfigError, UsageError
 from mipsec.io import arp, control, hostguard, instance, logs, netlink, seqstate
 from mipsec.io import pcap as pcapmod
 from mipsec.io.loop import EventLoop
+from mipsec.io.memory import MemoryProbe
 from mipsec.store import StoreError, open_store
 
 log = logging.getLogger("mipsec.daemon")
@@ -53,6 +54,7 @@ class DaemonState:
         self.announcer: arp.Announcer | None = None
         self.events: logs.RoleWatcher | None = None   # the role's records -> log lines
         self.metrics: Any = None                      # the Prometheus endpoint ([metrics])
+        self.memory = MemoryProbe()                   # `memory`: RSS, tracemalloc (debugging)
         self.sysctls = hostguard.Sysctls()    # GW / HA: what the daemon set, restored at exit
         self.seqstore: seqstate.SequenceStore | None = None   # manual keys: numbers on disk
         self.forward_filter: hostguard.ForwardFilter | None = None

@@ -242,3 +242,42 @@ def test_key_files_follow_the_kept_captures_not_every_rekey(tmp_path, monkeypatc
         assert 1 <= len(ike_lines) <= 3
     finally:
         close_daemons(daemons)
+
+
+def test_memory_command_names_the_lines_that_grew(daemons):
+    import tracemalloc
+
+    from mipsec.io.memory import MemoryProbe, frames_from_env
+    mn = daemons["mn"]
+    reply = mn.handle_command("memory", [])
+    assert reply["ok"] and reply["rss_kb"] > 0 and "grown" not in reply
+    if not tracemalloc.is_tracing():
+        assert not reply["tracing"] and "MIPSEC_TRACEMALLOC" in reply["hint"]
+    for bad in (["top"], ["top", "0"], ["top", "x"], ["bottom", "3"]):
+        assert mn.handle_command("memory", bad)["error"].startswith("usage: memory"), bad
+    assert frames_from_env({}) == 0 and frames_from_env({"MIPSEC_TRACEMALLOC": "3"}) == 3
+    for bad_env in ("0", "many", "65"):
+        with pytest.raises(ValueError, match="MIPSEC_TRACEMALLOC"):
+            frames_from_env({"MIPSEC_TRACEMALLOC": bad_env})
+    was_tracing = tracemalloc.is_tracing()
+    probe = MemoryProbe()
+    probe.start(1)
+    try:
+        kept = [bytearray(1000) for _ in range(200)]          # this line grows by ~200 kB
+        first = probe.report(top=5)
+        assert first["tracing"] and first["traced_kb"] > 150
+        grown = first["grown"][0]
+        assert grown["where"].endswith(f"test_io_daemon.py:{_line_of('bytearray(1000)')}")
+        assert grown["kb_diff"] > 150 and grown["count_diff"] >= 200
+        second = probe.report(top=5)                          # compared with the first now
+        assert all(g["kb_diff"] < 150 for g in second["grown"])
+        del kept
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+def _line_of(text: str) -> int:
+    import inspect
+    lines, start = inspect.getsourcelines(test_memory_command_names_the_lines_that_grew)
+    return start + next(i for i, line in enumerate(lines) if text in line)
