@@ -8,7 +8,8 @@ each daemon's RSS, fds, CPU and status counters; at the end it replays one captu
 every SPI ever used.  It prints loss per MN inside and outside its handover windows, loss per
 re-key, the RSS slope after warm-up, table sizes, and PASS/FAIL against: zero loss outside
 handover windows, zero loss at re-keys, RSS slope below 2 MB/h after warm-up, no growing
-structure, no SPI left behind (``mipsec/lab/soak.py``).
+structure, no SPI left behind (``mipsec/lab/soak.py``: the run; ``soak_sampling``,
+``soak_spis`` and ``soak_analysis`` beside it).
 
 Usage:  sudo python3 benchmarks/bench_soak.py --minutes 30 [--mobiles 2] [--rate 500]
         [--child-s 30] [--ike-s 90] [--delay-ms 5] [--seed 1] [--no-moves] [--json FILE|-]
@@ -26,7 +27,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mipsec.lab.lab import requirements_problem  # noqa: E402
-from mipsec.lab.soak import SoakPlan, analyse, format_report, run_soak, verdict  # noqa: E402
+from mipsec.lab.soak import SoakPlan, run_soak  # noqa: E402
+from mipsec.lab.soak_analysis import analyse, format_report, verdict  # noqa: E402
 
 
 def main() -> int:

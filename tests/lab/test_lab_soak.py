@@ -1,4 +1,4 @@
-"""The lab left running, in short (mipsec/lab/soak.py; benchmarks/bench_soak.py is the long run).
+"""The lab left running, in short (mipsec/lab/soak*.py; benchmarks/bench_soak.py is the long run).
 
 Real daemons in network namespaces, IKEv2 with short lifetimes, a steady UDP stream each way
 between the CN and the MN's home address:
@@ -22,7 +22,8 @@ import pytest
 
 import needs
 from mipsec.lab.lab import requirements_problem
-from mipsec.lab.soak import SoakPlan, analyse, format_report, run_soak
+from mipsec.lab.soak import SoakPlan, run_soak
+from mipsec.lab.soak_analysis import analyse, format_report
 from mipsec.lab.topology import existing_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

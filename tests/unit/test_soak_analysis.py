@@ -1,12 +1,14 @@
 """The soak's bookkeeping without a lab: per-MN move schedules and per-MN loss accounting
-(``mipsec.lab.soak``; the runs themselves are tests/lab/test_lab_soak.py and bench_soak.py)."""
+(``mipsec.lab.soak``, ``soak_analysis``; the runs themselves are tests/lab/test_lab_soak.py
+and bench_soak.py)."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import asdict
 
-from mipsec.lab.soak import EDGE_S, SoakPlan, analyse, format_report, make_schedule, verdict
+from mipsec.lab.soak import SoakPlan, make_schedule
+from mipsec.lab.soak_analysis import EDGE_S, analyse, format_report, verdict
 
 
 def test_each_mn_has_its_own_seeded_schedule_and_ends_away():
