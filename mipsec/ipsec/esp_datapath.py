@@ -40,7 +40,7 @@ from mipsec.ipsec.constants import (
 from mipsec.ipsec.selector import Selector
 
 if TYPE_CHECKING:
-    from mipsec.ipsec.sa import PacketFunction, SecurityAssociation
+    from mipsec.ipsec.sa import BurstFunction, PacketFunction, SecurityAssociation
 
 _II = struct.Struct("!II")
 _I = struct.Struct("!I")
@@ -108,6 +108,13 @@ def _wrong_direction(sa: SecurityAssociation, direction: str,
     def refuse(packet: bytes, now: float = 0.0) -> bytes:
         raise UsageError(f"SA 0x{sa.spi:08x} is {direction}: it cannot {operation}")
     refuse.__doc__ = f"Refuses: an {direction} SA cannot {operation}."
+    return refuse
+
+
+def _wrong_direction_burst(sa: SecurityAssociation) -> BurstFunction:
+    def refuse(packets: list[bytes], now: float = 0.0,
+               ) -> tuple[list[bytes], list[tuple[int, DropReason]]]:
+        raise UsageError(f"SA 0x{sa.spi:08x} is outbound: it cannot decapsulate")
     return refuse
 
 
@@ -260,8 +267,9 @@ def _outbound_path(sa: SecurityAssociation) -> tuple[PacketFunction, Callable[[]
     return encapsulate, configure
 
 
-def _inbound_path(sa: SecurityAssociation) -> tuple[PacketFunction, Callable[[], None]]:
-    """(decapsulate, configure) for an inbound SA."""
+def _inbound_path(sa: SecurityAssociation,
+                  ) -> tuple[PacketFunction, BurstFunction, Callable[[], None]]:
+    """(decapsulate, decapsulate_many, configure) for an inbound SA."""
     t = sa.transform
     counters = sa.counters
     drops = counters.drops
@@ -452,4 +460,138 @@ def _inbound_path(sa: SecurityAssociation) -> tuple[PacketFunction, Callable[[],
         counters.octets += len(inner)
         return inner
 
-    return decapsulate, configure
+    # --- a burst at a time ----------------------------------------------------------------------
+    # ``decapsulate_many`` runs the common packet through a loop that keeps the replay window,
+    # the counters and every constant in locals for the whole burst, and sends every other
+    # packet through ``decapsulate`` itself (state written back first, read again after), so
+    # its outputs, drops, counters and window are exactly those of one call per packet.  The
+    # common packet: ESP (raw or in UDP) without ESN, an option-less unfragmented outer header,
+    # new to the window, authenticated, with the default trailer right after an option-less
+    # inner header.  A packet the loop cannot decide the same way as ``decapsulate`` goes there.
+    # A run of consecutive sequence numbers is folded into the bitmap once (``run``).
+    off = 28 if udp else 20
+    hdr = struct.Struct("!QQI" + ("HHHH" if udp else "") + "II").unpack_from
+    # version/IHL 0x45, total length (per packet), fragment offset and MF 0; protocol
+    v0_mask, v0 = 0xFF00FFFF00003FFF, 0x4500000000000000
+    proto_mask, proto_bits = 0xFF << 48, want_proto << 48
+    mac_at = off + 8 + t.iv_size      # AEAD: ciphertext; CBC: IV + ciphertext after the header
+
+    def decapsulate_many(outer_packets: list[bytes], now: float = 0.0,
+                         ) -> tuple[list[bytes], list[tuple[int, DropReason]]]:
+        """``decapsulate`` over a burst: (the inner packets in order, (index, reason) of each
+        drop), with the same outputs, counters and window as one call per packet."""
+        inners: list[bytes] = []
+        dropped: list[tuple[int, DropReason]] = []
+        octets = counters.octets
+        if esn or sel_kind == _SEL_GENERAL or now >= sa._deadline \
+                or octets + sum(map(len, outer_packets)) >= sa._byte_limit:
+            # (an inner packet is shorter than its outer one: no lifetime limit inside a burst)
+            for i, pkt in enumerate(outer_packets):
+                try:
+                    inners.append(decapsulate(pkt, now))
+                except Dropped as exc:
+                    dropped.append((i, exc.reason))
+            return inners, dropped
+        min_n = off + min_esp
+        top, bitmap, run = replay.top, replay.bitmap, 0
+        packets = counters.packets
+        last = None                    # outer source of the last packet authenticated here
+        for i, pkt in enumerate(outer_packets):
+            n = len(pkt)
+            if n >= min_n:
+                if udp:
+                    h0, h1, dst, _sport, dport, ulen, _ucsum, spi_got, seq = hdr(pkt)
+                    header_ok = dport == udp_port and ulen == n - 20
+                else:
+                    h0, h1, dst, spi_got, seq = hdr(pkt)
+                    header_ok = True
+                src = h1 & 0xFFFFFFFF
+                if (header_ok and spi_got == spi and h0 & v0_mask == v0 | n << 32
+                        and h1 & proto_mask == proto_bits and not (h0 + h1 + dst) % 0xFFFF
+                        and (local is None or dst == local)
+                        and (remote is None or src == remote)
+                        and not (cbc and (n - off - 24 - icv) & 15)):
+                    # replay pre-check (the window's bitmap is only needed below its top)
+                    if seq <= top:
+                        if run:
+                            bitmap = ((bitmap << run) | ((1 << run) - 1)) & replay_mask
+                            run = 0
+                        diff = top - seq
+                        fresh = seq != 0 and diff < replay_bits and not (bitmap >> diff) & 1
+                    else:
+                        fresh = True
+                    if fresh:
+                        if aead:
+                            try:
+                                pt = aead_decrypt(salt + pkt[off + 8:mac_at], pkt[mac_at:],
+                                                  pkt[off:off + 8])
+                            except InvalidTag:
+                                drops[DropReason.ICV_MISMATCH] += 1
+                                dropped.append((i, DropReason.ICV_MISMATCH))
+                                continue
+                        else:
+                            icv_at = n - icv
+                            mac = hmac_copy()
+                            mac.update(pkt[off:icv_at])
+                            if not _compare_digest(mac.finalize()[:icv], pkt[icv_at:]):
+                                drops[DropReason.ICV_MISMATCH] += 1
+                                dropped.append((i, DropReason.ICV_MISMATCH))
+                                continue
+                            pt = cbc_decrypt(pkt[off + 8:icv_at])[16:] if cbc \
+                                else pkt[off + 8:icv_at]
+                        padlen = pt[-2]
+                        end = len(pt) - 2 - padlen
+                        if (end >= 24 and pt[0] == 0x45 and (pt[2] << 8 | pt[3]) == end
+                                and pt[end:] == _TAILS[padlen]):
+                            if sel_kind == _SEL_ADDRESSES:
+                                isrc, idst = _unpack_ii(pt, 12)
+                                accept = (idst & lmask) == lnet and (isrc & rmask) == rnet
+                            else:
+                                accept = True
+                            if accept:
+                                # the window moves only now
+                                if seq == top + 1:
+                                    run += 1
+                                elif seq > top:
+                                    if run:
+                                        bitmap = ((bitmap << run) | ((1 << run) - 1)) \
+                                            & replay_mask
+                                        run = 0
+                                    shift = seq - top
+                                    bitmap = ((bitmap << shift) | 1) & replay_mask \
+                                        if shift < replay_bits else 1
+                                else:
+                                    bitmap |= 1 << (top - seq)
+                                if seq > top:
+                                    top = seq
+                                last = src
+                                packets += 1
+                                octets += end
+                                inners.append(pt[:end])
+                                continue
+            # any other packet: one call, on the state as it stands
+            if run:
+                bitmap = ((bitmap << run) | ((1 << run) - 1)) & replay_mask
+                run = 0
+            replay.top, replay.bitmap = top, bitmap
+            counters.packets, counters.octets = packets, octets
+            if last is not None:
+                counters.last_authenticated_time = now
+                counters._last_source = last
+                last = None
+            try:
+                inners.append(decapsulate(pkt, now))
+            except Dropped as exc:
+                dropped.append((i, exc.reason))
+            top, bitmap = replay.top, replay.bitmap
+            packets, octets = counters.packets, counters.octets
+        if run:
+            bitmap = ((bitmap << run) | ((1 << run) - 1)) & replay_mask
+        replay.top, replay.bitmap = top, bitmap
+        counters.packets, counters.octets = packets, octets
+        if last is not None:
+            counters.last_authenticated_time = now
+            counters._last_source = last
+        return inners, dropped
+
+    return decapsulate, decapsulate_many, configure

@@ -4,7 +4,9 @@
 50, or ESP-in-UDP per RFC 3948); ``decapsulate(outer)`` returns the inner IPv4 packet or raises
 ``Dropped(reason)`` after counting ``reason`` in ``sa.counters.drops``.  Nothing else changes on
 a drop, except where RFC 4301 §5.2 orders otherwise (the inner selector check comes after the
-replay window update, as in the fixed order below).
+replay window update, as in the fixed order below).  ``decapsulate_many(packets, now)`` does
+the same for a burst: (the inner packets in order, ``(index, reason)`` per drop), with exactly
+the outputs, counters and window of one ``decapsulate`` call per packet.
 
 Inbound order (docs/design.md, style.md item 8), each step cheaper than the next and none of
 them revealing anything about the keys:
@@ -61,6 +63,7 @@ from mipsec.ipsec.esp_datapath import (  # the data path and the constants it in
     _inbound_path,
     _outbound_path,
     _wrong_direction,
+    _wrong_direction_burst,
 )
 from mipsec.ipsec.replay import ReplayWindow
 from mipsec.wire.ipv4 import addr_to_bytes, bytes_to_addr
@@ -120,6 +123,12 @@ class PacketFunction(Protocol):
     def __call__(self, packet: bytes, /, now: float = 0.0) -> bytes: ...
 
 
+class BurstFunction(Protocol):
+    """``sa.decapsulate_many``: a burst in, (inner packets in order, (index, reason) per drop)."""
+    def __call__(self, packets: list[bytes], /, now: float = 0.0,
+                 ) -> tuple[list[bytes], list[tuple[int, DropReason]]]: ...
+
+
 class SaCounters:
     """Per-SA counters.  ``octets`` counts inner packet bytes; ``drops`` counts by reason."""
 
@@ -165,11 +174,13 @@ class SecurityAssociation:
         "sequence", "needs_rekey", "expired", "created", "transform",
         "encryption", "integrity", "_encryption_key", "_integrity_key",
         "_local", "_remote", "_seq_max", "_min_esp", "_ident", "_deadline", "_byte_limit",
-        "_inbound", "_kind", "_max_inner", "encapsulate", "decapsulate", "_configure",
+        "_inbound", "_kind", "_max_inner", "encapsulate", "decapsulate", "decapsulate_many",
+        "_configure",
     )
     # the data path: per-SA closures (see _build_data_path)
     encapsulate: PacketFunction
     decapsulate: PacketFunction
+    decapsulate_many: BurstFunction
     _configure: Callable[[], None]
     _deadline: float               # next time the lifetime state changes (inf: never)
     _byte_limit: float             # next octet count at which it changes (inf: never)
@@ -334,11 +345,12 @@ class SecurityAssociation:
 
     def _build_data_path(self) -> None:
         if self._inbound:
-            self.decapsulate, self._configure = _inbound_path(self)
+            self.decapsulate, self.decapsulate_many, self._configure = _inbound_path(self)
             self.encapsulate = _wrong_direction(self, "inbound", "encapsulate")
         else:
             self.encapsulate, self._configure = _outbound_path(self)
             self.decapsulate = _wrong_direction(self, "outbound", "decapsulate")
+            self.decapsulate_many = _wrong_direction_burst(self)
         self._configure()
 
     # --- status ---------------------------------------------------------------------------------
