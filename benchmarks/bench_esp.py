@@ -19,7 +19,8 @@ For every transform and inner packet size (64, 512, 1400 bytes) this measures, i
     - NULL + HMAC: the HMAC (and compare) alone.
 
 The ratio printed is floor time / our time, i.e. our packets/s as a fraction of the floor's.
-Targets: encapsulate >= 0.7 and decapsulate >= 0.6 at 64 bytes for CBC-HMAC and GCM.  The
+Targets at 64 bytes: encapsulate >= 0.7; decapsulate >= 0.6 for CBC-HMAC and >= 0.5 for GCM,
+one packet per call or in bursts (``sa.decapsulate_many``, the "dec32" row: bursts of 32).  The
 "sliced" column (decapsulation) is the floor as a fraction of the same calls with their arguments
 cut from a whole outer packet (nonce = salt + IV, ciphertext, AAD; MAC input, ICV, IV +
 ciphertext): the ratio a decapsulation that did nothing else would reach.  Times are the
@@ -141,11 +142,18 @@ def spd_encap_batch(spd: Spd, packet: bytes):
     return batch
 
 
-class DecapBatch:
-    """Decapsulate ``n`` distinct packets through a fresh inbound SA (the replay window is on)."""
+TARGETS = {"AES-CBC-128/HMAC-SHA1-96": {"encap": 0.7, "decap": 0.6},
+           "AES-CBC-128/HMAC-SHA256-128": {"encap": 0.7, "decap": 0.6},
+           "AES-GCM-16-128": {"encap": 0.7, "decap": 0.5}}
+BURST = 32   # packets per ``sa.decapsulate_many`` call (a recvmmsg drain of the event loop)
 
-    def __init__(self, case, keys, packet, through_sad: bool):
-        self.case, self.keys, self.through_sad = case, keys, through_sad
+
+class DecapBatch:
+    """Decapsulate ``n`` distinct packets through a fresh inbound SA (the replay window is on);
+    ``burst``: through ``sa.decapsulate_many`` in bursts of that many packets."""
+
+    def __init__(self, case, keys, packet, through_sad: bool, burst: int = 0):
+        self.case, self.keys, self.through_sad, self.burst = case, keys, through_sad, burst
         self.outbound = make_sa(case, Direction.OUTBOUND, keys)
         self.inner = packet
         self.packets: list[bytes] = []
@@ -163,9 +171,19 @@ class DecapBatch:
             raise SystemExit(f"{self.case.label}: decapsulation does not round-trip")
         sa = make_sa(self.case, Direction.INBOUND, self.keys, INBOUND_SELECTOR)
         self.call = Sad([sa]).process_inbound if self.through_sad else sa.decapsulate
+        if self.burst:
+            if sa.decapsulate_many(self.packets[:2], 0.0) != ([self.inner] * 2, []):
+                raise SystemExit(f"{self.case.label}: burst decapsulation does not round-trip")
+            sa = make_sa(self.case, Direction.INBOUND, self.keys, INBOUND_SELECTOR)
+            self.call = sa.decapsulate_many
 
     def __call__(self, n: int) -> None:
         call = self.call
+        if self.burst:
+            packets, burst = self.packets, self.burst
+            for at in range(0, n, burst):
+                call(packets[at:min(at + burst, n)], 0.0)
+            return
         for packet in self.packets[:n]:
             call(packet, 0.0)
 
@@ -322,11 +340,11 @@ class Row:
     ours_ns: float
     ours_pps: float
     ours_mbps: float
-    via_table_ns: float          # through Spd.protect_outbound / Sad.process_inbound
+    via_table_ns: float | None   # through Spd.protect_outbound / Sad.process_inbound
     floor_ns: float
     floor_idiom: str
     ratio: float                 # floor_ns / ours_ns
-    ratio_via_table: float
+    ratio_via_table: float | None
     idioms_ns: dict[str, float] = field(default_factory=dict)
     # the floor as a fraction of the same calls with their arguments cut from the packet: what
     # a decapsulation that did nothing else would reach (None: not measured for this one)
@@ -345,7 +363,9 @@ def measure(case: TransformCase, size: int, repeat: int, target_ns: int,
     batches = {"ours:encap": encap_batch(out_sa, packet),
                "ours:spd+encap": spd_encap_batch(spd, packet),
                "ours:decap": DecapBatch(case, keys, packet, through_sad=False),
-               "ours:sad+decap": DecapBatch(case, keys, packet, through_sad=True)}
+               "ours:sad+decap": DecapBatch(case, keys, packet, through_sad=True),
+               f"ours:decap{BURST}": DecapBatch(case, keys, packet, through_sad=False,
+                                                burst=BURST)}
     batches.update({f"floor:encap:{k}": v for k, v in floor_encap.items()})
     batches.update({f"floor:decap:{k}": v for k, v in floor_decap.items()})
     best = interleaved(batches, repeat=repeat, target_ns=target_ns, clock=clock)
@@ -361,6 +381,11 @@ def measure(case: TransformCase, size: int, repeat: int, target_ns: int,
         rows.append(Row(case.label, size, direction, ours, 1e9 / ours, size * 8 * 1e3 / ours,
                         via, floor_ns, floor_idiom, floor_ns / ours, floor_ns / via, idioms,
                         floor_ns / min(sliced) if sliced else None))
+        if direction == "decap":
+            ours = best[f"ours:decap{BURST}"]
+            rows.append(Row(case.label, size, f"dec{BURST}", ours, 1e9 / ours,
+                            size * 8 * 1e3 / ours, None, floor_ns, floor_idiom, floor_ns / ours,
+                            None, idioms))
     return rows
 
 
@@ -400,17 +425,17 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{row.transform:<28}{row.size:>5} {row.direction:<6}"
                       f"{row.ours_pps / 1e3:>12.1f}{row.ours_mbps:>9.1f}{row.ours_ns / 1e3:>8.2f}"
-                      f"{row.floor_ns / 1e3:>9.2f}{row.ratio:>7.2f}{row.ratio_via_table:>12.2f}"
+                      f"{row.floor_ns / 1e3:>9.2f}{row.ratio:>7.2f}"
+                      f"{'' if row.ratio_via_table is None else f'{row.ratio_via_table:.2f}':>12}"
                       f"{'' if row.ratio_sliced is None else f'{row.ratio_sliced:.2f}':>7}"
                       f"  {row.floor_idiom}", file=text_out, flush=True)
-    targets = {"encap": 0.7, "decap": 0.6}
-    checked = [r for r in rows if r.size == 64 and r.transform in
-               ("AES-CBC-128/HMAC-SHA1-96", "AES-GCM-16-128")]
+    checked = [r for r in rows if r.size == 64 and r.transform in TARGETS]
     if checked:
-        print("# targets at 64 bytes (encap >= 0.7, decap >= 0.6 of the floor):",
-              file=text_out)
+        print("# targets at 64 bytes (encap >= 0.7; decap, one packet or a burst, >= 0.6 for "
+              "CBC, >= 0.5 for GCM):", file=text_out)
         for r in checked:
-            verdict = "met" if r.ratio >= targets[r.direction] else "MISSED"
+            target = TARGETS[r.transform]["encap" if r.direction == "encap" else "decap"]
+            verdict = "met" if r.ratio >= target else "MISSED"
             print(f"#   {r.transform} {r.direction}: {r.ratio:.2f} {verdict}", file=text_out)
     if args.json:
         data = {"python": platform.python_version(), "cryptography": cryptography.__version__,
