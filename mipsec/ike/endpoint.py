@@ -81,6 +81,11 @@ class IkeEndpoint:
         self._cookie_master = random(32)
         self.drops: Counter[DropReason] = Counter()
         self.events: list = []                         # kept for status(): last few events
+        # which inbound ESP SPI to use for a random candidate and the peer's identity (None:
+        # the candidate): a GW with worker processes picks the worker that holds the peer's
+        # SAs (mipsec.node.gateway_worker); ``_serving``: the IKE SA being driven right now
+        self.esp_spi_policy: Callable[[int, str | None], int] | None = None
+        self._serving: IkeSa | None = None
 
     # --- public API -------------------------------------------------------------------------
 
@@ -147,7 +152,11 @@ class IkeEndpoint:
         if sa is None:
             self.drops[DropReason.IKE_UNKNOWN_SA] += 1
             return []
-        return self._track(sa, sa.receive(m, local, remote, now))
+        self._serving = sa
+        try:
+            return self._track(sa, sa.receive(m, local, remote, now))
+        finally:
+            self._serving = None
 
     def reserve_esp_spi(self, spi: int) -> None:
         """An inbound ESP SPI the runtime uses outside IKE (manual keys): never allocate it."""
@@ -162,7 +171,11 @@ class IkeEndpoint:
         for sa in self.ike_sas:
             t = sa.get_timer()
             if t is not None and now >= t:
-                out += self._track(sa, sa.handle_timer(now))
+                self._serving = sa
+                try:
+                    out += self._track(sa, sa.handle_timer(now))
+                finally:
+                    self._serving = None
         return out
 
     def status(self) -> dict[str, Any]:
@@ -178,8 +191,12 @@ class IkeEndpoint:
     # --- internals ----------------------------------------------------------------------------
 
     def _alloc_esp_spi(self) -> int:
+        policy = self.esp_spi_policy
+        peer = self._serving.peer_id if self._serving is not None else None
         while True:
             spi = int.from_bytes(self._random(4), "big")
+            if policy is not None:
+                spi = policy(spi, peer)
             if spi >= 256 and spi not in self._esp_spis:     # RFC 4303 §2.1
                 self._esp_spis.add(spi)
                 return spi

@@ -352,13 +352,13 @@ class Establish(MessageWindow):
         if self.peer_mobike and c.mobike:
             out.append(NotifyPayload(NotifyType.MOBIKE_SUPPORTED))
         child = None
+        self.peer_id = peer_id      # authenticated: its child SA's SPI may depend on it
         try:
             child, answer = self._negotiate_child(m, None, self.ni, self.nr, None, now)
             out += answer
         except Refused as r:
             self.drops[r.reason] += 1
             out.append(NotifyPayload(r.notify, r.data))
-        self.peer_id = peer_id
         self._respond(m, out, local, remote, now)
         self._mid_in += 1
         return self._established(now, child)

@@ -25,6 +25,8 @@ import ctypes
 import socket
 import struct
 
+from mipsec.ipsec.shard import check_workers, spi_for_worker, worker_of
+
 # linux/filter.h, linux/bpf_common.h: instruction classes, sizes, modes, operations, sources
 BPF_LD, BPF_LDX, BPF_ALU, BPF_JMP, BPF_RET = 0x00, 0x01, 0x04, 0x05, 0x06
 BPF_W, BPF_B = 0x00, 0x10
@@ -42,12 +44,11 @@ _INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 
 Program = list[tuple[int, int, int, int]]
 
+__all__ = ["Program", "attach", "esp_shard_filter", "spi_for_worker", "udp_shard_selector",
+           "worker_of"]
 
-def _check(workers: int, index: int | None = None) -> None:
-    if not isinstance(workers, int) or not 1 <= workers <= 1024:
-        raise ValueError(f"workers {workers!r}: must be an integer in 1 .. 1024")
-    if index is not None and not (isinstance(index, int) and 0 <= index < workers):
-        raise ValueError(f"worker index {index!r}: must be in 0 .. {workers - 1}")
+
+_check = check_workers
 
 
 def esp_shard_filter(workers: int, index: int) -> Program:
@@ -79,21 +80,6 @@ def udp_shard_selector(workers: int) -> Program:
         (BPF_RET | BPF_A, 0, 0, 0),                 # socket 1 + SPI % workers
         (BPF_RET | BPF_K, 0, 0, 0),                 # socket 0: the control process
     ]
-
-
-def spi_for_worker(candidate: int, workers: int, index: int) -> int:
-    """The SPI nearest above ``candidate`` (or equal) that ``worker index`` receives."""
-    _check(workers, index)
-    spi = candidate + (index - candidate) % workers
-    if spi > 0xFFFFFFFF:
-        spi -= workers
-    return spi
-
-
-def worker_of(spi: int, workers: int) -> int:
-    """The worker that receives (and owns the SA of) ``spi``."""
-    _check(workers)
-    return spi % workers
 
 
 def attach(sock: socket.socket, program: Program, *, reuseport: bool = False) -> None:

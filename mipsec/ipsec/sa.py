@@ -353,6 +353,11 @@ class SecurityAssociation:
             self.decapsulate_many = _wrong_direction_burst(self)
         self._configure()
 
+    def key_material(self) -> tuple[bytes, bytes]:
+        """(encryption key, integrity key): to build this SA in another process (a GW
+        worker, ``mipsec.node.gateway_worker``); never logged or shown."""
+        return self._encryption_key, self._integrity_key
+
     # --- status ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """JSON-able status (``mipsec status``): no key material."""

@@ -170,6 +170,34 @@ class TimelineEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+# --- a GW with worker processes (mipsec.node.gateway_worker) -----------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SendOnWorker:
+    """GW control process: have the worker holding the MN's outbound SA encrypt and send
+    ``packet`` (``to``: this one packet to that address and UDP port instead)."""
+    home_address: str
+    packet: bytes
+    to: tuple[str, int | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRrq:
+    """GW worker: an authenticated Registration Request (inner ``packet``) of inbound SA
+    ``spi`` from ``source`` (and UDP ``port``), for the control process."""
+    spi: int
+    source: str
+    port: int | None
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """GW worker: a downlink packet for the worker that holds its MN's SA."""
+    worker: int
+    packet: bytes
+
+
 Action = (SendToNet | WriteToTun | RebindSa | BindingChanged | PersistBinding | ReserveSiuSequence
           | Log
-          | ReestablishRequested | UseHomeLink)
+          | ReestablishRequested | UseHomeLink | SendOnWorker | ForwardRrq | HandOff)

@@ -337,23 +337,32 @@ class VpnGateway(GatewaySiu, GatewayIke):
     def _note_rrq(self, mobile: Mobile, sa: SecurityAssociation, packet: bytes, proto: int,
                   ihl: int, inner: bytes, iihl: int, now: float) -> list[Action] | None:
         """An authenticated UDP packet of ``mobile`` going home: if it is a Registration
-        Request, remember the care-of address it registers (RFC 5944 §3.3, offset 12) and
-        where it came from: the only place an SIU naming that CoA may point the MN's SA at
-        (bounded per MN, like its timeline events); and return it as sent from our inside
-        address (the HA learns the GW from the path: module doc).  None: not a request."""
+        Request, ``_forward_rrq`` (from the outer source and, ESP in UDP, port); None: not
+        a request."""
         ports = udp_ports(inner, iihl)
         if (ports is not None and ports[1] == MIP_PORT and len(inner) >= iihl + 8 + 24
                 and inner[iihl + 8] == MSG_REGISTRATION_REQUEST):
-            src = packet[12:16]
             port = int.from_bytes(packet[ihl:ihl + 2], "big") if proto == IPPROTO_UDP else None
-            mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)
-            tl.record(self.timeline, now, self.name, "rrq-forwarded",
-                      home_address=mobile.home_address, source=b2a(src),
-                      **({"port": port} if port is not None else {}), spi=sa.spi)
-            ulen = int.from_bytes(inner[iihl + 4:iihl + 6], "big")
-            if 8 <= ulen <= len(inner) - iihl:
-                return [SendToNet(build_udp_packet(self._inside_b, inner[16:20], ports[0],
-                                                   ports[1], inner[iihl + 8:iihl + ulen]))]
+            return self._forward_rrq(mobile, sa.spi, packet[12:16], port, inner, iihl, ports,
+                                     now)
+        return None
+
+    def _forward_rrq(self, mobile: Mobile, spi: int, src: bytes, port: int | None,
+                     inner: bytes, iihl: int, ports: tuple[int, int],
+                     now: float) -> list[Action] | None:
+        """Remember the care-of address the request registers (RFC 5944 §3.3, offset 12) and
+        where it came from: the only place an SIU naming that CoA may point the MN's SA at
+        (bounded per MN, like its timeline events); and return it as sent from our inside
+        address (the HA learns the GW from the path: module doc).  None: its UDP length is
+        wrong (the packet then goes on as it is)."""
+        mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)
+        tl.record(self.timeline, now, self.name, "rrq-forwarded",
+                  home_address=mobile.home_address, source=b2a(src),
+                  **({"port": port} if port is not None else {}), spi=spi)
+        ulen = int.from_bytes(inner[iihl + 4:iihl + 6], "big")
+        if 8 <= ulen <= len(inner) - iihl:
+            return [SendToNet(build_udp_packet(self._inside_b, inner[16:20], ports[0],
+                                               ports[1], inner[iihl + 8:iihl + ulen]))]
         return None
 
     def net_fast_path(self, packet: bytes, now: float) -> bytes | list[Action] | None:

@@ -249,6 +249,18 @@ class GatewaySiu:
         if care_of is None:
             return self._drop(DropReason.NO_SA)      # no outer binding to send it to
         inner = build_udp_packet(a2b(mobile.home_agent), a2b(care_of), MIP_PORT, MIP_PORT, rrp)
+        sent = self._send_on_sa(mobile, inner, now, to[1] if to is not None else None)
+        if sent:
+            tl.record(self.timeline, now, self.name, "rrp-forwarded",
+                      home_address=mobile.home_address, care_of=care_of,
+                      **({"rejected": True} if to is not None else {}))
+        return sent
+
+    def _send_on_sa(self, mobile: Mobile, inner: bytes, now: float,
+                    to: tuple[str, int | None] | None = None) -> list[Action]:
+        """``inner`` encrypted with the MN's outbound SA (``to``: this one packet to that
+        address and UDP port instead); [] when the SA refused it (counted).  A GW with worker
+        processes asks the worker that holds the SA instead (``mipsec.node.gateway_worker``)."""
         try:
             outer = mobile.outbound.encapsulate(inner, now)
         except Dropped as exc:
@@ -256,8 +268,6 @@ class GatewaySiu:
         except SaExhausted:
             return self._drop(DropReason.SA_EXHAUSTED)
         if to is not None:
-            address, port = to[1]
+            address, port = to
             outer = _redirect(outer, a2b(address), port if mobile.outbound.udp_encap else None)
-        tl.record(self.timeline, now, self.name, "rrp-forwarded", home_address=mobile.home_address,
-                  care_of=care_of, **({"rejected": True} if to is not None else {}))
         return [SendToNet(outer)]

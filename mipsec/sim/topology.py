@@ -27,6 +27,7 @@ Wall-clock time for MIPv4 identification is ``wallclock_epoch + sim.now`` (injec
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,12 +124,15 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
                    lan_delay_s: float = 0.0001, seed: int = 0, configs: LabConfigs | None = None,
                    keys_from: Any = None, record: bool = True, with_apps: bool = True,
                    wallclock_epoch: float = WALLCLOCK_EPOCH, sim: Simulator | None = None,
+                   make_gateway: Callable[..., Any] | None = None,
                    **config_kwargs: Any) -> Topology:
     """Build the network, the roles and (``with_apps``) a stream endpoint on CN and each MN.
 
     MNs start with no interface up; call ``topology.move("a")`` to attach one.  ``sim``: build
     into an existing simulator (several independent GW/HA pairs, each with its own segments, in
-    one virtual time: ``benchmarks/bench_scale.py --pairs``).
+    one virtual time: ``benchmarks/bench_scale.py --pairs``).  ``make_gateway(config,
+    wallclock=...)``: the GW role (default ``VpnGateway``; e.g. a GW split into workers,
+    ``mipsec.node.gateway_sharded``).
     """
     if sim is None:
         sim = Simulator(seed)
@@ -150,8 +154,8 @@ def build_topology(n_mobiles: int = 1, *, internet_delay_s: float = 0.010,
     gw_cfg, ha_cfg = configs.gateway, configs.home_agent
     gw_hosts = []
     for g_cfg in configs.gateways:
-        g = GatewayHost(sim, g_cfg.name, VpnGateway(g_cfg, wallclock=wallclock), inside="inside",
-                        record=record)
+        g = GatewayHost(sim, g_cfg.name, (make_gateway or VpnGateway)(g_cfg, wallclock=wallclock),
+                        inside="inside", record=record)
         g.add_interface("inside", g_cfg.inside_address, home)
         g.add_interface("outside", g_cfg.outside_address, outside)
         g.add_route("0.0.0.0/0", "172.16.0.254", "outside")
