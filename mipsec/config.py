@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mipsec import files
+from mipsec.constants import GW_WORKERS_MAX
 from mipsec.errors import ConfigError
 from mipsec.node import config as node_config
 
@@ -77,6 +78,8 @@ class DaemonSettings:
     inside_interface: str = ""        # GW: the interface towards the home network
     route_table: int = 100            # GW: policy-routing table steering inside traffic to TUN
     rule_priority: int = 1000         # GW: priority of "iif <inside> lookup <route_table>"
+    workers: int = 0                  # GW: data-plane worker processes (0: one process does
+    #                                   all; N: a control process and N workers, by SPI)
     gratuitous_arp: bool = True       # HA / MN: RFC 5944 §4.6 announcements on the home link
     store: str = "sqlite"             # HA: binding store, "sqlite" (on disk) | "memory" (none)
     #                                   | "etcd" (shared, replicated: the store_* keys below)
@@ -323,6 +326,10 @@ def _check_daemon(d: DaemonSettings, role: str, path: str) -> None:
         raise bad("pcap_max_mb", f"must be 0 (no limit) or a size in MB, got {d.pcap_max_mb}")
     if d.pcap_keep < 0:
         raise bad("pcap_keep", f"must be 0 or more, got {d.pcap_keep}")
+    if not 0 <= d.workers <= GW_WORKERS_MAX:
+        raise bad("workers", f"must be 0 (one process) to {GW_WORKERS_MAX}, got {d.workers}")
+    if d.workers and role != "gw":
+        raise bad("workers", f"only a GW has worker processes, not a {role}")
     if not 576 <= d.mtu <= 65535:
         raise bad("mtu", f"must be in [576, 65535], got {d.mtu}")
     for key in ("tun", "home_interface", "inside_interface"):
@@ -401,9 +408,10 @@ _STORE_KEYS = {"store_endpoints", "store_prefix", "store_ca_file", "store_cert_f
                "store_key_file", "ha_group", "ha_lease_ttl_s", "ha_renew_every_s",
                "ha_fence_margin_s"}
 _NOT_FOR_ROLE = {
-    "mn": {"inside_interface", "route_table", "rule_priority", "store", *_STORE_KEYS},
+    "mn": {"inside_interface", "route_table", "rule_priority", "store", "workers",
+           *_STORE_KEYS},
     "gw": {"interfaces", "home_interface", "gratuitous_arp", "store", *_STORE_KEYS},
-    "ha": {"interfaces", "inside_interface", "route_table", "rule_priority"},
+    "ha": {"interfaces", "inside_interface", "route_table", "rule_priority", "workers"},
 }
 
 

@@ -23,3 +23,6 @@ SIU_PORT = 4343               # ours: the SIU on the GW's inside address (docs/p
 # Old/New CoA "none", the outer destination of a GW SA no SIU has bound, the outer source of the
 # MN's outbound SA before its first care-of address
 UNSPECIFIED_ADDRESS = "0.0.0.0"
+
+# --- tunables ----------------------------------------------------------------------------------
+GW_WORKERS_MAX = 64           # [daemon] workers of a GW at most (one per core is the point)

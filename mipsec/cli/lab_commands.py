@@ -46,6 +46,9 @@ def add_lab_parser(sub: Any) -> None:
     lp.add_argument("--gateways", type=int, default=1, metavar="N",
                     help="a GW pool of N GWs (gw, gw2 ...; IKEv2, no --delay-ms): each MN has "
                          "an ordered GW list, their first GWs spread over the pool (default 1)")
+    lp.add_argument("--gw-workers", type=int, default=0, metavar="N",
+                    help="the GWs' data-plane worker processes ([daemon] workers; default 0: "
+                         "one process)")
     lp.add_argument("--ha-standbys", type=int, default=0, metavar="K",
                     help="K standby HAs (ha2 ...) beside ha, one active by election through a "
                          "3-member etcd cluster the lab starts (needs etcd; default 0: one HA, "
@@ -125,7 +128,7 @@ def _cmd_lab_up(args: argparse.Namespace) -> int:
     lab.up(delay_ms=args.delay_ms, place=args.at, encryption=args.encryption,
            udp_encap=args.udp_encap, sa_source="manual" if args.manual_keys else "ikev2",
            handover_mode=args.handover_mode, mobiles=args.mobiles, nat=args.nat,
-           gateways=args.gateways, ha_standbys=args.ha_standbys)
+           gateways=args.gateways, ha_standbys=args.ha_standbys, gw_workers=args.gw_workers)
     who = "MN" if args.mobiles == 1 else f"{args.mobiles} MNs"
     if args.gateways > 1:
         who += f" over {args.gateways} GWs"

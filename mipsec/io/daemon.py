@@ -58,8 +58,12 @@ def make_role(cfg: DaemonConfig, wallclock=time.time, now: float | None = None) 
     It gets the injected wall clock (MIPv4 identification) and ``now`` (the loop's monotonic
     clock: SA lifetimes start there); see ``mipsec.node.role``.
     """
-    return build_role(cfg.role, cfg.node, wallclock=wallclock,
-                      now=time.monotonic() if now is None else now)
+    now = time.monotonic() if now is None else now
+    if cfg.role == "gw" and cfg.daemon.workers:
+        # the control process of a GW with worker processes (mipsec.io.gw_workers)
+        from mipsec.node.gateway_worker import ControlGateway
+        return ControlGateway(cfg.node, wallclock=wallclock, now=now)
+    return build_role(cfg.role, cfg.node, wallclock=wallclock, now=now)
 
 
 
@@ -101,8 +105,11 @@ class Daemon(CaptureKeys, KernelWiring, HaStore, ControlCommands):
 
     def _start_io(self) -> None:
         cfg, d = self.cfg, self.cfg.daemon
+        workers = d.workers if cfg.role == "gw" else 0
         if self.tun is None:
-            self.tun = tunmod.LinuxTun(d.tun, d.mtu)
+            # with workers: one TUN queue each, none read here (mipsec.io.gw_workers)
+            self.tun = (tunmod.MultiQueueTun(d.tun, d.mtu, workers) if workers
+                        else tunmod.LinuxTun(d.tun, d.mtu))
         if self.manage_kernel and cfg.role in ("gw", "ha"):
             # before any socket opens: what may be forwarded (docs/security.md §3.1)
             getattr(self, f"_protect_{cfg.role}")()
@@ -133,7 +140,7 @@ class Daemon(CaptureKeys, KernelWiring, HaStore, ControlCommands):
                 self._esp_keys.add(entry.spi, entry.uat_line(), 0)
             pcapmod.write_esp_sa_file(cfg.keyfile, self._esp_keys.lines())
         self._attach_sequence_state()      # before the first packet can be sent
-        self.loop = EventLoop(self.role, tun=self.tun, sender=self.sender,
+        self.loop = EventLoop(self.role, tun=None if workers else self.tun, sender=self.sender,
                               receivers=self.receivers, name=f"{cfg.role}:{self._name()}",
                               pcap=self.pcap)
         if cfg.keyfile and getattr(self.role, "ike", None) is not None:
@@ -175,6 +182,11 @@ class Daemon(CaptureKeys, KernelWiring, HaStore, ControlCommands):
             getattr(self, f"_setup_{cfg.role}")()
         if self.store is not None and not d.ha_group:
             self._restore_bindings()      # (a group member restores when it becomes active)
+        if workers:     # running before the control socket answers (the GW is ready then)
+            from mipsec.io.gw_workers import WorkerPool
+            self.worker_pool = WorkerPool(self, workers, udp=self._nat_t_bind,
+                                          tun_fds=self.tun.fds())
+            self.worker_pool.start()
         self.control = control.ControlServer(cfg.control_socket, self.handle_command)
         self._loop.add_reader(self.control, lambda srv: srv.serve_one())
         if self.watcher is not None:
@@ -211,6 +223,7 @@ class Daemon(CaptureKeys, KernelWiring, HaStore, ControlCommands):
             self.nl.close if self.nl else None,
             self.watcher.close if self.watcher else None,
             self.announcer.close if self.announcer else None,
+            self.worker_pool.close if self.worker_pool else None,
             self.control.close if self.control else None,
             self.metrics.close if self.metrics else None,
             self.loop.close if self.loop else None,

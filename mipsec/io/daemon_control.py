@@ -72,6 +72,7 @@ class ControlCommands(DaemonState):
             **({"store": {"kind": self.cfg.daemon.store, "errors": self.store_errors,
                           "path": self.store_path() if self.cfg.daemon.store == "sqlite"
                           else None}} if self.store is not None else {}),
+            **({"workers": self.worker_pool.status()} if self.worker_pool is not None else {}),
             "node": _jsonable(node),
             "timeline": self.timeline(STATUS_TIMELINE_EVENTS),
         }

@@ -43,19 +43,25 @@ class KernelWiring(DaemonState):
     def _open_receivers(self) -> list[Any]:
         cfg = self.cfg
         out: list[Any] = []
+        # a GW with worker processes: ESP goes to the workers (mipsec.io.gw_workers), UDP 4500
+        # is a reuseport group whose first socket, this one, gets IKE and keepalives
+        workers = cfg.daemon.workers if cfg.role == "gw" else 0
         if cfg.role in ("mn", "gw"):
-            out.append(transports.RawReceiver(IPPROTO_ESP, "esp"))
+            if not workers:
+                out.append(transports.RawReceiver(IPPROTO_ESP, "esp"))
             if self._uses_ike():
                 # IKEv2 (RFC 7296 §2): UDP 500, and 4500 for NAT-T (IKE with the non-ESP
                 # marker and ESP in UDP, RFC 3948), both rebuilt into whole IPv4 + UDP packets
                 where = cfg.node.outside_address if cfg.role == "gw" else "0.0.0.0"
                 out.append(transports.UdpReceiver(IKE_PORT, where, name="ike"))
                 out.append(transports.UdpReceiver(NAT_T_PORT, where, name="ike-esp-udp",
-                                                  udp_checksum=False))
+                                                  udp_checksum=False,
+                                                  sock=self._nat_t_socket(where, workers)))
             elif self._uses_udp_encap():
                 # ESP in UDP: the rebuilt packet carries UDP checksum 0 (RFC 3948 §2.1)
                 out.append(transports.UdpReceiver(NAT_T_PORT, name="esp-udp",
-                                                  udp_checksum=False))
+                                                  udp_checksum=False,
+                                                  sock=self._nat_t_socket("0.0.0.0", workers)))
         if cfg.role == "mn":
             out.append(transports.UdpReceiver(MIP_PORT, name="mip"))
         if cfg.role == "gw":
@@ -85,6 +91,15 @@ class KernelWiring(DaemonState):
             out.append(transports.UdpReceiver(siu_port(), cfg.node.address, name="siu-ack",
                                               sock=sock))
         return out
+
+    def _nat_t_socket(self, address: str, workers: int) -> socket.socket | None:
+        """UDP 4500: a plain socket (None: the receiver opens it), or with workers the first
+        of the reuseport group the workers join (mipsec.io.gw_workers)."""
+        if not workers:
+            return None
+        from mipsec.io.gw_workers import open_reuseport_udp
+        self._nat_t_bind = (address, NAT_T_PORT)
+        return open_reuseport_udp(address, NAT_T_PORT)
 
     def _home_link_raw(self, protocol: int) -> socket.socket | None:
         """HA: the reverse tunnel is trusted only from the home link (docs/security.md §3.1),

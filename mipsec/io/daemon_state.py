@@ -9,6 +9,7 @@ reload).  ``mipsec.io.daemon`` puts them together and runs them.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -67,6 +68,8 @@ class DaemonState:
         self.serving = True                   # False while a standby (or fenced)
         self.standby_dropped = 0              # actions a standby did not carry out
         self.exit_status = 0
+        self.worker_pool: Any = None          # GW with workers: mipsec.io.gw_workers
+        self._nat_t_bind: tuple[str, int] | None = None   # ... and the UDP 4500 they share
         self.locks = instance.Locks(f"pid {os.getpid()}, config {cfg.path}")
         self.log_level_override: str | None = None      # --log-level / --log-format win over
         self.log_format_override: str | None = None     # the file, also on reload
@@ -103,6 +106,10 @@ class DaemonState:
     def sequence_path(self) -> str:
         return os.path.join(self.cfg.daemon.state_dir, f"{self._name()}.seq.json")
 
+    def worker_sequence_path(self, index: int | str) -> str:
+        """A GW worker's own sequence state (manual keys; ``*``: a glob of them all)."""
+        return seqstate.worker_path(self.cfg.daemon.state_dir, self._name(), index)
+
     def _manual_pairs(self) -> list[tuple[Any, Any]]:
         """(SA object, its EspSaConfig) for every SA whose keys come from the file."""
         if self.cfg.role not in ("mn", "gw") or self.cfg.daemon.sa_source != "manual":
@@ -131,6 +138,8 @@ class DaemonState:
             except OSError as exc:
                 raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: {exc}") from None
             self.seqstore = seqstate.SequenceStore(path)
+            # a GW's workers keep the numbers of the SAs they hold (mipsec.io.gw_worker)
+            self.seqstore.merge(sorted(glob.glob(self.worker_sequence_path("*"))))
         self.seqstore.attach(pairs)
         if self.seqstore.write_errors:
             raise ConfigError(f"{self.cfg.path}: [daemon] state_dir: cannot write "

@@ -102,6 +102,9 @@ class EventLoop:
         self.on_silent: Callable[[bytes], None] | None = None
         self.last_received: list[bytes] = []   # the last batch from a net receiver
         self.after_batch: list[Callable[[float], None]] = []
+        # ``before_ready`` hooks run after every wait, before any ready source is read (a GW
+        # worker applies its control messages first: an SA installed before the packet came)
+        self.before_ready: list[Callable[[], None]] = []
         self.hurry: Callable[[], bool] | None = None
         # SIGHUP: ``on_reload()`` runs in the loop (not in the signal handler) after the wake-up
         self.on_reload: Callable[[], object] | None = None
@@ -450,7 +453,14 @@ class EventLoop:
             max_wait = min(max_wait, HURRY_WAIT_S)
         wait = max_wait if deadline is None else min(max_wait, max(0.0, deadline - now))
         handlers = self._handlers
-        for fd in self._ready(wait):
+        ready = self._ready(wait)
+        for before in self.before_ready:
+            try:
+                before()
+            except Exception:
+                self.stats["bugs"] += 1
+                log.exception("BUG: before-ready hook failed")
+        for fd in ready:
             entry = handlers.get(fd)
             if entry is None:
                 continue

@@ -78,6 +78,17 @@ class SequenceStore:
                         "configuration", self.path, exc)
             return {}
 
+    def merge(self, paths: list[str]) -> None:
+        """Take the highest numbers of other state files of this daemon too (a GW's worker
+        processes each keep one for the SAs they hold: ``<name>.w<k>.seq.json``)."""
+        for path in paths:
+            for key, entry in SequenceStore(path, self.block).loaded.items():
+                mine = self.loaded.setdefault(key, {})
+                for field in ("reserved", "top"):
+                    value = entry.get(field)
+                    if isinstance(value, int) and value > mine.get(field, 0):
+                        mine[field] = value
+
     def attach(self, pairs: list[tuple[Any, Any]]) -> None:
         """Apply the stored state to these (SA, EspSaConfig) pairs, reserve the first outbound
         block and write the file, all before any packet is sent; then guard each SA.  SAs
@@ -157,6 +168,11 @@ class SequenceStore:
             self.entries[key]["top"] = sa.replay.top
         if self.entries:
             self.write()
+
+
+def worker_path(state_dir: str, name: str, index: int | str) -> str:
+    """A GW worker process's own state file (``index`` ``*``: a glob of them all)."""
+    return os.path.join(state_dir, f"{name}.w{index}.seq.json")
 
 
 def default_path(config_path: str) -> str:

@@ -107,6 +107,73 @@ class LinuxTun:
             self._dev.close()
 
 
+class MultiQueueTun:
+    """A multi-queue TUN device (``IFF_MULTI_QUEUE``): ``queues`` file descriptors on one
+    device; the kernel spreads the packets routed into it over the queues by a flow hash.  A
+    GW with worker processes gives each worker one queue (``fds``) and reads none itself.
+    Closing the last queue removes the device."""
+
+    def __init__(self, name: str, mtu: int = DEFAULT_MTU, queues: int = 2):
+        import pytun
+
+        if len(name.encode()) > 15:
+            raise ConfigError(f"TUN device name {name!r} is longer than 15 bytes (IFNAMSIZ)")
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
+        self._devs = []
+        try:
+            for _ in range(queues):
+                self._devs.append(pytun.TunTapDevice(name=name, flags=flags))
+        except pytun.Error as exc:
+            self.close()
+            raise ConfigError(f"cannot create multi-queue TUN device {name!r}: {exc} (needs "
+                              f"root or CAP_NET_ADMIN and /dev/net/tun)") from exc
+        self.name = self._devs[0].name
+        self._devs[0].mtu = mtu
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
+                f.write("1\n")
+        except OSError:
+            pass
+        self._devs[0].up()
+        self.write_errors = 0
+        self.read_errors = 0
+
+    @property
+    def mtu(self) -> int:
+        return self._devs[0].mtu
+
+    def fds(self) -> list[int]:
+        return [d.fileno() for d in self._devs]
+
+    def close(self) -> None:
+        for dev in self._devs:
+            dev.close()
+        self._devs = []
+
+
+class FdTun(LinuxTun):
+    """One queue of a TUN device opened by another process (a GW worker's, inherited as
+    ``fd``): reads and writes as ``LinuxTun``; closing closes the descriptor."""
+
+    def __init__(self, fd: int, name: str):      # (no pytun object: the fd is given)
+        self.name = name
+        self._fd = fd
+        os.set_blocking(fd, False)
+        self._closed = False
+        self.write_errors = 0
+        self.read_errors = 0
+        self._logged_errnos: set[int | None] = set()
+
+    @property
+    def mtu(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
 class FakeTun:
     """An in-memory TUN device for tests.
 

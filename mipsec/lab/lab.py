@@ -90,6 +90,7 @@ class Lab:
                            int(state.get("gateways", 1)))
         self.nat = bool(state.get("nat", False))
         self.ha_standbys = int(state.get("ha_standbys", 0))
+        self.gw_workers = int(state.get("gw_workers", 0))
 
     # --- the MNs --------------------------------------------------------------------------------
 
@@ -177,7 +178,7 @@ class Lab:
            udp_encap: bool = False, wait: bool = True, sa_source: str = "ikev2",
            handover_mode: str = "siu", ike: dict[str, Any] | None = None,
            mobiles: int = 1, nat: bool = False, gateways: int = 1, ha_standbys: int = 0,
-           **config_kw: Any) -> None:
+           gw_workers: int = 0, **config_kw: Any) -> None:
         """Build the lab and start the daemons.  The MN-GW SAs are negotiated by IKEv2
         (``sa_source="ikev2"``, the default) with the ESP transform ``encryption`` names, or
         written into the configs (``"manual"``, ``mipsec lab up --manual-keys``; CBC: manual
@@ -187,7 +188,8 @@ class Lab:
         ``retransmit_initial_s``, ``max_attempts``).  ``mobiles`` MNs, each attached to
         ``place``; ``nat`` adds the visited network ``n`` behind the router's NAT; ``gateways``
         GWs form a pool (IKEv2 only, no ``delay_ms``); ``ha_standbys`` more HAs and an etcd
-        cluster make an HA group (module doc)."""
+        cluster make an HA group (module doc); ``gw_workers``: the GWs' ``[daemon] workers``
+        (data-plane worker processes, docs/operations.md)."""
         left = topo.existing_namespaces(self.prefix)
         if left:   # refuse before touching anything: a second `up` must not break the first lab
             raise LabError(f"a lab with prefix {self.prefix!r} exists ({', '.join(left)}): "
@@ -201,12 +203,13 @@ class Lab:
             raise LabError(f"ha_standbys: 0..{MAX_HA_STANDBYS}, got {ha_standbys!r}")
         self.names, self.nat = Names(self.prefix, mobiles, gateways), nat
         self.ha_standbys = ha_standbys
+        self.gw_workers = gw_workers
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         try:
             topo.build(self.names, delay_ms, nat=nat)
             self.save_state(prefix=self.prefix, delay_ms=delay_ms, mobiles=mobiles, nat=nat,
                             gateways=gateways, place=None, places={}, moves=[],
-                            ha_standbys=ha_standbys)
+                            ha_standbys=ha_standbys, gw_workers=gw_workers)
             if ha_standbys:
                 topo.build_ha_group(self.names, ha_standbys)
                 self.start_etcd()
@@ -264,6 +267,8 @@ class Lab:
             if name == "gw":
                 settings = dataclasses.replace(settings, pcap=self.pcap,
                                                pcap_max_mb=LAB_PCAP_MAX_MB, pcap_keep=1)
+            if cfg.role == "gw":
+                settings = dataclasses.replace(settings, workers=self.gw_workers)
             cfg = dataclasses.replace(cfg, daemon=settings)
             path = self.path(f"{name}.toml")
             mconfig.write_config(cfg, path, comment=f"mipsec lab {self.prefix}: {name}")

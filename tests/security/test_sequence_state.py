@@ -141,3 +141,26 @@ def test_state_for_other_keys_or_a_broken_file_is_not_used(keys, tmp_path, caplo
     tx3 = sender(keys)
     SequenceStore(path).attach([(tx3, keys)])
     assert tx3.sequence == 0 and "ignored" in caplog.text
+
+
+def test_a_gw_worker_state_file_wins_over_the_control_process_copy(keys, tmp_path):
+    """A GW with worker processes: the worker that held the SA kept its numbers in its own file;
+    the control process (whose copy of the SA never sent a packet) merges the workers' files
+    at its next start, and the SA it hands out continues after the worker's numbers."""
+    rx = receiver(keys)
+    worker_file, control_file = str(tmp_path / "gw.w1.seq.json"), str(tmp_path / "gw.seq.json")
+    control = SequenceStore(control_file, block=8)
+    control.attach([(sender(keys), keys)])          # the control's copy: never used
+    worker = SequenceStore(worker_file, block=8)
+    tx = sender(keys)
+    worker.attach([(tx, keys)])
+    for i in range(20):
+        rx.decapsulate(tx.encapsulate(packet(i)))
+    worker.close()                                  # a clean stop: exactly 20
+    control.close()                                 # the copy: 0
+    again = SequenceStore(control_file, block=8)
+    again.merge([worker_file])
+    tx2 = sender(keys)
+    again.attach([(tx2, keys)])
+    assert tx2.sequence == 20
+    assert refused(rx, tx2.encapsulate(packet(99))) is None

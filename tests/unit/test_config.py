@@ -249,3 +249,19 @@ def test_ikev2_source_needs_the_ike_table(key_set, tmp_path):
     path = _mutate(key_set["gw"], tmp_path,
                    lambda t: t.replace('sa_source = "manual"', 'sa_source = "ikev2"'))
     assert "'ikev2' needs a [gateway.ike] table (local_id)" in _message(path)
+
+
+def test_gw_workers_key(key_set, tmp_path):
+    """``[daemon] workers``: 0 (one process) by default; a GW may have some, not an MN or HA;
+    a negative or huge count names the key."""
+    assert load_config(key_set["gw"]).daemon.workers == 0
+    assert "workers = 0" in open(key_set["gw"]).read()
+    path = _mutate(key_set["gw"], tmp_path, lambda t: t.replace("workers = 0", "workers = 2", 1))
+    assert load_config(path).daemon.workers == 2
+    for value in (-1, 65):
+        path = _mutate(key_set["gw"], tmp_path,
+                       lambda t, v=value: t.replace("workers = 0", f"workers = {v}", 1))
+        msg = _message(path)
+        assert "[daemon] workers" in msg and str(value) in msg
+    path = _mutate(key_set["mn1"], tmp_path, lambda t: t.replace("[daemon]", "[daemon]\nworkers = 2", 1))
+    assert "only a GW" in _message(path)
