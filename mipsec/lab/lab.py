@@ -51,6 +51,7 @@ STATE_ROOT = "/run/mipsec-lab"
 DEFAULT_PREFIX = "mipsec-"
 ROLES = ("ha", "gw", "mn")
 NS_OF = {"ha": "ha", "gw": "gw", "mn": "mn"}
+WORKER_READY_S = 15.0          # more for a GW per worker process (python start-up, loaded host)
 READY_TIMEOUT_S = 10.0
 LAB_PCAP_MAX_MB = 32             # the GW capture rotates at this size; one old file kept
 REGISTER_TIMEOUT_S = 10.0
@@ -224,7 +225,7 @@ class Lab:
             for role in self.daemons:
                 self.start_daemon(role)
             for role in self.daemons:
-                self.wait_ready(role)
+                self.wait_ready(role, self._ready_timeout(role))
             if ha_standbys:
                 self.wait_active()
             if place:
@@ -243,8 +244,13 @@ class Lab:
         while pid is not None and _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         pid = self.start_daemon(role)
-        self.wait_ready(role)
+        self.wait_ready(role, self._ready_timeout(role))
         return pid
+
+    def _ready_timeout(self, role: str) -> float:
+        """A GW with workers answers once every worker runs (a fresh interpreter each)."""
+        return READY_TIMEOUT_S + (WORKER_READY_S * self.gw_workers if role.startswith("gw")
+                                  else 0.0)
 
     def write_configs(self, **kw: Any) -> dict[str, str]:
         interfaces = tuple(topo.PLACE_IFACE[p] for p in self.places)
