@@ -28,9 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _timing import write_json  # noqa: E402
 
 from mipsec.ike.codec import TrafficSelector as TS  # noqa: E402
-from mipsec.ike.config import ChildSaEstablished, IkeConfig, SendDatagram  # noqa: E402
+from mipsec.ike.config import IkeConfig  # noqa: E402
 from mipsec.ike.crypto import DhPrivate  # noqa: E402
 from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
+from mipsec.ike.events import ChildSaEstablished, SendDatagram  # noqa: E402
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite  # noqa: E402
 
 GW = ("172.16.0.1", 500)

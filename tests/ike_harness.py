@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from mipsec.ike.codec import TrafficSelector as TS
-from mipsec.ike.config import IkeConfig, SendDatagram
+from mipsec.ike.config import IkeConfig
 from mipsec.ike.endpoint import IkeEndpoint
+from mipsec.ike.events import SendDatagram
 
 PSK = b"correct horse battery staple"
 MN_ADDR, GW_ADDR = "172.16.1.10", "172.16.0.1"
@@ -22,6 +23,12 @@ def configs(**kw):
                              local_ts=(TS.from_network("0.0.0.0/0"),),
                              remote_ts=(TS.from_network("10.1.0.0/24"),)), **common, **rkw})
     return ci, cr
+
+
+def ike_sa_of(endpoint: IkeEndpoint, ike_id):
+    """The endpoint's IKE SA object an event's ``ike_id`` names (tests poke its internals; a
+    runtime only ever uses the identifier)."""
+    return next(sa for sa in endpoint.ike_sas if sa.ike_id == ike_id)
 
 
 class Net:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mipsec.ike.config import (
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+from mipsec.ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     ChildSaRekeyed,
@@ -33,7 +34,6 @@ from mipsec.ike.config import (
     IkeSaRekeyed,
     PeerAddressChanged,
 )
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 
 
 class ChildSaBook:
@@ -57,34 +57,34 @@ class ChildSaBook:
 
     def _apply(self, event: Any, now: float) -> list[tuple]:
         if isinstance(event, ChildSaEstablished):
-            return [self._install(event.ike_sa, event.child, now)]
+            return [self._install(event.ike_id, event.child, now)]
         if isinstance(event, ChildSaRekeyed):
             if event.old is not None and event.old.spi_in in self.pairs:
                 self._replaced.add(event.old.spi_in)
-            return [self._install(event.ike_sa, event.new, now, event.send_on_new)]
+            return [self._install(event.ike_id, event.new, now, event.send_on_new)]
         if isinstance(event, ChildSaDeleted):
             spi = event.child.spi_in
             if spi in self._replaced:
                 return self._retire(spi, now)
             return self._remove(spi)
         if isinstance(event, IkeSaRekeyed):
-            self.take_over(event.old, event.new)
+            self.take_over(event.ike_id, event.new_id)
             return []
         if isinstance(event, (IkeSaDeleted, IkeSaFailed)):
             # a child SA never outlives its IKE SA, a retired one neither
             out = []
             for spi, owner in list(self._owner.items()):
-                if owner is event.ike_sa:
+                if owner == event.ike_id:
                     out += self._remove(spi)
             for spi, (_at, _entry, owner) in list(self.retired.items()):
-                if owner is event.ike_sa:
+                if owner == event.ike_id:
                     out += self._forget(spi)
             return out
         if isinstance(event, PeerAddressChanged):
             out = []
             for spi in list(self._order):
                 child, sin, sout = self.pairs[spi]
-                if self._owner[spi] is not event.ike_sa:
+                if self._owner[spi] != event.ike_id:
                     continue
                 local, remote = event.local[0], event.remote[0]
                 kw = {}
@@ -157,8 +157,8 @@ class ChildSaBook:
         """After an IKE SA re-key (``IkeSaRekeyed``) the children belong to the new IKE SA, so
         the old one's ``IkeSaDeleted`` leaves them alone."""
         for spi, owner in self._owner.items():
-            if owner is old_ike_sa:
+            if owner == old_ike_sa:
                 self._owner[spi] = new_ike_sa
         for spi, (at, entry, owner) in self.retired.items():
-            if owner is old_ike_sa:
+            if owner == old_ike_sa:
                 self.retired[spi] = (at, entry, new_ike_sa)

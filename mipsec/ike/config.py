@@ -1,19 +1,10 @@
-"""IKE configuration (validated at construction) and what the sans-I/O core hands its runtime.
-
-Outputs, in the order the runtime must carry them out:
-
-* ``SendDatagram(data, local, remote)``: one UDP payload from ``local`` (address, port) to
-  ``remote``.  ``data`` is the IKE message itself; on port 4500 the runtime prefixes the RFC 3948
-  non-ESP marker (``mipsec.ike.constants.NON_ESP_MARKER``); a NAT keepalive is ``b"\\xff"`` and is
-  sent as is (``keepalive=True``).
-* events, past tense: ``IkeSaEstablished``, ``ChildSaEstablished``, ``ChildSaRekeyed``,
-  ``ChildSaDeleted``, ``IkeSaRekeyed``, ``IkeSaDeleted``, ``IkeSaFailed``, ``PeerAddressChanged``.
-"""
+"""IKE configuration, validated at construction.  What the sans-I/O core hands its runtime
+(datagrams and events) is in ``mipsec.ike.events``."""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mipsec.errors import ConfigError
@@ -122,72 +113,3 @@ DEFAULT_IKE = (parse_ike_suite("aes256-sha256-prfsha256-ecp256"),
                parse_ike_suite("aes256-sha256-prfsha256-modp2048"))
 DEFAULT_ESP = (parse_esp_suite("aes256gcm16"), parse_esp_suite("aes128-sha256"))
 
-
-# --- outputs -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class SendDatagram:
-    data: bytes
-    local: Address
-    remote: Address
-    keepalive: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class IkeSaEstablished:
-    ike_sa: Any = field(repr=False)
-    peer_id: str = ""
-    remote: Address = ("", 0)
-
-
-@dataclass(frozen=True, slots=True)
-class ChildSaEstablished:
-    ike_sa: Any = field(repr=False)
-    child: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class ChildSaRekeyed:
-    """``new`` replaces ``old`` (RFC 7296 §2.8).  Install ``new``'s inbound SA now, keep
-    ``old``'s until its ``ChildSaDeleted`` (and a grace period after it).  ``send_on_new``: we
-    initiated the re-key, so the peer installed ``new`` before it answered: send on it now.
-    False: we answered; the initiator installs ``new`` only when our answer arrives, so keep
-    sending on ``old`` until its ``ChildSaDeleted`` (the initiator deletes it after installing)."""
-    ike_sa: Any = field(repr=False)
-    old: Any = None
-    new: Any = None
-    send_on_new: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ChildSaDeleted:
-    ike_sa: Any = field(repr=False)
-    child: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class IkeSaRekeyed:
-    old: Any = field(repr=False)
-    new: Any = field(repr=False, default=None)
-
-
-@dataclass(frozen=True, slots=True)
-class IkeSaDeleted:
-    ike_sa: Any = field(repr=False)
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class IkeSaFailed:
-    ike_sa: Any = field(repr=False)
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class PeerAddressChanged:
-    """MOBIKE (RFC 4555 §3.5) or NAT: the IKE SA and its children now use these addresses.
-    ``explicit``: moved by UPDATE_SA_ADDRESSES; False: by a NAT-T float (RFC 7296 §2.23)."""
-    ike_sa: Any = field(repr=False)
-    local: Address = ("", 0)
-    remote: Address = ("", 0)
-    explicit: bool = True

@@ -23,7 +23,6 @@ from mipsec.errors import ParseError, UsageError
 from mipsec.ike import proposals as P
 from mipsec.ike.child import split_keymat
 from mipsec.ike.codec import KePayload, Message, NoncePayload, NotifyPayload, SaPayload, TsPayload
-from mipsec.ike.config import ChildSaEstablished, ChildSaRekeyed, IkeSaRekeyed
 from mipsec.ike.constants import (
     HALF_OPEN_TIMEOUT_S,
     MAX_NONCE_LEN,
@@ -34,6 +33,7 @@ from mipsec.ike.constants import (
     ProtocolId,
 )
 from mipsec.ike.crypto import DhPrivate, IkeSuite, child_keymat, rekey_skeyseed
+from mipsec.ike.events import IkeSaRekeyed
 from mipsec.ike.sa_state import (
     ChildState,
     Collision,
@@ -131,9 +131,9 @@ class CreateChild(MessageWindow):
         self._add_child(child, now)
         old = self.children.get(st.old) if st.old is not None else None
         if old is None:
-            self._out.append(ChildSaEstablished(self, child))
+            self._child_established(child)
             return
-        self._out.append(ChildSaRekeyed(self, old, child))
+        self._child_rekeyed(old, child)
         self._child_rekey_at.pop(old.spi_in, None)
         # §2.8: the initiator of the re-key deletes the old SA
         self._queue.appendleft(self._new_request(Kind.DELETE_CHILD, DeleteChildState([old.spi_in])))
@@ -198,13 +198,13 @@ class CreateChild(MessageWindow):
         if old is not None:
             self._child_rekey_at.pop(old.spi_in, None)    # the peer will delete it
             # the peer installs the new SA only when our answer arrives: not sending on it yet
-            self._out.append(ChildSaRekeyed(self, old, child, send_on_new=False))
+            self._child_rekeyed(old, child, send_on_new=False)
             p = self._pending
             if (p is not None and isinstance(p.state, ChildState) and p.state.old == old.spi_in) \
                     or old.spi_in in self._collisions:
                 self._collision(old.spi_in, "theirs", (nonce.data, nr, child.spi_in))
         else:
-            self._out.append(ChildSaEstablished(self, child))
+            self._child_established(child)
         self._respond(m, out, local, remote, now)
         self._mid_in += 1
 
@@ -253,7 +253,8 @@ class CreateChild(MessageWindow):
             return
         new = self._successor(initiator=True, spi_i=st.spi, spi_r=sa.proposals[0].spi,
                               ni=st.ni, nr=nonce.data, suite=suite, shared=shared, now=now)
-        self._out.append(IkeSaRekeyed(self, new))
+        self._out.append(IkeSaRekeyed(self.ike_id, self.name, new.ike_id, self.peer_id or "",
+                                     new.local, new.remote))
         # §2.18: the initiator of the re-key deletes the old IKE SA
         self._queue.appendleft(self._new_request(Kind.DELETE_IKE, DeleteIkeState()))
 
@@ -288,7 +289,8 @@ class CreateChild(MessageWindow):
         self._mid_in += 1
         new = self._successor(initiator=False, spi_i=peer_spi, spi_r=spi, ni=nonce.data, nr=nr,
                               suite=suite, shared=shared, now=now)
-        self._out.append(IkeSaRekeyed(self, new))
+        self._out.append(IkeSaRekeyed(self.ike_id, self.name, new.ike_id, self.peer_id or "",
+                                     new.local, new.remote))
 
     def _successor(self, *, initiator: bool, spi_i: bytes, spi_r: bytes, ni: bytes, nr: bytes,
                    suite: IkeSuite, shared: bytes, now: float) -> Self:

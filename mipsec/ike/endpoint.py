@@ -9,7 +9,14 @@ in-memory tests, the benchmark)::
     out = ep.handle_timer(now);  ep.get_timer() -> float | None
     ep.ike_sas, ep.drops, ep.status()
 
-Each call returns ``SendDatagram`` outputs and events (``mipsec.ike.config``) in order.
+Each call returns ``SendDatagram`` outputs and events (``mipsec.ike.events``) in order.  The
+events are plain data naming an IKE SA by its ``ike_id``; a runtime acts on an IKE SA only
+through the endpoint, with that identifier::
+
+    ep.info(ike_id) -> IkeSaInfo | None;  ep.infos()
+    ep.delete_child(ike_id, spi_in, now);  ep.check_liveness(ike_id, now)
+    ep.update_addresses(ike_id, local, now)            # MOBIKE (RFC 4555 §3.5)
+    ep.follow_addresses(ike_id, local=..., remote=...) # moved by other means (the SIU)
 ``receive_datagram`` takes the UDP payload exactly as received: on port 4500 that is the
 RFC 3948 non-ESP marker and the IKE message, or a NAT keepalive; ESP in UDP is the runtime's
 business (``classify_udp`` tells the three apart).
@@ -37,18 +44,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mipsec.drops import DropReason
-from mipsec.errors import ParseError
+from mipsec.errors import ParseError, UsageError
 from mipsec.ike import codec
-from mipsec.ike.config import (
-    Address,
-    ChildSaDeleted,
-    IkeConfig,
-    IkeSaDeleted,
-    IkeSaEstablished,
-    IkeSaFailed,
-    IkeSaRekeyed,
-    SendDatagram,
-)
+from mipsec.ike.config import Address, IkeConfig
 from mipsec.ike.constants import (
     COOKIE_SECRET_LIFETIME_S,
     NAT_KEEPALIVE,
@@ -56,6 +54,16 @@ from mipsec.ike.constants import (
     ExchangeType,
     Flag,
     NotifyType,
+)
+from mipsec.ike.events import (
+    ChildSaDeleted,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaId,
+    IkeSaInfo,
+    IkeSaRekeyed,
+    SendDatagram,
 )
 from mipsec.ike.sa import IkeSa, State
 
@@ -158,6 +166,42 @@ class IkeEndpoint:
         finally:
             self._serving = None
 
+    # --- acting on one IKE SA, named by the ``ike_id`` of its events ---------------------------
+
+    def info(self, ike_id: IkeSaId | None) -> IkeSaInfo | None:
+        """A snapshot of the live IKE SA ``ike_id`` (None: unknown or ended)."""
+        sa = self._live(ike_id)
+        return _info(sa) if sa is not None else None
+
+    def infos(self) -> list[IkeSaInfo]:
+        """Every live IKE SA, oldest first."""
+        return [_info(sa) for sa in self.ike_sas if sa.state != State.CLOSED]
+
+    def delete_child(self, ike_id: IkeSaId, spi_in: int, now: float) -> list:
+        """Delete one child SA at the peer (§1.4.1); nothing if the IKE SA or child is gone."""
+        sa = self._live(ike_id)
+        if sa is None or spi_in not in sa.children:
+            return []
+        return self._track(sa, sa.delete_child(spi_in, now))
+
+    def check_liveness(self, ike_id: IkeSaId, now: float) -> list:
+        sa = self._need(ike_id)
+        return self._track(sa, sa.check_liveness(now))
+
+    def update_addresses(self, ike_id: IkeSaId, local: Address, now: float) -> list:
+        sa = self._need(ike_id)
+        return self._track(sa, sa.update_addresses(local, now))
+
+    def follow_addresses(self, ike_id: IkeSaId, *, local: str | None = None,
+                         remote: str | None = None) -> None:
+        """Move the IKE SA's local and/or remote address, ports kept, without an exchange
+        (``IkeSa.follow_addresses``: the runtime moved its ESP SAs by other means); nothing if
+        the IKE SA is gone."""
+        sa = self._live(ike_id)
+        if sa is not None:
+            sa.follow_addresses(local=(local, sa.local[1]) if local is not None else None,
+                                remote=(remote, sa.remote[1]) if remote is not None else None)
+
     def reserve_esp_spi(self, spi: int) -> None:
         """An inbound ESP SPI the runtime uses outside IKE (manual keys): never allocate it."""
         self._esp_spis.add(spi)
@@ -190,6 +234,16 @@ class IkeEndpoint:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _live(self, ike_id: IkeSaId | None) -> IkeSa | None:
+        sa = self._by_spi.get(ike_id) if ike_id is not None else None
+        return sa if sa is not None and sa.ike_id == ike_id and sa.state != State.CLOSED else None
+
+    def _need(self, ike_id: IkeSaId) -> IkeSa:
+        sa = self._live(ike_id)
+        if sa is None:
+            raise UsageError(f"no live IKE SA {ike_id.hex()}")
+        return sa
+
     def _alloc_esp_spi(self) -> int:
         policy = self.esp_spi_policy
         peer = self._serving.peer_id if self._serving is not None else None
@@ -205,10 +259,10 @@ class IkeEndpoint:
         """Keep the SPI table in step with the events an SA reports."""
         extra: list = []
         for ev in out:
-            if isinstance(ev, IkeSaEstablished) and ev.ike_sa.initial_contact:
+            if isinstance(ev, IkeSaEstablished) and ev.initial_contact:
                 # §2.4: the peer has no other IKE SA with us: drop the ones it forgot
                 for other in self.ike_sas:
-                    if other is not ev.ike_sa and other.peer_id == ev.ike_sa.peer_id \
+                    if other.ike_id != ev.ike_id and other.peer_id == ev.peer_id \
                             and other.state != State.CLOSED:
                         gone = other.abandon("INITIAL_CONTACT from the peer")
                         self._forget(other)
@@ -216,11 +270,15 @@ class IkeEndpoint:
                             if isinstance(child_ev, ChildSaDeleted):
                                 self._esp_spis.discard(child_ev.child.spi_in)
                         extra += gone
-            if isinstance(ev, IkeSaRekeyed) and ev.new is not None:
-                new = ev.new
-                self._by_spi[new.spi_i if new.initiator else new.spi_r] = new
+            if isinstance(ev, IkeSaRekeyed):
+                old = self._by_spi.get(ev.ike_id)
+                new = old.successor if old is not None else None
+                if isinstance(new, IkeSa):
+                    self._by_spi[new.ike_id] = new
             elif isinstance(ev, (IkeSaDeleted, IkeSaFailed)):
-                self._forget(ev.ike_sa)
+                ended = self._by_spi.get(ev.ike_id)
+                if ended is not None:
+                    self._forget(ended)
             elif isinstance(ev, ChildSaDeleted):
                 # its SPI may be allocated again (else every re-key would grow the set)
                 self._esp_spis.discard(ev.child.spi_in)
@@ -288,6 +346,14 @@ class IkeEndpoint:
             self._by_spi[spi_r] = sa
             self._half_open[(h.spi_i, remote)] = sa
         return out
+
+
+def _info(sa: IkeSa) -> IkeSaInfo:
+    return IkeSaInfo(ike_id=sa.ike_id, name=sa.name, state=sa.state.value,
+                     established=sa.is_established, initiator=sa.initiator,
+                     peer_id=sa.peer_id or "", local=sa.local, remote=sa.remote,
+                     mobike=sa.peer_mobike and sa.config.mobike,
+                     children=tuple(sa.children), created=sa.created, last_heard=sa.last_heard)
 
 
 def _no_unicast_source(address: str) -> bool:

@@ -34,11 +34,7 @@ from mipsec.ike.codec import (
 )
 from mipsec.ike.config import (
     Address,
-    ChildSaEstablished,
     IkeConfig,
-    IkeSaEstablished,
-    IkeSaFailed,
-    SendDatagram,
     identity,
     identity_text,
 )
@@ -54,6 +50,7 @@ from mipsec.ike.constants import (
     PayloadType,
 )
 from mipsec.ike.crypto import DhPrivate, child_keymat, psk_auth, skeyseed
+from mipsec.ike.events import IkeSaEstablished, IkeSaFailed, SendDatagram
 from mipsec.ike.sa_state import (
     AuthState,
     CachedResponse,
@@ -215,8 +212,8 @@ class Establish(MessageWindow):
             reason = (DropReason.IKE_AUTH_FAILED if any(
                 e.type == NotifyType.AUTHENTICATION_FAILED for e in errors) else DropReason.MALFORMED)
             self.drops[reason] += 1
-            self._close(IkeSaFailed(self, "IKE_AUTH refused: " + ", ".join(
-                notify_name(e.type) for e in errors) if errors else "IKE_AUTH without IDr/AUTH"))
+            self._close(IkeSaFailed, "IKE_AUTH refused: " + ", ".join(
+                notify_name(e.type) for e in errors) if errors else "IKE_AUTH without IDr/AUTH")
             return self._flush()
         peer_id = identity_text(idr.id_type, idr.data)
         psk = c.psk_for(peer_id) if c.remote_id is None else (
@@ -224,7 +221,7 @@ class Establish(MessageWindow):
         if psk is None or auth.method != AuthMethod.SHARED_KEY_MIC or not hmac.compare_digest(
                 auth.data, self._auth_data(psk, False, idr.body())):
             self.drops[DropReason.IKE_AUTH_FAILED] += 1
-            self._close(IkeSaFailed(self, f"responder {peer_id!r} failed authentication"))
+            self._close(IkeSaFailed, f"responder {peer_id!r} failed authentication")
             return self._flush()
         child = None
         sa, tsi, tsr = m.find(SaPayload), m.find(TsPayload, PayloadType.TSi), \
@@ -255,10 +252,11 @@ class Establish(MessageWindow):
         if self.config.ike_lifetime_s:
             # the original responder waits 10 % longer so that the two rarely collide (§2.8.1)
             self._rekey_at = now + self.config.ike_lifetime_s * (1.0 if self.initiator else 1.1)
-        self._out.append(IkeSaEstablished(self, self.peer_id or "", self.remote))
+        self._out.append(IkeSaEstablished(self.ike_id, self.name, self.peer_id or "", self.local,
+                                          self.remote, self.initial_contact))
         if child is not None:
             self._add_child(child, now)
-            self._out.append(ChildSaEstablished(self, child))
+            self._child_established(child)
         self._pump(now)
         return self._flush()
 
@@ -341,7 +339,7 @@ class Establish(MessageWindow):
             # §2.21.2: answer AUTHENTICATION_FAILED and forget the SA
             self._respond(m, [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)], local, remote, now)
             self.drops[DropReason.IKE_AUTH_FAILED] += 1
-            self._close(IkeSaFailed(self, f"initiator {peer_id!r} failed authentication"))
+            self._close(IkeSaFailed, f"initiator {peer_id!r} failed authentication")
             return self._flush()
         # §2.23 / RFC 4555 §3.4: from IKE_AUTH on, use the ports the initiator floated to
         self.local, self.remote = local, remote

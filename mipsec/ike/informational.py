@@ -16,8 +16,9 @@ from typing import Any
 
 from mipsec.errors import UsageError
 from mipsec.ike.codec import DeletePayload, Message, NotifyPayload
-from mipsec.ike.config import Address, ChildSaDeleted, IkeSaDeleted
+from mipsec.ike.config import Address
 from mipsec.ike.constants import NotifyType, ProtocolId
+from mipsec.ike.events import IkeSaDeleted
 from mipsec.ike.sa_state import (
     DeleteChildState,
     DeleteIkeState,
@@ -70,7 +71,7 @@ class Informational(MessageWindow):
             self._child_rekey_at.pop(spi, None)
             self._collisions.pop(spi, None)
             if child is not None:
-                self._out.append(ChildSaDeleted(self, child))
+                self._child_deleted(child)
 
     def delete(self, now: float) -> list:
         """Delete this IKE SA and its children (§1.4.1)."""
@@ -78,7 +79,7 @@ class Informational(MessageWindow):
             self._queue.clear()            # what is in flight completes first (message IDs)
             self._queue_request(Kind.DELETE_IKE, DeleteIkeState(), now)
         elif self.state != State.CLOSED:
-            self._close(IkeSaDeleted(self, "deleted before it was established"))
+            self._close(IkeSaDeleted, "deleted before it was established")
         return self._flush()
 
     def _build_delete_ike(self, req: Request, now: float) -> list[Any]:
@@ -88,14 +89,14 @@ class Informational(MessageWindow):
 
     def _on_delete_ike_response(self, m: Message, req: Request, now: float) -> None:
         self._delete_all_children()
-        self._close(IkeSaDeleted(self, "deleted by us"))
+        self._close(IkeSaDeleted, "deleted by us")
 
     def abandon(self, reason: str) -> list:
         """Forget this SA and its children without telling the peer (it told us they are gone:
         INITIAL_CONTACT, §2.4; or the path is gone and a new IKE SA replaces it)."""
         if self.state != State.CLOSED:
             self._delete_all_children()
-            self._close(IkeSaDeleted(self, reason))
+            self._close(IkeSaDeleted, reason)
         return self._flush()
 
     # --- addresses: MOBIKE (RFC 4555) and the SIU handover --------------------------------------
@@ -155,7 +156,7 @@ class Informational(MessageWindow):
             self._respond(m, [], local, remote, now)          # §1.4.1: empty answer
             self._mid_in += 1
             self._delete_all_children()
-            self._close(IkeSaDeleted(self, "deleted by the peer"))
+            self._close(IkeSaDeleted, "deleted by the peer")
             return
         ours = []
         for d in deletes:
@@ -188,6 +189,6 @@ class Informational(MessageWindow):
             del self.children[child.spi_in]
             self._child_rekey_at.pop(child.spi_in, None)
             self._collisions.pop(child.spi_in, None)
-            self._out.append(ChildSaDeleted(self, child))
+            self._child_deleted(child)
         if moved:
             self._rebind_children(now)

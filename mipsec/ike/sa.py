@@ -52,10 +52,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mipsec.ike.config import Address, IkeConfig, IkeSaDeleted, IkeSaFailed, SendDatagram
+from mipsec.ike.config import Address, IkeConfig
 from mipsec.ike.constants import NAT_KEEPALIVE, ExchangeType
 from mipsec.ike.create_child import CreateChild
 from mipsec.ike.establish import Establish
+from mipsec.ike.events import IkeSaDeleted, IkeSaFailed, SendDatagram
 from mipsec.ike.informational import Informational
 from mipsec.ike.sa_state import (
     ACCEPTS_REQUEST,
@@ -121,6 +122,7 @@ class IkeSa(Establish, CreateChild, Informational):
                 "nat_local": self.nat_local, "nat_remote": self.nat_remote,
                 "mobike": self.peer_mobike and self.config.mobike,
                 "children": [c.describe() for c in self.children.values()],
+                "established_time": self.established_at,
                 "drops": {str(k): v for k, v in self.drops.items() if v}}
 
     # --- timers -----------------------------------------------------------------------------------
@@ -151,12 +153,12 @@ class IkeSa(Establish, CreateChild, Informational):
             return self._flush()
         if self._closing_at is not None and now >= self._closing_at \
                 and self.state == State.INIT_ANSWERED:     # (an initiator's retries end it)
-            self._close(IkeSaFailed(self, "half-open IKE SA timed out"))
+            self._close(IkeSaFailed, "half-open IKE SA timed out")
             return self._flush()
         if self._closing_at is not None and now >= self._closing_at \
                 and self.state == State.REKEYED and self._pending is None:
             # §2.18: the peer re-keyed but never deleted this one; it carries nothing any more
-            self._close(IkeSaDeleted(self, "superseded by its re-key"))
+            self._close(IkeSaDeleted, "superseded by its re-key")
             return self._flush()
         if self.state == State.ESTABLISHED:
             # the requests below return (flush) what they send at once: keep it, in order

@@ -34,14 +34,7 @@ from mipsec.ike import codec
 from mipsec.ike import proposals as P
 from mipsec.ike.child import ChildSa, split_keymat
 from mipsec.ike.codec import Header, Message, NotifyPayload, SaPayload, TsPayload
-from mipsec.ike.config import (
-    Address,
-    ChildSaDeleted,
-    IkeConfig,
-    IkeSaFailed,
-    PeerAddressChanged,
-    SendDatagram,
-)
+from mipsec.ike.config import Address, IkeConfig
 from mipsec.ike.constants import (
     HALF_OPEN_TIMEOUT_S,
     RETRANSMIT_INITIAL_S,
@@ -53,6 +46,16 @@ from mipsec.ike.constants import (
     PayloadType,
 )
 from mipsec.ike.crypto import DhPrivate, IkeKeys, IkeSuite, SkCipher, child_keymat, derive_ike_keys
+from mipsec.ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaDeleted,
+    IkeSaFailed,
+    IkeSaId,
+    PeerAddressChanged,
+    SendDatagram,
+)
 from mipsec.ike.sa_state import (
     ACCEPTS_REQUEST,
     MAY_REQUEST,
@@ -183,7 +186,25 @@ class MessageWindow:
         self._out.append(SendDatagram(data, local, remote))
         self._last_sent = now
 
-    def _close(self, event) -> None:
+    @property
+    def ike_id(self) -> IkeSaId:
+        """The SPI we chose: what the endpoint and the events name this SA by (§2.1)."""
+        return self.spi_i if self.initiator else self.spi_r
+
+    # --- events: plain data, never this object (``mipsec.ike.events``) -------------------------
+
+    def _child_established(self, child: ChildSa) -> None:
+        self._out.append(ChildSaEstablished(self.ike_id, self.peer_id or "", self.local,
+                                            self.remote, child))
+
+    def _child_rekeyed(self, old: ChildSa | None, new: ChildSa, send_on_new: bool = True) -> None:
+        self._out.append(ChildSaRekeyed(self.ike_id, self.peer_id or "", self.local, self.remote,
+                                        old, new, send_on_new))
+
+    def _child_deleted(self, child: ChildSa) -> None:
+        self._out.append(ChildSaDeleted(self.ike_id, self.peer_id or "", child))
+
+    def _close(self, ended: type[IkeSaDeleted] | type[IkeSaFailed], reason: str) -> None:
         if self.children:
             # §1.4.1: child SAs never outlive their IKE SA, however it ends (a failed liveness
             # check or exchange too): each is reported deleted before the IKE SA's own event
@@ -195,7 +216,7 @@ class MessageWindow:
             self._release_esp_spi(p.state.spi_in)   # that child never came
         self._pending = None
         self._queue.clear()
-        self._out.append(event)
+        self._out.append(ended(self.ike_id, self.name, self.peer_id or "", self.remote, reason))
 
     # --- keys: what exists only once IKE_SA_INIT has run (the state machine guarantees it) ---
 
@@ -307,7 +328,7 @@ class MessageWindow:
 
     def _delete_all_children(self) -> None:
         for child in list(self.children.values()):
-            self._out.append(ChildSaDeleted(self, child))
+            self._child_deleted(child)
         self.children.clear()
         self._child_rekey_at.clear()
 
@@ -326,7 +347,8 @@ class MessageWindow:
                                          remote_address=self.remote[0],
                                          local_port=self.local[1] if self.encap else 4500,
                                          remote_port=self.remote[1] if self.encap else 4500)
-        self._out.append(PeerAddressChanged(self, self.local, self.remote, explicit))
+        self._out.append(PeerAddressChanged(self.ike_id, self.peer_id or "", self.local, self.remote,
+                                             explicit))
 
     # --- our requests: one in flight (§2.3), retransmitted (§2.1) -------------------------------
 
@@ -372,7 +394,7 @@ class MessageWindow:
             refused = p.state.refused if isinstance(p.state, InitState) else None
             why = (f"IKE_SA_INIT refused: {refused}" if refused
                    else f"no response to {p.kind.value} after {p.tries + 1} tries")
-            self._close(IkeSaFailed(self, why))
+            self._close(IkeSaFailed, why)
             return False
         p.tries += 1
         interval = RETRANSMIT_INITIAL_S * (2 ** p.tries)             # §2.1: back off

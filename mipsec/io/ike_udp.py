@@ -23,9 +23,9 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-from mipsec.ike.config import SendDatagram
 from mipsec.ike.constants import IKE_PORT, NAT_T_PORT
 from mipsec.ike.endpoint import IkeEndpoint, classify_udp
+from mipsec.ike.events import SendDatagram
 from mipsec.wire.ipv4 import Ipv4Header, UdpHeader, build_ipv4, build_udp
 
 Address = tuple[str, int]

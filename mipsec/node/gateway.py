@@ -116,7 +116,7 @@ class Mobile(GwBinding):
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed",
                  "allowed_text", "packets_up", "packets_down", "home_bytes",
-                 "old_inbound", "lineage", "ike_sa", "installed_at", "next_outbound",
+                 "old_inbound", "lineage", "ike_id", "installed_at", "next_outbound",
                  "pair_outbound", "road_warrior")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
@@ -142,7 +142,7 @@ class Mobile(GwBinding):
         # and the survivor, re-keyed away a moment before, carries on (``retire_inbound``)
         self.pair_outbound: dict[int, SecurityAssociation] = {inbound.spi: outbound}
         self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
-        self.ike_sa: Any = None           # the IKE SA that made these SAs (IKEv2 mode)
+        self.ike_id: bytes | None = None  # the IKE SA that made these SAs (IKEv2 mode)
         self.installed_at = 0.0
 
     def names_spi(self, spi: int) -> bool:

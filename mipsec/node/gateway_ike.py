@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, UsageError
-from mipsec.ike.config import (
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+from mipsec.ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     ChildSaRekeyed,
@@ -30,7 +31,6 @@ from mipsec.ike.config import (
     PeerAddressChanged,
     SendDatagram,
 )
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
 from mipsec.ipsec.sa import SecurityAssociation, UdpEncap
 from mipsec.ipsec.sad import Sad
 from mipsec.mip import ipip
@@ -183,9 +183,10 @@ class GatewayIke:
         child = ev.child if ev.__class__ is ChildSaEstablished else (
             ev.new if ev.__class__ is ChildSaRekeyed else None)
         actions: list[Action] = [Log("warning", f"IKE child SA not installed: {exc}")]
-        if child is not None and child.spi_in in ev.ike_sa.children:
+        if child is not None:
             # tell the peer (RFC 7296 §1.4.1) so it does not send ESP we cannot decrypt
-            actions += RoleIke.run(ev.ike_sa.delete_child(child.spi_in, now))[0]
+            actions += RoleIke.run(self._ikev2.endpoint.delete_child(ev.ike_id, child.spi_in,
+                                                                      now))[0]
         return actions
 
     @property
@@ -195,52 +196,52 @@ class GatewayIke:
             raise UsageError(f"GW {self.name}: manual keys, no IKEv2")
         return self.ike
 
-    def _ike_mobile(self, ike_sa: Any) -> Mobile | None:
-        cfg = self._by_ike_id.get(ike_sa.peer_id or "")
+    def _ike_mobile(self, peer_id: str) -> Mobile | None:
+        cfg = self._by_ike_id.get(peer_id)
         return self.mobiles.get(cfg.home_address) if cfg is not None else None
 
     def _ike_event(self, ev: Any, now: float) -> list[Action]:
         cls = ev.__class__
         if cls is ChildSaEstablished:
-            cfg = self._by_ike_id.get(ev.ike_sa.peer_id or "")
+            cfg = self._by_ike_id.get(ev.peer_id)
             if cfg is None:               # cannot happen: only configured identities have a PSK
-                return [Log("warning", f"child SA for unknown IKE identity {ev.ike_sa.peer_id}")]
+                return [Log("warning", f"child SA for unknown IKE identity {ev.peer_id}")]
             sin, sout = ev.child.make_sas(now=now, inbound_any_source=True)
             sout.rebind(remote=UNBOUND_ADDRESS)           # bound below, through the table
             actions = self.install_mobile(cfg.home_address, sin, sout, home_agent=cfg.home_agent,
                                           allowed_destinations=cfg.allowed_destinations, now=now,
                                           road_warrior=cfg.road_warrior)
             installed = self.mobiles[cfg.home_address]
-            installed.ike_sa = ev.ike_sa
+            installed.ike_id = ev.ike_id
             self._ikev2.note(now, f"{cfg.ike_id}: child {ev.child.spi_in:08x}/"
                                f"{ev.child.spi_out:08x} installed")
             tl.record(self.timeline, now, self.name, "gw-sas-installed",
                       home_address=cfg.home_address, ike_id=cfg.ike_id, inbound_spi=sin.spi,
-                      outbound_spi=sout.spi, peer=ev.ike_sa.remote[0])
-            return actions + self._bind_to_ike(installed, ev.ike_sa.remote, now)
+                      outbound_spi=sout.spi, peer=ev.remote[0])
+            return actions + self._bind_to_ike(installed, ev.remote, now)
         if cls is ChildSaRekeyed:
-            mobile = self._ike_mobile(ev.ike_sa)
-            if mobile is None or mobile.ike_sa is not ev.ike_sa:
+            mobile = self._ike_mobile(ev.peer_id)
+            if mobile is None or mobile.ike_id != ev.ike_id:
                 return []
             sin, sout = ev.new.make_sas(now=now, inbound_any_source=True)
-            self._ikev2.note(now, f"{ev.ike_sa.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
+            self._ikev2.note(now, f"{ev.peer_id}: child re-keyed -> {ev.new.spi_in:08x}/"
                                f"{ev.new.spi_out:08x}", rekey=True)
             return self.rekey_mobile(mobile.home_address, sin, sout, now,
                                      send_on_new=ev.send_on_new)
         if cls is ChildSaDeleted:
             owner = self._by_spi.get(ev.child.spi_in)
-            if owner is None or owner is not self._ike_mobile(ev.ike_sa):
+            if owner is None or owner is not self._ike_mobile(ev.peer_id):
                 return []     # not this peer's SA (e.g. a child we refused to install)
             return self.retire_inbound(ev.child.spi_in, now)
         if cls is IkeSaRekeyed:
             for m in self.mobiles.values():
-                if m.ike_sa is ev.old and ev.new is not None:
-                    m.ike_sa = ev.new
-            self._ikev2.note(now, f"IKE SA {ev.old.name} re-keyed", rekey=True)
+                if m.ike_id == ev.ike_id:
+                    m.ike_id = ev.new_id
+            self._ikev2.note(now, f"IKE SA {ev.name} re-keyed", rekey=True)
             return []
         if cls is PeerAddressChanged:
-            mobile = self._ike_mobile(ev.ike_sa)
-            if mobile is None or mobile.ike_sa is not ev.ike_sa:
+            mobile = self._ike_mobile(ev.peer_id)
+            if mobile is None or mobile.ike_id != ev.ike_id:
                 return []
             if self.config.handover_mode != "mobike" or not ev.explicit:
                 # SIU mode, or a NAT-T float (RFC 7296 §2.23) in MOBIKE mode: IKE follows the
@@ -253,18 +254,18 @@ class GatewayIke:
                 return []
             return self._mobike_move(mobile, ev.remote, now)
         if cls is IkeSaEstablished:
-            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id} at {ev.remote[0]}")
+            self._ikev2.note(now, f"IKE SA {ev.name} up with {ev.peer_id} at {ev.remote[0]}")
             return []
         if cls is IkeSaDeleted or cls is IkeSaFailed:
             # every IKE SA that ends is logged and, for a known MN, in its timeline (its child
             # SAs were reported deleted just before: RFC 7296 §1.4.1)
-            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
-            mobile = self._ike_mobile(ev.ike_sa)
+            self._ikev2.note(now, f"IKE SA {ev.name} ended: {ev.reason}")
+            mobile = self._ike_mobile(ev.peer_id)
             if mobile is not None:
                 tl.record(self.timeline, now, self.name, "ike-ended",
-                          home_address=mobile.home_address, ike_sa=ev.ike_sa.name,
+                          home_address=mobile.home_address, ike_sa=ev.name,
                           reason=ev.reason)
-            return [Log("info", f"IKE SA {ev.ike_sa.name} with {ev.ike_sa.peer_id or '?'} "
+            return [Log("info", f"IKE SA {ev.name} with {ev.peer_id or '?'} "
                                 f"ended: {ev.reason}")]
         return []
 

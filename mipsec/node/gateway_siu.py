@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mipsec.node.gateway import Mobile
+    from mipsec.node.ike import RoleIke
 
 UNBOUND_ADDRESS = UNSPECIFIED_ADDRESS    # an SIU's "no care-of address"
 
@@ -71,6 +72,7 @@ class GatewaySiu:
     _ack_signers: dict[str, SiuSigner]
     _inside_b: bytes
     _own_addresses: frozenset[str]
+    ike: RoleIke | None
 
     if TYPE_CHECKING:      # VpnGateway's own method, used here
         def _drop(self, reason: DropReason) -> list[Action]: ...
@@ -217,9 +219,9 @@ class GatewaySiu:
         else:
             sa.rebind(remote=address)
         mobile.care_of = new
-        if mobile.ike_sa is not None:
+        if mobile.ike_id is not None and self.ike is not None:
             # the IKE SA follows the binding: re-keys and liveness checks go there
-            mobile.ike_sa.follow_addresses(remote=(address, mobile.ike_sa.remote[1]))
+            self.ike.endpoint.follow_addresses(mobile.ike_id, remote=address)
         via = {} if address == new and (port is None or sa.udp_encap is None) else {
             "via": f"{address}:{port}" if sa.udp_encap is not None else address}
         tl.record(self.timeline, now, self.name, "gw-sa-repointed",

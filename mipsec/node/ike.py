@@ -21,9 +21,10 @@ from typing import Any
 from mipsec.constants import IKE_PORT as IKE_PORT
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
-from mipsec.ike.config import IkeConfig, SendDatagram
+from mipsec.ike.config import IkeConfig
 from mipsec.ike.constants import NAT_KEEPALIVE, NON_ESP_MARKER
 from mipsec.ike.endpoint import IkeEndpoint
+from mipsec.ike.events import SendDatagram
 from mipsec.node.actions import Action, SendToNet
 from mipsec.node.packet import IPPROTO_UDP, NAT_T_PORT, a2b, b2a, build_udp_packet, parse_udp_packet
 
@@ -87,8 +88,6 @@ class RoleIke:
         """For ``mipsec status``: each IKE SA (SPIs, state, peer, addresses, children), when it
         was established, the last re-key (child or IKE SA) and the last IKE events."""
         st = self.endpoint.status()
-        for sa, entry in zip(self.endpoint.ike_sas, st["ike_sas"], strict=True):
-            entry["established_time"] = sa.established_at
         st["last_rekey_time"] = self.last_rekey
         st["events"] = [{"time": t, "event": w} for t, w in self.last_events]
         return st

@@ -159,7 +159,7 @@ class MobileNode(MobileNodeRegistration):
         self.msa = MobilitySecurityAssociation(config.msa.spi, config.msa.key, config.msa.algorithm)
         # IKEv2 (docs/ikev2.md "Integration"): no SAs until the first child SA is up
         self.ike: RoleIke | None = None
-        self._ike_sa: Any = None                 # the IKE SA we use with the GW
+        self._ike_id: bytes | None = None        # the IKE SA we use with the GW (its ike_id)
         self.gateways = config.gateway_list      # in order of preference (docs/scaling.md)
         self._gw_index = 0                       # the one in use: self.gateways[self._gw_index]
         self._ike_retry_at: float | None = None
@@ -471,13 +471,14 @@ class MobileNode(MobileNodeRegistration):
             actions += self._ike_moved(coa, now)
         resumed = self.state is S.DETACHED
         actions += self._event(RegEvent.MOVED, now)
-        sa = self._ike_alive()
-        if resumed and sa is not None and sa.is_established:
+        ike = self._ike_alive()
+        if resumed and ike is not None and ike.established:
             # back after a time without an address: the GW may have given our IKE SA up
             # meanwhile; check it beside the registration, re-establish at once if silent
             self._probe_started = now
             self._probe_deadline = now + max(PROBE_TIMEOUT_S, 2 * self.rtt.rto)
-            actions += self._ike_outputs(sa.check_liveness(now), now)
+            actions += self._ike_outputs(self._ikev2.endpoint.check_liveness(ike.ike_id, now),
+                                         now)
         return actions
 
     def _returned_home(self, event: ReturnedHome, now: float) -> list[Action]:
@@ -550,7 +551,7 @@ class MobileNode(MobileNodeRegistration):
             return self._event(RegEvent.LIVENESS_DUE, now)
         self._probe_started = now
         self._probe_deadline = now + max(PROBE_TIMEOUT_S, 2 * self.rtt.rto)
-        return self._ike_outputs(sa.check_liveness(now), now)
+        return self._ike_outputs(self._ikev2.endpoint.check_liveness(sa.ike_id, now), now)
 
     def _probe_expired(self, now: float) -> list[Action]:
         sa = self._ike_alive()

@@ -17,19 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, UsageError
-from mipsec.ike.config import (
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+from mipsec.ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     ChildSaRekeyed,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    IkeSaId,
+    IkeSaInfo,
     IkeSaRekeyed,
     PeerAddressChanged,
     SendDatagram,
 )
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
-from mipsec.ike.sa import State as IkeState
 from mipsec.ipsec.sa import SecurityAssociation
 from mipsec.mobility.registration import AWAY, RegEvent, Registration, RegState
 from mipsec.node.actions import Action, Log, RebindSa
@@ -52,7 +53,7 @@ class MobileNodeIke:
     drops: Counter[DropReason]
     gateways: tuple[str, ...]
     _gw_index: int
-    _ike_sa: Any
+    _ike_id: IkeSaId | None
     _pairs: dict[int, tuple[Any, SecurityAssociation, SecurityAssociation]]
     _inbound_sas: dict[int, SecurityAssociation]
     _grace: dict[int, float]
@@ -83,12 +84,13 @@ class MobileNodeIke:
         self._gw_index = (self._gw_index + 1) % len(self.gateways)
         self._record(now, "gateway-changed", old=old, new=self.gateway, reason=why)
         self._ikev2.note(now, f"GW {old} gone ({why}): next GW {self.gateway}")
-        saved, self._ike_sa = self._ike_sa, None      # its deletion must not start another
+        saved, self._ike_id = self._ike_id, None      # its deletion must not start another
         actions: list[Action] = [Log("warning", f"GW {old} is gone ({why}): re-establishing "
                                                 f"with the next GW in the list, {self.gateway}")]
         actions += self._ike_outputs(self._ikev2.endpoint.abandon(old, f"GW gone: {why}"), now)
-        if saved is not None and saved.state != IkeState.CLOSED and saved.remote[0] != old:
-            self._ike_sa = saved
+        kept = self._ikev2.endpoint.info(saved)
+        if kept is not None and kept.remote[0] != old:
+            self._ike_id = saved
         return actions
 
     def _first_gateway(self, now: float) -> None:
@@ -119,9 +121,9 @@ class MobileNodeIke:
                 actions.append(Log("warning", f"IKE child SA not installed: {exc}"))
                 child = out.child if out.__class__ is ChildSaEstablished else (
                     out.new if out.__class__ is ChildSaRekeyed else None)
-                if child is not None and child.spi_in in out.ike_sa.children:
-                    actions += RoleIke.run(out.ike_sa.delete_child(child.spi_in, now),
-                                           self.interface)[0]
+                if child is not None:
+                    actions += RoleIke.run(self._ikev2.endpoint.delete_child(
+                        out.ike_id, child.spi_in, now), self.interface)[0]
         return actions
 
     @property
@@ -137,17 +139,17 @@ class MobileNodeIke:
             raise UsageError(f"MN {self.name}: no care-of address")
         return self.care_of
 
-    def _ike_alive(self) -> Any:
-        sa = self._ike_sa
-        return sa if sa is not None and sa.state != IkeState.CLOSED else None
+    def _ike_alive(self) -> IkeSaInfo | None:
+        """The IKE SA we use with the GW, if it is still there."""
+        return self._ikev2.endpoint.info(self._ike_id) if self.ike is not None else None
 
     def _ike_start(self, now: float) -> list[Action]:
         """Negotiate from the current CoA: follow with the IKE SA we have (still setting up, or
         up but without children), else start one."""
         sa = self._ike_alive()
         local = (self._coa(), IKE_PORT)
-        if sa is not None and (sa.children or sa.state != IkeState.ESTABLISHED):
-            sa.follow_addresses(local=(self.care_of, sa.local[1]))
+        if sa is not None and (sa.children or not sa.established):
+            self._ikev2.endpoint.follow_addresses(sa.ike_id, local=self.care_of)
             return []
         if sa is not None:
             # up but its child SAs are gone: a fresh IKE SA, whose INITIAL_CONTACT makes the GW
@@ -156,7 +158,7 @@ class MobileNodeIke:
         self._ikev2.note(now, f"initiate from {self.care_of}")
         self._record(now, "ike-initiated", care_of=self.care_of, gateway=self.gateway)
         out = self._ikev2.endpoint.initiate(local, (self.gateway, IKE_PORT), now)
-        self._ike_sa = self._newest_ike_sa()
+        self._ike_id = self._newest_ike_sa()
         return self._ike_outputs(out, now)
 
     def _ike_reestablish(self, now: float) -> list[Action]:
@@ -164,17 +166,17 @@ class MobileNodeIke:
         current CoA (INITIAL_CONTACT makes the GW drop the old ones), then register again."""
         self._ikev2.note(now, f"re-establish from {self.care_of}")
         self._record(now, "ike-reestablish", care_of=self.care_of)
-        self._ike_sa = None                   # its deletion below must not start another
+        self._ike_id = None                   # its deletion below must not start another
         out = self._ikev2.endpoint.reestablish((self._coa(), IKE_PORT),
                                                (self.gateway, IKE_PORT), now)
         new = self._newest_ike_sa()
         actions = self._ike_outputs(out, now)
-        self._ike_sa = new
+        self._ike_id = new
         return actions
 
-    def _newest_ike_sa(self) -> Any:
-        live = [sa for sa in self._ikev2.endpoint.ike_sas if sa.state != IkeState.CLOSED]
-        return max(live, key=lambda sa: sa.created) if live else None
+    def _newest_ike_sa(self) -> IkeSaId | None:
+        live = self._ikev2.endpoint.infos()
+        return max(live, key=lambda sa: sa.created).ike_id if live else None
 
     def _ike_moved(self, coa: str, now: float) -> list[Action]:
         """The CoA changed: MOBIKE mode tells the GW by UPDATE_SA_ADDRESSES (RFC 4555 §3.5);
@@ -182,26 +184,27 @@ class MobileNodeIke:
         sa = self._ike_alive()
         if sa is None:
             return []
-        if (self.config.handover_mode == "mobike" and sa.is_established and sa.peer_mobike
-                and sa.config.mobike):
+        endpoint = self._ikev2.endpoint
+        if self.config.handover_mode == "mobike" and sa.established and sa.mobike:
             self._record(now, "mobike-update-sent", care_of=coa)
-            return self._ike_outputs(sa.update_addresses((coa, sa.local[1]), now), now)
-        sa.follow_addresses(local=(coa, sa.local[1]))
+            return self._ike_outputs(endpoint.update_addresses(sa.ike_id, (coa, sa.local[1]),
+                                                               now), now)
+        endpoint.follow_addresses(sa.ike_id, local=coa)
         return []
 
     def _ike_event(self, ev: Any, now: float) -> list[Action]:
         cls = ev.__class__
         if cls is IkeSaEstablished:
-            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} up with {ev.peer_id}")
+            self._ikev2.note(now, f"IKE SA {ev.name} up with {ev.peer_id}")
             self._record(now, "ike-established", peer=ev.peer_id, remote=ev.remote[0])
-            self._ike_sa = ev.ike_sa
+            self._ike_id = ev.ike_id
             return []
         if cls is ChildSaEstablished:
             sin, sout = self._child_sas(ev.child, now)
             self._ikev2.note(now, f"child {ev.child.spi_in:08x}/{ev.child.spi_out:08x} up")
             installed = self.install_sas(sin, sout, now)
             # the GW bound the new pair to where the IKE_AUTH came from (docs/protocol.md §2.2)
-            self.reg.gw_points_at = ev.ike_sa.local[0]
+            self.reg.gw_points_at = ev.local[0]
             return installed
         if cls is ChildSaRekeyed:
             sin, sout = self._child_sas(ev.new, now)
@@ -211,25 +214,24 @@ class MobileNodeIke:
         if cls is ChildSaDeleted:
             return self._child_deleted(ev.child.spi_in, now)
         if cls is IkeSaRekeyed:
-            if ev.new is not None and ev.old is self._ike_sa:
-                self._ike_sa = ev.new
+            if ev.ike_id == self._ike_id:
+                self._ike_id = ev.new_id
             self._ikev2.note(now, "IKE SA re-keyed", rekey=True)
-            self._record(now, "ike-rekeyed", care_of=self.care_of,
-                         local=ev.new.local[0] if ev.new is not None else None)
+            self._record(now, "ike-rekeyed", care_of=self.care_of, local=ev.local[0])
             return []
         if cls is IkeSaDeleted or cls is IkeSaFailed:
             # its child SAs were reported deleted just before (RFC 7296 §1.4.1: they never
             # outlive it), so nothing of it is left in use here
-            self._ikev2.note(now, f"IKE SA {ev.ike_sa.name} ended: {ev.reason}")
-            self._record(now, "ike-ended", reason=ev.reason, ike_sa=ev.ike_sa.name)
-            actions: list[Action] = [Log("info", f"IKE SA {ev.ike_sa.name} with the GW ended: "
+            self._ikev2.note(now, f"IKE SA {ev.name} ended: {ev.reason}")
+            self._record(now, "ike-ended", reason=ev.reason, ike_sa=ev.name)
+            actions: list[Action] = [Log("info", f"IKE SA {ev.name} with the GW ended: "
                                                  f"{ev.reason}")]
-            if ev.ike_sa is self._ike_sa:
-                self._ike_sa = None
+            if ev.ike_id == self._ike_id:
+                self._ike_id = None
                 if cls is IkeSaFailed:
                     self._ike_backoff_s = max(self._ike_backoff_s,
                                               self.config.retransmit_initial_s)
-                    if ev.ike_sa.remote[0] == self.gateway:
+                    if ev.remote[0] == self.gateway:
                         actions += self._next_gateway(now, f"IKE SA failed: {ev.reason}")
                 if self.care_of is not None and self.state in AWAY:
                     actions += self._event(RegEvent.SAS_LOST, now)

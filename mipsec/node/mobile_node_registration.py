@@ -187,7 +187,7 @@ class MobileNodeRegistration(MobileNodeIke):
                          reason="registration unanswered")
             self._probe_started = now
             self._probe_deadline = now + max(PROBE_TIMEOUT_S, 2 * self.rtt.rto)
-            actions += self._ike_outputs(sa.check_liveness(now), now)
+            actions += self._ike_outputs(self._ikev2.endpoint.check_liveness(sa.ike_id, now), now)
         return actions
 
     def _registration_unanswered(self, now: float) -> list[Action]:

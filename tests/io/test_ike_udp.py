@@ -8,8 +8,8 @@ import time
 
 import needs
 from ike_harness import configs
-from mipsec.ike.config import ChildSaEstablished
 from mipsec.ike.endpoint import IkeEndpoint
+from mipsec.ike.events import ChildSaEstablished
 from mipsec.io.ike_udp import IkeUdpAdapter
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
 

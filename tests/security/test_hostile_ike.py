@@ -14,9 +14,9 @@ import struct
 from ike_harness import GW_ADDR, MN_ADDR, configs
 from mipsec.drops import DropReason as R
 from mipsec.ike import codec
-from mipsec.ike.config import SendDatagram
 from mipsec.ike.constants import NON_ESP_MARKER, ExchangeType, NotifyType, PayloadType
 from mipsec.ike.endpoint import IkeEndpoint
+from mipsec.ike.events import SendDatagram
 
 LOCAL, PEER = (GW_ADDR, 500), (MN_ADDR, 500)
 
@@ -216,9 +216,9 @@ def test_invalid_key_exchange_values_create_nothing():
 
 
 # --- values an authenticated peer (or an on-path rewrite) controls -----------------
-from ike_harness import Net  # noqa: E402
+from ike_harness import Net, ike_sa_of  # noqa: E402
 from mipsec.ike.book import ChildSaBook  # noqa: E402
-from mipsec.ike.config import ChildSaEstablished, PeerAddressChanged  # noqa: E402
+from mipsec.ike.events import ChildSaEstablished, PeerAddressChanged  # noqa: E402
 
 
 def _children(net, who):
@@ -320,9 +320,9 @@ def test_a_child_the_gateway_cannot_install_is_counted_and_deleted():
     gw = topo.gw.role
     mn0, mn1 = topo.mobiles[0].role, topo.mobiles[1].role
     taken = gw.mobiles[mn0.home_address].inbound
-    sa_gw = gw.mobiles[mn1.home_address].ike_sa
+    sa_gw = ike_sa_of(gw.ike.endpoint, gw.mobiles[mn1.home_address].ike_id)
     sa_gw._alloc_esp_spi = lambda: taken.spi
-    sa_mn = mn1._ike_sa
+    sa_mn = ike_sa_of(mn1.ike.endpoint, mn1._ike_id)
     (spi_in,) = list(sa_mn.children)
     now = topo.sim.now
     topo.mobiles[1].driver.perform(mn1._ike_outputs(sa_mn.rekey_child(spi_in, now), now))
@@ -342,7 +342,8 @@ def test_mobike_move_to_an_unusable_address_is_refused():
     m = gw.mobiles[topo.mn.role.home_address]
     before = (m.care_of, m.outbound.remote)
     for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "172.16.0.1", "10.1.0.1", "10.1.0.10"]:
-        assert gw._ike_outputs([PeerAddressChanged(m.ike_sa, m.ike_sa.local, (bad, 4500))],
-                               topo.sim.now) == []
+        ike = gw.ike.endpoint.info(m.ike_id)
+        assert gw._ike_outputs([PeerAddressChanged(ike.ike_id, ike.peer_id, ike.local,
+                                                   (bad, 4500))], topo.sim.now) == []
     assert (m.care_of, m.outbound.remote) == before
     assert gw.drops[R.MIP_BAD_CARE_OF] == 6

@@ -11,7 +11,7 @@ import json
 import random
 
 from mipsec.drops import DropReason as R
-from mipsec.ike.config import PeerAddressChanged
+from mipsec.ike.events import PeerAddressChanged
 from mipsec.mip import ipip
 from mipsec.mip.constants import SIU_PORT
 from mipsec.node import timeline as tl
@@ -347,12 +347,14 @@ def test_ike_address_change_moves_no_esp_sa_in_siu_mode():
     (ike_sa,) = gw.ike.endpoint.ike_sas
     # what the IKE SA reports after it followed a relayed request from a third address (a NAT-T
     # float, RFC 7296 §2.23): the IKE SA may follow, the ESP SA must not
-    ev = PeerAddressChanged(ike_sa, ike_sa.local, ("172.16.0.99", 4500), explicit=False)
+    ev = PeerAddressChanged(ike_sa.ike_id, ike_sa.peer_id, ike_sa.local, ("172.16.0.99", 4500),
+                            explicit=False)
     assert gw._ike_event(ev, topo.sim.now) == []
     assert (mobile.care_of, mobile.outbound.remote) == before
     assert gw.drops == {R.ESP_MOVE_NOT_BY_SIU: 1}
     # an explicit UPDATE_SA_ADDRESSES does not move it in SIU mode either
-    ev = PeerAddressChanged(ike_sa, ike_sa.local, ("172.16.0.99", 4500), explicit=True)
+    ev = PeerAddressChanged(ike_sa.ike_id, ike_sa.peer_id, ike_sa.local, ("172.16.0.99", 4500),
+                            explicit=True)
     assert gw._ike_event(ev, topo.sim.now) == []
     assert (mobile.care_of, mobile.outbound.remote) == before
     assert gw.drops == {R.ESP_MOVE_NOT_BY_SIU: 2}

@@ -97,9 +97,9 @@ def check_wildcard_source_inbound_sa(breaking: Callable[[], None]) -> None:
 def mutate_check_outer_source(monkeypatch):
     """The GW pins the inbound SA's outer source to the bound CoA (a source-checked SA)."""
     _mutate(monkeypatch, gateway_siu_module, "GatewaySiu", "_repoint",
-            "        mobile.care_of = new\n        if mobile.ike_sa is not None:",
+            "        mobile.care_of = new\n        if mobile.ike_id is not None",
             "        mobile.care_of = new\n        mobile.inbound.rebind(remote=address)\n"
-            "        if mobile.ike_sa is not None:")
+            "        if mobile.ike_id is not None")
 
 
 # --- claim 2: the MN re-points its own SAs, keeping keys and counters --------------------------

@@ -133,7 +133,7 @@ def test_child_and_ike_rekeys_after_a_handover_keep_the_current_care_of():
     live = [sa for sa in mn.ike.endpoint.ike_sas if sa.state != IkeState.CLOSED]
     assert len(live) == 1 and live[0].local[0] == b
     gw_live = [sa for sa in gw.ike.endpoint.ike_sas if sa.state != IkeState.CLOSED]
-    assert len(gw_live) == 1 and gw_live[0].remote[0] == b and m.ike_sa is gw_live[0]
+    assert len(gw_live) == 1 and gw_live[0].remote[0] == b and m.ike_id == gw_live[0].ike_id
     # old inbound SAs were deleted with their children; each is kept only for the grace
     # period after its Delete (ESP may still be queued behind it), then forgotten
     assert set(m.old_inbound) <= set(gw._grace) and len(gw.sad) == 1 + len(m.old_inbound)
@@ -222,7 +222,8 @@ def test_gw_restart_registrations_fail_then_reestablishment_from_the_new_coa_rep
     ike = next(e for e in events if e.kind == "ike-reestablish")
     assert ike.detail["care_of"] == b
     m = gw.mobiles[mn.home_address]
-    assert m.care_of == b and m.ike_sa.remote[0] == b and m.ike_sa.peer_id == "mn@mipsec.lab"
+    ike = gw.ike.endpoint.info(m.ike_id)
+    assert m.care_of == b and ike.remote[0] == b and ike.peer_id == "mn@mipsec.lab"
     assert ha.bindings[mn.home_address].care_of_address == b
     # the old IKE SA is gone at the MN (replaced), one live IKE SA on each end
     assert len([s for s in mn.ike.endpoint.ike_sas if s.state != IkeState.CLOSED]) == 1
@@ -367,10 +368,10 @@ def test_ha_refuses_registrations_mn_reestablishes_from_the_new_coa_and_traffic_
                                 "sas-installed", "rrq-sent", "rrp-received"]), kinds
     reest = tl.first(events, "ike-reestablish")
     assert reest.detail["care_of"] == b
-    assert old_ike.state == IkeState.CLOSED and mn._ike_sa is not old_ike
-    assert mn._ike_sa.local[0] == b and mn.state is RegState.REGISTERED
+    assert old_ike.state == IkeState.CLOSED and mn._ike_id != old_ike.ike_id
+    assert mn.ike.endpoint.info(mn._ike_id).local[0] == b and mn.state is RegState.REGISTERED
     m = gw.mobiles[mn.home_address]
-    assert m.care_of == b and m.ike_sa.remote[0] == b
+    assert m.care_of == b and gw.ike.endpoint.info(m.ike_id).remote[0] == b
     assert ha.bindings[mn.home_address].care_of_address == b
     t_ok = max(e.time for e in events if e.kind == "rrp-received")
     rep = stream_reports(topo, since=t_ok + 0.05, until=44.9)

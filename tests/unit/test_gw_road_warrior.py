@@ -13,8 +13,9 @@ import pytest
 from mipsec.config import config_from_dict
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError
-from mipsec.ike.config import ChildSaEstablished, IkeConfig, SendDatagram
+from mipsec.ike.config import IkeConfig
 from mipsec.ike.endpoint import IkeEndpoint
+from mipsec.ike.events import ChildSaEstablished, SendDatagram
 from mipsec.node.actions import SendToNet, WriteToTun
 from mipsec.node.config import (
     GatewayConfig,

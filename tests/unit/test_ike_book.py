@@ -106,8 +106,8 @@ def test_mobike_onto_a_nat_rekeys_the_child_instead_of_moving_it():
 
 
 def test_rekey_answered_sends_on_old_until_delete_and_old_inbound_has_a_grace_period():
-    from mipsec.ike.config import ChildSaDeleted, ChildSaRekeyed
     from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+    from mipsec.ike.events import ChildSaDeleted, ChildSaRekeyed
     net, I, R = establish(ike_lifetime_s=None, child_lifetime_s=None, dpd_interval_s=None)
     b = books(net, inbound_any_source=True)
     seen = len(net.events)

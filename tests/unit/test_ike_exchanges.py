@@ -8,7 +8,8 @@ from ike_harness import GW_ADDR, MN_ADDR, configs, establish
 from mipsec.drops import DropReason
 from mipsec.ike import codec
 from mipsec.ike.codec import TrafficSelector as TS
-from mipsec.ike.config import (
+from mipsec.ike.constants import NON_ESP_MARKER, DhGroup, ExchangeType, NotifyType, PayloadType
+from mipsec.ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     ChildSaRekeyed,
@@ -19,7 +20,6 @@ from mipsec.ike.config import (
     PeerAddressChanged,
     SendDatagram,
 )
-from mipsec.ike.constants import NON_ESP_MARKER, DhGroup, ExchangeType, NotifyType, PayloadType
 from mipsec.ike.proposals import parse_esp_suite, parse_ike_suite
 from mipsec.ike.sa import State
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
