@@ -67,6 +67,7 @@ from typing import Any
 from mipsec.constants import UNSPECIFIED_ADDRESS
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
+from mipsec.ike.book import ChildSaBook
 from mipsec.ipsec.sa import Direction, SecurityAssociation
 from mipsec.ipsec.sad import Sad
 from mipsec.mip.constants import SIU_PORT
@@ -110,14 +111,13 @@ _unpack_spi = struct.Struct("!I").unpack_from
 
 class Mobile(GwBinding):
     """What the GW keeps per MN: its binding machine (``GwBinding``: the binding, the RRQ
-    sources, the last SIU applied) plus its SAs and counters (every collection bounded:
-    ``LINEAGE_SPIS``, ``RRQ_SOURCES_PER_MOBILE``; ``old_inbound`` holds re-keyed SAs until
-    their Delete)."""
+    sources, the last SIU applied) plus its current SAs and counters (every collection
+    bounded: ``LINEAGE_SPIS``, ``RRQ_SOURCES_PER_MOBILE``; IKEv2's other pairs, re-keyed ones
+    in their grace period too, are the GW's ``book``'s)."""
 
     __slots__ = ("home_address", "home_agent", "inbound", "outbound", "allowed",
                  "allowed_text", "packets_up", "packets_down", "home_bytes",
-                 "old_inbound", "lineage", "ike_id", "installed_at", "next_outbound",
-                 "pair_outbound", "road_warrior")
+                 "lineage", "ike_id", "installed_at", "road_warrior")
 
     def __init__(self, home_address: str, home_agent: str, inbound: SecurityAssociation,
                  outbound: SecurityAssociation, allowed: Iterable[str],
@@ -135,12 +135,6 @@ class Mobile(GwBinding):
         self.allowed = tuple(parse_prefix(p) for p in self.allowed_text)
         self.packets_up = 0
         self.packets_down = 0
-        self.old_inbound: dict[int, SecurityAssociation] = {}  # re-keyed, kept until deleted
-        self.next_outbound: SecurityAssociation | None = None  # re-key we answered: after Delete
-        # the outbound SA of every pair IKE made and has not deleted, by the pair's inbound SPI:
-        # after simultaneous re-keys (RFC 7296 §2.8.1) the newest pair may be the one deleted,
-        # and the survivor, re-keyed away a moment before, carries on (``retire_inbound``)
-        self.pair_outbound: dict[int, SecurityAssociation] = {inbound.spi: outbound}
         self.lineage: list[int] = []      # earlier outbound SPIs of this MN (re-keys), newest last
         self.ike_id: bytes | None = None  # the IKE SA that made these SAs (IKEv2 mode)
         self.installed_at = 0.0
@@ -200,8 +194,6 @@ class VpnGateway(GatewaySiu, GatewayIke):
         self._sas_by_spi = self.sad.by_spi      # the data path's view of the SAD (read only)
         self.mobiles: dict[str, Mobile] = {}
         self._by_spi: dict[int, Mobile] = {}
-        # inbound SAs of re-keyed children after their Delete: spi -> forget at (in that order)
-        self._grace: dict[int, float] = {}
         self._by_home: dict[bytes, Mobile] = {}    # the downlink's key: the MN's home address
         # SIU freshness across restarts (docs/protocol.md §2.3): a random, non-zero 64-bit
         # number per run that every ACK announces and every SIU must echo
@@ -215,6 +207,10 @@ class VpnGateway(GatewaySiu, GatewayIke):
         self._random = random
         # IKEv2 responder (docs/ikev2.md "Integration"): MNs known by identity, PSK per MN
         self.ike: RoleIke | None = None
+        # IKEv2's child SA pairs (the bookkeeping shared with the MN); an inbound SPI the SAD
+        # already holds (another MN's, a manually keyed one) is refused
+        self.book = ChildSaBook(inbound_any_source=True, follow_moves=False,
+                                spi_taken=self.sad.by_spi.__contains__)
         self._by_ike_id: dict[str, GatewayMobile] = {m.ike_id: m for m in config.mobiles
                                                      if m.ike_id}
         if config.ike is not None and self._by_ike_id:
@@ -275,11 +271,6 @@ class VpnGateway(GatewaySiu, GatewayIke):
             del self._by_home[mobile.home_bytes]
         self.sad.remove(mobile.inbound.spi)
         self._by_spi.pop(mobile.inbound.spi, None)
-        for spi in mobile.old_inbound:
-            self.sad.remove(spi)
-            self._by_spi.pop(spi, None)
-        mobile.old_inbound.clear()
-        mobile.pair_outbound.clear()
         mobile.care_of = None
 
     def _drop(self, reason: DropReason) -> list[Action]:
@@ -496,24 +487,17 @@ class VpnGateway(GatewaySiu, GatewayIke):
 
     def get_timer(self) -> float | None:
         t = self._ikev2.get_timer() if self.ike is not None else None
-        if self._grace:
-            first = next(iter(self._grace.values()))
-            t = first if t is None else min(t, first)
-        return t
+        grace = self.book.get_timer()
+        return grace if t is None else t if grace is None else min(t, grace)
 
     def handle_timer(self, now: float) -> list[Action]:
-        while self._grace:
-            spi, at = next(iter(self._grace.items()))
-            if now < at:
-                break
-            del self._grace[spi]
-            self._forget_inbound(spi)
+        actions = self._pairs_changed(self.book.expire(now), now)
         if self.ike is None:
-            return []
+            return actions
         t = self._ikev2.get_timer()
         if t is None or now < t:
-            return []
-        return self._ike_outputs(self._ikev2.handle_timer(now), now)
+            return actions
+        return actions + self._ike_outputs(self._ikev2.handle_timer(now), now)
 
     def status(self) -> dict[str, Any]:
         """Bounded at any size: the first ``STATUS_MOBILES`` MNs in detail, counts for all."""
@@ -538,23 +522,24 @@ class VpnGateway(GatewaySiu, GatewayIke):
             "timeline": tl.as_dicts(self.timeline[-32:]),
             "sizes": self.sizes(),
             # re-keyed inbound SAs after their Delete, still decrypting for the grace period
-            "inbound_retiring": [f"0x{spi:08x}" for spi in self._grace],
+            "inbound_retiring": [f"0x{spi:08x}" for spi in self.book.retired],
         }
 
     def esp_sas(self) -> list[SecurityAssociation]:
-        """Every ESP SA we hold: each MN's pair and its re-keyed inbound SAs (``Role``)."""
+        """Every ESP SA we hold: each MN's pair, IKEv2's other pairs and re-keyed inbound SAs
+        (``Role``)."""
         sas: list[SecurityAssociation] = []
         for m in self.mobiles.values():
-            sas += [m.inbound, m.outbound, *m.old_inbound.values()]
-        return sas
+            sas += [m.inbound, m.outbound]
+        held = {id(sa) for sa in sas}
+        return sas + [sa for sa in self.book.sas() if id(sa) not in held]
 
     def sizes(self) -> dict[str, int]:
         """Entries per table (a soak test watches that none grows)."""
         return {"mobiles": len(self.mobiles), "sad": len(self.sad), "by_spi": len(self._by_spi),
-                "by_home": len(self._by_home), "grace": len(self._grace),
+                "by_home": len(self._by_home), "grace": len(self.book.retired),
                 "timeline": len(self.timeline),
                 "rrq_sources": sum(len(m.rrq_sources) for m in self.mobiles.values()),
-                "old_inbound": sum(len(m.old_inbound) for m in self.mobiles.values()),
-                "pairs": sum(len(m.pair_outbound) for m in self.mobiles.values()),
+                "pairs": len(self.book.pairs),
                 **({f"ike_{k}": v for k, v in self._ikev2.endpoint.sizes().items()}
                    if self.ike is not None else {})}

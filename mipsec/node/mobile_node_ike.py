@@ -3,11 +3,14 @@
 ``MobileNode`` takes these methods from ``MobileNodeIke``: it negotiates its IKE SA and child
 SAs with the GW from its care-of address (``_ike_start``), re-establishes them with
 INITIAL_CONTACT when the registration machine says so (``_ike_reestablish``; with a list of GWs,
-with the next one: ``_next_gateway``), installs each child SA pair (``install_sas``), swaps pairs
-on a re-key and keeps a re-keyed inbound SA for a grace period after its Delete
-(``_swap_sas``, ``_child_deleted``), tells the GW of a move in MOBIKE mode (``_ike_moved``) and
-ends its IKE SAs when the HA confirms it is home (``_ike_at_home``).  A child the GW negotiated
-that cannot be installed is counted (IKE_CHILD_UNUSABLE) and deleted at the GW, never raised.
+with the next one: ``_next_gateway``), installs each child SA pair (``install_sas``), takes a
+re-key's new pair at the current CoA (``_rekeyed``), tells the GW of a move in MOBIKE mode
+(``_ike_moved``) and
+ends its IKE SAs when the HA confirms it is home (``_ike_at_home``).  The pairs themselves (which
+is installed, which sends, which inbound SA keeps its grace period after a re-key) are the
+shared ``mipsec.ike.book.ChildSaBook``'s; ``_pairs_changed`` mirrors what it reports into the
+MN's current pair.  A child the GW negotiated that cannot be installed is counted
+(IKE_CHILD_UNUSABLE) and deleted at the GW, never raised.
 """
 
 from __future__ import annotations
@@ -16,19 +19,25 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from mipsec.drops import DropReason
-from mipsec.errors import ConfigError, UsageError
-from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+from mipsec.errors import UsageError
+from mipsec.ike.book import (
+    Change,
+    ChildSaBook,
+    FellBack,
+    PairInstalled,
+    PairRefused,
+    PairRemoved,
+    PairRetired,
+    SendingSwitched,
+)
 from mipsec.ike.events import (
-    ChildSaDeleted,
     ChildSaEstablished,
-    ChildSaRekeyed,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
     IkeSaId,
     IkeSaInfo,
     IkeSaRekeyed,
-    PeerAddressChanged,
     SendDatagram,
 )
 from mipsec.ipsec.sa import SecurityAssociation
@@ -54,9 +63,7 @@ class MobileNodeIke:
     gateways: tuple[str, ...]
     _gw_index: int
     _ike_id: IkeSaId | None
-    _pairs: dict[int, tuple[Any, SecurityAssociation, SecurityAssociation]]
-    _inbound_sas: dict[int, SecurityAssociation]
-    _grace: dict[int, float]
+    book: ChildSaBook
     _ike_backoff_s: float
     _liveness_at: float | None
     _probe_deadline: float | None
@@ -112,18 +119,8 @@ class MobileNodeIke:
         for out in outputs:
             if out.__class__ is SendDatagram:
                 actions += RoleIke.run([out], self.interface)[0]
-                continue
-            try:
+            else:
                 actions += self._ike_event(out, now)
-            except (ConfigError, UsageError) as exc:
-                # a child the GW negotiated that we cannot install: counted, never raised
-                self.drops[DropReason.IKE_CHILD_UNUSABLE] += 1
-                actions.append(Log("warning", f"IKE child SA not installed: {exc}"))
-                child = out.child if out.__class__ is ChildSaEstablished else (
-                    out.new if out.__class__ is ChildSaRekeyed else None)
-                if child is not None:
-                    actions += RoleIke.run(self._ikev2.endpoint.delete_child(
-                        out.ike_id, child.spi_in, now), self.interface)[0]
         return actions
 
     @property
@@ -194,38 +191,27 @@ class MobileNodeIke:
 
     def _ike_event(self, ev: Any, now: float) -> list[Action]:
         cls = ev.__class__
+        # the child SA pairs first: the shared bookkeeping (mipsec.ike.book) says what changed
+        actions = self._pairs_changed(self.book.apply(ev, now), now)
         if cls is IkeSaEstablished:
             self._ikev2.note(now, f"IKE SA {ev.name} up with {ev.peer_id}")
             self._record(now, "ike-established", peer=ev.peer_id, remote=ev.remote[0])
             self._ike_id = ev.ike_id
-            return []
-        if cls is ChildSaEstablished:
-            sin, sout = self._child_sas(ev.child, now)
-            self._ikev2.note(now, f"child {ev.child.spi_in:08x}/{ev.child.spi_out:08x} up")
-            installed = self.install_sas(sin, sout, now)
+        elif cls is ChildSaEstablished and self.inbound is not None \
+                and self.inbound.spi == ev.child.spi_in:
             # the GW bound the new pair to where the IKE_AUTH came from (docs/protocol.md §2.2)
             self.reg.gw_points_at = ev.local[0]
-            return installed
-        if cls is ChildSaRekeyed:
-            sin, sout = self._child_sas(ev.new, now)
-            self._ikev2.note(now, f"child re-keyed -> {ev.new.spi_in:08x}/{ev.new.spi_out:08x}",
-                          rekey=True)
-            return self._swap_sas(sin, sout, now, ev.send_on_new)
-        if cls is ChildSaDeleted:
-            return self._child_deleted(ev.child.spi_in, now)
-        if cls is IkeSaRekeyed:
+        elif cls is IkeSaRekeyed:
             if ev.ike_id == self._ike_id:
                 self._ike_id = ev.new_id
             self._ikev2.note(now, "IKE SA re-keyed", rekey=True)
             self._record(now, "ike-rekeyed", care_of=self.care_of, local=ev.local[0])
-            return []
-        if cls is IkeSaDeleted or cls is IkeSaFailed:
+        elif cls is IkeSaDeleted or cls is IkeSaFailed:
             # its child SAs were reported deleted just before (RFC 7296 §1.4.1: they never
             # outlive it), so nothing of it is left in use here
             self._ikev2.note(now, f"IKE SA {ev.name} ended: {ev.reason}")
             self._record(now, "ike-ended", reason=ev.reason, ike_sa=ev.name)
-            actions: list[Action] = [Log("info", f"IKE SA {ev.name} with the GW ended: "
-                                                 f"{ev.reason}")]
+            actions.append(Log("info", f"IKE SA {ev.name} with the GW ended: {ev.reason}"))
             if ev.ike_id == self._ike_id:
                 self._ike_id = None
                 if cls is IkeSaFailed:
@@ -235,70 +221,67 @@ class MobileNodeIke:
                         actions += self._next_gateway(now, f"IKE SA failed: {ev.reason}")
                 if self.care_of is not None and self.state in AWAY:
                     actions += self._event(RegEvent.SAS_LOST, now)
-            return actions
-        if cls is PeerAddressChanged:
-            return []        # our own MOBIKE update completed: the SAs moved already
-        return []
+        # PeerAddressChanged: our own MOBIKE update completed: the SAs moved already
+        return actions
 
-    def _child_sas(self, child: Any, now: float) -> tuple[SecurityAssociation, SecurityAssociation]:
-        sin, sout = child.make_sas(now=now)
-        self._pairs[child.spi_in] = (child, sin, sout)
-        self._inbound_sas[sin.spi] = sin
-        return sin, sout
+    def _pairs_changed(self, changes: list[Change], now: float) -> list[Action]:
+        """Mirror what the book changed into the MN's current pair (``inbound``, ``outbound``:
+        the data path's) and its registration."""
+        actions: list[Action] = []
+        for ch in changes:
+            cls = ch.__class__
+            if cls is PairInstalled:
+                assert isinstance(ch, PairInstalled)
+                sin, sout = ch.pair.inbound, ch.pair.outbound
+                if ch.rekey:
+                    self._ikev2.note(now, f"child re-keyed -> {sin.spi:08x}/{sout.spi:08x}",
+                                     rekey=True)
+                    actions += self._rekeyed(sin, sout, now, ch.send_on_new)
+                else:
+                    self._ikev2.note(now, f"child {sin.spi:08x}/{sout.spi:08x} up")
+                    actions += self.install_sas(sin, sout, now)
+            elif cls is SendingSwitched:
+                assert isinstance(ch, SendingSwitched)
+                # a re-key: the book re-pointed the new SA where the old one sent from
+                self.outbound = ch.new
+                if self.care_of is not None:
+                    actions.append(RebindSa(ch.new.spi, ch.new.local, ch.new.remote))
+            elif cls is FellBack:
+                assert isinstance(ch, FellBack)
+                self.inbound = ch.survivor.inbound
+            elif cls is PairRetired or cls is PairRemoved:
+                assert isinstance(ch, (PairRetired, PairRemoved))
+                if isinstance(ch, PairRemoved) and ch.last and (
+                        ch.pair.inbound is self.inbound or ch.pair.outbound is self.outbound):
+                    # no child left of the IKE SA in use (it ended)
+                    self.inbound = self.outbound = None
+                    self.reg.gw_points_at = None
+                self._record(now, "sas-deleted", inbound_spi=ch.pair.inbound.spi,
+                             outbound_spi=ch.pair.outbound.spi)
+            elif cls is PairRefused:
+                assert isinstance(ch, PairRefused)
+                # a child the GW negotiated that we cannot install: counted, deleted at the GW
+                self.drops[DropReason.IKE_CHILD_UNUSABLE] += 1
+                actions.append(Log("warning", f"IKE child SA not installed: {ch.reason}"))
+                actions += RoleIke.run(self._ikev2.endpoint.delete_child(
+                    ch.ike_id, ch.child.spi_in, now), self.interface)[0]
+        return actions
 
-    def _swap_sas(self, inbound: SecurityAssociation, outbound: SecurityAssociation,
-                  now: float, send_on_new: bool = True) -> list[Action]:
+    def _rekeyed(self, inbound: SecurityAssociation, outbound: SecurityAssociation,
+                 now: float, send_on_new: bool) -> list[Action]:
         """A re-key, at the current CoA; the GW's binding does not change, so there is nothing
         to register.  The new inbound SA receives at once (the old one until its Delete and a
-        grace period after it).  We send on the new outbound SA at once if we initiated the
-        re-key (the GW installed the pair before it answered); if we answered, only once the
-        GW deletes the old pair (``_child_deleted``): it installs the new one on our answer."""
+        grace period after it); the book switched the uplink to the new outbound SA at once if
+        we initiated the re-key, else it does when the GW deletes the old pair."""
         old_in = self.inbound
         self.inbound = inbound
-        if send_on_new or self.outbound is None:
-            self.outbound = outbound
         actions: list[Action] = []
         if self.care_of is not None:
             inbound.rebind(local=None if self.reg.old_care_of_b is not None else self.care_of)
-            outbound.rebind(local=self.care_of)
-            actions += [RebindSa(outbound.spi, self.care_of, outbound.remote),
-                        RebindSa(inbound.spi, inbound.local, inbound.remote)]
+            actions.append(RebindSa(inbound.spi, inbound.local, inbound.remote))
         self._record(now, "sas-rekeyed", inbound_spi=inbound.spi, outbound_spi=outbound.spi,
                      old_inbound_spi=old_in.spi if old_in is not None else None,
                      care_of=self.care_of, send_on_new=send_on_new)
-        return actions
-
-    def _child_deleted(self, spi_in: int, now: float) -> list[Action]:
-        entry = self._pairs.pop(spi_in, None)
-        if entry is None:
-            return []
-        _child, sin, sout = entry
-        replaced = self.inbound is not sin             # a re-key put a newer pair in its place
-        actions: list[Action] = []
-        if self.inbound is sin or self.outbound is sout:
-            newest = next(reversed(self._pairs.values()), None)
-            if newest is None:
-                self.inbound = self.outbound = None
-                self.reg.gw_points_at = None
-            else:
-                if self.outbound is not newest[2] and self.care_of is not None:
-                    # a re-key we answered: the GW has the new pair now (it deletes the old
-                    # one after installing), send on it from where we are
-                    newest[2].rebind(local=self.care_of)
-                    actions.append(RebindSa(newest[2].spi, self.care_of, newest[2].remote))
-                self.inbound, self.outbound = newest[1], newest[2]
-        if replaced and self._pairs:
-            # ESP the GW sent on it may still be queued behind the Delete: it keeps
-            # decrypting for a grace period (handle_timer forgets it)
-            self._grace.setdefault(sin.spi, now + CHILD_SA_DELETE_GRACE_S)
-        else:
-            self._inbound_sas.pop(sin.spi, None)
-        if not self._pairs:
-            # no child left (its IKE SA ended): the ones in their grace period go too
-            for spi in self._grace:
-                self._inbound_sas.pop(spi, None)
-            self._grace.clear()
-        self._record(now, "sas-deleted", inbound_spi=sin.spi, outbound_spi=sout.spi)
         return actions
 
     def _ike_at_home(self, now: float) -> list[Action]:

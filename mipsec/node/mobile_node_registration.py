@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped, ParseError, SaExhausted, UsageError
+from mipsec.ipsec.sa import SecurityAssociation
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.mobility.registration import (
     Do,
@@ -59,6 +60,7 @@ class MobileNodeRegistration(MobileNodeIke):
     _last_out: float
     _probe_started: float | None
     _probe_for_registration: bool
+    _inbound_sas: dict[int, SecurityAssociation]
 
     def _handle_reply(self, data: bytes, now: float, via: str) -> list[Action]:
         if self.reg.pending_id is None:

@@ -136,11 +136,11 @@ def test_child_and_ike_rekeys_after_a_handover_keep_the_current_care_of():
     assert len(gw_live) == 1 and gw_live[0].remote[0] == b and m.ike_id == gw_live[0].ike_id
     # old inbound SAs were deleted with their children; each is kept only for the grace
     # period after its Delete (ESP may still be queued behind it), then forgotten
-    assert set(m.old_inbound) <= set(gw._grace) and len(gw.sad) == 1 + len(m.old_inbound)
-    assert set(mn._inbound_sas) - {mn.inbound.spi} <= set(mn._grace)
+    assert set(gw.sad.by_spi) - {m.inbound.spi} <= set(gw.book.retired)
+    assert set(mn._inbound_sas) - {mn.inbound.spi} <= set(mn.book.retired)
     topo.sim.run(until=4.2 + CHILD_SA_DELETE_GRACE_S)
-    assert set(m.old_inbound) <= set(gw._grace) and len(gw.sad) == 1 + len(m.old_inbound)
-    assert all(at > 4.2 for at in gw._grace.values()), gw._grace
+    assert set(gw.sad.by_spi) - {m.inbound.spi} <= set(gw.book.retired)
+    assert all(at > 4.2 for at in gw.book.retired.values()), gw.book.retired
     rep = stream_reports(topo, since=1.1, until=4.0)
     assert rep["downlink"].lost == 0 and rep["uplink"].lost == 0, rep
     assert mn.state is RegState.REGISTERED
@@ -285,7 +285,7 @@ def test_home_and_away_again_ends_the_ike_sa_at_home_and_starts_one_on_leaving()
         topo.move("home")
         assert wait_registered(topo, 1.0) and mn.state is RegState.AT_HOME
         assert ike_mn.state == IkeState.CLOSED and not ike_mn.children, mode
-        assert mn.inbound is None and mn.outbound is None and not mn._pairs, mode
+        assert mn.inbound is None and mn.outbound is None and not mn.book.pairs, mode
         ended = [e for e in mn.timeline if e.kind == "ike-ended"]
         assert ended and "at home" in ended[-1].detail["reason"], mode
         assert mn.get_timer() is None or mn.get_timer() > topo.sim.now + 60, mode  # nothing to send

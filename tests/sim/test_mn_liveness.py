@@ -62,7 +62,7 @@ def test_gw_restart_without_a_move_recovers_by_itself(sa_source):
         live_mn = [s for s in mn.ike.endpoint.ike_sas if s.state != IkeState.CLOSED]
         assert len(live_mn) == 1 and len(gw.ike.endpoint.ike_sas) == 1
         # the old child SAs ended with their IKE SA: only the new pair is known
-        assert set(mn._pairs) == set(live_mn[0].children)
+        assert set(mn.book.pairs) == set(live_mn[0].children)
         why = tl.first(events, "reestablish-requested").detail["reason"]
         assert "liveness check" in why
 

@@ -98,7 +98,7 @@ def test_rekeys_under_a_stream_both_ways_lose_nothing(initiator, late, pfs):
     gw_spis, mn_spis = _known_spis(topo)
     assert gw_spis == {m.inbound.spi} and set(gw.sad._sas) == {m.inbound.spi}
     assert mn_spis == {mn.inbound.spi}
-    assert not m.old_inbound and not gw._grace and not mn._grace
+    assert not gw.book.retired and not mn.book.retired
     # nor do the IKE endpoints keep the SPIs of deleted children reserved
     for role in (mn, gw):
         sizes = role.status()["sizes"]

@@ -1,7 +1,29 @@
 """ChildSaBook: IKE events in, the right ESP SA pairs installed, moved and removed."""
 
+import pytest
+
 from ike_harness import GW_ADDR, MN_ADDR, establish
-from mipsec.ike.book import ChildSaBook
+from mipsec.ike.book import (
+    ChildSaBook,
+    FellBack,
+    InboundForgotten,
+    PairInstalled,
+    PairRefused,
+    PairRemoved,
+    PairRetired,
+    SendingSwitched,
+)
+from mipsec.ike.child import ChildKeys, ChildSa
+from mipsec.ike.codec import TrafficSelector
+from mipsec.ike.constants import CHILD_SA_DELETE_GRACE_S
+from mipsec.ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaRekeyed,
+    IkeSaDeleted,
+    IkeSaRekeyed,
+)
+from mipsec.ike.proposals import parse_esp_suite
 from mipsec.ike.sa import State
 from test_ike_exchanges import INNER_DOWN, INNER_UP
 
@@ -133,7 +155,7 @@ def test_rekey_answered_sends_on_old_until_delete_and_old_inbound_has_a_grace_pe
     assert gw.get_timer() == 1.0 + CHILD_SA_DELETE_GRACE_S
     assert gw.expire(1.0 + CHILD_SA_DELETE_GRACE_S - 0.01) == []
     gone = gw.expire(1.0 + CHILD_SA_DELETE_GRACE_S)
-    assert [g[0] for g in gone] == ["removed"] and gw.get_timer() is None
+    assert [type(g) for g in gone] == [InboundForgotten] and gw.get_timer() is None
     assert set(gw.inbound) == set(gw.pairs) and not (old_gw_in & set(gw.inbound))
     # an IKE SA that ends takes the retired inbound SAs with it
     new_r = next(s for s in R.ike_sas if s.is_established)
@@ -164,3 +186,106 @@ def test_an_spi_allocated_for_a_child_that_never_came_is_given_back():
     net.run_timers(60.0)
     assert sa_i.state == State.CLOSED and I.sizes() == {
         "ike_sas": 0, "spis": 0, "half_open": 0, "esp_spis": 0, "children": 0}
+
+
+# --- the book's rules, one row each ------------------------------------------------------------
+
+OLD_IKE, NEW_IKE = b"\x01" * 8, b"\x02" * 8
+_SUITE = parse_esp_suite("aes128gcm16")
+_ANY = (TrafficSelector("0.0.0.0", "255.255.255.255"),)
+
+
+def _child(n: int) -> ChildSa:
+    key = bytes([n]) * 20
+    return ChildSa(spi_in=0x1000 + n, spi_out=0x2000 + n, suite=_SUITE,
+                   keys=ChildKeys(key, b"", key, b""), local_ts=_ANY, remote_ts=_ANY,
+                   local_address=MN_ADDR, remote_address=GW_ADDR, udp_encap=False)
+
+
+def _spi(n: int | None) -> int | None:
+    return None if n is None else 0x1000 + n
+
+
+def _step(step: tuple, ike: list[bytes]) -> object:
+    kind, *args = step
+    where = (MN_ADDR, 500), (GW_ADDR, 500)
+    if kind == "up":
+        return ChildSaEstablished(ike[0], "gw", *where, _child(args[0]))
+    if kind == "rekey":
+        old, new, send_on_new = args
+        return ChildSaRekeyed(ike[0], "gw", *where, _child(old), _child(new), send_on_new)
+    if kind == "delete":
+        return ChildSaDeleted(ike[0], "gw", _child(args[0]))
+    if kind == "deleted-by-another-ike-sa":
+        return ChildSaDeleted(b"\x09" * 8, "gw", _child(args[0]))
+    if kind == "ike-rekey":
+        ike[:] = [NEW_IKE]
+        return IkeSaRekeyed(OLD_IKE, "old", NEW_IKE, "gw", *where)
+    if kind == "ike-ended":
+        return IkeSaDeleted(args[0], "x", "gw", where[1], "deleted by the peer")
+    raise AssertionError(kind)
+
+
+# (steps, current pair, sending pair, retired pairs, the last step's changes)
+BOOK_TABLE = {
+    "first child": ([("up", 1)], 1, 1, set(), [PairInstalled]),
+    "re-key we started: send on new at once": (
+        [("up", 1), ("rekey", 1, 2, True)], 2, 2, set(), [PairInstalled, SendingSwitched]),
+    "re-key we answered: keep sending on old": (
+        [("up", 1), ("rekey", 1, 2, False)], 2, 1, set(), [PairInstalled]),
+    "... until the old pair's Delete": (
+        [("up", 1), ("rekey", 1, 2, False), ("delete", 1)], 2, 2, {1},
+        [PairRetired, SendingSwitched]),
+    "re-key we started, old deleted: grace only": (
+        [("up", 1), ("rekey", 1, 2, True), ("delete", 1)], 2, 2, {1}, [PairRetired]),
+    "simultaneous re-keys, ours deleted: fall back": (
+        [("up", 1), ("rekey", 1, 2, False), ("rekey", 1, 3, True), ("delete", 3)], 2, 2, {3},
+        [PairRetired, SendingSwitched, FellBack]),
+    "simultaneous re-keys, theirs deleted": (
+        [("up", 1), ("rekey", 1, 2, False), ("rekey", 1, 3, True), ("delete", 2)], 3, 3, {2},
+        [PairRetired]),
+    "last child deleted: its retired ones go too": (
+        [("up", 1), ("rekey", 1, 2, True), ("delete", 1), ("delete", 2)], None, None, set(),
+        [PairRemoved, InboundForgotten]),
+    "unknown child deleted": ([("up", 1), ("delete", 7)], 1, 1, set(), []),
+    "a child of another IKE SA with the same SPI deleted": (
+        [("up", 1), ("deleted-by-another-ike-sa", 1)], 1, 1, set(), []),
+    "inbound SPI already in use: refused": (
+        [("up", 1), ("up", 1)], 1, 1, set(), [PairRefused]),
+    "IKE SA re-keyed: the children follow it": (
+        [("up", 1), ("ike-rekey",), ("ike-ended", OLD_IKE)], 1, 1, set(), []),
+    "IKE SA ended with a child left": (
+        [("up", 1), ("ike-ended", OLD_IKE)], None, None, set(), [PairRemoved]),
+}
+
+
+@pytest.mark.parametrize("row", list(BOOK_TABLE))
+def test_book_table(row):
+    steps, current, sending, retired, last = BOOK_TABLE[row]
+    book, ike = ChildSaBook(), [OLD_IKE]
+    changes: list = []
+    for step in steps:
+        changes = book.apply(_step(step, ike), 1.0)
+    lane = book.lane(ike[0])
+    assert (lane.current.child.spi_in if lane and lane.current else None) == _spi(current)
+    assert (lane.sending.child.spi_in if lane and lane.sending else None) == _spi(sending)
+    assert set(book.retired) == {_spi(n) for n in retired}
+    assert [type(c) for c in changes] == last
+    # the data path knows exactly the live and the retired inbound SAs
+    assert set(book.inbound) == set(book.pairs) | set(book.retired)
+
+
+def test_book_switch_keeps_the_binding_and_the_grace_period_ends():
+    book, ike = ChildSaBook(), [OLD_IKE]
+    book.apply(_step(("up", 1), ike))
+    first = book.lane(OLD_IKE).sending.outbound
+    first.rebind(remote="172.16.9.9")              # e.g. the GW's binding moved meanwhile
+    book.apply(_step(("rekey", 1, 2, False), ike), 1.0)
+    (switched,) = [c for c in book.apply(_step(("delete", 1), ike), 2.0)
+                   if isinstance(c, SendingSwitched)]
+    assert switched.old is first and switched.new.remote == "172.16.9.9"
+    assert book.get_timer() == 2.0 + CHILD_SA_DELETE_GRACE_S
+    assert book.expire(2.0 + CHILD_SA_DELETE_GRACE_S - 0.01) == []
+    (gone,) = book.expire(2.0 + CHILD_SA_DELETE_GRACE_S)
+    assert isinstance(gone, InboundForgotten) and gone.inbound.spi == 0x1001
+    assert set(book.inbound) == {0x1002} and book.get_timer() is None

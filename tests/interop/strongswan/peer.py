@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.environ.get("MIPSEC_ROOT", "."))
 
 from mipsec.errors import Dropped  # noqa: E402
-from mipsec.ike.book import ChildSaBook  # noqa: E402
+from mipsec.ike.book import ChildSaBook, PairInstalled  # noqa: E402
 from mipsec.ike.config import IkeConfig  # noqa: E402
 from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
 from mipsec.io.ike_udp import IkeUdpAdapter  # noqa: E402
@@ -57,9 +57,10 @@ class Peer:
         name = type(ev).__name__
         self.counts[name] = self.counts.get(name, 0) + 1
         self.log.append({"event": name, "detail": getattr(ev, "reason", "")})
-        for change, _child, sin, sout in self.book.apply(ev, self.adapter.now()):
-            if change == "installed":
-                self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa)) for sa in (sin, sout)]
+        for change in self.book.apply(ev, self.adapter.now()):
+            if isinstance(change, PairInstalled):
+                self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa))
+                             for sa in (change.pair.inbound, change.pair.outbound)]
 
     # --- ESP ---------------------------------------------------------------------------------
     def on_esp(self, outer):
