@@ -1,7 +1,7 @@
 """The IKE endpoint: every IKE SA of one node behind one pair of UDP ports (500, 4500).
 
-``IkeEndpoint`` is what a runtime drives (the ``mipsec.io.ike_udp`` adapter, the daemons, the
-in-memory tests, the benchmark)::
+``IkeEndpoint`` is what a runtime drives (the roles through ``mipsec.node.ike.RoleIke``, in the
+daemons and the simulator; the in-memory tests; the benchmark)::
 
     ep = IkeEndpoint(config)
     out = ep.initiate(local=("172.16.1.10", 500), remote=("172.16.0.1", 500), now=now)

@@ -3,8 +3,10 @@
     python3 peer.py '<json config>'
 
 Reads one JSON command per line on stdin and answers one JSON line on stdout.  Meanwhile it
-drives an IkeEndpoint through mipsec.io.ike_udp, installs every negotiated child SA as a pair of
-mipsec ESP SAs, answers ICMP echo requests that arrive through ESP for addresses in its
+drives IKE the way the daemons do (tests/ike_sockets.py: their UDP 500 / 4500 receivers, the
+roles' RoleIke glue and raw sender, and the child SA bookkeeping the MN and GW use,
+mipsec.ike.book.ChildSaBook), installs every negotiated child SA as a pair of mipsec ESP SAs,
+answers ICMP echo requests that arrive through ESP for addresses in its
 ``inner`` subnet (so strongSwan's side can ping through mipsec's ESP), and can ping through ESP
 itself (so traffic is checked in both directions through both implementations).
 
@@ -21,12 +23,12 @@ import sys
 import time
 
 sys.path.insert(0, os.environ.get("MIPSEC_ROOT", "."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from ike_sockets import IkeSockets  # noqa: E402
 from mipsec.errors import Dropped  # noqa: E402
-from mipsec.ike.book import ChildSaBook, PairInstalled  # noqa: E402
+from mipsec.ike.book import PairInstalled  # noqa: E402
 from mipsec.ike.config import IkeConfig  # noqa: E402
-from mipsec.ike.endpoint import IkeEndpoint  # noqa: E402
-from mipsec.io.ike_udp import IkeUdpAdapter  # noqa: E402
 from mipsec.ipsec.sa import esp_sa_uat_record, tshark_esp_sa_fields  # noqa: E402
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4, checksum, parse_ipv4  # noqa: E402
 
@@ -41,10 +43,10 @@ class Peer:
     def __init__(self, cfg):
         self.cfg = cfg
         ike = IkeConfig.from_dict(cfg["ike"])
-        self.endpoint = IkeEndpoint(ike)
-        self.adapter = IkeUdpAdapter(self.endpoint, cfg["address"], on_event=self.on_event,
-                                     on_esp=self.on_esp)
-        self.book = ChildSaBook()  # the ESP SA pairs the IKE events call for
+        self.adapter = IkeSockets(ike, cfg["address"], on_event=self.on_event,
+                                  on_esp=self.on_esp)
+        self.endpoint = self.adapter.endpoint
+        self.book = self.adapter.book  # the ESP SA pairs the IKE events call for
         self.counts = {}
         self.echo_replies = set()
         self.esp_in = self.esp_out = self.echo_answered = 0
@@ -53,11 +55,11 @@ class Peer:
         self.uat = []              # Wireshark esp_sa records of every SA we ever installed
 
     # --- events ----------------------------------------------------------------------------
-    def on_event(self, ev):
+    def on_event(self, ev, changes):
         name = type(ev).__name__
         self.counts[name] = self.counts.get(name, 0) + 1
         self.log.append({"event": name, "detail": getattr(ev, "reason", "")})
-        for change in self.book.apply(ev, self.adapter.now()):
+        for change in changes:
             if isinstance(change, PairInstalled):
                 self.uat += [esp_sa_uat_record(tshark_esp_sa_fields(sa))
                              for sa in (change.pair.inbound, change.pair.outbound)]
