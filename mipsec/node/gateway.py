@@ -534,6 +534,16 @@ class VpnGateway(GatewaySiu, GatewayIke):
         held = {id(sa) for sa in sas}
         return sas + [sa for sa in self.book.sas() if id(sa) not in held]
 
+    def other_inbound(self, mobile: Mobile) -> dict[int, SecurityAssociation]:
+        """The MN's inbound SAs besides its current one, oldest first: IKEv2's other pairs and
+        the re-keyed ones in their grace period (the ``book``'s), all in the SAD."""
+        lane = self.book.lane(mobile.ike_id)
+        if lane is None:
+            return {}
+        sas = {spi: p.inbound for spi, p in lane.pairs.items() if p.inbound is not mobile.inbound}
+        sas.update((spi, sa) for spi, (_at, sa) in lane.retired.items())
+        return {spi: sa for spi, sa in sas.items() if self._by_spi.get(spi) is mobile}
+
     def sizes(self) -> dict[str, int]:
         """Entries per table (a soak test watches that none grows)."""
         return {"mobiles": len(self.mobiles), "sad": len(self.sad), "by_spi": len(self._by_spi),

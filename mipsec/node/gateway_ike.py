@@ -158,7 +158,7 @@ class GatewayIke:
                                           f"ended: {ev.reason}")]
         return []
 
-    def _owner(self, ike_id: bytes, spi: int) -> Mobile | None:
+    def _owner_of(self, ike_id: bytes, spi: int) -> Mobile | None:
         """The MN whose SA ``spi`` of the IKE SA ``ike_id`` is (None: not ours, e.g. an MN
         entry that was replaced meanwhile)."""
         mobile = self._by_spi.get(spi)
@@ -193,7 +193,7 @@ class GatewayIke:
                     actions.append(RebindSa(ch.new.spi, ch.new.local, ch.new.remote))
             elif cls is PairRetired:
                 assert isinstance(ch, PairRetired)
-                owner = self._owner(ch.ike_id, ch.pair.inbound.spi)
+                owner = self._owner_of(ch.ike_id, ch.pair.inbound.spi)
                 if owner is not None:
                     lane[ch.ike_id] = owner     # keeps decrypting for the grace period
             elif cls is FellBack:
@@ -211,7 +211,7 @@ class GatewayIke:
                 assert isinstance(ch, InboundForgotten)
                 # its grace period is over (or its IKE SA's last child went): SPI unknown
                 spi = ch.inbound.spi
-                if self._owner(ch.ike_id, spi) is not None and self.sad.get(spi) is ch.inbound:
+                if self._owner_of(ch.ike_id, spi) is not None and self.sad.get(spi) is ch.inbound:
                     self.sad.remove(spi)
                     del self._by_spi[spi]
             elif cls is PairRefused:
@@ -262,7 +262,7 @@ class GatewayIke:
         """A pair gone at once.  The MN's last one takes its entry with it (no SA pair left:
         its downlink then finds no policy)."""
         spi = ch.pair.inbound.spi
-        mobile = self._owner(ch.ike_id, spi)
+        mobile = self._owner_of(ch.ike_id, spi)
         if mobile is None:
             return []
         if ch.last and mobile.inbound is ch.pair.inbound \

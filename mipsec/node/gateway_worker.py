@@ -159,7 +159,8 @@ class WorkerSync:
         n = self.workers
         for home, m in role.mobiles.items():
             w = worker_of(m.inbound.spi, n)
-            inbound = {m.inbound.spi: m.inbound, **m.old_inbound}
+            older = role.other_inbound(m)
+            inbound = {m.inbound.spi: m.inbound, **older}
             for spi in inbound:
                 if worker_of(spi, n) != w:
                     self.off_shard += 1
@@ -170,7 +171,7 @@ class WorkerSync:
                 out.append((w, wm.InstallPair(home, m.home_agent, m.allowed_text,
                                               m.road_warrior, sa_spec(m.inbound),
                                               sa_spec(m.outbound))))
-                out += [(w, wm.AddInbound(home, sa_spec(sa))) for sa in m.old_inbound.values()]
+                out += [(w, wm.AddInbound(home, sa_spec(sa))) for sa in older.values()]
                 out.append((None, wm.Owner(home, w)))
                 told = self._told[home] = _Told(m, w, set(inbound), m.outbound)
             else:
@@ -217,6 +218,9 @@ class GatewayWorker(VpnGateway):
         self.workers = workers
         self._sa_random = random
         self._owner: dict[bytes, int] = {}       # home address -> worker with its outbound SA
+        # each MN's inbound SAs besides its current one (the control's other pairs and
+        # re-keyed SAs in their grace period), oldest first: home address -> spi -> SA
+        self._older: dict[str, dict[int, SecurityAssociation]] = {}
         self.handoffs_out = 0
         self.handoffs_in = 0
         self.control_errors: Counter[str] = Counter()
@@ -253,7 +257,7 @@ class GatewayWorker(VpnGateway):
         elif cls is wm.AddInbound:
             assert isinstance(msg, wm.AddInbound)
             sa = self._sa(msg.sa)
-            mobile.old_inbound[mobile.inbound.spi] = mobile.inbound
+            self._older.setdefault(home, {})[mobile.inbound.spi] = mobile.inbound
             mobile.inbound = sa
             self.sad.add(sa)
             self._by_spi[sa.spi] = mobile
@@ -288,10 +292,20 @@ class GatewayWorker(VpnGateway):
             self.control_errors["RemoveInbound: unknown SPI"] += 1
             return
         self.sad.remove(spi)
-        mobile.old_inbound.pop(spi, None)
-        mobile.pair_outbound.pop(spi, None)
-        if mobile.inbound.spi == spi and mobile.old_inbound:
-            mobile.inbound = mobile.old_inbound.pop(next(reversed(mobile.old_inbound)))
+        older = self._older.get(mobile.home_address, {})
+        older.pop(spi, None)
+        if mobile.inbound.spi == spi and older:
+            mobile.inbound = older.pop(next(reversed(older)))
+
+    def remove_mobile(self, home_address: str) -> None:
+        for spi in self._older.pop(home_address, {}):
+            if self._by_spi.pop(spi, None) is not None:
+                self.sad.remove(spi)
+        super().remove_mobile(home_address)
+
+    def esp_sas(self) -> list[SecurityAssociation]:
+        return super().esp_sas() + [sa for older in self._older.values()
+                                    for sa in older.values()]
 
     # --- the data path's differences ----------------------------------------------------------
 
