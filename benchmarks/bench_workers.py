@@ -14,6 +14,18 @@ are interleaved (1, N, 1, N ...), best of ``--runs``.
 
 On a machine shared with other jobs the wall-clock figure favours N processes (the scheduler
 gives N runnable processes N shares); the CPU time per packet does not depend on that.
+
+``--live`` (root) measures the real GW daemon instead: one lab per configuration (``mipsec lab
+up --manual-keys --gw-workers N`` for N = 0, 1, 2, all up at once, each with ``--mobiles``
+MNs), loaded in turn (interleaved, ``--runs``) with pre-built packets replayed by a small C
+sender (benchmarks/rawload.c, compiled at run time): ESP from every MN's care-of address (sent
+from the router's namespace) and the HA's IP-in-IP towards them (from the HA's namespace), each
+at ``--rate`` packets/s for ``--seconds``.  The MN daemons are stopped (SIGSTOP) meanwhile so
+their decryption does not compete for the CPUs.  Figures: packets the GW forwarded per second
+(its TUN writes and ESP sends, from ``mipsec status``), its CPU time per packet (all its
+processes, /proc), and each configuration's ratio to one process, formed within each run.
+
+    sudo python3 benchmarks/bench_workers.py --live [--mobiles 4] [--rate 30000] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -117,6 +129,9 @@ def measure(mobiles: int, workers: int, packets: int) -> tuple[float, float]:
 
 
 def main() -> int:
+    if "--live" in sys.argv:
+        from bench_workers_live import main as live_main
+        return live_main([a for a in sys.argv[1:] if a != "--live"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mobiles", type=int, default=8)
     ap.add_argument("--packets", type=int, default=2000, help="uplink packets (and as many "
