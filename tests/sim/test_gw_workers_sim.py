@@ -64,7 +64,7 @@ def _check_one_worker_per_sa(gw: ShardedGateway) -> None:
     for home, m in gw.control.mobiles.items():
         owner = worker_of(m.inbound.spi, n)
         assert where[f"0x{m.outbound.spi:08x}"] == owner, home
-        for spi in (m.inbound.spi, *m.old_inbound):
+        for spi in (m.inbound.spi, *gw.control.other_inbound(m)):
             assert where[f"0x{spi:08x}"] == owner
     assert gw.sync.off_shard == 0
 
