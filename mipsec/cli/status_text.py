@@ -27,6 +27,8 @@ def render_status(reply: dict[str, Any]) -> str:
                      f"{group.get('identity')}, warm copy {group.get('warm_keys')} keys at "
                      f"revision {group.get('revision')}, watch reconnects "
                      f"{group.get('watch_reconnects')}")
+    if reply.get("workers"):
+        lines += render_workers(reply["workers"])
     node = {k: v for k, v in (reply.get("node") or {}).items() if k not in ("timeline", "ike")}
     wall = reply.get("clock", {}).get("wall")
     offset = wall - now if isinstance(wall, (int, float)) and isinstance(now, (int, float)) \
@@ -41,6 +43,27 @@ def render_status(reply: dict[str, Any]) -> str:
         lines += ["    " + line for line in format_timeline(last_handover(timeline),
                                                          omit=("identification",))]
     return "\n".join(lines)
+
+
+def render_workers(workers: dict[str, Any]) -> list[str]:
+    """A GW's worker processes (docs/operations.md §1.3): totals, then one line each."""
+    totals = workers.get("totals", {})
+    lines = [f"  workers: {workers.get('count')}, " + ", ".join(
+        f"{k} {v}" for k, v in totals.items())]
+    if workers.get("drops"):
+        lines.append("    drops: " + ", ".join(f"{k} {v}"
+                                               for k, v in sorted(workers["drops"].items())))
+    for row in workers.get("workers", []):
+        age = row.get("report_age_s")
+        lines.append(
+            f"    worker {row.get('index')}: pid {row.get('pid')} "
+            f"{'alive' if row.get('alive') else 'DEAD'}, report "
+            f"{'never' if age is None else f'{age:.1f} s ago'}, {row.get('mobiles', 0)} MNs, "
+            f"up {row.get('packets_up', 0)}, down {row.get('packets_down', 0)}, hand-offs "
+            f"{row.get('handoffs_out', 0)} out / {row.get('handoffs_in', 0)} in; inbound SPIs "
+            f"{' '.join(row.get('inbound_spis', [])) or '-'}; outbound SPIs "
+            f"{' '.join(row.get('outbound_spis', [])) or '-'}")
+    return lines
 
 
 def render_ike(ike: dict[str, Any], now: float | None) -> list[str]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -66,6 +68,20 @@ def esp_sequences(pcap: str, source: str) -> dict[int, list[int]]:
         spi, seq = struct.unpack_from("!II", ip, at)
         out.setdefault(spi, []).append(seq)
     return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def check_one_worker_per_spi(status: dict) -> dict:
@@ -150,6 +166,23 @@ def test_gw_workers_keep_every_sa_in_one_process_through_rekeys_and_handovers():
             with open(reports[(k, peer_node)]) as f:
                 received = len(json.load(f)["received"])
             assert sent > 0 and received >= 0.95 * sent, (k, node, sent, received)
+
+        # `mipsec status` as text shows each worker
+        text = subprocess.run([sys.executable, "-m", "mipsec", "status", "--socket",
+                               lab.socket("gw")], capture_output=True, text=True, timeout=30)
+        for row in rows:
+            assert f"worker {row['index']}: pid {row['pid']} alive" in text.stdout, text.stdout
+
+        # a worker that dies ends the GW with exit status 4 and says why; the other worker
+        # stops when the control process is gone
+        gw_pid = lab.pid("gw")
+        os.kill(rows[0]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in (gw_pid, rows[1]["pid"])):
+            time.sleep(0.1)
+        assert not _alive(gw_pid) and not _alive(rows[1]["pid"])
+        log = open(lab.path("gw.log")).read()
+        assert "gw worker 0 (pid" in log and "the GW stops (exit status 4)" in log, log[-2000:]
     finally:
         lab.down()
     assert existing_namespaces(PREFIX) == []
