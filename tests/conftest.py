@@ -7,17 +7,20 @@ namespaces, root), ``interop`` (strongSwan, Scapy, tshark, etcd, the packaging t
 ``security`` (attacks; its namespace tests count as lab too).  Each test gets its folder's
 marker, so ``pytest -m "not lab and not interop"`` runs the fast levels; a test that needs
 namespaces (``netns``) is also ``lab`` and one that needs strongSwan is also ``interop``,
-wherever it lives.  The helpers beside this file (``needs``, ``daemon_fakes``, ...) are
-importable from every level.
+wherever it lives.  The helpers beside this file (``needs``, ``labs``,
+``daemon_fakes``, ...) are importable from every level; ``new_lab`` starts a namespace lab that
+is torn down after the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import pytest
 
 import etcd_cluster
+import labs
 from levels import level_of
 
 
@@ -39,6 +42,15 @@ def etcd(tmp_path_factory):
     cluster = etcd_cluster.start_cluster(str(tmp_path_factory.mktemp("etcd")))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def new_lab():
+    """``new_lab(tag, **up)``: a network-namespace lab of the test's own (prefix ``tag`` + pid),
+    started with ``Lab.up(**up)``; needs root (fails in CI, skips elsewhere).  Whatever the test
+    does, every lab it started is torn down after it, leaving no namespace (``tests/labs.py``)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda tag, **up: stack.enter_context(labs.started(labs.prefix(tag), **up))
 
 
 @pytest.fixture

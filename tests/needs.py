@@ -24,13 +24,6 @@ def need(problem: str | None, ci_message: str | None = None) -> None:
         pytest.skip(problem)
 
 
-def need_lab() -> None:
-    """The network-namespace lab's requirements (root, ip, namespaces)."""
-    from mipsec.lab.lab import requirements_problem
-    problem = requirements_problem()
-    need(problem, f"lab tests are required in CI: {problem}")
-
-
 def systemd_analyze() -> str:
     """systemd-analyze's path: the packaging test verifies the installed units with it."""
     path = shutil.which("systemd-analyze")

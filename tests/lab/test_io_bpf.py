@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import needs
+import labs
 from mipsec.io import bpf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,7 +85,7 @@ def test_the_kernel_verifies_both_programs():
 
 @pytest.mark.netns
 def test_shards_by_spi_in_a_namespace():
-    needs.need_lab()
+    labs.require()
     ns = f"bpf{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:

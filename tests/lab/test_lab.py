@@ -27,36 +27,25 @@ import time
 
 import pytest
 
+import labs
 import needs
 from mipsec.io.pcap import ike_keyfile_path
 from mipsec.lab.demo import Streams, phase_figures
-from mipsec.lab.lab import Lab, requirements_problem
+from mipsec.lab.lab import Lab
 from mipsec.lab.topology import MN_COA, existing_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PREFIX = f"mt{os.getpid()}-"
+PREFIX = labs.prefix("mt")
 RATE = 200.0
 DWELL_S = 1.2
 
 
-def _require() -> None:
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-
-
 @pytest.fixture(scope="module")
 def lab():
-    _require()
-    lab = Lab(prefix=PREFIX)
-    lab.down()
-    try:
-        lab.up(delay_ms=5.0, place="a")
+    with labs.started(PREFIX, delay_ms=5.0, place="a") as lab:
         yield lab
-    finally:
-        lab.down()
-    assert existing_namespaces(PREFIX) == []
 
 
 def mipsec_status(lab: Lab, role: str) -> dict:
@@ -239,8 +228,7 @@ def test_sigterm_cleans_up_and_sigkill_leaves_nothing_after_down(lab):
     time.sleep(0.3)
     pids = [lab.pid(n) for n in ("gw", "mn")]
     os.kill(lab.pid("gw"), signal.SIGKILL)
-    proc = subprocess.run([sys.executable, "-m", "mipsec", "lab", "down", "--prefix", PREFIX],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = labs.cli("lab", "down", "--prefix", PREFIX)
     assert proc.returncode == 0, proc.stderr
     assert existing_namespaces(PREFIX) == []
     for pid in pids:
@@ -267,11 +255,10 @@ def _alive(pid: int) -> bool:
 def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):
     """`mipsec lab demo` (the README's first command as root): three moves with timelines,
     interruption and loss per direction, a kept capture, no namespace left."""
-    _require()
-    prefix = f"md{os.getpid()}-"
-    proc = subprocess.run([sys.executable, "-m", "mipsec", "lab", "demo", "--prefix", prefix,
-                           "--delay-ms", "5", "--dwell", "0.8", "--rate", "200"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    labs.require()
+    prefix = labs.prefix("md")
+    proc = labs.cli("lab", "demo", "--prefix", prefix, "--delay-ms", "5", "--dwell", "0.8",
+                    "--rate", "200", timeout=120)
     try:
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = proc.stdout
@@ -291,45 +278,38 @@ def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):
                 shutil.rmtree(os.path.dirname(word), ignore_errors=True)
 
 
-def test_udp_encapsulated_cbc_lab_decodes_in_tshark():
+def test_udp_encapsulated_cbc_lab_decodes_in_tshark(new_lab):
     """The same path with ESP in UDP 4500 (RFC 3948) and AES-CBC + HMAC-SHA2-256; the IKE SA
     is re-keyed and tshark decrypts its CREATE_CHILD_SA exchanges too."""
-    _require()
     tshark = needs.tshark()
-    lab = Lab(prefix=f"mu{os.getpid()}-")
-    lab.down()
-    try:
-        # the IKE SA is re-keyed every 3 s: CREATE_CHILD_SA, then IKE_AUTH-less new keys
-        lab.up(place="a", encryption="ENCR_AES_CBC", udp_encap=True,
-               ike={"ike_lifetime_s": 3.0})
-        lab.move("b")
-        check_location(lab, "b")
-        deadline = time.monotonic() + 15
-        while not mipsec_status(lab, "gw")["node"]["ike"]["last_rekey_time"]:
-            assert time.monotonic() < deadline, "no IKE SA re-key"
-            time.sleep(0.2)
-        assert ping_cn_to_mn(lab) >= 1
-        # IKE_AUTH and the IKE SA's re-key (CREATE_CHILD_SA with KE) decrypt with the IKE key
-        # file (AES-CBC + HMAC-SHA2-256: tshark checks every Integrity Checksum Data)
-        ike = _ike_rows(tshark, lab)
-        assert _ike_auth_problems(ike) == []
-        rekeys = [r for r in ike if r[0] == CREATE_CHILD_SA]
-        assert len(rekeys) >= 2 and all(r[2] and not r[3] and {SA, "40", "34"} <= set(
-            r[1].split(",")) for r in rekeys), rekeys        # SA, Nonce, KE
-        assert len(open(ike_keyfile_path(lab.keyfile)).read().splitlines()) >= 3
-        all_rows = needs.tshark_fields(tshark, lab.pcap, lab.keyfile,
-                                       ["udp.port", "esp.icv_good", "mip.type", "isakmp.ispi"])
-        # IKEv2 negotiated the SAs: its packets start on 500 and float to 4500 (NAT-T forced)
-        ike = [r for r in all_rows if r[3]]
-        assert ike and all(r[0] in ("500,500", "4500,4500") for r in ike), ike[:5]
-        assert any(r[0] == "4500,4500" for r in ike), ike[:5]
-        rows = [r for r in all_rows if not r[3]]
-        assert rows and all(r[0].startswith("4500,4500") for r in rows), rows[:5]
-        assert all(r[1] == "1" for r in rows), rows[:5]
-        assert {"1", "3"} <= {t for r in rows for t in r[2].split(",") if t}
-    finally:
-        lab.down()
-    assert existing_namespaces(lab.prefix) == []
+    # the IKE SA is re-keyed every 3 s: CREATE_CHILD_SA, then IKE_AUTH-less new keys
+    lab = new_lab("mu", place="a", encryption="ENCR_AES_CBC", udp_encap=True,
+                  ike={"ike_lifetime_s": 3.0})
+    lab.move("b")
+    check_location(lab, "b")
+    deadline = time.monotonic() + 15
+    while not mipsec_status(lab, "gw")["node"]["ike"]["last_rekey_time"]:
+        assert time.monotonic() < deadline, "no IKE SA re-key"
+        time.sleep(0.2)
+    assert ping_cn_to_mn(lab) >= 1
+    # IKE_AUTH and the IKE SA's re-key (CREATE_CHILD_SA with KE) decrypt with the IKE key
+    # file (AES-CBC + HMAC-SHA2-256: tshark checks every Integrity Checksum Data)
+    ike = _ike_rows(tshark, lab)
+    assert _ike_auth_problems(ike) == []
+    rekeys = [r for r in ike if r[0] == CREATE_CHILD_SA]
+    assert len(rekeys) >= 2 and all(r[2] and not r[3] and {SA, "40", "34"} <= set(
+        r[1].split(",")) for r in rekeys), rekeys        # SA, Nonce, KE
+    assert len(open(ike_keyfile_path(lab.keyfile)).read().splitlines()) >= 3
+    all_rows = needs.tshark_fields(tshark, lab.pcap, lab.keyfile,
+                                   ["udp.port", "esp.icv_good", "mip.type", "isakmp.ispi"])
+    # IKEv2 negotiated the SAs: its packets start on 500 and float to 4500 (NAT-T forced)
+    ike = [r for r in all_rows if r[3]]
+    assert ike and all(r[0] in ("500,500", "4500,4500") for r in ike), ike[:5]
+    assert any(r[0] == "4500,4500" for r in ike), ike[:5]
+    rows = [r for r in all_rows if not r[3]]
+    assert rows and all(r[0].startswith("4500,4500") for r in rows), rows[:5]
+    assert all(r[1] == "1" for r in rows), rows[:5]
+    assert {"1", "3"} <= {t for r in rows for t in r[2].split(",") if t}
 
 
 def _tshark_esp(tshark: str, lab: Lab) -> list[list[str]]:
@@ -339,90 +319,78 @@ def _tshark_esp(tshark: str, lab: Lab) -> list[list[str]]:
     return [r for r in rows if r[0].split(",")[0] == "50"]
 
 
-def test_gw_restart_mn_reestablishes_ikev2_from_its_new_coa():
+def test_gw_restart_mn_reestablishes_ikev2_from_its_new_coa(new_lab):
     """The GW daemon restarts (its SAs are gone).  The MN moves to b: its RRQs die at the GW as
     unknown SPI; after max_attempts it re-establishes IKE from b and registers; traffic
     resumes; the restarted GW's key file decrypts its whole capture (every ICV good)."""
-    _require()
     tshark = needs.tshark_in_ci()
-    lab = Lab(prefix=f"mr{os.getpid()}-")
-    lab.down()
-    try:
-        lab.up(place="a", retransmit_initial_s=0.2, max_attempts=3, ike={"dpd_interval_s": 0})
-        check_location(lab, "a")
-        lab.restart_daemon("gw")
-        t0 = time.monotonic()
-        lab.move("b", wait=False)
-        noticed, registered = lab.wait_mn_event(t0, ("rrp-received",), timeout=20)
-        events = [e for e in mipsec_status(lab, "mn")["timeline"] if e["time"] >= t0]
-        kinds = [e["kind"] for e in events]
-        # the MN finds the restarted GW silent either by max_attempts unanswered requests or,
-        # sooner, by the liveness check it sends beside the first one (its address went and
-        # came back with the move): either way it re-establishes from b and registers
-        for step in ("rrq-sent", "reestablish-requested", "ike-reestablish", "ike-established",
-                     "sas-installed", "rrp-received"):
-            assert step in kinds, (step, kinds)
-        assert ("registration-failed" in kinds or "liveness-check" in kinds
-                or any("liveness" in str(e["detail"].get("reason", "")) for e in events)), kinds
-        assert kinds.count("rrq-sent") >= 2, kinds        # refused at the GW, then one that worked
-        assert kinds.index("reestablish-requested") < kinds.index("rrp-received")
-        reest = next(e for e in events if e["kind"] == "ike-reestablish")
-        assert reest["detail"]["care_of"] == MN_COA["b"]
-        gw = mipsec_status(lab, "gw")
-        assert gw["node"]["drops"].get("unknown-spi", 0) >= 1, gw["node"]["drops"]
-        check_location(lab, "b")
-        assert ping_cn_to_mn(lab) >= 1
-        (ike,) = [sa for sa in gw["node"]["ike"]["ike_sas"] if sa["state"] == "established"]
-        assert ike["remote"].startswith(MN_COA["b"] + ":")
-        t_req = next(e["time"] for e in events if e["kind"] == "reestablish-requested")
-        t_done = next(e["time"] for e in events if e["kind"] == "rrp-received")
-        print(f"\nre-establishment: {1000 * (t_done - t_req):.1f} ms from giving up to the "
-              f"accepted registration ({1000 * (t_done - t0):.0f} ms after the move)")
-        if tshark is not None:
-            esp = _tshark_esp(tshark, lab)
-            assert esp and all(r[2] == "1" for r in esp), esp[:5]
-            assert {"1", "3"} <= {t for r in esp for t in r[3].split(",") if t}
-    finally:
-        lab.down()
-    assert existing_namespaces(lab.prefix) == []
+    lab = new_lab("mr", place="a", retransmit_initial_s=0.2, max_attempts=3,
+                  ike={"dpd_interval_s": 0})
+    check_location(lab, "a")
+    lab.restart_daemon("gw")
+    t0 = time.monotonic()
+    lab.move("b", wait=False)
+    noticed, registered = lab.wait_mn_event(t0, ("rrp-received",), timeout=20)
+    events = [e for e in mipsec_status(lab, "mn")["timeline"] if e["time"] >= t0]
+    kinds = [e["kind"] for e in events]
+    # the MN finds the restarted GW silent either by max_attempts unanswered requests or,
+    # sooner, by the liveness check it sends beside the first one (its address went and
+    # came back with the move): either way it re-establishes from b and registers
+    for step in ("rrq-sent", "reestablish-requested", "ike-reestablish", "ike-established",
+                 "sas-installed", "rrp-received"):
+        assert step in kinds, (step, kinds)
+    assert ("registration-failed" in kinds or "liveness-check" in kinds
+            or any("liveness" in str(e["detail"].get("reason", "")) for e in events)), kinds
+    assert kinds.count("rrq-sent") >= 2, kinds        # refused at the GW, then one that worked
+    assert kinds.index("reestablish-requested") < kinds.index("rrp-received")
+    reest = next(e for e in events if e["kind"] == "ike-reestablish")
+    assert reest["detail"]["care_of"] == MN_COA["b"]
+    gw = mipsec_status(lab, "gw")
+    assert gw["node"]["drops"].get("unknown-spi", 0) >= 1, gw["node"]["drops"]
+    check_location(lab, "b")
+    assert ping_cn_to_mn(lab) >= 1
+    (ike,) = [sa for sa in gw["node"]["ike"]["ike_sas"] if sa["state"] == "established"]
+    assert ike["remote"].startswith(MN_COA["b"] + ":")
+    t_req = next(e["time"] for e in events if e["kind"] == "reestablish-requested")
+    t_done = next(e["time"] for e in events if e["kind"] == "rrp-received")
+    print(f"\nre-establishment: {1000 * (t_done - t_req):.1f} ms from giving up to the "
+          f"accepted registration ({1000 * (t_done - t0):.0f} ms after the move)")
+    if tshark is not None:
+        esp = _tshark_esp(tshark, lab)
+        assert esp and all(r[2] == "1" for r in esp), esp[:5]
+        assert {"1", "3"} <= {t for r in esp for t in r[3].split(",") if t}
 
 
-def test_mobike_mode_lab_gw_follows_update_sa_addresses():
+def test_mobike_mode_lab_gw_follows_update_sa_addresses(new_lab):
     """handover_mode = "mobike": the MN's UPDATE_SA_ADDRESSES moves the GW's SA, the HA's SIU
     then finds it already there; a child re-key after the move keeps the new CoA; the key
     file covers every SA in the capture."""
-    _require()
     tshark = needs.tshark_in_ci()
-    lab = Lab(prefix=f"mk{os.getpid()}-")
-    lab.down()
-    try:
-        lab.up(place="a", handover_mode="mobike", ike={"child_lifetime_s": 3.0})
-        check_location(lab, "a")
-        move = lab.move("b")
-        check_location(lab, "b")
-        gw_events = [e for e in mipsec_status(lab, "gw")["timeline"] if e["time"] >= move["time"]]
-        kinds = [e["kind"] for e in gw_events]
-        assert "gw-sa-moved-by-mobike" in kinds and "gw-siu-confirms-mobike" in kinds, kinds
-        assert kinds.index("gw-sa-moved-by-mobike") < kinds.index("gw-siu-confirms-mobike")
-        assert "gw-sa-repointed" not in kinds
-        assert ping_cn_to_mn(lab) >= 1
-        # re-keys at the new CoA (child lifetime 3 s): still there, traffic still passes
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            gw = mipsec_status(lab, "gw")
-            rekeyed = [e for e in gw["timeline"] if e["kind"] == "gw-sas-rekeyed"
-                       and e["time"] > move["time"]]
-            if rekeyed:
-                break
-            time.sleep(0.2)
-        assert rekeyed and rekeyed[-1]["detail"]["care_of"] == MN_COA["b"], gw["timeline"][-5:]
-        assert ping_cn_to_mn(lab) >= 1                # (the replies use the new inbound SA)
-        check_location(lab, "b")
-        if tshark is not None:
-            esp = _tshark_esp(tshark, lab)
-            spis = {r[1] for r in esp}
-            assert len(spis) >= 4, spis               # two children, both directions
-            assert esp and all(r[2] == "1" for r in esp), [r for r in esp if r[2] != "1"][:5]
-    finally:
-        lab.down()
-    assert existing_namespaces(lab.prefix) == []
+    lab = new_lab("mk", place="a", handover_mode="mobike", ike={"child_lifetime_s": 3.0})
+    check_location(lab, "a")
+    move = lab.move("b")
+    check_location(lab, "b")
+    gw_events = [e for e in mipsec_status(lab, "gw")["timeline"] if e["time"] >= move["time"]]
+    kinds = [e["kind"] for e in gw_events]
+    assert "gw-sa-moved-by-mobike" in kinds and "gw-siu-confirms-mobike" in kinds, kinds
+    assert kinds.index("gw-sa-moved-by-mobike") < kinds.index("gw-siu-confirms-mobike")
+    assert "gw-sa-repointed" not in kinds
+    assert ping_cn_to_mn(lab) >= 1
+    # re-keys at the new CoA (child lifetime 3 s): still there, traffic still passes
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        gw = mipsec_status(lab, "gw")
+        rekeyed = [e for e in gw["timeline"] if e["kind"] == "gw-sas-rekeyed"
+                   and e["time"] > move["time"]]
+        if rekeyed:
+            break
+        time.sleep(0.2)
+    assert rekeyed and rekeyed[-1]["detail"]["care_of"] == MN_COA["b"], gw["timeline"][-5:]
+    assert ping_cn_to_mn(lab) >= 1                # (the replies use the new inbound SA)
+    check_location(lab, "b")
+    if tshark is not None:
+        esp = _tshark_esp(tshark, lab)
+        spis = {r[1] for r in esp}
+        assert len(spis) >= 4, spis               # two children, both directions
+        assert esp and all(r[2] == "1" for r in esp), [r for r in esp if r[2] != "1"][:5]
+

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-import needs
+import labs
 from mipsec.lab import delay
 from mipsec.lab import topology as topo
-from mipsec.lab.lab import Lab, requirements_problem
 from mipsec.wire.ipv4 import checksum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,13 +86,8 @@ def test_other_frames_are_left_alone():
 
 @pytest.mark.netns
 def test_kernel_udp_through_the_delayed_lab():
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-    prefix = f"dl{os.getpid() % 100000}-"
-    lab = Lab(prefix=prefix)
-    lab.down()
-    os.makedirs(lab.state_dir, mode=0o700, exist_ok=True)
-    try:
+    with labs.torn_down(labs.prefix("dl")) as lab:
+        os.makedirs(lab.state_dir, mode=0o700, exist_ok=True)
         topo.build(lab.names, delay_ms=10.0)
         lab._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
                                    "--delay-ms", "10"])
@@ -110,6 +104,3 @@ def test_kernel_udp_through_the_delayed_lab():
                                  timeout=30)
             echo.wait(timeout=10)
             assert ask.stdout.strip() == "3", (server, client, ask.stdout, ask.stderr)
-    finally:
-        lab.down()
-    assert topo.existing_namespaces(prefix) == []

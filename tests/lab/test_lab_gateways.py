@@ -14,43 +14,35 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-import needs
+import labs
 from mipsec.io import control
 from mipsec.lab.lab import Lab
-from mipsec.lab.topology import CN, existing_namespaces
+from mipsec.lab.topology import CN
 from mipsec.node.config import lab_gateway_addresses
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PREFIX = f"mg{os.getpid()}-"
+PREFIX = labs.prefix("mg")
 MOBILES = 4
 RECOVERY_BOUND_S = 60.0      # generous: a bound for the test to end, not a figure
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mipsec", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    return labs.cli(*args, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def lab():
-    needs.need_lab()
-    lab = Lab(prefix=PREFIX)
-    lab.down()
-    try:
+    with labs.torn_down(PREFIX):
         proc = cli("lab", "up", "--prefix", PREFIX, "--mobiles", str(MOBILES), "--gateways", "2")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"{MOBILES} MNs over 2 GWs at a" in proc.stdout
         yield Lab(prefix=PREFIX)
-    finally:
-        lab.down()
-    assert existing_namespaces(PREFIX) == []
 
 
 def mn_status(lab: Lab, k: int) -> dict:

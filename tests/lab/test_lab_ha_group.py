@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+import labs
 import needs
 from mipsec.lab import topology as topo
 from mipsec.lab.hafail import SCENARIOS, holders
 from mipsec.lab.lab import Lab
-from mipsec.lab.recovery import run_scenario
-from mipsec.lab.topology import existing_namespaces
-from recovery_runs import RATE
+from recovery_runs import run_checked
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -37,20 +34,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _require() -> None:
-    needs.need_lab()
+    labs.require()
     needs.need(None if shutil.which("etcd") else "etcd not installed (Debian etcd-server)",
                "an HA group needs etcd in CI (tools/setup.sh installs etcd-server)")
 
 
 def _run(name: str):
     _require()
-    prefix = f"hg{os.getpid() % 100000}-"
-    outcome = run_scenario(SCENARIOS[name], RATE, prefix)
-    assert existing_namespaces(prefix) == []
-    assert outcome.error is None, outcome.error
-    for direction, figures in outcome.directions.items():
-        assert figures["recovered"], (direction, figures, outcome.detail.get("timeline"))
-    return outcome
+    return run_checked(SCENARIOS[name], labs.prefix("hg"))
 
 
 def test_kill_the_active_ha_under_traffic():
@@ -85,13 +76,10 @@ def test_partition_the_active_ha_exactly_one_serves():
 
 def test_lab_up_with_mobiles_and_standbys_and_down_removes_everything():
     _require()
-    prefix = f"hu{os.getpid() % 100000}-"
-    lab = Lab(prefix=prefix)
-    lab.down()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "mipsec", "lab", "up", "--prefix", prefix,
-                               "--mobiles", "2", "--ha-standbys", "1"], capture_output=True,
-                              text=True, cwd=ROOT, timeout=120)
+    prefix = labs.prefix("hu")
+    with labs.torn_down(prefix):
+        proc = labs.cli("lab", "up", "--prefix", prefix, "--mobiles", "2", "--ha-standbys", "1",
+                        timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "2 MNs, HA group ha, ha2" in proc.stdout
         lab = Lab(prefix=prefix)
@@ -106,9 +94,6 @@ def test_lab_up_with_mobiles_and_standbys_and_down_removes_everything():
         assert lab.exec("ha2", "ping", "-c", "1", "-W", "2", topo.STORE_DB).returncode == 0
         for node in ("cn", "gw"):
             assert lab.exec(node, "ping", "-c", "1", "-W", "1", topo.STORE_DB).returncode != 0
-    finally:
-        lab.down()
-    assert existing_namespaces(prefix) == []
     assert not os.path.exists(lab.path("etcd"))
     for pid in etcd_pids:
         assert _gone(pid), f"etcd member {pid} still runs after lab down"

@@ -13,50 +13,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 
-import needs
+import labs
 from mipsec.lab import topology as topo
-from mipsec.lab.lab import Lab, requirements_problem
+from mipsec.lab.lab import Lab
 from mipsec.lab.topology import existing_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PREFIX = f"mm{os.getpid()}-"
-NAT_PREFIX = f"mz{os.getpid()}-"
-
-
-def _require(nat: bool = False) -> None:
-    problem = requirements_problem()
-    if problem is None and nat and shutil.which(topo.NFT) is None:
-        problem = "the NAT'd visited network needs nftables (Debian package nftables)"
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mipsec", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+PREFIX = labs.prefix("mm")
+cli = labs.cli
 
 
 @pytest.fixture(scope="module")
 def lab():
-    _require()
-    lab = Lab(prefix=PREFIX)
-    lab.down()
-    try:
+    with labs.torn_down(PREFIX):
         proc = cli("lab", "up", "--prefix", PREFIX, "--mobiles", "2")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "2 MNs at a" in proc.stdout
         yield Lab(prefix=PREFIX)
-    finally:
-        lab.down()
-    assert existing_namespaces(PREFIX) == []
 
 
 def lab_status(*extra: str) -> dict:
@@ -74,19 +52,7 @@ def pings(lab: Lab, node: str, address: str) -> int:
 
 
 def wait_for(check, timeout: float = 5.0):
-    """``check()``'s first true result; its last AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {check}")
-        time.sleep(0.1)
+    return labs.wait_until(check, timeout)
 
 
 def test_each_mn_has_its_namespace_identity_socket_and_address(lab):
@@ -140,39 +106,32 @@ def test_moving_one_mn_leaves_the_other_and_both_get_traffic(lab):
     assert pings(lab, "cn", lab.home_address(2)) >= 1
 
 
-def test_two_mns_behind_one_nat_share_a_public_address_with_different_ports():
+def test_two_mns_behind_one_nat_share_a_public_address_with_different_ports(new_lab):
     """The router masquerades visited network n: both MNs' IKE (UDP-encapsulated, NAT-T) reaches
     the GW from the router's outside address, on two different source ports; no private
     address crosses the router's outside link."""
-    _require(nat=True)
     from scapy.all import IP, UDP, rdpcap
 
-    lab = Lab(prefix=NAT_PREFIX)
-    lab.down()
-    try:
-        lab.up(mobiles=2, nat=True, udp_encap=True, place=None)
-        rules = lab.exec("rt", topo.NFT, "list", "table", "ip", topo.NFT_TABLE).stdout
-        assert "masquerade" in rules and topo.NAT_PREFIX.split("/")[0] in rules, rules
-        with lab.sniff("rt", "out0", "nat-outside") as pcap:
-            for k in (1, 2):
-                lab.move("n", wait=False, k=k)
-
-            def two_sas():
-                gw = lab.status("gw")["node"]
-                peers = {sa["peer_id"] for sa in gw["ike"]["ike_sas"]
-                         if sa["state"] == "established"}
-                assert peers == {"mn1@mipsec.lab", "mn2@mipsec.lab"}, peers
-                return True
-            wait_for(two_sas, timeout=15.0)
+    lab = new_lab("mz", mobiles=2, nat=True, udp_encap=True, place=None)
+    rules = lab.exec("rt", topo.NFT, "list", "table", "ip", topo.NFT_TABLE).stdout
+    assert "masquerade" in rules and topo.NAT_PREFIX.split("/")[0] in rules, rules
+    with lab.sniff("rt", "out0", "nat-outside") as pcap:
         for k in (1, 2):
-            local = lab.exec(lab.mn(k), "ip", "-4", "-o", "addr", "show", "dev",
-                             topo.NAT_IFACE).stdout
-            assert lab.care_of("n", k) in local, local
-        to_gw = [p for p in rdpcap(pcap) if IP in p and p[IP].dst == topo.GW_OUTSIDE]
-        leaked = [p.summary() for p in to_gw if p[IP].src != topo.NAT_PUBLIC]
-        assert to_gw and not leaked, leaked
-        nat_t = {p[UDP].sport for p in to_gw if UDP in p and p[UDP].dport == 4500}
-        assert len(nat_t) == 2, nat_t
-    finally:
-        lab.down()
-    assert existing_namespaces(NAT_PREFIX) == []
+            lab.move("n", wait=False, k=k)
+
+        def two_sas():
+            gw = lab.status("gw")["node"]
+            peers = {sa["peer_id"] for sa in gw["ike"]["ike_sas"]
+                     if sa["state"] == "established"}
+            assert peers == {"mn1@mipsec.lab", "mn2@mipsec.lab"}, peers
+            return True
+        wait_for(two_sas, timeout=15.0)
+    for k in (1, 2):
+        local = lab.exec(lab.mn(k), "ip", "-4", "-o", "addr", "show", "dev",
+                         topo.NAT_IFACE).stdout
+        assert lab.care_of("n", k) in local, local
+    to_gw = [p for p in rdpcap(pcap) if IP in p and p[IP].dst == topo.GW_OUTSIDE]
+    leaked = [p.summary() for p in to_gw if p[IP].src != topo.NAT_PUBLIC]
+    assert to_gw and not leaked, leaked
+    nat_t = {p[UDP].sport for p in to_gw if UDP in p and p[UDP].dport == 4500}
+    assert len(nat_t) == 2, nat_t

@@ -7,20 +7,16 @@ Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-import needs
-from mipsec.lab.lab import Lab
-from mipsec.lab.topology import existing_namespaces
+import labs
 from recovery_runs import run_recovered
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 def _run(name: str):
-    return run_recovered(name, f"mn{os.getpid() % 100000}-")
+    return run_recovered(name, labs.prefix("mn"))
 
 
 def _kinds(outcome):
@@ -36,22 +32,15 @@ def test_dhcp_order_roam_recovers_without_a_retransmission():
     assert ("mn", "rrq-retransmitted") not in kinds, kinds
 
 
-def test_dhcp_order_moves_back_and_forth_each_with_one_request():
-    needs.need_lab()
-    lab = Lab(prefix=f"mq{os.getpid() % 100000}-")
-    lab.down()
-    try:
-        lab.up(place="a")
-        for where in ("b", "a", "b"):
-            move = lab.move(where, wait=True, dhcp_order=True)
-            assert move["registered"] is not None, move
-            events = [e for e in lab.timelines(since=move["time"]) if e["node"] == "mn"]
-            kinds = [e["kind"] for e in events]
-            assert kinds.count("rrq-sent") == 1 and "rrq-retransmitted" not in kinds, kinds
-            assert "rrp-received" in kinds, kinds
-    finally:
-        lab.down()
-    assert existing_namespaces(lab.prefix) == []
+def test_dhcp_order_moves_back_and_forth_each_with_one_request(new_lab):
+    lab = new_lab("mq", place="a")
+    for where in ("b", "a", "b"):
+        move = lab.move(where, wait=True, dhcp_order=True)
+        assert move["registered"] is not None, move
+        events = [e for e in lab.timelines(since=move["time"]) if e["node"] == "mn"]
+        kinds = [e["kind"] for e in events]
+        assert kinds.count("rrq-sent") == 1 and "rrq-retransmitted" not in kinds, kinds
+        assert "rrp-received" in kinds, kinds
 
 
 def test_gw_restart_with_ikev2_recovers_by_a_liveness_check():

@@ -10,20 +10,16 @@ Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-import needs
-from mipsec.lab.recovery import run_scenario
-from mipsec.lab.topology import existing_namespaces
-from recovery_runs import RATE, run_recovered
+import labs
+from recovery_runs import run_checked, run_recovered
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
 def _run(name: str):
-    return run_recovered(name, f"rc{os.getpid() % 100000}-")
+    return run_recovered(name, labs.prefix("rc"))
 
 
 def test_ha_killed_and_restarted_keeps_its_bindings():
@@ -84,14 +80,8 @@ def test_ha_killed_right_after_accepting_a_move_has_it_after_the_restart():
         return detail
 
     scenario = Scenario("ha-restart-after-move", "-", move_then_kill, after_s=4.0)
-    needs.need_lab()
-    prefix = f"rk{os.getpid() % 100000}-"
-    outcome = run_scenario(scenario, RATE, prefix)
-    assert existing_namespaces(prefix) == []
-    assert outcome.error is None, outcome.error
+    outcome = run_checked(scenario, labs.prefix("rk"))
     assert seen["bindings"]["10.1.0.100"]["care_of"] == "172.16.2.10", seen
-    for direction, figures in outcome.directions.items():
-        assert figures["recovered"], (direction, figures, outcome.detail.get("timeline"))
     kinds = [(node, kind) for _t, node, kind in outcome.detail["timeline"]]
     restored = kinds.index(("ha", "binding-restored"))
     assert ("mn", "rrq-sent") not in kinds[restored:], kinds      # no re-registration needed

@@ -1,59 +1,33 @@
 """The live-lab attack harness: a lab with several MNs, the state an attack must not change, the
 drop counters it must raise, and traffic that must keep flowing.
 
-* ``started_lab(prefix, ...)``: ``Lab.up`` with the requirement check (FAILS in CI, skips
-  elsewhere) and a teardown that leaves no namespace behind;
 * ``state(lab)``: what an unauthenticated or misdirected message must not move: each MN's GW
   binding and SA pair (SPIs and outer addresses), the HA's bindings, the established IKE SAs;
 * ``drops(lab, role)``: the role's drop counters by reason, from ``mipsec status --json``
   (node drops, SAD drops and every SA's own drops added up);
 * ``Listener`` / ``send``: UDP datagrams from one namespace to another, counted on arrival
   (``downlink(lab, k)``: CN -> MN k's home address; ``uplink``: MN k -> CN);
-* ``wait_until``: poll a check instead of sleeping a guessed time.
+
+Starting and tearing down the lab, and ``wait_until``, are ``tests/labs.py``'s (shared with the
+lab level).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from itertools import pairwise
 from typing import Any
 
-import needs
-from mipsec.lab.lab import Lab, requirements_problem
-from mipsec.lab.topology import CN, existing_namespaces
+from mipsec.lab.lab import Lab
+from mipsec.lab.topology import CN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labtool.py")
 PORT = 40404
-
-
-def require(nft: bool = False) -> None:
-    problem = requirements_problem()
-    if problem is None and nft:
-        import shutil
-        if shutil.which("nft") is None:
-            problem = "the NAT'd visited network needs nftables (Debian package nftables)"
-    needs.need(problem, f"the live-lab security tests are required in CI: {problem}")
-
-
-@contextlib.contextmanager
-def started_lab(prefix: str, **up: Any) -> Iterator[Lab]:
-    require(nft=bool(up.get("nat")))
-    lab = Lab(prefix=prefix)
-    lab.down()
-    try:
-        lab.up(**up)
-        yield lab
-    finally:
-        lab.down()
-    assert existing_namespaces(prefix) == []
 
 
 def status(lab: Lab, role: str) -> dict[str, Any]:
@@ -102,22 +76,6 @@ def state(lab: Lab) -> dict[str, Any]:
                  for sa in (gw.get("ike") or {}).get("ike_sas", []) if sa["state"] == "established")
     bindings = {home: b["care_of"] for home, b in ha["bindings"].items()}
     return {"gw": mobiles, "ha": bindings, "ike": ike}
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.1) -> Any:
-    """``check()``'s first true result; fails with its last AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            problem: Any = result
-        except AssertionError as exc:
-            problem = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {problem}")
-        time.sleep(every)
 
 
 def registered(lab: Lab, k: int, where: str) -> bool:
@@ -201,6 +159,20 @@ def host_refusals(lab: Lab, node: str, address: str) -> int:
                 and "IPReversePathFilter" in keys and keys != values:
             rp = int(values[keys.index("IPReversePathFilter")])
     return rp + nft_drops_to(lab, node, address)
+
+
+def hold(lab: Lab, node: str, family: str, table: str, rule: str, on: bool,
+         priority: int = 0) -> None:
+    """With ``on``, an nftables table ``table`` (``family``: ip, bridge) in ``node`` whose forward
+    hook drops what ``rule`` matches; without, that table removed."""
+    if on:
+        rules = (f"table {family} {table} {{\n  chain forward {{\n"
+                 f"    type filter hook forward priority {priority}; policy accept;\n"
+                 f"    {rule} drop\n  }}\n}}\n")
+        proc = lab.exec(node, "nft", "-f", "-", input=rules)
+    else:
+        proc = lab.exec(node, "nft", "delete", "table", family, table)
+    assert proc.returncode == 0, proc.stderr
 
 
 def tool(lab: Lab, node: str, *args: str, timeout: float = 300) -> str:

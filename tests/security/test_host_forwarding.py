@@ -24,32 +24,25 @@ import time
 
 import pytest
 
+import labs
 import needs
-from mipsec.lab.lab import Lab, requirements_problem
-from mipsec.lab.topology import CN, GW_OUTSIDE, HA, MN_COA, MN_HOME_ADDRESS, existing_namespaces
+from mipsec.lab.lab import Lab
+from mipsec.lab.topology import CN, GW_OUTSIDE, HA, MN_COA, MN_HOME_ADDRESS
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-PREFIX = f"sh{os.getpid()}-"
+PREFIX = labs.prefix("sh")
 ATTACKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attacker.py")
 LISTEN_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def lab():
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-    lab = Lab(prefix=PREFIX)
-    lab.down()
-    try:
-        lab.up(place="a")
+    with labs.started(PREFIX, place="a") as lab:
         # the attacker on the GW's outside link knows where the home network is
         ok = lab.exec("rt", "ip", "route", "add", "10.1.0.0/24", "via", GW_OUTSIDE)
         assert ok.returncode == 0, ok.stderr
         yield lab
-    finally:
-        lab.down()
-    assert existing_namespaces(PREFIX) == []
 
 
 class Listener:

@@ -13,24 +13,23 @@ elsewhere skips.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import lablib
+import labs
 from mipsec.lab.topology import GW_OUTSIDE
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-NAT_PREFIX = f"sn{os.getpid()}-"
-RELAY_PREFIX = f"sr{os.getpid()}-"
+NAT_PREFIX = labs.prefix("sn")
+RELAY_PREFIX = labs.prefix("sr")
 THIRD = "172.16.2.99"             # an address of neither MN, on visited network b
 HOLD_TABLE = "ike_hold"
 NAT_T_PORT = 4500
 
 
 def test_two_mns_behind_one_nat_both_get_their_downlink():
-    with lablib.started_lab(NAT_PREFIX, mobiles=2, nat=True, udp_encap=True, place=None) as lab:
+    with labs.started(NAT_PREFIX, mobiles=2, nat=True, udp_encap=True, place=None) as lab:
         for k in (1, 2):
             lab.move("n", wait=True, timeout=20, k=k)
         state = lablib.state(lab)
@@ -50,14 +49,8 @@ def test_two_mns_behind_one_nat_both_get_their_downlink():
 
 def _hold_ike(lab, source: str, hold: bool) -> None:
     """Drop, in the router, IKE over UDP 4500 (non-ESP marker: four zero bytes) from ``source``."""
-    if hold:
-        rules = (f"table ip {HOLD_TABLE} {{\n  chain forward {{\n"
-                 f"    type filter hook forward priority -5; policy accept;\n"
-                 f"    ip saddr {source} udp dport {NAT_T_PORT} @th,64,32 0 drop\n  }}\n}}\n")
-        proc = lab.exec("rt", "nft", "-f", "-", input=rules)
-    else:
-        proc = lab.exec("rt", "nft", "delete", "table", "ip", HOLD_TABLE)
-    assert proc.returncode == 0, proc.stderr
+    lablib.hold(lab, "rt", "ip", HOLD_TABLE, f"ip saddr {source} udp dport {NAT_T_PORT} @th,64,32 0",
+                hold, priority=-5)
 
 
 def _ike_requests(pcap: str, source: str) -> list:
@@ -73,22 +66,22 @@ def _ike_requests(pcap: str, source: str) -> list:
 
 
 def test_relayed_ike_request_from_a_third_address_does_not_move_the_esp_sa():
-    with lablib.started_lab(RELAY_PREFIX, udp_encap=True, place="a",
+    with labs.started(RELAY_PREFIX, udp_encap=True, place="a",
                             ike={"dpd_interval_s": 1.0}) as lab:
-        lablib.wait_until(lambda: lablib.registered(lab, 1, "a"))
+        labs.wait_until(lambda: lablib.registered(lab, 1, "a"))
         coa = lab.care_of("a", 1)
         before = lablib.state(lab)
         drops_before = lablib.drops(lab, "gw")
         _hold_ike(lab, coa, True)
         try:
             with lab.sniff("rt", "va0", "ike-held") as pcap:
-                lablib.wait_until(lambda: _ike_requests(pcap, coa), timeout=15)
+                labs.wait_until(lambda: _ike_requests(pcap, coa), timeout=15)
             request = _ike_requests(pcap, coa)[0]
             from scapy.all import IP, UDP, Raw
             relayed = bytes(IP(src=THIRD, dst=GW_OUTSIDE) / UDP(sport=NAT_T_PORT, dport=NAT_T_PORT)
                             / Raw(request))
             lablib.tool(lab, "rt", "raw", GW_OUTSIDE, "1", relayed.hex())
-            lablib.wait_until(lambda: lablib.drops(lab, "gw")["esp-move-not-by-siu"]
+            labs.wait_until(lambda: lablib.drops(lab, "gw")["esp-move-not-by-siu"]
                               > drops_before["esp-move-not-by-siu"])
             after = lablib.state(lab)
             home = lab.home_address(1)

@@ -30,6 +30,7 @@ import time
 import pytest
 
 import lablib
+import labs
 from mipsec.lab.topology import CN, GW_INSIDE, GW_OUTSIDE, HA
 from mipsec.mip.constants import SIU_PORT
 from mipsec.node import timeline as tl
@@ -37,7 +38,7 @@ from mipsec.wire.siu import SiuType, parse_siu
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-PREFIX = f"ss{os.getpid()}-"
+PREFIX = labs.prefix("ss")
 FORGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge.py")
 FLOOD = 5000
 BRIDGE_TABLE = "siu_hold"
@@ -45,9 +46,9 @@ BRIDGE_TABLE = "siu_hold"
 
 @pytest.fixture(scope="module")
 def lab():
-    with lablib.started_lab(PREFIX, place="a", mobiles=2, retransmit_initial_s=0.5,
+    with labs.started(PREFIX, place="a", mobiles=2, retransmit_initial_s=0.5,
                             max_attempts=4, ike={"dpd_interval_s": 0}) as lab:
-        lablib.wait_until(lambda: lablib.registered(lab, 1, "a") and lablib.registered(lab, 2, "a"))
+        labs.wait_until(lambda: lablib.registered(lab, 1, "a") and lablib.registered(lab, 2, "a"))
         yield lab
 
 
@@ -111,7 +112,7 @@ def test_port_434_flood_keeps_the_gw_timeline_and_status_bounded(lab):
     ha_before = sum(lablib.drops(lab, "ha").values())
     out = lablib.tool(lab, lab.mn(attacker), "flood", HA, "434", str(FLOOD), "24")
     assert int(out) == FLOOD, out
-    lablib.wait_until(lambda: lablib.status(lab, "gw")["node"]["mobiles"][home]["packets_up"]
+    labs.wait_until(lambda: lablib.status(lab, "gw")["node"]["mobiles"][home]["packets_up"]
                       - up_before >= FLOOD * 0.9, timeout=60)
     # refused by the HA with a named reason (no valid RRQ; the HA's socket buffer may overflow)
     assert sum(lablib.drops(lab, "ha").values()) - ha_before >= FLOOD * 0.5
@@ -133,7 +134,7 @@ def test_mn_cannot_register_another_mns_care_of_address(lab):
                     lab.path(f"{lab.mn(attacker)}.toml"), lab.keyfile, spi,
                     lab.care_of("a", victim), lab.care_of("a", attacker), GW_OUTSIDE, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    lablib.wait_until(lambda: lablib.drops(lab, "gw")["siu-care-of-mismatch"]
+    labs.wait_until(lambda: lablib.drops(lab, "gw")["siu-care-of-mismatch"]
                       > drops_before["siu-care-of-mismatch"])
     after = lablib.state(lab)
     assert after["gw"] == before["gw"]
@@ -156,14 +157,7 @@ def _unmoved_by_siu(before: dict, after: dict, care_of_b: str) -> None:
 
 def _hold_sius_on_the_home_bridge(lab, hold: bool) -> None:
     """An nftables bridge filter in the home switch that keeps HA -> GW SIUs from the GW."""
-    if hold:
-        rules = (f"table bridge {BRIDGE_TABLE} {{\n  chain forward {{\n"
-                 f"    type filter hook forward priority 0; policy accept;\n"
-                 f"    iifname \"p-ha\" udp dport {SIU_PORT} drop\n  }}\n}}\n")
-        proc = lab.exec("sw", "nft", "-f", "-", input=rules)
-    else:
-        proc = lab.exec("sw", "nft", "delete", "table", "bridge", BRIDGE_TABLE)
-    assert proc.returncode == 0, proc.stderr
+    lablib.hold(lab, "sw", "bridge", BRIDGE_TABLE, f'iifname "p-ha" udp dport {SIU_PORT}', hold)
 
 
 @contextlib.contextmanager
@@ -191,7 +185,7 @@ def test_siu_from_the_outside_is_refused(lab):
     input rule; no SIU socket exists on the outside address,
     and the role would count ``siu-wrong-interface``), so no binding moves and no SIU sequence
     advances.  The same SIUs, let through on the inside, move the binding."""
-    lablib.require(nft=True)
+    labs.require(nft=True)
     k = 1
     assert lab.exec("rt", "ip", "route", "replace", "10.1.0.0/24", "via",
                     GW_OUTSIDE).returncode == 0
@@ -199,7 +193,7 @@ def test_siu_from_the_outside_is_refused(lab):
     try:
         with lab.sniff("sw", "p-ha", "siu-outside") as pcap:
             lab.move("b", wait=False, k=k)
-            lablib.wait_until(lambda: any(s.new_care_of == lab.care_of("b", k)
+            labs.wait_until(lambda: any(s.new_care_of == lab.care_of("b", k)
                                           for _, s in recorded_sius(pcap)), timeout=10)
         before = lablib.state(lab)
         gw_before = lablib.status(lab, "gw")["node"]
@@ -210,7 +204,7 @@ def test_siu_from_the_outside_is_refused(lab):
         lablib.tool(lab, "rt", "raw", GW_INSIDE, "2", *(p.hex() for p in packets))
         lablib.tool(lab, "rt", "raw", GW_OUTSIDE, "2",
                     *(to_outside_address(p).hex() for p in packets))
-        lablib.wait_until(lambda: lablib.host_refusals(lab, "gw", GW_INSIDE)
+        labs.wait_until(lambda: lablib.host_refusals(lab, "gw", GW_INSIDE)
                           >= filtered_before + 2 * len(packets))
         gw_after = lablib.status(lab, "gw")["node"]
         assert gw_after["siu_last_sequence"] == gw_before["siu_last_sequence"]
@@ -230,7 +224,7 @@ def test_siu_from_the_outside_is_refused(lab):
     finally:
         _hold_sius_on_the_home_bridge(lab, False)
     # the control: the HA's SIUs, let through on the inside, move the binding to b
-    lablib.wait_until(lambda: lablib.registered(lab, k, "b"), timeout=20)
+    labs.wait_until(lambda: lablib.registered(lab, k, "b"), timeout=20)
     assert lablib.downlink(lab, k) >= 18
 
 
@@ -239,23 +233,23 @@ def test_siu_replayed_after_a_gw_restart_is_refused(lab):
     After a GW restart, MN 1 re-establishes its SAs from b; while the HA's SIU for b is held on
     the home bridge, the old SIU is replayed to the restarted GW, whose new SAs take any old
     care-of address: refused as stale (``siu-stale-epoch``); then the HA's own SIU binds b."""
-    lablib.require(nft=True)
+    labs.require(nft=True)
     k = 1
     home = lab.home_address(k)
-    lablib.wait_until(lambda: lablib.registered(lab, k, "b"), timeout=20)
+    labs.wait_until(lambda: lablib.registered(lab, k, "b"), timeout=20)
     with lab.sniff("ha", "eth0", "siu-replay") as pcap:
         lab.move("a", k=k)                          # SIU b -> a: the one replayed later
-        lablib.wait_until(lambda: lablib.registered(lab, k, "a"))
+        labs.wait_until(lambda: lablib.registered(lab, k, "a"))
     stale = [p for p, s in recorded_sius(pcap) if s.type == SiuType.UPDATE
              and s.new_care_of == lab.care_of("a", k)]
     assert stale, recorded_sius(pcap)
     lab.move("b", k=k)
-    lablib.wait_until(lambda: lablib.registered(lab, k, "b"))
+    labs.wait_until(lambda: lablib.registered(lab, k, "b"))
     # before any restart: a plain replay, refused
     drops_before = lablib.drops(lab, "gw")
     before = lablib.state(lab)
     lablib.tool(lab, "cn", "raw", GW_INSIDE, "1", stale[-1].hex())
-    lablib.wait_until(lambda: lablib.drops(lab, "gw")["siu-replayed"]
+    labs.wait_until(lambda: lablib.drops(lab, "gw")["siu-replayed"]
                       > drops_before["siu-replayed"])
     assert lablib.state(lab)["gw"] == before["gw"]
     # the GW restarts (every SA gone); MN 1 moves a -> b and re-establishes from b
@@ -268,15 +262,15 @@ def test_siu_replayed_after_a_gw_restart_is_refused(lab):
         def fresh_sas():
             mobile = lablib.status(lab, "gw")["node"]["mobiles"].get(home) or {}
             return (mobile.get("sas") or {}).get("outbound")
-        lablib.wait_until(fresh_sas, timeout=30, every=0.05)
+        labs.wait_until(fresh_sas, timeout=30, every=0.05)
         before = lablib.state(lab)
         drops_before = lablib.drops(lab, "gw")
         lablib.tool(lab, "cn", "raw", GW_INSIDE, "1", stale[-1].hex())
-        lablib.wait_until(lambda: lablib.drops(lab, "gw")["siu-stale-epoch"]
+        labs.wait_until(lambda: lablib.drops(lab, "gw")["siu-stale-epoch"]
                           > drops_before["siu-stale-epoch"], every=0.05)
         after = lablib.state(lab)
         assert after["gw"][home] == before["gw"][home], (before["gw"][home], after["gw"][home])
     finally:
         _hold_sius_on_the_home_bridge(lab, False)
-    lablib.wait_until(lambda: lablib.registered(lab, k, "b"), timeout=30)
+    labs.wait_until(lambda: lablib.registered(lab, k, "b"), timeout=30)
     assert lablib.downlink(lab, k) >= 18

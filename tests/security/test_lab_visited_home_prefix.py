@@ -14,16 +14,16 @@ Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, 
 from __future__ import annotations
 
 import ipaddress
-import os
 
 import pytest
 
 import lablib
+import labs
 from mipsec.lab.topology import CN, HOME_PREFIX
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-PREFIX = f"sv{os.getpid()}-"
+PREFIX = labs.prefix("sv")
 ROGUE = "10.1.0.77"          # the hostile visited network's "DHCP" address, in the home prefix
 ESP, UDP = 50, 17
 IKE_PORTS = {500, 4500}
@@ -31,7 +31,7 @@ IKE_PORTS = {500, 4500}
 
 @pytest.fixture(scope="module")
 def lab():
-    with lablib.started_lab(PREFIX, place="a") as lab:
+    with labs.started(PREFIX, place="a") as lab:
         yield lab
 
 
@@ -58,7 +58,7 @@ def _clear_home_traffic(pcap: str) -> list[str]:
 
 @pytest.mark.parametrize("keep_care_of", [True, False], ids=["beside-coa", "instead-of-coa"])
 def test_home_prefix_address_on_a_visited_link_sends_nothing_in_the_clear(lab, keep_care_of):
-    lablib.wait_until(lambda: lablib.registered(lab, 1, "a"))
+    labs.wait_until(lambda: lablib.registered(lab, 1, "a"))
     before = lablib.state(lab)
     assert lablib.uplink(lab, 1) >= 15
     mn = lab.mn(1)
@@ -86,6 +86,6 @@ def test_home_prefix_address_on_a_visited_link_sends_nothing_in_the_clear(lab, k
     lab.exec(mn, "ip", "addr", "del", f"{ROGUE}/24", "dev", "va0")
     if not keep_care_of:
         lab.move("a", wait=False, k=1)   # the same care-of address: the registration stands
-    lablib.wait_until(lambda: lablib.registered(lab, 1, "a"))
+    labs.wait_until(lambda: lablib.registered(lab, 1, "a"))
     assert lablib.uplink(lab, 1) >= 15
     assert lablib.downlink(lab, 1) >= 15

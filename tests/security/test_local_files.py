@@ -13,13 +13,14 @@ import tempfile
 
 import pytest
 
+import labs
 import needs
 from mipsec import cli, files
 from mipsec.config import load_config, make_key_set, write_config
 from mipsec.errors import ConfigError
 from mipsec.io import pcap
 from mipsec.lab import demo
-from mipsec.lab.lab import Lab, requirements_problem
+from mipsec.lab.lab import Lab
 from mipsec.lab.topology import existing_namespaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -202,9 +203,9 @@ def test_demo_capture_goes_to_a_fresh_private_directory(tmp_path, monkeypatch):
 # --- lab prefixes match exactly ------------------------------------------------------------------
 
 def test_lab_down_with_a_prefix_leaves_a_lab_whose_prefix_starts_with_it():
-    problem = requirements_problem()
-    needs.need(problem, f"namespace tests are required in CI: {problem}")
-    short, longer = f"lf{os.getpid()}-", f"lf{os.getpid()}-b-"
+    labs.require()
+    short = labs.prefix("lf")
+    longer = f"{short}b-"
     mine, theirs = f"{short}cn", f"{longer}cn"
     try:
         for ns in (mine, theirs):

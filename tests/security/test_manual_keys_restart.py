@@ -16,12 +16,13 @@ import time
 import pytest
 
 import lablib
+import labs
 from mipsec.io.pcap import read_pcap
 from mipsec.lab.topology import GW_OUTSIDE, MN_COA
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-PREFIX = f"sk{os.getpid()}-"
+PREFIX = labs.prefix("sk")
 BEFORE = 150          # packets each way before a restart: more than a fresh sender would lose
 
 
@@ -40,7 +41,7 @@ def _restart(lab, role: str) -> float:
 
 
 def test_manual_cbc_keys_survive_restarts_of_the_mn_and_the_gw():
-    with lablib.started_lab(PREFIX, place="a", sa_source="manual",
+    with labs.started(PREFIX, place="a", sa_source="manual",
                             retransmit_initial_s=0.2) as lab:
         assert lablib.status(lab, "gw")["node"]["mobiles"]  # (sanity: the GW knows the MN)
         assert lablib.downlink(lab, 1, BEFORE) >= BEFORE * 0.9
@@ -53,7 +54,7 @@ def test_manual_cbc_keys_survive_restarts_of_the_mn_and_the_gw():
         #    window would have dropped as replays.
         t0 = _restart(lab, "mn")
         lab.wait_mn_event(t0, ("rrp-received",), timeout=15)
-        assert lablib.wait_until(lambda: lablib.registered(lab, 1, "a"))
+        assert labs.wait_until(lambda: lablib.registered(lab, 1, "a"))
         assert lablib.uplink(lab, 1) >= 18
         assert lablib.downlink(lab, 1) >= 18
         sas = lablib.status(lab, "mn")["node"]["sas"]
@@ -64,7 +65,7 @@ def test_manual_cbc_keys_survive_restarts_of_the_mn_and_the_gw():
         _restart(lab, "gw")
         move = lab.move("b")                               # the HA's SIU binds the GW's SA again
         assert move["registered"]
-        assert lablib.wait_until(lambda: lablib.registered(lab, 1, "b"))
+        assert labs.wait_until(lambda: lablib.registered(lab, 1, "b"))
         assert lablib.downlink(lab, 1) >= 18               # the MN's window took the GW's numbers
         assert lablib.uplink(lab, 1) >= 18
         gw = lablib.status(lab, "gw")["node"]["mobiles"][lab.home_address(1)]["sas"]
@@ -79,4 +80,4 @@ def test_manual_cbc_keys_survive_restarts_of_the_mn_and_the_gw():
 
         before = refused()
         lablib.tool(lab, "rt", "raw", GW_OUTSIDE, "3", recorded.hex())
-        assert lablib.wait_until(lambda: refused() == before + 3)
+        assert labs.wait_until(lambda: refused() == before + 3)

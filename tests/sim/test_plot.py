@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 
-import needs
+import labs
 from mipsec import cli
 from mipsec.node.actions import TimelineEvent
 from mipsec.plot import messages, sequence_chart
@@ -76,11 +76,9 @@ def test_messages_pair_sender_and_receiver(tmp_path):
 @pytest.mark.slow
 def test_lab_demo_writes_the_plots(tmp_path):
     from mipsec.lab.demo import run_lab_demo
-    from mipsec.lab.lab import requirements_problem
     from mipsec.lab.topology import existing_namespaces
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
-    prefix = f"pl{os.getpid() % 100000}-"
+    labs.require()
+    prefix = labs.prefix("pl")
     out = io.StringIO()
     run_lab_demo(prefix=prefix, delay_ms=5.0, rate=200.0, dwell_s=1.0, out=out,
                  plot_dir=str(tmp_path / "plots"))
