@@ -69,10 +69,12 @@ def _check_one_worker_per_sa(gw: ShardedGateway) -> None:
     assert gw.sync.off_shard == 0
 
 
-@pytest.mark.parametrize("sa_source", ["ikev2", "manual"])
+@pytest.mark.parametrize("sa_source", ["ikev2", "manual", "manual-udp"])
 def test_workers_keep_each_sa_in_one_worker_through_handovers_and_rekeys(sa_source):
-    kw = {"ike": {"child_lifetime_s": 1.5, "ike_lifetime_s": 100.0, "dpd_interval_s": 0}} \
+    kw: dict = {"ike": {"child_lifetime_s": 1.5, "ike_lifetime_s": 100.0, "dpd_interval_s": 0}} \
         if sa_source == "ikev2" else {}
+    if sa_source == "manual-udp":       # ESP in UDP 4500: the reuseport selector's split
+        sa_source, kw = "manual", {"udp_encap": True}
     topo = _topo(2, sa_source=sa_source, **kw)
     gw: ShardedGateway = topo.gw.role
     capture = topo.outside.start_capture()
