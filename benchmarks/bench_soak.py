@@ -13,7 +13,7 @@ structure, no SPI left behind (``mipsec/lab/soak.py``: the run; ``soak_sampling`
 
 Usage:  sudo python3 benchmarks/bench_soak.py --minutes 30 [--mobiles 2] [--rate 500]
         [--child-s 30] [--ike-s 90] [--delay-ms 5] [--seed 1] [--no-moves] [--json FILE|-]
-        [--raw FILE]
+        [--raw FILE] [--trace-memory FRAMES]
 Exit status 0 when every criterion passes, 1 otherwise.
 """
 
@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--no-moves", action="store_true",
                     help="the MNs stay at a: re-keys under traffic only")
     ap.add_argument("--sample-s", type=float, default=30.0)
+    ap.add_argument("--trace-memory", type=int, default=0, metavar="FRAMES",
+                    help="run the daemons under tracemalloc (FRAMES deep) and keep each "
+                         "sample's growing source lines (in --raw; slows the daemons)")
     ap.add_argument("--json", metavar="FILE", help="figures as JSON (- for stdout)")
     ap.add_argument("--raw", metavar="FILE", help="the raw record (samples, timeline, streams)")
     args = ap.parse_args()
@@ -57,7 +60,7 @@ def main() -> int:
     plan = SoakPlan(minutes=args.minutes, rate=args.rate, child_lifetime_s=args.child_s,
                     ike_lifetime_s=args.ike_s, delay_ms=args.delay_ms, seed=args.seed,
                     sample_s=args.sample_s, schedule=[] if args.no_moves else None,
-                    mobiles=args.mobiles)
+                    mobiles=args.mobiles, trace_memory=args.trace_memory)
     record = run_soak(plan)
     if args.raw:
         with open(args.raw, "w") as f:

@@ -11,8 +11,9 @@ not say why, so ``mipsec memory`` (the control command ``memory [top <n>]``) ans
   one compares with the snapshot taken when tracing started).  Asked at intervals under load,
   the growing lines name the structure that keeps what it should not.
 
-Tracing costs time on every allocation (about a third more CPU for a busy daemon): it is for
-finding a leak, not for production.  Snapshots leave out tracemalloc's own frames and the
+Tracing costs time on every allocation, and a ``memory`` command holds the event loop while it
+takes and compares the snapshots (on the order of a second; packets queue meanwhile): it is
+for finding a leak, not for production.  Snapshots leave out tracemalloc's own frames and the
 import machinery.
 """
 

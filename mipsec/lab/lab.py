@@ -82,6 +82,7 @@ class Lab:
     python: str = sys.executable
     names: Names = field(init=False)
     nat: bool = field(init=False, default=False)
+    daemon_env: dict[str, str] = field(default_factory=dict)   # more environment for daemons
 
     def __post_init__(self) -> None:
         if not self.prefix or "/" in self.prefix or len(self.prefix) > 24:
@@ -281,13 +282,14 @@ class Lab:
             paths[name] = path
         return paths
 
-    def _spawn(self, name: str, node: str, args: list[str], program: str | None = None) -> int:
+    def _spawn(self, name: str, node: str, args: list[str], program: str | None = None,
+               env: dict[str, str] | None = None) -> int:
         log = open(self.path(f"{name}.log"), "ab")
         proc = subprocess.Popen([topo.IP, "netns", "exec", self.names.ns(node),
                                  program or self.python, *args],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, cwd="/",
-                                env={**os.environ, "PYTHONPATH": _package_root()})
+                                env={**os.environ, **(env or {}), "PYTHONPATH": _package_root()})
         log.close()
         with open(self.path(f"{name}.pid"), "w") as f:
             f.write(f"{proc.pid}\n")
@@ -346,7 +348,8 @@ class Lab:
         """Start daemon ``role`` (``ha``, ``gw`` or an MN's name) in its namespace."""
         kind = role[:2]           # ha, ha2 ..., gw, gw2 ..., mn, mn1 ...
         return self._spawn(role, NS_OF.get(role, role), ["-m", "mipsec", kind, "--config",
-                                                         self.path(f"{role}.toml")])
+                                                         self.path(f"{role}.toml")],
+                           env=self.daemon_env)
 
     def pid(self, name: str) -> int | None:
         try:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from mipsec.io import memory
 from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab, LabError
 from mipsec.lab.soak_analysis import EDGE_S
@@ -52,6 +53,7 @@ class SoakPlan:
     ike: dict[str, Any] = field(default_factory=dict)  # more IKE settings
     mobiles: int = 1
     stagger_s: float = 5.0                # a fixed plan: MN k moves (k - 1) x stagger_s later
+    trace_memory: int = 0                 # > 0: daemons under tracemalloc, this many frames
 
     @property
     def duration_s(self) -> float:
@@ -106,7 +108,8 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
         if on_progress is not None:
             on_progress(msg)
 
-    lab = Lab(prefix=plan.prefix or f"sk{os.getpid() % 100000}-")
+    lab = Lab(prefix=plan.prefix or f"sk{os.getpid() % 100000}-",
+              daemon_env={memory.ENV_VAR: str(plan.trace_memory)} if plan.trace_memory else {})
     ike = {"child_lifetime_s": plan.child_lifetime_s, "ike_lifetime_s": plan.ike_lifetime_s,
            **plan.ike}
     record: dict[str, Any] = {"plan": {**asdict(plan), "schedule": None}, "mobiles": {}}
@@ -141,7 +144,7 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
                 procs.append(streams[-1])
         t0 = time.monotonic()
         record["start"] = t0
-        sampler = Sampler(lab, plan.sample_s)
+        sampler = Sampler(lab, plan.sample_s, memory=plan.trace_memory > 0)
         sampler.sample()
         sampler.start()
         places = {name: "a" for name in names}

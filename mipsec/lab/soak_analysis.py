@@ -25,6 +25,7 @@ REKEY_BEFORE_S = 0.5         # a re-key's window around its GW timeline event
 REKEY_AFTER_S = 1.5
 EDGE_S = 2.0                 # datagrams sent in the first / last seconds are not judged
 RSS_SLOPE_LIMIT_MB_H = 2.0
+GROWN_LINES = 6              # under tracemalloc: the source lines that grew most, per daemon
 
 
 def lost_with_times(sender: dict[str, Any], receiver: dict[str, Any], rate: float
@@ -119,6 +120,25 @@ def _analyse_mobile(mobile: dict[str, Any], events: list[dict[str, Any]], rate: 
     return fig
 
 
+def _traced(samples: list[dict[str, Any]], role: str, warm: float) -> dict[str, Any]:
+    """With the daemons under tracemalloc: the traced memory's slope after the warm-up and the
+    source lines that grew most over it (each sample's growth since the one before, summed)."""
+    rows = [(s["time"], s["roles"][role]["memory"]) for s in samples
+            if (s["roles"].get(role) or {}).get("memory", {}).get("tracing")]
+    if not rows:
+        return {}
+    after = [(t, m) for t, m in rows if t >= warm]
+    grown: dict[str, float] = {}
+    for _t, m in after[1:]:
+        for line in m.get("grown", []):
+            grown[line["where"]] = grown.get(line["where"], 0.0) + line["kb_diff"]
+    top = sorted(grown.items(), key=lambda kv: -kv[1])[:GROWN_LINES]
+    return {"traced_slope_mb_h": _slope_per_hour([(t, m["traced_kb"] / 1024.0)
+                                                  for t, m in after]),
+            "traced_mb_last": rows[-1][1]["traced_kb"] / 1024.0,
+            "grown_after_warmup": [{"where": w, "kb": round(kb, 1)} for w, kb in top]}
+
+
 def analyse(record: dict[str, Any]) -> dict[str, Any]:
     plan = record["plan"]
     rate = plan["rate"]
@@ -173,7 +193,8 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
             "fds_max": max((f for f in fds if f is not None), default=None),
             "cpu_share": cpu_share, "sizes": table, "growing": growing,
             "drops_last": samples[-1]["roles"][role].get("drops", {}) if samples else {},
-            "sad_drops_last": samples[-1]["roles"][role].get("sad_drops", {}) if samples else {}}
+            "sad_drops_last": samples[-1]["roles"][role].get("sad_drops", {}) if samples else {},
+            **_traced(samples, role, warm)}
     figures["processes"] = procs
     replay = record.get("replay", {})
     figures["spis_replayed"] = replay.get("spis", 0)
@@ -259,6 +280,12 @@ def format_report(fig: dict[str, Any], plan: dict[str, Any]) -> str:
                           for k, v in p["sizes"].items())
         if sizes:
             lines.append(f"    sizes: {sizes}")
+        if "traced_mb_last" in p:
+            slope = p["traced_slope_mb_h"]
+            lines.append(f"    traced (tracemalloc) {p['traced_mb_last']:.1f} MB, slope after "
+                         f"warm-up {'n/a' if slope is None else f'{slope:+.2f} MB/h'}; grown "
+                         "most: " + (", ".join(f"{g['where']} {g['kb']:+.0f} kB"
+                                               for g in p["grown_after_warmup"]) or "nothing"))
     lines.append("criteria:")
     for name, ok, detail in verdict(fig):
         lines.append(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")

@@ -1,5 +1,7 @@
 """What a soak run samples every ``sample_s``: each daemon's RSS, open fds and CPU time (from
-``/proc``), its status counters (drops by reason, table sizes) and its new timeline events.
+``/proc``), its status counters (drops by reason, table sizes) and its new timeline events;
+with ``memory``, also each daemon's ``memory`` reply (``mipsec.io.memory``: with the daemons
+started under tracemalloc, the source lines that grew since the previous sample).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any
 
 from mipsec.io import control
 from mipsec.lab.lab import Lab
+
+MEMORY_TOP = 12                  # source lines per list in each sample's memory figures
 
 
 def process_figures(pid: int) -> dict[str, Any]:
@@ -50,9 +54,9 @@ class Sampler(threading.Thread):
     daemon is asked only for the events since the newest one already seen (a whole copy of a
     long timeline costs the daemon memory and time)."""
 
-    def __init__(self, lab: Lab, period: float):
+    def __init__(self, lab: Lab, period: float, memory: bool = False):
         super().__init__(daemon=True)
-        self.lab, self.period = lab, period
+        self.lab, self.period, self.memory = lab, period, memory
         self.samples: list[dict[str, Any]] = []
         self.events: dict[tuple, dict[str, Any]] = {}
         self._since: dict[str, float] = {}
@@ -74,6 +78,9 @@ class Sampler(threading.Thread):
                     key = (ev.get("time"), ev.get("node"), ev.get("kind"))
                     self.events.setdefault(key, ev)
                     self._since[role] = max(self._since.get(role, 0.0), ev.get("time", 0.0))
+                if self.memory:
+                    fig["memory"] = control.request(self.lab.socket(role),
+                                                    f"memory top {MEMORY_TOP}", 30.0)
             except (OSError, ValueError) as exc:
                 fig["status_error"] = str(exc)
             row["roles"][role] = fig

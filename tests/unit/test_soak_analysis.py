@@ -82,3 +82,27 @@ def test_nothing_lost_passes_the_loss_criteria():
     fig = analyse(_record(set()))
     checks = {name: ok for name, ok, _ in verdict(fig)}
     assert checks["zero loss outside handover windows"] and checks["zero loss at re-keys"]
+
+
+def test_traced_memory_names_the_lines_that_grew_after_the_warmup():
+    record = _record(set())
+    record["plan"]["warmup_s"] = 10.0
+
+    def sample(t: float, traced_kb: int, grown: list[tuple[str, float]]) -> dict:
+        memory = {"ok": True, "tracing": True, "traced_kb": traced_kb,
+                  "grown": [{"where": w, "kb_diff": kb} for w, kb in grown]}
+        return {"time": t, "roles": {"ha": {}, "gw": {}, "mn2": {"rss_kb": 50_000},
+                                     "mn1": {"rss_kb": 50_000, "memory": memory}}}
+    record["samples"] = [
+        sample(0.0, 1000, []),
+        sample(10.0, 2000, [("warmup.py:1", 900.0)]),        # during the warm-up: not counted
+        sample(20.0, 2100, [("leak.py:7", 60.0), ("noise.py:3", 40.0)]),
+        sample(30.0, 2200, [("leak.py:7", 70.0), ("noise.py:3", 30.0)])]
+    fig = analyse(record)
+    mn1 = fig["processes"]["mn1"]
+    assert [g["where"] for g in mn1["grown_after_warmup"]] == ["leak.py:7", "noise.py:3"]
+    assert mn1["grown_after_warmup"][0]["kb"] == 130.0
+    assert round(mn1["traced_slope_mb_h"]) == round(200 / 1024 / 20 * 3600)
+    assert "traced_mb_last" not in fig["processes"]["mn2"]          # not traced: nothing said
+    report = format_report(fig, record["plan"])
+    assert "traced (tracemalloc)" in report and "leak.py:7 +130 kB" in report
