@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import json
+import os
 import selectors
 import socket
 import struct
@@ -33,6 +35,9 @@ PACKET_OUTGOING = 4            # sll_pkttype of a frame this host sent (packet(7
 FRAME_SIZE = 65536
 SOL_PACKET = 263               # <linux/socket.h>
 PACKET_AUXDATA = 8             # <linux/if_packet.h>: struct tpacket_auxdata per frame
+PACKET_STATISTICS = 6          # <linux/if_packet.h>: struct tpacket_stats (packets, drops)
+_STATS = struct.Struct("=II")
+STATS_INTERVAL_S = 0.5
 TP_STATUS_CSUMNOTREADY = 1 << 3   # the L4 checksum is partial (left to the hardware)
 ETH_HEADER = 14
 ETHERTYPE_IPV4 = 0x0800
@@ -73,7 +78,25 @@ def open_port(ifname: str) -> socket.socket:
 AUX_SPACE = socket.CMSG_SPACE(_AUXDATA.size)
 
 
-def forward(a: str, b: str, delay_s: float, stop: list[bool]) -> None:
+def socket_drops(sock: socket.socket) -> int:
+    """Frames the kernel dropped because this socket's receive queue was full, since the last
+    call (PACKET_STATISTICS, packet(7): reading it resets it)."""
+    _packets, drops = _STATS.unpack(sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size))
+    return drops
+
+
+def write_stats(path: str, stats: dict[str, int]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(stats, f)
+    os.replace(path + ".tmp", path)
+
+
+def forward(a: str, b: str, delay_s: float, stop: list[bool], stats_path: str | None = None
+            ) -> None:
+    """Copy frames both ways ``delay_s`` later until ``stop[0]``; with ``stats_path``, write
+    what was forwarded and lost there every STATS_INTERVAL_S (JSON: frames copied, frames
+    the kernel dropped on each port's full receive queue, send errors) - a forwarder that the
+    machine starves loses frames like a congested wire, and the soak run wants to know."""
     ports = {a: open_port(a), b: open_port(b)}
     other = {a: ports[b], b: ports[a]}
     sel = selectors.DefaultSelector()
@@ -81,15 +104,23 @@ def forward(a: str, b: str, delay_s: float, stop: list[bool]) -> None:
         sel.register(sock, selectors.EVENT_READ, name)
     queue: list[tuple[float, int, socket.socket, bytes]] = []
     order = itertools.count()
+    stats = {"forwarded": 0, "send_errors": 0, **{f"socket_drops_{n}": 0 for n in ports}}
+    next_stats = time.monotonic()
     while not stop[0]:
         now = time.monotonic()
+        if stats_path is not None and now >= next_stats:
+            for name, sock in ports.items():
+                stats[f"socket_drops_{name}"] += socket_drops(sock)
+            write_stats(stats_path, stats)
+            next_stats = now + STATS_INTERVAL_S
         while queue and queue[0][0] <= now:
             _due, _n, out, frame = heapq.heappop(queue)
             try:
                 out.send(frame)
+                stats["forwarded"] += 1
             except OSError:
-                pass
-        timeout = max(0.0, queue[0][0] - now) if queue else 0.5
+                stats["send_errors"] += 1
+        timeout = max(0.0, queue[0][0] - now) if queue else STATS_INTERVAL_S
         for key, _ in sel.select(timeout):
             sock = ports[key.data]
             while True:
@@ -114,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--a", required=True, help="first interface")
     parser.add_argument("--b", required=True, help="second interface")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay in ms")
+    parser.add_argument("--stats", metavar="FILE", help="write frames forwarded and lost here")
     args = parser.parse_args(argv)
     stop = stop_on_signals()
-    forward(args.a, args.b, args.delay_ms / 1000.0, stop)
+    forward(args.a, args.b, args.delay_ms / 1000.0, stop, args.stats)
     return 0
 
 

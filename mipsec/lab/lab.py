@@ -217,7 +217,8 @@ class Lab:
                 self.start_etcd()
             if delay_ms > 0:
                 self._spawn("delay", "rt", ["-m", "mipsec.lab.delay", "--a", "dl0", "--b", "dl1",
-                                           "--delay-ms", str(delay_ms)])
+                                           "--delay-ms", str(delay_ms),
+                                           "--stats", self.path("delay-stats.json")])
             if gateways > 1:
                 config_kw["n_gateways"] = gateways
             self.write_configs(**lab_key_kwargs(encryption, udp_encap, sa_source, handover_mode,

@@ -144,7 +144,10 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
                 procs.append(streams[-1])
         t0 = time.monotonic()
         record["start"] = t0
-        sampler = Sampler(lab, plan.sample_s, memory=plan.trace_memory > 0)
+        # the CN's namespace through its first stream; the router's through the forwarder
+        others = {"cn": streams[0].pid, "rt": lab.pid("delay")}
+        sampler = Sampler(lab, plan.sample_s, memory=plan.trace_memory > 0,
+                          namespaces={k: v for k, v in others.items() if v is not None})
         sampler.sample()
         sampler.start()
         places = {name: "a" for name in names}

@@ -25,6 +25,7 @@ REKEY_BEFORE_S = 0.5         # a re-key's window around its GW timeline event
 REKEY_AFTER_S = 1.5
 EDGE_S = 2.0                 # datagrams sent in the first / last seconds are not judged
 RSS_SLOPE_LIMIT_MB_H = 2.0
+INTERVALS_SHOWN = 12         # sample intervals with loss or kernel drops, in the report
 GROWN_LINES = 6              # under tracemalloc: the source lines that grew most, per daemon
 
 
@@ -110,7 +111,7 @@ def _analyse_mobile(mobile: dict[str, Any], events: list[dict[str, Any]], rate: 
         fig["directions"][name] = {
             "judged": judged, "lost": len(lost), "sender_skipped": sender.get("skipped", 0),
             "lost_in_handover": len(inside), "lost_outside_handover": len(outside),
-            "outside_at": [round(t - t0, 2) for t in outside[:50]]}
+            "outside_at": [round(t - t0, 2) for t in outside[:50]], "_outside": outside}
     for e in rekeys + ike_rekeys:
         fig["per_rekey"].append({"at_s": round(e["time"] - t0, 2), "kind": e["kind"],
                                  "in_handover": in_handover(e["time"]),
@@ -137,6 +138,47 @@ def _traced(samples: list[dict[str, Any]], role: str, warm: float) -> dict[str, 
                                                   for t, m in after]),
             "traced_mb_last": rows[-1][1]["traced_kb"] / 1024.0,
             "grown_after_warmup": [{"where": w, "kb": round(kb, 1)} for w, kb in top]}
+
+
+def _counter_rows(samples: list[dict[str, Any]]) -> list[tuple[float, dict[str, float]]]:
+    """Per sample: every counter that only grows, as ``where:name`` (kernel drops by
+    socket / interface, CPU and run-queue wait seconds), daemons and other namespaces alike."""
+    rows = []
+    for s in samples:
+        flat: dict[str, float] = {}
+        for where, fig in {**s["roles"], **s.get("namespaces", {})}.items():
+            for key, n in (fig.get("kernel_drops") or {}).items():
+                flat[f"{where}:{key}"] = n
+            for key in ("cpu_s", "run_wait_s"):
+                if fig.get(key) is not None:
+                    flat[f"{where}:{key}"] = fig[key]
+        rows.append((s["time"], flat))
+    return rows
+
+
+def _intervals(samples: list[dict[str, Any]], outside: list[float], t0: float
+               ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """(kernel drops over the run by where, the sample intervals that lost datagrams outside
+    handover windows or in which the kernel dropped: the loss, the kernel's drops and each
+    process's share of the interval spent runnable but waiting for a CPU)."""
+    rows = _counter_rows(samples)
+    totals: dict[str, int] = {}
+    out = []
+    for (ta, a), (tb, b) in zip(rows, rows[1:], strict=False):
+        span = max(1e-9, tb - ta)
+        drops = {k.replace(":", " ", 1): int(v - a.get(k, 0)) for k, v in b.items()
+                 if not k.endswith(("cpu_s", "run_wait_s")) and v > a.get(k, 0)}
+        for k, n in drops.items():
+            totals[k] = totals.get(k, 0) + n
+        lost = sum(1 for t in outside if ta <= t < tb)
+        if not lost and not drops:
+            continue
+        waits = {k.split(":")[0]: round((v - a.get(k, v)) / span, 2) for k, v in b.items()
+                 if k.endswith(":run_wait_s")}
+        out.append({"from_s": round(ta - t0, 1), "to_s": round(tb - t0, 1),
+                    "lost_outside_handover": lost, "kernel_drops": drops,
+                    "cpu_wait_share": dict(sorted(waits.items(), key=lambda kv: -kv[1])[:4])})
+    return totals, out
 
 
 def analyse(record: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +210,8 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
         pts = [(s["time"], s["roles"][role]["rss_kb"] / 1024.0) for s in samples
                if role in s["roles"] and "rss_kb" in s["roles"][role]]
         after = [p for p in pts if p[0] >= warm]
+        anon = [(s["time"], s["roles"][role]["rss_anon_kb"] / 1024.0) for s in samples
+                if s["time"] >= warm and "rss_anon_kb" in s["roles"].get(role, {})]
         fds = [s["roles"][role].get("fds") for s in samples if role in s["roles"]]
         cpu = [(s["time"], s["roles"][role].get("cpu_s")) for s in samples
                if role in s["roles"] and s["roles"][role].get("cpu_s") is not None]
@@ -189,6 +233,7 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
         procs[role] = {
             "rss_mb_first": pts[0][1] if pts else None, "rss_mb_last": pts[-1][1] if pts else None,
             "rss_slope_mb_h": _slope_per_hour(after), "rss_points_after_warmup": len(after),
+            "rss_anon_slope_mb_h": _slope_per_hour(anon),
             "fds_first": fds[0] if fds else None, "fds_last": fds[-1] if fds else None,
             "fds_max": max((f for f in fds if f is not None), default=None),
             "cpu_share": cpu_share, "sizes": table, "growing": growing,
@@ -207,6 +252,11 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
         role: any(r.get("known") and (r.get("current") or r.get("in_grace"))
                   for r in replay.get("results", []) if r["role"] == role)
         for role in receivers}
+    outside = []
+    for m in per_mobile.values():
+        for d in m["directions"].values():
+            outside += d.pop("_outside")
+    figures["kernel_drops"], figures["loss_intervals"] = _intervals(samples, outside, t0)
     figures["duration_s"] = record["end"] - t0
     return figures
 
@@ -272,8 +322,10 @@ def format_report(fig: dict[str, Any], plan: dict[str, Any]) -> str:
         cpu = p["cpu_share"]
         first = "n/a" if p["rss_mb_first"] is None else f"{p['rss_mb_first']:.1f}"
         last = "n/a" if p["rss_mb_last"] is None else f"{p['rss_mb_last']:.1f}"
+        anon = p.get("rss_anon_slope_mb_h")
         lines.append(f"  {role}: RSS {first} -> {last} MB, slope "
-                     f"after warm-up {'n/a' if slope is None else f'{slope:+.2f} MB/h'}; fds "
+                     f"after warm-up {'n/a' if slope is None else f'{slope:+.2f} MB/h'}"
+                     f"{'' if anon is None else f' (anonymous memory {anon:+.2f} MB/h)'}; fds "
                      f"{p['fds_first']} -> {p['fds_last']} (max {p['fds_max']}); CPU "
                      f"{'n/a' if cpu is None else f'{100 * cpu:.0f} %'}")
         sizes = ", ".join(f"{k} {v['first']}->{v['last']} (max {v['max']})"
@@ -286,6 +338,14 @@ def format_report(fig: dict[str, Any], plan: dict[str, Any]) -> str:
                          f"warm-up {'n/a' if slope is None else f'{slope:+.2f} MB/h'}; grown "
                          "most: " + (", ".join(f"{g['where']} {g['kb']:+.0f} kB"
                                                for g in p["grown_after_warmup"]) or "nothing"))
+    drops = fig.get("kernel_drops") or {}
+    lines.append("  kernel drops (a reader too slow): " + (", ".join(
+        f"{k} {n}" for k, n in sorted(drops.items(), key=lambda kv: -kv[1])) or "none"))
+    for iv in (fig.get("loss_intervals") or [])[:INTERVALS_SHOWN]:
+        waits = ", ".join(f"{k} {100 * v:.0f} %" for k, v in iv["cpu_wait_share"].items())
+        kd = ", ".join(f"{k} {n}" for k, n in iv["kernel_drops"].items()) or "none"
+        lines.append(f"    {iv['from_s']:.0f}-{iv['to_s']:.0f} s: {iv['lost_outside_handover']} "
+                     f"lost outside handovers; kernel dropped: {kd}; waiting for a CPU: {waits}")
     lines.append("criteria:")
     for name, ok, detail in verdict(fig):
         lines.append(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")

@@ -106,3 +106,38 @@ def test_traced_memory_names_the_lines_that_grew_after_the_warmup():
     assert "traced_mb_last" not in fig["processes"]["mn2"]          # not traced: nothing said
     report = format_report(fig, record["plan"])
     assert "traced (tracemalloc)" in report and "leak.py:7 +130 kB" in report
+
+
+def test_loss_outside_handovers_is_set_beside_the_kernel_drops_and_cpu_waits():
+    # MN 1 loses 3 datagrams at 20.1 s (MN 2's handover: not excused for MN 1); in that sample
+    # interval the GW's raw ESP socket overflowed and the GW waited for a CPU half the time
+    record = _record({2010, 2011, 2012})
+
+    def sample(t: float, esp_drops: int, gw_wait: float) -> dict:
+        gw = {"rss_kb": 50_000, "cpu_s": t / 10, "run_wait_s": gw_wait,
+              "kernel_drops": {"raw-50": esp_drops} if esp_drops else {}}
+        return {"time": t, "roles": {"ha": {}, "gw": gw, "mn1": {}, "mn2": {}},
+                "namespaces": {"rt": {"kernel_drops": {}, "run_wait_s": 0.0}}}
+    record["samples"] = [sample(0.0, 0, 0.0), sample(10.0, 0, 0.1), sample(20.0, 0, 0.2),
+                         sample(30.0, 3, 5.2)]
+    fig = analyse(record)
+    assert fig["kernel_drops"] == {"gw raw-50": 3}
+    (iv,) = fig["loss_intervals"]
+    assert (iv["from_s"], iv["to_s"], iv["lost_outside_handover"]) == (20.0, 30.0, 3)
+    assert iv["kernel_drops"] == {"gw raw-50": 3}
+    assert iv["cpu_wait_share"]["gw"] == 0.5 and iv["cpu_wait_share"]["rt"] == 0.0
+    assert "_outside" not in fig["mobiles"]["mn1"]["directions"]["downlink"]
+    report = format_report(fig, record["plan"])
+    assert "kernel drops (a reader too slow): gw raw-50 3" in report
+    assert "20-30 s: 3 lost outside handovers; kernel dropped: gw raw-50 3" in report
+
+
+def test_process_figures_and_kernel_drops_read_proc():
+    import os
+
+    from mipsec.lab.soak_sampling import kernel_drops, process_figures
+    fig = process_figures(os.getpid())
+    assert 0 < fig["rss_anon_kb"] <= fig["rss_kb"] and fig["fds"] > 0
+    assert fig["cpu_s"] > 0 and fig["run_wait_s"] >= 0
+    assert all(isinstance(n, int) and n > 0 for n in kernel_drops(os.getpid()).values())
+    assert process_figures(2 ** 22 + 1).get("gone") and kernel_drops(2 ** 22 + 1) == {}
