@@ -16,7 +16,9 @@ that makes the kernel's split right, and hands each worker its own (``pass_fds``
 The role's results reach the workers before they are carried out (the loop's ``admit``):
 an SA IKE has just installed is in its worker before the IKE_AUTH response leaves, an SIU's
 re-point before the Registration Reply is encrypted (``SendOnWorker``).  Timers (a re-keyed
-SA's grace period ending) are synchronised after every wake-up.
+SA's grace period ending) are synchronised after the wake-up that ran them, everything at least
+once a second.  Each comparison looks at every MN (a tuple comparison for an unchanged one):
+its cost grows with the GW's MNs (docs/operations.md §1.3).
 
 A worker that dies ends the GW: the control process logs which one and how, stops, and exits
 with ``WORKER_DIED_EXIT_STATUS`` (the service manager restarts the whole GW).  Re-installing
@@ -48,6 +50,7 @@ log = logging.getLogger("mipsec.daemon")
 
 WORKER_DIED_EXIT_STATUS = 4    # a worker process ended: the whole GW stops (module doc)
 WORKER_STOP_WAIT_S = 3.0       # at shutdown: SIGTERM, then SIGKILL after this
+FULL_SYNC_EVERY_S = 1.0        # the control compares all its MNs with the workers' at least
 WORKER_START_TIMEOUT_S = 60.0  # each worker reports once within this at start (a loaded host)
 MESSAGE_MAX_BYTES = 65536      # one control <-> worker record at most
 
@@ -99,6 +102,9 @@ class WorkerPool:
         if role.ike is not None:
             role.ike.endpoint.esp_spi_policy = self.sync.esp_spi
         self.stopping = False
+        self._forwarding_rrq = False
+        self._timers_seen = -1
+        self._next_full_sync = 0.0
         self._closers: list[Any] = []
         self.workers: list[Worker] = []
         udp_socks = []
@@ -180,11 +186,18 @@ class WorkerPool:
     # --- loop hooks --------------------------------------------------------------------------
 
     def before_dispatch(self, actions: list[Any]) -> bool:
-        self._flush_sync()
+        if not self._forwarding_rrq:
+            self._flush_sync()
         return True
 
     def after_batch(self, now: float) -> None:
-        self._flush_sync()
+        # timers change SAs without a result to dispatch (a grace period ends): compare then,
+        # and once a second whatever happened (a reload)
+        timers = self.daemon.loop.stats["timers"]
+        if timers != self._timers_seen or now >= self._next_full_sync:
+            self._timers_seen = timers
+            self._next_full_sync = now + FULL_SYNC_EVERY_S
+            self._flush_sync()
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is not None and not self.stopping:
                 self._died(w, f"exit status {w.proc.returncode}")
@@ -224,7 +237,12 @@ class WorkerPool:
                     log.exception("BUG: rrq_seen raised")
                     continue
                 if actions:
-                    loop.dispatch(actions)
+                    # a forwarded request changes no SA: no comparison with the workers
+                    self._forwarding_rrq = True
+                    try:
+                        loop.dispatch(actions)
+                    finally:
+                        self._forwarding_rrq = False
             else:
                 log.error("BUG: gw worker %d sent %s", w.index, type(msg).__name__)
 

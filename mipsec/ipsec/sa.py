@@ -289,6 +289,11 @@ class SecurityAssociation:
     def remote(self) -> str | None:
         return bytes_to_addr(self._remote) if self._remote else None
 
+    @property
+    def remote_bytes(self) -> bytes | None:
+        """``remote`` as 4 bytes (None: wildcard), without building the dotted text."""
+        return self._remote
+
     # --- lifetimes --------------------------------------------------------------------------
     def _next_lifetime_limits(self) -> None:
         """The next time / byte count at which the lifetime state changes."""

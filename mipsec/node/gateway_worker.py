@@ -37,7 +37,7 @@ from typing import Any
 from mipsec.drops import DropReason
 from mipsec.ipsec.sa import Direction, Lifetime, SecurityAssociation, UdpEncap
 from mipsec.ipsec.selector import Selector
-from mipsec.ipsec.shard import check_workers, spi_for_worker, worker_of
+from mipsec.ipsec.shard import check_workers, spi_for_worker
 from mipsec.mobility.gw_binding import BindingState
 from mipsec.node import gw_worker_messages as wm
 from mipsec.node.actions import Action, ForwardRrq, HandOff, SendOnWorker
@@ -125,6 +125,7 @@ class _Told:
     inbound: set[int]
     outbound: SecurityAssociation
     bind: tuple[Any, ...] | None = None
+    quick: tuple[Any, ...] | None = None     # the objects last told: unchanged -> no work
 
 
 class WorkerSync:
@@ -154,53 +155,52 @@ class WorkerSync:
         return told.worker if told is not None else None
 
     def messages(self, role: VpnGateway) -> list[tuple[int | None, wm.Message]]:
-        """(worker, message) pairs (worker None: every worker), in the order to send."""
+        """(worker, message) pairs (worker None: every worker), in the order to send.  An MN
+        whose SA objects, binding and other inbound SAs are the ones last told costs one tuple
+        comparison (the control calls this after every result of the role)."""
         out: list[tuple[int | None, wm.Message]] = []
         n = self.workers
+        told_all = self._told
         for home, m in role.mobiles.items():
-            w = worker_of(m.inbound.spi, n)
+            sa = m.outbound
             older = role.other_inbound(m)
+            quick = (m.inbound, sa, m.state, m.care_of, sa.udp_encap, sa.remote_bytes,
+                     tuple(older) if older else None)
+            told = told_all.get(home)
+            if told is not None and told.quick == quick and told.mobile is m:
+                continue
+            w = m.inbound.spi % n
             inbound = {m.inbound.spi: m.inbound, **older}
-            for spi in inbound:
-                if worker_of(spi, n) != w:
-                    self.off_shard += 1
-            told = self._told.get(home)
+            self.off_shard += sum(1 for spi in inbound if spi % n != w)
             if told is None or told.mobile is not m or told.worker != w:
                 if told is not None and told.worker != w:
                     out.append((told.worker, wm.RemoveMobile(home)))
                 out.append((w, wm.InstallPair(home, m.home_agent, m.allowed_text,
                                               m.road_warrior, sa_spec(m.inbound),
-                                              sa_spec(m.outbound))))
-                out += [(w, wm.AddInbound(home, sa_spec(sa))) for sa in older.values()]
+                                              sa_spec(sa))))
+                out += [(w, wm.AddInbound(home, sa_spec(x))) for x in older.values()]
                 out.append((None, wm.Owner(home, w)))
-                told = self._told[home] = _Told(m, w, set(inbound), m.outbound)
+                told = told_all[home] = _Told(m, w, set(inbound), sa)
             else:
                 current = set(inbound)
                 out += [(w, wm.AddInbound(home, sa_spec(inbound[spi])))
                         for spi in current - told.inbound]
                 out += [(w, wm.RemoveInbound(spi)) for spi in told.inbound - current]
                 told.inbound = current
-                if m.outbound is not told.outbound:
-                    out.append((w, wm.SetOutbound(home, sa_spec(m.outbound))))
-                    told.outbound = m.outbound
-            sa = m.outbound
+                if sa is not told.outbound:
+                    out.append((w, wm.SetOutbound(home, sa_spec(sa))))
+                    told.outbound = sa
             bind = (m.state.value, m.care_of, sa.remote or UNBOUND_ADDRESS,
                     sa.udp_encap.remote_port if sa.udp_encap is not None else None)
             if bind != told.bind:
                 out.append((w, wm.Bind(home, *bind)))
                 told.bind = bind
-        for home in [h for h in self._told if h not in role.mobiles]:
-            told = self._told.pop(home)
-            out += [(told.worker, wm.RemoveMobile(home)), (None, wm.Owner(home, -1))]
+            told.quick = quick
+        if len(told_all) > len(role.mobiles):     # (every MN of the role is told by now)
+            for home in [h for h in told_all if h not in role.mobiles]:
+                told = told_all.pop(home)
+                out += [(told.worker, wm.RemoveMobile(home)), (None, wm.Owner(home, -1))]
         return out
-
-    def everything(self, role: VpnGateway, worker: int) -> list[wm.Message]:
-        """All a (new) worker must be told: its MNs from scratch, every MN's owner."""
-        for home in [h for h, t in self._told.items() if t.worker == worker]:
-            del self._told[home]
-        mine = [msg for w, msg in self.messages(role) if w == worker]
-        owners = [wm.Owner(home, t.worker) for home, t in self._told.items()]
-        return mine + owners
 
 
 # --- a worker ---------------------------------------------------------------------------------
