@@ -7,7 +7,9 @@ namespaces, root), ``interop`` (strongSwan, Scapy, tshark, etcd, the packaging t
 ``security`` (attacks; its namespace tests count as lab too).  Each test gets its folder's
 marker, so ``pytest -m "not lab and not interop"`` runs the fast levels; a test that needs
 namespaces (``netns``) is also ``lab`` and one that needs strongSwan is also ``interop``,
-wherever it lives.  The helpers beside this file (``needs``, ``labs``,
+wherever it lives.  ruff and mypy (tests/unit/test_guardrails.py) are also ``guardrails``, and
+``--hypothesis-profile=fast`` runs the property tests with fewer examples (tests/levels.py): the
+fast run of README.md "Developing".  The helpers beside this file (``needs``, ``labs``,
 ``daemon_fakes``, ...) are importable from every level; ``new_lab`` starts a namespace lab that
 is torn down after the test.
 """
@@ -18,10 +20,20 @@ import contextlib
 import pathlib
 
 import pytest
+from hypothesis import settings
 
 import etcd_cluster
 import labs
+import levels
 from levels import level_of
+
+# ``--hypothesis-profile=fast``: the fast run of README.md "Developing" (tests/levels.py); the
+# profile covers the property tests without an example count of their own
+settings.register_profile(levels.FAST_PROFILE, max_examples=10)
+
+
+def pytest_configure(config):
+    levels.fast = config.getoption("hypothesis_profile", None) == levels.FAST_PROFILE
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.mobileip import MobileIP, MobileIPRRP, MobileIPRRQ
 from scapy.packet import Raw
 
+from levels import examples
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.wire.mip import (
     RegistrationReply,
@@ -22,7 +23,7 @@ addresses = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str
 MSA = MobilitySecurityAssociation(0x1000, b"0123456789abcdef")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.integers(0, 255), st.integers(0, 65535), addresses, addresses, addresses,
        st.integers(0, 2**64 - 1))
 def test_scapy_built_request_parses(flags, life, home, ha, coa, ident):
@@ -33,7 +34,7 @@ def test_scapy_built_request_parses(flags, life, home, ha, coa, ident):
             rrq.care_of_address, rrq.identification) == (flags, life, home, ha, coa, ident)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.integers(0, 255), st.integers(0, 65535), addresses, addresses,
        st.integers(0, 2**64 - 1))
 def test_scapy_built_reply_parses(code, life, home, ha, ident):

@@ -20,7 +20,8 @@ After every input:
 * a datagram that is not forwarded is refused as a ``DropReason`` counted by the role, and every
   counted reason is a ``DropReason``.
 
-The run lasts ``MIPSEC_FUZZ_SECONDS`` (default 40 s, what CI runs); a longer run is one command::
+The run lasts ``MIPSEC_FUZZ_SECONDS`` (default 40 s, what CI runs; one round of ``BATCH``
+examples under ``--hypothesis-profile=fast``); a longer run is one command::
 
     MIPSEC_FUZZ_MINUTES=30 python -m pytest -q -p no:cacheprovider tests/security/test_fuzz_entry_points.py
 
@@ -39,6 +40,7 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import levels
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
@@ -56,7 +58,8 @@ def _budget_s() -> float:
     minutes = os.environ.get("MIPSEC_FUZZ_MINUTES")
     if minutes:
         return float(minutes) * 60.0
-    return float(os.environ.get("MIPSEC_FUZZ_SECONDS", "40"))
+    # the fast profile (tests/levels.py): one round unless a budget is asked for
+    return float(os.environ.get("MIPSEC_FUZZ_SECONDS", "0" if levels.fast else "40"))
 
 
 # --- the running simulations and their traffic ----------------------------------------------

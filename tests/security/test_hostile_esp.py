@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason as R
 from mipsec.errors import Dropped
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
@@ -281,7 +282,7 @@ _INNERS = [_inner(b"x" * n) for n in (0, 1, 15, 16, 100)]
 _SEED = [_SAD_OUT.encapsulate(i) for i in _INNERS]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(_SEED), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)),
                                         max_size=4),
        st.integers(0, 250), st.booleans())

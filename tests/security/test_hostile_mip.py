@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason as R
 from mipsec.errors import ParseError
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix
@@ -103,7 +104,7 @@ def test_siu_from_an_unconfigured_source_even_with_a_valid_mac():
     assert v.last_sequence == {}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(0, SIU_FIXED_BYTES + 40 + 31), st.integers(0, 255), st.booleans(),
        st.integers(0, 60))
 def test_siu_any_byte_changed_never_raises_or_moves_state(pos, value, resign, extra):
@@ -193,7 +194,7 @@ def test_reply_for_another_home_address_is_authentic_but_distinguishable():
     assert msa.verify(other).home_address == "10.1.0.101"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=12)), max_size=6),
        st.integers(0, 6))
 def test_extension_walk_never_raises_anything_but_parse_error(exts, cut):

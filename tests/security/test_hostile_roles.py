@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason as R
 from mipsec.mip import ipip
 from mipsec.mip.security import MobilitySecurityAssociation
@@ -245,7 +246,7 @@ _EXT = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=examples(150), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(before=st.lists(_EXT, max_size=3), after=st.lists(_EXT, max_size=2),
        cut=st.integers(0, 8))

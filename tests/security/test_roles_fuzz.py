@@ -13,6 +13,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.sim.network import b2a
 from mipsec.sim.scenario import start_streams, wait_registered
 from mipsec.sim.topology import build_topology
@@ -84,7 +85,7 @@ def test_mutated_real_packets_never_raise_or_change_state():
         assert sum(role.drops.values()) > 0
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.binary(max_size=120))
 def test_random_bytes_never_raise(data):
     topo = _LAB[0]

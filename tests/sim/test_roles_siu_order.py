@@ -11,6 +11,7 @@ import random as _random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.mip.security import MobilitySecurityAssociation
 from mipsec.node.config import make_lab_configs
 from mipsec.node.gateway import VpnGateway
@@ -41,7 +42,7 @@ def _sius_for_walk(walk):
     return lab, sius
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(walk=st.lists(st.sampled_from(COAS), min_size=2, max_size=7),
        order_seed=st.integers(0, 2**32 - 1))
 def test_sius_in_any_order_never_move_the_sa_back(walk, order_seed):

@@ -5,6 +5,9 @@ mipsec/ with the strict flags on the pure layers (wire, crypto, ipsec, mip, mobi
 defaults plus ``check_untyped_defs`` elsewhere.  Both come with the test extra (tools/setup.sh);
 missing, they fail in CI and skip elsewhere (tests/needs.py).  A finding fails the test with the
 tool's own output, file:line first.
+
+Marked ``guardrails`` (besides ``unit``): mypy over mipsec/ is most of the unit level's CPU, so
+the fast run of README.md "Developing" leaves these out and runs them as a step of their own.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import needs
+
+pytestmark = pytest.mark.guardrails
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

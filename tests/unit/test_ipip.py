@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.mip.ipip import check_reverse_tunnel, decapsulate, encapsulate, inner_source
@@ -127,7 +128,7 @@ def test_accepts_bytearray_and_memoryview():
 
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=80), st.integers(0, 60), st.binary(min_size=1, max_size=3))
 def test_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
     base = encapsulate(inner(), HA, COA)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
 from mipsec.mip.security import MobilitySecurityAssociation, ntp_from_unix, unix_from_ntp
@@ -259,7 +260,7 @@ def test_parse_request_identification_is_64_bits():
 
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=80), st.integers(0, 60), st.binary(min_size=1, max_size=3))
 def test_verify_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
     base = msa().sign(rrq_bytes(ntp_from_unix(T0), [nai_extension("mn1@example.net")]))

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError
 from mipsec.ipsec.constants import REPLAY_WINDOW_BITS
@@ -101,7 +102,7 @@ def test_esn_low_half_wrap_sequence():
         assert window.check(window.infer(full & 0xFFFFFFFF)) is DUP
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=200))
 def test_against_a_set_model(seqs):
     """The bitmap agrees with the obvious model: a set of seen numbers and a top."""

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
@@ -45,7 +46,7 @@ prefixes = st.sampled_from([None, "10.1.0.100", "10.1.0.0/24", "10.0.0.0/8", "0.
 addresses = st.sampled_from([0x0A010064, 0x0A01000A, 0x0A020304, 0xC0A80101, 0x7F000001])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(local=prefixes, remote=prefixes, src=addresses, dst=addresses,
        proto=st.sampled_from([1, 6, 17, 50]), ihl=st.sampled_from([5, 5, 5, 6]),
        extra=st.integers(0, 12), frag=st.sampled_from([0, 0x4000, 0x0001]))

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import UsageError
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
@@ -162,7 +163,7 @@ def test_spd_protect_then_sad_process_end_to_end():
     assert out.counters.packets == inb.counters.packets == 5
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(data=st.binary(max_size=80), udp=st.booleans())
 def test_random_bytes_never_raise(data, udp):
     sad = Sad([sa_pair(udp=udp)[1]])
@@ -172,7 +173,7 @@ def test_random_bytes_never_raise(data, udp):
     assert isinstance(result, DropReason)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.data())
 def test_mutated_packets_never_raise_and_never_pass(data):
     udp = data.draw(st.booleans())
@@ -190,7 +191,7 @@ def test_mutated_packets_never_raise_and_never_pass(data):
     assert inb.counters.packets == 0 and inb.replay.top == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(udp=st.booleans(), known=st.booleans(), ihl=st.sampled_from([5, 5, 6]),
        frag=st.sampled_from([0, 0, 0x2000, 0x4000]), cut=st.integers(0, 60))
 def test_fast_spi_path_agrees_with_find_spi(udp, known, ihl, frag, cut):

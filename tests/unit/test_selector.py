@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.errors import ConfigError
 from mipsec.ipsec.selector import ANY, Selector, five_tuple
 
@@ -189,7 +190,7 @@ def reference(sel: Selector, local: str, remote: str, proto: int, lport, rport) 
             and port_ok(lport, sel.local_ports) and port_ok(rport, sel.remote_ports))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(sel=selectors(), a=addresses, b=addresses, proto=st.sampled_from([1, 6, 17, 50]),
        sport=st.integers(0, 3000), dport=st.integers(0, 3000), frag=st.sampled_from([0, 0, 1, 77]))
 def test_fast_paths_agree_with_reference(sel, a, b, proto, sport, dport, frag):
@@ -204,7 +205,7 @@ def test_fast_paths_agree_with_reference(sel, a, b, proto, sport, dport, frag):
     assert sel.reversed().matches_inbound(pkt) == out
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=40))
 def test_random_bytes_never_raise(data):
     for sel in (ANY, Selector("10.0.0.0/8", None, "udp", None, (1, 9))):
@@ -233,7 +234,7 @@ def test_parse_rejects(text):
         Selector.parse(text)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(selectors())
 def test_text_and_dict_round_trip(sel):
     assert Selector.parse(str(sel)) == sel

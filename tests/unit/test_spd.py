@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, Dropped, UsageError
 from mipsec.ipsec import spd as spd_module
@@ -141,7 +142,7 @@ operations = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(operations, max_size=40))
 def test_lookup_equals_linear_first_match(ops):
     spd = Spd()
@@ -231,14 +232,14 @@ def test_sa_attached_later_is_used_without_invalidation():
     assert spd.protect_outbound(p) == b"ESP:" + p
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=48))
 def test_protect_outbound_never_raises_for_any_bytes(data):
     result = make_spd(RecordingSa()).protect_outbound(data)
     assert isinstance(result, (bytes, DropReason))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(proto=st.sampled_from([1, 6, 17, 50]), frag=st.sampled_from([0, 0x2000, 0x0001, 0x4000]),
        ihl=st.sampled_from([5, 5, 5, 6, 4]), src=st.sampled_from(ADDRS), dst=st.sampled_from(ADDRS),
        sport=st.sampled_from([1, 53, 434]), dport=st.sampled_from([1, 53, 434]),

@@ -10,6 +10,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.errors import Dropped
 from mipsec.ipsec.sa import Direction, SecurityAssociation, UdpEncap
 from mipsec.wire.ipv4 import Ipv4Header, build_ipv4
@@ -45,7 +46,7 @@ def make_pair(config):
     return out, inb
 
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=examples(150), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.ike import codec
@@ -203,7 +204,7 @@ def test_traffic_selector_helpers():
     assert TrafficSelector("10.1.0.1", "10.1.0.2").as_network() is None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_never_raise_anything_but_parse_error(data):
     try:
@@ -216,7 +217,7 @@ def test_random_bytes_never_raise_anything_but_parse_error(data):
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.integers(0, len(VECTOR) - 1), st.integers(1, 255))
 def test_mutated_vector_parses_or_gives_parse_error(i, x):
     bad = bytearray(VECTOR)

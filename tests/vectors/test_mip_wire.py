@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError, UsageError
 from mipsec.wire.mip import (
@@ -200,7 +201,7 @@ short_ext = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(addresses, addresses, addresses, st.integers(0, 2**64 - 1), st.integers(0, 65535),
        st.integers(0, 255), st.lists(short_ext, max_size=4))
 def test_request_round_trip(h, a, c, ident, life, flags, exts):
@@ -210,7 +211,7 @@ def test_request_round_trip(h, a, c, ident, life, flags, exts):
     assert parse_registration_request(build_registration_request(rrq)) == rrq
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.integers(0, 255), addresses, addresses, st.integers(0, 2**64 - 1),
        st.integers(0, 65535))
 def test_reply_round_trip(code, h, a, ident, life):
@@ -219,7 +220,7 @@ def test_reply_round_trip(code, h, a, ident, life):
     assert back == rrp and int(back.code) == code
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=80))
 def test_random_bytes_parse_or_raise_parse_error(tail):
     for parse, head in ((parse_registration_request, FIXED_RRQ),

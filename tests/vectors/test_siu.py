@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ConfigError, ParseError
 from mipsec.mip.constants import SIU_REPLAY_WINDOW
@@ -273,7 +274,7 @@ def test_diagram_in_docs_matches_the_construct_offsets():
 
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200), st.integers(0, 200), st.binary(max_size=4))
 def test_random_and_spliced_input_only_raises_parse_error(noise, cut, patch):
     base = update(signer())

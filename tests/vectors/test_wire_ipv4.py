@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 from mipsec.wire import esp as wesp
@@ -27,7 +28,7 @@ headers = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(headers, st.binary(max_size=64))
 def test_construct_and_struct_agree_on_ipv4(header, payload):
     packet = w.build_ipv4(header, payload)
@@ -53,7 +54,7 @@ def test_construct_and_struct_agree_on_ipv4(header, payload):
     assert parsed == w.Ipv4Header(**{**header.__dict__, "total_length": total, "checksum": csum})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=200))
 def test_checksum_against_the_rfc1071_reference(data):
     assert w.checksum(data) == w.checksum_reference(data)
@@ -79,7 +80,7 @@ def test_ipv4_and_udp_match_scapy():
                                       / UDP(sport=1234, dport=53) / Raw(b"query"))[20:]))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
        st.binary(max_size=32))
 def test_construct_and_struct_agree_on_udp(sport, dport, csum, payload):
@@ -91,7 +92,7 @@ def test_construct_and_struct_agree_on_udp(sport, dport, csum, payload):
         (sport, dport, csum, payload)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
 def test_construct_and_struct_agree_on_esp_header(spi, seq):
     built = wesp.build_esp_header(wesp.EspHeader(spi, seq))
@@ -100,7 +101,7 @@ def test_construct_and_struct_agree_on_esp_header(spi, seq):
     assert wesp.parse_esp_header(built + b"rest") == wesp.EspHeader(spi, seq)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=100), st.sampled_from([4, 16]), st.integers(0, 255))
 def test_esp_trailer_round_trip(payload, align, next_header):
     trailer = wesp.build_trailer(len(payload), align, next_header)
@@ -147,7 +148,7 @@ def test_parse_udp_reasons():
     assert info.value.reason is DropReason.BAD_UDP_LENGTH
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_address_helpers_round_trip(value):
     text = w.int_to_addr(value)
