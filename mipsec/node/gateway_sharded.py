@@ -18,7 +18,7 @@ from typing import Any
 from mipsec.constants import IPPROTO_ESP, IPPROTO_UDP, NAT_T_PORT
 from mipsec.ipsec.shard import worker_of
 from mipsec.node import gw_worker_messages as wm
-from mipsec.node.actions import Action, ForwardRrq, HandOff, SendOnWorker, SendToNet, WriteToTun
+from mipsec.node.actions import Action, ForwardRrq, HandOff, SendOnWorker, SendToNet
 from mipsec.node.config import GatewayConfig
 from mipsec.node.gateway_worker import ControlGateway, GatewayWorker, WorkerSync
 
@@ -143,7 +143,3 @@ class ShardedGateway:
         out = self.control.status()
         out["workers"] = [w.report() for w in self.workers]
         return out
-
-    def written(self, actions: list[Action]) -> list[bytes]:
-        """The packets of ``actions`` for the TUN (a test helper)."""
-        return [a.packet for a in actions if isinstance(a, WriteToTun)]
