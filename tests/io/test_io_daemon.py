@@ -192,13 +192,11 @@ def _esp_spis_in(path) -> set[int]:
     return out
 
 
-def test_key_files_follow_the_kept_captures_not_every_rekey(tmp_path, monkeypatch):
+def test_key_files_follow_the_kept_captures_not_every_rekey(tmp_path):
     # with IKEv2 every re-key adds an SA; a bounded capture keeps only its newest files, so the
     # key files keep the SAs those files can hold (each one still decrypts), not every SA ever
     import dataclasses
 
-    import mipsec.node.gateway_ike
-    monkeypatch.setattr(mipsec.node.gateway_ike, "CHILD_SA_DELETE_GRACE_S", 0.0)  # no waiting here
     sets = make_key_set(1, KeySetLayout(run_dir=str(tmp_path), pcap_dir=str(tmp_path)),
                         keys_from=random.Random(5), sa_source="ikev2",
                         ike={"child_lifetime_s": 3600, "ike_lifetime_s": 7200,
@@ -211,6 +209,7 @@ def test_key_files_follow_the_kept_captures_not_every_rekey(tmp_path, monkeypatc
     daemons = start_daemons(sets)
     try:
         gw, mn = daemons["gw"], daemons["mn"]
+        gw.role.book.grace_s = 0.0                # no waiting for retired inbound SAs here
         gw.pcap.max_bytes = 1500                  # rotate every exchange or two
         mn.handle_command("handover", ["172.16.2.10", "vb0"])
         pump(daemons)
