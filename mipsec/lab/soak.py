@@ -97,6 +97,19 @@ def make_schedule(plan: SoakPlan, k: int = 1) -> list[tuple[float, str]]:
     return out
 
 
+def _wait_stream(proc: subprocess.Popen, timeout: float, say: Callable[[str], None]) -> None:
+    """Wait for a stream to end by itself; one that overruns its duration (a stalled sender on
+    a busy machine) is told to stop with SIGTERM, and writes its report all the same, so that
+    an hour of samples is never lost to one late process."""
+    try:
+        proc.wait(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        say(f"a stream (pid {proc.pid}) overran its duration; stopping it")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+
+
 def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
              lab_kwargs: dict[str, Any] | None = None,
              on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -179,7 +192,7 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
         for th in movers:
             th.start()
         for proc in streams:
-            proc.wait(timeout=max(1.0, t0 + plan.duration_s - time.monotonic()) + 60)
+            _wait_stream(proc, max(1.0, t0 + plan.duration_s - time.monotonic()) + 60, say)
         finished.set()
         for th in movers:
             th.join(timeout=60)
