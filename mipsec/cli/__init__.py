@@ -40,6 +40,17 @@ examples:
 User guide: docs/operations.md."""
 
 
+def _add_socket_choice(p: argparse.ArgumentParser) -> None:
+    """Which running daemon a control command talks to (``_socket_for`` reads the choice)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
+    where.add_argument("--role", choices=("mn", "gw", "ha"),
+                       help="use the default socket /run/mipsec/<role>.sock")
+    where.add_argument("--instance", "-i", metavar="NAME",
+                       help="one of several daemons on this machine: /run/mipsec/NAME.sock "
+                            "(the names `mipsec keys` gives: ha, gw, mn1, mn2 ...)")
+
+
 def _add_daemon(sub: Any, role: str, title: str, detail: str) -> None:
     p = sub.add_parser(role, help=f"run the {title} daemon (foreground)", formatter_class=Formatter,
                        description=f"Run the {title} in the foreground.\n\n{detail}\n\n"
@@ -82,13 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ask a running daemon over its control socket and print its state:\n"
                        "SAs (addresses, SPIs, counters, drops by reason, time and source of the last\n"
                        "authenticated packet), bindings with lifetimes, the last handover's timeline.")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
-    where.add_argument("--role", choices=("mn", "gw", "ha"),
-                       help="use the default socket /run/mipsec/<role>.sock")
-    where.add_argument("--instance", "-i", metavar="NAME",
-                       help="one of several daemons on this machine: /run/mipsec/NAME.sock "
-                            "(the names `mipsec keys` gives: ha, gw, mn1, mn2 ...)")
+    _add_socket_choice(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument("--watch", "-w", nargs="?", type=float, const=1.0, metavar="SECONDS",
                    help="redraw every SECONDS (1) until Ctrl-C")
@@ -101,11 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "lifetime, the log level).  A file that does not load, or a change that\n"
                        "needs a restart (addresses, interfaces, the TUN ...), is refused with its\n"
                        "message and the running configuration stays (exit status 1).")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
-    where.add_argument("--role", choices=("mn", "gw", "ha"),
-                       help="use the default socket /run/mipsec/<role>.sock")
-    where.add_argument("--instance", "-i", metavar="NAME", help="/run/mipsec/NAME.sock")
+    _add_socket_choice(p)
     p.set_defaults(func=_cmd_reload)
 
     p = sub.add_parser("memory", help="where a running daemon's memory goes (debugging)",
@@ -114,11 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "blocks, and, when it was started with MIPSEC_TRACEMALLOC=<frames> in its\n"
                        "environment, the source lines holding the most and those grown most since\n"
                        "the previous `mipsec memory` (mipsec/io/memory.py).")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", "-s", metavar="PATH", help="control socket path")
-    where.add_argument("--role", choices=("mn", "gw", "ha"),
-                       help="use the default socket /run/mipsec/<role>.sock")
-    where.add_argument("--instance", "-i", metavar="NAME", help="/run/mipsec/NAME.sock")
+    _add_socket_choice(p)
     p.add_argument("--top", type=int, default=15, metavar="N", help="lines of each list (15)")
     p.set_defaults(func=_cmd_memory)
 
