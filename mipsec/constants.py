@@ -18,6 +18,10 @@ IKE_PORT = 500                # RFC 7296 §2
 NAT_T_PORT = 4500             # RFC 3948 §2: UDP-encapsulated ESP (and IKE after NAT detection)
 SIU_PORT = 4343               # ours: the SIU on the GW's inside address (docs/protocol.md §2)
 
+# --- UDP port 4500 payloads (RFC 3948): what separates IKE and keepalives from ESP -------------
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2: IKE on port 4500 starts with 4 zero octets
+NAT_KEEPALIVE = b"\xff"       # RFC 3948 §2.3: a one-octet 0xFF UDP payload
+
 # --- addresses --------------------------------------------------------------------------------
 # 0.0.0.0 (RFC 1122 §3.2.1.3: "this host on this network", never a destination): in an SIU's
 # Old/New CoA "none", the outer destination of a GW SA no SIU has bound, the outer source of the

@@ -8,15 +8,15 @@ from __future__ import annotations
 import enum
 
 from mipsec.constants import IKE_PORT as IKE_PORT
+from mipsec.constants import NAT_KEEPALIVE as NAT_KEEPALIVE
 from mipsec.constants import NAT_T_PORT as NAT_T_PORT
+from mipsec.constants import NON_ESP_MARKER as NON_ESP_MARKER
 
 # --- specification constants -------------------------------------------------------------------
 
 IKE_VERSION = 0x20                 # §3.1: major 2, minor 0
 IKE_HEADER_LEN = 28                # §3.1
 GENERIC_PAYLOAD_HEADER_LEN = 4     # §3.2
-NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2: IKE on port 4500 starts with 4 zero octets
-NAT_KEEPALIVE = b"\xff"            # RFC 3948 §2.3
 KEY_PAD = b"Key Pad for IKEv2"     # §2.15
 MIN_NONCE_LEN = 16                 # §2.10
 MAX_NONCE_LEN = 256                # §3.9

@@ -5,12 +5,12 @@ from __future__ import annotations
 from mipsec.constants import IPPROTO_ESP as IPPROTO_ESP
 from mipsec.constants import IPPROTO_IPIP as IPPROTO_IPIP
 from mipsec.constants import IPPROTO_UDP as IPPROTO_UDP
+from mipsec.constants import NAT_KEEPALIVE as NAT_KEEPALIVE
 from mipsec.constants import NAT_T_PORT as NAT_T_PORT
+from mipsec.constants import NON_ESP_MARKER as NON_ESP_MARKER
 
 # --- specification constants -----------------------------------------------------------------
 NEXT_HEADER_NO_NEXT = 59      # RFC 4303 §2.6: "no next header", a dummy (TFC) packet
-NAT_KEEPALIVE = b"\xff"       # RFC 3948 §2.3: a one-octet 0xFF UDP payload
-NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2: IKE on port 4500, not ESP
 ESP_HEADER_BYTES = 8          # RFC 4303 §2: SPI (4) + sequence number (4)
 ESP_TRAILER_BYTES = 2         # RFC 4303 §2.4-2.6: pad length (1) + next header (1)
 SEQ_MAX_32 = 2**32 - 1        # RFC 4303 §3.3.3: the counter must not cycle
