@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import mipsec
 
@@ -110,8 +111,19 @@ def mipsec_imports(path: pathlib.Path, root: pathlib.Path) -> Iterator[tuple[int
 def _import_nodes(source: str) -> tuple[ast.Import | ast.ImportFrom, ...]:
     """The import statements of a module, at any depth (cached by source: the copies of the
     tree the tests below make parse once)."""
-    return tuple(node for node in ast.walk(ast.parse(source))
+    return tuple(node for node in _statements(ast.parse(source).body)
                  if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def _statements(nodes: list[Any]) -> Iterator[Any]:
+    """Every statement, at any depth (function and class bodies, branches, handlers, match
+    cases): an import is a statement, so the expressions, most of a tree, need no visit."""
+    for node in nodes:
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list):
+                yield from _statements(inner)
 
 
 def layering_problems(root: pathlib.Path, design_text: str) -> list[str]:
@@ -230,7 +242,7 @@ def test_a_cycle_is_found():
 
 def _imports(path: pathlib.Path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _import_nodes(path.read_text()):       # parsed once for both checks
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from levels import examples
 from mipsec.drops import DropReason
 from mipsec.errors import Dropped, UsageError
 from mipsec.ipsec.sa import Direction, Lifetime, SecurityAssociation, UdpEncap
@@ -164,7 +165,8 @@ def state(sa: SecurityAssociation):
     return (sa.counters.as_dict(), sa.replay.snapshot(), sa.needs_rekey, sa.expired)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(transform=st.sampled_from(sorted(TRANSFORMS)), udp=st.booleans(),
        esn=st.sampled_from([False, False, True]), remote=st.sampled_from([None, COA]),
        selector=st.sampled_from(sorted(SELECTORS)), lifetime=st.sampled_from(sorted(LIFETIMES)),
