@@ -20,29 +20,13 @@ import sys
 import time
 from typing import Any
 
+from mipsec.constants import IPPROTO_UDP
 from mipsec.lab import stop_on_signals
 from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab
-
-ESP = 50
-NON_ESP_MARKER = bytes(4)
-
+from mipsec.wire.esp import esp_spi_of
 
 # --- the sniffer: first ESP packet of every SPI (runs in the GW's namespace) -------------------
-
-def esp_spi(packet: bytes) -> int | None:
-    """The SPI of an ESP packet (plain, or in UDP 4500 without the non-ESP marker)."""
-    if len(packet) < 20:
-        return None
-    ihl = (packet[0] & 0x0F) * 4
-    if packet[9] == ESP and len(packet) >= ihl + 8:
-        return int.from_bytes(packet[ihl:ihl + 4], "big")
-    if packet[9] == 17 and len(packet) >= ihl + 16 \
-            and int.from_bytes(packet[ihl + 2:ihl + 4], "big") == 4500 \
-            and packet[ihl + 8:ihl + 12] != NON_ESP_MARKER:
-        return int.from_bytes(packet[ihl + 8:ihl + 12], "big")
-    return None
-
 
 def sniff(iface: str, out: str, stop: list[bool]) -> None:
     # ETH_P_ALL: packets the GW sends reach only the taps of every protocol
@@ -68,7 +52,7 @@ def sniff(iface: str, out: str, stop: list[bool]) -> None:
                     break
                 if addr[1] != 0x0800:
                     continue                                 # not IPv4
-                spi = esp_spi(data)
+                spi = esp_spi_of(data)
                 if spi is None:
                     continue
                 now = time.monotonic()
@@ -103,7 +87,7 @@ def redirect(packet: bytes, dst: str) -> bytes:
     p[16:20] = socket.inet_aton(dst)
     p[10:12] = b"\0\0"
     p[10:12] = _ip_checksum(bytes(p[:ihl])).to_bytes(2, "big")
-    if p[9] == 17:
+    if p[9] == IPPROTO_UDP:
         p[ihl + 6:ihl + 8] = b"\0\0"
     return bytes(p)
 

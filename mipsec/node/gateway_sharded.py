@@ -15,12 +15,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from mipsec.constants import IPPROTO_ESP, IPPROTO_UDP, NAT_T_PORT
 from mipsec.ipsec.shard import worker_of
 from mipsec.node import gw_worker_messages as wm
 from mipsec.node.actions import Action, ForwardRrq, HandOff, SendOnWorker, SendToNet
 from mipsec.node.config import GatewayConfig
 from mipsec.node.gateway_worker import ControlGateway, GatewayWorker, WorkerSync
+from mipsec.wire.esp import esp_spi_of
 
 
 class ShardedGateway:
@@ -99,16 +99,8 @@ class ShardedGateway:
 
     def worker_for_net(self, packet: bytes) -> int | None:
         """The worker the kernel gives this packet (None: the control process)."""
-        if len(packet) < 20:
-            return None
-        ihl = (packet[0] & 0x0F) << 2
-        if packet[9] == IPPROTO_ESP and len(packet) >= ihl + 4:
-            return worker_of(int.from_bytes(packet[ihl:ihl + 4], "big"), len(self.workers))
-        if (packet[9] == IPPROTO_UDP and len(packet) >= ihl + 12
-                and int.from_bytes(packet[ihl + 2:ihl + 4], "big") == NAT_T_PORT):
-            spi = int.from_bytes(packet[ihl + 8:ihl + 12], "big")
-            return worker_of(spi, len(self.workers)) if spi else None
-        return None
+        spi = esp_spi_of(packet)
+        return None if spi is None else worker_of(spi, len(self.workers))
 
     def queue_for_tun(self, packet: bytes) -> int:
         """The TUN queue (worker) a home-side packet is read from: a flow hash, as the

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import construct as c
 
+from mipsec.constants import IPPROTO_ESP, IPPROTO_UDP, NAT_T_PORT
 from mipsec.drops import DropReason
 from mipsec.errors import ParseError
 
@@ -58,6 +59,22 @@ def parse_esp_header(data: bytes) -> EspHeader:
         raise ParseError("shorter than an ESP header", DropReason.TRUNCATED)
     h = ESP_HEADER.parse(data[:ESP_HEADER_BYTES])
     return EspHeader(h.spi, h.sequence)
+
+
+def esp_spi_of(packet: bytes) -> int | None:
+    """The SPI of the ESP packet an IPv4 packet carries, raw (RFC 4303 §2.1) or in a UDP datagram
+    to port 4500 (RFC 3948 §2.1); None for anything else, among it IKE on port 4500 (its non-ESP
+    marker reads as SPI 0, §2.2), a NAT keepalive (§2.3) and a packet too short for an SPI.  The
+    project's one port-4500 classifier of ESP; no check beyond the SPI's place (the SA does it)."""
+    if len(packet) < 20:
+        return None
+    ihl = (packet[0] & 0x0F) << 2
+    if packet[9] == IPPROTO_ESP and len(packet) >= ihl + 4:
+        return int.from_bytes(packet[ihl:ihl + 4], "big")
+    if (packet[9] == IPPROTO_UDP and len(packet) >= ihl + 12
+            and int.from_bytes(packet[ihl + 2:ihl + 4], "big") == NAT_T_PORT):
+        return int.from_bytes(packet[ihl + 8:ihl + 12], "big") or None
+    return None
 
 
 def build_trailer(payload_length: int, align: int, next_header: int) -> bytes:

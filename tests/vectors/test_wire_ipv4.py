@@ -161,3 +161,24 @@ def test_address_helpers_round_trip(value):
 def test_bad_addresses(bad):
     with pytest.raises(ValueError):
         w.addr_to_bytes(bad)
+
+
+def _ipv4(proto: int, body: bytes, ihl: int = 5) -> bytes:
+    return bytes([0x40 | ihl, 0, 0, 20 + len(body)]) + bytes(5) + bytes([proto]) + bytes(
+        4 * ihl - 10) + body
+
+
+@pytest.mark.parametrize("packet, spi", [
+    (_ipv4(50, bytes.fromhex("0000300300000001")), 0x3003),            # raw ESP
+    (_ipv4(50, bytes.fromhex("000030"), ihl=6), None),                  # options: SPI cut
+    (_ipv4(50, bytes.fromhex("00003003")), 0x3003),                     # the SPI is all it reads
+    (_ipv4(17, bytes.fromhex("11941194000c0000" "00004004")), 0x4004),  # ESP in UDP 4500
+    (_ipv4(17, bytes.fromhex("11941194000c0000" "00000000") + b"ike"), None),  # non-ESP marker
+    (_ipv4(17, bytes.fromhex("119411940009" "0000ff")), None),          # NAT keepalive
+    (_ipv4(17, bytes.fromhex("01f401f4000c0000" "00004004")), None),    # port 500: IKE only
+    (_ipv4(6, bytes.fromhex("00003003" * 5)), None),                    # neither
+    (bytes.fromhex("4500001c") + bytes(5) + b"\x32", None),            # shorter than IPv4
+])
+def test_esp_spi_of_tells_esp_from_ike_and_keepalives(packet, spi):
+    """RFC 3948 §2: on port 4500 an SPI is ESP, four zero octets IKE, one 0xFF a keepalive."""
+    assert wesp.esp_spi_of(packet) == spi
