@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from mipsec.constants import IKE_PORT, NAT_T_PORT
+from mipsec.errors import ParseError
 from mipsec.ike.book import Change, ChildSaBook
 from mipsec.ike.config import IkeConfig
 from mipsec.ike.events import SendDatagram
@@ -108,7 +109,10 @@ class IkeSockets:
     def _packet(self, packet: bytes) -> None:
         proto, _src, _dst, ihl = peek_ipv4(packet)
         if RoleIke.is_ike(packet, proto, ihl):
-            outputs, _reason = self.ike.receive(packet, self.now())
+            try:
+                outputs = self.ike.receive(packet, self.now())
+            except ParseError:
+                return                           # bad UDP framing: nothing for the endpoint
             self.run(outputs)
         else:
             self.on_esp(packet)                  # ESP in UDP 4500 (RFC 3948)

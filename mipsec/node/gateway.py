@@ -297,9 +297,10 @@ class VpnGateway(GatewaySiu, GatewayIke):
         if dst != self._outside_b:
             return self._drop(DropReason.MIP_NOT_FOR_US)
         if self.ike is not None and RoleIke.is_ike(packet, proto, ihl):
-            outputs, reason = self._ikev2.receive(packet, now)
-            if reason is not None:
-                return self._drop(reason)
+            try:
+                outputs = self._ikev2.receive(packet, now)
+            except ParseError as exc:
+                return self._drop(exc.reason)
             return self._ike_outputs(outputs, now)
         if proto != IPPROTO_ESP and proto != IPPROTO_UDP:
             return self._drop(DropReason.WRONG_PROTOCOL)

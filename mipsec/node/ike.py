@@ -19,8 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mipsec.constants import IKE_PORT as IKE_PORT
-from mipsec.drops import DropReason
-from mipsec.errors import ParseError
 from mipsec.ike.config import IkeConfig
 from mipsec.ike.constants import NAT_KEEPALIVE, NON_ESP_MARKER
 from mipsec.ike.endpoint import IkeEndpoint
@@ -47,14 +45,12 @@ class RoleIke:
             return payload == NON_ESP_MARKER or packet[ihl + 8:] == NAT_KEEPALIVE
         return False
 
-    def receive(self, packet: bytes, now: float) -> tuple[list, DropReason | None]:
-        """The endpoint's outputs for one IKE packet, or a drop reason (bad UDP framing)."""
-        try:
-            src, dst, sport, dport, payload = parse_udp_packet(packet)
-        except ParseError as exc:
-            return [], exc.reason
-        return self.endpoint.receive_datagram(payload, (b2a(dst), dport), (b2a(src), sport),
-                                              now), None
+    def receive(self, packet: bytes, now: float) -> list:
+        """The endpoint's outputs for one IKE packet.  A packet whose IPv4 + UDP framing does not
+        parse raises ``ParseError`` (a parser's convention, docs/design.md "Errors"): the role
+        counts its reason; what is wrong inside the datagram the endpoint counts itself."""
+        src, dst, sport, dport, payload = parse_udp_packet(packet)
+        return self.endpoint.receive_datagram(payload, (b2a(dst), dport), (b2a(src), sport), now)
 
     @staticmethod
     def run(outputs: list, interface: str | None = None) -> tuple[list[Action], list[Any]]:

@@ -19,7 +19,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from mipsec.drops import DropReason
-from mipsec.errors import UsageError
+from mipsec.errors import ParseError, UsageError
 from mipsec.ike.book import (
     Change,
     ChildSaBook,
@@ -108,9 +108,10 @@ class MobileNodeIke:
             self._gw_index = 0
 
     def _ike_packet(self, packet: bytes, now: float) -> list[Action]:
-        outputs, reason = self._ikev2.receive(packet, now)
-        if reason is not None:
-            return self._drop(reason)
+        try:
+            outputs = self._ikev2.receive(packet, now)
+        except ParseError as exc:
+            return self._drop(exc.reason)
         return self._ike_outputs(outputs, now)
 
     def _ike_outputs(self, outputs: list, now: float) -> list[Action]:

@@ -415,3 +415,23 @@ def test_siu_path_down_reestablished_sas_carry_the_downlink_without_an_siu():
     arrived = [at for _sid, _seq, _st, at in topo.mn.app.arrivals if since <= at <= 44.9]
     assert len(arrived) >= 0.95 * (44.9 - since) / 0.01, (len(arrived), dict(gw.drops))
     assert rep["downlink"].longest_interruption_s <= 0.05, rep
+
+
+def test_ike_packet_with_bad_udp_framing_is_one_counted_drop():
+    """An IKE packet whose UDP header does not parse (length past the packet): the GW and the MN
+    count BAD_UDP_LENGTH once, send nothing and keep their IKE state."""
+    from mipsec.node.packet import a2b, build_udp_packet
+
+    topo = _topo()
+    topo.move("a")
+    wait_registered(topo)
+    gw, mn = topo.gw.role, topo.mn.role
+    for role, dst, port in ((gw, gw.config.outside_address, 500), (mn, mn.care_of, 4500)):
+        packet = bytearray(build_udp_packet(a2b("192.0.2.66"), a2b(dst), port, port,
+                                            bytes(4) + bytes(40)))
+        packet[24:26] = (200).to_bytes(2, "big")          # UDP length past the end
+        before = role.drops[DropReason.BAD_UDP_LENGTH]
+        ike_before = role.ike.status()
+        assert role.receive_from_net(bytes(packet), topo.sim.now) == []
+        assert role.drops[DropReason.BAD_UDP_LENGTH] == before + 1
+        assert role.ike.status() == ike_before
