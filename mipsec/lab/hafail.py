@@ -19,14 +19,13 @@ the stream figures (interruption, loss) come from ``recovery``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from typing import Any
 
 from mipsec.lab import topology as topo
-from mipsec.lab.lab import Lab
+from mipsec.lab.lab import Lab, pid_alive
 from mipsec.lab.recovery import Scenario, _wait_gone
 
 TAKEOVER_TIMEOUT_S = 20.0
@@ -111,22 +110,9 @@ def partition_active_ha(lab: Lab) -> dict[str, Any]:
     pid = lab.pid(old)
     _wait_gone(pid, timeout=5.0)             # the fenced HA exits (status 3)
     return {"ready": ready, "takeover_ms": (ready - t0) * 1000, "old": old, "new": new,
-            "serving": holders(lab), "old_exited": not _alive(pid),
+            "serving": holders(lab), "old_exited": pid is None or not pid_alive(pid),
             "old_fenced": "fenced" in lab.log_tail(old, 40),
             "bindings_before": before, "bindings_after": _bindings(lab, new)}
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] != pid
-    except ChildProcessError:
-        return True
 
 
 GROUP = {"ha_standbys": 1}

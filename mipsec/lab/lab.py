@@ -243,7 +243,7 @@ class Lab:
         pid = self.pid(role)
         self.kill(role)
         deadline = time.monotonic() + 5.0
-        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         pid = self.start_daemon(role)
         self.wait_ready(role, self._ready_timeout(role))
@@ -376,7 +376,7 @@ class Lab:
             except (OSError, ValueError):
                 pass
             pid = self.pid(role)
-            if pid is not None and not _alive(pid):
+            if pid is not None and not pid_alive(pid):
                 raise LabError(f"{role} daemon exited at start-up:\n{self.log_tail(role)}")
             time.sleep(0.05)
         raise LabError(f"{role} daemon not ready after {timeout} s:\n{self.log_tail(role)}")
@@ -393,15 +393,15 @@ class Lab:
         removed = []
         for name in (*self.daemons, "delay", *self.etcd_members):
             pid = self.pid(name)
-            if pid is not None and _alive(pid):
+            if pid is not None and pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)
                 removed.append(f"{name} (pid {pid})")
         deadline = time.monotonic() + 3.0
         for name in (*self.daemons, "delay", *self.etcd_members):
             pid = self.pid(name)
-            while pid is not None and _alive(pid) and time.monotonic() < deadline:
+            while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if pid is not None and _alive(pid):
+            if pid is not None and pid_alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -524,7 +524,9 @@ class Lab:
                                 env={**os.environ, "PYTHONPATH": _package_root()}, **kw)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: a child of ours that exited is reaped, and a zombie
+    counts as gone (the lab, its tests and the HA fail-over run use this one check)."""
     try:   # reap it if it is our child (the lab started it from this process)
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False

@@ -20,7 +20,6 @@ tests (tests/lab/test_recovery_lab.py) assert that scenarios recover, never thei
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 from mipsec.lab import topology as topo
 from mipsec.lab.demo import STREAM_PORT, Streams
-from mipsec.lab.lab import Lab
+from mipsec.lab.lab import Lab, pid_alive
 from mipsec.mip.constants import SIU_PORT
 
 LEAD_S = 1.0          # stream time before the event
@@ -171,16 +170,7 @@ def _wait_streams_bound(lab: Lab, timeout: float = 20.0) -> None:
 
 def _wait_gone(pid: int | None, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while pid is not None and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
+    while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 

@@ -31,7 +31,7 @@ import labs
 import needs
 from mipsec.io.pcap import ike_keyfile_path
 from mipsec.lab.demo import Streams, phase_figures
-from mipsec.lab.lab import Lab
+from mipsec.lab.lab import Lab, pid_alive
 from mipsec.lab.topology import MN_COA, existing_namespaces
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -218,9 +218,9 @@ def test_sigterm_cleans_up_and_sigkill_leaves_nothing_after_down(lab):
     ha_pid = lab.pid("ha")
     os.kill(ha_pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while _alive(ha_pid) and time.monotonic() < deadline:
+    while pid_alive(ha_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(ha_pid)
+    assert not pid_alive(ha_pid)
     assert "htun0" not in lab.exec("ha", "ip", "link").stdout
     assert not os.path.exists(lab.socket("ha"))
     # SIGKILL the GW in the middle of the run (its MN away again): nothing survives `lab down`.
@@ -232,24 +232,10 @@ def test_sigterm_cleans_up_and_sigkill_leaves_nothing_after_down(lab):
     assert proc.returncode == 0, proc.stderr
     assert existing_namespaces(PREFIX) == []
     for pid in pids:
-        assert not _alive(pid), pid
+        assert not pid_alive(pid), pid
     assert not os.path.exists(lab.state_dir)
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert not any(name in links for name in ("mtun0", "gtun0", "htun0"))
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie child of this test process is reaped and counts as gone)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_lab_demo_prints_each_move_and_cleans_up(tmp_path):

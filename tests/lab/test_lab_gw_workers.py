@@ -5,7 +5,8 @@ ESP SPI's sequence numbers strictly increasing (no number sent twice: each SA's 
 one process); the GW's status shows each SPI in exactly one worker, the one its SPI selects,
 both workers carrying traffic, and the downlink packets a worker read for the other handed over.
 
-Needs root and network namespaces: in CI (CI=true) a missing requirement FAILS, elsewhere skips.
+Needs root and network namespaces (the ``new_lab`` fixture: in CI, CI=true, a missing requirement
+FAILS, elsewhere skips).
 """
 
 from __future__ import annotations
@@ -20,24 +21,18 @@ import time
 
 import pytest
 
-import needs
+from mipsec.constants import IPPROTO_ESP
 from mipsec.lab import topology as topo
-from mipsec.lab.lab import Lab, requirements_problem
-from mipsec.lab.topology import existing_namespaces
+from mipsec.lab.lab import pid_alive
+from mipsec.wire.esp import esp_spi_of
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-PREFIX = f"wk{os.getpid()}-"
 MOBILES = 3
 WORKERS = 2
 STREAM_S = 16.0
 RATE = 100.0
 BASE_PORT = 5301
-
-
-def _require() -> None:
-    problem = requirements_problem()
-    needs.need(problem, f"lab tests are required in CI: {problem}")
 
 
 def esp_sequences(pcap: str, source: str) -> dict[int, list[int]]:
@@ -57,31 +52,13 @@ def esp_sequences(pcap: str, source: str) -> dict[int, list[int]]:
         ip = frame[14:]
         if ip[12:16] != src:
             continue
+        spi = esp_spi_of(ip)
         ihl = (ip[0] & 0x0F) * 4
-        if ip[9] == 50:
-            at = ihl
-        elif (ip[9] == 17 and len(ip) >= ihl + 16 and ip[ihl:ihl + 2] == b"\x11\x94"
-              and ip[ihl + 8:ihl + 12] != bytes(4)):
-            at = ihl + 8
-        else:
+        at = ihl if ip[9] == IPPROTO_ESP else ihl + 8          # the ESP header, raw or in UDP
+        if spi is None or len(ip) < at + 8:
             continue
-        spi, seq = struct.unpack_from("!II", ip, at)
-        out.setdefault(spi, []).append(seq)
+        out.setdefault(spi, []).append(struct.unpack_from("!I", ip, at + 4)[0])
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def check_one_worker_per_spi(status: dict) -> dict:
@@ -103,86 +80,79 @@ def check_one_worker_per_spi(status: dict) -> dict:
     return workers
 
 
-def test_gw_workers_keep_every_sa_in_one_process_through_rekeys_and_handovers():
-    _require()
-    lab = Lab(prefix=PREFIX)
-    lab.down()
-    try:
-        lab.up(mobiles=MOBILES, gw_workers=WORKERS,
-               ike={"child_lifetime_s": 6.0, "ike_lifetime_s": 600.0})
+def test_gw_workers_keep_every_sa_in_one_process_through_rekeys_and_handovers(new_lab):
+    lab = new_lab("wk", mobiles=MOBILES, gw_workers=WORKERS,
+                  ike={"child_lifetime_s": 6.0, "ike_lifetime_s": 600.0})
+    status = lab.status("gw")
+    assert status["workers"]["count"] == WORKERS
+    streams: list[subprocess.Popen] = []
+    reports = {}
+    with lab.sniff("gw", "out0", "workers-outside") as pcap:
+        for k in range(1, MOBILES + 1):
+            port = str(BASE_PORT + k)
+            for node, peer in (("cn", lab.home_address(k)), (lab.mn(k), topo.CN)):
+                reports[(k, node)] = lab.path(f"workers-{node}-{k}.json")
+                streams.append(lab.popen(
+                    node, lab.python, "-m", "mipsec.lab.stream", "--port", port,
+                    "--peer", peer, "--rate", str(RATE), "--duration", str(STREAM_S),
+                    "--steady", "--out", reports[(k, node)]))
+        time.sleep(STREAM_S / 2)
+        for k in range(1, MOBILES + 1):
+            lab.move("b", k=k, make_before_break=True)
+        for proc in streams:
+            proc.wait(timeout=STREAM_S + 60)
+        time.sleep(1.0)                 # the workers' next reports
         status = lab.status("gw")
-        assert status["workers"]["count"] == WORKERS
-        streams: list[subprocess.Popen] = []
-        reports = {}
-        with lab.sniff("gw", "out0", "workers-outside") as pcap:
-            for k in range(1, MOBILES + 1):
-                port = str(BASE_PORT + k)
-                for node, peer in (("cn", lab.home_address(k)), (lab.mn(k), topo.CN)):
-                    reports[(k, node)] = lab.path(f"workers-{node}-{k}.json")
-                    streams.append(lab.popen(
-                        node, lab.python, "-m", "mipsec.lab.stream", "--port", port,
-                        "--peer", peer, "--rate", str(RATE), "--duration", str(STREAM_S),
-                        "--steady", "--out", reports[(k, node)]))
-            time.sleep(STREAM_S / 2)
-            for k in range(1, MOBILES + 1):
-                lab.move("b", k=k, make_before_break=True)
-            for proc in streams:
-                proc.wait(timeout=STREAM_S + 60)
-            time.sleep(1.0)                 # the workers' next reports
+    # the workers report twice a second and IKE re-keys every 6 s: read until a report
+    # and the control's view are from between two re-keys
+    deadline = time.monotonic() + 15.0
+    while True:
+        try:
+            workers = check_one_worker_per_spi(status)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
             status = lab.status("gw")
-        # the workers report twice a second and IKE re-keys every 6 s: read until a report
-        # and the control's view are from between two re-keys
-        deadline = time.monotonic() + 15.0
-        while True:
-            try:
-                workers = check_one_worker_per_spi(status)
-                break
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-                status = lab.status("gw")
-        rows = workers["workers"]
-        print(json.dumps({"totals": workers["totals"], "drops": workers["drops"]}))
-        # both workers carried MNs and traffic; hand-offs all arrived
-        assert all(row["mobiles"] >= 1 and row["packets_up"] > 0 and row["packets_down"] > 0
-                   for row in rows), rows
-        totals = workers["totals"]
-        assert totals["handoffs_out"] == totals["handoffs_in"]
+    rows = workers["workers"]
+    print(json.dumps({"totals": workers["totals"], "drops": workers["drops"]}))
+    # both workers carried MNs and traffic; hand-offs all arrived
+    assert all(row["mobiles"] >= 1 and row["packets_up"] > 0 and row["packets_down"] > 0
+               for row in rows), rows
+    totals = workers["totals"]
+    assert totals["handoffs_out"] == totals["handoffs_in"]
 
-        # each SPI's sequence numbers on the outside link never repeat or go back
-        sequences = esp_sequences(pcap, topo.GW_OUTSIDE)
-        for spi, seqs in sequences.items():
-            bad = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
-            assert not bad, f"SPI 0x{spi:08x}: {bad[:5]}"
-        # IKE re-keyed the children: more outbound SPIs than MNs carried ESP
-        assert len(sequences) > MOBILES, sorted(sequences)
+    # each SPI's sequence numbers on the outside link never repeat or go back
+    sequences = esp_sequences(pcap, topo.GW_OUTSIDE)
+    for spi, seqs in sequences.items():
+        bad = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
+        assert not bad, f"SPI 0x{spi:08x}: {bad[:5]}"
+    # IKE re-keyed the children: more outbound SPIs than MNs carried ESP
+    assert len(sequences) > MOBILES, sorted(sequences)
 
-        # the streams got through (a make-before-break handover each: next to no loss)
-        for (k, node), path in reports.items():
-            peer_node = lab.mn(k) if node == "cn" else "cn"
-            with open(path) as f:
-                sent = json.load(f)["sent"]
-            with open(reports[(k, peer_node)]) as f:
-                received = len(json.load(f)["received"])
-            assert sent > 0 and received >= 0.95 * sent, (k, node, sent, received)
+    # the streams got through (a make-before-break handover each: next to no loss)
+    for (k, node), path in reports.items():
+        peer_node = lab.mn(k) if node == "cn" else "cn"
+        with open(path) as f:
+            sent = json.load(f)["sent"]
+        with open(reports[(k, peer_node)]) as f:
+            received = len(json.load(f)["received"])
+        assert sent > 0 and received >= 0.95 * sent, (k, node, sent, received)
 
-        # `mipsec status` as text shows each worker
-        text = subprocess.run([sys.executable, "-m", "mipsec", "status", "--socket",
-                               lab.socket("gw")], capture_output=True, text=True, timeout=30)
-        for row in rows:
-            assert f"worker {row['index']}: pid {row['pid']} alive" in text.stdout, text.stdout
+    # `mipsec status` as text shows each worker
+    text = subprocess.run([sys.executable, "-m", "mipsec", "status", "--socket",
+                           lab.socket("gw")], capture_output=True, text=True, timeout=30)
+    for row in rows:
+        assert f"worker {row['index']}: pid {row['pid']} alive" in text.stdout, text.stdout
 
-        # a worker that dies ends the GW with exit status 4 and says why; the other worker
-        # stops when the control process is gone
-        gw_pid = lab.pid("gw")
-        os.kill(rows[0]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(p) for p in (gw_pid, rows[1]["pid"])):
-            time.sleep(0.1)
-        assert not _alive(gw_pid) and not _alive(rows[1]["pid"])
-        log = open(lab.path("gw.log")).read()
-        assert "gw worker 0 (pid" in log and "the GW stops (exit status 4)" in log, log[-2000:]
-    finally:
-        lab.down()
-    assert existing_namespaces(PREFIX) == []
+    # a worker that dies ends the GW with exit status 4 and says why; the other worker
+    # stops when the control process is gone
+    gw_pid = lab.pid("gw")
+    os.kill(rows[0]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(pid_alive(p) for p in (gw_pid, rows[1]["pid"])):
+        time.sleep(0.1)
+    assert not pid_alive(gw_pid) and not pid_alive(rows[1]["pid"])
+    log = open(lab.path("gw.log")).read()
+    assert "gw worker 0 (pid" in log and "the GW stops (exit status 4)" in log, log[-2000:]
