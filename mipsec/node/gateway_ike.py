@@ -41,7 +41,6 @@ from mipsec.ike.events import (
     IkeSaFailed,
     IkeSaRekeyed,
     PeerAddressChanged,
-    SendDatagram,
 )
 from mipsec.ipsec.sa import SecurityAssociation, UdpEncap
 from mipsec.ipsec.sad import Sad
@@ -85,13 +84,7 @@ class GatewayIke:
         def remove_mobile(self, home_address: str) -> None: ...
 
     def _ike_outputs(self, outputs: list, now: float) -> list[Action]:
-        actions: list[Action] = []
-        for out in outputs:
-            if out.__class__ is SendDatagram:
-                actions += RoleIke.run([out])[0]
-            else:
-                actions += self._ike_event(out, now)
-        return actions
+        return RoleIke.actions(outputs, lambda event: self._ike_event(event, now))
 
     @property
     def _ikev2(self) -> RoleIke:

@@ -66,6 +66,19 @@ class RoleIke:
                 events.append(out)
         return actions, events
 
+    @staticmethod
+    def actions(outputs: list, on_event: Callable[[Any], list[Action]],
+                interface: str | None = None) -> list[Action]:
+        """The role's actions for the endpoint's outputs, in their order: a datagram becomes a
+        ``SendToNet`` (as ``run``), an event whatever ``on_event`` makes of it."""
+        actions: list[Action] = []
+        for out in outputs:
+            if out.__class__ is SendDatagram:
+                actions += RoleIke.run([out], interface)[0]
+            else:
+                actions += on_event(out)
+        return actions
+
     def get_timer(self) -> float | None:
         return self.endpoint.get_timer()
 

@@ -38,7 +38,6 @@ from mipsec.ike.events import (
     IkeSaId,
     IkeSaInfo,
     IkeSaRekeyed,
-    SendDatagram,
 )
 from mipsec.ipsec.sa import SecurityAssociation
 from mipsec.mobility.registration import AWAY, RegEvent, Registration, RegState
@@ -116,13 +115,7 @@ class MobileNodeIke:
 
     def _ike_outputs(self, outputs: list, now: float) -> list[Action]:
         """Datagrams -> SendToNet (from our interface), events -> SA changes, in order."""
-        actions: list[Action] = []
-        for out in outputs:
-            if out.__class__ is SendDatagram:
-                actions += RoleIke.run([out], self.interface)[0]
-            else:
-                actions += self._ike_event(out, now)
-        return actions
+        return RoleIke.actions(outputs, lambda event: self._ike_event(event, now), self.interface)
 
     @property
     def _ikev2(self) -> RoleIke:
