@@ -8,7 +8,9 @@ between the CN and the MN's home address:
 2. two minutes of moves between the visited networks with re-keys under traffic: no loss outside
    the handover windows, none at re-keys, no SPI left behind;
 3. the same with two returns home, each longer than the child SA lifetime, so that a re-key
-   falls due while the MN is at home: the tunnel comes back after each, with the same checks.
+   falls due while the MN is at home: the tunnel comes back after each, with the same checks;
+4. two MNs at once for two minutes: moves, a return home with a re-key due at home and re-keys
+   under traffic, each MN's loss judged against its own handover windows, the same checks.
 
 Losses and SPIs are asserted, never timings.  Needs root and network namespaces: in CI
 (CI=true) a missing requirement FAILS, elsewhere skips.
@@ -95,3 +97,28 @@ def test_two_minutes_with_a_return_home_while_a_rekey_falls_due():
         assert d["judged"] > 20000 and d["lost_outside_handover"] == 0, (name, d)
     assert fig["rekey_loss"] == 0, fig["per_rekey"]
     _no_spi_left_behind(fig)
+
+
+def test_two_mns_two_minutes_of_moves_a_return_home_and_rekeys():
+    # Two MNs on one GW and HA, each with its own streams: moves between the visited networks,
+    # a stay at home longer than the child SA lifetime (a re-key falls due at home) and re-keys
+    # under traffic; MN 2 follows MN 1's plan 6 s later, so that one MN's handover happens
+    # while the other's traffic and re-keys go on.  Each MN's loss is judged against its own
+    # handover windows only (mipsec.lab.soak_analysis).
+    schedule = [(12.0, "b"), (27.0, "home"), (45.0, "a"), (62.0, "b"), (80.0, "a"), (96.0, "b")]
+    plan = SoakPlan(minutes=2.0, rate=250.0, child_lifetime_s=9.0, ike_lifetime_s=40.0,
+                    delay_ms=5.0, schedule=schedule, sample_s=15.0, mobiles=2, stagger_s=6.0,
+                    prefix=f"k2{os.getpid() % 100000}-")
+    fig = _run(plan)
+    assert set(fig["mobiles"]) == {"mn1", "mn2"}
+    for name, m in fig["mobiles"].items():
+        assert m["moves"] == len(schedule) and m["failed_moves"] == 0, (name, m)
+        assert m["returns_home"] == 1 and m["child_rekeys"] >= 4, (name, m)
+        for direction, d in m["directions"].items():
+            assert d["judged"] > 10000, (name, direction, d)
+            assert d["lost_outside_handover"] == 0, (name, direction, d, fig["loss_intervals"])
+        assert m["rekey_loss"] == 0, (name, m["per_rekey"])
+    assert fig["ike_rekeys"] >= 1, fig
+    assert fig["spis_replayed"] >= 2 * fig["child_rekeys"], fig
+    assert not fig["spis_left_behind"], fig["spis_left_behind"]
+    assert fig["replay_control"] == {"gw": True, "mn1": True, "mn2": True}, fig
