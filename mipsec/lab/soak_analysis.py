@@ -12,6 +12,19 @@ record ``mipsec.lab.soak.run_soak`` returns:
 * SPIs left behind: replayed SPIs that the receiver still knew, other than its current one.
 
 Times are CLOCK_MONOTONIC, which the daemons' timelines and the stream reports share.
+
+Why a handover window is [move - HANDOVER_BEFORE_S, registration + HANDOVER_TAIL_S] and no
+wider.  What a move may lose is what was on its way to, or queued for, the old path until the
+GW's SA and the HA's binding point at the new one; both happen before the MN's registration
+completes (the GW forwards the reply only after the HA's SIU re-pointed its SA), so nothing a
+move excuses can be sent after the registration.  The margins are for the clocks, not the
+path: a lost datagram's time is interpolated from the arrival stamps of its neighbours, and a
+stream process stamps a datagram when it reads it, which on a busy machine is late by however
+long it waited for a CPU (tenths of a second; the samples' CPU waits show it) - so the end of
+a handover gap can be stamped after the registration, and a datagram lost just before the move
+command can be stamped before it.  A loss stamped a second or more after the registration is
+not the move's: it counts outside, and the report sets it beside the kernel's drops and the
+processes' CPU waits of its sample interval.
 """
 
 from __future__ import annotations
