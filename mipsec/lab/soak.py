@@ -30,7 +30,7 @@ from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab, LabError
 from mipsec.lab.soak_analysis import EDGE_S
 from mipsec.lab.soak_sampling import Sampler
-from mipsec.lab.soak_spis import replay_spis
+from mipsec.lab.soak_spis import control_traffic, replay_spis
 
 STREAM_PORT = 5011
 
@@ -208,9 +208,7 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
         time.sleep(CHILD_SA_DELETE_GRACE_S + 1.0)
         # a few datagrams each way on the SAs of now, so that the replay has a current SPI
         # of each receiver to show it tells known from unknown
-        for k in range(1, plan.mobiles + 1):
-            lab.exec("cn", "ping", "-c", "3", "-i", "0.2", "-W", "1", lab.home_address(k))
-        time.sleep(0.5)
+        record["control_pings"] = control_traffic(lab, spi_file)
         sniffer.send_signal(signal.SIGTERM)
         sniffer.wait(timeout=10)
         with open(spi_file) as f:

@@ -265,6 +265,13 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
         role: any(r.get("known") and (r.get("current") or r.get("in_grace"))
                   for r in replay.get("results", []) if r["role"] == role)
         for role in receivers}
+    # a control that failed says why: that receiver's replayed SPIs and the control pings
+    figures["replay_control_detail"] = {
+        role: {"replayed": [{k: r.get(k) for k in ("spi", "known", "current", "in_grace",
+                                                   "last", "skipped")}
+                            for r in replay.get("results", []) if r["role"] == role][:8],
+               "control_pings": record.get("control_pings", [])}
+        for role, ok in figures["replay_control"].items() if not ok}
     outside = []
     for m in per_mobile.values():
         for d in m["directions"].values():

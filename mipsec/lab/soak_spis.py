@@ -26,6 +26,10 @@ from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab
 from mipsec.wire.esp import esp_spi_of
 
+WRITE_INTERVAL_S = 5.0       # the sniffer's file: rewritten this often (and at each new SPI)
+CONTROL_PINGS = 4            # rounds of pings until each receiver's current SPI is captured
+
+
 # --- the sniffer: first ESP packet of every SPI (runs in the GW's namespace) -------------------
 
 def sniff(iface: str, out: str, stop: list[bool]) -> None:
@@ -61,10 +65,11 @@ def sniff(iface: str, out: str, stop: list[bool]) -> None:
                     seen[spi] = {"packet": data.hex(), "src": socket.inet_ntoa(data[12:16]),
                                  "dst": socket.inet_ntoa(data[16:20]), "first": now,
                                  "last": now, "count": 1}
+                    last_write = 0.0      # a new SPI is written out at once (few: cheap)
                 else:
                     entry["last"] = now
                     entry["count"] += 1
-        if time.monotonic() - last_write > 5.0:
+        if time.monotonic() - last_write > WRITE_INTERVAL_S:
             write()
             last_write = time.monotonic()
     write()
@@ -129,6 +134,36 @@ def _unknown_spi_count(lab: Lab, role: str) -> int:
 def _any_drop_count(lab: Lab, role: str) -> int:
     node = lab.status(role).get("node", {})
     return sum(node.get("drops", {}).values()) + sum(node.get("sad_drops", {}).values())
+
+
+def captured(path: str) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def control_traffic(lab: Lab, spi_file: str) -> list[dict[str, Any]]:
+    """Pings from the CN to each MN until a packet of every receiver's current inbound SPI
+    is captured: the replay's control (a current SPI must be known) needs one, and a child SA
+    re-keyed after the streams ended has carried nothing yet.  Returns each round (what was
+    still missing), for the record."""
+    rounds: list[dict[str, Any]] = []
+    todo = list(range(1, lab.mobiles + 1))
+    for _ in range(CONTROL_PINGS):
+        for k in todo:
+            lab.exec("cn", "ping", "-c", "3", "-i", "0.2", "-W", "1", lab.home_address(k))
+        time.sleep(0.5)
+        seen = {int(s, 16) for s in captured(spi_file)}
+        missing = [role for role in lab.daemons if role != "ha"
+                   and not (_allowed_spis(lab, role)[0] & seen)]
+        rounds.append({"pinged": [lab.mn(k) for k in todo], "missing": missing})
+        if not missing:
+            break
+        todo = list(range(1, lab.mobiles + 1)) if "gw" in missing else \
+            [k for k in range(1, lab.mobiles + 1) if lab.mn(k) in missing]
+    return rounds
 
 
 def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]],

@@ -121,4 +121,5 @@ def test_two_mns_two_minutes_of_moves_a_return_home_and_rekeys():
     assert fig["ike_rekeys"] >= 1, fig
     assert fig["spis_replayed"] >= 2 * fig["child_rekeys"], fig
     assert not fig["spis_left_behind"], fig["spis_left_behind"]
-    assert fig["replay_control"] == {"gw": True, "mn1": True, "mn2": True}, fig
+    assert fig["replay_control"] == {"gw": True, "mn1": True, "mn2": True}, \
+        fig["replay_control_detail"]
