@@ -31,11 +31,13 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from mipsec.constants import RECEIVE_BUFFER_BYTES
 from mipsec.errors import ConfigError
 from mipsec.io import mmsg
 from mipsec.node import packet
 
 RECV_SIZE = 65535
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)     # socket(7), Linux
 MAX_BATCH = 256                # packets taken from one socket per wake-up (fairness between fds)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)   # ip(7); Python < 3.12 lacks the constant
 REBUILT_TTL = 64               # TTL of a rebuilt IPv4 header (the real one is not available)
@@ -134,6 +136,19 @@ class RawSender:
         self._multi_by_interface.clear()
 
 
+def enlarge_receive_buffer(sock: socket.socket, size: int = RECEIVE_BUFFER_BYTES) -> int:
+    """Ask for a ``size`` receive buffer (SO_RCVBUFFORCE: past net.core.rmem_max, with
+    CAP_NET_ADMIN; else SO_RCVBUF, which the kernel caps there); the size granted."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError as exc:
+            log.debug("receive buffer of %d bytes refused: %s", size, exc)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
 class _Receiver:
     """What both receivers share: one non-blocking batch of reads that never raises."""
 
@@ -182,6 +197,7 @@ class RawReceiver(_Receiver):
             except PermissionError as exc:
                 raise ConfigError(f"raw socket for IP protocol {protocol} needs root or "
                                   f"CAP_NET_RAW: {exc}") from exc
+            enlarge_receive_buffer(sock)
         self._sock = sock
         self._sock.setblocking(False)
         self.name = name or f"raw-{protocol}"
@@ -229,6 +245,7 @@ class UdpReceiver(_Receiver):
             except OSError as exc:
                 sock.close()
                 raise ConfigError(f"cannot bind UDP {address}:{port}: {exc}") from exc
+            enlarge_receive_buffer(sock)
         self._sock = sock
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]    # the real one when asked for port 0

@@ -154,3 +154,26 @@ def test_a_transient_oserror_is_counted_logged_once_and_the_batch_goes_on(kind, 
     logged = [r.getMessage() for r in caplog.records if r.name == "mipsec.io.transports"]
     assert len(logged) == 2 and all(m.startswith(f"{rx.name}: receive failed") for m in logged)
     assert "No buffer space" in logged[0] and "refused" in logged[1]
+
+
+def test_receivers_ask_for_a_large_receive_buffer():
+    # a daemon not scheduled for a while must find its packets queued, not dropped
+    import os
+    import socket as socketmod
+
+    from mipsec.constants import RECEIVE_BUFFER_BYTES
+    from mipsec.io.transports import UdpReceiver, enlarge_receive_buffer
+    with socketmod.socket(socketmod.AF_INET, socketmod.SOCK_DGRAM) as plain:
+        default = plain.getsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF)
+    receiver = UdpReceiver(0, "127.0.0.1")
+    try:
+        granted = receiver._sock.getsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF)
+    finally:
+        receiver.close()
+    with open("/proc/sys/net/core/rmem_max") as f:
+        cap = int(f.read())
+    # the kernel doubles what it grants (socket(7)); without CAP_NET_ADMIN, rmem_max caps it
+    wanted = RECEIVE_BUFFER_BYTES if os.geteuid() == 0 else min(RECEIVE_BUFFER_BYTES, cap)
+    assert granted >= wanted and granted >= default
+    with socketmod.socket(socketmod.AF_INET, socketmod.SOCK_DGRAM) as s:
+        assert enlarge_receive_buffer(s, 1 << 20) >= min(1 << 20, cap if os.geteuid() else 1 << 20)
