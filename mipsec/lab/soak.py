@@ -30,7 +30,7 @@ from mipsec.lab import topology as topo
 from mipsec.lab.lab import Lab, LabError
 from mipsec.lab.soak_analysis import EDGE_S
 from mipsec.lab.soak_sampling import Sampler
-from mipsec.lab.soak_spis import control_traffic, replay_spis
+from mipsec.lab.soak_spis import captured, control_traffic, replay_spis
 
 STREAM_PORT = 5011
 
@@ -209,12 +209,13 @@ def run_soak(plan: SoakPlan, out: TextIO | None = sys.stderr,
         # a few datagrams each way on the SAs of now, so that the replay has a current SPI
         # of each receiver to show it tells known from unknown
         record["control_pings"] = control_traffic(lab, spi_file)
+        spis = captured(spi_file)
+        record["places"] = dict(places)
+        # the sniffer keeps running through the replay: each receiver's control needs a packet
+        # of the SPI it holds at that moment (soak_spis.replay_spis)
+        record["replay"] = replay_spis(lab, spis, places, spi_file)
         sniffer.send_signal(signal.SIGTERM)
         sniffer.wait(timeout=10)
-        with open(spi_file) as f:
-            spis = json.load(f)
-        record["places"] = dict(places)
-        record["replay"] = replay_spis(lab, spis, places)
         record["samples"] = sampler.samples
         record["timeline"] = sampler.timeline()
         say(f"replayed one packet of each of {len(spis)} SPIs")

@@ -167,52 +167,30 @@ def control_traffic(lab: Lab, spi_file: str) -> list[dict[str, Any]]:
 
 
 def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]],
-                places: dict[str, str] | None = None) -> dict[str, Any]:
+                places: dict[str, str] | None = None,
+                spi_file: str | None = None) -> dict[str, Any]:
     """Send one captured packet of every SPI again (from the router's namespace) to whoever
     received it: the GW, or the MN whose care-of address it went to, at that MN's current
-    care-of address (``places``: where each MN is now); which SPIs are still known?"""
+    care-of address (``places``: where each MN is now); which SPIs are still known?
+
+    With ``spi_file`` (the sniffer still running) each receiver first gets a control: fresh
+    pings, then the packet of an SPI that is current at that moment is replayed and must be
+    known.  Done just before the replay, receiver by receiver, so that a child SA re-keyed
+    while the long replay runs (lifetimes of seconds in the tests) cannot leave a receiver
+    without a current SPI to show that the replay tells known from unknown."""
     places = places if places is not None else {lab.mn(1): lab.load_state().get("place", "a")}
-    mn_of = {lab.care_of(p, k): lab.mn(k) for k in range(1, lab.mobiles + 1)
-             for p in lab.places}
-    number = {lab.mn(k): k for k in range(1, lab.mobiles + 1)}
     current = {role: _allowed_spis(lab, role)[0] for role in lab.daemons if role != "ha"}
     proc = lab.popen("rt", lab.python, "-m", "mipsec.lab.soak_spis", "--replay",
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
+    replay = _Replayer(lab, proc, places)
     results: list[dict[str, Any]] = []
     try:
+        if spi_file is not None:
+            results += [dict(r, control=True) for r in replay.controls(spi_file)]
         # newest first: the SPIs of the last traffic are still current when they are replayed
         for spi_hex, entry in sorted(spis.items(), key=lambda kv: -kv[1]["last"]):
-            spi = int(spi_hex, 16)
-            to_gw = entry["dst"] == topo.GW_OUTSIDE
-            role = "gw" if to_gw else mn_of.get(entry["dst"])
-            packet = bytes.fromhex(entry["packet"])
-            if role is None:
-                results.append({"spi": spi_hex, "role": None,
-                                "skipped": f"sent to {entry['dst']}, no MN's care-of address"})
-                continue
-            if not to_gw:
-                where = places.get(role)
-                if where not in lab.places:
-                    results.append({"spi": spi_hex, "role": role, "skipped": "MN at home"})
-                    continue
-                packet = redirect(packet, lab.care_of(where, number[role]))
-            cur_before, grace_before = _allowed_spis(lab, role)
-            before_unknown = _unknown_spi_count(lab, role)
-            before_any = _any_drop_count(lab, role)
-            proc.stdin.write(packet.hex() + "\n")
-            proc.stdin.flush()
-            answer = proc.stdout.readline().strip()
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and _any_drop_count(lab, role) == before_any:
-                time.sleep(0.02)
-            unknown = _unknown_spi_count(lab, role) > before_unknown
-            cur_after, grace_after = _allowed_spis(lab, role)
-            results.append({"spi": spi_hex, "role": role, "sent": answer,
-                            "known": not unknown, "current": spi in cur_before | cur_after,
-                            "in_grace": spi in grace_before | grace_after,
-                            "first": entry["first"], "last": entry["last"],
-                            "count": entry["count"]})
+            results.append(replay.one(spi_hex, entry))
     finally:
         proc.stdin.close()
         proc.wait(timeout=10)
@@ -221,6 +199,73 @@ def replay_spis(lab: Lab, spis: dict[str, dict[str, Any]],
             and not r.get("in_grace")]
     return {"spis": len(spis), "results": results, "left_behind": left,
             "current": {k: [f"{s:08x}" for s in v] for k, v in current.items()}}
+
+
+class _Replayer:
+    """One captured packet at a time through the router's raw-socket replayer, and what the
+    receiver's counters made of it."""
+
+    def __init__(self, lab: Lab, proc: subprocess.Popen, places: dict[str, str]):
+        self.lab, self.proc, self.places = lab, proc, places
+        self.mn_of = {lab.care_of(p, k): lab.mn(k) for k in range(1, lab.mobiles + 1)
+                      for p in lab.places}
+        self.number = {lab.mn(k): k for k in range(1, lab.mobiles + 1)}
+
+    def role_of(self, entry: dict[str, Any]) -> str | None:
+        return "gw" if entry["dst"] == topo.GW_OUTSIDE else self.mn_of.get(entry["dst"])
+
+    def one(self, spi_hex: str, entry: dict[str, Any]) -> dict[str, Any]:
+        lab = self.lab
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        spi = int(spi_hex, 16)
+        role = self.role_of(entry)
+        packet = bytes.fromhex(entry["packet"])
+        if role is None:
+            return {"spi": spi_hex, "role": None,
+                    "skipped": f"sent to {entry['dst']}, no MN's care-of address"}
+        if role != "gw":
+            where = self.places.get(role)
+            if where not in lab.places:
+                return {"spi": spi_hex, "role": role, "skipped": "MN at home"}
+            packet = redirect(packet, lab.care_of(where, self.number[role]))
+        cur_before, grace_before = _allowed_spis(lab, role)
+        before_unknown = _unknown_spi_count(lab, role)
+        before_any = _any_drop_count(lab, role)
+        self.proc.stdin.write(packet.hex() + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and _any_drop_count(lab, role) == before_any:
+            time.sleep(0.02)
+        unknown = _unknown_spi_count(lab, role) > before_unknown
+        cur_after, grace_after = _allowed_spis(lab, role)
+        return {"spi": spi_hex, "role": role, "sent": answer,
+                "known": not unknown, "current": spi in cur_before | cur_after,
+                "in_grace": spi in grace_before | grace_after,
+                "first": entry["first"], "last": entry["last"], "count": entry["count"]}
+
+    def controls(self, spi_file: str) -> list[dict[str, Any]]:
+        """For each receiver away from home: ping, then replay a packet of an SPI it holds as
+        current now; again (up to ``CONTROL_PINGS`` rounds) if it re-keyed in between."""
+        lab, out = self.lab, []
+        away = [k for k in range(1, lab.mobiles + 1)
+                if self.places.get(lab.mn(k)) in lab.places]
+        receivers = [("gw", away)] + [(lab.mn(k), [k]) for k in away]
+        for role, ping in receivers:
+            for _ in range(CONTROL_PINGS):
+                for k in ping:
+                    lab.exec("cn", "ping", "-c", "2", "-i", "0.2", "-W", "1", lab.home_address(k))
+                time.sleep(0.3)
+                cur = _allowed_spis(lab, role)[0]
+                seen = [(s, e) for s, e in captured(spi_file).items()
+                        if int(s, 16) in cur and self.role_of(e) == role]
+                if not seen:
+                    continue
+                r = self.one(*seen[0])
+                out.append(r)
+                if r.get("known") and (r.get("current") or r.get("in_grace")):
+                    break
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
