@@ -164,11 +164,11 @@ def check_gw_forwards_without_acting(breaking: Callable[[], None]) -> None:
 
 def mutate_gw_acts_on_rrq(monkeypatch):
     """The GW moves the MN's SA to where a Registration Request came from, unasked."""
-    _mutate(monkeypatch, gateway_module, "VpnGateway", "_note_rrq",
-            "            mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n",
-            "            mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n"
-            "            mobile.outbound.rebind(remote=b2a(src))\n"
-            "            mobile.care_of = b2a(src)\n")
+    _mutate(monkeypatch, gateway_module, "VpnGateway", "_forward_rrq",
+            "        mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n",
+            "        mobile.note_rrq_source(inner[iihl + 20:iihl + 24], src, port, now)\n"
+            "        mobile.outbound.rebind(remote=b2a(src))\n"
+            "        mobile.care_of = b2a(src)\n")
 
 
 # --- claim 5: the HA validates and sends an SIU (old CoA, new CoA, RRP) to the GW -------------
